@@ -1,0 +1,107 @@
+//! Compiles every `kernels/*.cu` to PTX with nvcc and embeds the text in the binary.
+//!
+//! nvcc is looked for in: `$NVCC`, `$CUDA_HOME/bin`, `$CUDA_PATH/bin`, `PATH`, and where
+//! `scripts/setup.sh` installs it (`$SDLORA_TOOLS_DIR`, default `~/.cache/sdlora/cuda-13.0`).
+//! Target: `compute_$SDLORA_CUDA_ARCH` (default 80: Ampere and newer; the driver JIT-compiles the
+//! PTX for the actual card). Flags: `-O3 -lineinfo` so ncu/nsys map time to source lines.
+//!
+//! No nvcc: the build succeeds with a warning and the binary reports, on first GPU use, how to get
+//! one. `SDLORA_REQUIRE_NVCC=1` makes a missing nvcc a build error (CI sets it).
+
+use std::env;
+use std::fmt::Write as _;
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+fn main() {
+    let manifest = PathBuf::from(env::var("CARGO_MANIFEST_DIR").unwrap());
+    let out_dir = PathBuf::from(env::var("OUT_DIR").unwrap());
+    let kernel_dir = manifest.join("kernels");
+    for var in ["NVCC", "CUDA_HOME", "CUDA_PATH", "PATH", "SDLORA_TOOLS_DIR", "SDLORA_CUDA_ARCH", "SDLORA_REQUIRE_NVCC"] {
+        println!("cargo:rerun-if-env-changed={var}");
+    }
+    println!("cargo:rerun-if-changed={}", kernel_dir.display());
+
+    let mut sources: Vec<PathBuf> = fs::read_dir(&kernel_dir)
+        .map(|rd| rd.filter_map(|e| e.ok().map(|e| e.path())).collect())
+        .unwrap_or_default();
+    sources.sort();
+    for path in &sources {
+        println!("cargo:rerun-if-changed={}", path.display());
+    }
+    let cu_files: Vec<&PathBuf> = sources.iter().filter(|p| p.extension().is_some_and(|e| e == "cu")).collect();
+
+    let arch = env::var("SDLORA_CUDA_ARCH").unwrap_or_else(|_| "80".into());
+    let require = env::var("SDLORA_REQUIRE_NVCC").is_ok_and(|v| v == "1");
+    let mut generated = String::new();
+    match find_nvcc() {
+        Some(nvcc) => {
+            writeln!(generated, "/// nvcc that compiled the kernels.\npub const NVCC: Option<&str> = Some({:?});", nvcc.display().to_string()).unwrap();
+            writeln!(generated, "/// PTX target the kernels were compiled for.\npub const ARCH: &str = \"compute_{arch}\";").unwrap();
+            writeln!(generated, "/// (module name, PTX text) for every kernels/*.cu.\npub const MODULES: &[(&str, &str)] = &[").unwrap();
+            for cu in &cu_files {
+                let stem = cu.file_stem().unwrap().to_str().unwrap();
+                let ptx = out_dir.join(format!("{stem}.ptx"));
+                compile(&nvcc, cu, &ptx, &kernel_dir, &arch);
+                writeln!(generated, "    ({stem:?}, include_str!({:?})),", ptx.display().to_string()).unwrap();
+            }
+            writeln!(generated, "];").unwrap();
+            println!("cargo:warning=compiled {} kernel file(s) to compute_{arch} PTX with {}", cu_files.len(), nvcc.display());
+        }
+        None => {
+            let msg = "nvcc not found (looked at $NVCC, $CUDA_HOME/bin, $CUDA_PATH/bin, PATH, ~/.cache/sdlora/cuda-13.0); \
+                       GPU kernels are not embedded. Run scripts/setup.sh or install the CUDA toolkit, then rebuild.";
+            if require {
+                panic!("SDLORA_REQUIRE_NVCC=1 but {msg}");
+            }
+            println!("cargo:warning={msg}");
+            writeln!(generated, "pub const NVCC: Option<&str> = None;\npub const ARCH: &str = \"compute_{arch}\";\npub const MODULES: &[(&str, &str)] = &[];").unwrap();
+        }
+    }
+    fs::write(out_dir.join("kernels.rs"), generated).unwrap();
+}
+
+fn find_nvcc() -> Option<PathBuf> {
+    let mut candidates: Vec<PathBuf> = Vec::new();
+    if let Ok(p) = env::var("NVCC") {
+        candidates.push(p.into());
+    }
+    for var in ["CUDA_HOME", "CUDA_PATH"] {
+        if let Ok(p) = env::var(var) {
+            candidates.push(Path::new(&p).join("bin").join("nvcc"));
+        }
+    }
+    if let Ok(path) = env::var("PATH") {
+        candidates.extend(env::split_paths(&path).map(|d| d.join("nvcc")));
+    }
+    let tools = env::var("SDLORA_TOOLS_DIR")
+        .map(PathBuf::from)
+        .ok()
+        .or_else(|| env::var("HOME").ok().map(|h| Path::new(&h).join(".cache/sdlora/cuda-13.0")));
+    if let Some(t) = tools {
+        candidates.push(t.join("nvidia/cu13/bin/nvcc"));
+    }
+    candidates.into_iter().find(|p| p.is_file())
+}
+
+fn compile(nvcc: &Path, cu: &Path, ptx: &Path, include: &Path, arch: &str) {
+    let output = Command::new(nvcc)
+        .args(["-ptx", "-O3", "-lineinfo", "-std=c++17"])
+        .arg(format!("-arch=compute_{arch}"))
+        .arg("-I")
+        .arg(include)
+        .arg("-o")
+        .arg(ptx)
+        .arg(cu)
+        .output()
+        .unwrap_or_else(|e| panic!("could not run {}: {e}", nvcc.display()));
+    if !output.status.success() {
+        panic!(
+            "nvcc failed on {}:\n{}{}",
+            cu.display(),
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+}

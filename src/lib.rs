@@ -1,0 +1,15 @@
+//! sdlora: fine-tune Stable Diffusion 1.5 with LoRA and sample from it, on hand-written CUDA kernels.
+//!
+//! Map of the crate (see DESIGN.md in the project's shared folder for the full picture):
+//! - [`cuda`]: device, stream, embedded PTX, arenas, profiler, NVTX.
+//! - [`tensor`]: shape + dtype + CPU/GPU storage; NHWC convention; comparison helpers.
+//! - [`ops`]: one module per kernel family, each with its CPU twin and backward.
+//! - [`bench`]: CUDA-event timing and the benchmarks behind `sdlora bench`.
+//! - [`testing`]: fixture paths for tests.
+
+pub mod bench;
+pub mod cuda;
+pub mod ops;
+pub mod rng;
+pub mod tensor;
+pub mod testing;

@@ -1,0 +1,242 @@
+//! Elementwise ops (kernels/elementwise.cu): add, scale, SiLU and GELU forward/backward, and casts
+//! between f32 and bf16. CPU twins are the `*_cpu` functions.
+
+use super::check_gpu;
+use crate::cuda::{grid_1d, Gpu, KernelArg};
+use crate::tensor::{DType, Tensor};
+use anyhow::Result;
+
+const MODULE: &str = "elementwise";
+const BLOCK: u32 = 256;
+/// Grid-stride kernels: enough blocks to fill any current GPU, no more.
+const MAX_BLOCKS: usize = 65_536;
+
+fn sigmoid(x: f32) -> f32 {
+    1.0 / (1.0 + (-x).exp())
+}
+
+fn normal_cdf(x: f32) -> f32 {
+    0.5 * (1.0 + erf(x as f64 / std::f64::consts::SQRT_2) as f32)
+}
+
+/// erf by Abramowitz–Stegun 7.1.26: |error| ≤ 1.5e-7, enough for an f32 twin.
+fn erf(x: f64) -> f64 {
+    let sign = x.signum();
+    let x = x.abs();
+    let t = 1.0 / (1.0 + 0.3275911 * x);
+    let poly = t * (0.254829592 + t * (-0.284496736 + t * (1.421413741 + t * (-1.453152027 + t * 1.061405429))));
+    let approx = 1.0 - poly * (-x * x).exp();
+    sign * approx
+}
+
+pub fn add_cpu(a: &[f32], b: &[f32]) -> Vec<f32> {
+    a.iter().zip(b).map(|(x, y)| x + y).collect()
+}
+pub fn scale_cpu(x: &[f32], alpha: f32) -> Vec<f32> {
+    x.iter().map(|v| alpha * v).collect()
+}
+pub fn silu_cpu(x: &[f32]) -> Vec<f32> {
+    x.iter().map(|&v| v * sigmoid(v)).collect()
+}
+pub fn silu_backward_cpu(x: &[f32], dy: &[f32]) -> Vec<f32> {
+    x.iter().zip(dy).map(|(&v, &g)| {
+        let s = sigmoid(v);
+        g * s * (1.0 + v * (1.0 - s))
+    }).collect()
+}
+pub fn gelu_cpu(x: &[f32]) -> Vec<f32> {
+    x.iter().map(|&v| v * normal_cdf(v)).collect()
+}
+pub fn gelu_backward_cpu(x: &[f32], dy: &[f32]) -> Vec<f32> {
+    x.iter().zip(dy).map(|(&v, &g)| {
+        let pdf = (-0.5 * v * v).exp() / (2.0 * std::f32::consts::PI).sqrt();
+        g * (normal_cdf(v) + v * pdf)
+    }).collect()
+}
+
+fn cfg(n: usize) -> crate::cuda::LaunchConfig {
+    let mut c = grid_1d(n, BLOCK);
+    c.grid_dim.0 = c.grid_dim.0.min(MAX_BLOCKS as u32);
+    c
+}
+
+fn kernel_name(op: &str, dtype: DType) -> &'static str {
+    // Kernel names are static strings for the profiler; the set is small and fixed.
+    match (op, dtype) {
+        ("add", DType::F32) => "add_f32",
+        ("add", DType::BF16) => "add_bf16",
+        ("scale", DType::F32) => "scale_f32",
+        ("scale", DType::BF16) => "scale_bf16",
+        ("silu_fwd", DType::F32) => "silu_fwd_f32",
+        ("silu_fwd", DType::BF16) => "silu_fwd_bf16",
+        ("silu_bwd", DType::F32) => "silu_bwd_f32",
+        ("silu_bwd", DType::BF16) => "silu_bwd_bf16",
+        ("gelu_fwd", DType::F32) => "gelu_fwd_f32",
+        ("gelu_fwd", DType::BF16) => "gelu_fwd_bf16",
+        ("gelu_bwd", DType::F32) => "gelu_bwd_f32",
+        ("gelu_bwd", DType::BF16) => "gelu_bwd_bf16",
+        _ => unreachable!("unknown elementwise op {op}"),
+    }
+}
+
+fn launch_unary(gpu: &Gpu, op: &str, x: &Tensor, y: &mut Tensor) -> Result<()> {
+    let n = x.numel();
+    check_gpu(op, &[x, y], x.dtype(), n)?;
+    gpu.launch(MODULE, kernel_name(op, x.dtype()), cfg(n), &[KernelArg::Ptr(x.ptr()?), KernelArg::Ptr(y.ptr()?), KernelArg::I64(n as i64)])
+}
+
+fn launch_binary(gpu: &Gpu, op: &str, a: &Tensor, b: &Tensor, y: &mut Tensor) -> Result<()> {
+    let n = a.numel();
+    check_gpu(op, &[a, b, y], a.dtype(), n)?;
+    let args = [KernelArg::Ptr(a.ptr()?), KernelArg::Ptr(b.ptr()?), KernelArg::Ptr(y.ptr()?), KernelArg::I64(n as i64)];
+    gpu.launch(MODULE, kernel_name(op, a.dtype()), cfg(n), &args)
+}
+
+/// y = a + b
+pub fn add(gpu: &Gpu, a: &Tensor, b: &Tensor, y: &mut Tensor) -> Result<()> {
+    launch_binary(gpu, "add", a, b, y)
+}
+/// y = alpha · x
+pub fn scale(gpu: &Gpu, x: &Tensor, alpha: f32, y: &mut Tensor) -> Result<()> {
+    let n = x.numel();
+    check_gpu("scale", &[x, y], x.dtype(), n)?;
+    let args = [KernelArg::Ptr(x.ptr()?), KernelArg::Ptr(y.ptr()?), KernelArg::F32(alpha), KernelArg::I64(n as i64)];
+    gpu.launch(MODULE, kernel_name("scale", x.dtype()), cfg(n), &args)
+}
+/// y = silu(x)
+pub fn silu(gpu: &Gpu, x: &Tensor, y: &mut Tensor) -> Result<()> {
+    launch_unary(gpu, "silu_fwd", x, y)
+}
+/// dx = dy · silu'(x)
+pub fn silu_backward(gpu: &Gpu, x: &Tensor, dy: &Tensor, dx: &mut Tensor) -> Result<()> {
+    launch_binary(gpu, "silu_bwd", x, dy, dx)
+}
+/// y = gelu(x) (exact, erf-based)
+pub fn gelu(gpu: &Gpu, x: &Tensor, y: &mut Tensor) -> Result<()> {
+    launch_unary(gpu, "gelu_fwd", x, y)
+}
+/// dx = dy · gelu'(x)
+pub fn gelu_backward(gpu: &Gpu, x: &Tensor, dy: &Tensor, dx: &mut Tensor) -> Result<()> {
+    launch_binary(gpu, "gelu_bwd", x, dy, dx)
+}
+
+/// Converts between f32 and bf16 on the GPU (`x` and `y` of different dtypes, same shape).
+pub fn cast(gpu: &Gpu, x: &Tensor, y: &mut Tensor) -> Result<()> {
+    let n = x.numel();
+    check_gpu("cast", &[x], x.dtype(), n)?;
+    check_gpu("cast", &[y], y.dtype(), n)?;
+    let kernel = match (x.dtype(), y.dtype()) {
+        (DType::F32, DType::BF16) => "cast_f32_to_bf16",
+        (DType::BF16, DType::F32) => "cast_bf16_to_f32",
+        (a, b) => anyhow::bail!("cast: {a:?} to {b:?} is not a conversion"),
+    };
+    gpu.launch(MODULE, kernel, cfg(n), &[KernelArg::Ptr(x.ptr()?), KernelArg::Ptr(y.ptr()?), KernelArg::I64(n as i64)])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cuda::ArenaKind::Persistent;
+    use crate::ops::finite_difference;
+    use crate::rng::Rng;
+    use crate::tensor::{assert_close, round_bf16};
+
+    #[test]
+    fn erf_matches_known_values() {
+        for (x, want) in [(0.0, 0.0), (0.5, 0.5204998778), (1.0, 0.8427007929), (-2.0, -0.9953222650), (3.0, 0.9999779095)] {
+            assert!((erf(x) - want).abs() < 2e-7, "erf({x}) = {} want {want}", erf(x));
+        }
+    }
+
+    fn check_backward(forward: fn(&[f32]) -> Vec<f32>, backward: fn(&[f32], &[f32]) -> Vec<f32>) {
+        let mut rng = Rng::new(7);
+        let x = rng.normal_vec(64, 2.0);
+        let w = rng.normal_vec(64, 1.0); // loss = Σ w·f(x), so dL/dy = w
+        let analytic = backward(&x, &w);
+        let numeric = finite_difference(&x, 1e-2, |xs| forward(xs).iter().zip(&w).map(|(y, w)| (*y as f64) * (*w as f64)).sum());
+        let numeric: Vec<f32> = numeric.iter().map(|&v| v as f32).collect();
+        assert_close("backward vs finite differences", &analytic, &numeric, 1e-3);
+    }
+
+    #[test]
+    fn silu_backward_matches_finite_differences() {
+        check_backward(silu_cpu, silu_backward_cpu);
+    }
+
+    #[test]
+    fn gelu_backward_matches_finite_differences() {
+        check_backward(gelu_cpu, gelu_backward_cpu);
+    }
+
+    #[test]
+    fn twins_match_closed_forms() {
+        assert_eq!(silu_cpu(&[0.0])[0], 0.0);
+        assert!((gelu_cpu(&[1.0])[0] - 0.841_344_7).abs() < 1e-6);
+        assert_eq!(add_cpu(&[1.0, 2.0], &[3.0, 4.0]), vec![4.0, 6.0]);
+        assert_eq!(scale_cpu(&[1.0, -2.0], 0.5), vec![0.5, -1.0]);
+    }
+
+    /// Runs `gpu_op` on fresh random inputs in `dtype` with a poisoned output, compares with `cpu_op`.
+    fn gpu_vs_twin(
+        name: &str,
+        n: usize,
+        inputs: usize,
+        cpu_op: &dyn Fn(&[Vec<f32>]) -> Vec<f32>,
+        gpu_op: &dyn Fn(&Gpu, &[Tensor], &mut Tensor) -> Result<()>,
+    ) {
+        let gpu = Gpu::for_tests().expect("GPU test needs a CUDA device");
+        for dtype in [DType::F32, DType::BF16] {
+            let seed = Rng::fresh_seed();
+            let mut rng = Rng::new(seed);
+            let host: Vec<Vec<f32>> = (0..inputs).map(|_| rng.normal_vec(n, 3.0)).collect();
+            let host = if dtype == DType::BF16 { host.iter().map(|v| round_bf16(v)).collect() } else { host };
+            let dev: Vec<Tensor> = host.iter().map(|v| Tensor::from_vec(&[n], v.clone()).unwrap().to_gpu(&gpu, Persistent, dtype).unwrap()).collect();
+            let mut out = Tensor::empty_gpu(&gpu, Persistent, &[n], dtype).unwrap();
+            out.poison(&gpu).unwrap();
+            gpu_op(&gpu, &dev, &mut out).unwrap();
+            let got = out.to_cpu(&gpu).unwrap().into_vec().unwrap();
+            let tol = if dtype == DType::F32 { 1e-5 } else { 1e-2 };
+            assert_close(&format!("{name} {dtype:?} n={n} seed={seed}"), &got, &cpu_op(&host), tol);
+        }
+    }
+
+    const SIZES: [usize; 3] = [1, 1000, 3 * 64 * 64 * 320 + 7];
+
+    #[test]
+    #[ignore = "needs a CUDA GPU"]
+    fn gpu_add_scale_match_twins() {
+        for n in SIZES {
+            gpu_vs_twin("add", n, 2, &|h| add_cpu(&h[0], &h[1]), &|g, d, o| add(g, &d[0], &d[1], o));
+            gpu_vs_twin("scale", n, 1, &|h| scale_cpu(&h[0], -0.37), &|g, d, o| scale(g, &d[0], -0.37, o));
+        }
+    }
+
+    #[test]
+    #[ignore = "needs a CUDA GPU"]
+    fn gpu_silu_gelu_match_twins() {
+        for n in SIZES {
+            gpu_vs_twin("silu", n, 1, &|h| silu_cpu(&h[0]), &|g, d, o| silu(g, &d[0], o));
+            gpu_vs_twin("silu_backward", n, 2, &|h| silu_backward_cpu(&h[0], &h[1]), &|g, d, o| silu_backward(g, &d[0], &d[1], o));
+            gpu_vs_twin("gelu", n, 1, &|h| gelu_cpu(&h[0]), &|g, d, o| gelu(g, &d[0], o));
+            gpu_vs_twin("gelu_backward", n, 2, &|h| gelu_backward_cpu(&h[0], &h[1]), &|g, d, o| gelu_backward(g, &d[0], &d[1], o));
+        }
+    }
+
+    #[test]
+    #[ignore = "needs a CUDA GPU"]
+    fn gpu_cast_round_trips() {
+        let gpu = Gpu::for_tests().expect("GPU test needs a CUDA device");
+        let seed = Rng::fresh_seed();
+        let host = Rng::new(seed).normal_vec(100_003, 10.0);
+        let x = Tensor::from_vec(&[host.len()], host.clone()).unwrap().to_gpu(&gpu, Persistent, DType::F32).unwrap();
+        let mut b = Tensor::empty_gpu(&gpu, Persistent, x.shape(), DType::BF16).unwrap();
+        let mut back = Tensor::empty_gpu(&gpu, Persistent, x.shape(), DType::F32).unwrap();
+        b.poison(&gpu).unwrap();
+        back.poison(&gpu).unwrap();
+        cast(&gpu, &x, &mut b).unwrap();
+        cast(&gpu, &b, &mut back).unwrap();
+        let got = back.to_cpu(&gpu).unwrap().into_vec().unwrap();
+        // Round to nearest even on the device must equal half's rounding on the host, bit for bit.
+        assert_eq!(got, round_bf16(&host), "seed {seed}");
+    }
+}

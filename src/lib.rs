@@ -5,11 +5,13 @@
 //! - [`tensor`]: shape + dtype + CPU/GPU storage; NHWC convention; comparison helpers.
 //! - [`ops`]: one module per kernel family, each with its CPU twin and backward.
 //! - [`bench`]: CUDA-event timing and the benchmarks behind `sdlora bench`.
+//! - [`schedule`]: the DDPM training noise schedule and the samplers (PNDM, DDIM, Euler, DPM++).
 //! - [`testing`]: fixture paths for tests.
 
 pub mod bench;
 pub mod cuda;
 pub mod ops;
 pub mod rng;
+pub mod schedule;
 pub mod tensor;
 pub mod testing;

@@ -317,10 +317,3 @@ fn alpha_bar_or_final(schedule: &NoiseSchedule, t: i64, set_alpha_to_one: bool) 
         schedule.alpha_bar(0)
     }
 }
-
-/// out = Σ cᵢ·xᵢ elementwise, accumulated in f64.
-fn lincomb(out: &mut [f32], terms: &[(f64, &[f32])]) {
-    for (k, o) in out.iter_mut().enumerate() {
-        *o = terms.iter().map(|(c, x)| c * x[k] as f64).sum::<f64>() as f32;
-    }
-}

@@ -161,7 +161,7 @@ impl SchedulerConfig {
 /// ε = UNet(x × `model_input_scale(i)`, `timesteps()[i]`); `step(i, ε, x, noise)`. Steps must be taken in
 /// order, once each, on a fresh scheduler per image batch (the multistep ones keep history). [`denoise`]
 /// runs exactly this loop.
-pub trait Scheduler {
+pub trait Scheduler: Send {
     fn name(&self) -> &'static str;
     /// The timestep given to the UNet at each model evaluation, in order (one entry per evaluation:
     /// PNDM evaluates N + 1 times for N steps).

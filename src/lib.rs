@@ -8,6 +8,7 @@
 //! - [`data`]: the captioned-image training set.
 //! - [`checkpoint`]: LoRA weights in the diffusers/PEFT and kohya formats.
 //! - [`io`]: atomic file writes.
+//! - [`log`]: TensorBoard event files.
 //! - [`testing`]: fixture paths for tests.
 
 pub mod bench;
@@ -19,3 +20,4 @@ pub mod testing;
 pub mod data;
 pub mod checkpoint;
 pub mod io;
+pub mod log;

@@ -23,36 +23,10 @@
 // LayerNorm over rows: x [rows, c], one warp per row, E-wide vector loads, exact two-pass statistics
 //   (mean, then Σ(x − mean)²); y = x̂·γ + β; stats [rows, 2] = (mean, rstd).
 //   Backward: d = dy·γ; dx = rstd·(d − mean(d) − x̂·mean(d·x̂)).
-#include "common.cuh"
+#include "pack.cuh"
 
 #define GROUPS 32
 #define WARPS 8
-
-template <typename T, int E>
-struct alignas(sizeof(T) * E) Pack {
-  T v[E];
-};
-
-template <typename T, int E>
-__device__ __forceinline__ void load_pack(const T* p, float (&out)[E]) {
-  Pack<T, E> pk = *reinterpret_cast<const Pack<T, E>*>(p);
-#pragma unroll
-  for (int i = 0; i < E; ++i) out[i] = to_f32(pk.v[i]);
-}
-
-template <typename T, int E>
-__device__ __forceinline__ void store_pack(T* p, const float (&in)[E]) {
-  Pack<T, E> pk;
-#pragma unroll
-  for (int i = 0; i < E; ++i) pk.v[i] = from_f32<T>(in[i]);
-  *reinterpret_cast<Pack<T, E>*>(p) = pk;
-}
-
-__device__ __forceinline__ float warp_sum(float v) {
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-  return v;
-}
 
 __device__ __forceinline__ float sigmoidf(float h) { return 1.0f / (1.0f + expf(-h)); }
 

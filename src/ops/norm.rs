@@ -118,7 +118,7 @@ pub fn layer_norm_backward_cpu(x: &[f32], rows: usize, c: usize, gamma: &[f32], 
 }
 
 /// Interned kernel name `<op>_<dtype>_v<e>` (kernel names are `&'static str` for the profiler).
-fn kernel_name(op: &str, dtype: DType, e: usize) -> &'static str {
+pub(crate) fn kernel_name(op: &str, dtype: DType, e: usize) -> &'static str {
     use std::collections::HashMap;
     use std::sync::{Mutex, OnceLock};
     static NAMES: OnceLock<Mutex<HashMap<String, &'static str>>> = OnceLock::new();
@@ -128,7 +128,7 @@ fn kernel_name(op: &str, dtype: DType, e: usize) -> &'static str {
 }
 
 /// Widest vector (elements) that divides `len` and fits in 16 bytes.
-fn vector_width(len: usize, dtype: DType) -> usize {
+pub(crate) fn vector_width(len: usize, dtype: DType) -> usize {
     let max = 16 / dtype.size();
     [8, 4, 2, 1].into_iter().find(|&e| e <= max && len % e == 0).unwrap()
 }

@@ -3,6 +3,8 @@
 //! backward where training needs it. Outputs are passed in (`&mut Tensor`), already allocated.
 
 pub mod elementwise;
+pub mod gemm;
+pub mod lora;
 
 use crate::tensor::{DType, Tensor};
 use anyhow::{ensure, Result};

@@ -11,6 +11,7 @@ pub mod activation;
 pub mod layout;
 #[cfg(test)]
 pub(crate) mod twin_check;
+pub mod lora;
 
 use crate::tensor::{DType, Tensor};
 use anyhow::{ensure, Result};

@@ -2,6 +2,7 @@
 //! obviously right), the GPU launcher (shape and dtype checks, then one kernel launch), and the
 //! backward where training needs it. Outputs are passed in (`&mut Tensor`), already allocated.
 
+pub mod conv;
 pub mod elementwise;
 
 use crate::tensor::{DType, Tensor};

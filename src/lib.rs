@@ -21,3 +21,4 @@ pub mod data;
 pub mod checkpoint;
 pub mod io;
 pub mod log;
+pub mod model;

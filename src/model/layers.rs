@@ -7,9 +7,9 @@
 
 use crate::checkpoint::LoraLayer;
 use crate::model::weights::Weights;
-use crate::ops::{attention as attn, conv, elementwise as ew, gemm, lora, norm};
+use crate::ops::{activation, attention as attn, conv, elementwise as ew, gemm, layout, lora, norm};
 use crate::tensor::Tensor;
-use anyhow::{bail, ensure, Result};
+use anyhow::{ensure, Result};
 
 /// Where a model runs.
 #[derive(Clone, Copy)]
@@ -83,7 +83,8 @@ impl Linear {
     pub fn backward(&mut self, _dev: Dev, x: &Tensor, dy: &Tensor, want_dx: bool) -> Result<Option<Tensor>> {
         let m = rows(dy);
         let dx = match &mut self.lora {
-            None => want_dx.then(|| gemm::linear_input_grad_cpu(cpu(dy)?, m, self.out_f, cpu(&self.w)?, self.in_f)),
+            None if want_dx => Some(gemm::linear_input_grad_cpu(cpu(dy)?, m, self.out_f, cpu(&self.w)?, self.in_f)),
+            None => None,
             Some(l) => {
                 let s = lora::LoraShape { m, in_f: self.in_f, out_f: self.out_f, rank: l.layer.rank };
                 let g = lora::lora_backward_cpu(cpu(x)?, cpu(&self.w)?, &l.layer.a, &l.layer.b, l.layer.scale(), cpu(dy)?, &s);
@@ -248,53 +249,37 @@ fn attn_shape(q: &Tensor, k: &Tensor, heads: usize) -> Result<(attn::AttnShape, 
 /// diffusers' GEGLU: h [.., 2d] = hidden | gate → hidden · gelu(gate) [.., d].
 pub fn geglu(_dev: Dev, h: &Tensor) -> Result<Tensor> {
     let d = h.shape().last().unwrap() / 2;
-    let hs = cpu(h)?;
-    let y = hs.chunks_exact(2 * d).flat_map(|r| r[..d].iter().zip(ew::gelu_cpu(&r[d..])).map(|(a, g)| a * g).collect::<Vec<_>>()).collect();
-    Tensor::from_vec(&with_last(h.shape(), d), y)
+    Tensor::from_vec(&with_last(h.shape(), d), activation::geglu_cpu(cpu(h)?, rows(h), d))
 }
 
 pub fn geglu_backward(_dev: Dev, h: &Tensor, dy: &Tensor) -> Result<Tensor> {
     let d = h.shape().last().unwrap() / 2;
-    let (hs, dys) = (cpu(h)?, cpu(dy)?);
-    let mut dh = Vec::with_capacity(hs.len());
-    for (r, g) in hs.chunks_exact(2 * d).zip(dys.chunks_exact(d)) {
-        let (hidden, gate) = r.split_at(d);
-        dh.extend(ew::gelu_cpu(gate).iter().zip(g).map(|(a, b)| a * b));
-        let d_gate: Vec<f32> = hidden.iter().zip(g).map(|(a, b)| a * b).collect();
-        dh.extend(ew::gelu_backward_cpu(gate, &d_gate));
-    }
-    Tensor::from_vec(h.shape(), dh)
+    Tensor::from_vec(h.shape(), activation::geglu_backward_cpu(cpu(h)?, rows(h), d, cpu(dy)?))
 }
 
 pub fn upsample2x(_dev: Dev, x: &Tensor) -> Result<Tensor> {
     let s = x.shape();
-    Tensor::from_vec(&[s[0], 2 * s[1], 2 * s[2], s[3]], conv::upsample2x_nearest_cpu(cpu(x)?, s[0], s[1], s[2], s[3]))
+    Tensor::from_vec(&[s[0], 2 * s[1], 2 * s[2], s[3]], layout::upsample_nearest2x_cpu(cpu(x)?, s[0], s[1], s[2], s[3]))
 }
 
 pub fn upsample2x_backward(_dev: Dev, dy: &Tensor) -> Result<Tensor> {
     let s = dy.shape();
     let (h, w) = (s[1] / 2, s[2] / 2);
-    Tensor::from_vec(&[s[0], h, w, s[3]], conv::upsample2x_nearest_backward_cpu(cpu(dy)?, s[0], h, w, s[3]))
+    Tensor::from_vec(&[s[0], h, w, s[3]], layout::upsample_nearest2x_backward_cpu(cpu(dy)?, s[0], h, w, s[3]))
 }
 
 /// [.., ca] | [.., cb] along channels (diffusers' torch.cat([h, skip], dim=1)).
 pub fn concat_channels(_dev: Dev, a: &Tensor, b: &Tensor) -> Result<Tensor> {
     let (ca, cb) = (*a.shape().last().unwrap(), *b.shape().last().unwrap());
     ensure!(rows(a) == rows(b), "concat: {:?} and {:?} have different pixels", a.shape(), b.shape());
-    Tensor::from_vec(&with_last(a.shape(), ca + cb), conv::concat_channels_cpu(cpu(a)?, ca, cpu(b)?, cb))
+    Tensor::from_vec(&with_last(a.shape(), ca + cb), layout::concat_channels_cpu(cpu(a)?, cpu(b)?, ca, cb))
 }
 
 /// Inverse of [`concat_channels`]: the first `ca` channels and the rest.
 pub fn split_channels(_dev: Dev, x: &Tensor, ca: usize) -> Result<(Tensor, Tensor)> {
     let c = *x.shape().last().unwrap();
-    if ca >= c {
-        bail!("split: {ca} channels of {c}");
-    }
-    let (mut a, mut b) = (Vec::with_capacity(rows(x) * ca), Vec::with_capacity(rows(x) * (c - ca)));
-    for r in cpu(x)?.chunks_exact(c) {
-        a.extend_from_slice(&r[..ca]);
-        b.extend_from_slice(&r[ca..]);
-    }
+    ensure!(ca < c, "split: {ca} channels of {c}");
+    let (a, b) = layout::split_channels_cpu(cpu(x)?, ca, c - ca);
     Ok((Tensor::from_vec(&with_last(x.shape(), ca), a)?, Tensor::from_vec(&with_last(x.shape(), c - ca), b)?))
 }
 

@@ -2,3 +2,10 @@
 //! from every supported source ([`weights`]), the CLIP text encoder ([`clip`]) and the VAE ([`vae`]).
 
 pub mod weights;
+pub mod layers;
+pub mod lora;
+pub mod resnet;
+pub mod transformer;
+pub mod unet;
+#[cfg(test)]
+mod unet_tests;

@@ -21,7 +21,7 @@ pub struct ResnetBlock2D {
 impl ResnetBlock2D {
     pub fn load(w: &Weights, prefix: &str, in_ch: usize, out_ch: usize, temb_ch: usize, groups: usize, eps: f32) -> Result<Self> {
         let p = |name: &str| format!("{prefix}.{name}");
-        (|| {
+        (|| -> Result<Self> {
             Ok(ResnetBlock2D {
                 norm1: GroupNorm::load(w, &p("norm1"), in_ch, groups, eps)?,
                 conv1: Conv2d::load(w, &p("conv1"), in_ch, out_ch, 3, 1)?,

@@ -143,7 +143,7 @@ pub struct Transformer2DModel {
 impl Transformer2DModel {
     pub fn load(w: &Weights, prefix: &str, ch: usize, context_dim: usize, heads: usize, groups: usize) -> Result<Self> {
         let p = |name: &str| format!("{prefix}.{name}");
-        (|| {
+        (|| -> Result<Self> {
             Ok(Transformer2DModel {
                 norm: GroupNorm::load(w, &p("norm"), ch, groups, 1e-6)?,
                 proj_in: Linear::load(w, &p("proj_in"), ch, ch, true, true)?,

@@ -7,7 +7,6 @@ use super::lora;
 use super::unet::{UNet2DConditionModel, UNetConfig};
 use super::weights::{Component, ModelSource, SafetensorsFile};
 use crate::checkpoint::load_lora;
-use crate::ops::loss::mse_min_snr_cpu;
 use crate::schedule::NoiseSchedule;
 use crate::tensor::{assert_close, nchw_to_nhwc, Tensor};
 use crate::testing::fixtures_dir;
@@ -47,9 +46,12 @@ fn tiny_unet() -> UNet2DConditionModel {
     UNet2DConditionModel::load(&source.weights(Component::Unet).unwrap(), config).unwrap()
 }
 
+/// The fixture's LoRA (r = 4). diffusers saved it without adapter metadata, so the file implies
+/// alpha = r; the fixture's outputs were made in memory with PEFT's lora_alpha = 8.
 fn with_fixture_lora(unet: &mut UNet2DConditionModel) {
-    let loaded = load_lora(&fixtures_dir().join("tiny-sd-lora/pytorch_lora_weights.safetensors")).unwrap();
+    let mut loaded = load_lora(&fixtures_dir().join("tiny-sd-lora/pytorch_lora_weights.safetensors")).unwrap();
     assert!(loaded.skipped.is_empty(), "{:?}", loaded.skipped);
+    loaded.weights.layers.values_mut().for_each(|l| l.alpha = 8.0);
     lora::load(unet, &loaded.weights).unwrap();
 }
 
@@ -90,8 +92,16 @@ fn unet_lora_gradients_match_peft() {
     let grads = lora::gradients(&mut unet);
     assert_eq!(grads.len(), 128, "16 transformers × (attn1, attn2) × (to_q, to_k, to_v, to_out.0)");
     for (module, ga, gb) in grads {
-        assert_close(&format!("{module} lora_A grad"), &ga, &f.get(&format!("unet.grad.{module}.lora_A.weight")), 1e-4);
-        assert_close(&format!("{module} lora_B grad"), &gb, &f.get(&format!("unet.grad.{module}.lora_B.weight")), 1e-4);
+        for (which, got) in [("lora_A", ga), ("lora_B", gb)] {
+            let want = f.get(&format!("unet.grad.{module}.{which}.weight"));
+            // The mid block's self-attention sees one token: its to_q/to_k gradients are exactly 0,
+            // which both sides only approximate (|g| ~ 1e-14); compare those absolutely.
+            if want.iter().all(|v| v.abs() < 1e-10) {
+                assert!(got.iter().all(|v| v.abs() < 1e-9), "{module} {which}: expected zero gradient");
+                continue;
+            }
+            assert_close(&format!("{module} {which} grad"), &got, &want, 1e-4);
+        }
     }
 }
 
@@ -103,11 +113,15 @@ fn unet_lora_gradients_match_finite_differences() {
     let (_, d_pred) = loss_and_grad(&mut unet, &f);
     unet.backward(Dev::Cpu, &d_pred).unwrap();
     let grads = lora::gradients(&mut unet);
-    // A sample of parameters in the down, mid and up paths, self- and cross-attention, A and B.
-    let picks = [(0usize, true, 3usize), (5, false, 7), (40, true, 1), (64, false, 2), (100, true, 11), (127, false, 5)];
+    // Projections in the down, mid and up paths, self- and cross-attention, A and B; in each, the
+    // parameter with the largest gradient (small ones drown in the f32 forward's rounding).
+    let argmax = |g: &[f32]| (0..g.len()).max_by(|&i, &j| g[i].abs().total_cmp(&g[j].abs())).unwrap();
+    let picks = [(0usize, true), (5, false), (40, true), (64, false), (100, true), (127, false)];
     let h = 1e-2f64;
-    for (proj, is_a, idx) in picks {
-        let analytic = if is_a { grads[proj].1[idx] } else { grads[proj].2[idx] };
+    for (proj, is_a) in picks {
+        let g = if is_a { &grads[proj].1 } else { &grads[proj].2 };
+        let idx = argmax(g);
+        let analytic = g[idx];
         let mut eval = |delta: f64| {
             let mut p = lora::projections(&mut unet);
             let adapter = p[proj].1.lora.as_mut().unwrap();
@@ -125,4 +139,11 @@ fn unet_lora_gradients_match_finite_differences() {
         let err = (analytic as f64 - numeric).abs() / numeric.abs().max(1e-4);
         assert!(err < 2e-2, "projection {proj} {} [{idx}]: analytic {analytic:e}, numeric {numeric:e}", if is_a { "A" } else { "B" });
     }
+}
+
+fn mse_min_snr_cpu(pred: &[f32], target: &[f32], w: &[f32]) -> (f32, Vec<f32>) {
+    let n = w.len(); let per = pred.len() / n;
+    let mut loss = 0f64; let mut d = vec![0f32; pred.len()];
+    for b in 0..n { let mut s = 0f64; for i in 0..per { let e = (pred[b*per+i] - target[b*per+i]) as f64; s += e*e; d[b*per+i] = (2.0 * e * w[b] as f64 / (per * n) as f64) as f32; } loss += w[b] as f64 * s / per as f64; }
+    ((loss / n as f64) as f32, d)
 }

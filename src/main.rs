@@ -92,7 +92,7 @@ struct BenchArgs {
 enum BenchWhat {
     /// Time every kernel at the SD1.5 shapes (CUDA events after warm-up: median, min, max, rate).
     Kernels {
-        /// Only kernels whose name contains this text.
+        /// Only the kernel families whose name contains this text (elementwise, gemm, lora, conv, attention, norm).
         #[arg(long, default_value = "")]
         filter: String,
     },

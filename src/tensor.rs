@@ -224,3 +224,29 @@ pub fn assert_close(what: &str, out: &[f32], reference: &[f32], tol: f64) {
 pub fn round_bf16(v: &[f32]) -> Vec<f32> {
     v.iter().map(|&x| bf16::from_f32(x).to_f32()).collect()
 }
+
+/// PyTorch's NCHW layout → our NHWC, for values read from diffusers.
+pub fn nchw_to_nhwc(x: &[f32], n: usize, c: usize, h: usize, w: usize) -> Vec<f32> {
+    let mut out = vec![0f32; x.len()];
+    for b in 0..n {
+        for ch in 0..c {
+            for p in 0..h * w {
+                out[(b * h * w + p) * c + ch] = x[(b * c + ch) * h * w + p];
+            }
+        }
+    }
+    out
+}
+
+/// Our NHWC → PyTorch's NCHW.
+pub fn nhwc_to_nchw(x: &[f32], n: usize, c: usize, h: usize, w: usize) -> Vec<f32> {
+    let mut out = vec![0f32; x.len()];
+    for b in 0..n {
+        for ch in 0..c {
+            for p in 0..h * w {
+                out[(b * c + ch) * h * w + p] = x[(b * h * w + p) * c + ch];
+            }
+        }
+    }
+    out
+}

@@ -163,6 +163,16 @@ impl Tensor {
         Tensor::from_vec(&self.shape, data)
     }
 
+    /// Sets every value to zero (on either device).
+    pub fn zero(&mut self, gpu: Option<&Gpu>) -> Result<()> {
+        match (&mut self.storage, gpu) {
+            (Storage::Cpu(v), _) => v.iter_mut().for_each(|x| *x = 0.0),
+            (Storage::Cuda(b), Some(g)) => unsafe { cudarc::driver::result::memset_d8_async(b.ptr(), 0, b.bytes(), g.stream().cu_stream()) }.context("zeroing memset failed")?,
+            (Storage::Cuda(_), None) => bail!("zeroing a GPU tensor needs the GPU"),
+        }
+        Ok(())
+    }
+
     /// Fills a GPU tensor with NaN (all bits set: NaN in f32 and in bf16), so a kernel that fails
     /// to write part of its output is caught by [`compare`].
     pub fn poison(&self, gpu: &Gpu) -> Result<()> {

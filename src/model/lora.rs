@@ -3,10 +3,11 @@
 //! BasicTransformerBlock: A [r, in] ~ kaiming-uniform(a=√5) (bound 1/√in, PEFT's default) or
 //! N(0, (1/r)²) ("gaussian"), B [out, r] = 0, scale = alpha / r.
 
-use super::layers::{LoraAdapter, Linear};
+use super::layers::{Dev, LoraAdapter, Linear};
 use super::unet::UNet2DConditionModel;
 use crate::checkpoint::{LoraLayer, LoraWeights};
 use crate::rng::Rng;
+use crate::tensor::Tensor;
 use anyhow::{bail, ensure, Result};
 
 pub const DEFAULT_TARGETS: [&str; 4] = ["to_q", "to_k", "to_v", "to_out.0"];
@@ -34,7 +35,7 @@ pub fn projections(unet: &mut UNet2DConditionModel) -> Vec<(String, &mut Linear)
 }
 
 /// Adds fresh adapters to the projections named in `targets`; returns the number of trained values.
-pub fn attach(unet: &mut UNet2DConditionModel, targets: &[&str], rank: usize, alpha: f32, init: LoraInit, seed: u64) -> Result<usize> {
+pub fn attach(dev: Dev, unet: &mut UNet2DConditionModel, targets: &[&str], rank: usize, alpha: f32, init: LoraInit, seed: u64) -> Result<usize> {
     ensure!((1..=1024).contains(&rank), "LoRA rank {rank} is out of range (1..=1024)");
     for t in targets {
         ensure!(DEFAULT_TARGETS.contains(t), "unknown LoRA target {t:?} (expected some of {DEFAULT_TARGETS:?})");
@@ -52,18 +53,14 @@ pub fn attach(unet: &mut UNet2DConditionModel, targets: &[&str], rank: usize, al
         };
         let layer = LoraLayer { rank, in_features: i, out_features: o, alpha, a, b: vec![0.0; o * rank] };
         params += rank * (i + o);
-        linear.lora = Some(adapter(layer));
+        linear.lora = Some(LoraAdapter::new(dev, &layer)?);
     }
     Ok(params)
 }
 
-fn adapter(layer: LoraLayer) -> LoraAdapter {
-    LoraAdapter { grad_a: vec![0.0; layer.a.len()], grad_b: vec![0.0; layer.b.len()], layer }
-}
-
 /// Puts the layers of `weights` (read from a file) onto the matching projections; every layer
 /// must find its projection with matching sizes.
-pub fn load(unet: &mut UNet2DConditionModel, weights: &LoraWeights) -> Result<()> {
+pub fn load(dev: Dev, unet: &mut UNet2DConditionModel, weights: &LoraWeights) -> Result<()> {
     let mut projections = projections(unet);
     for (module, layer) in &weights.layers {
         let Some((_, linear)) = projections.iter_mut().find(|(m, _)| m == module) else {
@@ -77,32 +74,44 @@ pub fn load(unet: &mut UNet2DConditionModel, weights: &LoraWeights) -> Result<()
             linear.in_f,
             linear.out_f
         );
-        linear.lora = Some(adapter(layer.clone()));
+        linear.lora = Some(LoraAdapter::new(dev, layer)?);
     }
     Ok(())
 }
 
 /// The adapters' current values, for saving.
-pub fn export(unet: &mut UNet2DConditionModel) -> LoraWeights {
+pub fn export(dev: Dev, unet: &mut UNet2DConditionModel) -> Result<LoraWeights> {
     let mut w = LoraWeights::default();
     for (module, linear) in projections(unet) {
         if let Some(l) = &linear.lora {
-            w.layers.insert(module, l.layer.clone());
+            w.layers.insert(module, l.to_layer(dev)?);
         }
     }
-    w
+    Ok(w)
 }
 
-/// (module, grad A, grad B) of every adapter.
-pub fn gradients(unet: &mut UNet2DConditionModel) -> Vec<(String, Vec<f32>, Vec<f32>)> {
-    projections(unet).into_iter().filter_map(|(m, l)| l.lora.as_ref().map(|a| (m, a.grad_a.clone(), a.grad_b.clone()))).collect()
+/// (module, grad A, grad B) of every adapter, on the host.
+pub fn gradients(dev: Dev, unet: &mut UNet2DConditionModel) -> Result<Vec<(String, Vec<f32>, Vec<f32>)>> {
+    let host = |t: &Tensor| match dev {
+        Dev::Cpu => t.data().map(<[f32]>::to_vec),
+        Dev::Gpu(g) => t.to_cpu(g)?.into_vec(),
+    };
+    projections(unet)
+        .into_iter()
+        .filter_map(|(m, l)| l.lora.as_ref().map(|a| Ok((m, host(&a.grad_a)?, host(&a.grad_b)?))))
+        .collect()
 }
 
-pub fn zero_gradients(unet: &mut UNet2DConditionModel) {
+pub fn zero_gradients(dev: Dev, unet: &mut UNet2DConditionModel) -> Result<()> {
+    let gpu = match dev {
+        Dev::Cpu => None,
+        Dev::Gpu(g) => Some(g),
+    };
     for (_, linear) in projections(unet) {
         if let Some(l) = &mut linear.lora {
-            l.grad_a.iter_mut().for_each(|g| *g = 0.0);
-            l.grad_b.iter_mut().for_each(|g| *g = 0.0);
+            l.grad_a.zero(gpu)?;
+            l.grad_b.zero(gpu)?;
         }
     }
+    Ok(())
 }

@@ -2,6 +2,7 @@
 //! from every supported source ([`weights`]), the CLIP text encoder ([`clip`]) and the VAE ([`vae`]).
 
 pub mod weights;
+pub mod functional;
 pub mod layers;
 pub mod lora;
 pub mod resnet;

@@ -5,7 +5,8 @@
 //! Activations are NHWC. The backward computes input gradients through every frozen layer and
 //! accumulates gradients only into the LoRA adapters; it stops before conv_in (nothing to learn there).
 
-use super::layers::{concat_channels, silu, split_channels, timestep_embedding, add, Conv2d, Dev, GroupNorm, Linear};
+use super::functional::{add, concat_channels, silu, split_channels, timestep_embedding};
+use super::layers::{Conv2d, Dev, GroupNorm, Linear, NormStats};
 use super::resnet::{Downsample2D, ResnetBlock2D, Upsample2D};
 use super::transformer::Transformer2DModel;
 use super::weights::Weights;
@@ -121,20 +122,20 @@ pub struct UNet2DConditionModel {
     pub up_blocks: Vec<UpBlock>,
     conv_norm_out: GroupNorm,
     conv_out: Conv2d,
-    /// Input of conv_norm_out, kept for the backward.
-    saved_out: Option<Tensor>,
+    /// Input of conv_norm_out and its statistics, kept for the backward.
+    saved_out: Option<(Tensor, NormStats)>,
 }
 
 impl UNet2DConditionModel {
-    pub fn load(w: &Weights, config: UNetConfig) -> Result<Self> {
+    pub fn load(dev: Dev, w: &Weights, config: UNetConfig) -> Result<Self> {
         let c = &config;
         let boc = &c.block_out_channels;
         let temb_ch = boc[0] * 4;
         let (groups, eps, ctx) = (c.norm_num_groups, c.norm_eps, c.cross_attention_dim);
         let layer = |prefix: &str, j: usize, in_ch: usize, out_ch: usize, cross: bool, heads: usize| -> Result<Layer> {
             Ok(Layer {
-                resnet: ResnetBlock2D::load(w, &format!("{prefix}.resnets.{j}"), in_ch, out_ch, temb_ch, groups, eps)?,
-                attention: if cross { Some(Transformer2DModel::load(w, &format!("{prefix}.attentions.{j}"), out_ch, ctx, heads, groups)?) } else { None },
+                resnet: ResnetBlock2D::load(dev, w, &format!("{prefix}.resnets.{j}"), in_ch, out_ch, temb_ch, groups, eps)?,
+                attention: if cross { Some(Transformer2DModel::load(dev, w, &format!("{prefix}.attentions.{j}"), out_ch, ctx, heads, groups)?) } else { None },
             })
         };
         let mut down_blocks = Vec::new();
@@ -144,7 +145,7 @@ impl UNet2DConditionModel {
             let layers = (0..c.layers_per_block)
                 .map(|j| layer(&prefix, j, if j == 0 { in_ch } else { out_ch }, out_ch, c.down_cross_attn[i], c.heads[i]))
                 .collect::<Result<_>>()?;
-            let downsampler = if i + 1 < boc.len() { Some(Downsample2D::load(w, &format!("{prefix}.downsamplers.0"), out_ch)?) } else { None };
+            let downsampler = if i + 1 < boc.len() { Some(Downsample2D::load(dev, w, &format!("{prefix}.downsamplers.0"), out_ch)?) } else { None };
             down_blocks.push(DownBlock { layers, downsampler });
             in_ch = out_ch;
         }
@@ -152,7 +153,7 @@ impl UNet2DConditionModel {
         let top_heads = *c.heads.last().unwrap();
         let mid_block = vec![
             layer("mid_block", 0, top, top, true, top_heads)?,
-            Layer { resnet: ResnetBlock2D::load(w, "mid_block.resnets.1", top, top, temb_ch, groups, eps)?, attention: None },
+            Layer { resnet: ResnetBlock2D::load(dev, w, "mid_block.resnets.1", top, top, temb_ch, groups, eps)?, attention: None },
         ];
         let reversed: Vec<usize> = boc.iter().rev().copied().collect();
         let reversed_heads: Vec<usize> = c.heads.iter().rev().copied().collect();
@@ -170,19 +171,19 @@ impl UNet2DConditionModel {
                     layer(&prefix, j, res_in + skip, out_ch, c.up_cross_attn[i], reversed_heads[i])
                 })
                 .collect::<Result<_>>()?;
-            let upsampler = if i + 1 < reversed.len() { Some(Upsample2D::load(w, &format!("{prefix}.upsamplers.0"), out_ch)?) } else { None };
+            let upsampler = if i + 1 < reversed.len() { Some(Upsample2D::load(dev, w, &format!("{prefix}.upsamplers.0"), out_ch)?) } else { None };
             up_blocks.push(UpBlock { layers, upsampler, skip_channels: vec![] });
             prev_out = out_ch;
         }
         Ok(UNet2DConditionModel {
-            conv_in: Conv2d::load(w, "conv_in", c.in_channels, boc[0], 3, 1)?,
-            time_linear_1: Linear::load(w, "time_embedding.linear_1", boc[0], temb_ch, true, false)?,
-            time_linear_2: Linear::load(w, "time_embedding.linear_2", temb_ch, temb_ch, true, false)?,
+            conv_in: Conv2d::load(dev, w, "conv_in", c.in_channels, boc[0], 3, 1)?,
+            time_linear_1: Linear::load(dev, w, "time_embedding.linear_1", boc[0], temb_ch, true, false)?,
+            time_linear_2: Linear::load(dev, w, "time_embedding.linear_2", temb_ch, temb_ch, true, false)?,
             down_blocks,
             mid_block,
             up_blocks,
-            conv_norm_out: GroupNorm::load(w, "conv_norm_out", boc[0], groups, eps)?,
-            conv_out: Conv2d::load(w, "conv_out", boc[0], c.out_channels, 3, 1)?,
+            conv_norm_out: GroupNorm::load(dev, w, "conv_norm_out", boc[0], groups, eps)?,
+            conv_out: Conv2d::load(dev, w, "conv_out", boc[0], c.out_channels, 3, 1)?,
             saved_out: None,
             config,
         })
@@ -229,16 +230,17 @@ impl UNet2DConditionModel {
                 h = u.forward(dev, &h)?;
             }
         }
-        let out = self.conv_out.forward(dev, &self.conv_norm_out.forward(dev, &h, true)?)?;
-        self.saved_out = Some(h);
+        let (g, stats) = self.conv_norm_out.forward(dev, &h, true)?;
+        let out = self.conv_out.forward(dev, &g)?;
+        self.saved_out = Some((h, stats));
         Ok(out)
     }
 
     /// Backward of the last forward for d(output); accumulates the LoRA gradients.
     pub fn backward(&mut self, dev: Dev, d_out: &Tensor) -> Result<()> {
-        let h = self.saved_out.take().context("UNet backward without a forward")?;
+        let (h, stats) = self.saved_out.take().context("UNet backward without a forward")?;
         let dg = self.conv_out.backward(dev, h.shape(), d_out)?;
-        let mut dh = self.conv_norm_out.backward(dev, &h, &dg, true)?;
+        let mut dh = self.conv_norm_out.backward(dev, &h, &stats, &dg, true)?;
 
         // Up path: each layer's input gradient splits into the running one and its skip's.
         let mut d_skips: Vec<Tensor> = Vec::new();

@@ -43,7 +43,7 @@ impl Fixture {
 fn tiny_unet() -> UNet2DConditionModel {
     let source = ModelSource::resolve(fixtures_dir().join("tiny-sd").to_str().unwrap()).unwrap();
     let config = UNetConfig::from_json(&source.config(Component::Unet).unwrap().unwrap()).unwrap();
-    UNet2DConditionModel::load(&source.weights(Component::Unet).unwrap(), config).unwrap()
+    UNet2DConditionModel::load(Dev::Cpu, &source.weights(Component::Unet).unwrap(), config).unwrap()
 }
 
 /// The fixture's LoRA (r = 4). diffusers saved it without adapter metadata, so the file implies
@@ -52,7 +52,7 @@ fn with_fixture_lora(unet: &mut UNet2DConditionModel) {
     let mut loaded = load_lora(&fixtures_dir().join("tiny-sd-lora/pytorch_lora_weights.safetensors")).unwrap();
     assert!(loaded.skipped.is_empty(), "{:?}", loaded.skipped);
     loaded.weights.layers.values_mut().for_each(|l| l.alpha = 8.0);
-    lora::load(unet, &loaded.weights).unwrap();
+    lora::load(Dev::Cpu, unet, &loaded.weights).unwrap();
 }
 
 /// Loss of the fixture batch: Min-SNR(γ = 5) MSE of the prediction against the noise.
@@ -89,7 +89,7 @@ fn unet_lora_gradients_match_peft() {
     let (loss, d_pred) = loss_and_grad(&mut unet, &f);
     assert_close("Min-SNR loss", &[loss], &f.get("unet.loss_snr5"), 1e-5);
     unet.backward(Dev::Cpu, &d_pred).unwrap();
-    let grads = lora::gradients(&mut unet);
+    let grads = lora::gradients(Dev::Cpu, &mut unet).unwrap();
     assert_eq!(grads.len(), 128, "16 transformers × (attn1, attn2) × (to_q, to_k, to_v, to_out.0)");
     for (module, ga, gb) in grads {
         for (which, got) in [("lora_A", ga), ("lora_B", gb)] {
@@ -112,7 +112,7 @@ fn unet_lora_gradients_match_finite_differences() {
     with_fixture_lora(&mut unet);
     let (_, d_pred) = loss_and_grad(&mut unet, &f);
     unet.backward(Dev::Cpu, &d_pred).unwrap();
-    let grads = lora::gradients(&mut unet);
+    let grads = lora::gradients(Dev::Cpu, &mut unet).unwrap();
     // Projections in the down, mid and up paths, self- and cross-attention, A and B; in each, the
     // parameter with the largest gradient (small ones drown in the f32 forward's rounding).
     let argmax = |g: &[f32]| (0..g.len()).max_by(|&i, &j| g[i].abs().total_cmp(&g[j].abs())).unwrap();
@@ -125,14 +125,14 @@ fn unet_lora_gradients_match_finite_differences() {
         let mut eval = |delta: f64| {
             let mut p = lora::projections(&mut unet);
             let adapter = p[proj].1.lora.as_mut().unwrap();
-            let v = if is_a { &mut adapter.layer.a[idx] } else { &mut adapter.layer.b[idx] };
+            let v = if is_a { &mut adapter.a.data_mut().unwrap()[idx] } else { &mut adapter.b.data_mut().unwrap()[idx] };
             let orig = *v;
             *v = (orig as f64 + delta) as f32;
             drop(p);
             let (loss, _) = loss_and_grad(&mut unet, &f);
             let mut p = lora::projections(&mut unet);
             let adapter = p[proj].1.lora.as_mut().unwrap();
-            *(if is_a { &mut adapter.layer.a[idx] } else { &mut adapter.layer.b[idx] }) = orig;
+            *(if is_a { &mut adapter.a.data_mut().unwrap()[idx] } else { &mut adapter.b.data_mut().unwrap()[idx] }) = orig;
             loss as f64
         };
         let numeric = (eval(h) - eval(-h)) / (2.0 * h);

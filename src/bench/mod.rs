@@ -43,6 +43,7 @@ impl std::fmt::Display for Timing {
 pub mod attention;
 pub mod conv;
 pub mod elementwise;
+pub mod norm;
 
 /// One benchmark result row: a kernel at a shape, with its achieved throughput.
 pub struct BenchRow {
@@ -70,7 +71,7 @@ impl BenchRow {
 type BenchFn = fn(&Gpu) -> Result<Vec<BenchRow>>;
 
 /// The kernel families `sdlora bench kernels` knows, by name.
-const FAMILIES: &[(&str, BenchFn)] = &[("elementwise", elementwise::bench), ("conv", conv::bench), ("attention", attention::bench)];
+const FAMILIES: &[(&str, BenchFn)] = &[("elementwise", elementwise::bench), ("conv", conv::bench), ("attention", attention::bench), ("norm", norm::bench)];
 
 /// Runs the benchmark of every kernel family whose name contains `filter` and prints a table.
 pub fn run_kernel_benches(gpu: &Gpu, filter: &str) -> Result<()> {

@@ -9,6 +9,9 @@ pub mod gemm;
 pub mod norm;
 pub mod activation;
 pub mod layout;
+pub mod philox;
+pub mod diffusion;
+pub mod adamw;
 #[cfg(test)]
 pub(crate) mod twin_check;
 pub mod lora;

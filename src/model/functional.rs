@@ -2,7 +2,8 @@
 //! with its backward where training needs one, on the CPU twins or the GPU kernels.
 
 use super::layers::{cpu, rows, with_last, Dev};
-use crate::ops::{activation, attention as attn, elementwise as ew, layout};
+use crate::cuda::ArenaKind;
+use crate::ops::{activation, attention as attn, diffusion, elementwise as ew, layout};
 use crate::tensor::{DType, Tensor};
 use anyhow::{ensure, Result};
 
@@ -51,7 +52,7 @@ pub fn attention(dev: Dev, q: &Tensor, k: &Tensor, v: &Tensor, heads: usize) -> 
         Dev::Cpu => Ok((Tensor::from_vec(q.shape(), attn::attention_cpu(cpu(q)?, cpu(k)?, cpu(v)?, &s, scale))?, None)),
         Dev::Gpu(g) => {
             let mut o = Dev::scratch(g, q.shape())?;
-            let lse = Tensor::empty_gpu(g, crate::cuda::ArenaKind::Scratch, &[s.batch, s.heads, s.q_len], DType::F32)?;
+            let lse = Tensor::empty_gpu(g, ArenaKind::Scratch, &[s.batch, s.heads, s.q_len], DType::F32)?;
             let d = attn::Strided::dense;
             attn::attention_forward(g, d(q), d(k), d(v), d(&o), Some(&lse), &s, scale)?;
             o = o.reshape(q.shape())?;
@@ -70,7 +71,7 @@ pub fn attention_backward(dev: Dev, q: &Tensor, k: &Tensor, v: &Tensor, o: &Tens
         }
         (Dev::Gpu(g), Some(lse)) => {
             let (dq, dk, dv) = (Dev::scratch(g, q.shape())?, Dev::scratch(g, k.shape())?, Dev::scratch(g, v.shape())?);
-            let ws = attn::AttnWorkspace::new(g, crate::cuda::ArenaKind::Scratch, &s)?;
+            let ws = attn::AttnWorkspace::new(g, ArenaKind::Scratch, &s)?;
             let d = attn::Strided::dense;
             attn::attention_backward(g, d(q), d(k), d(v), d(o), d(dout), lse, d(&dq), d(&dk), d(&dv), &ws, &s, scale)?;
             Ok((dq, dk, dv))
@@ -174,19 +175,15 @@ pub fn split_channels(dev: Dev, x: &Tensor, ca: usize) -> Result<(Tensor, Tensor
 }
 
 /// diffusers' get_timestep_embedding(t, dim, flip_sin_to_cos=True, downscale_freq_shift=0):
-/// [cos(t·f_i) | sin(t·f_i)] with f_i = exp(−ln(10000)·i/half). Computed on the host (a few
-/// hundred values) and uploaded.
+/// [cos(t·f_i) | sin(t·f_i)], f_i = 10000^(−i/half). Timesteps may be fractional (Euler samplers).
 pub fn timestep_embedding(dev: Dev, timesteps: &[f32], dim: usize) -> Result<Tensor> {
-    let half = dim / 2;
-    let mut out = Vec::with_capacity(timesteps.len() * dim);
-    for &t in timesteps {
-        let args: Vec<f32> = (0..half).map(|i| (-(10000f32.ln()) * i as f32 / half as f32).exp() * t).collect();
-        out.extend(args.iter().map(|a| a.cos()));
-        out.extend(args.iter().map(|a| a.sin()));
-    }
-    let host = Tensor::from_vec(&[timesteps.len(), dim], out)?;
     match dev {
-        Dev::Cpu => Ok(host),
-        Dev::Gpu(g) => host.to_gpu(g, crate::cuda::ArenaKind::Scratch, DType::BF16),
+        Dev::Cpu => Tensor::from_vec(&[timesteps.len(), dim], diffusion::timestep_embedding_cpu(timesteps, dim, 10000.0, 0.0, true)),
+        Dev::Gpu(g) => {
+            let t = Tensor::from_vec(&[timesteps.len()], timesteps.to_vec())?.to_gpu(g, ArenaKind::Scratch, DType::F32)?;
+            let mut emb = Dev::scratch(g, &[timesteps.len(), dim])?;
+            diffusion::timestep_embedding(g, &t, 10000.0, 0.0, true, &mut emb)?;
+            Ok(emb)
+        }
     }
 }

@@ -7,6 +7,7 @@ use super::lora;
 use super::unet::{UNet2DConditionModel, UNetConfig};
 use super::weights::{Component, ModelSource, SafetensorsFile};
 use crate::checkpoint::load_lora;
+use crate::ops::diffusion::{mse_min_snr_backward_cpu, mse_min_snr_cpu};
 use crate::schedule::NoiseSchedule;
 use crate::tensor::{assert_close, nchw_to_nhwc, Tensor};
 use crate::testing::fixtures_dir;
@@ -59,10 +60,10 @@ fn with_fixture_lora(unet: &mut UNet2DConditionModel) {
 fn loss_and_grad(unet: &mut UNet2DConditionModel, f: &Fixture) -> (f32, Tensor) {
     let t = f.timesteps();
     let pred = unet.forward(Dev::Cpu, &f.latent("unet.noisy_latents"), &t, &f.context()).unwrap();
-    let schedule = NoiseSchedule::sd15();
-    let weights: Vec<f32> = t.iter().map(|&t| schedule.min_snr_weight(t as usize, Some(5.0)) as f32).collect();
-    let noise = f.latent("unet.noise");
-    let (loss, d_pred) = mse_min_snr_cpu(pred.data().unwrap(), noise.data().unwrap(), &weights);
+    let abar = NoiseSchedule::sd15().alphas_cumprod;
+    let (p, noise) = (pred.data().unwrap(), f.latent("unet.noise"));
+    let loss = mse_min_snr_cpu(p, noise.data().unwrap(), &t, &abar, Some(5.0));
+    let d_pred = mse_min_snr_backward_cpu(p, noise.data().unwrap(), &t, &abar, Some(5.0), 1.0);
     (loss, Tensor::from_vec(pred.shape(), d_pred).unwrap())
 }
 
@@ -141,9 +142,3 @@ fn unet_lora_gradients_match_finite_differences() {
     }
 }
 
-fn mse_min_snr_cpu(pred: &[f32], target: &[f32], w: &[f32]) -> (f32, Vec<f32>) {
-    let n = w.len(); let per = pred.len() / n;
-    let mut loss = 0f64; let mut d = vec![0f32; pred.len()];
-    for b in 0..n { let mut s = 0f64; for i in 0..per { let e = (pred[b*per+i] - target[b*per+i]) as f64; s += e*e; d[b*per+i] = (2.0 * e * w[b] as f64 / (per * n) as f64) as f32; } loss += w[b] as f64 * s / per as f64; }
-    ((loss / n as f64) as f32, d)
-}

@@ -44,6 +44,7 @@ pub mod attention;
 pub mod conv;
 pub mod elementwise;
 pub mod norm;
+pub mod unet;
 
 /// One benchmark result row: a kernel at a shape, with its achieved throughput.
 pub struct BenchRow {

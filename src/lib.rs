@@ -19,3 +19,5 @@ pub mod testing;
 pub mod data;
 pub mod checkpoint;
 pub mod io;
+pub mod model;
+pub mod tokenizer;

@@ -16,7 +16,7 @@ fn tiny_sd() -> PathBuf {
 #[test]
 fn float_storage_types_convert_to_f32() {
     let f = SafetensorsFile::open(&fixtures_dir().join("dtypes.safetensors")).unwrap();
-    let vals = [0.0f32, 1.0, -2.5, 3.140625, 1e-3, -65504.0, 0.333251953125, 7.0];
+    let vals = [0.0f32, 1.0, -2.5, 3.140625, 1e-3, -65504.0, 1365.0 / 4096.0, 7.0];
     assert_eq!(f.raw("f32").unwrap().to_f32().unwrap(), vals);
     let want_f16: Vec<f32> = vals.iter().map(|&v| f16::from_f32(v).to_f32()).collect();
     assert_eq!(f.raw("f16").unwrap().to_f32().unwrap(), want_f16);

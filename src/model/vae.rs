@@ -430,6 +430,31 @@ mod tests {
         check("decoded from f16 LDM weights", &out, &io, "vae.decoded", 2e-2);
     }
 
+    /// Full SD1.5 size (128/256/512/512, 32 groups) with random weights on the CPU: the posterior of a
+    /// 64x48 image and the decode of 8x6 latents match diffusers.
+    #[test]
+    #[ignore = "needs SDLORA_SD15_REFERENCE=DIR from `make_fixtures.py --full-size DIR` (~800 MB)"]
+    fn full_size_vae_matches_diffusers() {
+        let dir = std::env::var("SDLORA_SD15_REFERENCE").expect("set SDLORA_SD15_REFERENCE (see make_fixtures.py --full-size)");
+        let src = ModelSource::resolve(&dir).unwrap();
+        let t0 = std::time::Instant::now();
+        let vae = AutoencoderKl::from_source(&src).unwrap();
+        eprintln!("full-size VAE: load {:.2} s", t0.elapsed().as_secs_f64());
+        assert_eq!(vae.config, VaeConfig::sd15());
+        let io = SafetensorsFile::open(&std::path::Path::new(&dir).join("io.safetensors")).unwrap();
+        let (img, s) = fixture(&io, "vae.image");
+        let t0 = std::time::Instant::now();
+        let post = vae.encode_cpu(&Nhwc::from_nchw(&img, s[0], s[1], s[2], s[3])).unwrap();
+        eprintln!("full-size VAE: encode 64x48 {:.2} s", t0.elapsed().as_secs_f64());
+        check("full-size posterior mean", &post.mean, &io, "vae.posterior_mean", 1e-4);
+        check("full-size posterior logvar", &post.logvar, &io, "vae.posterior_logvar", 1e-4);
+        let (z, s) = fixture(&io, "vae.latents");
+        let t0 = std::time::Instant::now();
+        let out = vae.decode_cpu(&Nhwc::from_nchw(&z, s[0], s[1], s[2], s[3])).unwrap();
+        eprintln!("full-size VAE: decode 8x6 latents {:.2} s", t0.elapsed().as_secs_f64());
+        check("full-size decoded", &out, &io, "vae.decoded", 1e-4);
+    }
+
     #[test]
     fn sd15_config_and_input_checks() {
         assert_eq!(VaeConfig::sd15().block_out_channels.len(), 4);

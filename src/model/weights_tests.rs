@@ -168,3 +168,24 @@ fn hugging_face_cache_ids_resolve_offline() {
     assert!(err.contains("feedbeef"), "{err}");
     std::fs::remove_dir_all(&cache).unwrap();
 }
+
+/// The fixture LoRA, as diffusers' `save_lora_weights` wrote it (PEFT r 4, alpha 8), loads with
+/// crate::checkpoint and names exactly the attention projections of the fixture UNet, with their shapes.
+#[test]
+fn fixture_lora_targets_the_fixture_unet() {
+    let lora = crate::checkpoint::load_lora(&fixtures_dir().join("tiny-sd-lora/pytorch_lora_weights.safetensors")).unwrap();
+    assert!(lora.skipped.is_empty(), "{:?}", lora.skipped);
+    let unet = ModelSource::resolve(tiny_sd().to_str().unwrap()).unwrap().weights(Component::Unet).unwrap();
+    let targets: Vec<&str> = unet
+        .names()
+        .filter(|n| [".to_q.weight", ".to_k.weight", ".to_v.weight", ".to_out.0.weight"].iter().any(|s| n.ends_with(s)))
+        .collect();
+    assert_eq!(lora.weights.layers.len(), targets.len());
+    for name in targets {
+        let module = name.strip_suffix(".weight").unwrap();
+        let layer = lora.weights.layers.get(module).unwrap_or_else(|| panic!("no LoRA for {module}"));
+        assert_eq!(unet.shape(name).unwrap(), &[layer.out_features, layer.in_features], "{module}");
+        assert_eq!((layer.rank, layer.scale()), (4, 2.0), "{module}");
+        assert!(layer.b.iter().any(|&v| v != 0.0), "{module}: B is zero");
+    }
+}

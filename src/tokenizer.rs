@@ -8,6 +8,7 @@
 //! - `<|startoftext|>` (49406) + at most 75 tokens + `<|endoftext|>` (49407), padded to 77 with
 //!   `<|endoftext|>` as SD1.5's tokenizer pads (its pad token is `<|endoftext|>`).
 
+use crate::model::weights::ModelSource;
 use anyhow::{anyhow, ensure, Context, Result};
 use std::path::{Path, PathBuf};
 use tokenizers::models::bpe::BPE;
@@ -48,6 +49,14 @@ impl ClipTokenizer {
     /// The CLIP vocabulary shipped in data/clip (what SD1.5's tokenizer folder holds).
     pub fn shipped() -> Result<ClipTokenizer> {
         ClipTokenizer::from_dir(&shipped_vocab_dir())
+    }
+
+    /// The tokenizer of a model: its `tokenizer/` folder, else (single-file checkpoint) the shipped vocabulary.
+    pub fn for_source(src: &ModelSource) -> Result<ClipTokenizer> {
+        match src.tokenizer_dir() {
+            Some(dir) => ClipTokenizer::from_dir(&dir),
+            None => ClipTokenizer::shipped(),
+        }
     }
 
     pub fn from_files(vocab: &Path, merges: &Path) -> Result<ClipTokenizer> {
@@ -143,8 +152,11 @@ mod tests {
     /// The tiny fixture model's tokenizer folder: a valid CLIP BPE cut to 1000 symbols.
     #[test]
     fn fixture_tokenizer_folder_loads() {
-        let tok = ClipTokenizer::from_dir(&fixtures_dir().join("tiny-sd/tokenizer")).unwrap();
+        let src = ModelSource::resolve(fixtures_dir().join("tiny-sd").to_str().unwrap()).unwrap();
+        let tok = ClipTokenizer::for_source(&src).unwrap();
         assert_eq!(tok.vocab_size(), 1000);
+        let ldm = ModelSource::resolve(fixtures_dir().join("tiny-sd-ldm.safetensors").to_str().unwrap()).unwrap();
+        assert_eq!(ClipTokenizer::for_source(&ldm).unwrap().vocab_size(), 49408);
         let ids = tok.encode("A photo of a cat, café!").unwrap();
         assert_eq!((ids[0], *ids.last().unwrap()), (998, 999));
         let err = format!("{:#}", ClipTokenizer::from_dir(&fixtures_dir().join("nowhere")).err().unwrap());

@@ -98,8 +98,10 @@ fn ldm_keys_of_sd15() {
     assert_eq!(t("cond_stage_model.transformer.embeddings.token_embedding.weight").unwrap(), "text_model.embeddings.token_embedding.weight");
     assert_eq!(t("cond_stage_model.transformer.text_model.embeddings.position_ids"), None);
     assert_eq!(t("model.diffusion_model.out.0.weight"), None);
-    let err = format!("{:#}", ldm_key("model.diffusion_model.input_blocks.1.7.weight", Component::Unet, 0).unwrap_err());
-    assert!(err.contains("input_blocks.1.7"), "{err}");
+    for bad in ["input_blocks.1.7.weight", "input_blocks.0.1.weight", "output_blocks.2.3.conv.weight", "label_emb.0.weight"] {
+        let err = format!("{:#}", ldm_key(&format!("model.diffusion_model.{bad}"), Component::Unet, 0).unwrap_err());
+        assert!(err.contains(bad), "{err}");
+    }
     assert_eq!(legacy_vae_attention_name("decoder.mid_block.attentions.0.proj_attn.bias").unwrap(), "decoder.mid_block.attentions.0.to_out.0.bias");
 }
 
@@ -123,6 +125,9 @@ fn truncated_or_corrupt_files_are_errors() {
         let err = format!("{:#}", SafetensorsFile::open(&path).err().expect(name));
         assert!(err.contains(&format!("{name}.safetensors")) && err.contains("truncated or corrupt"), "{name}: {err}");
     }
+    std::fs::write(dir.join("model.ckpt"), b"pickle").unwrap();
+    let err = format!("{:#}", ModelSource::resolve(dir.join("model.ckpt").to_str().unwrap()).err().unwrap());
+    assert!(err.contains("model.ckpt") && err.contains("pickle"), "{err}");
     let err = format!("{:#}", SafetensorsFile::open(&dir.join("absent.safetensors")).err().unwrap());
     assert!(err.contains("absent.safetensors"), "{err}");
     std::fs::remove_dir_all(&dir).unwrap();
@@ -139,6 +144,18 @@ fn component_folder_prefers_plain_files_then_the_fp16_variant() {
     std::fs::copy(fixtures_dir().join("dtypes.safetensors"), dir.join("model.safetensors")).unwrap();
     let w = Weights::from_component_dir(&dir, "fp16").unwrap();
     assert!(w.contains("f16") && !w.contains("final_layer_norm.weight"));
+
+    let shards = scratch_dir("shards");
+    for (i, key) in ["a", "b"].iter().enumerate() {
+        let mut tensors = HashMap::new();
+        tensors.insert(key.to_string(), safetensors::tensor::TensorView::new(Dtype::F32, vec![1], &[0, 0, 128, 63]).unwrap());
+        let bytes = safetensors::serialize(tensors, &None).unwrap();
+        std::fs::write(shards.join(format!("diffusion_pytorch_model.fp16-0000{}-of-00002.safetensors", i + 1)), bytes).unwrap();
+    }
+    let w = Weights::from_component_dir(&shards, "fp16").unwrap();
+    assert_eq!(w.names().collect::<Vec<_>>(), ["a", "b"]);
+    assert_eq!(w.vec("b", &[1]).unwrap(), [1.0]);
+    std::fs::remove_dir_all(&shards).unwrap();
 
     let empty = scratch_dir("pickles");
     std::fs::write(empty.join("pytorch_model.bin"), b"not read").unwrap();

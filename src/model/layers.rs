@@ -74,18 +74,10 @@ pub struct LoraAdapter {
 }
 
 impl LoraAdapter {
-    pub fn new(dev: Dev, layer: &LoraLayer) -> Result<LoraAdapter> {
-        let (r, i, o) = (layer.rank, layer.in_features, layer.out_features);
-        let mut adapter = LoraAdapter {
-            rank: r,
-            alpha: layer.alpha,
-            a: dev.master(Tensor::from_vec(&[r, i], layer.a.clone())?)?,
-            b: dev.master(Tensor::from_vec(&[o, r], layer.b.clone())?)?,
-            grad_a: dev.master(Tensor::zeros(&[r, i]))?,
-            grad_b: dev.master(Tensor::zeros(&[o, r]))?,
-            a16: None,
-            b16: None,
-        };
+    /// An adapter over given f32 tensors on the model's device: A [r, in], B [out, r] and their
+    /// gradients (zero). On the GPU these are views into the flat buffers the optimizer updates.
+    pub fn new(dev: Dev, alpha: f32, a: Tensor, b: Tensor, grad_a: Tensor, grad_b: Tensor) -> Result<LoraAdapter> {
+        let mut adapter = LoraAdapter { rank: a.shape()[0], alpha, a, b, grad_a, grad_b, a16: None, b16: None };
         adapter.sync(dev)?;
         Ok(adapter)
     }
@@ -97,11 +89,12 @@ impl LoraAdapter {
     /// Refreshes the bf16 copies from the f32 masters (GPU only).
     pub fn sync(&mut self, dev: Dev) -> Result<()> {
         if let Dev::Gpu(g) = dev {
-            let mut a16 = Tensor::empty_gpu(g, ArenaKind::Persistent, self.a.shape(), DType::BF16)?;
-            let mut b16 = Tensor::empty_gpu(g, ArenaKind::Persistent, self.b.shape(), DType::BF16)?;
-            crate::ops::elementwise::cast(g, &self.a, &mut a16)?;
-            crate::ops::elementwise::cast(g, &self.b, &mut b16)?;
-            (self.a16, self.b16) = (Some(a16), Some(b16));
+            if self.a16.is_none() {
+                self.a16 = Some(Tensor::empty_gpu(g, ArenaKind::Persistent, self.a.shape(), DType::BF16)?);
+                self.b16 = Some(Tensor::empty_gpu(g, ArenaKind::Persistent, self.b.shape(), DType::BF16)?);
+            }
+            crate::ops::elementwise::cast(g, &self.a, self.a16.as_mut().unwrap())?;
+            crate::ops::elementwise::cast(g, &self.b, self.b16.as_mut().unwrap())?;
         }
         Ok(())
     }

@@ -409,6 +409,7 @@ __device__ __forceinline__ void attn_bwd_dkdv(const bf16* __restrict__ q, const 
   constexpr int NTQ = BM / 8;  // n-tiles of Sᵀ (query columns)
   constexpr int NTD = HD / 8;  // n-tiles of dK / dV / dQ (real head columns)
   constexpr int THREADS = 32 * NW;
+  constexpr int CG = NW * 16 > BM ? NW * 16 / BM : 1;  // column groups of the dQ product
   extern __shared__ __align__(16) unsigned char smem_raw[];
   bf16* sK = reinterpret_cast<bf16*>(smem_raw);
   bf16* sV = sK + BN * P;
@@ -542,8 +543,11 @@ __device__ __forceinline__ void attn_bwd_dkdv(const bf16* __restrict__ q, const 
       *reinterpret_cast<uint32_t*>(sdS + (warp * 16 + g + 8) * PS + kk * 16 + 8 + 2 * t) = as[3];
     }
     __syncthreads();
-    // dQ tile (BM × HD) += dS K: warp w takes query row blocks w, w + NW, ...; A = dS from dSᵀ (trans)
-    for (int rb = warp; rb < BM / 16; rb += NW) {
+    // dQ tile (BM × HD) += dS K. Work items: (16-row block rb, column group cg); with more warps than
+    // row blocks (NW = 8, BM = 64) the n-tile pairs of a row block are dealt over CG = NW·16/BM groups.
+    // A = dS from dSᵀ via ldmatrix.trans; B = K rows, transposed.
+    for (int item = warp; item < (BM / 16) * CG; item += NW) {
+      const int rb = item % (BM / 16), cg = item / (BM / 16);
       float dq[NTD][4];
 #pragma unroll
       for (int n = 0; n < NTD; n++) dq[n][0] = dq[n][1] = dq[n][2] = dq[n][3] = 0.f;
@@ -555,12 +559,13 @@ __device__ __forceinline__ void attn_bwd_dkdv(const bf16* __restrict__ q, const 
         const int rowoff = (kk * 16 + lane % 8 + (mat % 2) * 8) * P;
 #pragma unroll
         for (int n = 0; n + 1 < NTD; n += 2) {
+          if ((n / 2) % CG != cg) continue;
           uint32_t bk[4];
           ldsm_x4_t(bk, sK + rowoff + n * 8 + (mat / 2) * 8);
           mma16816(dq[n], a, bk[0], bk[1]);
           mma16816(dq[n + 1], a, bk[2], bk[3]);
         }
-        if (NTD % 2) {
+        if (NTD % 2 && (NTD / 2) % CG == cg) {
           uint32_t bk[2];
           ldsm_x2_t(bk, sK + rowoff + (NTD - 1) * 8);
           mma16816(dq[NTD - 1], a, bk[0], bk[1]);
@@ -569,6 +574,7 @@ __device__ __forceinline__ void attn_bwd_dkdv(const bf16* __restrict__ q, const 
       const int qr = i0 + rb * 16 + g;
 #pragma unroll
       for (int n = 0; n < NTD; n++) {
+        if ((n / 2) % CG != cg) continue;
         float* dst = dqb + (int64_t)qr * heads * HD + n * 8 + 2 * t;
         if (qr < q_len) {
           atomicAdd(dst, dq[n][0]);
@@ -631,5 +637,6 @@ ATTN_BWD_SMALL(160)
 // queries per tile, MINB blocks per SM asked of the register allocator.
 ATTN_BWD_DKDV(attn_bwd_dkdv_hd40_bf16, 40, 4, 64, 3)
 ATTN_BWD_DKDV(attn_bwd_dkdv_hd40_minb4_bf16, 40, 4, 64, 4)
+ATTN_BWD_DKDV(attn_bwd_dkdv_hd40_nw8_bf16, 40, 8, 64, 2)
 ATTN_BWD_DKDV(attn_bwd_dkdv_hd80_bf16, 80, 4, 64, 1)
 ATTN_BWD_DKDV(attn_bwd_dkdv_hd160_bf16, 160, 2, 32, 1)

@@ -192,6 +192,7 @@ struct BwdCfg {
 fn bwd_cfg(head_dim: usize) -> Result<BwdCfg> {
     let c = |warps, block_m, prep, dkdv, cvt| BwdCfg { warps, block_m, prep, dkdv, cvt };
     Ok(match head_dim {
+        40 if tune("bwd40nw8") => c(8, 64, "attn_bwd_prep_hd40_bf16", "attn_bwd_dkdv_hd40_nw8_bf16", "attn_bwd_cvt_hd40_bf16"),
         40 if tune("bwd40minb4") => c(4, 64, "attn_bwd_prep_hd40_bf16", "attn_bwd_dkdv_hd40_minb4_bf16", "attn_bwd_cvt_hd40_bf16"),
         40 => c(4, 64, "attn_bwd_prep_hd40_bf16", "attn_bwd_dkdv_hd40_bf16", "attn_bwd_cvt_hd40_bf16"),
         80 => c(4, 64, "attn_bwd_prep_hd80_bf16", "attn_bwd_dkdv_hd80_bf16", "attn_bwd_cvt_hd80_bf16"),
@@ -205,7 +206,7 @@ fn bwd_cfg(head_dim: usize) -> Result<BwdCfg> {
 fn bwd_splits(c: &BwdCfg, s: &AttnShape) -> usize {
     let base = s.kv_len.div_ceil(16 * c.warps) * s.heads * s.batch;
     let n_q = s.q_len.div_ceil(c.block_m);
-    let want = if tune("split2") { 2 } else if base >= 256 { 1 } else { 512usize.div_ceil(base) };
+    let want = if tune("split2") { 2 } else if base >= 256 { 1 } else { 256usize.div_ceil(base) };
     let splits = want.min((n_q / 2).max(1));
     n_q.div_ceil(n_q.div_ceil(splits))
 }

@@ -16,8 +16,9 @@
 //   D_i = Σ_d dO_id · O_id                      (attn_bwd_prep_*, also zeroes the f32 dQ accumulator)
 //   P = exp(S − lse) recomputed,  dV = Pᵀ dO,  dP = dO Vᵀ,  dS = P ∘ (dP − D),
 //   dQ = s · dS K (f32 atomics into dq_acc, then attn_bwd_cvt_*),  dK = s · dSᵀ Q.
-// attn_bwd_dkdv_* runs one block per key tile; each warp owns 16 key rows and keeps their dK, dV in
-// registers while it walks over the query tiles (computing Sᵀ = K Qᵀ, so no transpose is needed).
+// attn_bwd_dkdv_* runs one block per key tile (times a split of the query tiles when there are few key
+// tiles); each warp owns 16 key rows and keeps their dK, dV in registers while it walks over the query
+// tiles (computing Sᵀ = K Qᵀ, so no transpose is needed); dSᵀ goes through shared memory for dQ.
 //
 // Head dims: HD is a multiple of 8; the Q·Kᵀ contraction runs over DK = HD rounded up to 16 with
 // zero-filled columns (head dim 40 is computed as 48), P·V only over the HD real columns.
@@ -330,7 +331,6 @@ __device__ __forceinline__ void attn_fwd(const bf16* __restrict__ q, const bf16*
 // Launch configurations (must match fwd_cfg in src/ops/attention.rs): NW warps of MT row tiles, BN keys
 // per tile, STAGES-deep K/V pipeline.
 ATTN_FWD(attn_fwd_hd40_bf16, 40, 40, 4, 2, 64, 2)
-ATTN_FWD(attn_fwd_hd40_mt1_bf16, 40, 40, 4, 1, 64, 2)
 ATTN_FWD(attn_fwd_hd64_bf16, 64, 64, 4, 1, 64, 2)
 ATTN_FWD(attn_fwd_hd80_bf16, 80, 80, 4, 1, 64, 2)
 ATTN_FWD(attn_fwd_hd160_bf16, 160, 160, 4, 1, 32, 2)
@@ -635,8 +635,7 @@ ATTN_BWD_SMALL(80)
 ATTN_BWD_SMALL(160)
 // Launch configurations (must match bwd_cfg in src/ops/attention.rs): NW warps (BN = 16·NW keys), BM
 // queries per tile, MINB blocks per SM asked of the register allocator.
-ATTN_BWD_DKDV(attn_bwd_dkdv_hd40_bf16, 40, 4, 64, 3)
-ATTN_BWD_DKDV(attn_bwd_dkdv_hd40_minb4_bf16, 40, 4, 64, 4)
-ATTN_BWD_DKDV(attn_bwd_dkdv_hd40_nw8_bf16, 40, 8, 64, 2)
+// Head dim 40: 8 warps (128 keys per block halves the dQ atomics) held to 128 registers, 2 blocks/SM.
+ATTN_BWD_DKDV(attn_bwd_dkdv_hd40_bf16, 40, 8, 64, 2)
 ATTN_BWD_DKDV(attn_bwd_dkdv_hd80_bf16, 80, 4, 64, 1)
 ATTN_BWD_DKDV(attn_bwd_dkdv_hd160_bf16, 160, 2, 32, 1)

@@ -138,12 +138,12 @@ impl<'a> Strided<'a> {
     fn ptr(&self, what: &str, rows: usize, width: usize) -> Result<u64> {
         let t = self.tensor;
         ensure!(t.is_gpu() && t.dtype() == DType::BF16, "attention: {what} must be a bf16 GPU tensor (got {:?}, gpu {})", t.dtype(), t.is_gpu());
-        ensure!(self.offset % 8 == 0 && self.row_stride % 8 == 0, "attention: {what} offset {} and row stride {} must be multiples of 8", self.offset, self.row_stride);
+        ensure!(self.offset.is_multiple_of(8) && self.row_stride.is_multiple_of(8), "attention: {what} offset {} and row stride {} must be multiples of 8", self.offset, self.row_stride);
         ensure!(self.row_stride >= width, "attention: {what} row stride {} is narrower than heads·head_dim = {width}", self.row_stride);
         let end = self.offset + (rows - 1) * self.row_stride + width;
         ensure!(end <= t.numel(), "attention: {what} {:?} holds {} values; {rows} rows of {width} at stride {} from {} need {end}", t.shape(), t.numel(), self.row_stride, self.offset);
         let ptr = t.ptr()? + (self.offset * 2) as u64;
-        ensure!(ptr % 16 == 0, "attention: {what} is not 16-byte aligned");
+        ensure!(ptr.is_multiple_of(16), "attention: {what} is not 16-byte aligned");
         Ok(ptr)
     }
 }
@@ -160,15 +160,9 @@ struct FwdCfg {
     out_cols: usize,
 }
 
-/// Temporary tuning switch (SDLORA_ATTN_TUNE, comma-separated): compares kernel variants in one run.
-fn tune(flag: &str) -> bool {
-    std::env::var("SDLORA_ATTN_TUNE").is_ok_and(|v| v.split(',').any(|f| f == flag))
-}
-
 fn fwd_cfg(head_dim: usize) -> Result<FwdCfg> {
     let c = |kernel, warps, row_tiles, block_n, stages, out_cols| FwdCfg { kernel, warps, row_tiles, block_n, stages, out_cols };
     Ok(match head_dim {
-        40 if tune("fwd40mt1") => c("attn_fwd_hd40_mt1_bf16", 4, 1, 64, 2, 40),
         40 => c("attn_fwd_hd40_bf16", 4, 2, 64, 2, 40),
         64 => c("attn_fwd_hd64_bf16", 4, 1, 64, 2, 64),
         80 => c("attn_fwd_hd80_bf16", 4, 1, 64, 2, 80),
@@ -192,9 +186,7 @@ struct BwdCfg {
 fn bwd_cfg(head_dim: usize) -> Result<BwdCfg> {
     let c = |warps, block_m, prep, dkdv, cvt| BwdCfg { warps, block_m, prep, dkdv, cvt };
     Ok(match head_dim {
-        40 if tune("bwd40nw8") => c(8, 64, "attn_bwd_prep_hd40_bf16", "attn_bwd_dkdv_hd40_nw8_bf16", "attn_bwd_cvt_hd40_bf16"),
-        40 if tune("bwd40minb4") => c(4, 64, "attn_bwd_prep_hd40_bf16", "attn_bwd_dkdv_hd40_minb4_bf16", "attn_bwd_cvt_hd40_bf16"),
-        40 => c(4, 64, "attn_bwd_prep_hd40_bf16", "attn_bwd_dkdv_hd40_bf16", "attn_bwd_cvt_hd40_bf16"),
+        40 => c(8, 64, "attn_bwd_prep_hd40_bf16", "attn_bwd_dkdv_hd40_bf16", "attn_bwd_cvt_hd40_bf16"),
         80 => c(4, 64, "attn_bwd_prep_hd80_bf16", "attn_bwd_dkdv_hd80_bf16", "attn_bwd_cvt_hd80_bf16"),
         160 => c(2, 32, "attn_bwd_prep_hd160_bf16", "attn_bwd_dkdv_hd160_bf16", "attn_bwd_cvt_hd160_bf16"),
         d => bail!("attention backward: no kernel for head dim {d} (have 40, 80, 160)"),
@@ -206,7 +198,7 @@ fn bwd_cfg(head_dim: usize) -> Result<BwdCfg> {
 fn bwd_splits(c: &BwdCfg, s: &AttnShape) -> usize {
     let base = s.kv_len.div_ceil(16 * c.warps) * s.heads * s.batch;
     let n_q = s.q_len.div_ceil(c.block_m);
-    let want = if tune("split2") { 2 } else if base >= 256 { 1 } else { 256usize.div_ceil(base) };
+    let want = if base >= 256 { 1 } else { 256usize.div_ceil(base) };
     let splits = want.min((n_q / 2).max(1));
     n_q.div_ceil(n_q.div_ceil(splits))
 }
@@ -238,6 +230,7 @@ fn check_shape(s: &AttnShape) -> Result<()> {
 
 /// Flash-attention forward: out = softmax(q·kᵀ·scale (+ causal mask))·v per batch and head, bf16.
 /// `lse` (f32 [batch, heads, q_len], optional) receives each row's logsumexp for [`attention_backward`].
+#[allow(clippy::too_many_arguments)]
 pub fn attention_forward(gpu: &Gpu, q: Strided, k: Strided, v: Strided, out: Strided, lse: Option<&Tensor>, s: &AttnShape, scale: f32) -> Result<()> {
     check_shape(s)?;
     let c = fwd_cfg(s.head_dim)?;

@@ -24,3 +24,4 @@ pub mod checkpoint;
 pub mod io;
 pub mod log;
 pub mod model;
+pub mod tokenizer;

@@ -185,9 +185,10 @@ impl Weights {
             let path = e?.path();
             let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("").to_string();
             if let Some(stem) = name.strip_suffix(".safetensors") {
+                // `name.safetensors`, `name-00001-of-00002.safetensors`; variants `name.fp16[-0000N-of-…]`.
                 match stem.rsplit_once('.') {
                     None => plain.push(path),
-                    Some((_, v)) if v == variant => variants.push(path),
+                    Some((_, v)) if v == variant || v.starts_with(&format!("{variant}-")) => variants.push(path),
                     Some(_) => {}
                 }
             } else if name.ends_with(".bin") || name.ends_with(".ckpt") {
@@ -343,6 +344,7 @@ fn ldm_unet_key(k: &str) -> Result<String> {
     }
     if let Some(r) = k.strip_prefix("input_blocks.") {
         let (i, r) = index_and_rest(r)?;
+        ensure!(i > 0, "unknown UNet weight {k:?}");
         let (b, l) = ((i - 1) / 3, (i - 1) % 3);
         let (sub, leaf) = index_and_rest(r)?;
         return match (l, sub) {
@@ -437,6 +439,12 @@ impl ModelSource {
     pub fn resolve(spec: &str) -> Result<ModelSource> {
         let path = Path::new(spec);
         if path.is_file() {
+            let ext = path.extension().and_then(|e| e.to_str()).unwrap_or("");
+            ensure!(
+                !matches!(ext, "ckpt" | "pt" | "pth" | "bin"),
+                "{}: a PyTorch pickle checkpoint, which sdlora does not read; convert it to .safetensors",
+                path.display()
+            );
             return Ok(ModelSource::SingleFile(Arc::new(SafetensorsFile::open(path)?)));
         }
         if path.is_dir() {

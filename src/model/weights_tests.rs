@@ -16,7 +16,7 @@ fn tiny_sd() -> PathBuf {
 #[test]
 fn float_storage_types_convert_to_f32() {
     let f = SafetensorsFile::open(&fixtures_dir().join("dtypes.safetensors")).unwrap();
-    let vals = [0.0f32, 1.0, -2.5, 3.140625, 1e-3, -65504.0, 0.333251953125, 7.0];
+    let vals = [0.0f32, 1.0, -2.5, 3.140625, 1e-3, -65504.0, 1365.0 / 4096.0, 7.0];
     assert_eq!(f.raw("f32").unwrap().to_f32().unwrap(), vals);
     let want_f16: Vec<f32> = vals.iter().map(|&v| f16::from_f32(v).to_f32()).collect();
     assert_eq!(f.raw("f16").unwrap().to_f32().unwrap(), want_f16);
@@ -98,8 +98,10 @@ fn ldm_keys_of_sd15() {
     assert_eq!(t("cond_stage_model.transformer.embeddings.token_embedding.weight").unwrap(), "text_model.embeddings.token_embedding.weight");
     assert_eq!(t("cond_stage_model.transformer.text_model.embeddings.position_ids"), None);
     assert_eq!(t("model.diffusion_model.out.0.weight"), None);
-    let err = format!("{:#}", ldm_key("model.diffusion_model.input_blocks.1.7.weight", Component::Unet, 0).unwrap_err());
-    assert!(err.contains("input_blocks.1.7"), "{err}");
+    for bad in ["input_blocks.1.7.weight", "input_blocks.0.1.weight", "output_blocks.2.3.conv.weight", "label_emb.0.weight"] {
+        let err = format!("{:#}", ldm_key(&format!("model.diffusion_model.{bad}"), Component::Unet, 0).unwrap_err());
+        assert!(err.contains(bad), "{err}");
+    }
     assert_eq!(legacy_vae_attention_name("decoder.mid_block.attentions.0.proj_attn.bias").unwrap(), "decoder.mid_block.attentions.0.to_out.0.bias");
 }
 
@@ -123,6 +125,9 @@ fn truncated_or_corrupt_files_are_errors() {
         let err = format!("{:#}", SafetensorsFile::open(&path).err().expect(name));
         assert!(err.contains(&format!("{name}.safetensors")) && err.contains("truncated or corrupt"), "{name}: {err}");
     }
+    std::fs::write(dir.join("model.ckpt"), b"pickle").unwrap();
+    let err = format!("{:#}", ModelSource::resolve(dir.join("model.ckpt").to_str().unwrap()).err().unwrap());
+    assert!(err.contains("model.ckpt") && err.contains("pickle"), "{err}");
     let err = format!("{:#}", SafetensorsFile::open(&dir.join("absent.safetensors")).err().unwrap());
     assert!(err.contains("absent.safetensors"), "{err}");
     std::fs::remove_dir_all(&dir).unwrap();
@@ -139,6 +144,18 @@ fn component_folder_prefers_plain_files_then_the_fp16_variant() {
     std::fs::copy(fixtures_dir().join("dtypes.safetensors"), dir.join("model.safetensors")).unwrap();
     let w = Weights::from_component_dir(&dir, "fp16").unwrap();
     assert!(w.contains("f16") && !w.contains("final_layer_norm.weight"));
+
+    let shards = scratch_dir("shards");
+    for (i, key) in ["a", "b"].iter().enumerate() {
+        let mut tensors = HashMap::new();
+        tensors.insert(key.to_string(), safetensors::tensor::TensorView::new(Dtype::F32, vec![1], &[0, 0, 128, 63]).unwrap());
+        let bytes = safetensors::serialize(tensors, &None).unwrap();
+        std::fs::write(shards.join(format!("diffusion_pytorch_model.fp16-0000{}-of-00002.safetensors", i + 1)), bytes).unwrap();
+    }
+    let w = Weights::from_component_dir(&shards, "fp16").unwrap();
+    assert_eq!(w.names().collect::<Vec<_>>(), ["a", "b"]);
+    assert_eq!(w.vec("b", &[1]).unwrap(), [1.0]);
+    std::fs::remove_dir_all(&shards).unwrap();
 
     let empty = scratch_dir("pickles");
     std::fs::write(empty.join("pytorch_model.bin"), b"not read").unwrap();
@@ -167,4 +184,25 @@ fn hugging_face_cache_ids_resolve_offline() {
     let err = format!("{:#}", resolve_hf_cache("someorg/tiny-sd@feedbeef", &cache).unwrap_err());
     assert!(err.contains("feedbeef"), "{err}");
     std::fs::remove_dir_all(&cache).unwrap();
+}
+
+/// The fixture LoRA, as diffusers' `save_lora_weights` wrote it (PEFT r 4, alpha 8), loads with
+/// crate::checkpoint and names exactly the attention projections of the fixture UNet, with their shapes.
+#[test]
+fn fixture_lora_targets_the_fixture_unet() {
+    let lora = crate::checkpoint::load_lora(&fixtures_dir().join("tiny-sd-lora/pytorch_lora_weights.safetensors")).unwrap();
+    assert!(lora.skipped.is_empty(), "{:?}", lora.skipped);
+    let unet = ModelSource::resolve(tiny_sd().to_str().unwrap()).unwrap().weights(Component::Unet).unwrap();
+    let targets: Vec<&str> = unet
+        .names()
+        .filter(|n| [".to_q.weight", ".to_k.weight", ".to_v.weight", ".to_out.0.weight"].iter().any(|s| n.ends_with(s)))
+        .collect();
+    assert_eq!(lora.weights.layers.len(), targets.len());
+    for name in targets {
+        let module = name.strip_suffix(".weight").unwrap();
+        let layer = lora.weights.layers.get(module).unwrap_or_else(|| panic!("no LoRA for {module}"));
+        assert_eq!(unet.shape(name).unwrap(), &[layer.out_features, layer.in_features], "{module}");
+        assert_eq!((layer.rank, layer.scale()), (4, 2.0), "{module}");
+        assert!(layer.b.iter().any(|&v| v != 0.0), "{module}: B is zero");
+    }
 }

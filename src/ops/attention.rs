@@ -172,7 +172,7 @@ fn fwd_cfg(head_dim: usize) -> Result<FwdCfg> {
     })
 }
 
-/// Backward launch configuration (mirrors the ATTN_BWD lines).
+/// Backward launch configuration (mirrors the ATTN_BWD_DKDV lines of kernels/attention.cu).
 struct BwdCfg {
     /// Warps per block; key rows per block = 16·warps.
     warps: usize,

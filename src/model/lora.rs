@@ -78,7 +78,9 @@ pub fn load(dev: Dev, unet: &mut UNet2DConditionModel, weights: &LoraWeights) ->
     install(dev, unet, layers)
 }
 
-fn install(dev: Dev, unet: &mut UNet2DConditionModel, layers: Vec<(String, LoraLayer)>) -> Result<LoraParams> {
+/// Puts `layers` onto their projections, in [`projections`] order (so the flat buffers, and the
+/// optimizer state saved from them, have one layout whatever the source).
+fn install(dev: Dev, unet: &mut UNet2DConditionModel, mut layers: Vec<(String, LoraLayer)>) -> Result<LoraParams> {
     let mut projections = projections(unet);
     let index: HashMap<String, usize> = projections.iter().enumerate().map(|(i, (m, _))| (m.clone(), i)).collect();
     for (module, layer) in &layers {
@@ -95,6 +97,7 @@ fn install(dev: Dev, unet: &mut UNet2DConditionModel, layers: Vec<(String, LoraL
             linear.out_f
         );
     }
+    layers.sort_by_key(|(m, _)| index[m]);
     let count = layers.iter().map(|(_, l)| l.a.len() + l.b.len()).sum();
     let mut flat = match dev {
         Dev::Cpu => None,

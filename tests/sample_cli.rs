@@ -173,3 +173,57 @@ fn bad_input_is_one_clear_error() {
         assert!(err.starts_with("error: ") && err.contains(want), "{want}: {err}");
     }
 }
+
+/// diffusers module path → the kohya key stem an LDM-based tool writes for it (SD1.5 numbering).
+fn ldm_kohya_stem(module: &str) -> String {
+    let parts: Vec<&str> = module.splitn(5, '.').collect();
+    let ldm = match parts[0] {
+        "down_blocks" => {
+            let (b, j): (usize, usize) = (parts[1].parse().unwrap(), parts[3].parse().unwrap());
+            format!("input_blocks.{}.1.{}", 3 * b + j + 1, parts[4])
+        }
+        "up_blocks" => {
+            let (b, j): (usize, usize) = (parts[1].parse().unwrap(), parts[3].parse().unwrap());
+            format!("output_blocks.{}.1.{}", 3 * b + j, parts[4])
+        }
+        _ => format!("middle_block.1.{}", module.splitn(4, '.').nth(3).unwrap()),
+    };
+    format!("lora_unet_{}", ldm.replace('.', "_"))
+}
+
+/// The fixture LoRA rewritten as another tool's kohya file (LDM names, alpha tensors, text-encoder
+/// keys) gives the same latents as the original, and the skipped keys are reported once.
+#[test]
+fn kohya_files_with_ldm_names_give_the_same_image() {
+    use safetensors::{tensor::TensorView, Dtype};
+    let dir = temp("kohya");
+    let original = sdlora::checkpoint::load_lora(&fixtures().join("tiny-sd-lora/pytorch_lora_weights.safetensors")).unwrap().weights;
+    let mut tensors: Vec<(String, Vec<usize>, Vec<f32>)> = Vec::new();
+    for (module, l) in &original.layers {
+        let stem = ldm_kohya_stem(module);
+        tensors.push((format!("{stem}.lora_down.weight"), vec![l.rank, l.in_features], l.a.clone()));
+        tensors.push((format!("{stem}.lora_up.weight"), vec![l.out_features, l.rank], l.b.clone()));
+        tensors.push((format!("{stem}.alpha"), vec![], vec![l.alpha]));
+    }
+    let te = "lora_te_text_model_encoder_layers_0_self_attn_q_proj";
+    tensors.push((format!("{te}.lora_down.weight"), vec![1, 32], vec![0.1; 32]));
+    tensors.push((format!("{te}.lora_up.weight"), vec![32, 1], vec![0.1; 32]));
+    let bytes: Vec<Vec<u8>> = tensors.iter().map(|(_, _, v)| bytemuck::cast_slice(v).to_vec()).collect();
+    let views: Vec<(String, TensorView)> = tensors.iter().zip(&bytes).map(|((k, s, _), b)| (k.clone(), TensorView::new(Dtype::F32, s.clone(), b).unwrap())).collect();
+    let kohya = dir.join("other_tool.safetensors");
+    std::fs::write(&kohya, safetensors::serialize(views, &None).unwrap()).unwrap();
+
+    let run = |lora: &Path, name: &str| {
+        let latents = dir.join(format!("{name}.safetensors"));
+        let args = ["--prompt", "a cat", "--width", "32", "--height", "32", "--steps", "2", "--lora"].map(s).into_iter()
+            .chain([format!("{}:0.6", lora.display()), s("--save-latents"), latents.display().to_string(), s("--out"), dir.join(format!("{name}.png")).display().to_string()])
+            .collect::<Vec<_>>();
+        let log = sample(&args).unwrap();
+        (log, tensor(&latents, "latents").1)
+    };
+    let (log, from_kohya) = run(&kohya, "kohya");
+    let (_, from_diffusers) = run(&fixtures().join("tiny-sd-lora"), "diffusers");
+    assert_eq!(from_kohya, from_diffusers);
+    assert_eq!(log.matches("warning:").count(), 1, "{log}");
+    assert!(log.contains("skipped 2 text-encoder key(s)"), "{log}");
+}

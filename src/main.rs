@@ -29,6 +29,12 @@ enum Command {
     Sample(SampleArgs),
     /// Benchmark kernels or a whole training step on the GPU (random weights, no download needed).
     Bench(BenchArgs),
+    /// Print finished training runs side by side (steps, lr, γ, final/mean loss, time, peak VRAM).
+    Compare {
+        /// Output folders of `sdlora train` (e.g. models/lora_*).
+        #[arg(required = true)]
+        runs: Vec<PathBuf>,
+    },
     /// Show how this binary was built (embedded kernels, nvcc, PTX target) and which GPU it sees.
     Info,
 }
@@ -223,6 +229,10 @@ fn run(cli: Cli) -> Result<()> {
         Command::Bench(BenchArgs { what: BenchWhat::Train }) => bail!("`sdlora bench train` is not implemented yet"),
         Command::Bench(BenchArgs { what: BenchWhat::Unet { reference, iters, checkpoint } }) => {
             sdlora::bench::unet::run(&Gpu::new(0)?, &reference, iters, checkpoint)
+        }
+        Command::Compare { runs } => {
+            print!("{}", sdlora::train::compare::compare(&runs)?);
+            Ok(())
         }
         Command::Info => info(),
     }

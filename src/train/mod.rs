@@ -7,6 +7,7 @@
 //! LoRA factors; AdamW updates them. Because every draw depends only on (seed, step), a resumed run
 //! continues the same loss curve.
 
+pub mod compare;
 pub mod config;
 mod optim;
 mod outputs;

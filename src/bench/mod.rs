@@ -41,6 +41,7 @@ impl std::fmt::Display for Timing {
 }
 
 pub mod elementwise;
+pub mod gemm;
 
 /// One benchmark result row: a kernel at a shape, with its achieved throughput.
 pub struct BenchRow {
@@ -69,7 +70,7 @@ impl BenchRow {
 pub fn run_kernel_benches(gpu: &Gpu, filter: &str) -> Result<()> {
     println!("device: {}", gpu.name()?);
     BenchRow::print_header();
-    for row in elementwise::bench(gpu)? {
+    for row in elementwise::bench(gpu)?.into_iter().chain(gemm::bench(gpu)?) {
         if row.kernel.contains(filter) {
             row.print();
         }

@@ -65,6 +65,17 @@ __device__ __forceinline__ int swizzle(int row, int chunk) {
   else return row * (ROW_CHUNKS * 8) + ((chunk ^ (row & 7)) << 3);
 }
 
+// The slow path of a tile load: one 16-byte chunk element by element, with bounds checks (operands
+// whose rows are not 16-byte aligned). Out of line: it must not bloat the kernels' hot code.
+__device__ __noinline__ void load_chunk_checked(bf16* dst, const bf16* src, bool k_major, int r, int extent, int k, int kl) {
+  alignas(16) bf16 val[8];
+  for (int e = 0; e < 8; ++e) {
+    const bool valid = k_major ? (r < extent && k + e < kl) : (r + e < extent && k < kl);
+    val[e] = valid ? src[e] : __float2bfloat16_rn(0.0f);
+  }
+  *reinterpret_cast<uint4*>(dst) = *reinterpret_cast<const uint4*>(val);
+}
+
 // Copies one operand's tile for one K step into shared memory. K_MAJOR: the tile is [ROWS][BK]
 // (k contiguous: layouts A "k", B "k"); otherwise [BK][ROWS] (m or n contiguous: A "m", B "n").
 // Whatever does not change along K (this thread's chunks, their shared-memory offsets, the base
@@ -120,64 +131,65 @@ struct TileLoader {
         const bool valid = r < extent && k < kl;  // whole chunk in or out: extents are multiples of 8 here
         cp_async16(smem_addr(dst), valid ? src : base[0], valid);
       } else {
-        alignas(16) bf16 val[8];
-#pragma unroll
-        for (int e = 0; e < 8; ++e) {
-          const bool valid = K_MAJOR ? (r < extent && k + e < kl) : (r + e < extent && k < kl);
-          val[e] = valid ? src[e] : __float2bfloat16_rn(0.0f);
-        }
-        *reinterpret_cast<uint4*>(dst) = *reinterpret_cast<const uint4*>(val);
+        load_chunk_checked(dst, src, K_MAJOR, r, extent, k, kl);
       }
     }
   }
 };
 
-// Writes C[m, n] and C[m, n+1] (v0, v1 already scaled by alpha) with the epilogue; `crow` and
-// `rrow` point at row m of C and R. `pairs`: ldc and ldr are even, so both columns go in one 4- or
-// 8-byte access when n + 1 < N.
+// Epilogue, slow path (out of line): 8 columns n.. of one row, element by element with bounds —
+// split-K atomics (f32 C), the partial group at the right edge, or rows that are not 16-byte
+// aligned. `v` points at the 8 accumulators in shared memory.
 template <typename OutT>
-__device__ __forceinline__ void store_pair(OutT* crow, const OutT* rrow, const bf16* bias, int n, int N, float v0, float v1,
-                                           bool atomic, bool pairs) {
-  if (n >= N) return;
-  if constexpr (sizeof(OutT) == 4) {
-    if (atomic) {
-      atomicAdd(reinterpret_cast<float*>(crow) + n, v0);
-      if (n + 1 < N) atomicAdd(reinterpret_cast<float*>(crow) + n + 1, v1);
-      return;
-    }
-  }
-  if (pairs && n + 1 < N) {
-    if (bias) {
-      float2 b = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(bias + n));
-      v0 += b.x;
-      v1 += b.y;
-    }
+__device__ __noinline__ void store8_checked(OutT* crow, const OutT* rrow, const bf16* bias, int n, int N, const float* v,
+                                            float alpha, bool atomic) {
+  for (int e = 0; e < 8 && n + e < N; ++e) {
+    const int col = n + e;
+    float out = alpha * v[e];
     if constexpr (sizeof(OutT) == 4) {
-      if (rrow) {
-        float2 rv = *reinterpret_cast<const float2*>(rrow + n);
-        v0 += rv.x;
-        v1 += rv.y;
+      if (atomic) {
+        atomicAdd(reinterpret_cast<float*>(crow) + col, out);
+        continue;
       }
-      *reinterpret_cast<float2*>(crow + n) = make_float2(v0, v1);
-    } else {
-      if (rrow) {
-        float2 rv = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(rrow + n));
-        v0 += rv.x;
-        v1 += rv.y;
-      }
-      *reinterpret_cast<__nv_bfloat162*>(crow + n) = __floats2bfloat162_rn(v0, v1);
     }
-    return;
-  }
-  float v[2] = {v0, v1};
-#pragma unroll
-  for (int e = 0; e < 2; ++e) {
-    int col = n + e;
-    if (col >= N) continue;
-    float out = v[e];
     if (bias) out += __bfloat162float(bias[col]);
     if (rrow) out += to_f32(rrow[col]);
     crow[col] = from_f32<OutT>(out);
+  }
+}
+
+// Adds 8 bf16 values (one 16-byte load) to v.
+__device__ __forceinline__ void add_bf16x8(float (&v)[8], const bf16* p) {
+  const uint4 raw = *reinterpret_cast<const uint4*>(p);
+  const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&raw);
+#pragma unroll
+  for (int q = 0; q < 4; ++q) {
+    const float2 f = __bfloat1622float2(h[q]);
+    v[2 * q] += f.x;
+    v[2 * q + 1] += f.y;
+  }
+}
+
+// Epilogue, fast path: 8 columns n.. of one row with 16-byte loads and stores.
+template <typename OutT>
+__device__ __forceinline__ void store8(OutT* crow, const OutT* rrow, const bf16* bias, int n, const float* src, float alpha) {
+  const float4 lo = *reinterpret_cast<const float4*>(src), hi = *reinterpret_cast<const float4*>(src + 4);
+  float v[8] = {alpha * lo.x, alpha * lo.y, alpha * lo.z, alpha * lo.w, alpha * hi.x, alpha * hi.y, alpha * hi.z, alpha * hi.w};
+  if (bias) add_bf16x8(v, bias + n);
+  if constexpr (sizeof(OutT) == 4) {
+    if (rrow) {
+      const float4 r0 = *reinterpret_cast<const float4*>(rrow + n), r1 = *reinterpret_cast<const float4*>(rrow + n + 4);
+      v[0] += r0.x, v[1] += r0.y, v[2] += r0.z, v[3] += r0.w, v[4] += r1.x, v[5] += r1.y, v[6] += r1.z, v[7] += r1.w;
+    }
+    *reinterpret_cast<float4*>(crow + n) = make_float4(v[0], v[1], v[2], v[3]);
+    *reinterpret_cast<float4*>(crow + n + 4) = make_float4(v[4], v[5], v[6], v[7]);
+  } else {
+    if (rrow) add_bf16x8(v, reinterpret_cast<const bf16*>(rrow) + n);
+    uint4 out;
+    __nv_bfloat162* h = reinterpret_cast<__nv_bfloat162*>(&out);
+#pragma unroll
+    for (int q = 0; q < 4; ++q) h[q] = __floats2bfloat162_rn(v[2 * q], v[2 * q + 1]);
+    *reinterpret_cast<uint4*>(crow + n) = out;
   }
 }
 
@@ -228,7 +240,7 @@ __device__ __forceinline__ void gemm_body(const bf16* a1, int64_t lda1, const bf
 #pragma unroll
       for (int e = 0; e < 4; ++e) acc[i][j][e] = 0.0f;
 
-#pragma unroll
+#pragma unroll 1
   for (int s = 0; s < STAGES - 1; ++s) {
     if (s < ntiles) load_stage(s, t_begin + s);
     cp_async_commit();
@@ -275,22 +287,39 @@ __device__ __forceinline__ void gemm_body(const bf16* a1, int64_t lda1, const bf
   }
   cp_async_wait<0>();
 
+  // Epilogue through shared memory (free now): the fragments go to an f32 [BM][BN] tile whose
+  // 8-column groups are XOR-swizzled by row (conflict-free fragment writes), then every thread
+  // writes whole 8-column groups of C with 16-byte accesses, coalesced, in a compact loop.
+  static_assert(BM * BN * 4 <= STAGES * (A_TILE + B_TILE) * 2, "the C tile must fit in the pipeline's shared memory");
+  static_assert(BN >= 64, "the C tile swizzle needs 8 column groups per row");
+  __syncthreads();  // every warp is done reading the last A/B tiles
+  float* cs = reinterpret_cast<float*>(smem_raw);
+  auto c_at = [](int row, int col) { return row * BN + (col ^ ((row & 7) << 3)); };
+  {
+    const int g = lane / 4, t = lane % 4;
+#pragma unroll
+    for (int i = 0; i < MI; ++i)
+#pragma unroll
+      for (int j = 0; j < NI; ++j) {
+        const int row = wm0 + i * 16 + g, col = wn0 + j * 8 + 2 * t;
+        *reinterpret_cast<float2*>(cs + c_at(row, col)) = make_float2(acc[i][j][0], acc[i][j][1]);
+        *reinterpret_cast<float2*>(cs + c_at(row + 8, col)) = make_float2(acc[i][j][2], acc[i][j][3]);
+      }
+  }
+  __syncthreads();
   const bool atomic = gridDim.z > 1;
-  const bool pairs = (ldc % 2 == 0) && (ldr % 2 == 0);
-  const int g = lane / 4, t = lane % 4;
-#pragma unroll
-  for (int i = 0; i < MI; ++i)
-#pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      const int m = m0 + wm0 + i * 16 + g + h * 8;
-      if (m >= M) continue;
-      OutT* crow = c + (int64_t)m * ldc;
-      const OutT* rrow = r ? r + (int64_t)m * ldr : nullptr;
-#pragma unroll
-      for (int j = 0; j < NI; ++j)
-        store_pair(crow, rrow, bias, n0 + wn0 + j * 8 + 2 * t, N, alpha * acc[i][j][2 * h], alpha * acc[i][j][2 * h + 1], atomic,
-                   pairs);
-    }
+  auto aligned16 = [](const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15) == 0; };
+  const bool fast = !atomic && aligned16(c) && ldc % 8 == 0 && (!r || (aligned16(r) && ldr % 8 == 0)) && (!bias || aligned16(bias));
+  constexpr int GROUPS = BN / 8;
+  for (int idx = threadIdx.x; idx < BM * GROUPS; idx += THREADS) {
+    const int row = idx / GROUPS, col = (idx % GROUPS) * 8;
+    const int m = m0 + row, n = n0 + col;
+    if (m >= M || n >= N) continue;
+    OutT* crow = c + (int64_t)m * ldc;
+    const OutT* rrow = r ? r + (int64_t)m * ldr : nullptr;
+    if (fast && n + 8 <= N) store8(crow, rrow, bias, n, cs + c_at(row, col), alpha);
+    else store8_checked(crow, rrow, bias, n, N, cs + c_at(row, col), alpha, atomic);
+  }
 }
 
 }  // namespace

@@ -143,10 +143,18 @@ fn sm_count(gpu: &Gpu) -> Result<usize> {
     Ok(gpu.stream().context().attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)? as usize)
 }
 
-/// The tile the launcher picks: the largest whose grid still covers every SM once.
+/// The tile the launcher picks: 128x128 when that still gives 4 blocks per SM, 128x64 for 2, else
+/// 64x64 (measured on an H100 at the SD1.5 shapes: benches/RESULTS.md, rows `linear_tile*`).
 pub(crate) fn pick_tile(gpu: &Gpu, m: usize, n: usize) -> Result<(usize, usize)> {
     let sms = sm_count(gpu)?;
-    Ok(TILES.into_iter().find(|&(bm, bn)| m.div_ceil(bm) * n.div_ceil(bn) >= sms).unwrap_or(TILES[2]))
+    let blocks = |(bm, bn): (usize, usize)| m.div_ceil(bm) * n.div_ceil(bn);
+    Ok(if blocks(TILES[0]) >= 4 * sms {
+        TILES[0]
+    } else if blocks(TILES[1]) >= 2 * sms {
+        TILES[1]
+    } else {
+        TILES[2]
+    })
 }
 
 /// Launches one GEMM with the launcher's tile choice.

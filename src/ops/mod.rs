@@ -2,8 +2,18 @@
 //! obviously right), the GPU launcher (shape and dtype checks, then one kernel launch), and the
 //! backward where training needs it. Outputs are passed in (`&mut Tensor`), already allocated.
 
+pub mod attention;
+pub mod conv;
 pub mod elementwise;
 pub mod gemm;
+pub mod norm;
+pub mod activation;
+pub mod layout;
+pub mod philox;
+pub mod diffusion;
+pub mod adamw;
+#[cfg(test)]
+pub(crate) mod twin_check;
 pub mod lora;
 
 use crate::tensor::{DType, Tensor};

@@ -1,0 +1,242 @@
+//! CLIPTextModel (the ViT-L/14 text tower SD1.5 conditions on), structured and named as transformers
+//! defines it: `text_model.embeddings.{token,position}_embedding`, `text_model.encoder.layers.N`
+//! (pre-LN: layer_norm1 → causal self_attn (q/k/v/out_proj, with bias) → +; layer_norm2 → mlp fc1 →
+//! quick_gelu → fc2 → +), `text_model.final_layer_norm`. The UNet gets `last_hidden_state`, the output
+//! of the final LayerNorm: `[batch, 77, hidden]`.
+//!
+//! CPU forward (f32) here; the GPU path will run the same layers on the kernels.
+
+use super::weights::{ModelSource, Weights};
+use super::{cfg_usize, LayerNorm, Linear};
+use crate::ops::attention::{attention_cpu, AttnShape};
+use crate::tensor::Tensor;
+use anyhow::{bail, ensure, Result};
+
+/// The fields of transformers' CLIPTextConfig that the forward uses.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ClipTextConfig {
+    pub vocab_size: usize,
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub num_hidden_layers: usize,
+    pub num_attention_heads: usize,
+    pub max_position_embeddings: usize,
+    pub layer_norm_eps: f32,
+}
+
+impl ClipTextConfig {
+    /// SD1.5's text encoder (openai/clip-vit-large-patch14's text tower).
+    pub fn sd15() -> ClipTextConfig {
+        ClipTextConfig {
+            vocab_size: 49408,
+            hidden_size: 768,
+            intermediate_size: 3072,
+            num_hidden_layers: 12,
+            num_attention_heads: 12,
+            max_position_embeddings: 77,
+            layer_norm_eps: 1e-5,
+        }
+    }
+
+    /// From a text_encoder/config.json.
+    pub fn from_json(cfg: &serde_json::Value) -> Result<ClipTextConfig> {
+        let act = cfg.get("hidden_act").and_then(|v| v.as_str()).unwrap_or("quick_gelu");
+        if act != "quick_gelu" {
+            bail!("text encoder hidden_act {act:?} is not supported (SD1.5's CLIP uses quick_gelu)");
+        }
+        let c = ClipTextConfig {
+            vocab_size: cfg_usize(cfg, "vocab_size")?,
+            hidden_size: cfg_usize(cfg, "hidden_size")?,
+            intermediate_size: cfg_usize(cfg, "intermediate_size")?,
+            num_hidden_layers: cfg_usize(cfg, "num_hidden_layers")?,
+            num_attention_heads: cfg_usize(cfg, "num_attention_heads")?,
+            max_position_embeddings: cfg_usize(cfg, "max_position_embeddings")?,
+            layer_norm_eps: cfg.get("layer_norm_eps").and_then(|v| v.as_f64()).unwrap_or(1e-5) as f32,
+        };
+        ensure!(c.hidden_size.is_multiple_of(c.num_attention_heads), "hidden_size {} is not a multiple of {} heads", c.hidden_size, c.num_attention_heads);
+        Ok(c)
+    }
+}
+
+/// quick_gelu(x) = x·σ(1.702·x), CLIP's activation.
+pub fn quick_gelu_cpu(x: &[f32]) -> Vec<f32> {
+    x.iter().map(|&v| v / (1.0 + (-1.702 * v).exp())).collect()
+}
+
+/// One pre-LN transformer layer of the text encoder.
+pub struct ClipEncoderLayer {
+    pub layer_norm1: LayerNorm,
+    pub q_proj: Linear,
+    pub k_proj: Linear,
+    pub v_proj: Linear,
+    pub out_proj: Linear,
+    pub layer_norm2: LayerNorm,
+    pub fc1: Linear,
+    pub fc2: Linear,
+    heads: usize,
+}
+
+impl ClipEncoderLayer {
+    fn load(w: &Weights, prefix: &str, c: &ClipTextConfig) -> Result<ClipEncoderLayer> {
+        let (d, i) = (c.hidden_size, c.intermediate_size);
+        let lin = |name: &str, fan_in, fan_out| Linear::load(w, &format!("{prefix}.{name}"), fan_in, fan_out, true);
+        Ok(ClipEncoderLayer {
+            layer_norm1: LayerNorm::load(w, &format!("{prefix}.layer_norm1"), d, c.layer_norm_eps)?,
+            q_proj: lin("self_attn.q_proj", d, d)?,
+            k_proj: lin("self_attn.k_proj", d, d)?,
+            v_proj: lin("self_attn.v_proj", d, d)?,
+            out_proj: lin("self_attn.out_proj", d, d)?,
+            layer_norm2: LayerNorm::load(w, &format!("{prefix}.layer_norm2"), d, c.layer_norm_eps)?,
+            fc1: lin("mlp.fc1", d, i)?,
+            fc2: lin("mlp.fc2", i, d)?,
+            heads: c.num_attention_heads,
+        })
+    }
+
+    /// x: `[batch·seq, d]`, updated in place.
+    fn forward_cpu(&self, x: &mut [f32], batch: usize, seq: usize) {
+        let d = self.q_proj.in_features;
+        let h = self.layer_norm1.forward_cpu(x);
+        let (q, k, v) = (self.q_proj.forward_cpu(&h), self.k_proj.forward_cpu(&h), self.v_proj.forward_cpu(&h));
+        let head_dim = d / self.heads;
+        let s = AttnShape { batch, q_len: seq, kv_len: seq, heads: self.heads, head_dim, causal: true };
+        let a = self.out_proj.forward_cpu(&attention_cpu(&q, &k, &v, &s, (head_dim as f32).powf(-0.5)));
+        x.iter_mut().zip(&a).for_each(|(xi, ai)| *xi += ai);
+        let h = self.layer_norm2.forward_cpu(x);
+        let m = self.fc2.forward_cpu(&quick_gelu_cpu(&self.fc1.forward_cpu(&h)));
+        x.iter_mut().zip(&m).for_each(|(xi, mi)| *xi += mi);
+    }
+}
+
+/// CLIPTextModel with its weights in f32 on the CPU.
+pub struct ClipTextModel {
+    pub config: ClipTextConfig,
+    pub token_embedding: Vec<f32>,
+    pub position_embedding: Vec<f32>,
+    pub layers: Vec<ClipEncoderLayer>,
+    pub final_layer_norm: LayerNorm,
+}
+
+impl ClipTextModel {
+    /// Loads `text_model.*` from `w` (names as in transformers' CLIPTextModel).
+    pub fn load(w: &Weights, config: ClipTextConfig) -> Result<ClipTextModel> {
+        let c = &config;
+        let d = c.hidden_size;
+        let layers = (0..c.num_hidden_layers)
+            .map(|l| ClipEncoderLayer::load(w, &format!("text_model.encoder.layers.{l}"), c))
+            .collect::<Result<_>>()?;
+        Ok(ClipTextModel {
+            token_embedding: w.vec("text_model.embeddings.token_embedding.weight", &[c.vocab_size, d])?,
+            position_embedding: w.vec("text_model.embeddings.position_embedding.weight", &[c.max_position_embeddings, d])?,
+            layers,
+            final_layer_norm: LayerNorm::load(w, "text_model.final_layer_norm", d, c.layer_norm_eps)?,
+            config,
+        })
+    }
+
+    /// The text encoder of a model source (config.json when there is one, else SD1.5's).
+    pub fn from_source(src: &ModelSource) -> Result<ClipTextModel> {
+        use super::weights::Component::TextEncoder;
+        let config = match src.config(TextEncoder)? {
+            Some(cfg) => ClipTextConfig::from_json(&cfg)?,
+            None => ClipTextConfig::sd15(),
+        };
+        ClipTextModel::load(&src.weights(TextEncoder)?, config)
+    }
+
+    /// last_hidden_state `[batch, seq, hidden]` for token ids `[batch, seq]` (row-major, seq ≤ 77).
+    pub fn forward_cpu(&self, ids: &[u32], batch: usize) -> Result<Tensor> {
+        let c = &self.config;
+        let d = c.hidden_size;
+        ensure!(batch > 0 && ids.len().is_multiple_of(batch), "{} token ids do not split into {batch} prompts", ids.len());
+        let seq = ids.len() / batch;
+        ensure!(seq <= c.max_position_embeddings, "{seq} tokens per prompt, the model has {} positions", c.max_position_embeddings);
+        let mut x = vec![0f32; batch * seq * d];
+        for (row, (&id, out)) in ids.iter().zip(x.chunks_exact_mut(d)).enumerate() {
+            ensure!((id as usize) < c.vocab_size, "token id {id} is outside the vocabulary ({})", c.vocab_size);
+            let tok = &self.token_embedding[id as usize * d..][..d];
+            let pos = &self.position_embedding[(row % seq) * d..][..d];
+            out.iter_mut().zip(tok.iter().zip(pos)).for_each(|(o, (t, p))| *o = t + p);
+        }
+        for layer in &self.layers {
+            layer.forward_cpu(&mut x, batch, seq);
+        }
+        Tensor::from_vec(&[batch, seq, d], self.final_layer_norm.forward_cpu(&x))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::weights::SafetensorsFile;
+    use crate::tensor::{assert_close, compare};
+    use crate::testing::fixtures_dir;
+    use crate::tokenizer::ClipTokenizer;
+
+    /// The tiny fixture CLIPTextModel (2 layers, d 32, 4 heads), fed the ids its own tokenizer gives
+    /// two prompts, matches transformers' last_hidden_state.
+    #[test]
+    fn tiny_clip_matches_transformers() {
+        let src = ModelSource::resolve(fixtures_dir().join("tiny-sd").to_str().unwrap()).unwrap();
+        let model = ClipTextModel::from_source(&src).unwrap();
+        let io = SafetensorsFile::open(&fixtures_dir().join("tiny-sd-io.safetensors")).unwrap();
+        let want_ids: Vec<u32> = io.raw("clip.input_ids").unwrap().bytes.chunks_exact(8).map(|b| u64::from_le_bytes(b.try_into().unwrap()) as u32).collect();
+        let tok = ClipTokenizer::from_dir(&src.tokenizer_dir().unwrap()).unwrap();
+        let ids = tok.encode_batch(&[SEED0, "A photo of a cat, café!"]).unwrap();
+        assert_eq!(ids, want_ids);
+        let out = model.forward_cpu(&ids, 2).unwrap();
+        assert_eq!(out.shape(), &[2, 77, 32]);
+        let want = io.raw("clip.last_hidden_state").unwrap().to_f32().unwrap();
+        let c = compare(out.data().unwrap(), &want);
+        eprintln!("CLIP last_hidden_state: rel L2 {:.2e}, max abs {:.2e}", c.rel_l2, c.max_abs);
+        assert_close("CLIP last_hidden_state", out.data().unwrap(), &want, 1e-4);
+    }
+
+    /// The same weights through the single-file LDM checkpoint (f16 storage) give nearly the same output.
+    #[test]
+    fn tiny_clip_from_ldm_checkpoint() {
+        let src = ModelSource::resolve(fixtures_dir().join("tiny-sd-ldm.safetensors").to_str().unwrap()).unwrap();
+        let folder = ModelSource::resolve(fixtures_dir().join("tiny-sd").to_str().unwrap()).unwrap();
+        let cfg = ClipTextConfig::from_json(&folder.config(crate::model::weights::Component::TextEncoder).unwrap().unwrap()).unwrap();
+        let model = ClipTextModel::load(&src.weights(crate::model::weights::Component::TextEncoder).unwrap(), cfg).unwrap();
+        let io = SafetensorsFile::open(&fixtures_dir().join("tiny-sd-io.safetensors")).unwrap();
+        let ids: Vec<u32> = io.raw("clip.input_ids").unwrap().bytes.chunks_exact(8).map(|b| u64::from_le_bytes(b.try_into().unwrap()) as u32).collect();
+        let out = model.forward_cpu(&ids, 2).unwrap();
+        assert_close("CLIP from f16 LDM weights", out.data().unwrap(), &io.raw("clip.last_hidden_state").unwrap().to_f32().unwrap(), 1e-2);
+    }
+
+    #[test]
+    fn sd15_config_and_bad_ids() {
+        let folder = ModelSource::resolve(fixtures_dir().join("tiny-sd").to_str().unwrap()).unwrap();
+        let model = ClipTextModel::from_source(&folder).unwrap();
+        let err = format!("{:#}", model.forward_cpu(&[5000; 77], 1).unwrap_err());
+        assert!(err.contains("5000"), "{err}");
+        assert_eq!(ClipTextConfig::sd15().hidden_size / ClipTextConfig::sd15().num_attention_heads, 64);
+        let y = quick_gelu_cpu(&[0.0, 1.0, -1.0]);
+        assert!((y[1] - 1.0 / (1.0 + (-1.702f32).exp())).abs() < 1e-7 && y[0] == 0.0 && y[2] < 0.0);
+    }
+
+    /// Full SD1.5 size (12 layers, d 768, 49408 tokens) with random weights: the first seed caption,
+    /// tokenized with the shipped vocabulary, matches transformers on the CPU.
+    #[test]
+    #[ignore = "needs SDLORA_SD15_REFERENCE=DIR from `make_fixtures.py --full-size DIR` (~800 MB)"]
+    fn full_size_clip_matches_transformers() {
+        let dir = std::env::var("SDLORA_SD15_REFERENCE").expect("set SDLORA_SD15_REFERENCE (see make_fixtures.py --full-size)");
+        let src = ModelSource::resolve(&dir).unwrap();
+        let t0 = std::time::Instant::now();
+        let model = ClipTextModel::from_source(&src).unwrap();
+        let load_s = t0.elapsed().as_secs_f64();
+        assert_eq!(model.config, ClipTextConfig::sd15());
+        let io = SafetensorsFile::open(&std::path::Path::new(&dir).join("io.safetensors")).unwrap();
+        let ids = ClipTokenizer::shipped().unwrap().encode(SEED0).unwrap();
+        let t0 = std::time::Instant::now();
+        let out = model.forward_cpu(&ids, 1).unwrap();
+        let fwd_s = t0.elapsed().as_secs_f64();
+        let want = io.raw("clip.last_hidden_state").unwrap().to_f32().unwrap();
+        let c = compare(out.data().unwrap(), &want[..77 * 768]);
+        eprintln!("full-size CLIP: load {load_s:.2} s, forward (1 prompt) {fwd_s:.2} s, rel L2 {:.2e}, max abs {:.2e}", c.rel_l2, c.max_abs);
+        assert!(c.within(1e-4), "rel L2 {:.3e}", c.rel_l2);
+    }
+
+    const SEED0: &str = "<cheburashka>, close-up portrait, huge round furry ears, soft brown and beige fur, standing in a cozy kids playroom, blue walls with glowing stars, colorful space-themed drawings on the easel and walls";
+}

@@ -29,7 +29,7 @@ for line in sys.stdin:
     ;;
   run)
     shift
-    export SDLORA_CHECK_LAUNCHES=1
+    export SDLORA_CHECK_LAUNCHES=1 SDLORA_BIN="$PWD/$STAGE/sdlora"
     passed=0; failed=0; ignored=0; status=0
     for t in "$STAGE"/tests/*; do
       echo "=== $(basename "$t")"

@@ -5,6 +5,10 @@
 //! - [`tensor`]: shape + dtype + CPU/GPU storage; NHWC convention; comparison helpers.
 //! - [`ops`]: one module per kernel family, each with its CPU twin and backward.
 //! - [`bench`]: CUDA-event timing and the benchmarks behind `sdlora bench`.
+//! - [`data`]: the captioned-image training set.
+//! - [`checkpoint`]: LoRA weights in the diffusers/PEFT and kohya formats.
+//! - [`io`]: atomic file writes.
+//! - [`log`]: TensorBoard event files.
 //! - [`testing`]: fixture paths for tests.
 
 pub mod bench;
@@ -13,3 +17,7 @@ pub mod ops;
 pub mod rng;
 pub mod tensor;
 pub mod testing;
+pub mod data;
+pub mod checkpoint;
+pub mod io;
+pub mod log;

@@ -2,8 +2,11 @@
 
 use std::process::Command;
 
+/// The binary under test: `$SDLORA_BIN` (set by scripts/gpu-test.sh on a machine without cargo),
+/// else the one cargo built.
 fn sdlora(args: &[&str]) -> (bool, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_sdlora")).args(args).output().expect("run sdlora");
+    let bin = std::env::var("SDLORA_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_sdlora").into());
+    let out = Command::new(&bin).args(args).output().unwrap_or_else(|e| panic!("cannot run {bin}: {e}"));
     (out.status.success(), String::from_utf8_lossy(&out.stdout).into(), String::from_utf8_lossy(&out.stderr).into())
 }
 

@@ -25,7 +25,7 @@ const STAGES: usize = 4;
 /// Below this many 128×128 tiles the 64×64 kernel fills the GPU better.
 const BIG_TILE_MIN_CTAS: usize = 120;
 
-/// A square 2-D convolution over an NHWC input of `batch × height × width × in_ch`.
+/// Geometry of one convolution: input [batch, height, width, in_ch] → output [batch, oh, ow, out_ch].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Conv2dShape {
     pub batch: usize,
@@ -33,32 +33,29 @@ pub struct Conv2dShape {
     pub width: usize,
     pub in_ch: usize,
     pub out_ch: usize,
+    /// Square kernel size (1 or 3 in SD1.5).
     pub kernel: usize,
     pub stride: usize,
     pub pad: usize,
 }
 
 impl Conv2dShape {
-    /// Output (height, width).
+    /// (output height, output width).
     pub fn out_hw(&self) -> (usize, usize) {
-        ((self.height + 2 * self.pad - self.kernel) / self.stride + 1, (self.width + 2 * self.pad - self.kernel) / self.stride + 1)
-    }
-    /// Multiply-adds ×2 of the forward (the input gradient costs the same).
-    pub fn flops(&self) -> f64 {
-        let (ho, wo) = self.out_hw();
-        2.0 * (self.batch * ho * wo * self.out_ch * self.kernel * self.kernel * self.in_ch) as f64
+        let o = |d: usize| (d + 2 * self.pad - self.kernel) / self.stride + 1;
+        (o(self.height), o(self.width))
     }
 }
 
-/// PyTorch's OIHW conv weight to `[out, kh, kw, in]`.
+/// Reorders PyTorch's OIHW conv weight to our [out, kh, kw, in].
 pub fn conv_weight_oihw_to_ohwi(w: &[f32], o: usize, i: usize, kh: usize, kw: usize) -> Vec<f32> {
-    assert_eq!(w.len(), o * i * kh * kw, "conv weight size");
-    let mut out = vec![0.0; w.len()];
+    assert_eq!(w.len(), o * i * kh * kw, "conv weight is not {o}×{i}×{kh}×{kw}");
+    let mut out = vec![0f32; w.len()];
     for oc in 0..o {
         for ic in 0..i {
-            for r in 0..kh {
-                for c in 0..kw {
-                    out[((oc * kh + r) * kw + c) * i + ic] = w[((oc * i + ic) * kh + r) * kw + c];
+            for y in 0..kh {
+                for x in 0..kw {
+                    out[((oc * kh + y) * kw + x) * i + ic] = w[((oc * i + ic) * kh + y) * kw + x];
                 }
             }
         }
@@ -66,34 +63,48 @@ pub fn conv_weight_oihw_to_ohwi(w: &[f32], o: usize, i: usize, kh: usize, kw: us
     out
 }
 
-/// Output pixel `pixel` (index into batch·Ho·Wo) of the convolution, all out channels.
-fn conv2d_pixel(x: &[f32], s: &Conv2dShape, w: &[f32], bias: Option<&[f32]>, pixel: usize) -> Vec<f32> {
-    let (ho, wo) = s.out_hw();
-    let (n, oh, ow) = (pixel / (ho * wo), pixel / wo % ho, pixel % wo);
+/// CPU twin: cross-correlation with zero padding, NHWC in and out, w [out, k, k, in], optional bias.
+pub fn conv2d_cpu(x: &[f32], s: &Conv2dShape, w: &[f32], bias: Option<&[f32]>) -> Vec<f32> {
+    let (oh, ow) = s.out_hw();
     let k = s.kernel;
-    (0..s.out_ch)
-        .map(|co| {
-            let mut acc = bias.map_or(0.0, |b| b[co] as f64);
-            for r in 0..k {
-                for c in 0..k {
-                    let (ih, iw) = ((oh * s.stride + r) as isize - s.pad as isize, (ow * s.stride + c) as isize - s.pad as isize);
-                    if ih < 0 || iw < 0 || ih >= s.height as isize || iw >= s.width as isize {
-                        continue;
+    assert_eq!(x.len(), s.batch * s.height * s.width * s.in_ch, "conv2d_cpu: input does not match {s:?}");
+    assert_eq!(w.len(), s.out_ch * k * k * s.in_ch, "conv2d_cpu: weight does not match {s:?}");
+    let mut y = vec![0f32; s.batch * oh * ow * s.out_ch];
+    for b in 0..s.batch {
+        for oy in 0..oh {
+            for ox in 0..ow {
+                let out = &mut y[((b * oh + oy) * ow + ox) * s.out_ch..][..s.out_ch];
+                for (oc, o) in out.iter_mut().enumerate() {
+                    let mut acc = bias.map_or(0.0, |bb| bb[oc]);
+                    for ky in 0..k {
+                        let iy = (oy * s.stride + ky) as isize - s.pad as isize;
+                        if iy < 0 || iy >= s.height as isize {
+                            continue;
+                        }
+                        for kx in 0..k {
+                            let ix = (ox * s.stride + kx) as isize - s.pad as isize;
+                            if ix < 0 || ix >= s.width as isize {
+                                continue;
+                            }
+                            let xin = &x[((b * s.height + iy as usize) * s.width + ix as usize) * s.in_ch..][..s.in_ch];
+                            let wk = &w[((oc * k + ky) * k + kx) * s.in_ch..][..s.in_ch];
+                            acc += xin.iter().zip(wk).map(|(a, c)| a * c).sum::<f32>();
+                        }
                     }
-                    let xp = &x[((n * s.height + ih as usize) * s.width + iw as usize) * s.in_ch..][..s.in_ch];
-                    let wp = &w[((co * k + r) * k + c) * s.in_ch..][..s.in_ch];
-                    acc += xp.iter().zip(wp).map(|(a, b)| (*a as f64) * (*b as f64)).sum::<f64>();
+                    *o = acc;
                 }
             }
-            acc as f32
-        })
-        .collect()
+        }
+    }
+    y
 }
 
-/// y = conv(x, w) + bias: x NHWC `[batch, height, width, in_ch]`, w `[out, k, k, in]`, y NHWC.
-pub fn conv2d_cpu(x: &[f32], s: &Conv2dShape, w: &[f32], bias: Option<&[f32]>) -> Vec<f32> {
-    let (ho, wo) = s.out_hw();
-    (0..s.batch * ho * wo).flat_map(|p| conv2d_pixel(x, s, w, bias, p)).collect()
+impl Conv2dShape {
+    /// Multiply-adds ×2 of the forward (the input gradient costs the same).
+    pub fn flops(&self) -> f64 {
+        let (ho, wo) = self.out_hw();
+        2.0 * (self.batch * ho * wo * self.out_ch * self.kernel * self.kernel * self.in_ch) as f64
+    }
 }
 
 /// dx at input pixel `pixel` (index into batch·height·width), all in channels:

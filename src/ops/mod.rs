@@ -2,8 +2,11 @@
 //! obviously right), the GPU launcher (shape and dtype checks, then one kernel launch), and the
 //! backward where training needs it. Outputs are passed in (`&mut Tensor`), already allocated.
 
+pub mod attention;
 pub mod conv;
 pub mod elementwise;
+pub mod gemm;
+pub mod norm;
 
 use crate::tensor::{DType, Tensor};
 use anyhow::{ensure, Result};

@@ -7,23 +7,31 @@
 //! CPU twins: [`conv2d_cpu`], [`conv2d_backward_input_cpu`], [`upsample2x_nearest_cpu`],
 //! [`upsample2x_nearest_backward_cpu`], [`concat_channels_cpu`].
 //!
-//! Channel counts: the tensor-core vector kernels need the input channels of each source (and, for
-//! the input gradient, the output channels) to be multiples of 8; anything else (conv_in's 4 input
-//! channels, conv_out's 4 output channels) runs the same tensor-core kernel with an element-wise
-//! gather ("scalar" kernels) — a simple fallback, slower but only used at K = 36.
+//! Channel counts: the tensor-core vector kernels need each source's channels to be a multiple of
+//! 8 and the reduced channel count (in_ch forward, out_ch for the input gradient) a multiple of 64
+//! (every SD1.5 conv but conv_in's input and conv_out's output); anything else runs the same
+//! tensor-core kernel with an element-wise gather ("scalar" kernels): a simple fallback, slower,
+//! used at SD1.5 only where K = 36.
+//!
+//! Small GEMMs (8×8 and 16×16 latents, stride 2) are split along K so the GPU fills up: f32
+//! partial sums go to a workspace taken from the **scratch arena** (reset it per step), and a
+//! reduction kernel adds them up with the bias and residual.
 
 use super::check_gpu;
-use crate::cuda::{Gpu, KernelArg, LaunchConfig};
+use crate::cuda::{ArenaKind, Gpu, KernelArg, LaunchConfig};
 use crate::tensor::{DType, Tensor};
 use anyhow::{ensure, Result};
 use cudarc::driver::sys::CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES;
 
 const MODULE: &str = "conv";
 /// Must match kernels/conv.cu.
-const BK: usize = 32;
-const STAGES: usize = 4;
-/// Below this many 128×128 tiles the 64×64 kernel fills the GPU better.
-const BIG_TILE_MIN_CTAS: usize = 120;
+const BK: usize = 64;
+const STAGES: usize = 3;
+/// Streaming multiprocessors to fill (an H100 has 132; the plan only needs the order of magnitude).
+const SMS: usize = 132;
+/// Split-K: at most this many slices, each at least this many k-tiles.
+const MAX_SPLITS: usize = 16;
+const MIN_KTILES_PER_SPLIT: usize = 4;
 
 /// Geometry of one convolution: input [batch, height, width, in_ch] → output [batch, oh, ow, out_ch].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -228,30 +236,85 @@ fn geometry(what: &str, s: &Conv2dShape, x_shape: &[usize], skip_shape: Option<&
     Ok(Geometry { ints, c1, c2 })
 }
 
-/// Picks the tile (128×128 when it makes enough CTAs, else 64×64) and the launch configuration.
-fn tile_config(gpu: &Gpu, kernel: &'static str, m: usize, n: usize, classes: usize) -> Result<LaunchConfig> {
-    let big = kernel.ends_with("128x128");
-    let (bm, bn, threads) = if big { (128, 128, 256) } else { (64, 64, 128) };
-    let smem = (STAGES * (bm + bn) * BK * 2) as u32;
-    gpu.function(MODULE, kernel)?.set_attribute(CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, smem as i32)?;
-    Ok(LaunchConfig {
-        grid_dim: (n.div_ceil(bn) as u32, m.div_ceil(bm).max(1) as u32, classes as u32),
-        block_dim: (threads, 1, 1),
-        shared_mem_bytes: smem,
-    })
+/// How a convolution GEMM is launched: which kernel, and into how many K slices it is split.
+struct Plan {
+    kernel: &'static str,
+    big: bool,
+    splits: usize,
 }
 
-/// `SDLORA_CONV_TILE=64|128` forces a tile size (for benchmarking the choice).
-fn pick(vec: bool, m: usize, n: usize, classes: usize, names: [&'static str; 3]) -> &'static str {
+/// Picks the kernel and the split-K factor for a GEMM of `m` rows (per class), `n` columns,
+/// `classes` parity classes and at most `ktiles` k-tiles. 128×128 tiles when they (with split-K)
+/// give at least one CTA per SM, else 64×64 tiles, split so there are about two CTAs per SM.
+/// `SDLORA_CONV_TILE=64|128` forces the tile size (for benchmarking the choice).
+fn plan(vec: bool, m: usize, n: usize, classes: usize, ktiles: usize, names: [&'static str; 3]) -> Plan {
     static FORCED: std::sync::OnceLock<Option<usize>> = std::sync::OnceLock::new();
     let forced = *FORCED.get_or_init(|| std::env::var("SDLORA_CONV_TILE").ok().and_then(|v| v.parse().ok()));
+    let splits_for = |ctas: usize| (2 * SMS).div_ceil(ctas).clamp(1, MAX_SPLITS.min(ktiles / MIN_KTILES_PER_SPLIT).max(1));
+    let small = |kernel| {
+        let ctas = m.div_ceil(64) * n.div_ceil(64) * classes;
+        Plan { kernel, big: false, splits: if ctas >= 2 * SMS { 1 } else { splits_for(ctas) } }
+    };
     if !vec {
-        names[2]
-    } else if forced.map_or(m.div_ceil(128) * n.div_ceil(128) * classes >= BIG_TILE_MIN_CTAS, |t| t == 128) {
-        names[0]
-    } else {
-        names[1]
+        return small(names[2]);
     }
+    let ctas = m.div_ceil(128) * n.div_ceil(128) * classes;
+    let splits = if ctas >= 2 * SMS { 1 } else { splits_for(ctas) };
+    match forced {
+        Some(64) => small(names[1]),
+        Some(128) => Plan { kernel: names[0], big: true, splits },
+        _ if ctas * splits >= SMS => Plan { kernel: names[0], big: true, splits },
+        _ => small(names[1]),
+    }
+}
+
+/// Launches the conv kernel `p` (`head` = its pointer arguments before the workspace) and, when
+/// split, the reduction: f32 partial sums over `pixels × n` in a scratch workspace, then
+/// out = Σ + bias + residual, columns < c1 to `y1`, the rest to `y2`.
+#[allow(clippy::too_many_arguments)]
+fn launch(
+    gpu: &Gpu,
+    p: &Plan,
+    grid_mn: (usize, usize),
+    classes: usize,
+    head: &[KernelArg],
+    ints: &[i32; 12],
+    pixels: usize,
+    c1: usize,
+    finish: [u64; 4], // bias, residual, y1, y2
+) -> Result<()> {
+    let (m, n) = grid_mn;
+    let (bm, bn, threads) = if p.big { (128, 128, 256) } else { (64, 64, 128) };
+    let smem = (STAGES * (bm + bn) * BK * 2) as u32;
+    gpu.function(MODULE, p.kernel)?.set_attribute(CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, smem as i32)?;
+    let cfg = LaunchConfig {
+        grid_dim: (n.div_ceil(bn) as u32, m.div_ceil(bm).max(1) as u32, (classes * p.splits) as u32),
+        block_dim: (threads, 1, 1),
+        shared_mem_bytes: smem,
+    };
+    let ws = if p.splits > 1 { Some(gpu.alloc(ArenaKind::Scratch, p.splits * pixels * n * 4)?) } else { None };
+    let mut args = head.to_vec();
+    args.extend([KernelArg::Ptr(ws.as_ref().map_or(0, |b| b.ptr())), KernelArg::I32(p.splits as i32)]);
+    args.extend(ints.iter().map(|&v| KernelArg::I32(v)));
+    gpu.launch(MODULE, p.kernel, cfg, &args)?;
+    if let Some(ws) = ws {
+        let pairs = pixels * n / 2;
+        let cfg = LaunchConfig { grid_dim: (pairs.div_ceil(256).min(65_536) as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+        let [bias, res, y1, y2] = finish;
+        let args = [
+            KernelArg::Ptr(ws.ptr()),
+            KernelArg::I32(p.splits as i32),
+            KernelArg::I64(pixels as i64),
+            KernelArg::I32(n as i32),
+            KernelArg::I32(c1 as i32),
+            KernelArg::Ptr(bias),
+            KernelArg::Ptr(res),
+            KernelArg::Ptr(y1),
+            KernelArg::Ptr(y2),
+        ];
+        gpu.launch(MODULE, "conv2d_splitk_reduce_bf16", cfg, &args)?;
+    }
+    Ok(())
 }
 
 /// y = conv(src, w) + bias (+ residual): `s` describes the convolution as applied (its height and
@@ -283,21 +346,14 @@ pub fn conv2d(
     if let Some(r) = residual {
         check_gpu(what, &[r], DType::BF16, y.numel())?;
     }
-    let vec = g.c1 % 8 == 0 && g.c2 % 8 == 0;
+    let vec = g.c1 % 8 == 0 && g.c2 % 8 == 0 && s.in_ch % BK == 0;
     let m = s.batch * ho * wo;
-    let kernel = pick(vec, m, s.out_ch, 1, ["conv2d_fwd_bf16_vec_128x128", "conv2d_fwd_bf16_vec_64x64", "conv2d_fwd_bf16_scalar_64x64"]);
-    let cfg = tile_config(gpu, kernel, m, s.out_ch, 1)?;
+    let ktiles = (s.kernel * s.kernel * s.in_ch).div_ceil(BK);
+    let p = plan(vec, m, s.out_ch, 1, ktiles, ["conv2d_fwd_bf16_vec_128x128", "conv2d_fwd_bf16_vec_64x64", "conv2d_fwd_bf16_scalar_64x64"]);
     let opt = |t: Option<&Tensor>| t.map_or(Ok(0), |t| t.ptr());
-    let mut args = vec![
-        KernelArg::Ptr(src.x.ptr()?),
-        KernelArg::Ptr(opt(src.skip)?),
-        KernelArg::Ptr(w.ptr()?),
-        KernelArg::Ptr(opt(bias)?),
-        KernelArg::Ptr(opt(residual)?),
-        KernelArg::Ptr(y.ptr()?),
-    ];
-    args.extend(g.ints.iter().map(|&v| KernelArg::I32(v)));
-    gpu.launch(MODULE, kernel, cfg, &args)
+    let (bias, res, yp) = (opt(bias)?, opt(residual)?, y.ptr()?);
+    let head = [KernelArg::Ptr(src.x.ptr()?), KernelArg::Ptr(opt(src.skip)?), KernelArg::Ptr(w.ptr()?), KernelArg::Ptr(bias), KernelArg::Ptr(res), KernelArg::Ptr(yp)];
+    launch(gpu, &p, (m, s.out_ch), 1, &head, &g.ints, m, s.out_ch, [bias, res, yp, 0])
 }
 
 /// Input gradient of [`conv2d`] with the same `s` and upsample flag: dx (and dskip, the gradient of
@@ -326,20 +382,21 @@ pub fn conv2d_backward_input(
         }
         None => 0,
     };
-    let vec = g.c1 % 8 == 0 && g.c2 % 8 == 0 && s.out_ch % 8 == 0;
-    // One GEMM per stride parity class (h mod s, w mod s); class (0, 0) has the most pixels.
+    let vec = g.c1 % 8 == 0 && g.c2 % 8 == 0 && s.out_ch % BK == 0;
+    // One GEMM per stride parity class (h mod s, w mod s); class (0, 0) has the most pixels, and
+    // a class has at most ⌈k/s⌉² taps (4k² with the fused upsample: 2×2 sub-pixels × k² taps).
     let st = if upsample2x { 1 } else { s.stride };
     let (h, w_) = (g.ints[1] as usize, g.ints[2] as usize);
     let m = s.batch * h.div_ceil(st) * w_.div_ceil(st);
-    let kernel = pick(vec, m, s.in_ch, st * st, [
+    let taps = if upsample2x { 4 * s.kernel * s.kernel } else { s.kernel.div_ceil(st).pow(2) };
+    let p = plan(vec, m, s.in_ch, st * st, (taps * s.out_ch).div_ceil(BK), [
         "conv2d_bwd_input_bf16_vec_128x128",
         "conv2d_bwd_input_bf16_vec_64x64",
         "conv2d_bwd_input_bf16_scalar_64x64",
     ]);
-    let cfg = tile_config(gpu, kernel, m, s.in_ch, st * st)?;
-    let mut args = vec![KernelArg::Ptr(dy.ptr()?), KernelArg::Ptr(w.ptr()?), KernelArg::Ptr(dx.ptr()?), KernelArg::Ptr(dskip_ptr)];
-    args.extend(g.ints.iter().map(|&v| KernelArg::I32(v)));
-    gpu.launch(MODULE, kernel, cfg, &args)
+    let dxp = dx.ptr()?;
+    let head = [KernelArg::Ptr(dy.ptr()?), KernelArg::Ptr(w.ptr()?), KernelArg::Ptr(dxp), KernelArg::Ptr(dskip_ptr)];
+    launch(gpu, &p, (m, s.in_ch), st * st, &head, &g.ints, s.batch * h * w_, g.c1, [0, 0, dxp, dskip_ptr])
 }
 
 #[cfg(test)]

@@ -187,18 +187,24 @@ const SD15_UP: &[Case] = &[
     case(2, 64, 320, 320, 320, 1, 1),
     case(2, 64, 320, 0, 4, 3, 1),       // conv_out
 ];
-/// Odd sizes: 7×5 images, batch 3, partial tiles, channel counts that take the scalar path.
+/// Odd sizes: 7×5 images, batch 3, partial tiles, split-K on tiny images, channel counts that take
+/// the scalar path (not a multiple of 64 where K is reduced).
+const fn odd(batch: usize, h: usize, w: usize, c1: usize, c2: usize, cout: usize, k: usize, stride: usize, up: bool, residual: bool) -> Case {
+    Case { batch, h, w, c1, c2, cout, k, stride, up, residual }
+}
 const ODD: &[Case] = &[
-    Case { batch: 3, h: 7, w: 5, c1: 24, c2: 0, cout: 40, k: 3, stride: 1, up: false, residual: true },
-    Case { batch: 3, h: 7, w: 5, c1: 24, c2: 0, cout: 40, k: 3, stride: 2, up: false, residual: false },
-    Case { batch: 3, h: 7, w: 5, c1: 16, c2: 8, cout: 24, k: 1, stride: 1, up: false, residual: false },
-    Case { batch: 3, h: 7, w: 5, c1: 16, c2: 8, cout: 24, k: 3, stride: 1, up: false, residual: true },
-    Case { batch: 3, h: 7, w: 5, c1: 16, c2: 0, cout: 8, k: 3, stride: 1, up: true, residual: false },
-    Case { batch: 3, h: 7, w: 5, c1: 6, c2: 4, cout: 10, k: 3, stride: 1, up: false, residual: false }, // scalar
-    Case { batch: 3, h: 7, w: 5, c1: 6, c2: 0, cout: 6, k: 3, stride: 2, up: false, residual: false },  // scalar
-    Case { batch: 3, h: 7, w: 5, c1: 12, c2: 0, cout: 4, k: 3, stride: 1, up: true, residual: false },  // scalar
-    Case { batch: 3, h: 37, w: 41, c1: 40, c2: 0, cout: 520, k: 3, stride: 1, up: false, residual: true }, // 128×128 tiles, partial
-    Case { batch: 3, h: 37, w: 41, c1: 32, c2: 8, cout: 136, k: 3, stride: 2, up: false, residual: false },
+    odd(3, 7, 5, 64, 0, 40, 3, 1, false, true),     // vec forward, scalar input gradient
+    odd(3, 7, 5, 64, 0, 128, 3, 2, false, false),   // vec both ways, stride 2
+    odd(3, 7, 5, 40, 24, 64, 1, 1, false, false),   // concat 40 + 24, 1×1
+    odd(3, 7, 5, 48, 16, 64, 3, 1, false, true),    // concat 48 + 16, 3×3
+    odd(3, 7, 5, 64, 0, 64, 3, 1, true, false),     // fused upsample
+    odd(1, 3, 5, 256, 0, 128, 3, 1, false, false),  // 15 pixels: deep split-K
+    odd(1, 3, 5, 128, 0, 256, 3, 2, false, false),  // stride 2 on 3×5 (a parity class of 1 row)
+    odd(3, 7, 5, 6, 4, 10, 3, 1, false, false),     // scalar
+    odd(3, 7, 5, 24, 0, 6, 3, 2, false, false),     // scalar, stride 2
+    odd(3, 7, 5, 12, 0, 4, 3, 1, true, false),      // scalar, upsample
+    odd(3, 37, 41, 64, 0, 576, 3, 1, false, true),  // 128×128 tiles, partial in M and N
+    odd(3, 37, 41, 32, 32, 192, 3, 2, false, false),
 ];
 
 /// Pixels to check: every one when the twin is cheap, else corners, edges and random ones.

@@ -23,9 +23,9 @@
 //   one GEMM over K = 4·ks·ks·Cout with A[m,(a,b,r,c,co)] = dy[n, 2h+a+pad−r, 2w+b+pad−c, co].
 //   Channel split: columns ci < C1 go to dx1 [.., C1], the rest to dx2 [.., C2].
 //
-// Vector paths ("_vec") need C1 and C2 multiples of 8 (a 16-byte chunk lies in one tensor) and the
-// reduced channel count (Cin forward, Cout backward) a multiple of BK = 64 (a k-tile lies in one
-// tap); the "_scalar" kernels gather element by element for any channel count (conv_in's 4 input
+// Vector paths ("_vec") need the reduced channel count (Cin forward, Cout backward) and, forward
+// with two sources, C1 multiples of BK = 64 (a k-tile lies in one tap and one tensor); the
+// "_scalar" kernels gather element by element for any channel count (conv_in's 4 input
 // channels, conv_out's 4 output channels, odd test sizes). Cout (forward)
 // and C1, C2 must be even (bf16x2 stores). f32 accumulation, bf16 output.
 #include "common.cuh"
@@ -160,31 +160,83 @@ __device__ __forceinline__ void conv_implicit_gemm(const Geom g, const bf16* __r
   const int kt0 = (int)((int64_t)KT_all * split / splits), kt1 = (int)((int64_t)KT_all * (split + 1) / splits);
   const int KT = kt1 - kt0;
 
-  // Per-thread A rows: image base (pixels, -1 when m >= M) and the row/col base of its gather.
+  // Per-thread A rows: image base (pixels, -1 when m >= M) and the row/col base of its gather
+  // (forward: ih = hb + r; input gradient: oh = hb + dh of the tap).
   const int a_col = tid % CPR;
-  int a_img[A_PER], a_hb[A_PER], a_wb[A_PER];
-#pragma unroll
-  for (int j = 0; j < A_PER; ++j) {
+  auto row_geom = [&](int j, int& img, int& hb, int& wb) {
     int m = m0 + tid / CPR + j * ROWS_PER_PASS;
     if (!BWD) {
       int ow = m % g.Wo, t = m / g.Wo, oh = t % g.Ho, n = t / g.Ho;
-      a_img[j] = m < M ? n * g.H * g.W : -1;
-      a_hb[j] = oh * g.stride - g.pad;
-      a_wb[j] = ow * g.stride - g.pad;
+      img = m < M ? n * g.H * g.W : -1;
+      hb = oh * g.stride - g.pad;
+      wb = ow * g.stride - g.pad;
     } else {
       int s = g.up ? 1 : g.stride;
       int wq = m % kl.Wc, t = m / kl.Wc, hq = t % kl.Hc, n = t / kl.Hc;
       int h = kl.py + s * hq, wc = kl.px + s * wq;
-      a_img[j] = m < M ? n * g.Ho * g.Wo : -1;
-      a_hb[j] = g.up ? 2 * h + g.pad : (h + g.pad - kl.r0) / s;
-      a_wb[j] = g.up ? 2 * wc + g.pad : (wc + g.pad - kl.c0) / s;
+      img = m < M ? n * g.Ho * g.Wo : -1;
+      hb = g.up ? 2 * h + g.pad : (h + g.pad - kl.r0) / s;
+      wb = g.up ? 2 * wc + g.pad : (wc + g.pad - kl.c0) / s;
     }
+  };
+  int a_img[VEC ? 1 : A_PER], a_hb[VEC ? 1 : A_PER], a_wb[VEC ? 1 : A_PER];  // scalar path only
+  if constexpr (!VEC) {
+#pragma unroll
+    for (int j = 0; j < A_PER; ++j) row_geom(j, a_img[j], a_hb[j], a_wb[j]);
   }
-  // Vector path: the reduced channel count (Cin forward, Cout backward) is a multiple of BK, so
-  // each k-tile lies in one tap: k0 = tap·div + ch0, decoded incrementally, shared by A and B.
+
+  // Vector path: the reduced channel count (Cin forward, Cout backward) is a multiple of BK and
+  // (forward) C1 too, so each k-tile lies in one tap and one source tensor. Within such a
+  // segment every gather address just advances by BK channels per k-tile: the pointers are set up
+  // once per segment (setup_segment) and bumped per tile.
   const int div = BWD ? g.Cout : g.Cin;
   int v_tap = kt0 * BK / div, v_ch0 = kt0 * BK % div;
-  Tap v_tp = BWD ? bwd_tap(g, v_tap, kl.r0, kl.c0, kl.nc) : Tap{v_tap / g.ks, v_tap % g.ks, 0};
+  const bf16* a_ptr[A_PER];
+  uint32_t a_ok = 0;
+  const bf16* b_ptr = w;     // B chunk of this thread's first row (j = 0) in the current k-tile
+  int64_t b_jstride = 0;     // element distance between its rows j and j + 1
+  uint32_t b_ok = 0;
+  auto setup_segment = [&]() {
+    Tap tp = BWD ? bwd_tap(g, v_tap, kl.r0, kl.c0, kl.nc) : Tap{v_tap / g.ks, v_tap % g.ks, 0};
+    const int ch = v_ch0 + a_col * 8;
+    a_ok = 0;
+#pragma unroll
+    for (int j = 0; j < A_PER; ++j) {
+      int img, hb, wb;
+      row_geom(j, img, hb, wb);
+      bool ok = img >= 0;
+      a_ptr[j] = x1;
+      if (!BWD) {
+        int ih = hb + tp.dh, iw = wb + tp.dw;  // dh, dw = r, c
+        int hl = g.up ? 2 * g.H : g.H, wl = g.up ? 2 * g.W : g.W;
+        ok = ok && ih >= 0 && ih < hl && iw >= 0 && iw < wl;
+        if (g.up) { ih >>= 1; iw >>= 1; }
+        int64_t pix = (int64_t)img + (int64_t)ih * g.W + iw;
+        if (ok) a_ptr[j] = ch < g.C1 ? x1 + pix * g.C1 + ch : x2 + pix * g.C2 + (ch - g.C1);
+      } else {
+        int oh = hb + tp.dh, ow = wb + tp.dw;
+        ok = ok && oh >= 0 && oh < g.Ho && ow >= 0 && ow < g.Wo;
+        if (ok) a_ptr[j] = x1 + ((int64_t)img + (int64_t)oh * g.Wo + ow) * g.Cout + ch;
+      }
+      a_ok |= (uint32_t)ok << j;
+    }
+    if (BWD) {  // rows (tap, co = v_ch0 + krow), 8 consecutive ci
+      int krow = tid / NCH, ci = n0 + (tid % NCH) * 8;
+      b_ok = ci < N ? ~0u : 0u;
+      b_ptr = w + ((int64_t)(v_ch0 + krow) * g.ks * g.ks + tp.wtap) * g.Cin + ci;
+      b_jstride = (int64_t)(THREADS / NCH) * g.ks * g.ks * g.Cin;
+    }
+  };
+  if constexpr (VEC) {
+    setup_segment();
+    if (!BWD) {  // w viewed as [Cout][K]: rows n, k advancing by BK per tile, whatever the segment
+      int row = tid / CPR, n = n0 + row;
+      b_ptr = w + (int64_t)n * K + (int64_t)kt0 * BK + (tid % CPR) * 8;
+      b_jstride = (int64_t)ROWS_PER_PASS * K;
+#pragma unroll
+      for (int j = 0; j < B_PER; ++j) b_ok |= (uint32_t)(n + j * ROWS_PER_PASS < N) << j;
+    }
+  }
 
   auto load_stage = [&](int stage, int k0) {
     bf16* a_s = sA + stage * BM * BK;
@@ -195,22 +247,8 @@ __device__ __forceinline__ void conv_implicit_gemm(const Geom g, const bf16* __r
       int row = tid / CPR + j * ROWS_PER_PASS;
       bf16* dst = a_s + off_rowk(row, a_col);
       if constexpr (VEC) {
-        const bf16* src = x1;
-        bool ok = a_img[j] >= 0 && k0 < K;
-        const int a_ch = v_ch0 + a_col * 8;
-        if (!BWD) {
-          int ih = a_hb[j] + v_tp.dh, iw = a_wb[j] + v_tp.dw;  // dh, dw = r, c
-          int hl = g.up ? 2 * g.H : g.H, wl = g.up ? 2 * g.W : g.W;
-          ok = ok && ih >= 0 && ih < hl && iw >= 0 && iw < wl;
-          if (g.up) { ih >>= 1; iw >>= 1; }
-          int64_t pix = (int64_t)a_img[j] + (int64_t)ih * g.W + iw;
-          if (ok) src = a_ch < g.C1 ? x1 + pix * g.C1 + a_ch : x2 + pix * g.C2 + (a_ch - g.C1);
-        } else {
-          int oh = a_hb[j] + v_tp.dh, ow = a_wb[j] + v_tp.dw;
-          ok = ok && oh >= 0 && oh < g.Ho && ow >= 0 && ow < g.Wo;
-          if (ok) src = x1 + ((int64_t)a_img[j] + (int64_t)oh * g.Wo + ow) * g.Cout + a_ch;
-        }
-        cp_async16<true>(smem_u32(dst), src, ok);
+        bool ok = (a_ok >> j) & 1;
+        cp_async16<true>(smem_u32(dst), ok ? a_ptr[j] : x1, ok);
       } else {
         bf16 v[8];
 #pragma unroll
@@ -223,41 +261,34 @@ __device__ __forceinline__ void conv_implicit_gemm(const Geom g, const bf16* __r
     // ---- B ----
 #pragma unroll
     for (int j = 0; j < B_PER; ++j) {
-      if (!BWD) {  // [BN][BK] tile of w viewed as [Cout][K]
-        int row = tid / CPR + j * ROWS_PER_PASS, n = n0 + row, k = k0 + (tid % CPR) * 8;
-        bf16* dst = b_s + off_rowk(row, tid % CPR);
-        if constexpr (VEC) {
-          bool ok = n < N && k < K;
-          cp_async16<false>(smem_u32(dst), ok ? w + (int64_t)n * K + k : w, ok);
-        } else {
-          bf16 v[8];
+      bf16* dst = BWD ? b_s + off_kn<BN>(tid / NCH + j * (THREADS / NCH), tid % NCH)
+                      : b_s + off_rowk(tid / CPR + j * ROWS_PER_PASS, tid % CPR);
+      if constexpr (VEC) {
+        bool ok = (b_ok >> j) & 1;
+        cp_async16<false>(smem_u32(dst), ok ? b_ptr + j * b_jstride : w, ok);
+      } else if (!BWD) {  // [BN][BK] tile of w viewed as [Cout][K]
+        int n = n0 + tid / CPR + j * ROWS_PER_PASS, k = k0 + (tid % CPR) * 8;
+        bf16 v[8];
 #pragma unroll
-          for (int e = 0; e < 8; ++e) v[e] = (n < N && k + e < K) ? w[(int64_t)n * K + k + e] : __float2bfloat16_rn(0.f);
-          st_shared_8(dst, v);
-        }
+        for (int e = 0; e < 8; ++e) v[e] = (n < N && k + e < K) ? w[(int64_t)n * K + k + e] : __float2bfloat16_rn(0.f);
+        st_shared_8(dst, v);
       } else {  // [BK][BN] tile: k-row (tap, co), 8 consecutive ci
-        int krow = tid / NCH + j * (THREADS / NCH), nch = tid % NCH, ci = n0 + nch * 8;
-        bf16* dst = b_s + off_kn<BN>(krow, nch);
-        if constexpr (VEC) {
-          bool ok = ci < N && k0 < K;
-          const bf16* src = w + ((int64_t)(v_ch0 + krow) * g.ks * g.ks + v_tp.wtap) * g.Cin + ci;
-          cp_async16<false>(smem_u32(dst), ok ? src : w, ok);
-        } else {
-          bf16 v[8];
+        int krow = tid / NCH + j * (THREADS / NCH), ci = n0 + (tid % NCH) * 8;
+        bf16 v[8];
 #pragma unroll
-          for (int e = 0; e < 8; ++e) v[e] = bwd_b_elem(g, kl, w, k0 + krow, K, ci + e);
-          st_shared_8(dst, v);
-        }
+        for (int e = 0; e < 8; ++e) v[e] = bwd_b_elem(g, kl, w, k0 + krow, K, ci + e);
+        st_shared_8(dst, v);
       }
     }
-    // Advance the incremental decodes by BK (vector path only; the scalar path decodes each k).
+    // Advance to the next k-tile (vector path; the scalar path decodes each k).
     if constexpr (VEC) {
       v_ch0 += BK;
-      if (v_ch0 == div) {
-        v_ch0 = 0;
-        ++v_tap;
-        v_tp = BWD ? bwd_tap(g, v_tap, kl.r0, kl.c0, kl.nc) : Tap{v_tap / g.ks, v_tap % g.ks, 0};
-      }
+#pragma unroll
+      for (int j = 0; j < A_PER; ++j) a_ptr[j] += BK;
+      b_ptr += BWD ? (int64_t)BK * g.ks * g.ks * g.Cin : BK;
+      bool new_segment = v_ch0 == div || (!BWD && v_ch0 == g.C1);
+      if (v_ch0 == div) { v_ch0 = 0; ++v_tap; }
+      if (new_segment) setup_segment();
     }
   };
 

@@ -8,8 +8,9 @@
 //! [`upsample2x_nearest_backward_cpu`], [`concat_channels_cpu`].
 //!
 //! Channel counts: the tensor-core vector kernels need each source's channels to be a multiple of
-//! 8 and the reduced channel count (in_ch forward, out_ch for the input gradient) a multiple of 64
-//! (every SD1.5 conv but conv_in's input and conv_out's output); anything else runs the same
+//! 8, the reduced channel count (in_ch forward, out_ch for the input gradient) a multiple of 64,
+//! and, for a forward with a skip, x's channels a multiple of 64 too (every SD1.5 conv but
+//! conv_in's input and conv_out's output); anything else runs the same
 //! tensor-core kernel with an element-wise gather ("scalar" kernels): a simple fallback, slower,
 //! used at SD1.5 only where K = 36.
 //!
@@ -244,8 +245,9 @@ struct Plan {
 }
 
 /// Picks the kernel and the split-K factor for a GEMM of `m` rows (per class), `n` columns,
-/// `classes` parity classes and at most `ktiles` k-tiles. 128×128 tiles when they (with split-K)
-/// give at least one CTA per SM, else 64×64 tiles, split so there are about two CTAs per SM.
+/// `classes` parity classes and at most `ktiles` k-tiles: 128×128 tiles for big 3×3 GEMMs
+/// (m ≥ 1024, n ≥ 640), else 64×64 (measured on the H100 at the SD1.5 shapes), split along K
+/// until there are about two CTAs per SM.
 /// `SDLORA_CONV_TILE=64|128` forces the tile size (for benchmarking the choice).
 fn plan(vec: bool, m: usize, n: usize, classes: usize, ktiles: usize, names: [&'static str; 3]) -> Plan {
     static FORCED: std::sync::OnceLock<Option<usize>> = std::sync::OnceLock::new();
@@ -263,7 +265,7 @@ fn plan(vec: bool, m: usize, n: usize, classes: usize, ktiles: usize, names: [&'
     match forced {
         Some(64) => small(names[1]),
         Some(128) => Plan { kernel: names[0], big: true, splits },
-        _ if ctas * splits >= SMS => Plan { kernel: names[0], big: true, splits },
+        _ if m >= 1024 && n >= 640 && ktiles >= 40 => Plan { kernel: names[0], big: true, splits },
         _ => small(names[1]),
     }
 }
@@ -346,7 +348,7 @@ pub fn conv2d(
     if let Some(r) = residual {
         check_gpu(what, &[r], DType::BF16, y.numel())?;
     }
-    let vec = g.c1 % 8 == 0 && g.c2 % 8 == 0 && s.in_ch % BK == 0;
+    let vec = g.c1 % 8 == 0 && g.c2 % 8 == 0 && s.in_ch % BK == 0 && (g.c2 == 0 || g.c1 % BK == 0);
     let m = s.batch * ho * wo;
     let ktiles = (s.kernel * s.kernel * s.in_ch).div_ceil(BK);
     let p = plan(vec, m, s.out_ch, 1, ktiles, ["conv2d_fwd_bf16_vec_128x128", "conv2d_fwd_bf16_vec_64x64", "conv2d_fwd_bf16_scalar_64x64"]);

@@ -196,7 +196,8 @@ const ODD: &[Case] = &[
     odd(3, 7, 5, 64, 0, 40, 3, 1, false, true),     // vec forward, scalar input gradient
     odd(3, 7, 5, 64, 0, 128, 3, 2, false, false),   // vec both ways, stride 2
     odd(3, 7, 5, 40, 24, 64, 1, 1, false, false),   // concat 40 + 24, 1×1
-    odd(3, 7, 5, 48, 16, 64, 3, 1, false, true),    // concat 48 + 16, 3×3
+    odd(3, 7, 5, 48, 16, 64, 3, 1, false, true),    // concat 48 + 16, 3×3 (scalar forward)
+    odd(3, 7, 5, 64, 64, 64, 3, 1, false, true),    // concat 64 + 64, 3×3 (vector forward)
     odd(3, 7, 5, 64, 0, 64, 3, 1, true, false),     // fused upsample
     odd(1, 3, 5, 256, 0, 128, 3, 1, false, false),  // 15 pixels: deep split-K
     odd(1, 3, 5, 128, 0, 256, 3, 2, false, false),  // stride 2 on 3×5 (a parity class of 1 row)

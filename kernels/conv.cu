@@ -401,9 +401,11 @@ __device__ __forceinline__ void conv_implicit_gemm(const Geom g, const bf16* __r
   }
 
 CONV_FWD(conv2d_fwd_bf16_vec_128x128, 128, 128, 2, 4, true, 2)
+CONV_FWD(conv2d_fwd_bf16_vec_128x64, 128, 64, 2, 2, true, 3)
 CONV_FWD(conv2d_fwd_bf16_vec_64x64, 64, 64, 2, 2, true, 4)
 CONV_FWD(conv2d_fwd_bf16_scalar_64x64, 64, 64, 2, 2, false, 4)
 CONV_BWD(conv2d_bwd_input_bf16_vec_128x128, 128, 128, 2, 4, true, 2)
+CONV_BWD(conv2d_bwd_input_bf16_vec_128x64, 128, 64, 2, 2, true, 3)
 CONV_BWD(conv2d_bwd_input_bf16_vec_64x64, 64, 64, 2, 2, true, 4)
 CONV_BWD(conv2d_bwd_input_bf16_scalar_64x64, 64, 64, 2, 2, false, 4)
 

@@ -237,37 +237,42 @@ fn geometry(what: &str, s: &Conv2dShape, x_shape: &[usize], skip_shape: Option<&
     Ok(Geometry { ints, c1, c2 })
 }
 
-/// How a convolution GEMM is launched: which kernel, and into how many K slices it is split.
+/// How a convolution GEMM is launched: which kernel (tile `bm × bn`), and into how many K slices
+/// it is split.
 struct Plan {
     kernel: &'static str,
-    big: bool,
+    bm: usize,
+    bn: usize,
     splits: usize,
 }
+
+/// Tiles of the vector kernels: (name suffix index, bm, bn).
+const TILES: [(usize, usize); 3] = [(128, 128), (128, 64), (64, 64)];
 
 /// Picks the kernel and the split-K factor for a GEMM of `m` rows (per class), `n` columns,
 /// `classes` parity classes and at most `ktiles` k-tiles: 128×128 tiles for big 3×3 GEMMs
 /// (m ≥ 1024, n ≥ 640), else 64×64 (measured on the H100 at the SD1.5 shapes), split along K
-/// until there are about two CTAs per SM.
-/// `SDLORA_CONV_TILE=64|128` forces the tile size (for benchmarking the choice).
-fn plan(vec: bool, m: usize, n: usize, classes: usize, ktiles: usize, names: [&'static str; 3]) -> Plan {
+/// until there are about two CTAs per SM. `names`: the 128×128, 128×64, 64×64 vector kernels and
+/// the scalar (64×64) one. `SDLORA_CONV_TILE=128x128|128x64|64x64` forces the vector tile (for
+/// benchmarking the choice).
+fn plan(vec: bool, m: usize, n: usize, classes: usize, ktiles: usize, names: [&'static str; 4]) -> Plan {
     static FORCED: std::sync::OnceLock<Option<usize>> = std::sync::OnceLock::new();
-    let forced = *FORCED.get_or_init(|| std::env::var("SDLORA_CONV_TILE").ok().and_then(|v| v.parse().ok()));
-    let splits_for = |ctas: usize| (2 * SMS).div_ceil(ctas).clamp(1, MAX_SPLITS.min(ktiles / MIN_KTILES_PER_SPLIT).max(1));
-    let small = |kernel| {
-        let ctas = m.div_ceil(64) * n.div_ceil(64) * classes;
-        Plan { kernel, big: false, splits: if ctas >= 2 * SMS { 1 } else { splits_for(ctas) } }
+    let forced = *FORCED.get_or_init(|| {
+        let v = std::env::var("SDLORA_CONV_TILE").ok()?;
+        TILES.iter().position(|(bm, bn)| v == format!("{bm}x{bn}"))
+    });
+    let make = |i: usize, kernel: &'static str| {
+        let (bm, bn) = TILES[i];
+        let ctas = m.div_ceil(bm) * n.div_ceil(bn) * classes;
+        let max_splits = MAX_SPLITS.min(ktiles / MIN_KTILES_PER_SPLIT).max(1);
+        let splits = if ctas >= 2 * SMS { 1 } else { (2 * SMS).div_ceil(ctas).clamp(1, max_splits) };
+        Plan { kernel, bm, bn, splits }
     };
     if !vec {
-        return small(names[2]);
+        return make(2, names[3]);
     }
-    let ctas = m.div_ceil(128) * n.div_ceil(128) * classes;
-    let splits = if ctas >= 2 * SMS { 1 } else { splits_for(ctas) };
-    match forced {
-        Some(64) => small(names[1]),
-        Some(128) => Plan { kernel: names[0], big: true, splits },
-        _ if m >= 1024 && n >= 640 && ktiles >= 40 => Plan { kernel: names[0], big: true, splits },
-        _ => small(names[1]),
-    }
+    let i = forced.unwrap_or(if m >= 1024 && n >= 640 && ktiles >= 40 { 0 } else { 2 });
+    make(i, names[i])
 }
 
 /// Launches the conv kernel `p` (`head` = its pointer arguments before the workspace) and, when
@@ -286,7 +291,8 @@ fn launch(
     finish: [u64; 4], // bias, residual, y1, y2
 ) -> Result<()> {
     let (m, n) = grid_mn;
-    let (bm, bn, threads) = if p.big { (128, 128, 256) } else { (64, 64, 128) };
+    let (bm, bn) = (p.bm, p.bn);
+    let threads = if bm * bn == 128 * 128 { 256 } else { 128 };
     let smem = (STAGES * (bm + bn) * BK * 2) as u32;
     gpu.function(MODULE, p.kernel)?.set_attribute(CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, smem as i32)?;
     let cfg = LaunchConfig {
@@ -351,7 +357,12 @@ pub fn conv2d(
     let vec = g.c1 % 8 == 0 && g.c2 % 8 == 0 && s.in_ch % BK == 0 && (g.c2 == 0 || g.c1 % BK == 0);
     let m = s.batch * ho * wo;
     let ktiles = (s.kernel * s.kernel * s.in_ch).div_ceil(BK);
-    let p = plan(vec, m, s.out_ch, 1, ktiles, ["conv2d_fwd_bf16_vec_128x128", "conv2d_fwd_bf16_vec_64x64", "conv2d_fwd_bf16_scalar_64x64"]);
+    let p = plan(vec, m, s.out_ch, 1, ktiles, [
+        "conv2d_fwd_bf16_vec_128x128",
+        "conv2d_fwd_bf16_vec_128x64",
+        "conv2d_fwd_bf16_vec_64x64",
+        "conv2d_fwd_bf16_scalar_64x64",
+    ]);
     let opt = |t: Option<&Tensor>| t.map_or(Ok(0), |t| t.ptr());
     let (bias, res, yp) = (opt(bias)?, opt(residual)?, y.ptr()?);
     let head = [KernelArg::Ptr(src.x.ptr()?), KernelArg::Ptr(opt(src.skip)?), KernelArg::Ptr(w.ptr()?), KernelArg::Ptr(bias), KernelArg::Ptr(res), KernelArg::Ptr(yp)];
@@ -393,6 +404,7 @@ pub fn conv2d_backward_input(
     let taps = if upsample2x { 4 * s.kernel * s.kernel } else { s.kernel.div_ceil(st).pow(2) };
     let p = plan(vec, m, s.in_ch, st * st, (taps * s.out_ch).div_ceil(BK), [
         "conv2d_bwd_input_bf16_vec_128x128",
+        "conv2d_bwd_input_bf16_vec_128x64",
         "conv2d_bwd_input_bf16_vec_64x64",
         "conv2d_bwd_input_bf16_scalar_64x64",
     ]);

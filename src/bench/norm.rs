@@ -2,6 +2,10 @@
 //! reported in GB/s of bytes read + written once (the bandwidth floor's numerator), next to a
 //! device-to-device copy measured in the same run. benches/torch_norm.py times PyTorch on the same
 //! shapes.
+//!
+//! Each op is timed per call inside a CUDA graph of 20 calls (pure GPU time, as the captured
+//! training step runs it); norms also eagerly (`[eager]`: CUDA events around each call, so launch
+//! overhead included).
 
 use super::{time_gpu, BenchRow, Timing};
 use crate::cuda::{ArenaKind::Scratch, Gpu};
@@ -23,8 +27,25 @@ fn row(kernel: &str, shape: String, bytes: f64, timing: Timing) -> BenchRow {
     BenchRow { kernel: kernel.into(), shape, rate: bytes / timing.median_ms / 1e6, unit: "GB/s", timing }
 }
 
-fn time(gpu: &Gpu, f: impl FnMut() -> Result<()>) -> Result<Timing> {
+fn eager(gpu: &Gpu, f: impl FnMut() -> Result<()>) -> Result<Timing> {
     time_gpu(gpu, 10, 100, f)
+}
+
+/// Per-call time of `f` replayed in a CUDA graph of `CALLS` calls (30 timed replays).
+fn time(gpu: &Gpu, mut f: impl FnMut() -> Result<()>) -> Result<Timing> {
+    use cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
+    const CALLS: usize = 20;
+    f()?;
+    gpu.synchronize()?;
+    let stream = gpu.stream();
+    stream.begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_RELAXED)?;
+    let captured = (0..CALLS).try_for_each(|_| f());
+    let graph = stream.end_capture(CUgraphInstantiate_flags(0))?;
+    captured?;
+    let graph = graph.context("captured an empty graph")?;
+    let t = time_gpu(gpu, 3, 30, || Ok(graph.launch()?))?;
+    let per = |ms: f64| ms / CALLS as f64;
+    Ok(Timing { median_ms: per(t.median_ms), min_ms: per(t.min_ms), max_ms: per(t.max_ms), reps: t.reps })
 }
 
 pub fn bench(gpu: &Gpu) -> Result<Vec<BenchRow>> {
@@ -54,8 +75,10 @@ pub fn bench(gpu: &Gpu) -> Result<Vec<BenchRow>> {
         let bytes = (n * hw * c * 2) as f64;
         let desc = format!("{n}x{hw}x{c}");
         rows.push(row("group_norm_fwd", desc.clone(), 2.0 * bytes, time(gpu, || norm::group_norm(gpu, &x, &gamma, &beta, 1e-5, false, &mut y, &mut stats))?));
+        rows.push(row("group_norm_fwd[eager]", desc.clone(), 2.0 * bytes, eager(gpu, || norm::group_norm(gpu, &x, &gamma, &beta, 1e-5, false, &mut y, &mut stats))?));
         rows.push(row("group_norm_silu_fwd", desc.clone(), 2.0 * bytes, time(gpu, || norm::group_norm(gpu, &x, &gamma, &beta, 1e-5, true, &mut y, &mut stats))?));
         rows.push(row("group_norm_bwd", desc.clone(), 3.0 * bytes, time(gpu, || norm::group_norm_backward(gpu, &x, &gamma, &beta, &stats, false, &dy, &mut dx))?));
+        rows.push(row("group_norm_bwd[eager]", desc.clone(), 3.0 * bytes, eager(gpu, || norm::group_norm_backward(gpu, &x, &gamma, &beta, &stats, false, &dy, &mut dx))?));
         rows.push(row("group_norm_silu_bwd", desc, 3.0 * bytes, time(gpu, || norm::group_norm_backward(gpu, &x, &gamma, &beta, &stats, true, &dy, &mut dx))?));
         gpu.reset_scratch();
     }
@@ -71,6 +94,8 @@ pub fn bench(gpu: &Gpu) -> Result<Vec<BenchRow>> {
         let bytes = (r * c * 2) as f64;
         rows.push(row("layer_norm_fwd", format!("{r}x{c}"), 2.0 * bytes, time(gpu, || norm::layer_norm(gpu, &x, &gamma, &beta, 1e-5, &mut y, &mut stats))?));
         rows.push(row("layer_norm_bwd", format!("{r}x{c}"), 3.0 * bytes, time(gpu, || norm::layer_norm_backward(gpu, &x, &gamma, &stats, &dy, &mut dx))?));
+        rows.push(row("layer_norm_fwd[eager]", format!("{r}x{c}"), 2.0 * bytes, eager(gpu, || norm::layer_norm(gpu, &x, &gamma, &beta, 1e-5, &mut y, &mut stats))?));
+        rows.push(row("layer_norm_bwd[eager]", format!("{r}x{c}"), 3.0 * bytes, eager(gpu, || norm::layer_norm_backward(gpu, &x, &gamma, &stats, &dy, &mut dx))?));
         gpu.reset_scratch();
     }
 

@@ -1,7 +1,8 @@
 """PyTorch reference timings for src/bench/norm.rs: F.group_norm and F.layer_norm in bf16, forward and
-input-gradient backward (weights frozen), at the same shapes, plus a device copy for the bandwidth
-floor. Each op twice: per call inside a CUDA graph of 20 calls (pure GPU time, like our rows without a
-suffix) and eagerly (`[eager]`: CUDA events around each call from Python, 10 warm-up, 100 timed, median). GroupNorm is timed on a channels_last
+input-gradient backward (weights frozen: aten's native_*_norm_backward with only the input grad, the
+kernels autograd runs), at the same shapes, plus a device copy for the bandwidth
+floor. Each op twice: per call inside a CUDA graph of 20 calls (pure GPU time, comparable with our
+rows without a suffix) and eagerly (`[eager]`: CUDA events around each call from Python, 10 warm-up, 100 timed, median). GroupNorm is timed on a channels_last
 NCHW tensor (what our NHWC layout corresponds to) and on a contiguous NCHW one (torch's native layout).
 
     python3 benches/torch_norm.py
@@ -64,35 +65,38 @@ def main():
         b = torch.empty_like(a)
         both("copy", f"{mib} MiB", 2 * (mib << 20), lambda: b.copy_(a))
     bf = torch.bfloat16
+    gn_bwd = torch.ops.aten.native_group_norm_backward  # what autograd runs for F.group_norm's input grad
+    ln_bwd = torch.ops.aten.native_layer_norm_backward
     for n, hw, c in [(1, 4096, 320), (1, 1024, 640), (1, 256, 1280), (1, 64, 1280), (1, 4096, 960), (1, 1024, 1920),
                      (1, 256, 2560), (2, 4096, 320), (2, 4096, 640)]:
         side = int(hw ** 0.5)
         w, b = torch.randn(c, device=dev, dtype=bf), torch.randn(c, device=dev, dtype=bf)
         nbytes = n * hw * c * 2
         for layout, fmt in (("channels_last", torch.channels_last), ("nchw", torch.contiguous_format)):
-            x = torch.randn(n, c, side, side, device=dev, dtype=bf).contiguous(memory_format=fmt).requires_grad_(True)
+            x = torch.randn(n, c, side, side, device=dev, dtype=bf).contiguous(memory_format=fmt)
             dy = torch.randn(n, c, side, side, device=dev, dtype=bf).contiguous(memory_format=fmt)
+            h, mean, rstd = torch.ops.aten.native_group_norm(x, w, b, n, c, hw, 32, 1e-5)
+            mask = [True, False, False]
             shape = f"{n}x{hw}x{c}"
             both(f"group_norm_fwd[{layout}]", shape, 2 * nbytes, lambda: F.group_norm(x, 32, w, b, 1e-5))
             both(f"group_norm_silu_fwd[{layout}]", shape, 2 * nbytes, lambda: F.silu(F.group_norm(x, 32, w, b, 1e-5)))
-            y = F.group_norm(x, 32, w, b, 1e-5)
-            both(f"group_norm_bwd[{layout}]", shape, 3 * nbytes, lambda: torch.autograd.grad(y, x, dy, retain_graph=True))
-            ys = F.silu(F.group_norm(x, 32, w, b, 1e-5))
-            both(f"group_norm_silu_bwd[{layout}]", shape, 3 * nbytes, lambda: torch.autograd.grad(ys, x, dy, retain_graph=True))
+            both(f"group_norm_bwd[{layout}]", shape, 3 * nbytes, lambda: gn_bwd(dy, x, mean, rstd, w, n, c, hw, 32, mask))
+            both(f"group_norm_silu_bwd[{layout}]", shape, 3 * nbytes,
+                 lambda: gn_bwd(torch.ops.aten.silu_backward(dy, h), x, mean, rstd, w, n, c, hw, 32, mask))
     for r, c in [(4096, 320), (1024, 640), (256, 1280), (64, 1280), (77, 768), (8192, 320)]:
-        x = torch.randn(r, c, device=dev, dtype=bf).requires_grad_(True)
+        x = torch.randn(r, c, device=dev, dtype=bf)
         dy = torch.randn(r, c, device=dev, dtype=bf)
         w, b = torch.randn(c, device=dev, dtype=bf), torch.randn(c, device=dev, dtype=bf)
+        _, mean, rstd = torch.ops.aten.native_layer_norm(x, (c,), w, b, 1e-5)
         both("layer_norm_fwd", f"{r}x{c}", 2 * r * c * 2, lambda: F.layer_norm(x, (c,), w, b, 1e-5))
-        y = F.layer_norm(x, (c,), w, b, 1e-5)
-        both("layer_norm_bwd", f"{r}x{c}", 3 * r * c * 2, lambda: torch.autograd.grad(y, x, dy, retain_graph=True))
-    # The small kernels' torch equivalents at the bench shapes.
-    x = torch.randn(4096, 2560, device=dev, dtype=bf).requires_grad_(True)
+        both("layer_norm_bwd", f"{r}x{c}", 3 * r * c * 2, lambda: ln_bwd(dy, x, (c,), mean, rstd, w, b, [True, False, False]))
+    # GEGLU as diffusers computes it, and the ops autograd runs for its input grad.
+    x = torch.randn(4096, 2560, device=dev, dtype=bf)
     dy = torch.randn(4096, 1280, device=dev, dtype=bf)
-    geglu = lambda: (lambda h, g: h * F.gelu(g))(*x.chunk(2, dim=-1))
-    both("geglu_fwd", "4096x2560", 3 * 4096 * 1280 * 2, geglu)
-    y = geglu()
-    both("geglu_bwd", "4096x2560", 5 * 4096 * 1280 * 2, lambda: torch.autograd.grad(y, x, dy, retain_graph=True))
+    hid, gate = x.chunk(2, dim=-1)
+    gg = F.gelu(gate)
+    both("geglu_fwd", "4096x2560", 3 * 4096 * 1280 * 2, lambda: hid * F.gelu(gate))
+    both("geglu_bwd", "4096x2560", 5 * 4096 * 1280 * 2, lambda: (dy * gg, torch.ops.aten.gelu_backward(dy * hid, gate)))
     n = 25_509_888
     p = torch.nn.Parameter(torch.randn(n, device=dev))
     p.grad = torch.randn(n, device=dev)

@@ -1,6 +1,6 @@
 """PyTorch reference timings for src/bench/norm.rs: F.group_norm and F.layer_norm in bf16, forward and
-input-gradient backward (weights frozen: aten's native_*_norm_backward with only the input grad, the
-kernels autograd runs), at the same shapes, plus a device copy for the bandwidth
+input-gradient backward (weights frozen: autograd.grad w.r.t. the input only; the backward is timed
+as forward + backward, from which the forward is subtracted in benches/RESULTS.md), at the same shapes, plus a device copy for the bandwidth
 floor. Each op twice: per call inside a CUDA graph of 20 calls (pure GPU time, comparable with our
 rows without a suffix) and eagerly (`[eager]`: CUDA events around each call from Python, 10 warm-up, 100 timed, median). GroupNorm is timed on a channels_last
 NCHW tensor (what our NHWC layout corresponds to) and on a contiguous NCHW one (torch's native layout).
@@ -65,41 +65,42 @@ def main():
         b = torch.empty_like(a)
         both("copy", f"{mib} MiB", 2 * (mib << 20), lambda: b.copy_(a))
     bf = torch.bfloat16
-    gn_bwd = torch.ops.aten.native_group_norm_backward  # what autograd runs for F.group_norm's input grad
-    ln_bwd = torch.ops.aten.native_layer_norm_backward
+    grad = torch.autograd.grad
+
+    def rnd(*shape):  # host RNG: keeps the CUDA generator out of the captures
+        return torch.randn(*shape).to(dev, bf)
+
     for n, hw, c in [(1, 4096, 320), (1, 1024, 640), (1, 256, 1280), (1, 64, 1280), (1, 4096, 960), (1, 1024, 1920),
                      (1, 256, 2560), (2, 4096, 320), (2, 4096, 640)]:
         side = int(hw ** 0.5)
-        w, b = torch.randn(c, device=dev, dtype=bf), torch.randn(c, device=dev, dtype=bf)
+        w, b = rnd(c), rnd(c)
         nbytes = n * hw * c * 2
         for layout, fmt in (("channels_last", torch.channels_last), ("nchw", torch.contiguous_format)):
-            x = torch.randn(n, c, side, side, device=dev, dtype=bf).contiguous(memory_format=fmt)
-            dy = torch.randn(n, c, side, side, device=dev, dtype=bf).contiguous(memory_format=fmt)
-            h, mean, rstd = torch.ops.aten.native_group_norm(x, w, b, n, c, hw, 32, 1e-5)
-            mask = [True, False, False]
+            x = rnd(n, c, side, side).contiguous(memory_format=fmt).requires_grad_(True)
+            dy = rnd(n, c, side, side).contiguous(memory_format=fmt)
             shape = f"{n}x{hw}x{c}"
-            both(f"group_norm_fwd[{layout}]", shape, 2 * nbytes, lambda: F.group_norm(x, 32, w, b, 1e-5))
-            both(f"group_norm_silu_fwd[{layout}]", shape, 2 * nbytes, lambda: F.silu(F.group_norm(x, 32, w, b, 1e-5)))
-            both(f"group_norm_bwd[{layout}]", shape, 3 * nbytes, lambda: gn_bwd(dy, x, mean, rstd, w, n, c, hw, 32, mask))
-            both(f"group_norm_silu_bwd[{layout}]", shape, 3 * nbytes,
-                 lambda: gn_bwd(torch.ops.aten.silu_backward(dy, h), x, mean, rstd, w, n, c, hw, 32, mask))
+            gn = lambda: F.group_norm(x, 32, w, b, 1e-5)
+            gn_silu = lambda: F.silu(F.group_norm(x, 32, w, b, 1e-5))
+            both(f"group_norm_fwd[{layout}]", shape, 2 * nbytes, gn)
+            both(f"group_norm_silu_fwd[{layout}]", shape, 2 * nbytes, gn_silu)
+            both(f"group_norm_fwd+bwd[{layout}]", shape, 5 * nbytes, lambda: grad(gn(), x, dy))
+            both(f"group_norm_silu_fwd+bwd[{layout}]", shape, 5 * nbytes, lambda: grad(gn_silu(), x, dy))
     for r, c in [(4096, 320), (1024, 640), (256, 1280), (64, 1280), (77, 768), (8192, 320)]:
-        x = torch.randn(r, c, device=dev, dtype=bf)
-        dy = torch.randn(r, c, device=dev, dtype=bf)
-        w, b = torch.randn(c, device=dev, dtype=bf), torch.randn(c, device=dev, dtype=bf)
-        _, mean, rstd = torch.ops.aten.native_layer_norm(x, (c,), w, b, 1e-5)
-        both("layer_norm_fwd", f"{r}x{c}", 2 * r * c * 2, lambda: F.layer_norm(x, (c,), w, b, 1e-5))
-        both("layer_norm_bwd", f"{r}x{c}", 3 * r * c * 2, lambda: ln_bwd(dy, x, (c,), mean, rstd, w, b, [True, False, False]))
-    # GEGLU as diffusers computes it, and the ops autograd runs for its input grad.
-    x = torch.randn(4096, 2560, device=dev, dtype=bf)
-    dy = torch.randn(4096, 1280, device=dev, dtype=bf)
-    hid, gate = x.chunk(2, dim=-1)
-    gg = F.gelu(gate)
-    both("geglu_fwd", "4096x2560", 3 * 4096 * 1280 * 2, lambda: hid * F.gelu(gate))
-    both("geglu_bwd", "4096x2560", 5 * 4096 * 1280 * 2, lambda: (dy * gg, torch.ops.aten.gelu_backward(dy * hid, gate)))
+        x = rnd(r, c).requires_grad_(True)
+        dy = rnd(r, c)
+        w, b = rnd(c), rnd(c)
+        ln = lambda: F.layer_norm(x, (c,), w, b, 1e-5)
+        both("layer_norm_fwd", f"{r}x{c}", 2 * r * c * 2, ln)
+        both("layer_norm_fwd+bwd", f"{r}x{c}", 5 * r * c * 2, lambda: grad(ln(), x, dy))
+    # GEGLU as diffusers computes it (chunk, gelu, multiply), forward and forward + input grad.
+    x = rnd(4096, 2560).requires_grad_(True)
+    dy = rnd(4096, 1280)
+    geglu = lambda: (lambda h, g: h * F.gelu(g))(*x.chunk(2, dim=-1))
+    both("geglu_fwd", "4096x2560", 3 * 4096 * 1280 * 2, geglu)
+    both("geglu_fwd+bwd", "4096x2560", 8 * 4096 * 1280 * 2, lambda: grad(geglu(), x, dy))
     n = 25_509_888
-    p = torch.nn.Parameter(torch.randn(n, device=dev))
-    p.grad = torch.randn(n, device=dev)
+    p = torch.nn.Parameter(torch.randn(n).to(dev))
+    p.grad = torch.randn(n).to(dev)
     for name, kw in (("adamw_step[foreach]", dict(foreach=True)), ("adamw_step[fused]", dict(fused=True))):
         opt = torch.optim.AdamW([p], lr=2e-5, weight_decay=1e-2, **kw)
         report(name, f"{n} (1 tensor)", 7 * n * 4, time_ms(opt.step))

@@ -3,9 +3,9 @@
 //! device-to-device copy measured in the same run. benches/torch_norm.py times PyTorch on the same
 //! shapes.
 //!
-//! Each op's GPU time is the sum of its kernels' mean times over 100 back-to-back calls (profiler
-//! events around each kernel: the time a captured graph would spend); norms also eagerly (`[eager]`:
-//! median of CUDA events around each call, launch latency included).
+//! Each op's GPU time is measured on batches of back-to-back calls queued behind a spin kernel (the
+//! time a captured graph would spend, see `time`); norms also eagerly (`[eager]`: median of CUDA
+//! events around each single call, launch latency included).
 
 use super::{time_gpu, BenchRow, Timing};
 use crate::cuda::{ArenaKind::Scratch, Gpu};
@@ -31,21 +31,31 @@ fn eager(gpu: &Gpu, f: impl FnMut() -> Result<()>) -> Result<Timing> {
     time_gpu(gpu, 10, 100, f)
 }
 
-/// GPU time per call of `f`: 100 calls back to back after 10 warm-up, each kernel bracketed by the
-/// profiler's events; the sum over the op's kernels of their mean time. (Gpu launches on the legacy
-/// default stream, which CUDA cannot capture into a graph, so the profiler stands in for a graph.)
+/// GPU time per call of `f`: 5 batches of 50 calls; before each batch a spin kernel holds the GPU
+/// for 2 ms while the host queues the batch, so the batch runs back to back (as in a captured
+/// graph) and the events around it measure GPU time, not launch latency. Median/min/max over batches.
+/// (Gpu launches on the legacy default stream, which CUDA cannot capture, hence no real graph.)
 fn time(gpu: &Gpu, mut f: impl FnMut() -> Result<()>) -> Result<Timing> {
-    const CALLS: usize = 100;
+    use cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT;
+    const CALLS: usize = 50;
     for _ in 0..10 {
         f()?;
     }
-    gpu.synchronize()?;
-    gpu.start_profiling();
-    for _ in 0..CALLS {
-        f()?;
+    let spin = crate::cuda::LaunchConfig { grid_dim: (1, 1, 1), block_dim: (1, 1, 1), shared_mem_bytes: 0 };
+    let mut ms = Vec::new();
+    for _ in 0..5 {
+        gpu.synchronize()?;
+        gpu.launch("bench", "bench_spin", spin, &[crate::cuda::KernelArg::I64(2_000_000)])?;
+        let start = gpu.stream().record_event(Some(CU_EVENT_DEFAULT))?;
+        for _ in 0..CALLS {
+            f()?;
+        }
+        let end = gpu.stream().record_event(Some(CU_EVENT_DEFAULT))?;
+        gpu.synchronize()?;
+        ms.push(start.elapsed_ms(&end)? as f64 / CALLS as f64);
     }
-    let ms = gpu.stop_profiling()?.iter().map(|k| k.total_ms).sum::<f64>() / CALLS as f64;
-    Ok(Timing { median_ms: ms, min_ms: ms, max_ms: ms, reps: CALLS })
+    ms.sort_by(f64::total_cmp);
+    Ok(Timing { median_ms: ms[ms.len() / 2], min_ms: ms[0], max_ms: ms[ms.len() - 1], reps: ms.len() })
 }
 
 pub fn bench(gpu: &Gpu) -> Result<Vec<BenchRow>> {

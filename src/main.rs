@@ -92,12 +92,27 @@ struct BenchArgs {
 enum BenchWhat {
     /// Time every kernel at the SD1.5 shapes (CUDA events after warm-up: median, min, max, rate).
     Kernels {
-        /// Only kernels whose name contains this text.
+        /// Only the kernel families whose name contains this text (elementwise, gemm, lora, conv, attention, norm).
         #[arg(long, default_value = "")]
         filter: String,
     },
     /// Time one full LoRA training step at 512 px with random SD1.5-size weights.
     Train,
+    /// Check one UNet LoRA forward + backward at full SD1.5 size against PyTorch and time it.
+    ///
+    /// DIR comes from `python3 benches/unet_reference.py DIR` (random weights, a PEFT LoRA, PyTorch's
+    /// f32 and bf16-autocast outputs and gradients). Fails unless every tensor is within bounds.
+    Unet {
+        /// Folder written by benches/unet_reference.py.
+        #[arg(long)]
+        reference: PathBuf,
+        /// Timed repetitions after two warm-up steps.
+        #[arg(long, default_value_t = 10)]
+        iters: usize,
+        /// Recompute each transformer's activations in the backward instead of keeping them.
+        #[arg(long)]
+        checkpoint: bool,
+    },
 }
 
 fn main() -> ExitCode {
@@ -120,6 +135,9 @@ fn run(cli: Cli) -> Result<()> {
             sdlora::bench::run_kernel_benches(&gpu, &filter)
         }
         Command::Bench(BenchArgs { what: BenchWhat::Train }) => bail!("`sdlora bench train` is not implemented yet"),
+        Command::Bench(BenchArgs { what: BenchWhat::Unet { reference, iters, checkpoint } }) => {
+            sdlora::bench::unet::run(&Gpu::new(0)?, &reference, iters, checkpoint)
+        }
         Command::Info => info(),
     }
 }

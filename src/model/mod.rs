@@ -9,6 +9,8 @@ pub mod resnet;
 pub mod transformer;
 pub mod unet;
 #[cfg(test)]
+mod sd15_tests;
+#[cfg(test)]
 mod unet_tests;
 pub mod vae;
 pub mod weights;

@@ -20,7 +20,6 @@ use crate::model::lora::{self, LoraInit};
 use crate::model::unet::{UNet2DConditionModel, UNetConfig};
 use crate::model::vae::AutoencoderKl;
 use crate::model::weights::{Component, ModelSource};
-use crate::model::Nhwc;
 use crate::ops::adamw::AdamWConfig;
 use crate::ops::diffusion::{add_noise_cpu, draw_step_noise_cpu, mse_min_snr_backward_cpu, mse_min_snr_cpu};
 use crate::ops::philox::philox_normal_cpu;
@@ -70,7 +69,10 @@ pub fn run(cfg: &TrainConfig, gpu: Option<&Gpu>, resume: Option<&Path>) -> Resul
     }
     let outputs = Outputs::create(cfg)?;
     let source = ModelSource::resolve(&cfg.model).with_context(|| format!("--model {}", cfg.model))?;
-    let examples = encode_dataset(cfg, &source)?;
+    let examples = encode_dataset(dev, cfg, &source)?;
+    if let Some(g) = gpu {
+        g.reset_scratch();
+    }
 
     let unet_cfg = match source.config(Component::Unet)? {
         Some(v) => UNetConfig::from_json(&v)?,
@@ -165,22 +167,28 @@ pub fn run(cfg: &TrainConfig, gpu: Option<&Gpu>, resume: Option<&Path>) -> Resul
     Ok(summary)
 }
 
-/// Tokenizes and encodes every caption with CLIP and every image with the VAE encoder, once.
-fn encode_dataset(cfg: &TrainConfig, source: &ModelSource) -> Result<Vec<Example>> {
+/// Tokenizes and encodes every caption with CLIP and every image with the VAE encoder, once; both
+/// models are dropped on return.
+fn encode_dataset(dev: Dev, cfg: &TrainConfig, source: &ModelSource) -> Result<Vec<Example>> {
     let data = load_dataset(&cfg.data, cfg.resolution)?;
     let tokenizer = ClipTokenizer::for_source(source)?;
-    let clip = ClipTextModel::from_source(source).context("loading the text encoder")?;
-    let vae = AutoencoderKl::from_source(source).context("loading the VAE")?;
+    let clip = ClipTextModel::from_source(dev, source).context("loading the text encoder")?;
+    let vae = AutoencoderKl::from_source(dev, source).context("loading the VAE")?;
+    let host = |t: Tensor| match dev {
+        Dev::Cpu => t.into_vec(),
+        Dev::Gpu(g) => t.to_cpu(g)?.into_vec(),
+    };
     let r = cfg.resolution as usize;
     ensure!(r % vae.factor() == 0, "--resolution {r} is not a multiple of the VAE's factor {}", vae.factor());
     eprintln!("encoding {} captions and images (once)", data.len());
     data.iter()
         .map(|ex| {
             let ids = tokenizer.encode(&ex.caption)?;
-            let context = clip.forward_cpu(&ids, 1)?.into_vec()?;
-            let posterior = vae.encode_cpu(&Nhwc::new(ex.pixels.clone(), 1, r, r, 3))?;
-            let std = posterior.logvar.data.iter().map(|lv| (0.5 * lv).exp()).collect();
-            Ok(Example { mean: posterior.mean.data, std, latent_hw: (posterior.mean.h, posterior.mean.w), context })
+            let context = host(clip.forward(dev, &ids, 1)?)?;
+            let posterior = vae.encode(dev, &Tensor::from_vec(&[1, r, r, 3], ex.pixels.clone())?)?;
+            let latent_hw = (posterior.mean.shape()[1], posterior.mean.shape()[2]);
+            let std = host(posterior.logvar)?.iter().map(|lv| (0.5 * lv).exp()).collect();
+            Ok(Example { mean: host(posterior.mean)?, std, latent_hw, context })
         })
         .collect::<Result<_>>()
         .context("encoding the data set")

@@ -167,6 +167,54 @@ pub fn run(cfg: &TrainConfig, gpu: Option<&Gpu>, resume: Option<&Path>) -> Resul
     Ok(summary)
 }
 
+/// `sdlora bench train`: `steps` training steps of the full-size UNet with random stand-in weights
+/// (no download), random posteriors and caption states, timed after `warmup` steps; prints median
+/// ms/step, achieved TFLOP/s (1.88 TFLOP per 512 px step), peak device memory and a per-kernel table.
+pub fn benchmark(gpu: &Gpu, resolution: u32, warmup: usize, steps: usize) -> Result<()> {
+    let dev = Dev::Gpu(gpu);
+    let cfg = TrainConfig { resolution, ..TrainConfig::default() };
+    let mut unet = UNet2DConditionModel::load(dev, &crate::model::weights::Weights::random(0), UNetConfig::sd15())?;
+    let mut params = lora::attach(dev, &mut unet, &cfg.targets, cfg.rank, cfg.alpha, LoraInit::KaimingUniform, cfg.seed)?;
+    let mut optimizer = Optimizer::new(dev, &params, AdamWConfig::default())?;
+    let hw = resolution as usize / 8;
+    let mut rng = Rng::new(1);
+    let examples = vec![Example { mean: rng.normal_vec(hw * hw * 4, 1.0), std: vec![0.1; hw * hw * 4], latent_hw: (hw, hw), context: rng.normal_vec(77 * 768, 1.0) }];
+    let schedule = NoiseSchedule::sd15();
+    let mut step = |k: usize| -> Result<f32> {
+        let loss = train_micro_step(dev, &cfg, &mut unet, &examples, &schedule, k as u32)?;
+        optimizer.update(dev, &mut unet, &mut params, cfg.lr)?;
+        gpu.reset_scratch();
+        Ok(loss)
+    };
+    for k in 0..warmup {
+        step(k)?;
+    }
+    let mut ms = Vec::new();
+    for k in warmup..warmup + steps {
+        gpu.synchronize()?;
+        let t0 = Instant::now();
+        step(k)?;
+        gpu.synchronize()?;
+        ms.push(t0.elapsed().as_secs_f64() * 1e3);
+    }
+    gpu.start_profiling();
+    step(warmup + steps)?;
+    let table = gpu.stop_profiling()?;
+    ms.sort_by(f64::total_cmp);
+    let median = ms[ms.len() / 2];
+    let flop = 1.88e12 * (resolution as f64 / 512.0).powi(2);
+    let peak = gpu.arena_stats(ArenaKind::Persistent).high_water + gpu.arena_stats(ArenaKind::Scratch).high_water;
+    println!(
+        "train step at {resolution} px, batch 1, r = 128 (forward, Min-SNR loss, backward, AdamW): median {median:.2} ms (min {:.2}, max {:.2}, n={steps}); {:.1} TFLOP/s; peak device memory {:.2} GiB",
+        ms[0],
+        ms[ms.len() - 1],
+        flop / median / 1e9,
+        peak as f64 / (1u64 << 30) as f64
+    );
+    println!("kernel time of one step (CUDA events per launch):\n{}", crate::cuda::TimingTable(&table));
+    Ok(())
+}
+
 /// Tokenizes and encodes every caption with CLIP and every image with the VAE encoder, once; both
 /// models are dropped on return.
 fn encode_dataset(dev: Dev, cfg: &TrainConfig, source: &ModelSource) -> Result<Vec<Example>> {

@@ -30,6 +30,12 @@ enum Command {
     Sample(SampleArgs),
     /// Benchmark kernels or a whole training step on the GPU (random weights, no download needed).
     Bench(BenchArgs),
+    /// Print finished training runs side by side (steps, lr, γ, final/mean loss, time, peak VRAM).
+    Compare {
+        /// Output folders of `sdlora train` (e.g. models/lora_*).
+        #[arg(required = true)]
+        runs: Vec<PathBuf>,
+    },
     /// Show how this binary was built (embedded kernels, nvcc, PTX target) and which GPU it sees.
     Info,
 }
@@ -145,8 +151,15 @@ enum BenchWhat {
         #[arg(long, default_value = "")]
         filter: String,
     },
-    /// Time one full LoRA training step at 512 px with random SD1.5-size weights.
-    Train,
+    /// Time full LoRA training steps (forward, loss, backward, AdamW) with random SD1.5-size weights.
+    Train {
+        /// Image size in pixels (latents are 1/8 of it).
+        #[arg(long, default_value_t = 512)]
+        resolution: u32,
+        /// Timed steps after 3 warm-up steps.
+        #[arg(long, default_value_t = 20)]
+        steps: usize,
+    },
     /// Check one UNet LoRA forward + backward at full SD1.5 size against PyTorch and time it.
     ///
     /// DIR comes from `python3 benches/unet_reference.py DIR` (random weights, a PEFT LoRA, PyTorch's
@@ -196,9 +209,13 @@ fn run(cli: Cli) -> Result<()> {
             let gpu = Gpu::new(0)?;
             sdlora::bench::run_kernel_benches(&gpu, &filter)
         }
-        Command::Bench(BenchArgs { what: BenchWhat::Train }) => bail!("`sdlora bench train` is not implemented yet"),
+        Command::Bench(BenchArgs { what: BenchWhat::Train { resolution, steps } }) => sdlora::train::benchmark(&Gpu::new(0)?, resolution, 3, steps),
         Command::Bench(BenchArgs { what: BenchWhat::Unet { reference, iters, checkpoint } }) => {
             sdlora::bench::unet::run(&Gpu::new(0)?, &reference, iters, checkpoint)
+        }
+        Command::Compare { runs } => {
+            print!("{}", sdlora::train::compare::compare(&runs)?);
+            Ok(())
         }
         Command::Info => info(),
     }

@@ -62,6 +62,13 @@ fn trains_saves_resumes_and_reloads() {
     let kohya = load_lora(&straight.join("step_4").join(KOHYA_FILE)).unwrap().weights;
     assert_eq!(a, kohya);
     assert!(a.layers.values().any(|l| l.b.iter().any(|v| *v != 0.0)), "B starts at zero and must have been trained");
+
+    // The two runs side by side.
+    let bin = std::env::var("SDLORA_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_sdlora").into());
+    let o = Command::new(bin).args(["compare", straight.to_str().unwrap(), split.to_str().unwrap()]).output().unwrap();
+    let table = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success() && table.lines().count() == 3, "{table}");
+    assert!(table.contains(&full[3].1[..6]), "final loss of the run in the table:\n{table}");
 }
 
 #[test]

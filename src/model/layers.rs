@@ -307,9 +307,9 @@ impl GroupNorm {
                 Ok((Tensor::from_vec(x.shape(), y)?, NormStats(None)))
             }
             Dev::Gpu(g) => {
-                let (mut y, mut stats) = (Dev::scratch(g, x.shape())?, Tensor::empty_gpu(g, ArenaKind::Scratch, &[n, self.groups, 2], DType::F32)?);
+                let (mut y, mut stats) = (Dev::scratch(g, &[n, hw, c])?, Tensor::empty_gpu(g, ArenaKind::Scratch, &[n, self.groups, 2], DType::F32)?);
                 norm::group_norm(g, &x.reshape(&[n, hw, c])?, &self.gamma, &self.beta, self.eps, silu, &mut y, &mut stats)?;
-                Ok((y, NormStats(Some(stats))))
+                Ok((y.reshape(x.shape())?, NormStats(Some(stats))))
             }
         }
     }
@@ -322,9 +322,9 @@ impl GroupNorm {
                 Tensor::from_vec(x.shape(), dx)
             }
             (Dev::Gpu(g), Some(stats)) => {
-                let mut dx = Dev::scratch(g, x.shape())?;
-                norm::group_norm_backward(g, &x.reshape(&[n, hw, c])?, &self.gamma, &self.beta, stats, silu, dy, &mut dx)?;
-                Ok(dx)
+                let mut dx = Dev::scratch(g, &[n, hw, c])?;
+                norm::group_norm_backward(g, &x.reshape(&[n, hw, c])?, &self.gamma, &self.beta, stats, silu, &dy.reshape(&[n, hw, c])?, &mut dx)?;
+                dx.reshape(x.shape())
             }
             (Dev::Gpu(_), None) => anyhow::bail!("group_norm backward: no statistics from a GPU forward"),
         }

@@ -30,6 +30,7 @@ pub struct SafetensorsFile {
     mmap: Mmap,
     data_start: usize,
     tensors: HashMap<String, TensorInfo>,
+    metadata: HashMap<String, String>,
 }
 
 impl SafetensorsFile {
@@ -42,7 +43,8 @@ impl SafetensorsFile {
             anyhow!("{}: not a valid safetensors file ({e:?}): truncated or corrupt? ({} bytes)", path.display(), mmap.len())
         })?;
         let tensors = metadata.tensors().into_iter().map(|(k, v)| (k, v.clone())).collect();
-        Ok(SafetensorsFile { path: path.to_path_buf(), mmap, data_start: 8 + header_len, tensors })
+        let metadata = metadata.metadata().clone().unwrap_or_default();
+        Ok(SafetensorsFile { path: path.to_path_buf(), mmap, data_start: 8 + header_len, tensors, metadata })
     }
 
     pub fn path(&self) -> &Path {
@@ -51,6 +53,11 @@ impl SafetensorsFile {
 
     pub fn keys(&self) -> impl Iterator<Item = &str> {
         self.tensors.keys().map(|k| k.as_str())
+    }
+
+    /// A string of the header's `__metadata__`.
+    pub fn metadata(&self, key: &str) -> Option<&str> {
+        self.metadata.get(key).map(|s| s.as_str())
     }
 
     /// The stored tensor `key`, as raw little-endian bytes straight from the map.
@@ -126,10 +133,12 @@ struct Entry {
     shape: Vec<usize>,
 }
 
-/// The weights of one component under diffusers' names, over one or more memory-mapped files.
+/// The weights of one component under diffusers' names, over one or more memory-mapped files (or,
+/// for full-size tests and benchmarks, [`Weights::random`]).
 pub struct Weights {
     files: Vec<Arc<SafetensorsFile>>,
     entries: BTreeMap<String, Entry>,
+    random_seed: Option<u64>,
 }
 
 impl Weights {
@@ -146,7 +155,7 @@ impl Weights {
                 }
             }
         }
-        Ok(Weights { files, entries })
+        Ok(Weights { files, entries, random_seed: None })
     }
 
     /// The tensors of `component` in a single-file LDM checkpoint, renamed to diffusers' names.
@@ -172,7 +181,7 @@ impl Weights {
             entries.insert(name, Entry { file: 0, key: key.to_string(), shape });
         }
         ensure!(!entries.is_empty(), "{}: holds no {:?} weights (no key with its LDM prefix)", file.path.display(), component);
-        Ok(Weights { files: vec![file], entries })
+        Ok(Weights { files: vec![file], entries, random_seed: None })
     }
 
     /// The component's weights in a diffusers component folder (`unet/`, `vae/`, `text_encoder/`):
@@ -215,7 +224,7 @@ impl Weights {
             .into_iter()
             .map(|(name, e)| (if name.starts_with(prefix) { name } else { format!("{prefix}{name}") }, e))
             .collect();
-        Weights { files: self.files, entries }
+        Weights { files: self.files, entries, random_seed: self.random_seed }
     }
 
     pub fn names(&self) -> impl Iterator<Item = &str> {
@@ -240,6 +249,7 @@ impl Weights {
     }
 
     fn entry(&self, name: &str) -> Result<&Entry> {
+        ensure!(self.random_seed.is_none(), "random stand-in weights have no stored tensor {name:?}");
         self.entries.get(name).ok_or_else(|| {
             let files: Vec<String> = self.files.iter().map(|f| f.path.display().to_string()).collect();
             anyhow!("weight {name:?} is missing from {}", files.join(", "))
@@ -262,8 +272,18 @@ impl Weights {
         Ok(raw)
     }
 
+    /// Stand-in weights with no file: every name asked for gets [`random_weight`]`(seed, name, shape)`,
+    /// so a full-size model can be built anywhere (GPU machines included) with the same values the
+    /// reference script (tests/fixtures/make_fixtures.py --full-size) gave diffusers.
+    pub fn random(seed: u64) -> Weights {
+        Weights { files: vec![], entries: BTreeMap::new(), random_seed: Some(seed) }
+    }
+
     /// `name` as f32 values, checked to have `shape`.
     pub fn vec(&self, name: &str, shape: &[usize]) -> Result<Vec<f32>> {
+        if let Some(seed) = self.random_seed {
+            return Ok(random_weight(seed, name, shape));
+        }
         self.raw(name, shape)?.to_f32()
     }
 
@@ -277,6 +297,27 @@ impl Weights {
         let w = self.vec(name, &[out_ch, in_ch, k, k])?;
         Ok(crate::ops::conv::conv_weight_oihw_to_ohwi(&w, out_ch, in_ch, k, k))
     }
+}
+
+/// A deterministic stand-in for weight `name`: N(mean, std²) from [`Rng`](crate::rng::Rng) seeded
+/// with `seed ^ fnv1a64(name)`, mean 1 and std 0.1 for 1-D `*.weight` (norm scales), std 0.05 for
+/// other 1-D tensors (biases), 0.02 for `*embedding*`, 1/√fan_in otherwise. make_fixtures.py
+/// (`random_weight`) computes the same values with numpy.
+pub fn random_weight(seed: u64, name: &str, shape: &[usize]) -> Vec<f32> {
+    let hash = name.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ b as u64).wrapping_mul(0x0000_0100_0000_01b3));
+    let mut rng = crate::rng::Rng::new(seed ^ hash);
+    let (mean, std) = if shape.len() == 1 {
+        if name.ends_with(".weight") {
+            (1.0f32, 0.1f32)
+        } else {
+            (0.0, 0.05)
+        }
+    } else if name.contains("embedding") {
+        (0.0, 0.02)
+    } else {
+        (0.0, 1.0 / (shape[1..].iter().product::<usize>() as f32).sqrt())
+    };
+    (0..shape.iter().product::<usize>()).map(|_| mean + std * rng.normal()).collect()
 }
 
 /// diffusers' current name for an old-style VAE attention key (`…attentions.0.query.weight` →

@@ -1,6 +1,6 @@
 //! The `sdlora` command line: train a LoRA, sample images with it, benchmark the engine.
 
-use anyhow::{bail, Result};
+use anyhow::Result;
 use clap::{Args, Parser, Subcommand};
 use sdlora::cuda::{ptx, Gpu};
 use sdlora::sample::SampleArgs;

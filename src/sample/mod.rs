@@ -10,8 +10,8 @@
 //! (0.18215), decoded, and mapped to pixels by clamp((x + 1)/2, 0, 1).
 //!
 //! LoRAs are combined into one adapter per projection ([`lora_merge`]) and applied on the fly.
-//! CLIP and the VAE run on the CPU for now; they sit behind [`Pipeline::encode_text`] and
-//! [`Pipeline::decode`], the two places that switch to the GPU when those models are ported.
+//! CLIP, the UNet and the VAE all run on the chosen device; between models (and between denoising
+//! steps) values pass through the host as f32, and the GPU's scratch arena is reset.
 
 pub mod grid;
 pub mod lora_merge;
@@ -24,10 +24,9 @@ use crate::model::layers::Dev;
 use crate::model::unet::{UNet2DConditionModel, UNetConfig};
 use crate::model::vae::AutoencoderKl;
 use crate::model::weights::{Component, ModelSource};
-use crate::model::Nhwc;
 use crate::ops::philox::philox_normal_cpu;
 use crate::schedule::{denoise, scheduler_by_name};
-use crate::tensor::{DType, Tensor};
+use crate::tensor::{nchw_to_nhwc, nhwc_to_nchw, DType, Tensor};
 use crate::tokenizer::ClipTokenizer;
 use anyhow::{ensure, Context, Result};
 use lora_merge::{LoraSpec, SampleLora};
@@ -142,8 +141,8 @@ impl<'g> Pipeline<'g> {
         Ok(Pipeline {
             dev,
             tokenizer: ClipTokenizer::for_source(source)?,
-            clip: ClipTextModel::from_source(source).context("loading the text encoder")?,
-            vae: AutoencoderKl::from_source(source).context("loading the VAE")?,
+            clip: ClipTextModel::from_source(dev, source).context("loading the text encoder")?,
+            vae: AutoencoderKl::from_source(dev, source).context("loading the VAE")?,
             unet,
             unet_levels,
             text_cache: HashMap::new(),
@@ -155,13 +154,21 @@ impl<'g> Pipeline<'g> {
         self.vae.factor()
     }
 
-    /// CLIP last_hidden_state of each prompt, concatenated: [prompts.len(), 77, d] (CPU for now).
+    /// CLIP last_hidden_state of each prompt, concatenated on the host: [prompts.len(), 77, d].
     pub fn encode_text(&mut self, prompts: &[&str]) -> Result<Vec<f32>> {
         let mut out = Vec::new();
         for p in prompts {
             if !self.text_cache.contains_key(*p) {
                 let ids = self.tokenizer.encode(p)?;
-                let states = self.clip.forward_cpu(&ids, 1)?.into_vec()?;
+                let states = self.clip.forward(self.dev, &ids, 1)?;
+                let states = match self.dev {
+                    Dev::Cpu => states.into_vec()?,
+                    Dev::Gpu(g) => {
+                        let host = states.to_cpu(g)?.into_vec();
+                        g.reset_scratch();
+                        host?
+                    }
+                };
                 self.text_cache.insert(p.to_string(), states);
             }
             out.extend_from_slice(&self.text_cache[*p]);
@@ -169,9 +176,13 @@ impl<'g> Pipeline<'g> {
         Ok(out)
     }
 
-    /// Latents NHWC (already divided by the scaling factor) → pixels NHWC in about [-1, 1] (CPU for now).
-    pub fn decode(&self, latents: &Nhwc) -> Result<Nhwc> {
-        self.vae.decode_cpu(latents)
+    /// Latents NHWC [n, h, w, 4] (already divided by the scaling factor) → pixels NHWC in about [-1, 1], on the host.
+    pub fn decode(&self, latents: Tensor) -> Result<Tensor> {
+        let image = self.vae.decode(self.dev, &latents);
+        if let Dev::Gpu(g) = self.dev {
+            g.reset_scratch();
+        }
+        image
     }
 
     /// ε for the latents `x` (NHWC, `jobs.len()` images) at timestep `t`, guided per image.
@@ -281,11 +292,11 @@ fn read_latents(path: &Path, n: usize, h: usize, w: usize) -> Result<Vec<f32>> {
     ensure!(t.dtype() == Dtype::F32, "{}: latents are {:?}, expected F32", path.display(), t.dtype());
     ensure!(t.shape() == [n, 4, h, w], "{}: latents are {:?}, this run needs [{n}, 4, {h}, {w}] (images, channels, height/f, width/f)", path.display(), t.shape());
     let nchw: Vec<f32> = t.data().chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
-    Ok(Nhwc::from_nchw(&nchw, n, 4, h, w).data)
+    Ok(nchw_to_nhwc(&nchw, n, 4, h, w))
 }
 
 fn write_latents(path: &Path, nhwc: &[f32], n: usize, h: usize, w: usize) -> Result<()> {
-    let nchw = Nhwc::new(nhwc.to_vec(), n, h, w, 4).to_nchw();
+    let nchw = nhwc_to_nchw(nhwc, n, 4, h, w);
     let view = TensorView::new(Dtype::F32, vec![n, 4, h, w], bytemuck::cast_slice(&nchw))?;
     write_atomic(path, &safetensors::serialize([("latents".to_string(), view)], &None)?)
 }
@@ -325,7 +336,7 @@ pub fn run(args: &SampleArgs) -> Result<()> {
     let per = 4 * h * w;
     let mut init = match &args.init_latents {
         Some(p) => read_latents(p, jobs.len(), h, w)?,
-        None => jobs.iter().flat_map(|j| Nhwc::from_nchw(&philox_normal_cpu(per, j.seed, STREAM_INIT, 0, 0.0, 1.0), 1, 4, h, w).data).collect(),
+        None => jobs.iter().flat_map(|j| nchw_to_nhwc(&philox_normal_cpu(per, j.seed, STREAM_INIT, 0, 0.0, 1.0), 1, 4, h, w)).collect(),
     };
     let started = Instant::now();
     let mut finals = Vec::with_capacity(init.len());
@@ -342,8 +353,8 @@ pub fn run(args: &SampleArgs) -> Result<()> {
     let scale = pipe.vae.config.scaling_factor;
     let mut images = Vec::with_capacity(jobs.len());
     for z in finals.chunks(per) {
-        let pixels = pipe.decode(&Nhwc::new(z.iter().map(|v| v / scale).collect(), 1, h, w, 4))?;
-        images.push(Rgb8::from_unit_range(args.width, args.height, &pixels.data));
+        let pixels = pipe.decode(Tensor::from_vec(&[1, h, w, 4], z.iter().map(|v| v / scale).collect())?)?;
+        images.push(Rgb8::from_unit_range(args.width, args.height, pixels.data()?));
     }
     if args.grid {
         let columns: Vec<String> = args.guidance.iter().map(|g| format!("CFG {g}")).collect();

@@ -19,11 +19,11 @@ pub mod png;
 
 use crate::cuda::{ArenaKind, Gpu};
 use crate::io::write_atomic;
-use crate::model::clip::ClipTextModel;
+use crate::model::clip::{ClipTextConfig, ClipTextModel};
 use crate::model::layers::Dev;
 use crate::model::unet::{UNet2DConditionModel, UNetConfig};
-use crate::model::vae::AutoencoderKl;
-use crate::model::weights::{Component, ModelSource};
+use crate::model::vae::{AutoencoderKl, VaeConfig};
+use crate::model::weights::{Component, ModelSource, Weights};
 use crate::ops::philox::philox_normal_cpu;
 use crate::schedule::{denoise, scheduler_by_name};
 use crate::tensor::{nchw_to_nhwc, nhwc_to_nchw, DType, Tensor};
@@ -45,8 +45,12 @@ const GPU_MAX_RANK: usize = 256;
 #[derive(clap::Args, Clone, Debug)]
 pub struct SampleArgs {
     /// Base model: a diffusers folder, a Hugging Face cache id, or a single-file .safetensors.
-    #[arg(long)]
-    pub model: String,
+    #[arg(long, required_unless_present = "random_weights")]
+    pub model: Option<String>,
+    /// Use seeded random stand-in weights of SD1.5's size instead of --model (and the shipped CLIP
+    /// vocabulary): times and memory of a real run with nothing to download; the images are noise.
+    #[arg(long, value_name = "SEED", conflicts_with = "model")]
+    pub random_weights: Option<u64>,
     /// Text prompt (repeatable: each prompt is generated; with --grid, one row per prompt and seed).
     #[arg(long, required = true)]
     pub prompt: Vec<String>,
@@ -106,6 +110,29 @@ struct Job {
     guidance: f32,
 }
 
+/// Where the weights come from.
+pub enum Base {
+    Source(ModelSource),
+    /// [`Weights::random`] stand-ins with SD1.5's configuration.
+    Random(u64),
+}
+
+impl Base {
+    fn weights(&self, component: Component) -> Result<Weights> {
+        match self {
+            Base::Source(s) => s.weights(component),
+            Base::Random(seed) => Ok(Weights::random(*seed)),
+        }
+    }
+
+    fn config(&self, component: Component) -> Result<Option<serde_json::Value>> {
+        match self {
+            Base::Source(s) => s.config(component),
+            Base::Random(_) => Ok(None),
+        }
+    }
+}
+
 /// The loaded models.
 pub struct Pipeline<'g> {
     dev: Dev<'g>,
@@ -121,7 +148,7 @@ pub struct Pipeline<'g> {
 
 impl<'g> Pipeline<'g> {
     /// Loads the model and puts the combined LoRA (if any) on the UNet.
-    pub fn load(dev: Dev<'g>, source: &ModelSource, loras: &[SampleLora]) -> Result<Pipeline<'g>> {
+    pub fn load(dev: Dev<'g>, source: &Base, loras: &[SampleLora]) -> Result<Pipeline<'g>> {
         let unet_cfg = match source.config(Component::Unet)? {
             Some(v) => UNetConfig::from_json(&v)?,
             None => UNetConfig::sd15(),
@@ -138,11 +165,22 @@ impl<'g> Pipeline<'g> {
             let names: Vec<String> = loras.iter().map(|l| l.spec.path.display().to_string()).collect();
             crate::model::lora::load(dev, &mut unet, &combined).with_context(|| format!("applying LoRA {}", names.join(", ")))?;
         }
+        let clip_cfg = match source.config(Component::TextEncoder)? {
+            Some(v) => ClipTextConfig::from_json(&v)?,
+            None => ClipTextConfig::sd15(),
+        };
+        let vae_cfg = match source.config(Component::Vae)? {
+            Some(v) => VaeConfig::from_json(&v)?,
+            None => VaeConfig::sd15(),
+        };
         Ok(Pipeline {
             dev,
-            tokenizer: ClipTokenizer::for_source(source)?,
-            clip: ClipTextModel::from_source(dev, source).context("loading the text encoder")?,
-            vae: AutoencoderKl::from_source(dev, source).context("loading the VAE")?,
+            tokenizer: match source {
+                Base::Source(s) => ClipTokenizer::for_source(s)?,
+                Base::Random(_) => ClipTokenizer::shipped()?,
+            },
+            clip: ClipTextModel::load(dev, &source.weights(Component::TextEncoder)?, clip_cfg).context("loading the text encoder")?,
+            vae: AutoencoderKl::load(dev, &source.weights(Component::Vae)?, vae_cfg).context("loading the VAE")?,
             unet,
             unet_levels,
             text_cache: HashMap::new(),
@@ -263,7 +301,10 @@ fn jobs(args: &SampleArgs) -> Vec<Job> {
 
 /// A1111's "parameters" text: prompt, negative prompt, then the settings on one line.
 fn parameters(args: &SampleArgs, job: &Job, loras: &[LoraSpec]) -> String {
-    let model = Path::new(&args.model).file_name().map(|s| s.to_string_lossy().to_string()).unwrap_or_else(|| args.model.clone());
+    let model = match (&args.model, args.random_weights) {
+        (Some(m), _) => Path::new(m).file_name().map_or_else(|| m.clone(), |s| s.to_string_lossy().to_string()),
+        (None, seed) => format!("random-{}", seed.unwrap_or(0)),
+    };
     let mut line = format!(
         "{}\nNegative prompt: {}\nSteps: {}, Sampler: {}, CFG scale: {}, Seed: {}, Size: {}x{}, Model: {model}",
         job.prompt, args.negative_prompt, args.steps, args.scheduler, job.guidance, job.seed, args.width, args.height
@@ -324,8 +365,13 @@ pub fn run(args: &SampleArgs) -> Result<()> {
     }
     let gpu = if args.cpu { None } else { Some(Gpu::new(0)?) };
     let dev = gpu.as_ref().map_or(Dev::Cpu, Dev::Gpu);
-    let source = ModelSource::resolve(&args.model).with_context(|| format!("--model {}", args.model))?;
-    let mut pipe = Pipeline::load(dev, &source, &loras)?;
+    let base = match (&args.model, args.random_weights) {
+        (Some(m), _) => Base::Source(ModelSource::resolve(m).with_context(|| format!("--model {m}"))?),
+        (None, seed) => Base::Random(seed.unwrap_or(0)),
+    };
+    let load_start = Instant::now();
+    let mut pipe = Pipeline::load(dev, &base, &loras)?;
+    let load_s = load_start.elapsed().as_secs_f64();
 
     let f = pipe.vae_factor();
     ensure!(args.width % f == 0 && args.height % f == 0, "--width/--height must be multiples of the VAE factor {f}");
@@ -339,14 +385,18 @@ pub fn run(args: &SampleArgs) -> Result<()> {
         None => jobs.iter().flat_map(|j| nchw_to_nhwc(&philox_normal_cpu(per, j.seed, STREAM_INIT, 0, 0.0, 1.0), 1, 4, h, w)).collect(),
     };
     let started = Instant::now();
+    let mut denoise_s = 0.0;
     let mut finals = Vec::with_capacity(init.len());
     for (b, chunk) in jobs.chunks(args.batch_size).enumerate() {
         let t0 = Instant::now();
         let x: Vec<f32> = init.drain(..chunk.len() * per).collect();
         finals.extend(pipe.denoise_batch(chunk, &args.negative_prompt, x, (h, w), &args.scheduler, args.steps)?);
         let done = (b * args.batch_size + chunk.len()).min(jobs.len());
-        eprintln!("{done}/{} images denoised ({} steps, {}, {:.2} s)", jobs.len(), args.steps, args.scheduler, t0.elapsed().as_secs_f64());
+        let seconds = t0.elapsed().as_secs_f64();
+        denoise_s += seconds;
+        eprintln!("{done}/{} images denoised ({} steps, {}, {seconds:.2} s)", jobs.len(), args.steps, args.scheduler);
     }
+    let decode_start = Instant::now();
     if let Some(p) = &args.save_latents {
         write_latents(p, &finals, jobs.len(), h, w)?;
     }
@@ -356,6 +406,7 @@ pub fn run(args: &SampleArgs) -> Result<()> {
         let pixels = pipe.decode(Tensor::from_vec(&[1, h, w, 4], z.iter().map(|v| v / scale).collect())?)?;
         images.push(Rgb8::from_unit_range(args.width, args.height, pixels.data()?));
     }
+    let decode_s = decode_start.elapsed().as_secs_f64();
     if args.grid {
         let columns: Vec<String> = args.guidance.iter().map(|g| format!("CFG {g}")).collect();
         let rows: Vec<String> = args.prompt.iter().flat_map(|p| args.seed.iter().map(move |s| format!("seed {s}: {p}"))).collect();
@@ -369,6 +420,20 @@ pub fn run(args: &SampleArgs) -> Result<()> {
             eprintln!("wrote {} (seed {}, guidance {})", path.display(), job.seed, job.guidance);
         }
     }
-    eprintln!("done in {:.1} s", started.elapsed().as_secs_f64());
+    let batches = jobs.len().div_ceil(args.batch_size);
+    eprintln!(
+        "done: {} image(s) in {:.2} s (loading {load_s:.2} s; text encoding + denoising {denoise_s:.2} s = {:.1} ms per step and batch; VAE decode {decode_s:.2} s){}",
+        jobs.len(),
+        started.elapsed().as_secs_f64(),
+        1e3 * denoise_s / (args.steps * batches) as f64,
+        memory_text(gpu.as_ref())
+    );
     Ok(())
+}
+
+/// ", peak device memory …" on the GPU (weights and LoRA, plus the largest per-step scratch).
+fn memory_text(gpu: Option<&Gpu>) -> String {
+    let Some(g) = gpu else { return String::new() };
+    let (p, s) = (g.arena_stats(ArenaKind::Persistent).high_water, g.arena_stats(ArenaKind::Scratch).high_water);
+    format!("; peak device memory {:.2} GiB (weights {:.2} GiB + scratch {:.2} GiB)", (p + s) as f64 / (1u64 << 30) as f64, p as f64 / (1u64 << 30) as f64, s as f64 / (1u64 << 30) as f64)
 }

@@ -55,7 +55,7 @@ impl LoraSpec {
         }
         let found: Vec<PathBuf> = std::fs::read_dir(p)?
             .filter_map(|e| e.ok().map(|e| e.path()))
-            .filter(|f| f.extension().is_some_and(|x| x == "safetensors") && !f.file_name().is_some_and(|n| n == "optimizer.safetensors"))
+            .filter(|f| f.extension().is_some_and(|x| x == "safetensors") && f.file_name().is_none_or(|n| n != "optimizer.safetensors"))
             .collect();
         match found.as_slice() {
             [one] => Ok(one.clone()),

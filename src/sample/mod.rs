@@ -110,6 +110,14 @@ struct Job {
     guidance: f32,
 }
 
+/// A batch's text conditioning: CLIP states of the negative and positive prompts ([n, 77, d] each)
+/// and each image's guidance scale.
+struct Conditioning {
+    uncond: Vec<f32>,
+    cond: Vec<f32>,
+    guidance: Vec<f32>,
+}
+
 /// Where the weights come from.
 pub enum Base {
     Source(ModelSource),
@@ -223,8 +231,9 @@ impl<'g> Pipeline<'g> {
         image
     }
 
-    /// ε for the latents `x` (NHWC, `jobs.len()` images) at timestep `t`, guided per image.
-    fn guided_eps(&mut self, x: &[f32], hw: (usize, usize), t: f32, uncond: &[f32], cond: &[f32], guidance: &[f32], eps: &mut [f32]) -> Result<()> {
+    /// ε for the latents `x` (NHWC, one image per guidance value) at timestep `t`, guided per image.
+    fn guided_eps(&mut self, x: &[f32], hw: (usize, usize), t: f32, c: &Conditioning, eps: &mut [f32]) -> Result<()> {
+        let (uncond, cond, guidance) = (&c.uncond[..], &c.cond[..], &c.guidance[..]);
         let n = guidance.len();
         let cfg = guidance.iter().any(|&g| g > 1.0);
         let (x_in, ctx) = if cfg { ([x, x].concat(), [uncond, cond].concat()) } else { (x.to_vec(), cond.to_vec()) };
@@ -266,9 +275,11 @@ impl<'g> Pipeline<'g> {
     /// Denoises a batch of images from their initial latents (NHWC, N(0,1)); returns the final latents.
     fn denoise_batch(&mut self, jobs: &[Job], negative: &str, mut latents: Vec<f32>, hw: (usize, usize), scheduler: &str, steps: usize) -> Result<Vec<f32>> {
         let prompts: Vec<&str> = jobs.iter().map(|j| j.prompt.as_str()).collect();
-        let cond = self.encode_text(&prompts)?;
-        let uncond = self.encode_text(&vec![negative; jobs.len()])?;
-        let guidance: Vec<f32> = jobs.iter().map(|j| j.guidance).collect();
+        let c = Conditioning {
+            cond: self.encode_text(&prompts)?,
+            uncond: self.encode_text(&vec![negative; jobs.len()])?,
+            guidance: jobs.iter().map(|j| j.guidance).collect(),
+        };
         let mut sched = scheduler_by_name(scheduler, steps)?;
         let per = latents.len() / jobs.len();
         let seeds: Vec<u64> = jobs.iter().map(|j| j.seed).collect();
@@ -279,7 +290,7 @@ impl<'g> Pipeline<'g> {
             }
             draws += 1;
         };
-        denoise(&mut *sched, &mut latents, |x, t, eps| self.guided_eps(x, hw, t, &uncond, &cond, &guidance, eps), &mut noise)?;
+        denoise(&mut *sched, &mut latents, |x, t, eps| self.guided_eps(x, hw, t, &c, eps), &mut noise)?;
         Ok(latents)
     }
 }
@@ -346,7 +357,7 @@ fn write_latents(path: &Path, nhwc: &[f32], n: usize, h: usize, w: usize) -> Res
 pub fn run(args: &SampleArgs) -> Result<()> {
     ensure!(args.steps >= 1, "--steps must be at least 1");
     ensure!(args.num_images >= 1 && args.batch_size >= 1, "--num-images and --batch-size must be at least 1");
-    ensure!(args.width % 8 == 0 && args.height % 8 == 0 && args.width > 0 && args.height > 0, "--width {} and --height {} must be positive multiples of 8", args.width, args.height);
+    ensure!(args.width.is_multiple_of(8) && args.height.is_multiple_of(8) && args.width > 0 && args.height > 0, "--width {} and --height {} must be positive multiples of 8", args.width, args.height);
     ensure!(!args.grid || args.num_images == 1, "--grid takes one image per prompt, seed and guidance: use several --seed values instead of --num-images");
     for g in &args.guidance {
         ensure!(g.is_finite(), "--guidance {g} is not a finite number");
@@ -374,10 +385,10 @@ pub fn run(args: &SampleArgs) -> Result<()> {
     let load_s = load_start.elapsed().as_secs_f64();
 
     let f = pipe.vae_factor();
-    ensure!(args.width % f == 0 && args.height % f == 0, "--width/--height must be multiples of the VAE factor {f}");
+    ensure!(args.width.is_multiple_of(f) && args.height.is_multiple_of(f), "--width/--height must be multiples of the VAE factor {f}");
     let (h, w) = (args.height / f, args.width / f);
     let levels = pipe.unet_levels;
-    ensure!(h % levels == 0 && w % levels == 0, "--width {} x --height {}: this UNet needs multiples of {} px", args.width, args.height, f * levels);
+    ensure!(h.is_multiple_of(levels) && w.is_multiple_of(levels), "--width {} x --height {}: this UNet needs multiples of {} px", args.width, args.height, f * levels);
     let jobs = jobs(args);
     let per = 4 * h * w;
     let mut init = match &args.init_latents {

@@ -1,15 +1,15 @@
 //! `--grid`: several images in one labelled picture. Columns are guidance values (so "guidance 5.0 vs
 //! 7.5" sits side by side), rows are (prompt, seed) pairs, prompt-major; a header band names each
 //! column and a band above each row names its seed and prompt. Labels are drawn with a built-in 5×7
-//! bitmap font (upper-case ASCII; lower case is drawn upper case), scaled with the image size.
+//! bitmap font (printable ASCII; anything else is drawn as '?'), scaled with the image size.
 
 use super::png::Rgb8;
 
 const BLACK: [u8; 3] = [0, 0, 0];
 const WHITE: [u8; 3] = [255, 255, 255];
 
-/// 5×7 glyphs for ASCII 32..=95, one string per glyph: 7 rows of 5 pixels, `#` set.
-const FONT: [&str; 64] = [
+/// 5×7 glyphs for printable ASCII (32..=126), one string per glyph: 7 rows of 5 pixels, `#` set.
+const FONT: [&str; 95] = [
     "..... ..... ..... ..... ..... ..... .....", // space
     "..#.. ..#.. ..#.. ..#.. ..#.. ..... ..#..", // !
     ".#.#. .#.#. .#.#. ..... ..... ..... .....", // "
@@ -74,13 +74,43 @@ const FONT: [&str; 64] = [
     ".###. ...#. ...#. ...#. ...#. ...#. .###.", // ]
     "..#.. .#.#. #...# ..... ..... ..... .....", // ^
     "..... ..... ..... ..... ..... ..... #####", // _
+    ".#... ..#.. ...#. ..... ..... ..... .....", // `
+    "..... ..... .###. ....# .#### #...# .####", // a
+    "#.... #.... #.##. ##..# #...# #...# ####.", // b
+    "..... ..... .###. #.... #.... #...# .###.", // c
+    "....# ....# .##.# #..## #...# #...# .####", // d
+    "..... ..... .###. #...# ##### #.... .###.", // e
+    "..##. .#..# .#... ###.. .#... .#... .#...", // f
+    "..... .#### #...# #...# .#### ....# .###.", // g
+    "#.... #.... #.##. ##..# #...# #...# #...#", // h
+    "..#.. ..... .##.. ..#.. ..#.. ..#.. .###.", // i
+    "...#. ..... ..##. ...#. ...#. #..#. .##..", // j
+    "#.... #.... #..#. #.#.. ##... #.#.. #..#.", // k
+    ".##.. ..#.. ..#.. ..#.. ..#.. ..#.. .###.", // l
+    "..... ..... ##.#. #.#.# #.#.# #...# #...#", // m
+    "..... ..... #.##. ##..# #...# #...# #...#", // n
+    "..... ..... .###. #...# #...# #...# .###.", // o
+    "..... ..... ####. #...# ####. #.... #....", // p
+    "..... ..... .##.# #..## .#### ....# ....#", // q
+    "..... ..... #.##. ##..# #.... #.... #....", // r
+    "..... ..... .###. #.... .###. ....# ####.", // s
+    ".#... .#... ###.. .#... .#... .#..# ..##.", // t
+    "..... ..... #...# #...# #...# #..## .##.#", // u
+    "..... ..... #...# #...# #...# .#.#. ..#..", // v
+    "..... ..... #...# #...# #.#.# #.#.# .#.#.", // w
+    "..... ..... #...# .#.#. ..#.. .#.#. #...#", // x
+    "..... ..... #...# #...# .#### ....# .###.", // y
+    "..... ..... ##### ...#. ..#.. .#... #####", // z
+    "...#. ..#.. ..#.. .#... ..#.. ..#.. ...#.", // {
+    "..#.. ..#.. ..#.. ..#.. ..#.. ..#.. ..#..", // |
+    ".#... ..#.. ..#.. ...#. ..#.. ..#.. .#...", // }
+    "..... ..... .#... #.#.# ...#. ..... .....", // ~
 ];
 
 /// Pixel rows of `c`'s glyph (5 bits each, bit 4 = leftmost column).
 fn glyph(c: char) -> [u8; 7] {
-    let c = c.to_ascii_uppercase();
     let code = c as u32;
-    let index = if (32..96).contains(&code) { (code - 32) as usize } else { ('?' as u32 - 32) as usize };
+    let index = if (32..127).contains(&code) { (code - 32) as usize } else { ('?' as u32 - 32) as usize };
     let mut rows = [0u8; 7];
     for (r, bits) in FONT[index].split(' ').enumerate() {
         rows[r] = bits.bytes().fold(0, |acc, b| (acc << 1) | u8::from(b == b'#'));
@@ -154,8 +184,8 @@ mod tests {
             let rows: Vec<&str> = g.split(' ').collect();
             assert!(rows.len() == 7 && rows.iter().all(|r| r.len() == 5 && r.bytes().all(|b| b == b'#' || b == b'.')), "glyph {i}: {g:?}");
         }
-        assert_eq!(glyph('a'), glyph('A'));
-        assert_eq!(glyph('~'), glyph('?'));
+        assert_ne!(glyph('a'), glyph('A'));
+        assert_eq!(glyph('é'), glyph('?'));
         assert_eq!(glyph('T')[0], 0b11111);
     }
 

@@ -27,7 +27,7 @@ use crate::model::weights::{Component, ModelSource, Weights};
 use crate::ops::philox::philox_normal_cpu;
 use crate::schedule::{denoise, scheduler_by_name};
 use crate::tensor::{nchw_to_nhwc, nhwc_to_nchw, DType, Tensor};
-use crate::tokenizer::ClipTokenizer;
+use crate::tokenizer::{ClipTokenizer, MAX_LEN};
 use anyhow::{ensure, Context, Result};
 use lora_merge::{LoraSpec, SampleLora};
 use png::Rgb8;
@@ -205,6 +205,10 @@ impl<'g> Pipeline<'g> {
         let mut out = Vec::new();
         for p in prompts {
             if !self.text_cache.contains_key(*p) {
+                let tokens = self.tokenizer.encode_raw(p)?.len();
+                if tokens > MAX_LEN - 2 {
+                    eprintln!("warning: the prompt {p:?} has {tokens} tokens; CLIP reads the first {} (the rest is cut, as in diffusers)", MAX_LEN - 2);
+                }
                 let ids = self.tokenizer.encode(p)?;
                 let states = self.clip.forward(self.dev, &ids, 1)?;
                 let states = match self.dev {

@@ -7,12 +7,9 @@ use sdlora::sample::png;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
-
+/// tests/fixtures ($SDLORA_FIXTURES, else from the working directory, else from the source tree).
 fn fixtures() -> PathBuf {
-    root().join("tests/fixtures")
+    sdlora::testing::fixtures_dir()
 }
 
 fn sample(args: &[String]) -> Result<String, String> {

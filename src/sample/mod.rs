@@ -306,7 +306,7 @@ fn jobs(args: &SampleArgs) -> Vec<Job> {
         for &seed in &args.seed {
             for &guidance in &args.guidance {
                 for k in 0..args.num_images {
-                    out.push(Job { prompt: prompt.clone(), seed: seed + k as u64, guidance });
+                    out.push(Job { prompt: prompt.clone(), seed: seed.wrapping_add(k as u64), guidance });
                 }
             }
         }

@@ -10,6 +10,9 @@
 //! - [`io`]: atomic file writes.
 //! - [`log`]: TensorBoard event files.
 //! - [`schedule`]: the DDPM training noise schedule and the samplers (PNDM, DDIM, Euler, DPM++).
+//! - [`model`]: the SD1.5 models (UNet with LoRA, CLIP, VAE) and weight loading.
+//! - [`tokenizer`]: the CLIP BPE tokenizer.
+//! - [`train`]: the training job.
 //! - [`testing`]: fixture paths for tests.
 
 pub mod bench;
@@ -25,3 +28,4 @@ pub mod io;
 pub mod log;
 pub mod model;
 pub mod tokenizer;
+pub mod train;

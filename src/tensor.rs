@@ -88,6 +88,15 @@ impl Tensor {
         Ok(Tensor { shape: shape.to_vec(), dtype: self.dtype, storage: self.storage.clone() })
     }
 
+    /// `shape`-many values starting `offset` values into a GPU tensor, sharing its memory.
+    pub fn gpu_view(&self, offset: usize, shape: &[usize]) -> Result<Tensor> {
+        let Storage::Cuda(buf) = &self.storage else { bail!("gpu_view of a CPU tensor") };
+        let n: usize = shape.iter().product();
+        let size = self.dtype.size();
+        let view = buf.slice(offset * size, n * size).with_context(|| format!("view of {n} values at {offset} outside {:?}", self.shape))?;
+        Ok(Tensor { shape: shape.to_vec(), dtype: self.dtype, storage: Storage::Cuda(view) })
+    }
+
     /// The values of a CPU tensor.
     pub fn data(&self) -> Result<&[f32]> {
         match &self.storage {

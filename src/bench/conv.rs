@@ -6,7 +6,7 @@
 //! `cin=a+b` for the fused concat of the up blocks.
 
 use super::{time_gpu, BenchRow, Timing};
-use crate::cuda::{ArenaKind::Scratch, Gpu};
+use crate::cuda::{ArenaKind::Persistent, Gpu};
 use crate::ops::conv::{conv2d, conv2d_backward_input, Conv2dShape, ConvSource};
 use crate::tensor::{DType, Tensor};
 use anyhow::Result;
@@ -56,7 +56,7 @@ pub fn bench(gpu: &Gpu) -> Result<Vec<BenchRow>> {
         let s = Conv2dShape { batch: b, height: hw, width: hw, in_ch: c1 + c2, out_ch: cout, kernel: k, stride: st, pad: k / 2 };
         let (ho, wo) = s.out_hw();
         let xhw = if up { hw / 2 } else { hw };
-        let t = |shape: &[usize]| Tensor::empty_gpu(gpu, Scratch, shape, DType::BF16);
+        let t = |shape: &[usize]| Tensor::empty_gpu(gpu, Persistent, shape, DType::BF16);
         let (mut x, mut skip) = (t(&[b, xhw, xhw, c1])?, t(&[b, xhw, xhw, c2.max(1)])?);
         let (w, bias, mut y) = (t(&[cout, k, k, c1 + c2])?, t(&[cout])?, t(&[b, ho, wo, cout])?);
         // Zeros: timing does not depend on values, and NaN-free inputs keep the tensor cores honest.
@@ -67,16 +67,22 @@ pub fn bench(gpu: &Gpu) -> Result<Vec<BenchRow>> {
         let per_call = |t: Timing| Timing { median_ms: t.median_ms / INNER as f64, min_ms: t.min_ms / INNER as f64, max_ms: t.max_ms / INNER as f64, reps: t.reps };
         let fwd = time_gpu(gpu, 2, 15, || {
             let src = ConvSource { x: &x, skip: (c2 > 0).then_some(&skip), upsample2x: up };
-            (0..INNER).try_for_each(|_| conv2d(gpu, src, &s, &w, Some(&bias), None, &mut y))
+            (0..INNER).try_for_each(|_| {
+                gpu.reset_scratch(); // the split-K workspace: one scratch buffer, reused in stream order
+                conv2d(gpu, src, &s, &w, Some(&bias), None, &mut y)
+            })
         })?;
         let fwd = per_call(fwd);
         rows.push(BenchRow { kernel: "conv_fwd".into(), shape: name.clone(), rate: s.flops() / fwd.median_ms / 1e9, unit: "TFLOP/s", timing: fwd });
         let bwd = time_gpu(gpu, 2, 15, || {
-            (0..INNER).try_for_each(|_| conv2d_backward_input(gpu, &y, &s, &w, up, &mut x, (c2 > 0).then_some(&mut skip)))
+            (0..INNER).try_for_each(|_| {
+                gpu.reset_scratch();
+                conv2d_backward_input(gpu, &y, &s, &w, up, &mut x, (c2 > 0).then_some(&mut skip))
+            })
         })?;
         let bwd = per_call(bwd);
         rows.push(BenchRow { kernel: "conv_bwd_input".into(), shape: name, rate: s.flops() / bwd.median_ms / 1e9, unit: "TFLOP/s", timing: bwd });
-        gpu.reset_scratch();
     }
+    gpu.reset_scratch();
     Ok(rows)
 }

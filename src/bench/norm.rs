@@ -2,6 +2,10 @@
 //! reported in GB/s of bytes read + written once (the bandwidth floor's numerator), next to a
 //! device-to-device copy measured in the same run. benches/torch_norm.py times PyTorch on the same
 //! shapes.
+//!
+//! Each op's GPU time is measured on batches of back-to-back calls queued behind a spin kernel (the
+//! time a captured graph would spend, see `time`); norms also eagerly (`[eager]`: median of CUDA
+//! events around each single call, launch latency included).
 
 use super::{time_gpu, BenchRow, Timing};
 use crate::cuda::{ArenaKind::Scratch, Gpu};
@@ -23,8 +27,35 @@ fn row(kernel: &str, shape: String, bytes: f64, timing: Timing) -> BenchRow {
     BenchRow { kernel: kernel.into(), shape, rate: bytes / timing.median_ms / 1e6, unit: "GB/s", timing }
 }
 
-fn time(gpu: &Gpu, f: impl FnMut() -> Result<()>) -> Result<Timing> {
+fn eager(gpu: &Gpu, f: impl FnMut() -> Result<()>) -> Result<Timing> {
     time_gpu(gpu, 10, 100, f)
+}
+
+/// GPU time per call of `f`: 5 batches of 50 calls; before each batch a spin kernel holds the GPU
+/// for 2 ms while the host queues the batch, so the batch runs back to back (as in a captured
+/// graph) and the events around it measure GPU time, not launch latency. Median/min/max over batches.
+/// (Gpu launches on the legacy default stream, which CUDA cannot capture, hence no real graph.)
+fn time(gpu: &Gpu, mut f: impl FnMut() -> Result<()>) -> Result<Timing> {
+    use cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT;
+    const CALLS: usize = 50;
+    for _ in 0..10 {
+        f()?;
+    }
+    let spin = crate::cuda::LaunchConfig { grid_dim: (1, 1, 1), block_dim: (1, 1, 1), shared_mem_bytes: 0 };
+    let mut ms = Vec::new();
+    for _ in 0..5 {
+        gpu.synchronize()?;
+        gpu.launch("bench", "bench_spin", spin, &[crate::cuda::KernelArg::I64(2_000_000)])?;
+        let start = gpu.stream().record_event(Some(CU_EVENT_DEFAULT))?;
+        for _ in 0..CALLS {
+            f()?;
+        }
+        let end = gpu.stream().record_event(Some(CU_EVENT_DEFAULT))?;
+        gpu.synchronize()?;
+        ms.push(start.elapsed_ms(&end)? as f64 / CALLS as f64);
+    }
+    ms.sort_by(f64::total_cmp);
+    Ok(Timing { median_ms: ms[ms.len() / 2], min_ms: ms[0], max_ms: ms[ms.len() - 1], reps: ms.len() })
 }
 
 pub fn bench(gpu: &Gpu) -> Result<Vec<BenchRow>> {
@@ -35,10 +66,10 @@ pub fn bench(gpu: &Gpu) -> Result<Vec<BenchRow>> {
     for mib in [5usize, 256] {
         let bytes = mib << 20;
         let (a, b) = (gpu.alloc(Scratch, bytes)?, gpu.alloc(Scratch, bytes)?);
-        let t = time(gpu, || {
+        let t = eager(gpu, || {
             unsafe { cudarc::driver::result::memcpy_dtod_async(b.ptr(), a.ptr(), bytes, gpu.stream().cu_stream()) }.context("copy")
         })?;
-        rows.push(row("memcpy_dtod", format!("{mib} MiB"), 2.0 * bytes as f64, t));
+        rows.push(row("memcpy_dtod[eager]", format!("{mib} MiB"), 2.0 * bytes as f64, t));
         gpu.reset_scratch();
     }
 
@@ -54,8 +85,10 @@ pub fn bench(gpu: &Gpu) -> Result<Vec<BenchRow>> {
         let bytes = (n * hw * c * 2) as f64;
         let desc = format!("{n}x{hw}x{c}");
         rows.push(row("group_norm_fwd", desc.clone(), 2.0 * bytes, time(gpu, || norm::group_norm(gpu, &x, &gamma, &beta, 1e-5, false, &mut y, &mut stats))?));
+        rows.push(row("group_norm_fwd[eager]", desc.clone(), 2.0 * bytes, eager(gpu, || norm::group_norm(gpu, &x, &gamma, &beta, 1e-5, false, &mut y, &mut stats))?));
         rows.push(row("group_norm_silu_fwd", desc.clone(), 2.0 * bytes, time(gpu, || norm::group_norm(gpu, &x, &gamma, &beta, 1e-5, true, &mut y, &mut stats))?));
         rows.push(row("group_norm_bwd", desc.clone(), 3.0 * bytes, time(gpu, || norm::group_norm_backward(gpu, &x, &gamma, &beta, &stats, false, &dy, &mut dx))?));
+        rows.push(row("group_norm_bwd[eager]", desc.clone(), 3.0 * bytes, eager(gpu, || norm::group_norm_backward(gpu, &x, &gamma, &beta, &stats, false, &dy, &mut dx))?));
         rows.push(row("group_norm_silu_bwd", desc, 3.0 * bytes, time(gpu, || norm::group_norm_backward(gpu, &x, &gamma, &beta, &stats, true, &dy, &mut dx))?));
         gpu.reset_scratch();
     }
@@ -71,6 +104,8 @@ pub fn bench(gpu: &Gpu) -> Result<Vec<BenchRow>> {
         let bytes = (r * c * 2) as f64;
         rows.push(row("layer_norm_fwd", format!("{r}x{c}"), 2.0 * bytes, time(gpu, || norm::layer_norm(gpu, &x, &gamma, &beta, 1e-5, &mut y, &mut stats))?));
         rows.push(row("layer_norm_bwd", format!("{r}x{c}"), 3.0 * bytes, time(gpu, || norm::layer_norm_backward(gpu, &x, &gamma, &stats, &dy, &mut dx))?));
+        rows.push(row("layer_norm_fwd[eager]", format!("{r}x{c}"), 2.0 * bytes, eager(gpu, || norm::layer_norm(gpu, &x, &gamma, &beta, 1e-5, &mut y, &mut stats))?));
+        rows.push(row("layer_norm_bwd[eager]", format!("{r}x{c}"), 3.0 * bytes, eager(gpu, || norm::layer_norm_backward(gpu, &x, &gamma, &stats, &dy, &mut dx))?));
         gpu.reset_scratch();
     }
 

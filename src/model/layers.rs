@@ -74,18 +74,10 @@ pub struct LoraAdapter {
 }
 
 impl LoraAdapter {
-    pub fn new(dev: Dev, layer: &LoraLayer) -> Result<LoraAdapter> {
-        let (r, i, o) = (layer.rank, layer.in_features, layer.out_features);
-        let mut adapter = LoraAdapter {
-            rank: r,
-            alpha: layer.alpha,
-            a: dev.master(Tensor::from_vec(&[r, i], layer.a.clone())?)?,
-            b: dev.master(Tensor::from_vec(&[o, r], layer.b.clone())?)?,
-            grad_a: dev.master(Tensor::zeros(&[r, i]))?,
-            grad_b: dev.master(Tensor::zeros(&[o, r]))?,
-            a16: None,
-            b16: None,
-        };
+    /// An adapter over given f32 tensors on the model's device: A [r, in], B [out, r] and their
+    /// gradients (zero). On the GPU these are views into the flat buffers the optimizer updates.
+    pub fn new(dev: Dev, alpha: f32, a: Tensor, b: Tensor, grad_a: Tensor, grad_b: Tensor) -> Result<LoraAdapter> {
+        let mut adapter = LoraAdapter { rank: a.shape()[0], alpha, a, b, grad_a, grad_b, a16: None, b16: None };
         adapter.sync(dev)?;
         Ok(adapter)
     }
@@ -97,11 +89,12 @@ impl LoraAdapter {
     /// Refreshes the bf16 copies from the f32 masters (GPU only).
     pub fn sync(&mut self, dev: Dev) -> Result<()> {
         if let Dev::Gpu(g) = dev {
-            let mut a16 = Tensor::empty_gpu(g, ArenaKind::Persistent, self.a.shape(), DType::BF16)?;
-            let mut b16 = Tensor::empty_gpu(g, ArenaKind::Persistent, self.b.shape(), DType::BF16)?;
-            crate::ops::elementwise::cast(g, &self.a, &mut a16)?;
-            crate::ops::elementwise::cast(g, &self.b, &mut b16)?;
-            (self.a16, self.b16) = (Some(a16), Some(b16));
+            if self.a16.is_none() {
+                self.a16 = Some(Tensor::empty_gpu(g, ArenaKind::Persistent, self.a.shape(), DType::BF16)?);
+                self.b16 = Some(Tensor::empty_gpu(g, ArenaKind::Persistent, self.b.shape(), DType::BF16)?);
+            }
+            crate::ops::elementwise::cast(g, &self.a, self.a16.as_mut().unwrap())?;
+            crate::ops::elementwise::cast(g, &self.b, self.b16.as_mut().unwrap())?;
         }
         Ok(())
     }
@@ -314,9 +307,9 @@ impl GroupNorm {
                 Ok((Tensor::from_vec(x.shape(), y)?, NormStats(None)))
             }
             Dev::Gpu(g) => {
-                let (mut y, mut stats) = (Dev::scratch(g, x.shape())?, Tensor::empty_gpu(g, ArenaKind::Scratch, &[n, self.groups, 2], DType::F32)?);
+                let (mut y, mut stats) = (Dev::scratch(g, &[n, hw, c])?, Tensor::empty_gpu(g, ArenaKind::Scratch, &[n, self.groups, 2], DType::F32)?);
                 norm::group_norm(g, &x.reshape(&[n, hw, c])?, &self.gamma, &self.beta, self.eps, silu, &mut y, &mut stats)?;
-                Ok((y, NormStats(Some(stats))))
+                Ok((y.reshape(x.shape())?, NormStats(Some(stats))))
             }
         }
     }
@@ -329,9 +322,9 @@ impl GroupNorm {
                 Tensor::from_vec(x.shape(), dx)
             }
             (Dev::Gpu(g), Some(stats)) => {
-                let mut dx = Dev::scratch(g, x.shape())?;
-                norm::group_norm_backward(g, &x.reshape(&[n, hw, c])?, &self.gamma, &self.beta, stats, silu, dy, &mut dx)?;
-                Ok(dx)
+                let mut dx = Dev::scratch(g, &[n, hw, c])?;
+                norm::group_norm_backward(g, &x.reshape(&[n, hw, c])?, &self.gamma, &self.beta, stats, silu, &dy.reshape(&[n, hw, c])?, &mut dx)?;
+                dx.reshape(x.shape())
             }
             (Dev::Gpu(_), None) => anyhow::bail!("group_norm backward: no statistics from a GPU forward"),
         }

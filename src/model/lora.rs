@@ -2,13 +2,19 @@
 //! target_modules=["to_q", "to_k", "to_v", "to_out.0"])` adds them to attn1 and attn2 of every
 //! BasicTransformerBlock: A [r, in] ~ kaiming-uniform(a=√5) (bound 1/√in, PEFT's default) or
 //! N(0, (1/r)²) ("gaussian"), B [out, r] = 0, scale = alpha / r.
+//!
+//! On the GPU every adapter's A and B live in one flat f32 buffer and their gradients in another
+//! ([`LoraParams`]), so one fused AdamW launch updates them all and gradient clipping sees the
+//! global norm.
 
-use super::layers::{Dev, LoraAdapter, Linear};
+use super::layers::{Dev, Linear, LoraAdapter};
 use super::unet::UNet2DConditionModel;
 use crate::checkpoint::{LoraLayer, LoraWeights};
+use crate::cuda::ArenaKind;
 use crate::rng::Rng;
-use crate::tensor::Tensor;
+use crate::tensor::{DType, Tensor};
 use anyhow::{bail, ensure, Result};
+use std::collections::HashMap;
 
 pub const DEFAULT_TARGETS: [&str; 4] = ["to_q", "to_k", "to_v", "to_out.0"];
 
@@ -16,6 +22,15 @@ pub const DEFAULT_TARGETS: [&str; 4] = ["to_q", "to_k", "to_v", "to_out.0"];
 pub enum LoraInit {
     KaimingUniform,
     Gaussian,
+}
+
+/// The flat parameter and gradient buffers behind the adapters (GPU), and the trained value count.
+pub struct LoraParams {
+    pub count: usize,
+    /// f32 [count]: every adapter's A then B, in [`projections`] order (GPU only).
+    pub params: Option<Tensor>,
+    /// f32 [count], laid out like `params` (GPU only).
+    pub grads: Option<Tensor>,
 }
 
 /// Every attention projection of the UNet with its diffusers module path, in a fixed order.
@@ -34,14 +49,14 @@ pub fn projections(unet: &mut UNet2DConditionModel) -> Vec<(String, &mut Linear)
     out
 }
 
-/// Adds fresh adapters to the projections named in `targets`; returns the number of trained values.
-pub fn attach(dev: Dev, unet: &mut UNet2DConditionModel, targets: &[&str], rank: usize, alpha: f32, init: LoraInit, seed: u64) -> Result<usize> {
+/// Adds fresh adapters to the projections named in `targets`.
+pub fn attach(dev: Dev, unet: &mut UNet2DConditionModel, targets: &[String], rank: usize, alpha: f32, init: LoraInit, seed: u64) -> Result<LoraParams> {
     ensure!((1..=1024).contains(&rank), "LoRA rank {rank} is out of range (1..=1024)");
     for t in targets {
-        ensure!(DEFAULT_TARGETS.contains(t), "unknown LoRA target {t:?} (expected some of {DEFAULT_TARGETS:?})");
+        ensure!(DEFAULT_TARGETS.contains(&t.as_str()), "unknown LoRA target {t:?} (expected some of {DEFAULT_TARGETS:?})");
     }
     let mut rng = Rng::new(seed);
-    let mut params = 0;
+    let mut layers = Vec::new();
     for (module, linear) in projections(unet) {
         if !targets.iter().any(|t| module.ends_with(&format!(".{t}"))) {
             continue;
@@ -51,21 +66,28 @@ pub fn attach(dev: Dev, unet: &mut UNet2DConditionModel, targets: &[&str], rank:
             LoraInit::KaimingUniform => rng.uniform_vec(rank * i, -1.0 / (i as f32).sqrt(), 1.0 / (i as f32).sqrt()),
             LoraInit::Gaussian => rng.normal_vec(rank * i, 1.0 / rank as f32),
         };
-        let layer = LoraLayer { rank, in_features: i, out_features: o, alpha, a, b: vec![0.0; o * rank] };
-        params += rank * (i + o);
-        linear.lora = Some(LoraAdapter::new(dev, &layer)?);
+        layers.push((module, LoraLayer { rank, in_features: i, out_features: o, alpha, a, b: vec![0.0; o * rank] }));
     }
-    Ok(params)
+    install(dev, unet, layers)
 }
 
 /// Puts the layers of `weights` (read from a file) onto the matching projections; every layer
 /// must find its projection with matching sizes.
-pub fn load(dev: Dev, unet: &mut UNet2DConditionModel, weights: &LoraWeights) -> Result<()> {
+pub fn load(dev: Dev, unet: &mut UNet2DConditionModel, weights: &LoraWeights) -> Result<LoraParams> {
+    let layers = weights.layers.iter().map(|(m, l)| (m.clone(), l.clone())).collect();
+    install(dev, unet, layers)
+}
+
+/// Puts `layers` onto their projections, in [`projections`] order (so the flat buffers, and the
+/// optimizer state saved from them, have one layout whatever the source).
+fn install(dev: Dev, unet: &mut UNet2DConditionModel, mut layers: Vec<(String, LoraLayer)>) -> Result<LoraParams> {
     let mut projections = projections(unet);
-    for (module, layer) in &weights.layers {
-        let Some((_, linear)) = projections.iter_mut().find(|(m, _)| m == module) else {
+    let index: HashMap<String, usize> = projections.iter().enumerate().map(|(i, (m, _))| (m.clone(), i)).collect();
+    for (module, layer) in &layers {
+        let Some(&i) = index.get(module) else {
             bail!("LoRA layer {module} has no matching attention projection in this UNet");
         };
+        let linear = &projections[i].1;
         ensure!(
             (layer.in_features, layer.out_features) == (linear.in_f, linear.out_f),
             "LoRA layer {module} is {}→{}, the projection is {}→{}",
@@ -74,9 +96,35 @@ pub fn load(dev: Dev, unet: &mut UNet2DConditionModel, weights: &LoraWeights) ->
             linear.in_f,
             linear.out_f
         );
-        linear.lora = Some(LoraAdapter::new(dev, layer)?);
     }
-    Ok(())
+    layers.sort_by_key(|(m, _)| index[m]);
+    let count = layers.iter().map(|(_, l)| l.a.len() + l.b.len()).sum();
+    let mut flat = match dev {
+        Dev::Cpu => None,
+        Dev::Gpu(g) => {
+            let host: Vec<f32> = layers.iter().flat_map(|(_, l)| l.a.iter().chain(&l.b).copied()).collect();
+            let params = Tensor::from_vec(&[count], host)?.to_gpu(g, ArenaKind::Persistent, DType::F32)?;
+            let mut grads = Tensor::empty_gpu(g, ArenaKind::Persistent, &[count], DType::F32)?;
+            grads.zero(Some(g))?;
+            Some((params, grads))
+        }
+    };
+    let mut offset = 0;
+    for (module, l) in layers {
+        let (sa, sb) = ([l.rank, l.in_features], [l.out_features, l.rank]);
+        let adapter = match &mut flat {
+            None => LoraAdapter::new(dev, l.alpha, Tensor::from_vec(&sa, l.a)?, Tensor::from_vec(&sb, l.b)?, Tensor::zeros(&sa), Tensor::zeros(&sb))?,
+            Some((p, g)) => {
+                let (na, nb) = (l.a.len(), l.b.len());
+                let views = (p.gpu_view(offset, &sa)?, p.gpu_view(offset + na, &sb)?, g.gpu_view(offset, &sa)?, g.gpu_view(offset + na, &sb)?);
+                offset += na + nb;
+                LoraAdapter::new(dev, l.alpha, views.0, views.1, views.2, views.3)?
+            }
+        };
+        projections[index[&module]].1.lora = Some(adapter);
+    }
+    let (params, grads) = flat.unzip();
+    Ok(LoraParams { count, params, grads })
 }
 
 /// The adapters' current values, for saving.

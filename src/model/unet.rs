@@ -33,6 +33,22 @@ pub struct UNetConfig {
 }
 
 impl UNetConfig {
+    /// Stable Diffusion 1.x (what a single-file checkpoint without a config holds).
+    pub fn sd15() -> UNetConfig {
+        UNetConfig {
+            in_channels: 4,
+            out_channels: 4,
+            block_out_channels: vec![320, 640, 1280, 1280],
+            layers_per_block: 2,
+            down_cross_attn: vec![true, true, true, false],
+            up_cross_attn: vec![false, true, true, true],
+            cross_attention_dim: 768,
+            heads: vec![8; 4],
+            norm_num_groups: 32,
+            norm_eps: 1e-5,
+        }
+    }
+
     pub fn from_json(v: &Value) -> Result<UNetConfig> {
         let usize_of = |k: &str| v.get(k).and_then(Value::as_u64).map(|x| x as usize).with_context(|| format!("unet config: missing integer {k:?}"));
         let list = |k: &str| -> Result<Vec<Value>> { v.get(k).and_then(Value::as_array).cloned().with_context(|| format!("unet config: missing list {k:?}")) };

@@ -138,12 +138,12 @@ impl<'a> Strided<'a> {
     fn ptr(&self, what: &str, rows: usize, width: usize) -> Result<u64> {
         let t = self.tensor;
         ensure!(t.is_gpu() && t.dtype() == DType::BF16, "attention: {what} must be a bf16 GPU tensor (got {:?}, gpu {})", t.dtype(), t.is_gpu());
-        ensure!(self.offset % 8 == 0 && self.row_stride % 8 == 0, "attention: {what} offset {} and row stride {} must be multiples of 8", self.offset, self.row_stride);
+        ensure!(self.offset.is_multiple_of(8) && self.row_stride.is_multiple_of(8), "attention: {what} offset {} and row stride {} must be multiples of 8", self.offset, self.row_stride);
         ensure!(self.row_stride >= width, "attention: {what} row stride {} is narrower than heads·head_dim = {width}", self.row_stride);
         let end = self.offset + (rows - 1) * self.row_stride + width;
         ensure!(end <= t.numel(), "attention: {what} {:?} holds {} values; {rows} rows of {width} at stride {} from {} need {end}", t.shape(), t.numel(), self.row_stride, self.offset);
         let ptr = t.ptr()? + (self.offset * 2) as u64;
-        ensure!(ptr % 16 == 0, "attention: {what} is not 16-byte aligned");
+        ensure!(ptr.is_multiple_of(16), "attention: {what} is not 16-byte aligned");
         Ok(ptr)
     }
 }
@@ -152,6 +152,8 @@ impl<'a> Strided<'a> {
 struct FwdCfg {
     kernel: &'static str,
     warps: usize,
+    /// 16-row tiles per warp (query rows per block = 16·row_tiles·warps).
+    row_tiles: usize,
     block_n: usize,
     stages: usize,
     /// Output columns per block (the 512-wide VAE head is split over blocks).
@@ -159,25 +161,46 @@ struct FwdCfg {
 }
 
 fn fwd_cfg(head_dim: usize) -> Result<FwdCfg> {
-    let c = |kernel, warps, block_n, stages, out_cols| FwdCfg { kernel, warps, block_n, stages, out_cols };
+    let c = |kernel, warps, row_tiles, block_n, stages, out_cols| FwdCfg { kernel, warps, row_tiles, block_n, stages, out_cols };
     Ok(match head_dim {
-        40 => c("attn_fwd_hd40_bf16", 4, 64, 2, 40),
-        64 => c("attn_fwd_hd64_bf16", 4, 64, 2, 64),
-        80 => c("attn_fwd_hd80_bf16", 4, 64, 2, 80),
-        160 => c("attn_fwd_hd160_bf16", 4, 32, 2, 160),
-        512 => c("attn_fwd_hd512_bf16", 2, 32, 1, 128),
+        40 => c("attn_fwd_hd40_bf16", 4, 2, 64, 2, 40),
+        64 => c("attn_fwd_hd64_bf16", 4, 1, 64, 2, 64),
+        80 => c("attn_fwd_hd80_bf16", 4, 1, 64, 2, 80),
+        160 => c("attn_fwd_hd160_bf16", 4, 1, 32, 2, 160),
+        512 => c("attn_fwd_hd512_bf16", 2, 1, 32, 1, 128),
         d => bail!("attention forward: no kernel for head dim {d} (have 40, 64, 80, 160, 512)"),
     })
 }
 
-/// Backward launch configuration (mirrors the ATTN_BWD lines): warps (key tile = 16·warps), query tile.
-fn bwd_cfg(head_dim: usize) -> Result<(usize, usize, [&'static str; 3])> {
+/// Backward launch configuration (mirrors the ATTN_BWD_DKDV lines of kernels/attention.cu).
+struct BwdCfg {
+    /// Warps per block; key rows per block = 16·warps.
+    warps: usize,
+    /// Query rows per tile.
+    block_m: usize,
+    prep: &'static str,
+    dkdv: &'static str,
+    cvt: &'static str,
+}
+
+fn bwd_cfg(head_dim: usize) -> Result<BwdCfg> {
+    let c = |warps, block_m, prep, dkdv, cvt| BwdCfg { warps, block_m, prep, dkdv, cvt };
     Ok(match head_dim {
-        40 => (4, 64, ["attn_bwd_prep_hd40_bf16", "attn_bwd_dkdv_hd40_bf16", "attn_bwd_dq_hd40_bf16"]),
-        80 => (4, 64, ["attn_bwd_prep_hd80_bf16", "attn_bwd_dkdv_hd80_bf16", "attn_bwd_dq_hd80_bf16"]),
-        160 => (2, 32, ["attn_bwd_prep_hd160_bf16", "attn_bwd_dkdv_hd160_bf16", "attn_bwd_dq_hd160_bf16"]),
+        40 => c(8, 64, "attn_bwd_prep_hd40_bf16", "attn_bwd_dkdv_hd40_bf16", "attn_bwd_cvt_hd40_bf16"),
+        80 => c(4, 64, "attn_bwd_prep_hd80_bf16", "attn_bwd_dkdv_hd80_bf16", "attn_bwd_cvt_hd80_bf16"),
+        160 => c(2, 32, "attn_bwd_prep_hd160_bf16", "attn_bwd_dkdv_hd160_bf16", "attn_bwd_cvt_hd160_bf16"),
         d => bail!("attention backward: no kernel for head dim {d} (have 40, 80, 160)"),
     })
+}
+
+/// Blocks the query tiles are split over per key tile: 1 when there are enough key tiles to fill the
+/// GPU, more for cross-attention (77 keys = 2 tiles) and short sequences; never an empty split.
+fn bwd_splits(c: &BwdCfg, s: &AttnShape) -> usize {
+    let base = s.kv_len.div_ceil(16 * c.warps) * s.heads * s.batch;
+    let n_q = s.q_len.div_ceil(c.block_m);
+    let want = if base >= 256 { 1 } else { 256usize.div_ceil(base) };
+    let splits = want.min((n_q / 2).max(1));
+    n_q.div_ceil(n_q.div_ceil(splits))
 }
 
 /// Shared-memory row pitch of `w`-wide bf16 rows (an odd number of 16-byte chunks; kernels' pitch_for).
@@ -207,6 +230,7 @@ fn check_shape(s: &AttnShape) -> Result<()> {
 
 /// Flash-attention forward: out = softmax(q·kᵀ·scale (+ causal mask))·v per batch and head, bf16.
 /// `lse` (f32 [batch, heads, q_len], optional) receives each row's logsumexp for [`attention_backward`].
+#[allow(clippy::too_many_arguments)]
 pub fn attention_forward(gpu: &Gpu, q: Strided, k: Strided, v: Strided, out: Strided, lse: Option<&Tensor>, s: &AttnShape, scale: f32) -> Result<()> {
     check_shape(s)?;
     let c = fwd_cfg(s.head_dim)?;
@@ -224,8 +248,9 @@ pub fn attention_forward(gpu: &Gpu, q: Strided, k: Strided, v: Strided, out: Str
         }
         None => 0,
     };
+    ensure!(scale > 0.0 && scale.is_finite(), "attention: scale must be positive, got {scale}");
     let dk = s.head_dim.div_ceil(16) * 16;
-    let block_m = 16 * c.warps;
+    let block_m = 16 * c.row_tiles * c.warps;
     let smem = 2 * (block_m * pitch(dk) + c.stages * c.block_n * (pitch(dk) + pitch(c.out_cols)));
     let chunks = s.head_dim / c.out_cols;
     let cfg = LaunchConfig {
@@ -241,25 +266,33 @@ pub fn attention_forward(gpu: &Gpu, q: Strided, k: Strided, v: Strided, out: Str
     launch(gpu, c.kernel, cfg, &args)
 }
 
-/// f32 scratch of the backward: D = rowsum(dO∘O) [batch, heads, q_len] and the dQ accumulator
-/// [batch, q_len, heads·head_dim]. Allocate once per shape (e.g. from the step's scratch arena).
+/// f32 scratch of the backward: D = rowsum(dO∘O) [batch, heads, q_len], the dQ accumulator
+/// [batch, q_len, heads·head_dim], and dK, dV accumulators [batch, kv_len, heads·head_dim] when the
+/// shape splits its query tiles over blocks. Allocate once per shape (e.g. from the step's scratch arena).
 pub struct AttnWorkspace {
+    shape: AttnShape,
     dvec: Tensor,
     dq_acc: Tensor,
+    dkv_acc: Option<(Tensor, Tensor)>,
 }
 
 impl AttnWorkspace {
     pub fn new(gpu: &Gpu, arena: ArenaKind, s: &AttnShape) -> Result<AttnWorkspace> {
+        let w = s.heads * s.head_dim;
+        let split = bwd_splits(&bwd_cfg(s.head_dim)?, s) > 1;
+        let acc = || Tensor::empty_gpu(gpu, arena, &[s.batch, s.kv_len, w], DType::F32);
         Ok(AttnWorkspace {
+            shape: *s,
             dvec: Tensor::empty_gpu(gpu, arena, &[s.batch, s.heads, s.q_len], DType::F32)?,
-            dq_acc: Tensor::empty_gpu(gpu, arena, &[s.batch, s.q_len, s.heads * s.head_dim], DType::F32)?,
+            dq_acc: Tensor::empty_gpu(gpu, arena, &[s.batch, s.q_len, w], DType::F32)?,
+            dkv_acc: if split { Some((acc()?, acc()?)) } else { None },
         })
     }
 }
 
 /// Flash-attention backward (no causal mask): from q, k, v, the forward's out and lse, and dout,
-/// writes dq, dk, dv (bf16, each through its view). Three launches: D and dQ-accumulator zeroing,
-/// the dK/dV kernel (P recomputed from lse; dQ by f32 atomics), dQ conversion.
+/// writes dq, dk, dv (bf16, each through its view). Launches: D and dQ-accumulator zeroing, the
+/// dK/dV kernel (P recomputed from lse; dQ by f32 atomics), conversions of the f32 accumulators.
 #[allow(clippy::too_many_arguments)]
 pub fn attention_backward(
     gpu: &Gpu, q: Strided, k: Strided, v: Strided, out: Strided, dout: Strided, lse: &Tensor,
@@ -267,40 +300,58 @@ pub fn attention_backward(
 ) -> Result<()> {
     check_shape(s)?;
     ensure!(!s.causal, "attention backward: causal masking is forward-only (CLIP)");
-    let (warps, block_m, [prep, dkdv, dqk]) = bwd_cfg(s.head_dim)?;
+    ensure!(scale > 0.0 && scale.is_finite(), "attention backward: scale must be positive, got {scale}");
+    ensure!(ws.shape == *s, "attention backward: workspace made for {:?}, called with {s:?}", ws.shape);
+    let c = bwd_cfg(s.head_dim)?;
+    let splits = bwd_splits(&c, s);
     let width = s.heads * s.head_dim;
     let (nq, nk) = (s.batch * s.q_len, s.batch * s.kv_len);
     let (qp, kp, vp, op, dop) = (q.ptr("q", nq, width)?, k.ptr("k", nk, width)?, v.ptr("v", nk, width)?, out.ptr("out", nq, width)?, dout.ptr("dout", nq, width)?);
     let (dqp, dkp, dvp) = (dq.ptr("dq", nq, width)?, dk.ptr("dk", nk, width)?, dv.ptr("dv", nk, width)?);
     ensure!(lse.is_gpu() && lse.dtype() == DType::F32 && lse.numel() == s.batch * s.heads * s.q_len, "attention backward: lse must be f32 [batch, heads, q_len]");
-    ensure!(ws.dvec.numel() == s.batch * s.heads * s.q_len && ws.dq_acc.numel() == nq * width, "attention backward: workspace made for another shape");
     let (dvec, acc) = (ws.dvec.ptr()?, ws.dq_acc.ptr()?);
+    let (dk_acc, dv_acc) = match (&ws.dkv_acc, splits > 1) {
+        (Some((a, b)), true) => {
+            for t in [a, b] {
+                // SAFETY: t is a live f32 GPU tensor of exactly numel·4 bytes, zeroed on the one stream.
+                unsafe { cudarc::driver::result::memset_d8_async(t.ptr()?, 0, t.numel() * 4, gpu.stream().cu_stream()) }.context("zeroing dK/dV accumulators")?;
+            }
+            (a.ptr()?, b.ptr()?)
+        }
+        (_, false) => (0, 0),
+        (None, true) => bail!("attention backward: workspace lacks the dK/dV accumulators for {s:?}"),
+    };
 
-    let rows = nq * s.heads;
-    let cfg = crate::cuda::grid_1d(rows, 128);
-    launch(gpu, prep, cfg, &[KernelArg::Ptr(op), KernelArg::Ptr(dop), KernelArg::Ptr(dvec), KernelArg::Ptr(acc),
+    launch(gpu, c.prep, crate::cuda::grid_1d(nq * s.heads, 128), &[KernelArg::Ptr(op), KernelArg::Ptr(dop), KernelArg::Ptr(dvec), KernelArg::Ptr(acc),
         KernelArg::I64(out.row_stride as i64), KernelArg::I64(dout.row_stride as i64),
         KernelArg::I32(s.batch as i32), KernelArg::I32(s.q_len as i32), KernelArg::I32(s.heads as i32)])?;
 
-    let block_n = 16 * warps;
+    let block_n = 16 * c.warps;
     let p = pitch(s.head_dim.div_ceil(16) * 16);
-    let smem = 2 * (2 * block_n * p + 4 * block_m * p + block_n * pitch(block_m)) + 4 * 4 * block_m;
+    let smem = 2 * (2 * block_n * p + 4 * c.block_m * p + block_n * pitch(c.block_m)) + 4 * 4 * c.block_m;
     let cfg = LaunchConfig {
-        grid_dim: (s.kv_len.div_ceil(block_n) as u32, s.heads as u32, s.batch as u32),
-        block_dim: (32 * warps as u32, 1, 1),
+        grid_dim: ((s.kv_len.div_ceil(block_n) * splits) as u32, s.heads as u32, s.batch as u32),
+        block_dim: (32 * c.warps as u32, 1, 1),
         shared_mem_bytes: smem as u32,
     };
-    launch(gpu, dkdv, cfg, &[
+    launch(gpu, c.dkdv, cfg, &[
         KernelArg::Ptr(qp), KernelArg::Ptr(kp), KernelArg::Ptr(vp), KernelArg::Ptr(dop), KernelArg::Ptr(lse.ptr()?), KernelArg::Ptr(dvec), KernelArg::Ptr(acc),
-        KernelArg::Ptr(dkp), KernelArg::Ptr(dvp),
+        KernelArg::Ptr(dkp), KernelArg::Ptr(dvp), KernelArg::Ptr(dk_acc), KernelArg::Ptr(dv_acc),
         KernelArg::I64(q.row_stride as i64), KernelArg::I64(k.row_stride as i64), KernelArg::I64(v.row_stride as i64), KernelArg::I64(dout.row_stride as i64),
         KernelArg::I64(dk.row_stride as i64), KernelArg::I64(dv.row_stride as i64),
-        KernelArg::I32(s.q_len as i32), KernelArg::I32(s.kv_len as i32), KernelArg::I32(s.heads as i32), KernelArg::F32(scale),
+        KernelArg::I32(s.q_len as i32), KernelArg::I32(s.kv_len as i32), KernelArg::I32(s.heads as i32), KernelArg::F32(scale), KernelArg::I32(splits as i32),
     ])?;
 
-    let cfg = crate::cuda::grid_1d(nq * width / 8, 256);
-    launch(gpu, dqk, cfg, &[KernelArg::Ptr(acc), KernelArg::Ptr(dqp), KernelArg::I64(dq.row_stride as i64),
-        KernelArg::I32(s.batch as i32), KernelArg::I32(s.q_len as i32), KernelArg::I32(s.heads as i32), KernelArg::F32(scale)])
+    let cvt = |acc: u64, dst: u64, stride: usize, len: usize, scale: f32| {
+        launch(gpu, c.cvt, crate::cuda::grid_1d(s.batch * len * width / 8, 256), &[KernelArg::Ptr(acc), KernelArg::Ptr(dst), KernelArg::I64(stride as i64),
+            KernelArg::I32(s.batch as i32), KernelArg::I32(len as i32), KernelArg::I32(s.heads as i32), KernelArg::F32(scale)])
+    };
+    cvt(acc, dqp, dq.row_stride, s.q_len, scale)?;
+    if splits > 1 {
+        cvt(dk_acc, dkp, dk.row_stride, s.kv_len, scale)?;
+        cvt(dv_acc, dvp, dv.row_stride, s.kv_len, 1.0)?;
+    }
+    Ok(())
 }
 
 #[cfg(test)]

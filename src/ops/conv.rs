@@ -7,25 +7,34 @@
 //! CPU twins: [`conv2d_cpu`], [`conv2d_backward_input_cpu`], [`upsample2x_nearest_cpu`],
 //! [`upsample2x_nearest_backward_cpu`], [`concat_channels_cpu`].
 //!
-//! Channel counts: the tensor-core vector kernels need the input channels of each source (and, for
-//! the input gradient, the output channels) to be multiples of 8; anything else (conv_in's 4 input
-//! channels, conv_out's 4 output channels) runs the same tensor-core kernel with an element-wise
-//! gather ("scalar" kernels) — a simple fallback, slower but only used at K = 36.
+//! Channel counts: the tensor-core vector kernels need each source's channels to be a multiple of
+//! 8, the reduced channel count (in_ch forward, out_ch for the input gradient) a multiple of 64,
+//! and, for a forward with a skip, x's channels a multiple of 64 too (every SD1.5 conv but
+//! conv_in's input and conv_out's output); anything else runs the same
+//! tensor-core kernel with an element-wise gather ("scalar" kernels): a simple fallback, slower,
+//! used at SD1.5 only where K = 36.
+//!
+//! Small GEMMs (8×8 and 16×16 latents, stride 2) are split along K so the GPU fills up: f32
+//! partial sums go to a workspace taken from the **scratch arena** (reset it per step), and a
+//! reduction kernel adds them up with the bias and residual.
 
 use super::check_gpu;
-use crate::cuda::{Gpu, KernelArg, LaunchConfig};
+use crate::cuda::{ArenaKind, Gpu, KernelArg, LaunchConfig};
 use crate::tensor::{DType, Tensor};
 use anyhow::{ensure, Result};
 use cudarc::driver::sys::CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES;
 
 const MODULE: &str = "conv";
 /// Must match kernels/conv.cu.
-const BK: usize = 32;
-const STAGES: usize = 4;
-/// Below this many 128×128 tiles the 64×64 kernel fills the GPU better.
-const BIG_TILE_MIN_CTAS: usize = 120;
+const BK: usize = 64;
+const STAGES: usize = 3;
+/// Streaming multiprocessors to fill (an H100 has 132; the plan only needs the order of magnitude).
+const SMS: usize = 132;
+/// Split-K: at most this many slices, each at least this many k-tiles.
+const MAX_SPLITS: usize = 16;
+const MIN_KTILES_PER_SPLIT: usize = 4;
 
-/// A square 2-D convolution over an NHWC input of `batch × height × width × in_ch`.
+/// Geometry of one convolution: input [batch, height, width, in_ch] → output [batch, oh, ow, out_ch].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Conv2dShape {
     pub batch: usize,
@@ -33,32 +42,29 @@ pub struct Conv2dShape {
     pub width: usize,
     pub in_ch: usize,
     pub out_ch: usize,
+    /// Square kernel size (1 or 3 in SD1.5).
     pub kernel: usize,
     pub stride: usize,
     pub pad: usize,
 }
 
 impl Conv2dShape {
-    /// Output (height, width).
+    /// (output height, output width).
     pub fn out_hw(&self) -> (usize, usize) {
-        ((self.height + 2 * self.pad - self.kernel) / self.stride + 1, (self.width + 2 * self.pad - self.kernel) / self.stride + 1)
-    }
-    /// Multiply-adds ×2 of the forward (the input gradient costs the same).
-    pub fn flops(&self) -> f64 {
-        let (ho, wo) = self.out_hw();
-        2.0 * (self.batch * ho * wo * self.out_ch * self.kernel * self.kernel * self.in_ch) as f64
+        let o = |d: usize| (d + 2 * self.pad - self.kernel) / self.stride + 1;
+        (o(self.height), o(self.width))
     }
 }
 
-/// PyTorch's OIHW conv weight to `[out, kh, kw, in]`.
+/// Reorders PyTorch's OIHW conv weight to our [out, kh, kw, in].
 pub fn conv_weight_oihw_to_ohwi(w: &[f32], o: usize, i: usize, kh: usize, kw: usize) -> Vec<f32> {
-    assert_eq!(w.len(), o * i * kh * kw, "conv weight size");
-    let mut out = vec![0.0; w.len()];
+    assert_eq!(w.len(), o * i * kh * kw, "conv weight is not {o}×{i}×{kh}×{kw}");
+    let mut out = vec![0f32; w.len()];
     for oc in 0..o {
         for ic in 0..i {
-            for r in 0..kh {
-                for c in 0..kw {
-                    out[((oc * kh + r) * kw + c) * i + ic] = w[((oc * i + ic) * kh + r) * kw + c];
+            for y in 0..kh {
+                for x in 0..kw {
+                    out[((oc * kh + y) * kw + x) * i + ic] = w[((oc * i + ic) * kh + y) * kw + x];
                 }
             }
         }
@@ -66,34 +72,48 @@ pub fn conv_weight_oihw_to_ohwi(w: &[f32], o: usize, i: usize, kh: usize, kw: us
     out
 }
 
-/// Output pixel `pixel` (index into batch·Ho·Wo) of the convolution, all out channels.
-fn conv2d_pixel(x: &[f32], s: &Conv2dShape, w: &[f32], bias: Option<&[f32]>, pixel: usize) -> Vec<f32> {
-    let (ho, wo) = s.out_hw();
-    let (n, oh, ow) = (pixel / (ho * wo), pixel / wo % ho, pixel % wo);
+/// CPU twin: cross-correlation with zero padding, NHWC in and out, w [out, k, k, in], optional bias.
+pub fn conv2d_cpu(x: &[f32], s: &Conv2dShape, w: &[f32], bias: Option<&[f32]>) -> Vec<f32> {
+    let (oh, ow) = s.out_hw();
     let k = s.kernel;
-    (0..s.out_ch)
-        .map(|co| {
-            let mut acc = bias.map_or(0.0, |b| b[co] as f64);
-            for r in 0..k {
-                for c in 0..k {
-                    let (ih, iw) = ((oh * s.stride + r) as isize - s.pad as isize, (ow * s.stride + c) as isize - s.pad as isize);
-                    if ih < 0 || iw < 0 || ih >= s.height as isize || iw >= s.width as isize {
-                        continue;
+    assert_eq!(x.len(), s.batch * s.height * s.width * s.in_ch, "conv2d_cpu: input does not match {s:?}");
+    assert_eq!(w.len(), s.out_ch * k * k * s.in_ch, "conv2d_cpu: weight does not match {s:?}");
+    let mut y = vec![0f32; s.batch * oh * ow * s.out_ch];
+    for b in 0..s.batch {
+        for oy in 0..oh {
+            for ox in 0..ow {
+                let out = &mut y[((b * oh + oy) * ow + ox) * s.out_ch..][..s.out_ch];
+                for (oc, o) in out.iter_mut().enumerate() {
+                    let mut acc = bias.map_or(0.0, |bb| bb[oc]);
+                    for ky in 0..k {
+                        let iy = (oy * s.stride + ky) as isize - s.pad as isize;
+                        if iy < 0 || iy >= s.height as isize {
+                            continue;
+                        }
+                        for kx in 0..k {
+                            let ix = (ox * s.stride + kx) as isize - s.pad as isize;
+                            if ix < 0 || ix >= s.width as isize {
+                                continue;
+                            }
+                            let xin = &x[((b * s.height + iy as usize) * s.width + ix as usize) * s.in_ch..][..s.in_ch];
+                            let wk = &w[((oc * k + ky) * k + kx) * s.in_ch..][..s.in_ch];
+                            acc += xin.iter().zip(wk).map(|(a, c)| a * c).sum::<f32>();
+                        }
                     }
-                    let xp = &x[((n * s.height + ih as usize) * s.width + iw as usize) * s.in_ch..][..s.in_ch];
-                    let wp = &w[((co * k + r) * k + c) * s.in_ch..][..s.in_ch];
-                    acc += xp.iter().zip(wp).map(|(a, b)| (*a as f64) * (*b as f64)).sum::<f64>();
+                    *o = acc;
                 }
             }
-            acc as f32
-        })
-        .collect()
+        }
+    }
+    y
 }
 
-/// y = conv(x, w) + bias: x NHWC `[batch, height, width, in_ch]`, w `[out, k, k, in]`, y NHWC.
-pub fn conv2d_cpu(x: &[f32], s: &Conv2dShape, w: &[f32], bias: Option<&[f32]>) -> Vec<f32> {
-    let (ho, wo) = s.out_hw();
-    (0..s.batch * ho * wo).flat_map(|p| conv2d_pixel(x, s, w, bias, p)).collect()
+impl Conv2dShape {
+    /// Multiply-adds ×2 of the forward (the input gradient costs the same).
+    pub fn flops(&self) -> f64 {
+        let (ho, wo) = self.out_hw();
+        2.0 * (self.batch * ho * wo * self.out_ch * self.kernel * self.kernel * self.in_ch) as f64
+    }
 }
 
 /// dx at input pixel `pixel` (index into batch·height·width), all in channels:
@@ -217,30 +237,92 @@ fn geometry(what: &str, s: &Conv2dShape, x_shape: &[usize], skip_shape: Option<&
     Ok(Geometry { ints, c1, c2 })
 }
 
-/// Picks the tile (128×128 when it makes enough CTAs, else 64×64) and the launch configuration.
-fn tile_config(gpu: &Gpu, kernel: &'static str, m: usize, n: usize, classes: usize) -> Result<LaunchConfig> {
-    let big = kernel.ends_with("128x128");
-    let (bm, bn, threads) = if big { (128, 128, 256) } else { (64, 64, 128) };
-    let smem = (STAGES * (bm + bn) * BK * 2) as u32;
-    gpu.function(MODULE, kernel)?.set_attribute(CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, smem as i32)?;
-    Ok(LaunchConfig {
-        grid_dim: (n.div_ceil(bn) as u32, m.div_ceil(bm).max(1) as u32, classes as u32),
-        block_dim: (threads, 1, 1),
-        shared_mem_bytes: smem,
-    })
+/// How a convolution GEMM is launched: which kernel (tile `bm × bn`), and into how many K slices
+/// it is split.
+struct Plan {
+    kernel: &'static str,
+    bm: usize,
+    bn: usize,
+    splits: usize,
 }
 
-/// `SDLORA_CONV_TILE=64|128` forces a tile size (for benchmarking the choice).
-fn pick(vec: bool, m: usize, n: usize, classes: usize, names: [&'static str; 3]) -> &'static str {
+/// Tiles of the vector kernels: (name suffix index, bm, bn).
+const TILES: [(usize, usize); 3] = [(128, 128), (128, 64), (64, 64)];
+
+/// Picks the kernel and the split-K factor for a GEMM of `m` rows (per class), `n` columns,
+/// `classes` parity classes and at most `ktiles` k-tiles: 128×128 tiles for big 3×3 GEMMs
+/// (m ≥ 1024, n ≥ 640), else 64×64 (measured on the H100 at the SD1.5 shapes), split along K
+/// until there are about two CTAs per SM. `names`: the 128×128, 128×64, 64×64 vector kernels and
+/// the scalar (64×64) one. `SDLORA_CONV_TILE=128x128|128x64|64x64` forces the vector tile (for
+/// benchmarking the choice).
+fn plan(vec: bool, m: usize, n: usize, classes: usize, ktiles: usize, names: [&'static str; 4]) -> Plan {
     static FORCED: std::sync::OnceLock<Option<usize>> = std::sync::OnceLock::new();
-    let forced = *FORCED.get_or_init(|| std::env::var("SDLORA_CONV_TILE").ok().and_then(|v| v.parse().ok()));
+    let forced = *FORCED.get_or_init(|| {
+        let v = std::env::var("SDLORA_CONV_TILE").ok()?;
+        TILES.iter().position(|(bm, bn)| v == format!("{bm}x{bn}"))
+    });
+    let make = |i: usize, kernel: &'static str| {
+        let (bm, bn) = TILES[i];
+        let ctas = m.div_ceil(bm) * n.div_ceil(bn) * classes;
+        let max_splits = MAX_SPLITS.min(ktiles / MIN_KTILES_PER_SPLIT).max(1);
+        let splits = if ctas >= 2 * SMS { 1 } else { (2 * SMS).div_ceil(ctas).clamp(1, max_splits) };
+        Plan { kernel, bm, bn, splits }
+    };
     if !vec {
-        names[2]
-    } else if forced.map_or(m.div_ceil(128) * n.div_ceil(128) * classes >= BIG_TILE_MIN_CTAS, |t| t == 128) {
-        names[0]
-    } else {
-        names[1]
+        return make(2, names[3]);
     }
+    let i = forced.unwrap_or(if m >= 1024 && n >= 640 && ktiles >= 40 { 0 } else { 2 });
+    make(i, names[i])
+}
+
+/// Launches the conv kernel `p` (`head` = its pointer arguments before the workspace) and, when
+/// split, the reduction: f32 partial sums over `pixels × n` in a scratch workspace, then
+/// out = Σ + bias + residual, columns < c1 to `y1`, the rest to `y2`.
+#[allow(clippy::too_many_arguments)]
+fn launch(
+    gpu: &Gpu,
+    p: &Plan,
+    grid_mn: (usize, usize),
+    classes: usize,
+    head: &[KernelArg],
+    ints: &[i32; 12],
+    pixels: usize,
+    c1: usize,
+    finish: [u64; 4], // bias, residual, y1, y2
+) -> Result<()> {
+    let (m, n) = grid_mn;
+    let (bm, bn) = (p.bm, p.bn);
+    let threads = if bm * bn == 128 * 128 { 256 } else { 128 };
+    let smem = (STAGES * (bm + bn) * BK * 2) as u32;
+    gpu.function(MODULE, p.kernel)?.set_attribute(CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, smem as i32)?;
+    let cfg = LaunchConfig {
+        grid_dim: (n.div_ceil(bn) as u32, m.div_ceil(bm).max(1) as u32, (classes * p.splits) as u32),
+        block_dim: (threads, 1, 1),
+        shared_mem_bytes: smem,
+    };
+    let ws = if p.splits > 1 { Some(gpu.alloc(ArenaKind::Scratch, p.splits * pixels * n * 4)?) } else { None };
+    let mut args = head.to_vec();
+    args.extend([KernelArg::Ptr(ws.as_ref().map_or(0, |b| b.ptr())), KernelArg::I32(p.splits as i32)]);
+    args.extend(ints.iter().map(|&v| KernelArg::I32(v)));
+    gpu.launch(MODULE, p.kernel, cfg, &args)?;
+    if let Some(ws) = ws {
+        let pairs = pixels * n / 2;
+        let cfg = LaunchConfig { grid_dim: (pairs.div_ceil(256).min(65_536) as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+        let [bias, res, y1, y2] = finish;
+        let args = [
+            KernelArg::Ptr(ws.ptr()),
+            KernelArg::I32(p.splits as i32),
+            KernelArg::I64(pixels as i64),
+            KernelArg::I32(n as i32),
+            KernelArg::I32(c1 as i32),
+            KernelArg::Ptr(bias),
+            KernelArg::Ptr(res),
+            KernelArg::Ptr(y1),
+            KernelArg::Ptr(y2),
+        ];
+        gpu.launch(MODULE, "conv2d_splitk_reduce_bf16", cfg, &args)?;
+    }
+    Ok(())
 }
 
 /// y = conv(src, w) + bias (+ residual): `s` describes the convolution as applied (its height and
@@ -272,21 +354,19 @@ pub fn conv2d(
     if let Some(r) = residual {
         check_gpu(what, &[r], DType::BF16, y.numel())?;
     }
-    let vec = g.c1 % 8 == 0 && g.c2 % 8 == 0;
+    let vec = g.c1 % 8 == 0 && g.c2 % 8 == 0 && s.in_ch % BK == 0 && (g.c2 == 0 || g.c1 % BK == 0);
     let m = s.batch * ho * wo;
-    let kernel = pick(vec, m, s.out_ch, 1, ["conv2d_fwd_bf16_vec_128x128", "conv2d_fwd_bf16_vec_64x64", "conv2d_fwd_bf16_scalar_64x64"]);
-    let cfg = tile_config(gpu, kernel, m, s.out_ch, 1)?;
+    let ktiles = (s.kernel * s.kernel * s.in_ch).div_ceil(BK);
+    let p = plan(vec, m, s.out_ch, 1, ktiles, [
+        "conv2d_fwd_bf16_vec_128x128",
+        "conv2d_fwd_bf16_vec_128x64",
+        "conv2d_fwd_bf16_vec_64x64",
+        "conv2d_fwd_bf16_scalar_64x64",
+    ]);
     let opt = |t: Option<&Tensor>| t.map_or(Ok(0), |t| t.ptr());
-    let mut args = vec![
-        KernelArg::Ptr(src.x.ptr()?),
-        KernelArg::Ptr(opt(src.skip)?),
-        KernelArg::Ptr(w.ptr()?),
-        KernelArg::Ptr(opt(bias)?),
-        KernelArg::Ptr(opt(residual)?),
-        KernelArg::Ptr(y.ptr()?),
-    ];
-    args.extend(g.ints.iter().map(|&v| KernelArg::I32(v)));
-    gpu.launch(MODULE, kernel, cfg, &args)
+    let (bias, res, yp) = (opt(bias)?, opt(residual)?, y.ptr()?);
+    let head = [KernelArg::Ptr(src.x.ptr()?), KernelArg::Ptr(opt(src.skip)?), KernelArg::Ptr(w.ptr()?), KernelArg::Ptr(bias), KernelArg::Ptr(res), KernelArg::Ptr(yp)];
+    launch(gpu, &p, (m, s.out_ch), 1, &head, &g.ints, m, s.out_ch, [bias, res, yp, 0])
 }
 
 /// Input gradient of [`conv2d`] with the same `s` and upsample flag: dx (and dskip, the gradient of
@@ -315,20 +395,22 @@ pub fn conv2d_backward_input(
         }
         None => 0,
     };
-    let vec = g.c1 % 8 == 0 && g.c2 % 8 == 0 && s.out_ch % 8 == 0;
-    // One GEMM per stride parity class (h mod s, w mod s); class (0, 0) has the most pixels.
+    let vec = g.c1 % 8 == 0 && g.c2 % 8 == 0 && s.out_ch % BK == 0;
+    // One GEMM per stride parity class (h mod s, w mod s); class (0, 0) has the most pixels, and
+    // a class has at most ⌈k/s⌉² taps (4k² with the fused upsample: 2×2 sub-pixels × k² taps).
     let st = if upsample2x { 1 } else { s.stride };
     let (h, w_) = (g.ints[1] as usize, g.ints[2] as usize);
     let m = s.batch * h.div_ceil(st) * w_.div_ceil(st);
-    let kernel = pick(vec, m, s.in_ch, st * st, [
+    let taps = if upsample2x { 4 * s.kernel * s.kernel } else { s.kernel.div_ceil(st).pow(2) };
+    let p = plan(vec, m, s.in_ch, st * st, (taps * s.out_ch).div_ceil(BK), [
         "conv2d_bwd_input_bf16_vec_128x128",
+        "conv2d_bwd_input_bf16_vec_128x64",
         "conv2d_bwd_input_bf16_vec_64x64",
         "conv2d_bwd_input_bf16_scalar_64x64",
     ]);
-    let cfg = tile_config(gpu, kernel, m, s.in_ch, st * st)?;
-    let mut args = vec![KernelArg::Ptr(dy.ptr()?), KernelArg::Ptr(w.ptr()?), KernelArg::Ptr(dx.ptr()?), KernelArg::Ptr(dskip_ptr)];
-    args.extend(g.ints.iter().map(|&v| KernelArg::I32(v)));
-    gpu.launch(MODULE, kernel, cfg, &args)
+    let dxp = dx.ptr()?;
+    let head = [KernelArg::Ptr(dy.ptr()?), KernelArg::Ptr(w.ptr()?), KernelArg::Ptr(dxp), KernelArg::Ptr(dskip_ptr)];
+    launch(gpu, &p, (m, s.in_ch), st * st, &head, &g.ints, s.batch * h * w_, g.c1, [0, 0, dxp, dskip_ptr])
 }
 
 #[cfg(test)]

@@ -7,6 +7,49 @@ use crate::ops::finite_difference;
 use crate::rng::Rng;
 use crate::tensor::{assert_close, round_bf16};
 
+/// Output pixel `pixel` (index into batch·Ho·Wo) of the convolution, all out channels: the
+/// sampled form of conv2d_cpu for big shapes (checked equal to it below).
+fn conv2d_pixel(x: &[f32], s: &Conv2dShape, w: &[f32], bias: Option<&[f32]>, pixel: usize) -> Vec<f32> {
+    let (ho, wo) = s.out_hw();
+    let (n, oh, ow) = (pixel / (ho * wo), pixel / wo % ho, pixel % wo);
+    let k = s.kernel;
+    (0..s.out_ch)
+        .map(|co| {
+            let mut acc = bias.map_or(0.0, |b| b[co] as f64);
+            for r in 0..k {
+                for c in 0..k {
+                    let (ih, iw) = ((oh * s.stride + r) as isize - s.pad as isize, (ow * s.stride + c) as isize - s.pad as isize);
+                    if ih < 0 || iw < 0 || ih >= s.height as isize || iw >= s.width as isize {
+                        continue;
+                    }
+                    let xp = &x[((n * s.height + ih as usize) * s.width + iw as usize) * s.in_ch..][..s.in_ch];
+                    let wp = &w[((co * k + r) * k + c) * s.in_ch..][..s.in_ch];
+                    acc += xp.iter().zip(wp).map(|(a, b)| (*a as f64) * (*b as f64)).sum::<f64>();
+                }
+            }
+            acc as f32
+        })
+        .collect()
+}
+
+#[test]
+fn conv2d_cpu_matches_hand_computed_example() {
+    // 1×3×3×1 input 1..9, one 3×3 filter of ones, pad 1: each output is the sum of its neighbourhood.
+    let x: Vec<f32> = (1..=9).map(|v| v as f32).collect();
+    let s = Conv2dShape { batch: 1, height: 3, width: 3, in_ch: 1, out_ch: 1, kernel: 3, stride: 1, pad: 1 };
+    let y = conv2d_cpu(&x, &s, &[1.0; 9], Some(&[0.5]));
+    assert_eq!(y, vec![12.5, 21.5, 16.5, 27.5, 45.5, 33.5, 24.5, 39.5, 28.5]);
+    let s2 = Conv2dShape { stride: 2, ..s };
+    assert_eq!(s2.out_hw(), (2, 2));
+    assert_eq!(conv2d_cpu(&x, &s2, &[1.0; 9], None), vec![12.0, 16.0, 24.0, 28.0]);
+}
+
+#[test]
+fn weight_reorder_moves_input_channel_last() {
+    // o=1, i=2, 1×2 kernel: OIHW [[[[a, b]], [[c, d]]]] -> OHWI [a, c, b, d]
+    assert_eq!(conv_weight_oihw_to_ohwi(&[1.0, 2.0, 3.0, 4.0], 1, 2, 1, 2), vec![1.0, 3.0, 2.0, 4.0]);
+}
+
 fn shape(batch: usize, h: usize, w: usize, cin: usize, cout: usize, k: usize, stride: usize) -> Conv2dShape {
     Conv2dShape { batch, height: h, width: w, in_ch: cin, out_ch: cout, kernel: k, stride, pad: k / 2 }
 }
@@ -26,7 +69,15 @@ fn twin_closed_forms() {
     for o in 0..6 {
         w3[(o * 9 + 4) * 5..][..5].copy_from_slice(&w1[o * 5..][..5]);
     }
-    assert_close("centre-tap 3x3 vs 1x1", &conv2d_cpu(&x, &shape(2, 3, 4, 5, 6, 3, 1), &w3, Some(&b)), &y1, 1e-6);
+    let s3 = shape(2, 3, 4, 5, 6, 3, 1);
+    assert_close("centre-tap 3x3 vs 1x1", &conv2d_cpu(&x, &s3, &w3, Some(&b)), &y1, 1e-6);
+    // The sampled twin used by the GPU tests is conv2d_cpu pixel by pixel (3x3 stride 2 included).
+    let w3 = rng.normal_vec(6 * 9 * 5, 1.0);
+    for s in [s3, Conv2dShape { stride: 2, ..s3 }] {
+        let (ho, wo) = s.out_hw();
+        let by_pixel: Vec<f32> = (0..2 * ho * wo).flat_map(|p| conv2d_pixel(&x, &s, &w3, Some(&b), p)).collect();
+        assert_close("conv2d_pixel vs conv2d_cpu", &by_pixel, &conv2d_cpu(&x, &s, &w3, Some(&b)), 1e-5);
+    }
     // OIHW -> OHWI moves element (o, i, r, c) to (o, r, c, i).
     let oihw: Vec<f32> = (0..2 * 3 * 9).map(|v| v as f32).collect();
     let ohwi = conv_weight_oihw_to_ohwi(&oihw, 2, 3, 3, 3);
@@ -136,18 +187,25 @@ const SD15_UP: &[Case] = &[
     case(2, 64, 320, 320, 320, 1, 1),
     case(2, 64, 320, 0, 4, 3, 1),       // conv_out
 ];
-/// Odd sizes: 7×5 images, batch 3, partial tiles, channel counts that take the scalar path.
+/// Odd sizes: 7×5 images, batch 3, partial tiles, split-K on tiny images, channel counts that take
+/// the scalar path (not a multiple of 64 where K is reduced).
+const fn odd(batch: usize, h: usize, w: usize, c1: usize, c2: usize, cout: usize, k: usize, stride: usize, up: bool, residual: bool) -> Case {
+    Case { batch, h, w, c1, c2, cout, k, stride, up, residual }
+}
 const ODD: &[Case] = &[
-    Case { batch: 3, h: 7, w: 5, c1: 24, c2: 0, cout: 40, k: 3, stride: 1, up: false, residual: true },
-    Case { batch: 3, h: 7, w: 5, c1: 24, c2: 0, cout: 40, k: 3, stride: 2, up: false, residual: false },
-    Case { batch: 3, h: 7, w: 5, c1: 16, c2: 8, cout: 24, k: 1, stride: 1, up: false, residual: false },
-    Case { batch: 3, h: 7, w: 5, c1: 16, c2: 8, cout: 24, k: 3, stride: 1, up: false, residual: true },
-    Case { batch: 3, h: 7, w: 5, c1: 16, c2: 0, cout: 8, k: 3, stride: 1, up: true, residual: false },
-    Case { batch: 3, h: 7, w: 5, c1: 6, c2: 4, cout: 10, k: 3, stride: 1, up: false, residual: false }, // scalar
-    Case { batch: 3, h: 7, w: 5, c1: 6, c2: 0, cout: 6, k: 3, stride: 2, up: false, residual: false },  // scalar
-    Case { batch: 3, h: 7, w: 5, c1: 12, c2: 0, cout: 4, k: 3, stride: 1, up: true, residual: false },  // scalar
-    Case { batch: 3, h: 37, w: 41, c1: 40, c2: 0, cout: 520, k: 3, stride: 1, up: false, residual: true }, // 128×128 tiles, partial
-    Case { batch: 3, h: 37, w: 41, c1: 32, c2: 8, cout: 136, k: 3, stride: 2, up: false, residual: false },
+    odd(3, 7, 5, 64, 0, 40, 3, 1, false, true),     // vec forward, scalar input gradient
+    odd(3, 7, 5, 64, 0, 128, 3, 2, false, false),   // vec both ways, stride 2
+    odd(3, 7, 5, 40, 24, 64, 1, 1, false, false),   // concat 40 + 24, 1×1
+    odd(3, 7, 5, 48, 16, 64, 3, 1, false, true),    // concat 48 + 16, 3×3 (scalar forward)
+    odd(3, 7, 5, 64, 64, 64, 3, 1, false, true),    // concat 64 + 64, 3×3 (vector forward)
+    odd(3, 7, 5, 64, 0, 64, 3, 1, true, false),     // fused upsample
+    odd(1, 3, 5, 256, 0, 128, 3, 1, false, false),  // 15 pixels: deep split-K
+    odd(1, 3, 5, 128, 0, 256, 3, 2, false, false),  // stride 2 on 3×5 (a parity class of 1 row)
+    odd(3, 7, 5, 6, 4, 10, 3, 1, false, false),     // scalar
+    odd(3, 7, 5, 24, 0, 6, 3, 2, false, false),     // scalar, stride 2
+    odd(3, 7, 5, 12, 0, 4, 3, 1, true, false),      // scalar, upsample
+    odd(3, 37, 41, 64, 0, 576, 3, 1, false, true),  // 128×128 tiles, partial in M and N
+    odd(3, 37, 41, 32, 32, 192, 3, 2, false, false),
 ];
 
 /// Pixels to check: every one when the twin is cheap, else corners, edges and random ones.
@@ -181,11 +239,12 @@ fn run_forward(gpu: &Gpu, c: &Case) {
     let b = round_bf16(&rng.normal_vec(s.out_ch, 1.0));
     let r = round_bf16(&rng.normal_vec(c.batch * ho * wo * s.out_ch, 1.0));
 
-    let (x1g, x2g) = (upload(gpu, &[c.batch, c.h, c.w, c.c1], &x1), upload(gpu, &[c.batch, c.h, c.w, c.c2], &x2));
+    let x1g = upload(gpu, &[c.batch, c.h, c.w, c.c1], &x1);
+    let x2g = (c.c2 > 0).then(|| upload(gpu, &[c.batch, c.h, c.w, c.c2], &x2));
     let (wg, bg, rg) = (upload(gpu, &[s.out_ch, s.kernel, s.kernel, s.in_ch], &w), upload(gpu, &[s.out_ch], &b), upload(gpu, &[c.batch, ho, wo, s.out_ch], &r));
     let mut y = Tensor::empty_gpu(gpu, Persistent, &[c.batch, ho, wo, s.out_ch], DType::BF16).unwrap();
     y.poison(gpu).unwrap();
-    let src = ConvSource { x: &x1g, skip: (c.c2 > 0).then_some(&x2g), upsample2x: c.up };
+    let src = ConvSource { x: &x1g, skip: x2g.as_ref(), upsample2x: c.up };
     conv2d(gpu, src, &s, &wg, Some(&bg), c.residual.then_some(&rg), &mut y).unwrap();
     let got = y.to_cpu(gpu).unwrap().into_vec().unwrap();
 

@@ -14,10 +14,18 @@ use anyhow::{bail, ensure, Context, Result};
 use cudarc::driver::sys::{CUdevice_attribute, CUfunction_attribute};
 
 const MODULE: &str = "gemm";
-/// K depth of one pipeline stage and number of stages (must match kernels/gemm.cu).
+/// K depth of one pipeline stage and threads per block (must match kernels/gemm.cu).
 const BK: usize = 32;
-const STAGES: usize = 4;
 const THREADS: u32 = 128;
+
+/// Pipeline stages of each block tile (must match GEMM_TILES in kernels/gemm.cu).
+fn stages((bm, bn): (usize, usize)) -> usize {
+    match (bm, bn) {
+        (128, 128) => 4,
+        (128, 64) => 6,
+        _ => 8,
+    }
+}
 
 /// y[m×n] = x[m×k]·W[n×k]ᵀ + b — PyTorch's `F.linear`.
 pub fn linear_cpu(x: &[f32], m: usize, k: usize, w: &[f32], n: usize, bias: Option<&[f32]>) -> Vec<f32> {
@@ -135,10 +143,18 @@ fn sm_count(gpu: &Gpu) -> Result<usize> {
     Ok(gpu.stream().context().attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)? as usize)
 }
 
-/// The tile the launcher picks: the largest whose grid still covers every SM once.
+/// The tile the launcher picks: 128x128 when that still gives 4 blocks per SM, 128x64 for 2, else
+/// 64x64 (measured on an H100 at the SD1.5 shapes: benches/RESULTS.md, rows `linear_tile*`).
 pub(crate) fn pick_tile(gpu: &Gpu, m: usize, n: usize) -> Result<(usize, usize)> {
     let sms = sm_count(gpu)?;
-    Ok(TILES.into_iter().find(|&(bm, bn)| m.div_ceil(bm) * n.div_ceil(bn) >= sms).unwrap_or(TILES[2]))
+    let blocks = |(bm, bn): (usize, usize)| m.div_ceil(bm) * n.div_ceil(bn);
+    Ok(if blocks(TILES[0]) >= 4 * sms {
+        TILES[0]
+    } else if blocks(TILES[1]) >= 2 * sms {
+        TILES[1]
+    } else {
+        TILES[2]
+    })
 }
 
 /// Launches one GEMM with the launcher's tile choice.
@@ -172,7 +188,7 @@ pub(crate) fn gemm_with_tile(gpu: &Gpu, call: &GemmCall, tile: (usize, usize)) -
         return Ok(());
     }
     let (split, tiles_per_split) = split_k(gpu, call, tile)?;
-    let smem = (STAGES * (bm + bn) * BK * 2) as u32;
+    let smem = (stages(tile) * (bm + bn) * BK * 2) as u32;
     if smem > 48 * 1024 {
         gpu.function(MODULE, name)?
             .set_attribute(CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, smem as i32)
@@ -491,7 +507,7 @@ pub(crate) mod tests {
     fn gpu_at_b_matches_twin_with_split_k_and_odd_sizes() {
         let gpu = Gpu::for_tests().expect("GPU test needs a CUDA device");
         // (M tokens, P, Q): LoRA factor gradients (split-K), a square one (no split), odd sizes.
-        let shapes = [(8192, 320, 128), (8192, 128, 320), (2048, 640, 128), (154, 1280, 128), (128, 128, 1280), (4096, 1280, 1280), (333, 13, 320), (77, 5, 7), (1000, 320, 1)];
+        let shapes = [(8192, 320, 128), (8192, 128, 320), (2048, 640, 128), (154, 1280, 128), (128, 128, 1280), (1024, 1280, 1280), (333, 13, 320), (77, 5, 7), (1000, 320, 1)];
         for (m, p, q) in shapes {
             for accumulate in [false, true] {
                 let seed = Rng::fresh_seed();

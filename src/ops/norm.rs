@@ -148,6 +148,25 @@ fn gn_tiling(n: usize, hw: usize) -> (usize, usize) {
     (rpc, hw.div_ceil(rpc))
 }
 
+/// (E, P) for GroupNorm over c channels: each thread reads P vectors of E elements (E·size ≤ 16 B)
+/// per row, so at most 256 threads cover a row, and its P·E channels touch at most two groups (P·E ≤
+/// c/32, or dividing it). Widest E first, then the P that keeps the most of the 256 threads busy.
+fn gn_vectorization(c: usize, dtype: DType) -> (usize, usize) {
+    let cpg = c / GROUPS;
+    for e in [8, 4, 2, 1] {
+        if e * dtype.size() > 16 || c % e != 0 {
+            continue;
+        }
+        let nv = c / e;
+        let busy = |p: usize| { let tx = nv / p; tx * (256 / tx) };
+        let ok = |p: usize| nv % p == 0 && nv / p <= 256 && (e * p <= cpg || cpg % (e * p) == 0);
+        if let Some(p) = (1..=nv).filter(|&p| ok(p)).max_by_key(|&p| (busy(p), std::cmp::Reverse(p))) {
+            return (e, p);
+        }
+    }
+    unreachable!("E = 1, P = c/32 always fits")
+}
+
 fn gn_config(n: usize, chunks: usize) -> LaunchConfig {
     LaunchConfig { grid_dim: (chunks as u32, n as u32, 1), block_dim: ((WARPS * 32) as u32, 1, 1), shared_mem_bytes: 0 }
 }
@@ -173,8 +192,8 @@ pub fn group_norm(gpu: &Gpu, x: &Tensor, gamma: &Tensor, beta: &Tensor, eps: f32
     super::check_gpu("group_norm stats", &[stats], DType::F32, n * GROUPS * 2)?;
     let (rpc, chunks) = gn_tiling(n, hw);
     let part = gpu.alloc(ArenaKind::Scratch, n * chunks * GROUPS * 8)?;
-    let e = vector_width(c / GROUPS, x.dtype());
-    let dims = [KernelArg::I32(hw as i32), KernelArg::I32(c as i32), KernelArg::I32(rpc as i32), KernelArg::I32(chunks as i32)];
+    let (e, p) = gn_vectorization(c, x.dtype());
+    let dims = [KernelArg::I32(hw as i32), KernelArg::I32(c as i32), KernelArg::I32(rpc as i32), KernelArg::I32(chunks as i32), KernelArg::I32(p as i32)];
     let cfg = gn_config(n, chunks);
     let mut args = vec![KernelArg::Ptr(x.ptr()?), KernelArg::Ptr(part.ptr())];
     args.extend(dims);
@@ -196,10 +215,10 @@ pub fn group_norm_backward(gpu: &Gpu, x: &Tensor, gamma: &Tensor, beta: &Tensor,
     super::check_gpu("group_norm_backward stats", &[stats], DType::F32, n * GROUPS * 2)?;
     let (rpc, chunks) = gn_tiling(n, hw);
     let part = gpu.alloc(ArenaKind::Scratch, n * chunks * GROUPS * 8)?;
-    let e = vector_width(c / GROUPS, x.dtype());
+    let (e, p) = gn_vectorization(c, x.dtype());
     let cfg = gn_config(n, chunks);
     let front = [KernelArg::Ptr(x.ptr()?), KernelArg::Ptr(gamma.ptr()?), KernelArg::Ptr(beta.ptr()?), KernelArg::Ptr(stats.ptr()?), KernelArg::Ptr(dy.ptr()?)];
-    let tail = [KernelArg::I32(hw as i32), KernelArg::I32(c as i32), KernelArg::I32(rpc as i32), KernelArg::I32(chunks as i32), KernelArg::I32(silu as i32)];
+    let tail = [KernelArg::I32(hw as i32), KernelArg::I32(c as i32), KernelArg::I32(rpc as i32), KernelArg::I32(chunks as i32), KernelArg::I32(p as i32), KernelArg::I32(silu as i32)];
     let mut args = front.to_vec();
     args.push(KernelArg::Ptr(part.ptr()));
     args.extend(tail);
@@ -317,6 +336,16 @@ mod tests {
             }
         }
         assert_eq!((vector_width(10, DType::BF16), vector_width(40, DType::BF16), vector_width(40, DType::F32), vector_width(3, DType::F32)), (2, 8, 4, 1));
+        for (c, dtype, want) in [(320, DType::BF16, (8, 1)), (1280, DType::BF16, (8, 5)), (2560, DType::BF16, (8, 5)), (2560, DType::F32, (4, 5)), (32, DType::BF16, (1, 1)), (96, DType::F32, (2, 1)), (128, DType::BF16, (4, 1))] {
+            assert_eq!(gn_vectorization(c, dtype), want, "c={c} {dtype:?}");
+        }
+        // Every thread's channels span at most two groups, for every width the kernels accept.
+        for cpg in 1..=100 {
+            for dtype in [DType::BF16, DType::F32] {
+                let (e, p) = gn_vectorization(32 * cpg, dtype);
+                assert!(32 * cpg / (e * p) <= 256 && (e * p <= cpg || cpg % (e * p) == 0), "cpg={cpg}: ({e}, {p})");
+            }
+        }
     }
 
     /// Per-(sample, group) (mean, rstd) in f64, to check the saved statistics.

@@ -98,10 +98,15 @@ pub struct Conv {
 }
 
 impl Conv {
-    fn load(dev: Dev, w: &Weights, prefix: &str, (in_ch, out_ch): (usize, usize), kernel: usize, stride: usize, pad: usize) -> Result<Conv> {
+    fn load(dev: Dev, w: &Weights, prefix: &str, channels: (usize, usize), kernel: usize, stride: usize, pad: usize) -> Result<Conv> {
+        Conv::load_even(dev, w, prefix, channels, (kernel, stride, pad), matches!(dev, Dev::Gpu(_)))
+    }
+
+    /// `even_out`: store an odd out_ch with one zero channel more (what the GPU needs).
+    fn load_even(dev: Dev, w: &Weights, prefix: &str, (in_ch, out_ch): (usize, usize), (kernel, stride, pad): (usize, usize, usize), even_out: bool) -> Result<Conv> {
         let mut wv = w.conv_ohwi(&format!("{prefix}.weight"), out_ch, in_ch, kernel).with_context(|| format!("loading {prefix}"))?;
         let mut bv = w.vec(&format!("{prefix}.bias"), &[out_ch])?;
-        let stored_out = if matches!(dev, Dev::Gpu(_)) && out_ch % 2 == 1 { out_ch + 1 } else { out_ch };
+        let stored_out = if even_out && out_ch % 2 == 1 { out_ch + 1 } else { out_ch };
         wv.resize(stored_out * kernel * kernel * in_ch, 0.0);
         bv.resize(stored_out, 0.0);
         let w = dev.weight(Tensor::from_vec(&[stored_out, kernel, kernel, in_ch], wv)?)?;

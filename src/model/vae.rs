@@ -9,7 +9,9 @@
 //!
 //! Every GroupNorm here has eps 1e-6. Downsample2D pads right and bottom by one, then a 3x3 stride-2
 //! conv without padding; Upsample2D is nearest 2x then a 3x3 conv. Activations NHWC, conv weights
-//! reordered to `[out, k, k, in]` at load. CPU forward (f32) here; the GPU path will run the same layers.
+//! reordered to `[out, k, k, in]` at load. Runs on either device of `model::layers::Dev` (f32 CPU twins,
+//! or the GPU kernels in bf16; the GPU path has been built but not yet checked on a GPU, see
+//! `model::sd15_tests::full_size_vae_gpu_matches_diffusers`).
 
 use super::functional::{add, attention, upsample2x};
 use super::layers::{Dev, GroupNorm, Linear};

@@ -55,6 +55,10 @@ fn main() {
             if require {
                 panic!("SDLORA_REQUIRE_NVCC=1 but {msg}");
             }
+            // Build again once scripts/setup.sh has installed nvcc.
+            if let Some(tools) = tools_dir() {
+                println!("cargo:rerun-if-changed={}", tools.join("nvidia/cu13/bin/nvcc").display());
+            }
             println!("cargo:warning={msg}");
             writeln!(generated, "pub const NVCC: Option<&str> = None;\npub const ARCH: &str = \"compute_{arch}\";\npub const MODULES: &[(&str, &str)] = &[];").unwrap();
         }
@@ -75,14 +79,18 @@ fn find_nvcc() -> Option<PathBuf> {
     if let Ok(path) = env::var("PATH") {
         candidates.extend(env::split_paths(&path).map(|d| d.join("nvcc")));
     }
-    let tools = env::var("SDLORA_TOOLS_DIR")
-        .map(PathBuf::from)
-        .ok()
-        .or_else(|| env::var("HOME").ok().map(|h| Path::new(&h).join(".cache/sdlora/cuda-13.0")));
-    if let Some(t) = tools {
+    if let Some(t) = tools_dir() {
         candidates.push(t.join("nvidia/cu13/bin/nvcc"));
     }
     candidates.into_iter().find(|p| p.is_file())
+}
+
+/// Where scripts/setup.sh installs nvcc.
+fn tools_dir() -> Option<PathBuf> {
+    env::var("SDLORA_TOOLS_DIR")
+        .map(PathBuf::from)
+        .ok()
+        .or_else(|| env::var("HOME").ok().map(|h| Path::new(&h).join(".cache/sdlora/cuda-13.0")))
 }
 
 fn compile(nvcc: &Path, cu: &Path, ptx: &Path, include: &Path, arch: &str) {

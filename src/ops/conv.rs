@@ -1,4 +1,38 @@
-//! 2-D convolutions on NHWC activations (kernels/conv.cu), weights as [out, kh, kw, in].
+//! 2-D convolutions (kernels/conv.cu): implicit-GEMM forward with fused bias and residual, the
+//! input gradient (weights are frozen: no weight gradient), nearest-2× upsample fused into the
+//! conv's input read, and the up blocks' channel concatenation read from two tensors.
+//!
+//! Layouts: activations NHWC, weights `[out, kh, kw, in]` (reordered from PyTorch's OIHW at load
+//! with [`conv_weight_oihw_to_ohwi`]), bias `[out]`; on the GPU everything is bf16 (f32 accumulate).
+//! CPU twins: [`conv2d_cpu`], [`conv2d_backward_input_cpu`], [`upsample2x_nearest_cpu`],
+//! [`upsample2x_nearest_backward_cpu`], [`concat_channels_cpu`].
+//!
+//! Channel counts: the tensor-core vector kernels need each source's channels to be a multiple of
+//! 8, the reduced channel count (in_ch forward, out_ch for the input gradient) a multiple of 64,
+//! and, for a forward with a skip, x's channels a multiple of 64 too (every SD1.5 conv but
+//! conv_in's input and conv_out's output); anything else runs the same
+//! tensor-core kernel with an element-wise gather ("scalar" kernels): a simple fallback, slower,
+//! used at SD1.5 only where K = 36.
+//!
+//! Small GEMMs (8×8 and 16×16 latents, stride 2) are split along K so the GPU fills up: f32
+//! partial sums go to a workspace taken from the **scratch arena** (reset it per step), and a
+//! reduction kernel adds them up with the bias and residual.
+
+use super::check_gpu;
+use crate::cuda::{ArenaKind, Gpu, KernelArg, LaunchConfig};
+use crate::tensor::{DType, Tensor};
+use anyhow::{ensure, Result};
+use cudarc::driver::sys::CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES;
+
+const MODULE: &str = "conv";
+/// Must match kernels/conv.cu.
+const BK: usize = 64;
+const STAGES: usize = 3;
+/// Streaming multiprocessors to fill (an H100 has 132; the plan only needs the order of magnitude).
+const SMS: usize = 132;
+/// Split-K: at most this many slices, each at least this many k-tiles.
+const MAX_SPLITS: usize = 16;
+const MIN_KTILES_PER_SPLIT: usize = 4;
 
 /// Geometry of one convolution: input [batch, height, width, in_ch] → output [batch, oh, ow, out_ch].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -74,25 +108,311 @@ pub fn conv2d_cpu(x: &[f32], s: &Conv2dShape, w: &[f32], bias: Option<&[f32]>) -
     y
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn conv2d_cpu_matches_hand_computed_example() {
-        // 1×3×3×1 input 1..9, one 3×3 filter of ones, pad 1: each output is the sum of its neighbourhood.
-        let x: Vec<f32> = (1..=9).map(|v| v as f32).collect();
-        let s = Conv2dShape { batch: 1, height: 3, width: 3, in_ch: 1, out_ch: 1, kernel: 3, stride: 1, pad: 1 };
-        let y = conv2d_cpu(&x, &s, &[1.0; 9], Some(&[0.5]));
-        assert_eq!(y, vec![12.5, 21.5, 16.5, 27.5, 45.5, 33.5, 24.5, 39.5, 28.5]);
-        let s2 = Conv2dShape { stride: 2, ..s };
-        assert_eq!(s2.out_hw(), (2, 2));
-        assert_eq!(conv2d_cpu(&x, &s2, &[1.0; 9], None), vec![12.0, 16.0, 24.0, 28.0]);
-    }
-
-    #[test]
-    fn weight_reorder_moves_input_channel_last() {
-        // o=1, i=2, 1×2 kernel: OIHW [[[[a, b]], [[c, d]]]] -> OHWI [a, c, b, d]
-        assert_eq!(conv_weight_oihw_to_ohwi(&[1.0, 2.0, 3.0, 4.0], 1, 2, 1, 2), vec![1.0, 3.0, 2.0, 4.0]);
+impl Conv2dShape {
+    /// Multiply-adds ×2 of the forward (the input gradient costs the same).
+    pub fn flops(&self) -> f64 {
+        let (ho, wo) = self.out_hw();
+        2.0 * (self.batch * ho * wo * self.out_ch * self.kernel * self.kernel * self.in_ch) as f64
     }
 }
+
+/// dx at input pixel `pixel` (index into batch·height·width), all in channels:
+/// dx[n,h,w,ci] = Σ_{r,c,co : (h+pad−r)/stride, (w+pad−c)/stride exact and in range} dy[n,oh,ow,co]·w[co,r,c,ci].
+fn conv2d_backward_input_pixel(dy: &[f32], s: &Conv2dShape, w: &[f32], pixel: usize) -> Vec<f32> {
+    let (ho, wo) = s.out_hw();
+    let (n, h, wi) = (pixel / (s.height * s.width), pixel / s.width % s.height, pixel % s.width);
+    let k = s.kernel;
+    let mut acc = vec![0f64; s.in_ch];
+    for r in 0..k {
+        for c in 0..k {
+            let (nh, nw) = ((h + s.pad) as isize - r as isize, (wi + s.pad) as isize - c as isize);
+            if nh < 0 || nw < 0 || nh as usize % s.stride != 0 || nw as usize % s.stride != 0 {
+                continue;
+            }
+            let (oh, ow) = (nh as usize / s.stride, nw as usize / s.stride);
+            if oh >= ho || ow >= wo {
+                continue;
+            }
+            let g = &dy[((n * ho + oh) * wo + ow) * s.out_ch..][..s.out_ch];
+            for (co, &gv) in g.iter().enumerate() {
+                let wp = &w[((co * k + r) * k + c) * s.in_ch..][..s.in_ch];
+                for (a, &wv) in acc.iter_mut().zip(wp) {
+                    *a += gv as f64 * wv as f64;
+                }
+            }
+        }
+    }
+    acc.into_iter().map(|v| v as f32).collect()
+}
+
+/// dx = ∂(Σ dy·conv(x, w))/∂x, NHWC like x (the transposed convolution of dy with w).
+pub fn conv2d_backward_input_cpu(dy: &[f32], s: &Conv2dShape, w: &[f32]) -> Vec<f32> {
+    (0..s.batch * s.height * s.width).flat_map(|p| conv2d_backward_input_pixel(dy, s, w, p)).collect()
+}
+
+/// Nearest-neighbour 2× upsample of NHWC `[batch, h, w, c]` to `[batch, 2h, 2w, c]`.
+pub fn upsample2x_nearest_cpu(x: &[f32], batch: usize, h: usize, w: usize, c: usize) -> Vec<f32> {
+    let mut out = Vec::with_capacity(x.len() * 4);
+    for n in 0..batch {
+        for i in 0..2 * h {
+            for j in 0..2 * w {
+                out.extend_from_slice(&x[((n * h + i / 2) * w + j / 2) * c..][..c]);
+            }
+        }
+    }
+    out
+}
+
+/// Backward of [`upsample2x_nearest_cpu`]: each low-resolution pixel sums its 2×2 block of `dy`.
+pub fn upsample2x_nearest_backward_cpu(dy: &[f32], batch: usize, h: usize, w: usize, c: usize) -> Vec<f32> {
+    let mut dx = vec![0f32; batch * h * w * c];
+    for n in 0..batch {
+        for i in 0..2 * h {
+            for j in 0..2 * w {
+                let src = &dy[((n * 2 * h + i) * 2 * w + j) * c..][..c];
+                for (d, s) in dx[((n * h + i / 2) * w + j / 2) * c..][..c].iter_mut().zip(src) {
+                    *d += s;
+                }
+            }
+        }
+    }
+    dx
+}
+
+/// Channel concatenation of two NHWC tensors with the same pixels: `[.., ca] | [.., cb]`.
+pub fn concat_channels_cpu(a: &[f32], ca: usize, b: &[f32], cb: usize) -> Vec<f32> {
+    a.chunks(ca).zip(b.chunks(cb)).flat_map(|(p, q)| p.iter().chain(q).copied()).collect()
+}
+
+/// Where a convolution reads its input: `x`, optionally followed by `skip` along channels
+/// (`[x | skip]`, the up blocks' concatenation), optionally nearest-2× upsampled.
+#[derive(Clone, Copy)]
+pub struct ConvSource<'a> {
+    pub x: &'a Tensor,
+    pub skip: Option<&'a Tensor>,
+    pub upsample2x: bool,
+}
+
+impl<'a> ConvSource<'a> {
+    pub fn plain(x: &'a Tensor) -> Self {
+        ConvSource { x, skip: None, upsample2x: false }
+    }
+    pub fn concat(x: &'a Tensor, skip: &'a Tensor) -> Self {
+        ConvSource { x, skip: Some(skip), upsample2x: false }
+    }
+    pub fn upsample2x(x: &'a Tensor) -> Self {
+        ConvSource { x, skip: None, upsample2x: true }
+    }
+}
+
+/// Kernel geometry shared by forward and input gradient: (batch, H, W, C1, C2, Ho, Wo, Cout, k, stride, pad, up)
+/// with H, W the stored (pre-upsample) input size.
+struct Geometry {
+    ints: [i32; 12],
+    c1: usize,
+    c2: usize,
+}
+
+/// Checks `s` against the source tensors' shapes (`x`: [batch, h, w, c1], skip: [batch, h, w, c2];
+/// h, w are s.height/2, s.width/2 when upsampled) and returns the kernel geometry.
+fn geometry(what: &str, s: &Conv2dShape, x_shape: &[usize], skip_shape: Option<&[usize]>, up: bool) -> Result<Geometry> {
+    ensure!(s.kernel >= 1 && s.stride >= 1 && s.pad < s.kernel, "{what}: unsupported kernel {} stride {} pad {}", s.kernel, s.stride, s.pad);
+    ensure!(s.height + 2 * s.pad >= s.kernel && s.width + 2 * s.pad >= s.kernel, "{what}: image {}x{} smaller than the kernel", s.height, s.width);
+    ensure!(!up || (s.stride == 1 && s.height % 2 == 0 && s.width % 2 == 0), "{what}: the fused upsample needs stride 1 and an even size, got {s:?}");
+    let (h, w) = if up { (s.height / 2, s.width / 2) } else { (s.height, s.width) };
+    ensure!(x_shape.len() == 4 && x_shape[..3] == [s.batch, h, w], "{what}: input shape {x_shape:?} does not match {s:?} (upsample {up})");
+    let c1 = x_shape[3];
+    let c2 = match skip_shape {
+        Some(sk) => {
+            ensure!(sk.len() == 4 && sk[..3] == [s.batch, h, w], "{what}: skip shape {sk:?} does not match the input {x_shape:?}");
+            sk[3]
+        }
+        None => 0,
+    };
+    ensure!(c1 + c2 == s.in_ch, "{what}: input channels {c1} + {c2} != in_ch {}", s.in_ch);
+    let (ho, wo) = s.out_hw();
+    let elems = s.batch * s.height.max(ho) * s.width.max(wo) * s.in_ch.max(s.out_ch);
+    ensure!(elems < i32::MAX as usize && s.out_ch * s.kernel * s.kernel * s.in_ch < i32::MAX as usize, "{what}: too large for 32-bit indexing");
+    let ints = [s.batch, h, w, c1, c2, ho, wo, s.out_ch, s.kernel, s.stride, s.pad, up as usize].map(|v| v as i32);
+    Ok(Geometry { ints, c1, c2 })
+}
+
+/// How a convolution GEMM is launched: which kernel (tile `bm × bn`), and into how many K slices
+/// it is split.
+struct Plan {
+    kernel: &'static str,
+    bm: usize,
+    bn: usize,
+    splits: usize,
+}
+
+/// Tiles of the vector kernels: (name suffix index, bm, bn).
+const TILES: [(usize, usize); 3] = [(128, 128), (128, 64), (64, 64)];
+
+/// Picks the kernel and the split-K factor for a GEMM of `m` rows (per class), `n` columns,
+/// `classes` parity classes and at most `ktiles` k-tiles: 128×128 tiles for big 3×3 GEMMs
+/// (m ≥ 1024, n ≥ 640), else 64×64 (measured on the H100 at the SD1.5 shapes), split along K
+/// until there are about two CTAs per SM. `names`: the 128×128, 128×64, 64×64 vector kernels and
+/// the scalar (64×64) one. `SDLORA_CONV_TILE=128x128|128x64|64x64` forces the vector tile (for
+/// benchmarking the choice).
+fn plan(vec: bool, m: usize, n: usize, classes: usize, ktiles: usize, names: [&'static str; 4]) -> Plan {
+    static FORCED: std::sync::OnceLock<Option<usize>> = std::sync::OnceLock::new();
+    let forced = *FORCED.get_or_init(|| {
+        let v = std::env::var("SDLORA_CONV_TILE").ok()?;
+        TILES.iter().position(|(bm, bn)| v == format!("{bm}x{bn}"))
+    });
+    let make = |i: usize, kernel: &'static str| {
+        let (bm, bn) = TILES[i];
+        let ctas = m.div_ceil(bm) * n.div_ceil(bn) * classes;
+        let max_splits = MAX_SPLITS.min(ktiles / MIN_KTILES_PER_SPLIT).max(1);
+        let splits = if ctas >= 2 * SMS { 1 } else { (2 * SMS).div_ceil(ctas).clamp(1, max_splits) };
+        Plan { kernel, bm, bn, splits }
+    };
+    if !vec {
+        return make(2, names[3]);
+    }
+    let i = forced.unwrap_or(if m >= 1024 && n >= 640 && ktiles >= 40 { 0 } else { 2 });
+    make(i, names[i])
+}
+
+/// Launches the conv kernel `p` (`head` = its pointer arguments before the workspace) and, when
+/// split, the reduction: f32 partial sums over `pixels × n` in a scratch workspace, then
+/// out = Σ + bias + residual, columns < c1 to `y1`, the rest to `y2`.
+#[allow(clippy::too_many_arguments)]
+fn launch(
+    gpu: &Gpu,
+    p: &Plan,
+    grid_mn: (usize, usize),
+    classes: usize,
+    head: &[KernelArg],
+    ints: &[i32; 12],
+    pixels: usize,
+    c1: usize,
+    finish: [u64; 4], // bias, residual, y1, y2
+) -> Result<()> {
+    let (m, n) = grid_mn;
+    let (bm, bn) = (p.bm, p.bn);
+    let threads = if bm * bn == 128 * 128 { 256 } else { 128 };
+    let smem = (STAGES * (bm + bn) * BK * 2) as u32;
+    gpu.function(MODULE, p.kernel)?.set_attribute(CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, smem as i32)?;
+    let cfg = LaunchConfig {
+        grid_dim: (n.div_ceil(bn) as u32, m.div_ceil(bm).max(1) as u32, (classes * p.splits) as u32),
+        block_dim: (threads, 1, 1),
+        shared_mem_bytes: smem,
+    };
+    let ws = if p.splits > 1 { Some(gpu.alloc(ArenaKind::Scratch, p.splits * pixels * n * 4)?) } else { None };
+    let mut args = head.to_vec();
+    args.extend([KernelArg::Ptr(ws.as_ref().map_or(0, |b| b.ptr())), KernelArg::I32(p.splits as i32)]);
+    args.extend(ints.iter().map(|&v| KernelArg::I32(v)));
+    gpu.launch(MODULE, p.kernel, cfg, &args)?;
+    if let Some(ws) = ws {
+        let pairs = pixels * n / 2;
+        let cfg = LaunchConfig { grid_dim: (pairs.div_ceil(256).min(65_536) as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+        let [bias, res, y1, y2] = finish;
+        let args = [
+            KernelArg::Ptr(ws.ptr()),
+            KernelArg::I32(p.splits as i32),
+            KernelArg::I64(pixels as i64),
+            KernelArg::I32(n as i32),
+            KernelArg::I32(c1 as i32),
+            KernelArg::Ptr(bias),
+            KernelArg::Ptr(res),
+            KernelArg::Ptr(y1),
+            KernelArg::Ptr(y2),
+        ];
+        gpu.launch(MODULE, "conv2d_splitk_reduce_bf16", cfg, &args)?;
+    }
+    Ok(())
+}
+
+/// y = conv(src, w) + bias (+ residual): `s` describes the convolution as applied (its height and
+/// width are the upsampled ones when `src.upsample2x`; in_ch counts x's and skip's channels).
+/// w `[out, k, k, in]`, bias `[out]`, residual and y `[batch, Ho, Wo, out]`, all bf16 on the GPU.
+pub fn conv2d(
+    gpu: &Gpu,
+    src: ConvSource,
+    s: &Conv2dShape,
+    w: &Tensor,
+    bias: Option<&Tensor>,
+    residual: Option<&Tensor>,
+    y: &mut Tensor,
+) -> Result<()> {
+    let what = "conv2d";
+    let g = geometry(what, s, src.x.shape(), src.skip.map(|t| t.shape()), src.upsample2x)?;
+    let (ho, wo) = s.out_hw();
+    ensure!(s.out_ch % 2 == 0, "{what}: out_ch {} must be even", s.out_ch);
+    check_gpu(what, &[src.x], DType::BF16, src.x.numel())?;
+    if let Some(sk) = src.skip {
+        check_gpu(what, &[sk], DType::BF16, sk.numel())?;
+    }
+    check_gpu(what, &[w], DType::BF16, s.out_ch * s.kernel * s.kernel * s.in_ch)?;
+    check_gpu(what, &[y], DType::BF16, s.batch * ho * wo * s.out_ch)?;
+    ensure!(y.shape() == [s.batch, ho, wo, s.out_ch], "{what}: output shape {:?} != [{}, {ho}, {wo}, {}]", y.shape(), s.batch, s.out_ch);
+    if let Some(b) = bias {
+        check_gpu(what, &[b], DType::BF16, s.out_ch)?;
+    }
+    if let Some(r) = residual {
+        check_gpu(what, &[r], DType::BF16, y.numel())?;
+    }
+    let vec = g.c1 % 8 == 0 && g.c2 % 8 == 0 && s.in_ch % BK == 0 && (g.c2 == 0 || g.c1 % BK == 0);
+    let m = s.batch * ho * wo;
+    let ktiles = (s.kernel * s.kernel * s.in_ch).div_ceil(BK);
+    let p = plan(vec, m, s.out_ch, 1, ktiles, [
+        "conv2d_fwd_bf16_vec_128x128",
+        "conv2d_fwd_bf16_vec_128x64",
+        "conv2d_fwd_bf16_vec_64x64",
+        "conv2d_fwd_bf16_scalar_64x64",
+    ]);
+    let opt = |t: Option<&Tensor>| t.map_or(Ok(0), |t| t.ptr());
+    let (bias, res, yp) = (opt(bias)?, opt(residual)?, y.ptr()?);
+    let head = [KernelArg::Ptr(src.x.ptr()?), KernelArg::Ptr(opt(src.skip)?), KernelArg::Ptr(w.ptr()?), KernelArg::Ptr(bias), KernelArg::Ptr(res), KernelArg::Ptr(yp)];
+    launch(gpu, &p, (m, s.out_ch), 1, &head, &g.ints, m, s.out_ch, [bias, res, yp, 0])
+}
+
+/// Input gradient of [`conv2d`] with the same `s` and upsample flag: dx (and dskip, the gradient of
+/// the skip half of a concatenated input) from dy `[batch, Ho, Wo, out]`. Both outputs are
+/// overwritten (not accumulated); dx has x's (pre-upsample) shape.
+pub fn conv2d_backward_input(
+    gpu: &Gpu,
+    dy: &Tensor,
+    s: &Conv2dShape,
+    w: &Tensor,
+    upsample2x: bool,
+    dx: &mut Tensor,
+    dskip: Option<&mut Tensor>,
+) -> Result<()> {
+    let what = "conv2d_backward_input";
+    let g = geometry(what, s, dx.shape(), dskip.as_ref().map(|t| t.shape()), upsample2x)?;
+    let (ho, wo) = s.out_hw();
+    ensure!(g.c1 % 2 == 0 && g.c2 % 2 == 0, "{what}: input channel counts {} and {} must be even", g.c1, g.c2);
+    check_gpu(what, &[dy], DType::BF16, s.batch * ho * wo * s.out_ch)?;
+    check_gpu(what, &[w], DType::BF16, s.out_ch * s.kernel * s.kernel * s.in_ch)?;
+    check_gpu(what, &[dx], DType::BF16, dx.numel())?;
+    let dskip_ptr = match dskip {
+        Some(t) => {
+            check_gpu(what, &[t], DType::BF16, t.numel())?;
+            t.ptr()?
+        }
+        None => 0,
+    };
+    let vec = g.c1 % 8 == 0 && g.c2 % 8 == 0 && s.out_ch % BK == 0;
+    // One GEMM per stride parity class (h mod s, w mod s); class (0, 0) has the most pixels, and
+    // a class has at most ⌈k/s⌉² taps (4k² with the fused upsample: 2×2 sub-pixels × k² taps).
+    let st = if upsample2x { 1 } else { s.stride };
+    let (h, w_) = (g.ints[1] as usize, g.ints[2] as usize);
+    let m = s.batch * h.div_ceil(st) * w_.div_ceil(st);
+    let taps = if upsample2x { 4 * s.kernel * s.kernel } else { s.kernel.div_ceil(st).pow(2) };
+    let p = plan(vec, m, s.in_ch, st * st, (taps * s.out_ch).div_ceil(BK), [
+        "conv2d_bwd_input_bf16_vec_128x128",
+        "conv2d_bwd_input_bf16_vec_128x64",
+        "conv2d_bwd_input_bf16_vec_64x64",
+        "conv2d_bwd_input_bf16_scalar_64x64",
+    ]);
+    let dxp = dx.ptr()?;
+    let head = [KernelArg::Ptr(dy.ptr()?), KernelArg::Ptr(w.ptr()?), KernelArg::Ptr(dxp), KernelArg::Ptr(dskip_ptr)];
+    launch(gpu, &p, (m, s.in_ch), st * st, &head, &g.ints, s.batch * h * w_, g.c1, [0, 0, dxp, dskip_ptr])
+}
+
+#[cfg(test)]
+#[path = "conv_tests.rs"]
+mod tests;

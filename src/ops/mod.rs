@@ -14,6 +14,7 @@ pub mod diffusion;
 pub mod adamw;
 #[cfg(test)]
 pub(crate) mod twin_check;
+pub mod lora;
 
 use crate::tensor::{DType, Tensor};
 use anyhow::{ensure, Result};

@@ -253,7 +253,7 @@ const TILES: [(usize, usize); 3] = [(128, 128), (128, 64), (64, 64)];
 /// `classes` parity classes and at most `ktiles` k-tiles, then splits along K until there are
 /// about two CTAs per SM. Tiles, from all three measured at every SD1.5 shape on the H100
 /// (benches/RESULTS.md): 128×64 for big GEMMs (m ≥ 256 and m·n·k ≥ 3.5e9), 128×128 for the
-/// widest input gradients (n ≥ 1920 with m ≥ 1024), 64×64 otherwise. `names`: the 128×128,
+/// widest 3×3 input gradients (n ≥ 1920, m ≥ 1024, ≥ 40 k-tiles), 64×64 otherwise. `names`: the 128×128,
 /// 128×64, 64×64 vector kernels and the scalar (64×64) one. `SDLORA_CONV_TILE=128x128|128x64|64x64`
 /// forces the vector tile (for benchmarking the choice).
 fn plan(vec: bool, m: usize, n: usize, classes: usize, ktiles: usize, wide_n_prefers_square: bool, names: [&'static str; 4]) -> Plan {
@@ -273,7 +273,7 @@ fn plan(vec: bool, m: usize, n: usize, classes: usize, ktiles: usize, wide_n_pre
         return make(2, names[3]);
     }
     let mnk = (m * n * ktiles * BK) as f64;
-    let tile = if wide_n_prefers_square && n >= 1920 && m >= 1024 {
+    let tile = if wide_n_prefers_square && n >= 1920 && m >= 1024 && ktiles >= 40 {
         0
     } else if m >= 256 && mnk >= 3.5e9 {
         1

@@ -246,7 +246,7 @@ struct Plan {
     splits: usize,
 }
 
-/// Tiles of the vector kernels: (name suffix index, bm, bn).
+/// Tiles (bm, bn) of the vector kernels, in the order of `plan`'s kernel names.
 const TILES: [(usize, usize); 3] = [(128, 128), (128, 64), (64, 64)];
 
 /// Picks the kernel and the split-K factor for a GEMM of `m` rows (per class), `n` columns,

@@ -8,6 +8,8 @@
 //   gelu_fwd   y = x · Φ(x)                        Φ(x) = ½ (1 + erf(x / √2))   (exact GELU, torch's default)
 //   gelu_bwd   dx = dy · (Φ(x) + x · φ(x))         φ(x) = e^(−x²/2) / √(2π)
 //   cast_f32_to_bf16 / cast_bf16_to_f32   round-to-nearest-even / exact widening
+//   add_channel_bias   y[b, p, c] = x[b, p, c] + e[b, c]   (x: batch × per_sample values, c channels last;
+//                      the resnets' time-embedding add)
 #include "common.cuh"
 
 struct Silu {
@@ -73,4 +75,16 @@ extern "C" __global__ void cast_f32_to_bf16(const float* __restrict__ x, bf16* _
 }
 extern "C" __global__ void cast_bf16_to_f32(const bf16* __restrict__ x, float* __restrict__ y, int64_t n) {
   FOR_EACH_INDEX(i, n) y[i] = __bfloat162float(x[i]);
+}
+
+template <typename T>
+__device__ __forceinline__ void add_channel_bias(const T* __restrict__ x, const T* __restrict__ e, T* __restrict__ y,
+                                                 int64_t n, int64_t per_sample, int channels) {
+  FOR_EACH_INDEX(i, n) y[i] = from_f32<T>(to_f32(x[i]) + to_f32(e[(i / per_sample) * channels + i % channels]));
+}
+extern "C" __global__ void add_channel_bias_f32(const float* x, const float* e, float* y, int64_t n, int64_t per_sample, int c) {
+  add_channel_bias(x, e, y, n, per_sample, c);
+}
+extern "C" __global__ void add_channel_bias_bf16(const bf16* x, const bf16* e, bf16* y, int64_t n, int64_t per_sample, int c) {
+  add_channel_bias(x, e, y, n, per_sample, c);
 }

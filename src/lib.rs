@@ -9,15 +9,23 @@
 //! - [`checkpoint`]: LoRA weights in the diffusers/PEFT and kohya formats.
 //! - [`io`]: atomic file writes.
 //! - [`log`]: TensorBoard event files.
+//! - [`schedule`]: the DDPM training noise schedule and the samplers (PNDM, DDIM, Euler, DPM++).
+//! - [`model`]: the SD1.5 models (UNet with LoRA, CLIP, VAE) and weight loading.
+//! - [`tokenizer`]: the CLIP BPE tokenizer.
+//! - [`train`]: the training job.
 //! - [`testing`]: fixture paths for tests.
 
 pub mod bench;
 pub mod cuda;
 pub mod ops;
 pub mod rng;
+pub mod schedule;
 pub mod tensor;
 pub mod testing;
 pub mod data;
 pub mod checkpoint;
 pub mod io;
 pub mod log;
+pub mod model;
+pub mod tokenizer;
+pub mod train;

@@ -3,6 +3,7 @@
 use anyhow::{bail, Result};
 use clap::{Args, Parser, Subcommand};
 use sdlora::cuda::{ptx, Gpu};
+use sdlora::train::config::{SnrGamma, TrainConfig};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -28,33 +29,111 @@ enum Command {
     Sample(SampleArgs),
     /// Benchmark kernels or a whole training step on the GPU (random weights, no download needed).
     Bench(BenchArgs),
+    /// Print finished training runs side by side (steps, lr, γ, final/mean loss, time, peak VRAM).
+    Compare {
+        /// Output folders of `sdlora train` (e.g. models/lora_*).
+        #[arg(required = true)]
+        runs: Vec<PathBuf>,
+    },
     /// Show how this binary was built (embedded kernels, nvcc, PTX target) and which GPU it sees.
     Info,
 }
 
 #[derive(Args)]
 struct TrainArgs {
-    /// Base model: a diffusers folder, a Hugging Face cache id, or a single-file .safetensors.
+    /// Settings file (TOML, e.g. experiments/baseline.toml); flags given here override it.
     #[arg(long)]
-    model: String,
-    /// Folder of images with same-name .txt captions.
+    config: Option<PathBuf>,
+    /// Base model: a diffusers folder, a Hugging Face cache id (org/name), or a single-file .safetensors.
     #[arg(long)]
-    data: PathBuf,
-    /// Output folder for checkpoints (step_N/), logs and the config used.
+    model: Option<String>,
+    /// Images with same-name .txt captions, or a captions file (.toml/.json: image = caption).
     #[arg(long)]
-    out: PathBuf,
-    /// Number of optimizer steps.
-    #[arg(long, default_value_t = 1000)]
-    steps: usize,
-    /// AdamW learning rate.
-    #[arg(long, default_value_t = 2e-5)]
-    lr: f64,
-    /// Min-SNR γ, or "none" for plain MSE.
-    #[arg(long, default_value = "5")]
-    snr_gamma: String,
-    /// Device memory budget, e.g. 8G; the run refuses to start if its plan does not fit.
+    data: Option<PathBuf>,
+    /// Output folder: step_N/ checkpoints, logs/ (TensorBoard), summary.json.
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Optimizer steps [default: 1000].
+    #[arg(long)]
+    steps: Option<usize>,
+    /// AdamW learning rate [default: 2e-5].
+    #[arg(long)]
+    lr: Option<f64>,
+    /// Min-SNR γ, or "none" for plain MSE [default: 5].
+    #[arg(long)]
+    snr_gamma: Option<String>,
+    /// Images per step [default: 1].
+    #[arg(long)]
+    batch_size: Option<usize>,
+    /// Micro-batches whose gradients are summed into one step [default: 1].
+    #[arg(long)]
+    grad_accum: Option<usize>,
+    /// Square training resolution in pixels (resize + center crop) [default: 512].
+    #[arg(long)]
+    resolution: Option<u32>,
+    /// LoRA rank [default: 128].
+    #[arg(long)]
+    rank: Option<usize>,
+    /// LoRA alpha; scale = alpha / rank [default: 128].
+    #[arg(long)]
+    alpha: Option<f32>,
+    /// Random seed (LoRA init, data order, noise, timesteps) [default: 42].
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Learning-rate schedule [default: constant].
+    #[arg(long, value_enum)]
+    lr_schedule: Option<sdlora::train::config::LrSchedule>,
+    /// Warm-up steps of the learning-rate schedule [default: 0].
+    #[arg(long)]
+    warmup_steps: Option<usize>,
+    /// AdamW decoupled weight decay [default: 1e-2].
+    #[arg(long)]
+    weight_decay: Option<f64>,
+    /// Clip the global gradient norm to this value before each step [default: off].
+    #[arg(long)]
+    max_grad_norm: Option<f64>,
+    /// Write a checkpoint every N steps [default: 250].
+    #[arg(long)]
+    save_every: Option<usize>,
+    /// Print and flush the logs every N steps [default: 10].
+    #[arg(long)]
+    log_every: Option<usize>,
+    /// Checkpoint format [default: diffusers].
+    #[arg(long, value_enum)]
+    save_format: Option<sdlora::train::config::SaveFormat>,
+    /// Device memory budget, e.g. 8G; allocations beyond it stop the run with the numbers.
     #[arg(long)]
     vram_limit: Option<String>,
+    /// Continue from a checkpoint folder (OUT/step_N): LoRA, optimizer state and step.
+    #[arg(long)]
+    resume: Option<PathBuf>,
+    /// Run on the CPU (f32 twins: slow; for tiny models and tests).
+    #[arg(long)]
+    cpu: bool,
+}
+
+impl TrainArgs {
+    /// The config file (or the defaults) with every given flag applied.
+    fn config(&self) -> Result<TrainConfig> {
+        let mut c = match &self.config {
+            Some(path) => TrainConfig::from_file(path)?,
+            None => TrainConfig::default(),
+        };
+        macro_rules! set {
+            ($($field:ident),*) => { $( if let Some(v) = &self.$field { c.$field = v.clone(); } )* };
+        }
+        set!(model, data, out, steps, lr, batch_size, grad_accum, resolution, rank, alpha, seed, lr_schedule, warmup_steps, weight_decay, save_every, save_format, log_every);
+        if let Some(g) = &self.snr_gamma {
+            c.snr_gamma = SnrGamma::parse(g)?;
+        }
+        if self.max_grad_norm.is_some() {
+            c.max_grad_norm = self.max_grad_norm;
+        }
+        if self.vram_limit.is_some() {
+            c.vram_limit = self.vram_limit.clone();
+        }
+        Ok(c)
+    }
 }
 
 #[derive(Args)]
@@ -92,12 +171,27 @@ struct BenchArgs {
 enum BenchWhat {
     /// Time every kernel at the SD1.5 shapes (CUDA events after warm-up: median, min, max, rate).
     Kernels {
-        /// Only kernels whose name contains this text.
+        /// Only the kernel families whose name contains this text (elementwise, gemm, lora, conv, attention, norm).
         #[arg(long, default_value = "")]
         filter: String,
     },
     /// Time one full LoRA training step at 512 px with random SD1.5-size weights.
     Train,
+    /// Check one UNet LoRA forward + backward at full SD1.5 size against PyTorch and time it.
+    ///
+    /// DIR comes from `python3 benches/unet_reference.py DIR` (random weights, a PEFT LoRA, PyTorch's
+    /// f32 and bf16-autocast outputs and gradients). Fails unless every tensor is within bounds.
+    Unet {
+        /// Folder written by benches/unet_reference.py.
+        #[arg(long)]
+        reference: PathBuf,
+        /// Timed repetitions after two warm-up steps.
+        #[arg(long, default_value_t = 10)]
+        iters: usize,
+        /// Recompute each transformer's activations in the backward instead of keeping them.
+        #[arg(long)]
+        checkpoint: bool,
+    },
 }
 
 fn main() -> ExitCode {
@@ -113,13 +207,33 @@ fn main() -> ExitCode {
 
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
-        Command::Train(_) => bail!("`sdlora train` is not implemented yet"),
+        Command::Train(args) => {
+            let cfg = args.config()?;
+            let gpu = if args.cpu { None } else { Some(Gpu::new(0)?) };
+            let summary = sdlora::train::run(&cfg, gpu.as_ref(), args.resume.as_deref())?;
+            println!(
+                "done: {} steps, final loss {:.5}, mean loss {:.5}, {:.1} s{}",
+                summary.steps,
+                summary.final_loss,
+                summary.mean_loss,
+                summary.seconds,
+                if summary.interrupted { " (interrupted)" } else { "" }
+            );
+            Ok(())
+        }
         Command::Sample(_) => bail!("`sdlora sample` is not implemented yet"),
         Command::Bench(BenchArgs { what: BenchWhat::Kernels { filter } }) => {
             let gpu = Gpu::new(0)?;
             sdlora::bench::run_kernel_benches(&gpu, &filter)
         }
         Command::Bench(BenchArgs { what: BenchWhat::Train }) => bail!("`sdlora bench train` is not implemented yet"),
+        Command::Bench(BenchArgs { what: BenchWhat::Unet { reference, iters, checkpoint } }) => {
+            sdlora::bench::unet::run(&Gpu::new(0)?, &reference, iters, checkpoint)
+        }
+        Command::Compare { runs } => {
+            print!("{}", sdlora::train::compare::compare(&runs)?);
+            Ok(())
+        }
         Command::Info => info(),
     }
 }

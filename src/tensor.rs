@@ -88,6 +88,15 @@ impl Tensor {
         Ok(Tensor { shape: shape.to_vec(), dtype: self.dtype, storage: self.storage.clone() })
     }
 
+    /// `shape`-many values starting `offset` values into a GPU tensor, sharing its memory.
+    pub fn gpu_view(&self, offset: usize, shape: &[usize]) -> Result<Tensor> {
+        let Storage::Cuda(buf) = &self.storage else { bail!("gpu_view of a CPU tensor") };
+        let n: usize = shape.iter().product();
+        let size = self.dtype.size();
+        let view = buf.slice(offset * size, n * size).with_context(|| format!("view of {n} values at {offset} outside {:?}", self.shape))?;
+        Ok(Tensor { shape: shape.to_vec(), dtype: self.dtype, storage: Storage::Cuda(view) })
+    }
+
     /// The values of a CPU tensor.
     pub fn data(&self) -> Result<&[f32]> {
         match &self.storage {
@@ -163,6 +172,16 @@ impl Tensor {
         Tensor::from_vec(&self.shape, data)
     }
 
+    /// Sets every value to zero (on either device).
+    pub fn zero(&mut self, gpu: Option<&Gpu>) -> Result<()> {
+        match (&mut self.storage, gpu) {
+            (Storage::Cpu(v), _) => v.iter_mut().for_each(|x| *x = 0.0),
+            (Storage::Cuda(b), Some(g)) => unsafe { cudarc::driver::result::memset_d8_async(b.ptr(), 0, b.bytes(), g.stream().cu_stream()) }.context("zeroing memset failed")?,
+            (Storage::Cuda(_), None) => bail!("zeroing a GPU tensor needs the GPU"),
+        }
+        Ok(())
+    }
+
     /// Fills a GPU tensor with NaN (all bits set: NaN in f32 and in bf16), so a kernel that fails
     /// to write part of its output is caught by [`compare`].
     pub fn poison(&self, gpu: &Gpu) -> Result<()> {
@@ -223,4 +242,30 @@ pub fn assert_close(what: &str, out: &[f32], reference: &[f32], tol: f64) {
 /// Rounds every value to the nearest bf16 (what an upload as bf16 does), for CPU references.
 pub fn round_bf16(v: &[f32]) -> Vec<f32> {
     v.iter().map(|&x| bf16::from_f32(x).to_f32()).collect()
+}
+
+/// PyTorch's NCHW layout → our NHWC, for values read from diffusers.
+pub fn nchw_to_nhwc(x: &[f32], n: usize, c: usize, h: usize, w: usize) -> Vec<f32> {
+    let mut out = vec![0f32; x.len()];
+    for b in 0..n {
+        for ch in 0..c {
+            for p in 0..h * w {
+                out[(b * h * w + p) * c + ch] = x[(b * c + ch) * h * w + p];
+            }
+        }
+    }
+    out
+}
+
+/// Our NHWC → PyTorch's NCHW.
+pub fn nhwc_to_nchw(x: &[f32], n: usize, c: usize, h: usize, w: usize) -> Vec<f32> {
+    let mut out = vec![0f32; x.len()];
+    for b in 0..n {
+        for ch in 0..c {
+            for p in 0..h * w {
+                out[(b * c + ch) * h * w + p] = x[(b * h * w + p) * c + ch];
+            }
+        }
+    }
+    out
 }

@@ -40,8 +40,12 @@ impl std::fmt::Display for Timing {
     }
 }
 
+pub mod attention;
 pub mod conv;
 pub mod elementwise;
+pub mod gemm;
+pub mod norm;
+pub mod unet;
 
 /// One benchmark result row: a kernel at a shape, with its achieved throughput.
 pub struct BenchRow {
@@ -66,13 +70,18 @@ impl BenchRow {
     }
 }
 
-/// Runs every kernel benchmark whose name contains `filter` and prints a table.
+type BenchFn = fn(&Gpu) -> Result<Vec<BenchRow>>;
+
+/// The kernel families `sdlora bench kernels` knows, by name.
+const FAMILIES: &[(&str, BenchFn)] = &[("elementwise", elementwise::bench), ("conv", conv::bench), ("attention", attention::bench), ("norm", norm::bench), ("gemm", gemm::bench)];
+
+/// Runs the benchmark of every kernel family whose name contains `filter` and prints a table.
 pub fn run_kernel_benches(gpu: &Gpu, filter: &str) -> Result<()> {
     println!("device: {}", gpu.name()?);
     BenchRow::print_header();
-    for row in elementwise::bench(gpu)?.into_iter().chain(conv::bench(gpu)?) {
-        if row.kernel.contains(filter) {
-            row.print();
+    for (family, bench) in FAMILIES {
+        if family.contains(filter) {
+            bench(gpu)?.iter().for_each(BenchRow::print);
         }
     }
     Ok(())

@@ -50,6 +50,11 @@ impl DeviceBuffer {
     pub fn bytes(&self) -> usize {
         self.bytes
     }
+
+    /// `bytes` bytes starting `offset` bytes in, sharing this buffer's memory.
+    pub fn slice(&self, offset: usize, bytes: usize) -> Option<DeviceBuffer> {
+        (offset + bytes <= self.bytes).then(|| DeviceBuffer { ptr: self.ptr + offset as u64, bytes, _block: self._block.clone() })
+    }
 }
 
 impl std::fmt::Debug for DeviceBuffer {

@@ -29,6 +29,12 @@ fn erf(x: f64) -> f64 {
     sign * approx
 }
 
+/// y[b, p, c] = x[b, p, c] + e[b, c] for x of `batch` samples with `channels` channels last.
+pub fn add_channel_bias_cpu(x: &[f32], e: &[f32], batch: usize, channels: usize) -> Vec<f32> {
+    let per_sample = x.len() / batch;
+    x.iter().enumerate().map(|(i, v)| v + e[(i / per_sample) * channels + i % channels]).collect()
+}
+
 pub fn add_cpu(a: &[f32], b: &[f32]) -> Vec<f32> {
     a.iter().zip(b).map(|(x, y)| x + y).collect()
 }
@@ -120,6 +126,16 @@ pub fn gelu_backward(gpu: &Gpu, x: &Tensor, dy: &Tensor, dx: &mut Tensor) -> Res
     launch_binary(gpu, "gelu_bwd", x, dy, dx)
 }
 
+/// y[b, .., c] = x[b, .., c] + e[b, c] (e is [batch, channels], same dtype as x).
+pub fn add_channel_bias(gpu: &Gpu, x: &Tensor, e: &Tensor, y: &mut Tensor) -> Result<()> {
+    let (n, batch, c) = (x.numel(), x.shape()[0], *x.shape().last().unwrap_or(&1));
+    check_gpu("add_channel_bias", &[x, y], x.dtype(), n)?;
+    check_gpu("add_channel_bias bias", &[e], x.dtype(), batch * c)?;
+    let kernel = if x.dtype() == DType::F32 { "add_channel_bias_f32" } else { "add_channel_bias_bf16" };
+    let args = [KernelArg::Ptr(x.ptr()?), KernelArg::Ptr(e.ptr()?), KernelArg::Ptr(y.ptr()?), KernelArg::I64(n as i64), KernelArg::I64((n / batch) as i64), KernelArg::I32(c as i32)];
+    gpu.launch(MODULE, kernel, cfg(n), &args)
+}
+
 /// Converts between f32 and bf16 on the GPU (`x` and `y` of different dtypes, same shape).
 pub fn cast(gpu: &Gpu, x: &Tensor, y: &mut Tensor) -> Result<()> {
     let n = x.numel();
@@ -174,6 +190,8 @@ mod tests {
         assert!((gelu_cpu(&[1.0])[0] - 0.841_344_7).abs() < 1e-6);
         assert_eq!(add_cpu(&[1.0, 2.0], &[3.0, 4.0]), vec![4.0, 6.0]);
         assert_eq!(scale_cpu(&[1.0, -2.0], 0.5), vec![0.5, -1.0]);
+        // two samples of two pixels × two channels
+        assert_eq!(add_channel_bias_cpu(&[0.0; 8], &[1.0, 2.0, 3.0, 4.0], 2, 2), vec![1.0, 2.0, 1.0, 2.0, 3.0, 4.0, 3.0, 4.0]);
     }
 
     /// Runs `gpu_op` on fresh random inputs in `dtype` with a poisoned output, compares with `cpu_op`.
@@ -219,6 +237,22 @@ mod tests {
             gpu_vs_twin("silu_backward", n, 2, &|h| silu_backward_cpu(&h[0], &h[1]), &|g, d, o| silu_backward(g, &d[0], &d[1], o));
             gpu_vs_twin("gelu", n, 1, &|h| gelu_cpu(&h[0]), &|g, d, o| gelu(g, &d[0], o));
             gpu_vs_twin("gelu_backward", n, 2, &|h| gelu_backward_cpu(&h[0], &h[1]), &|g, d, o| gelu_backward(g, &d[0], &d[1], o));
+        }
+    }
+
+    #[test]
+    #[ignore = "needs a CUDA GPU"]
+    fn gpu_add_channel_bias_matches_twin() {
+        // [2, 64, 64, 320] plus a [2, 320] bias, and an odd [3, 5, 7, 8] case.
+        for (batch, pixels, c) in [(2usize, 4096usize, 320usize), (3, 35, 8)] {
+            let n = batch * pixels * c;
+            let bias_twin = |h: &[Vec<f32>]| add_channel_bias_cpu(&h[0], &h[1][..batch * c], batch, c);
+            gpu_vs_twin("add_channel_bias", n, 2, &bias_twin, &|g, d, o| {
+                let e = d[1].reshape(&[n])?;
+                // The bias is the first batch·c values of the second input.
+                let e = Tensor::from_vec(&[batch * c], e.to_cpu(g)?.into_vec()?[..batch * c].to_vec())?.to_gpu(g, Persistent, d[1].dtype())?;
+                add_channel_bias(g, &d[0].reshape(&[batch, pixels, c])?, &e, o)
+            });
         }
     }
 

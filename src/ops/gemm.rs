@@ -1,27 +1,578 @@
-//! Linear layers (kernels/gemm.cu): Y[M×N] = X[M×K]·W[N×K]ᵀ + b, W as PyTorch stores it.
+//! Tensor-core GEMMs (kernels/gemm.cu): the linear layer `y = x·Wᵀ + b (+ r)`, its input gradient
+//! `dx = dy·W` (weights frozen: no weight gradient), and the weight-gradient product `c = α·aᵀ·b`
+//! used for the LoRA factors. bf16 operands, f32 accumulation, bf16 or f32 outputs.
+//!
+//! CPU twins (f32, naive): [`linear_cpu`], [`linear_input_grad_cpu`], [`at_b_cpu`].
+//!
+//! All three are one kernel family, `C = α·Σ_k A(m,k)·B(n,k) + bias + R`, whose operands are read in
+//! the layout they are stored in (no transposes in memory) and whose K sum can run over two segments
+//! from two pointer pairs (the fused LoRA linear in `ops::lora` uses that for its concatenated K).
 
-/// CPU twin: y[m×n] = x[m×k]·w[n×k]ᵀ + bias.
+use crate::cuda::{Gpu, KernelArg, LaunchConfig};
+use crate::tensor::{DType, Tensor};
+use anyhow::{bail, ensure, Context, Result};
+use cudarc::driver::sys::{CUdevice_attribute, CUfunction_attribute};
+
+const MODULE: &str = "gemm";
+/// K depth of one pipeline stage and threads per block (must match kernels/gemm.cu).
+const BK: usize = 32;
+const THREADS: u32 = 128;
+
+/// Pipeline stages of each block tile (must match GEMM_TILES in kernels/gemm.cu).
+fn stages((bm, bn): (usize, usize)) -> usize {
+    match (bm, bn) {
+        (128, 128) => 4,
+        (128, 64) => 6,
+        _ => 8,
+    }
+}
+
+/// y[m×n] = x[m×k]·W[n×k]ᵀ + b — PyTorch's `F.linear`.
 pub fn linear_cpu(x: &[f32], m: usize, k: usize, w: &[f32], n: usize, bias: Option<&[f32]>) -> Vec<f32> {
-    assert_eq!(x.len(), m * k, "linear_cpu: x is not {m}×{k}");
-    assert_eq!(w.len(), n * k, "linear_cpu: w is not {n}×{k}");
+    assert_eq!(x.len(), m * k, "linear_cpu: x is not m×k");
+    assert_eq!(w.len(), n * k, "linear_cpu: w is not n×k");
     let mut y = vec![0f32; m * n];
-    for (xr, yr) in x.chunks_exact(k).zip(y.chunks_exact_mut(n)) {
-        for (j, (wr, out)) in w.chunks_exact(k).zip(yr.iter_mut()).enumerate() {
+    for i in 0..m {
+        let xr = &x[i * k..(i + 1) * k];
+        for j in 0..n {
+            let wr = &w[j * k..(j + 1) * k];
             let dot: f32 = xr.iter().zip(wr).map(|(a, b)| a * b).sum();
-            *out = dot + bias.map_or(0.0, |b| b[j]);
+            y[i * n + j] = dot + bias.map_or(0.0, |b| b[j]);
         }
     }
     y
 }
 
+/// dx[m×k] = dy[m×n]·W[n×k] — the input gradient of [`linear_cpu`].
+pub fn linear_input_grad_cpu(dy: &[f32], m: usize, n: usize, w: &[f32], k: usize) -> Vec<f32> {
+    assert_eq!(dy.len(), m * n);
+    assert_eq!(w.len(), n * k);
+    let mut dx = vec![0f32; m * k];
+    for i in 0..m {
+        for j in 0..n {
+            let g = dy[i * n + j];
+            for (d, &wv) in dx[i * k..(i + 1) * k].iter_mut().zip(&w[j * k..(j + 1) * k]) {
+                *d += g * wv;
+            }
+        }
+    }
+    dx
+}
+
+/// c[p×q] = aᵀ·b for a [m×p], b [m×q] — a weight gradient (reduction over the m tokens).
+pub fn at_b_cpu(a: &[f32], m: usize, p: usize, b: &[f32], q: usize) -> Vec<f32> {
+    assert_eq!(a.len(), m * p);
+    assert_eq!(b.len(), m * q);
+    let mut c = vec![0f32; p * q];
+    for t in 0..m {
+        for i in 0..p {
+            let av = a[t * p + i];
+            for (cv, &bv) in c[i * q..(i + 1) * q].iter_mut().zip(&b[t * q..(t + 1) * q]) {
+                *cv += av * bv;
+            }
+        }
+    }
+    c
+}
+
+/// Operand layouts of a GEMM (see kernels/gemm.cu): `Kk` reads A(m,k) = A[m·lda+k] and
+/// B(n,k) = B[n·ldb+k] (x·Wᵀ); `Kn` reads B(n,k) = B[k·ldb+n] (dy·W); `Mn` also reads
+/// A(m,k) = A[k·lda+m] (aᵀ·b).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Layouts {
+    Kk,
+    Kn,
+    Mn,
+}
+
+/// One K segment: device pointers and leading dimensions (in elements) of A and B, and its depth.
+#[derive(Clone, Copy, Debug, Default)]
+pub(crate) struct Segment {
+    pub a: u64,
+    pub lda: usize,
+    pub b: u64,
+    pub ldb: usize,
+    pub k: usize,
+}
+
+/// A GEMM launch: C[m×n] (leading dimension `ldc`, type `out`) = alpha·Σ over both segments
+/// + bias[n] (bf16) + R (type `out`, leading dimension given; may be C itself).
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct GemmCall {
+    pub layouts: Layouts,
+    pub m: usize,
+    pub n: usize,
+    pub seg1: Segment,
+    pub seg2: Segment,
+    pub c: u64,
+    pub ldc: usize,
+    pub out: DType,
+    pub bias: Option<u64>,
+    pub residual: Option<(u64, usize)>,
+    pub alpha: f32,
+    /// Split the K loop over several blocks that add into C with atomics (f32 C, no bias/residual:
+    /// C must hold zeros or the sum to accumulate into).
+    pub allow_split_k: bool,
+}
+
+/// Block tile (BM, BN) choices, largest first.
+pub(crate) const TILES: [(usize, usize); 3] = [(128, 128), (128, 64), (64, 64)];
+
+fn kernel_name(tile: (usize, usize), layouts: Layouts, out: DType) -> Result<&'static str> {
+    Ok(match (tile, layouts, out) {
+        ((128, 128), Layouts::Kk, DType::BF16) => "gemm_128x128_kk_bf16",
+        ((128, 64), Layouts::Kk, DType::BF16) => "gemm_128x64_kk_bf16",
+        ((64, 64), Layouts::Kk, DType::BF16) => "gemm_64x64_kk_bf16",
+        ((128, 128), Layouts::Kk, DType::F32) => "gemm_128x128_kk_f32",
+        ((128, 64), Layouts::Kk, DType::F32) => "gemm_128x64_kk_f32",
+        ((64, 64), Layouts::Kk, DType::F32) => "gemm_64x64_kk_f32",
+        ((128, 128), Layouts::Kn, DType::BF16) => "gemm_128x128_kn_bf16",
+        ((128, 64), Layouts::Kn, DType::BF16) => "gemm_128x64_kn_bf16",
+        ((64, 64), Layouts::Kn, DType::BF16) => "gemm_64x64_kn_bf16",
+        ((128, 128), Layouts::Kn, DType::F32) => "gemm_128x128_kn_f32",
+        ((128, 64), Layouts::Kn, DType::F32) => "gemm_128x64_kn_f32",
+        ((64, 64), Layouts::Kn, DType::F32) => "gemm_64x64_kn_f32",
+        ((128, 128), Layouts::Mn, DType::F32) => "gemm_128x128_mn_f32",
+        ((128, 64), Layouts::Mn, DType::F32) => "gemm_128x64_mn_f32",
+        ((64, 64), Layouts::Mn, DType::F32) => "gemm_64x64_mn_f32",
+        _ => bail!("gemm: no kernel for tile {tile:?}, layouts {layouts:?}, output {out:?}"),
+    })
+}
+
+fn sm_count(gpu: &Gpu) -> Result<usize> {
+    Ok(gpu.stream().context().attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)? as usize)
+}
+
+/// The tile the launcher picks: 128x128 when that still gives 4 blocks per SM, 128x64 for 2, else
+/// 64x64 (measured on an H100 at the SD1.5 shapes: benches/RESULTS.md, rows `linear_tile*`).
+pub(crate) fn pick_tile(gpu: &Gpu, m: usize, n: usize) -> Result<(usize, usize)> {
+    let sms = sm_count(gpu)?;
+    let blocks = |(bm, bn): (usize, usize)| m.div_ceil(bm) * n.div_ceil(bn);
+    Ok(if blocks(TILES[0]) >= 4 * sms {
+        TILES[0]
+    } else if blocks(TILES[1]) >= 2 * sms {
+        TILES[1]
+    } else {
+        TILES[2]
+    })
+}
+
+/// Launches one GEMM with the launcher's tile choice.
+pub(crate) fn gemm(gpu: &Gpu, call: &GemmCall) -> Result<()> {
+    let tile = pick_tile(gpu, call.m, call.n)?;
+    gemm_with_tile(gpu, call, tile)
+}
+
+/// (number of K slices, K tiles per slice) for `call` with block tile `tile`.
+fn split_k(gpu: &Gpu, call: &GemmCall, (bm, bn): (usize, usize)) -> Result<(usize, usize)> {
+    let ktiles = call.seg1.k.div_ceil(BK) + call.seg2.k.div_ceil(BK);
+    let blocks = call.m.div_ceil(bm) * call.n.div_ceil(bn);
+    let mut split = 1;
+    if call.allow_split_k {
+        ensure!(call.out == DType::F32 && call.bias.is_none() && call.residual.is_none(), "gemm: split-K needs an f32 output without epilogue");
+        let sms = sm_count(gpu)?;
+        if blocks < sms {
+            // Enough slices for about two blocks per SM, each slice at least 8 K tiles deep.
+            split = (2 * sms).div_ceil(blocks).min(ktiles / 8).max(1);
+        }
+    }
+    let tiles_per_split = ktiles.div_ceil(split).max(1);
+    Ok((ktiles.div_ceil(tiles_per_split).max(1), tiles_per_split))
+}
+
+/// Launches one GEMM with block tile `tile` (one of [`TILES`]).
+pub(crate) fn gemm_with_tile(gpu: &Gpu, call: &GemmCall, tile: (usize, usize)) -> Result<()> {
+    let name = kernel_name(tile, call.layouts, call.out)?;
+    let (bm, bn) = tile;
+    if call.m == 0 || call.n == 0 {
+        return Ok(());
+    }
+    let (split, tiles_per_split) = split_k(gpu, call, tile)?;
+    let smem = (stages(tile) * (bm + bn) * BK * 2) as u32;
+    if smem > 48 * 1024 {
+        gpu.function(MODULE, name)?
+            .set_attribute(CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, smem as i32)
+            .context("gemm: cannot raise the dynamic shared memory limit")?;
+    }
+    let cfg = LaunchConfig {
+        grid_dim: (call.n.div_ceil(bn) as u32, call.m.div_ceil(bm) as u32, split as u32),
+        block_dim: (THREADS, 1, 1),
+        shared_mem_bytes: smem,
+    };
+    let (s1, s2) = (call.seg1, call.seg2);
+    let (r, ldr) = call.residual.unwrap_or((0, 0));
+    let args = [
+        KernelArg::Ptr(s1.a),
+        KernelArg::I64(s1.lda as i64),
+        KernelArg::Ptr(s1.b),
+        KernelArg::I64(s1.ldb as i64),
+        KernelArg::I32(i32_of(s1.k)?),
+        KernelArg::Ptr(s2.a),
+        KernelArg::I64(s2.lda as i64),
+        KernelArg::Ptr(s2.b),
+        KernelArg::I64(s2.ldb as i64),
+        KernelArg::I32(i32_of(s2.k)?),
+        KernelArg::Ptr(call.c),
+        KernelArg::I64(call.ldc as i64),
+        KernelArg::Ptr(call.bias.unwrap_or(0)),
+        KernelArg::Ptr(r),
+        KernelArg::I64(ldr as i64),
+        KernelArg::I32(i32_of(call.m)?),
+        KernelArg::I32(i32_of(call.n)?),
+        KernelArg::F32(call.alpha),
+        KernelArg::I32(i32_of(tiles_per_split)?),
+    ];
+    gpu.launch(MODULE, name, cfg, &args)
+}
+
+fn i32_of(v: usize) -> Result<i32> {
+    i32::try_from(v).map_err(|_| anyhow::anyhow!("gemm: dimension {v} does not fit in i32"))
+}
+
+/// (rows, last dim) of a tensor seen as a matrix.
+pub(crate) fn as_matrix(t: &Tensor) -> (usize, usize) {
+    let cols = *t.shape().last().unwrap_or(&1);
+    (t.numel().checked_div(cols).unwrap_or(0), cols)
+}
+
+pub(crate) fn check_on_gpu(what: &str, name: &str, t: &Tensor, dtype: Option<DType>) -> Result<()> {
+    ensure!(t.is_gpu(), "{what}: {name} is on the CPU");
+    if let Some(d) = dtype {
+        ensure!(t.dtype() == d, "{what}: {name} is {:?}, expected {d:?}", t.dtype());
+    }
+    Ok(())
+}
+
+/// Sets C to zero (before split-K slices add into it).
+pub(crate) fn zero(gpu: &Gpu, t: &Tensor) -> Result<()> {
+    unsafe { cudarc::driver::result::memset_d8_async(t.ptr()?, 0, t.numel() * t.dtype().size(), gpu.stream().cu_stream()) }
+        .context("gemm: memset failed")
+}
+
+/// y[M×N] = x[M×K]·W[N×K]ᵀ (+ bias[N]) (+ residual[M×N]) — a linear layer, fused epilogue.
+///
+/// x: bf16 `[.., K]`; w: bf16 `[N, K]` (PyTorch's layout); bias: bf16 `[N]`; y and residual: bf16 or
+/// f32 `[.., N]` of the same type. Any M; K and N must be multiples of 8 (16-byte rows).
+pub fn linear(gpu: &Gpu, x: &Tensor, w: &Tensor, bias: Option<&Tensor>, residual: Option<&Tensor>, y: &mut Tensor) -> Result<()> {
+    const WHAT: &str = "linear";
+    check_on_gpu(WHAT, "x", x, Some(DType::BF16))?;
+    check_on_gpu(WHAT, "w", w, Some(DType::BF16))?;
+    check_on_gpu(WHAT, "y", y, None)?;
+    ensure!(w.shape().len() == 2, "{WHAT}: w must be [out, in], got {:?}", w.shape());
+    let (n, k) = (w.shape()[0], w.shape()[1]);
+    let (m, xk) = as_matrix(x);
+    ensure!(xk == k, "{WHAT}: x {:?} has {xk} features but w {:?} takes {k}", x.shape(), w.shape());
+    ensure!(k % 8 == 0 && n % 8 == 0, "{WHAT}: in ({k}) and out ({n}) features must be multiples of 8 (16-byte rows for cp.async)");
+    ensure!(as_matrix(y) == (m, n), "{WHAT}: y {:?} must be [.., {n}] with {m} rows (x is {:?})", y.shape(), x.shape());
+    if let Some(b) = bias {
+        check_on_gpu(WHAT, "bias", b, Some(DType::BF16))?;
+        ensure!(b.numel() == n, "{WHAT}: bias {:?} must hold {n} values", b.shape());
+    }
+    if let Some(r) = residual {
+        check_on_gpu(WHAT, "residual", r, Some(y.dtype()))?;
+        ensure!(as_matrix(r) == (m, n), "{WHAT}: residual {:?} must be shaped like y {:?}", r.shape(), y.shape());
+    }
+    let call = GemmCall {
+        layouts: Layouts::Kk,
+        m,
+        n,
+        seg1: Segment { a: x.ptr()?, lda: k, b: w.ptr()?, ldb: k, k },
+        seg2: Segment::default(),
+        c: y.ptr()?,
+        ldc: n,
+        out: y.dtype(),
+        bias: bias.map(|b| b.ptr()).transpose()?,
+        residual: residual.map(|r| r.ptr().map(|p| (p, n))).transpose()?,
+        alpha: 1.0,
+        allow_split_k: false,
+    };
+    gemm(gpu, &call)
+}
+
+/// dx[M×K] = dy[M×N]·W[N×K] (+ dx when `accumulate`) — the input gradient of a frozen linear.
+///
+/// dy: bf16 `[.., N]`; w: bf16 `[N, K]`; dx: bf16 or f32 `[.., K]`. K and N multiples of 8.
+pub fn linear_input_grad(gpu: &Gpu, dy: &Tensor, w: &Tensor, accumulate: bool, dx: &mut Tensor) -> Result<()> {
+    const WHAT: &str = "linear_input_grad";
+    check_on_gpu(WHAT, "dy", dy, Some(DType::BF16))?;
+    check_on_gpu(WHAT, "w", w, Some(DType::BF16))?;
+    check_on_gpu(WHAT, "dx", dx, None)?;
+    ensure!(w.shape().len() == 2, "{WHAT}: w must be [out, in], got {:?}", w.shape());
+    let (n, k) = (w.shape()[0], w.shape()[1]);
+    let (m, dn) = as_matrix(dy);
+    ensure!(dn == n, "{WHAT}: dy {:?} has {dn} features but w {:?} has {n} outputs", dy.shape(), w.shape());
+    ensure!(k % 8 == 0 && n % 8 == 0, "{WHAT}: in ({k}) and out ({n}) features must be multiples of 8 (16-byte rows for cp.async)");
+    ensure!(as_matrix(dx) == (m, k), "{WHAT}: dx {:?} must be [.., {k}] with {m} rows", dx.shape());
+    let c = dx.ptr()?;
+    let call = GemmCall {
+        layouts: Layouts::Kn,
+        m,
+        n: k,
+        seg1: Segment { a: dy.ptr()?, lda: n, b: w.ptr()?, ldb: k, k: n },
+        seg2: Segment::default(),
+        c,
+        ldc: k,
+        out: dx.dtype(),
+        bias: None,
+        residual: accumulate.then_some((c, k)),
+        alpha: 1.0,
+        allow_split_k: false,
+    };
+    gemm(gpu, &call)
+}
+
+/// c[P×Q] = alpha·a[M×P]ᵀ·b[M×Q] (+ c when `accumulate`) — a weight gradient, reduced over the M
+/// tokens (split over several blocks when P·Q alone cannot fill the GPU). a, b: bf16; c: f32.
+/// Any sizes (rows whose length is not a multiple of 8 take a slower load path).
+pub fn at_b(gpu: &Gpu, a: &Tensor, b: &Tensor, alpha: f32, accumulate: bool, c: &mut Tensor) -> Result<()> {
+    const WHAT: &str = "at_b";
+    check_on_gpu(WHAT, "a", a, Some(DType::BF16))?;
+    check_on_gpu(WHAT, "b", b, Some(DType::BF16))?;
+    check_on_gpu(WHAT, "c", c, Some(DType::F32))?;
+    let ((m, p), (mb, q)) = (as_matrix(a), as_matrix(b));
+    ensure!(m == mb, "{WHAT}: a {:?} and b {:?} must have the same number of rows", a.shape(), b.shape());
+    ensure!(as_matrix(c) == (p, q), "{WHAT}: c {:?} must be [{p}, {q}]", c.shape());
+    at_b_raw(gpu, (a.ptr()?, p), (b.ptr()?, q), m, p, q, alpha, accumulate, c)
+}
+
+/// [`at_b`] on raw operands (pointer, leading dimension), for callers holding scratch buffers.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn at_b_raw(gpu: &Gpu, a: (u64, usize), b: (u64, usize), m: usize, p: usize, q: usize, alpha: f32, accumulate: bool, c: &Tensor) -> Result<()> {
+    let mut call = GemmCall {
+        layouts: Layouts::Mn,
+        m: p,
+        n: q,
+        seg1: Segment { a: a.0, lda: a.1, b: b.0, ldb: b.1, k: m },
+        seg2: Segment::default(),
+        c: c.ptr()?,
+        ldc: q,
+        out: DType::F32,
+        bias: None,
+        residual: None,
+        alpha,
+        allow_split_k: true,
+    };
+    let tile = pick_tile(gpu, p, q)?;
+    if split_k(gpu, &call, tile)?.0 == 1 {
+        // One slice: accumulate through the epilogue's residual read.
+        call.allow_split_k = false;
+        call.residual = accumulate.then_some((call.c, q));
+    } else if !accumulate {
+        zero(gpu, c)?;
+    }
+    gemm_with_tile(gpu, &call, tile)
+}
+
+
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
+    use crate::cuda::ArenaKind::Persistent;
+    use crate::ops::finite_difference;
+    use crate::rng::Rng;
+    use crate::tensor::{assert_close, round_bf16};
+
+    /// Random bf16-representable values (so the f32 twin sees exactly what the GPU sees).
+    pub(crate) fn rand_bf16(rng: &mut Rng, n: usize, std: f32) -> Vec<f32> {
+        round_bf16(&rng.normal_vec(n, std))
+    }
+
+    pub(crate) fn upload(gpu: &Gpu, shape: &[usize], data: &[f32], dtype: DType) -> Tensor {
+        Tensor::from_vec(shape, data.to_vec()).unwrap().to_gpu(gpu, Persistent, dtype).unwrap()
+    }
+
+    pub(crate) fn poisoned(gpu: &Gpu, shape: &[usize], dtype: DType) -> Tensor {
+        let t = Tensor::empty_gpu(gpu, Persistent, shape, dtype).unwrap();
+        t.poison(gpu).unwrap();
+        t
+    }
+
+    pub(crate) fn download(gpu: &Gpu, t: &Tensor) -> Vec<f32> {
+        t.to_cpu(gpu).unwrap().into_vec().unwrap()
+    }
+
+    /// Rows checked against the twin: all of them for small m, else the first, the last and 46 random.
+    pub(crate) fn sample_rows(rng: &mut Rng, m: usize) -> Vec<usize> {
+        if m <= 512 {
+            return (0..m).collect();
+        }
+        let mut rows: Vec<usize> = (0..46).map(|_| (rng.next_u64() % m as u64) as usize).collect();
+        rows.extend([0, m - 1]);
+        rows
+    }
+
+    pub(crate) fn gather_rows(v: &[f32], cols: usize, rows: &[usize]) -> Vec<f32> {
+        rows.iter().flat_map(|&r| v[r * cols..(r + 1) * cols].iter().copied()).collect()
+    }
 
     #[test]
-    fn linear_cpu_small_example() {
-        // x = [[1, 2]], w = [[3, 4], [5, 6], [7, 8]], b = [1, 0, -1]
-        let y = linear_cpu(&[1.0, 2.0], 1, 2, &[3.0, 4.0, 5.0, 6.0, 7.0, 8.0], 3, Some(&[1.0, 0.0, -1.0]));
-        assert_eq!(y, vec![12.0, 17.0, 22.0]);
+    fn twins_agree_with_each_other_and_small_cases() {
+        // [[1,2],[3,4]]·[[1,0],[1,1]]ᵀ + [10, 20] = [[11, 23], [13, 27]]
+        assert_eq!(linear_cpu(&[1., 2., 3., 4.], 2, 2, &[1., 0., 1., 1.], 2, Some(&[10., 20.])), vec![11., 23., 13., 27.]);
+        let mut rng = Rng::new(3);
+        let (m, k, n) = (5, 7, 3);
+        let (a, b) = (rng.normal_vec(m * k, 1.0), rng.normal_vec(m * n, 1.0));
+        // aᵀ·b computed as linear over transposed copies.
+        let t = |v: &[f32], r: usize, c: usize| (0..c * r).map(|i| v[(i % r) * c + i / r]).collect::<Vec<f32>>();
+        assert_close("at_b vs linear", &at_b_cpu(&a, m, k, &b, n), &linear_cpu(&t(&a, m, k), k, m, &t(&b, m, n), n, None), 1e-6);
+    }
+
+    #[test]
+    fn linear_input_grad_matches_finite_differences() {
+        let mut rng = Rng::new(11);
+        let (m, k, n) = (3, 5, 4);
+        let (x, w, g) = (rng.normal_vec(m * k, 1.0), rng.normal_vec(n * k, 1.0), rng.normal_vec(m * n, 1.0));
+        let loss = |xs: &[f32]| linear_cpu(xs, m, k, &w, n, None).iter().zip(&g).map(|(y, g)| (*y as f64) * (*g as f64)).sum();
+        let numeric: Vec<f32> = finite_difference(&x, 1e-2, loss).iter().map(|&v| v as f32).collect();
+        assert_close("dx vs finite differences", &linear_input_grad_cpu(&g, m, n, &w, k), &numeric, 1e-3);
+        // The weight gradient of the same loss is gᵀ·x (what at_b computes for LoRA factors).
+        let loss_w = |ws: &[f32]| linear_cpu(&x, m, k, ws, n, None).iter().zip(&g).map(|(y, g)| (*y as f64) * (*g as f64)).sum();
+        let numeric: Vec<f32> = finite_difference(&w, 1e-2, loss_w).iter().map(|&v| v as f32).collect();
+        assert_close("dW vs finite differences", &at_b_cpu(&g, m, n, &x, k), &numeric, 1e-3);
+    }
+
+    /// (M, K, N) of every linear in SD1.5's UNet at 512 px, batch 1 and 2, plus odd token counts.
+    pub(crate) fn sd15_linear_shapes() -> Vec<(usize, usize, usize)> {
+        let mut v = Vec::new();
+        for (tokens, d) in [(4096, 320), (1024, 640), (256, 1280), (64, 1280)] {
+            for batch in [1, 2] {
+                let m = tokens * batch;
+                v.extend([(m, d, d), (m, d, 8 * d), (m, 4 * d, d)]);
+            }
+        }
+        for d in [320, 640, 1280] {
+            v.extend([(77, 768, d), (154, 768, d)]);
+        }
+        v.extend([(1, 320, 1280), (1, 1280, 1280), (333, 640, 320), (77, 320, 2560)]);
+        v
+    }
+
+    #[test]
+    #[ignore = "needs a CUDA GPU"]
+    fn gpu_linear_matches_twin_at_sd15_shapes() {
+        let gpu = Gpu::for_tests().expect("GPU test needs a CUDA device");
+        for (m, k, n) in sd15_linear_shapes() {
+            for out in [DType::BF16, DType::F32] {
+                let seed = Rng::fresh_seed();
+                let mut rng = Rng::new(seed);
+                let x = rand_bf16(&mut rng, m * k, 1.0);
+                let w = rand_bf16(&mut rng, n * k, 1.0 / (k as f32).sqrt());
+                let b = rand_bf16(&mut rng, n, 0.5);
+                let r = rand_bf16(&mut rng, m * n, 1.0);
+                let (xd, wd, bd) = (upload(&gpu, &[m, k], &x, DType::BF16), upload(&gpu, &[n, k], &w, DType::BF16), upload(&gpu, &[n], &b, DType::BF16));
+                // bf16 output: bias + residual epilogue; f32 output: bias only.
+                let rd = (out == DType::BF16).then(|| upload(&gpu, &[m, n], &r, out));
+                let mut y = poisoned(&gpu, &[m, n], out);
+                linear(&gpu, &xd, &wd, Some(&bd), rd.as_ref(), &mut y).unwrap();
+                let got = download(&gpu, &y);
+                let rows = sample_rows(&mut rng, m);
+                let mut want = linear_cpu(&gather_rows(&x, k, &rows), rows.len(), k, &w, n, Some(&b));
+                if rd.is_some() {
+                    want.iter_mut().zip(gather_rows(&r, n, &rows)).for_each(|(y, r)| *y += r);
+                }
+                assert_close(&format!("linear {m}x{k}->{n} {out:?} seed={seed}"), &gather_rows(&got, n, &rows), &want, 1e-2);
+                assert_eq!(got.iter().filter(|v| !v.is_finite()).count(), 0, "linear {m}x{k}->{n}: unwritten outputs (seed {seed})");
+            }
+        }
+    }
+
+    #[test]
+    #[ignore = "needs a CUDA GPU"]
+    fn gpu_linear_input_grad_matches_twin() {
+        let gpu = Gpu::for_tests().expect("GPU test needs a CUDA device");
+        for (i, (m, k, n)) in sd15_linear_shapes().into_iter().enumerate() {
+            let seed = Rng::fresh_seed();
+            let mut rng = Rng::new(seed);
+            let dy = rand_bf16(&mut rng, m * n, 1.0);
+            let w = rand_bf16(&mut rng, n * k, 1.0 / (n as f32).sqrt());
+            let old = rand_bf16(&mut rng, m * k, 1.0);
+            let (dyd, wd) = (upload(&gpu, &[m, n], &dy, DType::BF16), upload(&gpu, &[n, k], &w, DType::BF16));
+            // Alternate: bf16 dx written fresh, f32 dx accumulated onto existing values.
+            let accumulate = i % 2 == 1;
+            let mut dx = if accumulate { upload(&gpu, &[m, k], &old, DType::F32) } else { poisoned(&gpu, &[m, k], DType::BF16) };
+            linear_input_grad(&gpu, &dyd, &wd, accumulate, &mut dx).unwrap();
+            let got = download(&gpu, &dx);
+            let rows = sample_rows(&mut rng, m);
+            let mut want = linear_input_grad_cpu(&gather_rows(&dy, n, &rows), rows.len(), n, &w, k);
+            if accumulate {
+                want.iter_mut().zip(gather_rows(&old, k, &rows)).for_each(|(a, o)| *a += o);
+            }
+            assert_close(&format!("dx {m}x{n}->{k} accumulate={accumulate} seed={seed}"), &gather_rows(&got, k, &rows), &want, 1e-2);
+            assert_eq!(got.iter().filter(|v| !v.is_finite()).count(), 0, "dx {m}x{n}->{k}: unwritten outputs (seed {seed})");
+        }
+    }
+
+    #[test]
+    #[ignore = "needs a CUDA GPU"]
+    fn gpu_at_b_matches_twin_with_split_k_and_odd_sizes() {
+        let gpu = Gpu::for_tests().expect("GPU test needs a CUDA device");
+        // (M tokens, P, Q): LoRA factor gradients (split-K), a square one (no split), odd sizes.
+        let shapes = [(8192, 320, 128), (8192, 128, 320), (2048, 640, 128), (154, 1280, 128), (128, 128, 1280), (1024, 1280, 1280), (333, 13, 320), (77, 5, 7), (1000, 320, 1)];
+        for (m, p, q) in shapes {
+            for accumulate in [false, true] {
+                let seed = Rng::fresh_seed();
+                let mut rng = Rng::new(seed);
+                let (a, b) = (rand_bf16(&mut rng, m * p, 1.0), rand_bf16(&mut rng, m * q, 1.0));
+                let old = rng.normal_vec(p * q, 10.0);
+                let (ad, bd) = (upload(&gpu, &[m, p], &a, DType::BF16), upload(&gpu, &[m, q], &b, DType::BF16));
+                let mut c = if accumulate { upload(&gpu, &[p, q], &old, DType::F32) } else { poisoned(&gpu, &[p, q], DType::F32) };
+                at_b(&gpu, &ad, &bd, 0.75, accumulate, &mut c).unwrap();
+                let mut want: Vec<f32> = at_b_cpu(&a, m, p, &b, q).iter().map(|v| 0.75 * v).collect();
+                if accumulate {
+                    want.iter_mut().zip(&old).for_each(|(w, o)| *w += o);
+                }
+                assert_close(&format!("at_b {m}: {p}x{q} accumulate={accumulate} seed={seed}"), &download(&gpu, &c), &want, 1e-2);
+            }
+        }
+    }
+
+    #[test]
+    #[ignore = "needs a CUDA GPU"]
+    fn gpu_every_tile_and_layout_matches_twin() {
+        let gpu = Gpu::for_tests().expect("GPU test needs a CUDA device");
+        let seed = Rng::fresh_seed();
+        let mut rng = Rng::new(seed);
+        // Odd M, N and K (not multiples of 8: the scalar load path) and aligned ones (cp.async path).
+        for (m, k, n) in [(333, 200, 136), (129, 37, 19), (300, 96, 72)] {
+            let x = rand_bf16(&mut rng, m * k, 1.0);
+            let w = rand_bf16(&mut rng, n * k, 0.1);
+            let dy = rand_bf16(&mut rng, m * n, 1.0);
+            let (xd, wd, dyd) = (upload(&gpu, &[m, k], &x, DType::BF16), upload(&gpu, &[n, k], &w, DType::BF16), upload(&gpu, &[m, n], &dy, DType::BF16));
+            for tile in TILES {
+                for out in [DType::BF16, DType::F32] {
+                    let y = poisoned(&gpu, &[m, n], out);
+                    let seg = Segment { a: xd.ptr().unwrap(), lda: k, b: wd.ptr().unwrap(), ldb: k, k };
+                    let call = GemmCall { layouts: Layouts::Kk, m, n, seg1: seg, seg2: Segment::default(), c: y.ptr().unwrap(), ldc: n, out, bias: None, residual: None, alpha: 1.0, allow_split_k: false };
+                    gemm_with_tile(&gpu, &call, tile).unwrap();
+                    let what = format!("kk {m}x{k}->{n} tile {tile:?} {out:?} seed={seed}");
+                    assert_close(&what, &download(&gpu, &y), &linear_cpu(&x, m, k, &w, n, None), 1e-2);
+
+                    let dx = poisoned(&gpu, &[m, k], out);
+                    let seg = Segment { a: dyd.ptr().unwrap(), lda: n, b: wd.ptr().unwrap(), ldb: k, k: n };
+                    let call = GemmCall { layouts: Layouts::Kn, m, n: k, seg1: seg, seg2: Segment::default(), c: dx.ptr().unwrap(), ldc: k, out, bias: None, residual: None, alpha: 1.0, allow_split_k: false };
+                    gemm_with_tile(&gpu, &call, tile).unwrap();
+                    assert_close(&format!("kn {what}"), &download(&gpu, &dx), &linear_input_grad_cpu(&dy, m, n, &w, k), 1e-2);
+                }
+                let dw = poisoned(&gpu, &[n, k], DType::F32);
+                let seg = Segment { a: dyd.ptr().unwrap(), lda: n, b: xd.ptr().unwrap(), ldb: k, k: m };
+                let call = GemmCall { layouts: Layouts::Mn, m: n, n: k, seg1: seg, seg2: Segment::default(), c: dw.ptr().unwrap(), ldc: k, out: DType::F32, bias: None, residual: None, alpha: 1.0, allow_split_k: false };
+                gemm_with_tile(&gpu, &call, tile).unwrap();
+                assert_close(&format!("mn {m}: {n}x{k} tile {tile:?} seed={seed}"), &download(&gpu, &dw), &at_b_cpu(&dy, m, n, &x, k), 1e-2);
+            }
+        }
+    }
+
+    #[test]
+    #[ignore = "needs a CUDA GPU"]
+    fn gpu_linear_rejects_bad_shapes_with_clear_errors() {
+        let gpu = Gpu::for_tests().expect("GPU test needs a CUDA device");
+        let x = upload(&gpu, &[4, 12], &[0.0; 48], DType::BF16);
+        let w = upload(&gpu, &[16, 12], &[0.0; 192], DType::BF16);
+        let mut y = poisoned(&gpu, &[4, 16], DType::BF16);
+        let err = linear(&gpu, &x, &w, None, None, &mut y).unwrap_err().to_string();
+        assert!(err.contains("multiples of 8"), "{err}");
+        let w = upload(&gpu, &[16, 16], &[0.0; 256], DType::BF16);
+        let err = linear(&gpu, &x, &w, None, None, &mut y).unwrap_err().to_string();
+        assert!(err.contains("has 12 features but w [16, 16] takes 16"), "{err}");
     }
 }

@@ -7,6 +7,14 @@ pub mod conv;
 pub mod elementwise;
 pub mod gemm;
 pub mod norm;
+pub mod activation;
+pub mod layout;
+pub mod philox;
+pub mod diffusion;
+pub mod adamw;
+#[cfg(test)]
+pub(crate) mod twin_check;
+pub mod lora;
 
 use crate::tensor::{DType, Tensor};
 use anyhow::{ensure, Result};

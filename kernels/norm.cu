@@ -1,0 +1,410 @@
+// Normalization kernels, storage T = float or bf16, every statistic and accumulator in f32.
+// CPU twins: group_norm_cpu / group_norm_backward_cpu / layer_norm_cpu / layer_norm_backward_cpu in
+// src/ops/norm.rs.
+//
+// GroupNorm, 32 groups, NHWC: x [n, hw, c], group g holds channels [g·cpg, (g+1)·cpg), cpg = c/32.
+//   mean, var over (hw × cpg) values of (sample, group); rstd = 1/√(var + eps); x̂ = (x − mean)·rstd
+//   h = γ_ch·x̂ + β_ch;  y = h, or silu(h) = h·σ(h) when `silu` != 0.
+//   Saved for the backward: stats [n, 32, 2] = (mean, rstd) in f32.
+//   Backward (input grad only, γ β frozen): dh = dy (or dy·σ(h)(1 + h(1 − σ(h))) with SiLU),
+//   d = dh·γ;  dx = rstd·(d − mean_g(d) − x̂·mean_g(d·x̂)).
+//
+//   Tiling: the hw rows of a sample are cut into `chunks` chunks of `rpc` rows; a block of 256
+//   threads handles one (chunk, sample). Thread t = (tx, ty) with tx = t mod TX owns the P·E
+//   contiguous channels [tx·P·E, (tx+1)·P·E) of every row it visits (rows ty, ty + TY, ...; TX =
+//   c/(P·E), TY = ⌊256/TX⌋), read as P vectors of E elements, so consecutive threads read
+//   consecutive 16-byte pieces of a row. The launcher picks E, P so that a thread's channels touch at
+//   most two groups, g0 and g0 + 1 ("lo" and "hi"), with a per-vector split point. Two kernels per
+//   direction:
+//     *_stats: per (sample, chunk, group) partials to `part` [n, chunks, 32, 2]: forward (mean, M2)
+//              of the chunk (sums shifted by the group's first value in the chunk: no cancellation),
+//              backward (Σd, Σd·x̂); threads' lo/hi sums meet in shared memory and are added per group
+//              in a fixed order (deterministic);
+//     *_apply: combine the partials of their sample (Chan's formula forward, sums backward; the 8
+//              warps split the chunks, then warp 0 merges), then write y (and stats) or dx for the
+//              chunk, whose rows are still in L2 from the stats pass.
+//
+// LayerNorm over rows: x [rows, c], one warp per row, E-wide vector loads, exact two-pass statistics
+//   (mean, then Σ(x − mean)²); y = x̂·γ + β; stats [rows, 2] = (mean, rstd).
+//   Backward: d = dy·γ; dx = rstd·(d − mean(d) − x̂·mean(d·x̂)).
+//   d = dy·γ is rounded once (__fmul_rn) so that the two passes see the same d: with zero variance
+//   (rstd = 1/√eps) a contracted fma would otherwise leave rstd·(rounding error) instead of 0.
+#include "pack.cuh"
+
+#define GROUPS 32
+#define WARPS 8
+#define THREADS 256
+
+__device__ __forceinline__ float sigmoidf(float h) { return 1.0f / (1.0f + expf(-h)); }
+
+// Rows [r0, r1) of chunk `chunk`.
+__device__ __forceinline__ void chunk_rows(int chunk, int rpc, int hw, int& r0, int& r1) {
+  r0 = chunk * rpc;
+  r1 = min(r0 + rpc, hw);
+}
+
+// A thread's place in the (tx, ty) layout and its channels.
+struct GnThread {
+  int tx, ty, TX, TY, c0, g0, cpg, span;  // span = P·E channels from c0; g0 = group of c0
+  bool active;
+  __device__ GnThread(int c, int P, int E) {
+    cpg = c / GROUPS;
+    span = P * E;
+    TX = c / span;
+    TY = THREADS / TX;
+    tx = threadIdx.x % TX;
+    ty = threadIdx.x / TX;
+    active = ty < TY;
+    c0 = tx * span;
+    g0 = c0 / cpg;
+  }
+  // Elements of the vector starting at channel ch that belong to g0 (the rest belong to g0 + 1).
+  __device__ __forceinline__ int n_lo(int ch, int E) const { return max(0, min(E, (g0 + 1) * cpg - ch)); }
+  __device__ __forceinline__ int g_hi() const { return min(g0 + 1, GROUPS - 1); }
+};
+
+// Adds the per-thread (lo, hi) pairs of every thread into one pair per group, in a fixed order.
+// Every thread calls it; returns group `threadIdx.x`'s sums in threads 0..31.
+__device__ float2 gn_block_reduce(const GnThread& th, float2 lo, float2 hi) {
+  __shared__ float2 sh[THREADS][2];
+  sh[threadIdx.x][0] = th.active ? lo : make_float2(0.f, 0.f);
+  sh[threadIdx.x][1] = th.active ? hi : make_float2(0.f, 0.f);
+  __syncthreads();
+  float2 acc = make_float2(0.f, 0.f);
+  if (threadIdx.x < GROUPS) {
+    const int g = threadIdx.x;
+    const int tx_first = (g * th.cpg) / th.span, tx_last = ((g + 1) * th.cpg - 1) / th.span;
+    for (int ty = 0; ty < th.TY; ++ty)
+      for (int tx = tx_first; tx <= tx_last; ++tx) {
+        const int side = (tx * th.span) / th.cpg == g ? 0 : 1;
+        const float2 v = sh[ty * th.TX + tx][side];
+        acc.x += v.x, acc.y += v.y;
+      }
+  }
+  return acc;
+}
+
+// ---------------------------------------------------------------------------------------------
+// GroupNorm forward
+// ---------------------------------------------------------------------------------------------
+template <typename T, int E>
+__device__ void gn_fwd_stats(const T* __restrict__ x, float2* __restrict__ part, int hw, int c, int rpc, int chunks, int P) {
+  const GnThread th(c, P, E);
+  const int chunk = blockIdx.x, b = blockIdx.y;
+  int r0, r1;
+  chunk_rows(chunk, rpc, hw, r0, r1);
+  const T* xs = x + (int64_t)b * hw * c;
+  // Shift of group g: its first value in the chunk (the same for every thread of the block).
+  const float shift_lo = to_f32(xs[(int64_t)r0 * c + th.g0 * th.cpg]), shift_hi = to_f32(xs[(int64_t)r0 * c + th.g_hi() * th.cpg]);
+  float2 lo = make_float2(0.f, 0.f), hi = make_float2(0.f, 0.f);
+  if (th.active) {
+    for (int r = r0 + th.ty; r < r1; r += th.TY) {
+      const T* row = xs + (int64_t)r * c;
+      for (int p = 0; p < P; ++p) {
+        const int ch = th.c0 + p * E, nlo = th.n_lo(ch, E);
+        float v[E];
+        load_pack<T, E>(row + ch, v);
+#pragma unroll
+        for (int i = 0; i < E; ++i) {
+          if (i < nlo) {
+            const float d = v[i] - shift_lo;
+            lo.x += d, lo.y = fmaf(d, d, lo.y);
+          } else {
+            const float d = v[i] - shift_hi;
+            hi.x += d, hi.y = fmaf(d, d, hi.y);
+          }
+        }
+      }
+    }
+  }
+  const float2 s = gn_block_reduce(th, lo, hi);
+  if (threadIdx.x < GROUPS) {
+    const int g = threadIdx.x;
+    const float count = (float)((r1 - r0) * th.cpg), m = s.x / count;
+    const float shift = to_f32(xs[(int64_t)r0 * c + g * th.cpg]);
+    part[((int64_t)b * chunks + chunk) * GROUPS + g] = make_float2(shift + m, fmaxf(s.y - s.x * m, 0.f));
+  }
+}
+
+// Chan et al.: merge (n_b, mean_b, M2_b) into (n, mean, M2).
+__device__ __forceinline__ void chan_merge(float& n, float& mean, float& m2, float nb, float meanb, float m2b) {
+  if (nb == 0.f) return;
+  const float tot = n + nb, delta = meanb - mean, f = nb / tot;
+  mean = fmaf(delta, f, mean);
+  m2 = m2 + m2b + delta * delta * n * f;
+  n = tot;
+}
+
+// Fills sh_stats[g] = (mean, rstd) of sample b from the stats partials; block-wide, ends synced.
+__device__ void gn_combine_fwd(const float2* __restrict__ part, int b, int hw, int cpg, int rpc, int chunks, float eps,
+                               float2* sh_stats) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  __shared__ float sh[WARPS][GROUPS][3];
+  float n = 0.f, mean = 0.f, m2 = 0.f;
+  for (int k = warp; k < chunks; k += WARPS) {
+    int r0, r1;
+    chunk_rows(k, rpc, hw, r0, r1);
+    const float2 p = part[((int64_t)b * chunks + k) * GROUPS + lane];
+    chan_merge(n, mean, m2, (float)((r1 - r0) * cpg), p.x, p.y);
+  }
+  sh[warp][lane][0] = n, sh[warp][lane][1] = mean, sh[warp][lane][2] = m2;
+  __syncthreads();
+  if (warp == 0) {
+    n = 0.f, mean = 0.f, m2 = 0.f;
+#pragma unroll
+    for (int w = 0; w < WARPS; ++w) chan_merge(n, mean, m2, sh[w][lane][0], sh[w][lane][1], sh[w][lane][2]);
+    sh_stats[lane] = make_float2(mean, rsqrtf(m2 / n + eps));
+  }
+  __syncthreads();
+}
+
+template <typename T, int E>
+__device__ void gn_fwd_apply(const T* __restrict__ x, const T* __restrict__ gamma, const T* __restrict__ beta,
+                             T* __restrict__ y, const float2* __restrict__ part, float2* __restrict__ stats, int hw, int c,
+                             int rpc, int chunks, int P, float eps, int silu) {
+  const GnThread th(c, P, E);
+  const int chunk = blockIdx.x, b = blockIdx.y;
+  __shared__ float2 sh_stats[GROUPS];
+  gn_combine_fwd(part, b, hw, th.cpg, rpc, chunks, eps, sh_stats);
+  if (chunk == 0 && threadIdx.x < GROUPS) stats[b * GROUPS + threadIdx.x] = sh_stats[threadIdx.x];
+  if (!th.active) return;
+  const float2 st_lo = sh_stats[th.g0], st_hi = sh_stats[th.g_hi()];
+  int r0, r1;
+  chunk_rows(chunk, rpc, hw, r0, r1);
+  const int64_t base = (int64_t)b * hw * c;
+  for (int r = r0 + th.ty; r < r1; r += th.TY) {
+    const int64_t off = base + (int64_t)r * c;
+    for (int p = 0; p < P; ++p) {
+      const int ch = th.c0 + p * E, nlo = th.n_lo(ch, E);
+      float v[E], g[E], be[E];
+      load_pack<T, E>(x + off + ch, v);
+      load_pack<T, E>(gamma + ch, g);
+      load_pack<T, E>(beta + ch, be);
+#pragma unroll
+      for (int i = 0; i < E; ++i) {
+        const float2 st = i < nlo ? st_lo : st_hi;
+        const float h = fmaf((v[i] - st.x) * st.y, g[i], be[i]);
+        v[i] = silu ? h * sigmoidf(h) : h;
+      }
+      store_pack<T, E>(y + off + ch, v);
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// GroupNorm backward (input gradient)
+// ---------------------------------------------------------------------------------------------
+// d = dh·γ for one element (rounded once, see the LayerNorm note), and x̂.
+__device__ __forceinline__ float gn_grad_in(float xv, float dyv, float g, float be, float2 st, int silu, float& xhat) {
+  xhat = (xv - st.x) * st.y;
+  float dh = dyv;
+  if (silu) {
+    const float h = fmaf(xhat, g, be), s = sigmoidf(h);
+    dh = dyv * s * (1.f + h * (1.f - s));
+  }
+  return __fmul_rn(dh, g);
+}
+
+template <typename T, int E>
+__device__ void gn_bwd_stats(const T* __restrict__ x, const T* __restrict__ gamma, const T* __restrict__ beta,
+                             const float2* __restrict__ stats, const T* __restrict__ dy, float2* __restrict__ part, int hw,
+                             int c, int rpc, int chunks, int P, int silu) {
+  const GnThread th(c, P, E);
+  const int chunk = blockIdx.x, b = blockIdx.y;
+  const float2 st_lo = stats[b * GROUPS + th.g0], st_hi = stats[b * GROUPS + th.g_hi()];
+  int r0, r1;
+  chunk_rows(chunk, rpc, hw, r0, r1);
+  const int64_t base = (int64_t)b * hw * c;
+  float2 lo = make_float2(0.f, 0.f), hi = make_float2(0.f, 0.f);
+  if (th.active) {
+    for (int r = r0 + th.ty; r < r1; r += th.TY) {
+      const int64_t off = base + (int64_t)r * c;
+      for (int p = 0; p < P; ++p) {
+        const int ch = th.c0 + p * E, nlo = th.n_lo(ch, E);
+        float v[E], d[E], g[E], be[E];
+        load_pack<T, E>(x + off + ch, v);
+        load_pack<T, E>(dy + off + ch, d);
+        load_pack<T, E>(gamma + ch, g);
+        load_pack<T, E>(beta + ch, be);
+#pragma unroll
+        for (int i = 0; i < E; ++i) {
+          float xhat;
+          if (i < nlo) {
+            const float dd = gn_grad_in(v[i], d[i], g[i], be[i], st_lo, silu, xhat);
+            lo.x += dd, lo.y = fmaf(dd, xhat, lo.y);
+          } else {
+            const float dd = gn_grad_in(v[i], d[i], g[i], be[i], st_hi, silu, xhat);
+            hi.x += dd, hi.y = fmaf(dd, xhat, hi.y);
+          }
+        }
+      }
+    }
+  }
+  const float2 s = gn_block_reduce(th, lo, hi);
+  if (threadIdx.x < GROUPS) part[((int64_t)b * chunks + chunk) * GROUPS + threadIdx.x] = s;
+}
+
+template <typename T, int E>
+__device__ void gn_bwd_apply(const T* __restrict__ x, const T* __restrict__ gamma, const T* __restrict__ beta,
+                             const float2* __restrict__ stats, const T* __restrict__ dy, const float2* __restrict__ part,
+                             T* __restrict__ dx, int hw, int c, int rpc, int chunks, int P, int silu) {
+  const GnThread th(c, P, E);
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int chunk = blockIdx.x, b = blockIdx.y;
+  __shared__ float sh[WARPS][GROUPS][2];
+  __shared__ float2 sums[GROUPS];
+  float a1 = 0.f, a2 = 0.f;
+  for (int k = warp; k < chunks; k += WARPS) {
+    const float2 p = part[((int64_t)b * chunks + k) * GROUPS + lane];
+    a1 += p.x, a2 += p.y;
+  }
+  sh[warp][lane][0] = a1, sh[warp][lane][1] = a2;
+  __syncthreads();
+  if (warp == 0) {
+    a1 = 0.f, a2 = 0.f;
+#pragma unroll
+    for (int w = 0; w < WARPS; ++w) a1 += sh[w][lane][0], a2 += sh[w][lane][1];
+    const float inv_n = 1.f / (float)(hw * th.cpg);
+    sums[lane] = make_float2(a1 * inv_n, a2 * inv_n);  // (mean(d), mean(d·x̂)) of group `lane`
+  }
+  __syncthreads();
+  if (!th.active) return;
+  const float2 m_lo = sums[th.g0], m_hi = sums[th.g_hi()];
+  const float2 st_lo = stats[b * GROUPS + th.g0], st_hi = stats[b * GROUPS + th.g_hi()];
+  int r0, r1;
+  chunk_rows(chunk, rpc, hw, r0, r1);
+  const int64_t base = (int64_t)b * hw * c;
+  for (int r = r0 + th.ty; r < r1; r += th.TY) {
+    const int64_t off = base + (int64_t)r * c;
+    for (int p = 0; p < P; ++p) {
+      const int ch = th.c0 + p * E, nlo = th.n_lo(ch, E);
+      float v[E], d[E], g[E], be[E];
+      load_pack<T, E>(x + off + ch, v);
+      load_pack<T, E>(dy + off + ch, d);
+      load_pack<T, E>(gamma + ch, g);
+      load_pack<T, E>(beta + ch, be);
+#pragma unroll
+      for (int i = 0; i < E; ++i) {
+        const bool is_lo = i < nlo;
+        const float2 st = is_lo ? st_lo : st_hi, mdd = is_lo ? m_lo : m_hi;
+        float xhat;
+        const float dd = gn_grad_in(v[i], d[i], g[i], be[i], st, silu, xhat);
+        v[i] = st.y * (dd - mdd.x - xhat * mdd.y);
+      }
+      store_pack<T, E>(dx + off + ch, v);
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// LayerNorm
+// ---------------------------------------------------------------------------------------------
+template <typename T, int E>
+__device__ void ln_fwd(const T* __restrict__ x, const T* __restrict__ gamma, const T* __restrict__ beta, T* __restrict__ y,
+                       float2* __restrict__ stats, int rows, int c, float eps) {
+  const int lane = threadIdx.x & 31;
+  const int row = blockIdx.x * WARPS + (threadIdx.x >> 5);
+  if (row >= rows) return;
+  const T* xr = x + (int64_t)row * c;
+  const int nv = c / E;
+  float s = 0.f;
+  for (int k = lane; k < nv; k += 32) {
+    float v[E];
+    load_pack<T, E>(xr + k * E, v);
+#pragma unroll
+    for (int i = 0; i < E; ++i) s += v[i];
+  }
+  const float mean = warp_sum(s) / (float)c;
+  s = 0.f;
+  for (int k = lane; k < nv; k += 32) {
+    float v[E];
+    load_pack<T, E>(xr + k * E, v);
+#pragma unroll
+    for (int i = 0; i < E; ++i) s = fmaf(v[i] - mean, v[i] - mean, s);
+  }
+  const float rstd = rsqrtf(warp_sum(s) / (float)c + eps);
+  if (lane == 0) stats[row] = make_float2(mean, rstd);
+  T* yr = y + (int64_t)row * c;
+  for (int k = lane; k < nv; k += 32) {
+    float v[E], g[E], be[E];
+    load_pack<T, E>(xr + k * E, v);
+    load_pack<T, E>(gamma + k * E, g);
+    load_pack<T, E>(beta + k * E, be);
+#pragma unroll
+    for (int i = 0; i < E; ++i) v[i] = fmaf((v[i] - mean) * rstd, g[i], be[i]);
+    store_pack<T, E>(yr + k * E, v);
+  }
+}
+
+template <typename T, int E>
+__device__ void ln_bwd(const T* __restrict__ x, const T* __restrict__ gamma, const float2* __restrict__ stats,
+                       const T* __restrict__ dy, T* __restrict__ dx, int rows, int c) {
+  const int lane = threadIdx.x & 31;
+  const int row = blockIdx.x * WARPS + (threadIdx.x >> 5);
+  if (row >= rows) return;
+  const int64_t off = (int64_t)row * c;
+  const int nv = c / E;
+  const float2 st = stats[row];
+  float a1 = 0.f, a2 = 0.f;
+  for (int k = lane; k < nv; k += 32) {
+    float v[E], d[E], g[E];
+    load_pack<T, E>(x + off + k * E, v);
+    load_pack<T, E>(dy + off + k * E, d);
+    load_pack<T, E>(gamma + k * E, g);
+#pragma unroll
+    for (int i = 0; i < E; ++i) {
+      const float dd = __fmul_rn(d[i], g[i]);
+      a1 += dd;
+      a2 = fmaf(dd, (v[i] - st.x) * st.y, a2);
+    }
+  }
+  const float m1 = warp_sum(a1) / (float)c, m2 = warp_sum(a2) / (float)c;
+  for (int k = lane; k < nv; k += 32) {
+    float v[E], d[E], g[E];
+    load_pack<T, E>(x + off + k * E, v);
+    load_pack<T, E>(dy + off + k * E, d);
+    load_pack<T, E>(gamma + k * E, g);
+#pragma unroll
+    for (int i = 0; i < E; ++i) v[i] = st.y * (__fmul_rn(d[i], g[i]) - m1 - (v[i] - st.x) * st.y * m2);
+    store_pack<T, E>(dx + off + k * E, v);
+  }
+}
+
+// Entry points: <op>_<type>_v<E>, E = elements per vector load (the launcher picks the widest that
+// divides the channels a lane reads: cpg for GroupNorm, c for LayerNorm).
+#define NORM_KERNELS(TN, T, E)                                                                                          \
+  extern "C" __global__ void __launch_bounds__(256) group_norm_fwd_stats_##TN##_v##E(                                 \
+      const T* x, float2* part, int hw, int c, int rpc, int chunks, int P) {                                           \
+    gn_fwd_stats<T, E>(x, part, hw, c, rpc, chunks, P);                                                                 \
+  }                                                                                                                    \
+  extern "C" __global__ void __launch_bounds__(256) group_norm_fwd_apply_##TN##_v##E(                                 \
+      const T* x, const T* gamma, const T* beta, T* y, const float2* part, float2* stats, int hw, int c, int rpc,     \
+      int chunks, int P, float eps, int silu) {                                                                        \
+    gn_fwd_apply<T, E>(x, gamma, beta, y, part, stats, hw, c, rpc, chunks, P, eps, silu);                                \
+  }                                                                                                                    \
+  extern "C" __global__ void __launch_bounds__(256) group_norm_bwd_stats_##TN##_v##E(                                 \
+      const T* x, const T* gamma, const T* beta, const float2* stats, const T* dy, float2* part, int hw, int c,       \
+      int rpc, int chunks, int P, int silu) {                                                                          \
+    gn_bwd_stats<T, E>(x, gamma, beta, stats, dy, part, hw, c, rpc, chunks, P, silu);                                \
+  }                                                                                                                    \
+  extern "C" __global__ void __launch_bounds__(256) group_norm_bwd_apply_##TN##_v##E(                                 \
+      const T* x, const T* gamma, const T* beta, const float2* stats, const T* dy, const float2* part, T* dx, int hw,  \
+      int c, int rpc, int chunks, int P, int silu) {                                                                   \
+    gn_bwd_apply<T, E>(x, gamma, beta, stats, dy, part, dx, hw, c, rpc, chunks, P, silu);                                \
+  }                                                                                                                    \
+  extern "C" __global__ void __launch_bounds__(256) layer_norm_fwd_##TN##_v##E(                                       \
+      const T* x, const T* gamma, const T* beta, T* y, float2* stats, int rows, int c, float eps) {                    \
+    ln_fwd<T, E>(x, gamma, beta, y, stats, rows, c, eps);                                                              \
+  }                                                                                                                    \
+  extern "C" __global__ void __launch_bounds__(256) layer_norm_bwd_##TN##_v##E(                                       \
+      const T* x, const T* gamma, const float2* stats, const T* dy, T* dx, int rows, int c) {                          \
+    ln_bwd<T, E>(x, gamma, stats, dy, dx, rows, c);                                                                    \
+  }
+
+NORM_KERNELS(f32, float, 1)
+NORM_KERNELS(f32, float, 2)
+NORM_KERNELS(f32, float, 4)
+NORM_KERNELS(bf16, bf16, 1)
+NORM_KERNELS(bf16, bf16, 2)
+NORM_KERNELS(bf16, bf16, 4)
+NORM_KERNELS(bf16, bf16, 8)

@@ -1,0 +1,171 @@
+//! Norms and the small training-step kernels at SD1.5 shapes (bf16 activations): memory-bound,
+//! reported in GB/s of bytes read + written once (the bandwidth floor's numerator), next to a
+//! device-to-device copy measured in the same run. benches/torch_norm.py times PyTorch on the same
+//! shapes.
+//!
+//! Each op's GPU time is measured on batches of back-to-back calls queued behind a spin kernel (the
+//! time a captured graph would spend, see `time`); norms also eagerly (`[eager]`: median of CUDA
+//! events around each single call, launch latency included).
+
+use super::{time_gpu, BenchRow, Timing};
+use crate::cuda::{ArenaKind::Scratch, Gpu};
+use crate::ops::adamw::{adamw_step, AdamWConfig};
+use crate::ops::philox::{philox_normal, StepCounter};
+use crate::ops::{activation, diffusion, layout, norm};
+use crate::tensor::{DType, Tensor};
+use anyhow::{Context, Result};
+
+const BF16: DType = DType::BF16;
+
+fn randn(gpu: &Gpu, shape: &[usize], dtype: DType, counter: &StepCounter) -> Result<Tensor> {
+    let mut t = Tensor::empty_gpu(gpu, Scratch, shape, dtype)?;
+    philox_normal(gpu, &mut t, 1234, 9, counter, 0.0, 1.0)?;
+    Ok(t)
+}
+
+fn row(kernel: &str, shape: String, bytes: f64, timing: Timing) -> BenchRow {
+    BenchRow { kernel: kernel.into(), shape, rate: bytes / timing.median_ms / 1e6, unit: "GB/s", timing }
+}
+
+fn eager(gpu: &Gpu, f: impl FnMut() -> Result<()>) -> Result<Timing> {
+    time_gpu(gpu, 10, 100, f)
+}
+
+/// GPU time per call of `f`: 5 batches of 50 calls; before each batch a spin kernel holds the GPU
+/// for 2 ms while the host queues the batch, so the batch runs back to back (as in a captured
+/// graph) and the events around it measure GPU time, not launch latency. Median/min/max over batches.
+/// (Gpu launches on the legacy default stream, which CUDA cannot capture, hence no real graph.)
+fn time(gpu: &Gpu, mut f: impl FnMut() -> Result<()>) -> Result<Timing> {
+    use cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT;
+    const CALLS: usize = 50;
+    for _ in 0..10 {
+        f()?;
+    }
+    let spin = crate::cuda::LaunchConfig { grid_dim: (1, 1, 1), block_dim: (1, 1, 1), shared_mem_bytes: 0 };
+    let mut ms = Vec::new();
+    for _ in 0..5 {
+        gpu.synchronize()?;
+        gpu.launch("bench", "bench_spin", spin, &[crate::cuda::KernelArg::I64(2_000_000)])?;
+        let start = gpu.stream().record_event(Some(CU_EVENT_DEFAULT))?;
+        for _ in 0..CALLS {
+            f()?;
+        }
+        let end = gpu.stream().record_event(Some(CU_EVENT_DEFAULT))?;
+        gpu.synchronize()?;
+        ms.push(start.elapsed_ms(&end)? as f64 / CALLS as f64);
+    }
+    ms.sort_by(f64::total_cmp);
+    Ok(Timing { median_ms: ms[ms.len() / 2], min_ms: ms[0], max_ms: ms[ms.len() - 1], reps: ms.len() })
+}
+
+pub fn bench(gpu: &Gpu) -> Result<Vec<BenchRow>> {
+    let mut rows = Vec::new();
+    let counter = StepCounter::new(gpu, 1)?;
+
+    // Copy bandwidth: the floor's denominator.
+    for mib in [5usize, 256] {
+        let bytes = mib << 20;
+        let (a, b) = (gpu.alloc(Scratch, bytes)?, gpu.alloc(Scratch, bytes)?);
+        let t = eager(gpu, || {
+            unsafe { cudarc::driver::result::memcpy_dtod_async(b.ptr(), a.ptr(), bytes, gpu.stream().cu_stream()) }.context("copy")
+        })?;
+        rows.push(row("memcpy_dtod[eager]", format!("{mib} MiB"), 2.0 * bytes as f64, t));
+        gpu.reset_scratch();
+    }
+
+    // GroupNorm(32): resnet/transformer inputs and up-path concatenations at their resolutions.
+    for (n, hw, c) in [(1, 4096, 320), (1, 1024, 640), (1, 256, 1280), (1, 64, 1280), (1, 4096, 960), (1, 1024, 1920), (1, 256, 2560), (2, 4096, 320), (2, 4096, 640)] {
+        let shape = [n, hw, c];
+        let x = randn(gpu, &shape, BF16, &counter)?;
+        let dy = randn(gpu, &shape, BF16, &counter)?;
+        let (gamma, beta) = (randn(gpu, &[c], BF16, &counter)?, randn(gpu, &[c], BF16, &counter)?);
+        let mut y = Tensor::empty_gpu(gpu, Scratch, &shape, BF16)?;
+        let mut dx = Tensor::empty_gpu(gpu, Scratch, &shape, BF16)?;
+        let mut stats = Tensor::empty_gpu(gpu, Scratch, &[n, norm::GROUPS, 2], DType::F32)?;
+        let bytes = (n * hw * c * 2) as f64;
+        let desc = format!("{n}x{hw}x{c}");
+        rows.push(row("group_norm_fwd", desc.clone(), 2.0 * bytes, time(gpu, || norm::group_norm(gpu, &x, &gamma, &beta, 1e-5, false, &mut y, &mut stats))?));
+        rows.push(row("group_norm_fwd[eager]", desc.clone(), 2.0 * bytes, eager(gpu, || norm::group_norm(gpu, &x, &gamma, &beta, 1e-5, false, &mut y, &mut stats))?));
+        rows.push(row("group_norm_silu_fwd", desc.clone(), 2.0 * bytes, time(gpu, || norm::group_norm(gpu, &x, &gamma, &beta, 1e-5, true, &mut y, &mut stats))?));
+        rows.push(row("group_norm_bwd", desc.clone(), 3.0 * bytes, time(gpu, || norm::group_norm_backward(gpu, &x, &gamma, &beta, &stats, false, &dy, &mut dx))?));
+        rows.push(row("group_norm_bwd[eager]", desc.clone(), 3.0 * bytes, eager(gpu, || norm::group_norm_backward(gpu, &x, &gamma, &beta, &stats, false, &dy, &mut dx))?));
+        rows.push(row("group_norm_silu_bwd", desc, 3.0 * bytes, time(gpu, || norm::group_norm_backward(gpu, &x, &gamma, &beta, &stats, true, &dy, &mut dx))?));
+        gpu.reset_scratch();
+    }
+
+    // LayerNorm: transformer tokens at each level (batch 1 and 2) and CLIP.
+    for (r, c) in [(4096, 320), (1024, 640), (256, 1280), (64, 1280), (77, 768), (8192, 320)] {
+        let x = randn(gpu, &[r, c], BF16, &counter)?;
+        let dy = randn(gpu, &[r, c], BF16, &counter)?;
+        let (gamma, beta) = (randn(gpu, &[c], BF16, &counter)?, randn(gpu, &[c], BF16, &counter)?);
+        let mut y = Tensor::empty_gpu(gpu, Scratch, &[r, c], BF16)?;
+        let mut dx = Tensor::empty_gpu(gpu, Scratch, &[r, c], BF16)?;
+        let mut stats = Tensor::empty_gpu(gpu, Scratch, &[r, 2], DType::F32)?;
+        let bytes = (r * c * 2) as f64;
+        rows.push(row("layer_norm_fwd", format!("{r}x{c}"), 2.0 * bytes, time(gpu, || norm::layer_norm(gpu, &x, &gamma, &beta, 1e-5, &mut y, &mut stats))?));
+        rows.push(row("layer_norm_bwd", format!("{r}x{c}"), 3.0 * bytes, time(gpu, || norm::layer_norm_backward(gpu, &x, &gamma, &stats, &dy, &mut dx))?));
+        rows.push(row("layer_norm_fwd[eager]", format!("{r}x{c}"), 2.0 * bytes, eager(gpu, || norm::layer_norm(gpu, &x, &gamma, &beta, 1e-5, &mut y, &mut stats))?));
+        rows.push(row("layer_norm_bwd[eager]", format!("{r}x{c}"), 3.0 * bytes, eager(gpu, || norm::layer_norm_backward(gpu, &x, &gamma, &stats, &dy, &mut dx))?));
+        gpu.reset_scratch();
+    }
+
+    // GEGLU at the largest feed-forward (4096 tokens, d = 1280; x is 4096 × 2560).
+    {
+        let (m, d) = (4096, 1280);
+        let x = randn(gpu, &[m, 2 * d], BF16, &counter)?;
+        let dy = randn(gpu, &[m, d], BF16, &counter)?;
+        let mut y = Tensor::empty_gpu(gpu, Scratch, &[m, d], BF16)?;
+        let mut dx = Tensor::empty_gpu(gpu, Scratch, &[m, 2 * d], BF16)?;
+        let unit = (m * d * 2) as f64;
+        rows.push(row("geglu_fwd", format!("{m}x{}", 2 * d), 3.0 * unit, time(gpu, || activation::geglu(gpu, &x, &mut y))?));
+        rows.push(row("geglu_bwd", format!("{m}x{}", 2 * d), 5.0 * unit, time(gpu, || activation::geglu_backward(gpu, &x, &dy, &mut dx))?));
+        gpu.reset_scratch();
+    }
+
+    // Up path: nearest 2x (32² → 64² at 640 channels) and the widest skip concatenation at 64².
+    {
+        let x = randn(gpu, &[1, 32, 32, 640], BF16, &counter)?;
+        let mut y = Tensor::empty_gpu(gpu, Scratch, &[1, 64, 64, 640], BF16)?;
+        let mut dx = Tensor::empty_gpu(gpu, Scratch, &[1, 32, 32, 640], BF16)?;
+        let small = (32 * 32 * 640 * 2) as f64;
+        rows.push(row("upsample2x_fwd", "1x32x32x640".into(), 5.0 * small, time(gpu, || layout::upsample_nearest2x(gpu, &x, &mut y))?));
+        rows.push(row("upsample2x_bwd", "1x32x32x640".into(), 5.0 * small, time(gpu, || layout::upsample_nearest2x_backward(gpu, &y, &mut dx))?));
+        let (a, b) = (randn(gpu, &[4096, 640], BF16, &counter)?, randn(gpu, &[4096, 320], BF16, &counter)?);
+        let mut cat = Tensor::empty_gpu(gpu, Scratch, &[4096, 960], BF16)?;
+        let (mut a2, mut b2) = (Tensor::empty_gpu(gpu, Scratch, &[4096, 640], BF16)?, Tensor::empty_gpu(gpu, Scratch, &[4096, 320], BF16)?);
+        let bytes = (2 * 4096 * 960 * 2) as f64;
+        rows.push(row("concat_channels", "4096x(640|320)".into(), bytes, time(gpu, || layout::concat_channels(gpu, &a, &b, &mut cat))?));
+        rows.push(row("split_channels", "4096x(640|320)".into(), bytes, time(gpu, || layout::split_channels(gpu, &cat, &mut a2, &mut b2))?));
+        gpu.reset_scratch();
+    }
+
+    // The step's ends: noise + timesteps + x_t, the loss and its gradient (batch 1, 4×64×64 latents).
+    {
+        let n = 4 * 64 * 64;
+        let ac = Tensor::from_vec(&[1000], (0..1000).map(|i| 1.0 - i as f32 / 1000.0).collect())?.to_gpu(gpu, Scratch, DType::F32)?;
+        let x0 = randn(gpu, &[1, n], BF16, &counter)?;
+        let (mut eps, mut xt) = (Tensor::empty_gpu(gpu, Scratch, &[1, n], BF16)?, Tensor::empty_gpu(gpu, Scratch, &[1, n], BF16)?);
+        let mut t = Tensor::empty_gpu(gpu, Scratch, &[1], DType::F32)?;
+        rows.push(row("draw_step_noise", format!("1x{n}"), (3 * n * 2) as f64, time(gpu, || diffusion::draw_step_noise(gpu, 7, &counter, &ac, &mut eps, &mut t, Some((&x0, &mut xt))))?));
+        let mut loss = Tensor::empty_gpu(gpu, Scratch, &[1], DType::F32)?;
+        let mut dpred = Tensor::empty_gpu(gpu, Scratch, &[1, n], BF16)?;
+        rows.push(row("mse_min_snr_fwd", format!("1x{n}"), (2 * n * 2) as f64, time(gpu, || diffusion::mse_min_snr(gpu, &xt, &eps, &t, &ac, Some(5.0), &mut loss))?));
+        rows.push(row("mse_min_snr_bwd", format!("1x{n}"), (3 * n * 2) as f64, time(gpu, || diffusion::mse_min_snr_backward(gpu, &xt, &eps, &t, &ac, Some(5.0), 1.0, &mut dpred))?));
+        gpu.reset_scratch();
+    }
+
+    // AdamW over the SD1.5 LoRA (25,509,888 f32 parameters): reads p, g, m, v, writes p, m, v.
+    {
+        let n = 25_509_888;
+        let mut p = randn(gpu, &[n], DType::F32, &counter)?;
+        let g = randn(gpu, &[n], DType::F32, &counter)?;
+        let (mut m, mut v) = (randn(gpu, &[n], DType::F32, &counter)?, randn(gpu, &[n], DType::F32, &counter)?);
+        let bytes = (7 * n * 4) as f64;
+        let cfg = AdamWConfig::default();
+        rows.push(row("adamw_step", format!("{n}"), bytes, time(gpu, || adamw_step(gpu, &mut p, &g, &mut m, &mut v, &counter, &cfg))?));
+        let clip = AdamWConfig { max_grad_norm: Some(1.0), ..cfg };
+        rows.push(row("adamw_step_clip", format!("{n}"), bytes + (n * 4) as f64, time(gpu, || adamw_step(gpu, &mut p, &g, &mut m, &mut v, &counter, &clip))?));
+        gpu.reset_scratch();
+    }
+    Ok(rows)
+}

@@ -1,0 +1,374 @@
+//! The layers the models are built from — diffusers' nn.Linear (optionally LoRA-wrapped, as PEFT
+//! wraps it), nn.Conv2d, nn.GroupNorm and nn.LayerNorm — each with its forward and its
+//! input-gradient backward. Frozen weights get no gradients; only LoRA factors do.
+//!
+//! Every call takes a [`Dev`]. On `Dev::Cpu` the f32 CPU twins from `crate::ops` run (this is how
+//! the models are checked against diffusers in CI); on `Dev::Gpu` the kernels run on bf16
+//! activations allocated from the scratch arena, with frozen weights in bf16 and LoRA factors in
+//! f32 (master copy and gradients) plus a bf16 copy for the GEMMs.
+
+use crate::checkpoint::LoraLayer;
+use crate::cuda::{ArenaKind, Gpu};
+use crate::model::weights::Weights;
+use crate::ops::{conv, gemm, lora, norm};
+use crate::tensor::{DType, Tensor};
+use anyhow::{ensure, Result};
+
+/// Where a model runs.
+#[derive(Clone, Copy)]
+pub enum Dev<'g> {
+    Cpu,
+    Gpu(&'g Gpu),
+}
+
+impl Dev<'_> {
+    /// A frozen weight on this device (bf16 on the GPU).
+    pub fn weight(&self, t: Tensor) -> Result<Tensor> {
+        match self {
+            Dev::Cpu => Ok(t),
+            Dev::Gpu(g) => t.to_gpu(g, ArenaKind::Persistent, DType::BF16),
+        }
+    }
+
+    /// A trained value or gradient on this device (f32 everywhere).
+    pub fn master(&self, t: Tensor) -> Result<Tensor> {
+        match self {
+            Dev::Cpu => Ok(t),
+            Dev::Gpu(g) => t.to_gpu(g, ArenaKind::Persistent, DType::F32),
+        }
+    }
+
+    /// An activation-sized output of `shape` on the GPU (scratch arena, bf16).
+    pub(crate) fn scratch(gpu: &Gpu, shape: &[usize]) -> Result<Tensor> {
+        Tensor::empty_gpu(gpu, ArenaKind::Scratch, shape, DType::BF16)
+    }
+}
+
+pub(crate) fn cpu(t: &Tensor) -> Result<&[f32]> {
+    t.data()
+}
+
+/// Rows of a token or pixel tensor: every dimension but the last.
+pub(crate) fn rows(t: &Tensor) -> usize {
+    t.numel() / t.shape().last().copied().unwrap_or(1)
+}
+
+pub(crate) fn with_last(shape: &[usize], last: usize) -> Vec<usize> {
+    let mut s = shape.to_vec();
+    *s.last_mut().unwrap() = last;
+    s
+}
+
+/// Trainable low-rank adapter of one Linear: Δy = scale·(x·Aᵀ)·Bᵀ, PEFT's `lora_A`/`lora_B`.
+/// `a`, `b` and the gradients are f32 on the model's device; on the GPU `a16`/`b16` are the bf16
+/// copies the GEMMs read (refreshed by [`LoraAdapter::sync`] after every update).
+pub struct LoraAdapter {
+    pub rank: usize,
+    pub alpha: f32,
+    pub a: Tensor,
+    pub b: Tensor,
+    pub grad_a: Tensor,
+    pub grad_b: Tensor,
+    a16: Option<Tensor>,
+    b16: Option<Tensor>,
+}
+
+impl LoraAdapter {
+    /// An adapter over given f32 tensors on the model's device: A [r, in], B [out, r] and their
+    /// gradients (zero). On the GPU these are views into the flat buffers the optimizer updates.
+    pub fn new(dev: Dev, alpha: f32, a: Tensor, b: Tensor, grad_a: Tensor, grad_b: Tensor) -> Result<LoraAdapter> {
+        let mut adapter = LoraAdapter { rank: a.shape()[0], alpha, a, b, grad_a, grad_b, a16: None, b16: None };
+        adapter.sync(dev)?;
+        Ok(adapter)
+    }
+
+    pub fn scale(&self) -> f32 {
+        self.alpha / self.rank as f32
+    }
+
+    /// Refreshes the bf16 copies from the f32 masters (GPU only).
+    pub fn sync(&mut self, dev: Dev) -> Result<()> {
+        if let Dev::Gpu(g) = dev {
+            if self.a16.is_none() {
+                self.a16 = Some(Tensor::empty_gpu(g, ArenaKind::Persistent, self.a.shape(), DType::BF16)?);
+                self.b16 = Some(Tensor::empty_gpu(g, ArenaKind::Persistent, self.b.shape(), DType::BF16)?);
+            }
+            crate::ops::elementwise::cast(g, &self.a, self.a16.as_mut().unwrap())?;
+            crate::ops::elementwise::cast(g, &self.b, self.b16.as_mut().unwrap())?;
+        }
+        Ok(())
+    }
+
+    /// The adapter's values as a checkpoint layer (downloaded from the GPU if needed).
+    pub fn to_layer(&self, dev: Dev) -> Result<LoraLayer> {
+        let host = |t: &Tensor| match dev {
+            Dev::Cpu => t.data().map(<[f32]>::to_vec),
+            Dev::Gpu(g) => t.to_cpu(g)?.into_vec(),
+        };
+        let (a, b) = (host(&self.a)?, host(&self.b)?);
+        Ok(LoraLayer { rank: self.rank, in_features: self.a.shape()[1], out_features: self.b.shape()[0], alpha: self.alpha, a, b })
+    }
+
+    fn on_gpu<'a>(&'a self, w: &'a Tensor, bias: Option<&'a Tensor>) -> lora::LoraLinear<'a> {
+        lora::LoraLinear { w, bias, a: self.a16.as_ref().unwrap(), b: self.b16.as_ref().unwrap(), scale: self.scale() }
+    }
+}
+
+/// nn.Linear with weight [out, in] (or a 1×1 conv seen as one), optionally LoRA-wrapped.
+pub struct Linear {
+    pub in_f: usize,
+    pub out_f: usize,
+    w: Tensor,
+    b: Option<Tensor>,
+    pub lora: Option<LoraAdapter>,
+}
+
+impl Linear {
+    /// Loads `{prefix}.weight` (and `{prefix}.bias` when `bias`); `as_conv1x1` for 1×1 conv weights.
+    pub fn load(dev: Dev, w: &Weights, prefix: &str, in_f: usize, out_f: usize, bias: bool, as_conv1x1: bool) -> Result<Linear> {
+        let shape: Vec<usize> = if as_conv1x1 { vec![out_f, in_f, 1, 1] } else { vec![out_f, in_f] };
+        let weight = dev.weight(Tensor::from_vec(&[out_f, in_f], w.vec(&format!("{prefix}.weight"), &shape)?)?)?;
+        let b = if bias { Some(dev.weight(w.tensor(&format!("{prefix}.bias"), &[out_f])?)?) } else { None };
+        Ok(Linear { in_f, out_f, w: weight, b, lora: None })
+    }
+
+    /// y = x·Wᵀ + b (+ LoRA) over the rows of x [.., in].
+    pub fn forward(&self, dev: Dev, x: &Tensor) -> Result<Tensor> {
+        ensure!(x.shape().last() == Some(&self.in_f), "linear: input {:?} does not end in {}", x.shape(), self.in_f);
+        let (m, out_shape) = (rows(x), with_last(x.shape(), self.out_f));
+        match dev {
+            Dev::Cpu => {
+                let bias = self.b.as_ref().map(|b| b.data()).transpose()?;
+                let y = match &self.lora {
+                    None => gemm::linear_cpu(cpu(x)?, m, self.in_f, cpu(&self.w)?, self.out_f, bias),
+                    Some(l) => {
+                        let s = lora::LoraShape { m, in_f: self.in_f, out_f: self.out_f, rank: l.rank };
+                        lora::lora_forward_cpu(cpu(x)?, cpu(&self.w)?, bias, cpu(&l.a)?, cpu(&l.b)?, l.scale(), &s)
+                    }
+                };
+                Tensor::from_vec(&out_shape, y)
+            }
+            Dev::Gpu(g) => {
+                let mut y = Dev::scratch(g, &out_shape)?;
+                match &self.lora {
+                    None => gemm::linear(g, x, &self.w, self.b.as_ref(), None, &mut y)?,
+                    Some(l) => {
+                        let mut us = Dev::scratch(g, &[m, l.rank])?;
+                        lora::lora_forward(g, &l.on_gpu(&self.w, self.b.as_ref()), x, &mut us, None, &mut y)?;
+                    }
+                }
+                Ok(y)
+            }
+        }
+    }
+
+    /// dx of a layer without LoRA (frozen: no gradient but the input's).
+    pub fn backward_input(&self, dev: Dev, dy: &Tensor) -> Result<Tensor> {
+        ensure!(self.lora.is_none(), "backward_input on a LoRA-adapted linear: use backward");
+        let shape = with_last(dy.shape(), self.in_f);
+        match dev {
+            Dev::Cpu => Tensor::from_vec(&shape, gemm::linear_input_grad_cpu(cpu(dy)?, rows(dy), self.out_f, cpu(&self.w)?, self.in_f)),
+            Dev::Gpu(g) => {
+                let mut dx = Dev::scratch(g, &shape)?;
+                gemm::linear_input_grad(g, dy, &self.w, false, &mut dx)?;
+                Ok(dx)
+            }
+        }
+    }
+
+    /// Accumulates the LoRA gradients (when adapted; `x` is the forward's input) and returns dx
+    /// when `want_dx`. The LoRA down-projection u = s·x·Aᵀ is recomputed rather than kept.
+    pub fn backward(&mut self, dev: Dev, x: &Tensor, dy: &Tensor, want_dx: bool) -> Result<Option<Tensor>> {
+        let Some(l) = &mut self.lora else {
+            return if want_dx { self.backward_input(dev, dy).map(Some) } else { Ok(None) };
+        };
+        let (m, shape) = (rows(dy), with_last(dy.shape(), self.in_f));
+        match dev {
+            Dev::Cpu => {
+                let s = lora::LoraShape { m, in_f: self.in_f, out_f: self.out_f, rank: l.rank };
+                let g = lora::lora_backward_cpu(cpu(x)?, cpu(&self.w)?, cpu(&l.a)?, cpu(&l.b)?, l.scale(), cpu(dy)?, &s);
+                l.grad_a.data_mut()?.iter_mut().zip(&g.da).for_each(|(acc, v)| *acc += v);
+                l.grad_b.data_mut()?.iter_mut().zip(&g.db).for_each(|(acc, v)| *acc += v);
+                want_dx.then(|| Tensor::from_vec(&shape, g.dx)).transpose()
+            }
+            Dev::Gpu(gpu) => {
+                let (mut us, mut vs, mut dx) = (Dev::scratch(gpu, &[m, l.rank])?, Dev::scratch(gpu, &[m, l.rank])?, Dev::scratch(gpu, &shape)?);
+                let mut grad_a = std::mem::replace(&mut l.grad_a, Tensor::zeros(&[0]));
+                let mut grad_b = std::mem::replace(&mut l.grad_b, Tensor::zeros(&[0]));
+                let result = (|| {
+                    let ll = l.on_gpu(&self.w, self.b.as_ref());
+                    lora::lora_down(gpu, &ll, x, &mut us)?;
+                    let out = lora::LoraBackwardOut { dx: &mut dx, da: &mut grad_a, db: &mut grad_b, vs: &mut vs };
+                    lora::lora_backward(gpu, &ll, x, &us, dy, out, false, true)
+                })();
+                (l.grad_a, l.grad_b) = (grad_a, grad_b);
+                result?;
+                Ok(want_dx.then_some(dx))
+            }
+        }
+    }
+}
+
+/// nn.Conv2d on NHWC activations, weights reordered to [out, k, k, in] at load.
+pub struct Conv2d {
+    pub in_ch: usize,
+    pub out_ch: usize,
+    kernel: usize,
+    stride: usize,
+    w: Tensor,
+    b: Tensor,
+}
+
+impl Conv2d {
+    pub fn load(dev: Dev, w: &Weights, prefix: &str, in_ch: usize, out_ch: usize, kernel: usize, stride: usize) -> Result<Conv2d> {
+        let weight = Tensor::from_vec(&[out_ch, kernel, kernel, in_ch], w.conv_ohwi(&format!("{prefix}.weight"), out_ch, in_ch, kernel)?)?;
+        Ok(Conv2d { in_ch, out_ch, kernel, stride, w: dev.weight(weight)?, b: dev.weight(w.tensor(&format!("{prefix}.bias"), &[out_ch])?)? })
+    }
+
+    fn geometry(&self, x_shape: &[usize]) -> Result<conv::Conv2dShape> {
+        ensure!(x_shape.len() == 4 && x_shape[3] == self.in_ch, "conv2d: input {x_shape:?} is not NHWC with {} channels", self.in_ch);
+        Ok(conv::Conv2dShape {
+            batch: x_shape[0],
+            height: x_shape[1],
+            width: x_shape[2],
+            in_ch: self.in_ch,
+            out_ch: self.out_ch,
+            kernel: self.kernel,
+            stride: self.stride,
+            pad: self.kernel / 2,
+        })
+    }
+
+    pub fn forward(&self, dev: Dev, x: &Tensor) -> Result<Tensor> {
+        let s = self.geometry(x.shape())?;
+        let (oh, ow) = s.out_hw();
+        let shape = [s.batch, oh, ow, s.out_ch];
+        match dev {
+            Dev::Cpu => Tensor::from_vec(&shape, conv::conv2d_cpu(cpu(x)?, &s, cpu(&self.w)?, Some(cpu(&self.b)?))),
+            Dev::Gpu(g) => {
+                let mut y = Dev::scratch(g, &shape)?;
+                conv::conv2d(g, conv::ConvSource { x, skip: None, upsample2x: false }, &s, &self.w, Some(&self.b), None, &mut y)?;
+                Ok(y)
+            }
+        }
+    }
+
+    /// dx for an input of shape `x_shape`.
+    pub fn backward(&self, dev: Dev, x_shape: &[usize], dy: &Tensor) -> Result<Tensor> {
+        let s = self.geometry(x_shape)?;
+        match dev {
+            Dev::Cpu => Tensor::from_vec(x_shape, conv::conv2d_backward_input_cpu(cpu(dy)?, &s, cpu(&self.w)?)),
+            Dev::Gpu(g) => {
+                let mut dx = Dev::scratch(g, x_shape)?;
+                conv::conv2d_backward_input(g, dy, &s, &self.w, false, &mut dx, None)?;
+                Ok(dx)
+            }
+        }
+    }
+}
+
+/// Per-row or per-group mean and 1/std saved by a norm's forward for its backward (GPU only; the
+/// CPU twins recompute them).
+pub struct NormStats(Option<Tensor>);
+
+/// nn.GroupNorm over NHWC [n, h, w, c] (or tokens [n, l, c]), optionally followed by SiLU.
+pub struct GroupNorm {
+    groups: usize,
+    eps: f32,
+    gamma: Tensor,
+    beta: Tensor,
+}
+
+impl GroupNorm {
+    pub fn load(dev: Dev, w: &Weights, prefix: &str, channels: usize, groups: usize, eps: f32) -> Result<GroupNorm> {
+        ensure!(channels % groups == 0, "{prefix}: {channels} channels do not split into {groups} groups");
+        if let Dev::Gpu(_) = dev {
+            ensure!(groups == norm::GROUPS, "{prefix}: the GPU GroupNorm has {} groups, the model {groups}", norm::GROUPS);
+        }
+        Ok(GroupNorm {
+            groups,
+            eps,
+            gamma: dev.weight(w.tensor(&format!("{prefix}.weight"), &[channels])?)?,
+            beta: dev.weight(w.tensor(&format!("{prefix}.bias"), &[channels])?)?,
+        })
+    }
+
+    fn dims(x: &Tensor) -> (usize, usize, usize) {
+        let s = x.shape();
+        (s[0], x.numel() / s[0] / s[s.len() - 1], s[s.len() - 1])
+    }
+
+    pub fn forward(&self, dev: Dev, x: &Tensor, silu: bool) -> Result<(Tensor, NormStats)> {
+        let (n, hw, c) = Self::dims(x);
+        match dev {
+            Dev::Cpu => {
+                let y = norm::group_norm_cpu(cpu(x)?, n, hw, c, self.groups, cpu(&self.gamma)?, cpu(&self.beta)?, self.eps);
+                let y = if silu { crate::ops::elementwise::silu_cpu(&y) } else { y };
+                Ok((Tensor::from_vec(x.shape(), y)?, NormStats(None)))
+            }
+            Dev::Gpu(g) => {
+                let (mut y, mut stats) = (Dev::scratch(g, &[n, hw, c])?, Tensor::empty_gpu(g, ArenaKind::Scratch, &[n, self.groups, 2], DType::F32)?);
+                norm::group_norm(g, &x.reshape(&[n, hw, c])?, &self.gamma, &self.beta, self.eps, silu, &mut y, &mut stats)?;
+                Ok((y.reshape(x.shape())?, NormStats(Some(stats))))
+            }
+        }
+    }
+
+    pub fn backward(&self, dev: Dev, x: &Tensor, stats: &NormStats, dy: &Tensor, silu: bool) -> Result<Tensor> {
+        let (n, hw, c) = Self::dims(x);
+        match (dev, &stats.0) {
+            (Dev::Cpu, _) => {
+                let dx = norm::group_norm_backward_cpu(cpu(x)?, n, hw, c, self.groups, cpu(&self.gamma)?, cpu(&self.beta)?, self.eps, silu, cpu(dy)?);
+                Tensor::from_vec(x.shape(), dx)
+            }
+            (Dev::Gpu(g), Some(stats)) => {
+                let mut dx = Dev::scratch(g, &[n, hw, c])?;
+                norm::group_norm_backward(g, &x.reshape(&[n, hw, c])?, &self.gamma, &self.beta, stats, silu, &dy.reshape(&[n, hw, c])?, &mut dx)?;
+                dx.reshape(x.shape())
+            }
+            (Dev::Gpu(_), None) => anyhow::bail!("group_norm backward: no statistics from a GPU forward"),
+        }
+    }
+}
+
+/// nn.LayerNorm over the last dimension.
+pub struct LayerNorm {
+    eps: f32,
+    gamma: Tensor,
+    beta: Tensor,
+}
+
+impl LayerNorm {
+    pub fn load(dev: Dev, w: &Weights, prefix: &str, channels: usize, eps: f32) -> Result<LayerNorm> {
+        Ok(LayerNorm {
+            eps,
+            gamma: dev.weight(w.tensor(&format!("{prefix}.weight"), &[channels])?)?,
+            beta: dev.weight(w.tensor(&format!("{prefix}.bias"), &[channels])?)?,
+        })
+    }
+
+    pub fn forward(&self, dev: Dev, x: &Tensor) -> Result<(Tensor, NormStats)> {
+        let (r, c) = (rows(x), *x.shape().last().unwrap());
+        match dev {
+            Dev::Cpu => Ok((Tensor::from_vec(x.shape(), norm::layer_norm_cpu(cpu(x)?, r, c, cpu(&self.gamma)?, cpu(&self.beta)?, self.eps))?, NormStats(None))),
+            Dev::Gpu(g) => {
+                let (mut y, mut stats) = (Dev::scratch(g, x.shape())?, Tensor::empty_gpu(g, ArenaKind::Scratch, &[r, 2], DType::F32)?);
+                norm::layer_norm(g, x, &self.gamma, &self.beta, self.eps, &mut y, &mut stats)?;
+                Ok((y, NormStats(Some(stats))))
+            }
+        }
+    }
+
+    pub fn backward(&self, dev: Dev, x: &Tensor, stats: &NormStats, dy: &Tensor) -> Result<Tensor> {
+        let (r, c) = (rows(x), *x.shape().last().unwrap());
+        match (dev, &stats.0) {
+            (Dev::Cpu, _) => Tensor::from_vec(x.shape(), norm::layer_norm_backward_cpu(cpu(x)?, r, c, cpu(&self.gamma)?, self.eps, cpu(dy)?)),
+            (Dev::Gpu(g), Some(stats)) => {
+                let mut dx = Dev::scratch(g, x.shape())?;
+                norm::layer_norm_backward(g, x, &self.gamma, stats, dy, &mut dx)?;
+                Ok(dx)
+            }
+            (Dev::Gpu(_), None) => anyhow::bail!("layer_norm backward: no statistics from a GPU forward"),
+        }
+    }
+}

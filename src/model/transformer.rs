@@ -1,0 +1,206 @@
+//! diffusers' Transformer2DModel (use_linear_projection = False), BasicTransformerBlock, Attention
+//! and FeedForward(GEGLU) (models/transformers/transformer_2d.py, models/attention.py), on token-major
+//! activations [n, h·w, c] that share their memory layout with NHWC [n, h, w, c].
+//!
+//! The backward recomputes nothing by default; with `checkpoint` set, a Transformer2DModel keeps
+//! only its input after the forward and reruns it inside the backward (less memory, more time).
+
+use super::functional::{add, attention, attention_backward, geglu, geglu_backward};
+use super::layers::{Dev, GroupNorm, LayerNorm, Linear, NormStats};
+use super::resnet::bytes;
+use super::weights::Weights;
+use crate::tensor::Tensor;
+use anyhow::{Context, Result};
+
+/// Multi-head attention: to_q / to_k / to_v (no bias) and to_out.0 (bias), any of them LoRA-adapted.
+pub struct Attention {
+    pub to_q: Linear,
+    pub to_k: Linear,
+    pub to_v: Linear,
+    pub to_out: Linear,
+    heads: usize,
+}
+
+/// What an Attention's backward needs: its inputs, q/k/v and the pre-projection output.
+struct AttentionSaved {
+    x: Tensor,
+    context: Tensor,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    o: Tensor,
+    /// Per-row logsumexp of the softmax (GPU forward only).
+    lse: Option<Tensor>,
+}
+
+impl Attention {
+    fn load(dev: Dev, w: &Weights, prefix: &str, dim: usize, context_dim: usize, heads: usize) -> Result<Self> {
+        let p = |name: &str| format!("{prefix}.{name}");
+        Ok(Attention {
+            to_q: Linear::load(dev, w, &p("to_q"), dim, dim, false, false)?,
+            to_k: Linear::load(dev, w, &p("to_k"), context_dim, dim, false, false)?,
+            to_v: Linear::load(dev, w, &p("to_v"), context_dim, dim, false, false)?,
+            to_out: Linear::load(dev, w, &p("to_out.0"), dim, dim, true, false)?,
+            heads,
+        })
+    }
+
+    fn forward(&self, dev: Dev, x: &Tensor, context: &Tensor) -> Result<(Tensor, AttentionSaved)> {
+        let q = self.to_q.forward(dev, x)?;
+        let k = self.to_k.forward(dev, context)?;
+        let v = self.to_v.forward(dev, context)?;
+        let (o, lse) = attention(dev, &q, &k, &v, self.heads)?;
+        let y = self.to_out.forward(dev, &o)?;
+        Ok((y, AttentionSaved { x: x.clone(), context: context.clone(), q, k, v, o, lse }))
+    }
+
+    /// dx; `self_attention` says whether k and v came from x (else from the frozen caption states,
+    /// which need no gradient).
+    fn backward(&mut self, dev: Dev, s: &AttentionSaved, dy: &Tensor, self_attention: bool) -> Result<Tensor> {
+        let d_o = self.to_out.backward(dev, &s.o, dy, true)?.unwrap();
+        let (dq, dk, dv) = attention_backward(dev, &s.q, &s.k, &s.v, &s.o, s.lse.as_ref(), &d_o, self.heads)?;
+        let mut dx = self.to_q.backward(dev, &s.x, &dq, true)?.unwrap();
+        let dk_x = self.to_k.backward(dev, &s.context, &dk, self_attention)?;
+        let dv_x = self.to_v.backward(dev, &s.context, &dv, self_attention)?;
+        if let (Some(a), Some(b)) = (dk_x, dv_x) {
+            dx = add(dev, &add(dev, &dx, &a)?, &b)?;
+        }
+        Ok(dx)
+    }
+
+    /// The four projections with their diffusers names.
+    pub fn projections_mut(&mut self) -> [(&'static str, &mut Linear); 4] {
+        [("to_q", &mut self.to_q), ("to_k", &mut self.to_k), ("to_v", &mut self.to_v), ("to_out.0", &mut self.to_out)]
+    }
+}
+
+/// LN → self-attention → +; LN → cross-attention → +; LN → GEGLU feed-forward → +.
+pub struct BasicTransformerBlock {
+    norm1: LayerNorm,
+    pub attn1: Attention,
+    norm2: LayerNorm,
+    pub attn2: Attention,
+    norm3: LayerNorm,
+    ff_proj: Linear,
+    ff_out: Linear,
+}
+
+struct BlockSaved {
+    t0: Tensor,
+    t1: Tensor,
+    t2: Tensor,
+    /// Statistics of norm1, norm2, norm3.
+    stats: [NormStats; 3],
+    attn1: AttentionSaved,
+    attn2: AttentionSaved,
+    ff_hidden: Tensor,
+}
+
+impl BasicTransformerBlock {
+    fn load(dev: Dev, w: &Weights, prefix: &str, dim: usize, context_dim: usize, heads: usize) -> Result<Self> {
+        let p = |name: &str| format!("{prefix}.{name}");
+        Ok(BasicTransformerBlock {
+            norm1: LayerNorm::load(dev, w, &p("norm1"), dim, 1e-5)?,
+            attn1: Attention::load(dev, w, &p("attn1"), dim, dim, heads)?,
+            norm2: LayerNorm::load(dev, w, &p("norm2"), dim, 1e-5)?,
+            attn2: Attention::load(dev, w, &p("attn2"), dim, context_dim, heads)?,
+            norm3: LayerNorm::load(dev, w, &p("norm3"), dim, 1e-5)?,
+            ff_proj: Linear::load(dev, w, &p("ff.net.0.proj"), dim, 8 * dim, true, false)?,
+            ff_out: Linear::load(dev, w, &p("ff.net.2"), 4 * dim, dim, true, false)?,
+        })
+    }
+
+    fn forward(&self, dev: Dev, t0: &Tensor, context: &Tensor) -> Result<(Tensor, BlockSaved)> {
+        let (n1, s1) = self.norm1.forward(dev, t0)?;
+        let (a1, attn1) = self.attn1.forward(dev, &n1, &n1)?;
+        let t1 = add(dev, t0, &a1)?;
+        let (n2, s2) = self.norm2.forward(dev, &t1)?;
+        let (a2, attn2) = self.attn2.forward(dev, &n2, context)?;
+        let t2 = add(dev, &t1, &a2)?;
+        let (n3, s3) = self.norm3.forward(dev, &t2)?;
+        let ff_hidden = self.ff_proj.forward(dev, &n3)?;
+        let t3 = add(dev, &t2, &self.ff_out.forward(dev, &geglu(dev, &ff_hidden)?)?)?;
+        Ok((t3, BlockSaved { t0: t0.clone(), t1, t2, stats: [s1, s2, s3], attn1, attn2, ff_hidden }))
+    }
+
+    fn backward(&mut self, dev: Dev, s: &BlockSaved, dt3: &Tensor) -> Result<Tensor> {
+        let d_act = self.ff_out.backward_input(dev, dt3)?;
+        let d_hidden = geglu_backward(dev, &s.ff_hidden, &d_act)?;
+        let dn3 = self.ff_proj.backward_input(dev, &d_hidden)?;
+        let dt2 = add(dev, dt3, &self.norm3.backward(dev, &s.t2, &s.stats[2], &dn3)?)?;
+        let dn2 = self.attn2.backward(dev, &s.attn2, &dt2, false)?;
+        let dt1 = add(dev, &dt2, &self.norm2.backward(dev, &s.t1, &s.stats[1], &dn2)?)?;
+        let dn1 = self.attn1.backward(dev, &s.attn1, &dt1, true)?;
+        add(dev, &dt1, &self.norm1.backward(dev, &s.t0, &s.stats[0], &dn1)?)
+    }
+}
+
+/// GN → proj_in (1×1) → BasicTransformerBlock → proj_out (1×1) → + input.
+pub struct Transformer2DModel {
+    norm: GroupNorm,
+    proj_in: Linear,
+    pub block: BasicTransformerBlock,
+    proj_out: Linear,
+    /// Keep only the input after the forward; recompute the rest in the backward.
+    pub checkpoint: bool,
+    input: Option<(Tensor, Tensor)>,
+    saved: Option<(NormStats, BlockSaved)>,
+}
+
+impl Transformer2DModel {
+    pub fn load(dev: Dev, w: &Weights, prefix: &str, ch: usize, context_dim: usize, heads: usize, groups: usize) -> Result<Self> {
+        let p = |name: &str| format!("{prefix}.{name}");
+        (|| -> Result<Self> {
+            Ok(Transformer2DModel {
+                norm: GroupNorm::load(dev, w, &p("norm"), ch, groups, 1e-6)?,
+                proj_in: Linear::load(dev, w, &p("proj_in"), ch, ch, true, true)?,
+                block: BasicTransformerBlock::load(dev, w, &p("transformer_blocks.0"), ch, context_dim, heads)?,
+                proj_out: Linear::load(dev, w, &p("proj_out"), ch, ch, true, true)?,
+                checkpoint: false,
+                input: None,
+                saved: None,
+            })
+        })()
+        .with_context(|| format!("loading {prefix}"))
+    }
+
+    /// x NHWC [n, h, w, c]; context [n, 77, context_dim].
+    pub fn forward(&mut self, dev: Dev, x: &Tensor, context: &Tensor) -> Result<Tensor> {
+        let (out, saved) = self.run(dev, x, context)?;
+        self.input = Some((x.clone(), context.clone()));
+        self.saved = if self.checkpoint { None } else { Some(saved) };
+        Ok(out)
+    }
+
+    fn run(&self, dev: Dev, x: &Tensor, context: &Tensor) -> Result<(Tensor, (NormStats, BlockSaved))> {
+        let s = x.shape();
+        let (g, stats) = self.norm.forward(dev, x, false)?;
+        let tokens = self.proj_in.forward(dev, &g)?.reshape(&[s[0], s[1] * s[2], s[3]])?;
+        let (t, saved) = self.block.forward(dev, &tokens, context)?;
+        let out = add(dev, &self.proj_out.forward(dev, &t)?.reshape(s)?, x)?;
+        Ok((out, (stats, saved)))
+    }
+
+    pub fn backward(&mut self, dev: Dev, dy: &Tensor) -> Result<Tensor> {
+        let (x, context) = self.input.take().context("Transformer2DModel backward without a forward")?;
+        let (stats, saved) = match self.saved.take() {
+            Some(s) => s,
+            None => self.run(dev, &x, &context)?.1,
+        };
+        let s = x.shape();
+        let dt = self.proj_out.backward_input(dev, &dy.reshape(&[s[0], s[1] * s[2], s[3]])?)?;
+        let dt0 = self.block.backward(dev, &saved, &dt)?;
+        let dg = self.proj_in.backward_input(dev, &dt0)?.reshape(s)?;
+        add(dev, dy, &self.norm.backward(dev, &x, &stats, &dg, false)?)
+    }
+
+    /// Bytes kept between forward and backward (the input alone when checkpointing).
+    pub fn saved_bytes(&self) -> usize {
+        let input = self.input.as_ref().map_or(0, |(x, _)| bytes(x));
+        input
+            + self.saved.as_ref().map_or(0, |(_, s)| {
+                let a = |a: &AttentionSaved| bytes(&a.x) + bytes(&a.q) + bytes(&a.k) + bytes(&a.v) + bytes(&a.o);
+                bytes(&s.t0) + bytes(&s.t1) + bytes(&s.t2) + a(&s.attn1) + a(&s.attn2) + bytes(&s.ff_hidden)
+            })
+    }
+}

@@ -1,0 +1,267 @@
+//! `sdlora train`: the whole LoRA training job (DESIGN.md §5).
+//!
+//! Frozen parts run once: captions are tokenized and encoded by CLIP, images encoded by the VAE
+//! into posterior moments, then both models are dropped. Each step draws, from a counter-based
+//! Philox stream keyed by (seed, micro-step), a latent from every image's posterior, noise ε and a
+//! timestep; the UNet predicts ε from x_t; the Min-SNR-weighted MSE is backpropagated into the
+//! LoRA factors; AdamW updates them. Because every draw depends only on (seed, step), a resumed run
+//! continues the same loss curve.
+
+pub mod compare;
+pub mod config;
+mod optim;
+mod outputs;
+
+use crate::cuda::{ArenaKind, Gpu};
+use crate::data::load_dataset;
+use crate::model::clip::ClipTextModel;
+use crate::model::layers::Dev;
+use crate::model::lora::{self, LoraInit};
+use crate::model::unet::{UNet2DConditionModel, UNetConfig};
+use crate::model::vae::AutoencoderKl;
+use crate::model::weights::{Component, ModelSource};
+use crate::ops::adamw::AdamWConfig;
+use crate::ops::diffusion::{add_noise_cpu, draw_step_noise_cpu, mse_min_snr_backward_cpu, mse_min_snr_cpu};
+use crate::ops::philox::philox_normal_cpu;
+use crate::rng::Rng;
+use crate::schedule::NoiseSchedule;
+use crate::tensor::{DType, Tensor};
+use crate::tokenizer::ClipTokenizer;
+use anyhow::{bail, ensure, Context, Result};
+use config::{InitKind, TrainConfig};
+use optim::Optimizer;
+use outputs::Outputs;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+/// SD1.5's latent scale (vae.config.scaling_factor).
+pub const LATENT_SCALE: f32 = 0.18215;
+/// Philox stream of the per-step posterior samples (noise and timesteps use 0 and 1).
+const STREAM_LATENT: u32 = 2;
+
+/// One image's cached VAE posterior and its caption's CLIP states.
+struct Example {
+    mean: Vec<f32>,
+    std: Vec<f32>,
+    latent_hw: (usize, usize),
+    context: Vec<f32>,
+}
+
+/// What a finished run reports (also written as summary.json in the output folder).
+#[derive(Debug, serde::Serialize)]
+pub struct Summary {
+    pub steps: usize,
+    pub final_loss: f32,
+    pub mean_loss: f32,
+    pub seconds: f64,
+    pub peak_vram_bytes: usize,
+    pub interrupted: bool,
+}
+
+/// Runs the job described by `cfg` on `dev`, optionally resuming from a `step_N` checkpoint.
+pub fn run(cfg: &TrainConfig, gpu: Option<&Gpu>, resume: Option<&Path>) -> Result<Summary> {
+    cfg.validate()?;
+    let dev = gpu.map_or(Dev::Cpu, Dev::Gpu);
+    if let (Some(g), Some(limit)) = (gpu, &cfg.vram_limit) {
+        g.set_vram_limit(Some(config::parse_bytes(limit)?));
+    }
+    let outputs = Outputs::create(cfg)?;
+    let source = ModelSource::resolve(&cfg.model).with_context(|| format!("--model {}", cfg.model))?;
+    let examples = encode_dataset(dev, cfg, &source)?;
+    if let Some(g) = gpu {
+        g.reset_scratch();
+    }
+
+    let unet_cfg = match source.config(Component::Unet)? {
+        Some(v) => UNetConfig::from_json(&v)?,
+        None => UNetConfig::sd15(),
+    };
+    let mut unet = UNet2DConditionModel::load(dev, &source.weights(Component::Unet)?, unet_cfg).context("loading the UNet")?;
+    let init = match cfg.init {
+        InitKind::Kaiming => LoraInit::KaimingUniform,
+        InitKind::Gaussian => LoraInit::Gaussian,
+    };
+    let (mut params, start_step) = match resume {
+        None => (lora::attach(dev, &mut unet, &cfg.targets, cfg.rank, cfg.alpha, init, cfg.seed)?, 0),
+        Some(dir) => outputs::load_lora_for_resume(dev, &mut unet, dir)?,
+    };
+    let adam = AdamWConfig {
+        lr: cfg.lr,
+        beta1: cfg.adam_beta1,
+        beta2: cfg.adam_beta2,
+        eps: cfg.adam_eps,
+        weight_decay: cfg.weight_decay,
+        max_grad_norm: cfg.max_grad_norm.map(|v| v as f32),
+    };
+    let mut optimizer = Optimizer::new(dev, &params, adam)?;
+    if let Some(dir) = resume {
+        let (step, m, v) = outputs::load_optimizer_state(dir)?;
+        ensure!(step as usize == start_step, "{}: optimizer state is at step {step}, the LoRA at {start_step}", dir.display());
+        optimizer.restore(dev, step, m, v)?;
+    }
+    ensure!(start_step < cfg.steps, "the checkpoint is at step {start_step}; --steps {} leaves nothing to do", cfg.steps);
+    eprintln!("training {} LoRA values ({} adapters, rank {}) on {} images for steps {}..={}", params.count, cfg.targets.len(), cfg.rank, examples.len(), start_step + 1, cfg.steps);
+
+    let stop = Arc::new(AtomicBool::new(false));
+    {
+        let stop = stop.clone();
+        // A second handler cannot be set in one process (tests run several jobs): that is fine.
+        let _ = ctrlc::set_handler(move || stop.store(true, Ordering::SeqCst));
+    }
+    let schedule = NoiseSchedule::sd15();
+    let mut log = outputs.event_writer()?;
+    let progress = outputs::progress_bar(start_step, cfg.steps);
+    let started = Instant::now();
+    let (mut losses, mut interrupted) = (Vec::new(), false);
+    for step in start_step..cfg.steps {
+        let t0 = Instant::now();
+        let mut loss = 0.0;
+        for micro in 0..cfg.grad_accum {
+            let micro_step = (step * cfg.grad_accum + micro) as u32;
+            loss += train_micro_step(dev, cfg, &mut unet, &examples, &schedule, micro_step)? / cfg.grad_accum as f32;
+        }
+        if !loss.is_finite() {
+            progress.abandon();
+            bail!("loss became {loss} at step {}: stopping; the last good checkpoint is kept in {}", step + 1, cfg.out.display());
+        }
+        let lr = cfg.lr_at(step);
+        optimizer.update(dev, &mut unet, &mut params, lr)?;
+        if let Some(g) = gpu {
+            g.reset_scratch();
+        }
+        let done = step + 1;
+        losses.push(loss);
+        let seconds = t0.elapsed().as_secs_f64();
+        log.scalar("loss", done as u64, loss)?;
+        log.scalar("lr", done as u64, lr as f32)?;
+        log.scalar("step_time_s", done as u64, seconds as f32)?;
+        progress.set_position(done as u64);
+        progress.set_message(format!("loss {loss:.4}{}", outputs::vram_text(gpu)));
+        if done % cfg.log_every == 0 || done == cfg.steps {
+            log.flush()?;
+            outputs::say(&progress, format!("step {done}/{}: loss {loss:.5}, lr {lr:.2e}, {seconds:.2} s/step", cfg.steps));
+        }
+        interrupted = stop.load(Ordering::SeqCst);
+        if done % cfg.save_every == 0 || done == cfg.steps || interrupted {
+            outputs.save_checkpoint(dev, cfg, &mut unet, &optimizer, done)?;
+        }
+        if interrupted {
+            outputs::say(&progress, format!("interrupted: checkpoint step_{done} written"));
+            break;
+        }
+    }
+    progress.finish();
+    log.flush()?;
+    let tail = &losses[losses.len().saturating_sub(100)..];
+    let summary = Summary {
+        steps: start_step + losses.len(),
+        final_loss: *losses.last().unwrap_or(&f32::NAN),
+        mean_loss: tail.iter().sum::<f32>() / tail.len().max(1) as f32,
+        seconds: started.elapsed().as_secs_f64(),
+        peak_vram_bytes: gpu.map_or(0, |g| g.arena_stats(ArenaKind::Persistent).high_water + g.arena_stats(ArenaKind::Scratch).high_water),
+        interrupted,
+    };
+    outputs.write_summary(&summary)?;
+    Ok(summary)
+}
+
+/// Tokenizes and encodes every caption with CLIP and every image with the VAE encoder, once; both
+/// models are dropped on return.
+fn encode_dataset(dev: Dev, cfg: &TrainConfig, source: &ModelSource) -> Result<Vec<Example>> {
+    let data = load_dataset(&cfg.data, cfg.resolution)?;
+    let tokenizer = ClipTokenizer::for_source(source)?;
+    let clip = ClipTextModel::from_source(dev, source).context("loading the text encoder")?;
+    let vae = AutoencoderKl::from_source(dev, source).context("loading the VAE")?;
+    let host = |t: Tensor| match dev {
+        Dev::Cpu => t.into_vec(),
+        Dev::Gpu(g) => t.to_cpu(g)?.into_vec(),
+    };
+    let r = cfg.resolution as usize;
+    ensure!(r % vae.factor() == 0, "--resolution {r} is not a multiple of the VAE's factor {}", vae.factor());
+    eprintln!("encoding {} captions and images (once)", data.len());
+    data.iter()
+        .map(|ex| {
+            let ids = tokenizer.encode(&ex.caption)?;
+            let context = host(clip.forward(dev, &ids, 1)?)?;
+            let posterior = vae.encode(dev, &Tensor::from_vec(&[1, r, r, 3], ex.pixels.clone())?)?;
+            let latent_hw = (posterior.mean.shape()[1], posterior.mean.shape()[2]);
+            let std = host(posterior.logvar)?.iter().map(|lv| (0.5 * lv).exp()).collect();
+            Ok(Example { mean: host(posterior.mean)?, std, latent_hw, context })
+        })
+        .collect::<Result<_>>()
+        .context("encoding the data set")
+}
+
+/// One forward + backward on one batch; returns its loss. Gradients accumulate, scaled by
+/// 1/grad_accum.
+fn train_micro_step(dev: Dev, cfg: &TrainConfig, unet: &mut UNet2DConditionModel, examples: &[Example], schedule: &NoiseSchedule, micro_step: u32) -> Result<f32> {
+    let batch = cfg.batch_size;
+    let picks = batch_indices(examples.len(), batch, micro_step as usize, cfg.seed);
+    let (h, w) = examples[picks[0]].latent_hw;
+    let n = h * w * 4;
+    let mut x0 = Vec::with_capacity(batch * n);
+    let mut context = Vec::new();
+    for (j, &i) in picks.iter().enumerate() {
+        let ex = &examples[i];
+        let z = philox_normal_cpu(n, cfg.seed, STREAM_LATENT, micro_step * batch as u32 + j as u32, 0.0, 1.0);
+        x0.extend(ex.mean.iter().zip(&ex.std).zip(&z).map(|((m, s), z)| (m + s * z) * LATENT_SCALE));
+        context.extend_from_slice(&ex.context);
+    }
+    let (eps, t) = draw_step_noise_cpu(cfg.seed, micro_step, batch, n, schedule.num_train_timesteps() as u32);
+    let abar = &schedule.alphas_cumprod;
+    let x_t = Tensor::from_vec(&[batch, h, w, 4], add_noise_cpu(&x0, &eps, &t, abar, n))?;
+    let ctx_dim = examples[0].context.len() / 77;
+    let ctx = Tensor::from_vec(&[batch, 77, ctx_dim], context)?;
+    let (x_t, ctx) = match dev {
+        Dev::Cpu => (x_t, ctx),
+        Dev::Gpu(g) => (x_t.to_gpu(g, ArenaKind::Scratch, DType::BF16)?, ctx.to_gpu(g, ArenaKind::Scratch, DType::BF16)?),
+    };
+    let pred = unet.forward(dev, &x_t, &t, &ctx)?;
+    let p = match dev {
+        Dev::Cpu => pred.into_vec()?,
+        Dev::Gpu(g) => pred.to_cpu(g)?.into_vec()?,
+    };
+    let gamma = cfg.snr_gamma.value().map(|g| g as f32);
+    let loss = mse_min_snr_cpu(&p, &eps, &t, abar, gamma);
+    let d = Tensor::from_vec(&[batch, h, w, 4], mse_min_snr_backward_cpu(&p, &eps, &t, abar, gamma, 1.0 / cfg.grad_accum as f32))?;
+    let d = match dev {
+        Dev::Cpu => d,
+        Dev::Gpu(g) => d.to_gpu(g, ArenaKind::Scratch, DType::BF16)?,
+    };
+    unet.backward(dev, &d)?;
+    Ok(loss)
+}
+
+/// The examples of micro-step `k`: consecutive slots of a sequence of seeded shuffles of the data
+/// set (a new permutation per epoch), so the order depends only on (seed, k).
+fn batch_indices(len: usize, batch: usize, k: usize, seed: u64) -> Vec<usize> {
+    (k * batch..(k + 1) * batch)
+        .map(|slot| {
+            let (epoch, pos) = (slot / len, slot % len);
+            let mut order: Vec<usize> = (0..len).collect();
+            let mut rng = Rng::new(seed ^ (epoch as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15));
+            for i in (1..len).rev() {
+                order.swap(i, (rng.next_u64() % (i as u64 + 1)) as usize);
+            }
+            order[pos]
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_epoch_visits_every_example_once() {
+        let seen: Vec<usize> = (0..5).flat_map(|k| batch_indices(5, 1, k, 7)).collect();
+        let mut sorted = seen.clone();
+        sorted.sort();
+        assert_eq!(sorted, vec![0, 1, 2, 3, 4]);
+        let next: Vec<usize> = (5..10).flat_map(|k| batch_indices(5, 1, k, 7)).collect();
+        assert_ne!(seen, next, "each epoch is shuffled anew");
+        assert_eq!(batch_indices(5, 2, 3, 7), [6, 7].map(|s| batch_indices(5, 1, s, 7)[0]).to_vec());
+    }
+}

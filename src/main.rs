@@ -1,8 +1,9 @@
 //! The `sdlora` command line: train a LoRA, sample images with it, benchmark the engine.
 
-use anyhow::{bail, Result};
+use anyhow::Result;
 use clap::{Args, Parser, Subcommand};
 use sdlora::cuda::{ptx, Gpu};
+use sdlora::sample::SampleArgs;
 use sdlora::train::config::{SnrGamma, TrainConfig};
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -137,31 +138,6 @@ impl TrainArgs {
 }
 
 #[derive(Args)]
-struct SampleArgs {
-    /// Base model: a diffusers folder, a Hugging Face cache id, or a single-file .safetensors.
-    #[arg(long)]
-    model: String,
-    /// Text prompt.
-    #[arg(long)]
-    prompt: String,
-    /// LoRA to apply, as PATH or PATH:SCALE (repeatable).
-    #[arg(long)]
-    lora: Vec<String>,
-    /// Classifier-free guidance scale.
-    #[arg(long, default_value_t = 5.0)]
-    guidance: f32,
-    /// Denoising steps.
-    #[arg(long, default_value_t = 30)]
-    steps: usize,
-    /// Random seed of the initial latents.
-    #[arg(long, default_value_t = 42)]
-    seed: u64,
-    /// Output PNG file.
-    #[arg(long, default_value = "output.png")]
-    out: PathBuf,
-}
-
-#[derive(Args)]
 struct BenchArgs {
     #[command(subcommand)]
     what: BenchWhat,
@@ -228,7 +204,7 @@ fn run(cli: Cli) -> Result<()> {
             );
             Ok(())
         }
-        Command::Sample(_) => bail!("`sdlora sample` is not implemented yet"),
+        Command::Sample(args) => sdlora::sample::run(&args),
         Command::Bench(BenchArgs { what: BenchWhat::Kernels { filter } }) => {
             let gpu = Gpu::new(0)?;
             sdlora::bench::run_kernel_benches(&gpu, &filter)

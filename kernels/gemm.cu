@@ -20,6 +20,7 @@
 // Epilogue: C = alpha·acc + bias[n] (bf16, optional) + R[m·ldr + n] (type of C, optional; R may be C
 // itself, which accumulates). With gridDim.z > 1 (split-K, f32 output only) each z-slice adds its
 // partial sum with atomicAdd into C (the caller zeroes C or accumulates into it; no bias, no R).
+// The accumulators are staged through shared memory so C, R and bias move as 16-byte row segments.
 //
 // Machinery (sm_80 PTX, runs on Ampere/Ada/Hopper/Blackwell): BMxBNx32 block tiles, 4 warps (2x2),
 // a 4- to 8-stage cp.async.cg pipeline into XOR-swizzled shared memory (conflict-free ldmatrix), ldmatrix

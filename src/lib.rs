@@ -13,6 +13,7 @@
 //! - [`model`]: the SD1.5 models (UNet with LoRA, CLIP, VAE) and weight loading.
 //! - [`tokenizer`]: the CLIP BPE tokenizer.
 //! - [`train`]: the training job.
+//! - [`sample`]: image generation with LoRAs (`sdlora sample`).
 //! - [`testing`]: fixture paths for tests.
 
 pub mod bench;
@@ -29,3 +30,4 @@ pub mod log;
 pub mod model;
 pub mod tokenizer;
 pub mod train;
+pub mod sample;

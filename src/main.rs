@@ -1,8 +1,9 @@
 //! The `sdlora` command line: train a LoRA, sample images with it, benchmark the engine.
 
-use anyhow::{bail, Result};
+use anyhow::Result;
 use clap::{Args, Parser, Subcommand};
 use sdlora::cuda::{ptx, Gpu};
+use sdlora::sample::SampleArgs;
 use sdlora::train::config::{SnrGamma, TrainConfig};
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -137,31 +138,6 @@ impl TrainArgs {
 }
 
 #[derive(Args)]
-struct SampleArgs {
-    /// Base model: a diffusers folder, a Hugging Face cache id, or a single-file .safetensors.
-    #[arg(long)]
-    model: String,
-    /// Text prompt.
-    #[arg(long)]
-    prompt: String,
-    /// LoRA to apply, as PATH or PATH:SCALE (repeatable).
-    #[arg(long)]
-    lora: Vec<String>,
-    /// Classifier-free guidance scale.
-    #[arg(long, default_value_t = 5.0)]
-    guidance: f32,
-    /// Denoising steps.
-    #[arg(long, default_value_t = 30)]
-    steps: usize,
-    /// Random seed of the initial latents.
-    #[arg(long, default_value_t = 42)]
-    seed: u64,
-    /// Output PNG file.
-    #[arg(long, default_value = "output.png")]
-    out: PathBuf,
-}
-
-#[derive(Args)]
 struct BenchArgs {
     #[command(subcommand)]
     what: BenchWhat,
@@ -175,8 +151,15 @@ enum BenchWhat {
         #[arg(long, default_value = "")]
         filter: String,
     },
-    /// Time one full LoRA training step at 512 px with random SD1.5-size weights.
-    Train,
+    /// Time full LoRA training steps (forward, loss, backward, AdamW) with random SD1.5-size weights.
+    Train {
+        /// Image size in pixels (latents are 1/8 of it).
+        #[arg(long, default_value_t = 512)]
+        resolution: u32,
+        /// Timed steps after 3 warm-up steps.
+        #[arg(long, default_value_t = 20)]
+        steps: usize,
+    },
     /// Check one UNet LoRA forward + backward at full SD1.5 size against PyTorch and time it.
     ///
     /// DIR comes from `python3 benches/unet_reference.py DIR` (random weights, a PEFT LoRA, PyTorch's
@@ -221,12 +204,12 @@ fn run(cli: Cli) -> Result<()> {
             );
             Ok(())
         }
-        Command::Sample(_) => bail!("`sdlora sample` is not implemented yet"),
+        Command::Sample(args) => sdlora::sample::run(&args),
         Command::Bench(BenchArgs { what: BenchWhat::Kernels { filter } }) => {
             let gpu = Gpu::new(0)?;
             sdlora::bench::run_kernel_benches(&gpu, &filter)
         }
-        Command::Bench(BenchArgs { what: BenchWhat::Train }) => bail!("`sdlora bench train` is not implemented yet"),
+        Command::Bench(BenchArgs { what: BenchWhat::Train { resolution, steps } }) => sdlora::train::benchmark(&Gpu::new(0)?, resolution, 3, steps),
         Command::Bench(BenchArgs { what: BenchWhat::Unet { reference, iters, checkpoint } }) => {
             sdlora::bench::unet::run(&Gpu::new(0)?, &reference, iters, checkpoint)
         }

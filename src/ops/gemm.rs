@@ -232,7 +232,7 @@ fn i32_of(v: usize) -> Result<i32> {
 /// (rows, last dim) of a tensor seen as a matrix.
 pub(crate) fn as_matrix(t: &Tensor) -> (usize, usize) {
     let cols = *t.shape().last().unwrap_or(&1);
-    (if cols == 0 { 0 } else { t.numel() / cols }, cols)
+    (t.numel().checked_div(cols).unwrap_or(0), cols)
 }
 
 pub(crate) fn check_on_gpu(what: &str, name: &str, t: &Tensor, dtype: Option<DType>) -> Result<()> {

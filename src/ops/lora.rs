@@ -168,6 +168,7 @@ pub struct LoraBackwardOut<'a> {
 
 /// The backward of [`lora_forward`] given the saved (or recomputed) u_s: dx (added to dx's
 /// contents when `dx_accumulate`), and dA, dB (added to da/db when `grad_accumulate`).
+#[allow(clippy::too_many_arguments)]
 pub fn lora_backward(gpu: &Gpu, l: &LoraLinear, x: &Tensor, us: &Tensor, dy: &Tensor, out: LoraBackwardOut, dx_accumulate: bool, grad_accumulate: bool) -> Result<()> {
     const WHAT: &str = "lora_backward";
     let (in_f, out_f, r) = l.dims(WHAT)?;

@@ -69,7 +69,10 @@ pub fn run(cfg: &TrainConfig, gpu: Option<&Gpu>, resume: Option<&Path>) -> Resul
     }
     let outputs = Outputs::create(cfg)?;
     let source = ModelSource::resolve(&cfg.model).with_context(|| format!("--model {}", cfg.model))?;
-    let examples = encode_dataset(cfg, &source)?;
+    let examples = encode_dataset(dev, cfg, &source)?;
+    if let Some(g) = gpu {
+        g.reset_scratch();
+    }
 
     let unet_cfg = match source.config(Component::Unet)? {
         Some(v) => UNetConfig::from_json(&v)?,
@@ -164,23 +167,76 @@ pub fn run(cfg: &TrainConfig, gpu: Option<&Gpu>, resume: Option<&Path>) -> Resul
     Ok(summary)
 }
 
-/// Tokenizes and encodes every caption with CLIP and every image with the VAE encoder, once.
-fn encode_dataset(cfg: &TrainConfig, source: &ModelSource) -> Result<Vec<Example>> {
+/// `sdlora bench train`: `steps` training steps of the full-size UNet with random stand-in weights
+/// (no download), random posteriors and caption states, timed after `warmup` steps; prints median
+/// ms/step, achieved TFLOP/s (1.88 TFLOP per 512 px step), peak device memory and a per-kernel table.
+pub fn benchmark(gpu: &Gpu, resolution: u32, warmup: usize, steps: usize) -> Result<()> {
+    let dev = Dev::Gpu(gpu);
+    let cfg = TrainConfig { resolution, ..TrainConfig::default() };
+    let mut unet = UNet2DConditionModel::load(dev, &crate::model::weights::Weights::random(0), UNetConfig::sd15())?;
+    let mut params = lora::attach(dev, &mut unet, &cfg.targets, cfg.rank, cfg.alpha, LoraInit::KaimingUniform, cfg.seed)?;
+    let mut optimizer = Optimizer::new(dev, &params, AdamWConfig::default())?;
+    let hw = resolution as usize / 8;
+    let mut rng = Rng::new(1);
+    let examples = vec![Example { mean: rng.normal_vec(hw * hw * 4, 1.0), std: vec![0.1; hw * hw * 4], latent_hw: (hw, hw), context: rng.normal_vec(77 * 768, 1.0) }];
+    let schedule = NoiseSchedule::sd15();
+    let mut step = |k: usize| -> Result<f32> {
+        let loss = train_micro_step(dev, &cfg, &mut unet, &examples, &schedule, k as u32)?;
+        optimizer.update(dev, &mut unet, &mut params, cfg.lr)?;
+        gpu.reset_scratch();
+        Ok(loss)
+    };
+    for k in 0..warmup {
+        step(k)?;
+    }
+    let mut ms = Vec::new();
+    for k in warmup..warmup + steps {
+        gpu.synchronize()?;
+        let t0 = Instant::now();
+        step(k)?;
+        gpu.synchronize()?;
+        ms.push(t0.elapsed().as_secs_f64() * 1e3);
+    }
+    gpu.start_profiling();
+    step(warmup + steps)?;
+    let table = gpu.stop_profiling()?;
+    ms.sort_by(f64::total_cmp);
+    let median = ms[ms.len() / 2];
+    let flop = 1.88e12 * (resolution as f64 / 512.0).powi(2);
+    let peak = gpu.arena_stats(ArenaKind::Persistent).high_water + gpu.arena_stats(ArenaKind::Scratch).high_water;
+    println!(
+        "train step at {resolution} px, batch 1, r = 128 (forward, Min-SNR loss, backward, AdamW): median {median:.2} ms (min {:.2}, max {:.2}, n={steps}); {:.1} TFLOP/s; peak device memory {:.2} GiB",
+        ms[0],
+        ms[ms.len() - 1],
+        flop / median / 1e9,
+        peak as f64 / (1u64 << 30) as f64
+    );
+    println!("kernel time of one step (CUDA events per launch):\n{}", crate::cuda::TimingTable(&table));
+    Ok(())
+}
+
+/// Tokenizes and encodes every caption with CLIP and every image with the VAE encoder, once; both
+/// models are dropped on return.
+fn encode_dataset(dev: Dev, cfg: &TrainConfig, source: &ModelSource) -> Result<Vec<Example>> {
     let data = load_dataset(&cfg.data, cfg.resolution)?;
     let tokenizer = ClipTokenizer::for_source(source)?;
-    let clip = ClipTextModel::from_source(Dev::Cpu, source).context("loading the text encoder")?;
-    let vae = AutoencoderKl::from_source(Dev::Cpu, source).context("loading the VAE")?;
+    let clip = ClipTextModel::from_source(dev, source).context("loading the text encoder")?;
+    let vae = AutoencoderKl::from_source(dev, source).context("loading the VAE")?;
+    let host = |t: Tensor| match dev {
+        Dev::Cpu => t.into_vec(),
+        Dev::Gpu(g) => t.to_cpu(g)?.into_vec(),
+    };
     let r = cfg.resolution as usize;
     ensure!(r % vae.factor() == 0, "--resolution {r} is not a multiple of the VAE's factor {}", vae.factor());
     eprintln!("encoding {} captions and images (once)", data.len());
     data.iter()
         .map(|ex| {
             let ids = tokenizer.encode(&ex.caption)?;
-            let context = clip.forward(Dev::Cpu, &ids, 1)?.into_vec()?;
-            let posterior = vae.encode(Dev::Cpu, &Tensor::from_vec(&[1, r, r, 3], ex.pixels.clone())?)?;
-            let std = posterior.logvar.data()?.iter().map(|lv| (0.5 * lv).exp()).collect();
+            let context = host(clip.forward(dev, &ids, 1)?)?;
+            let posterior = vae.encode(dev, &Tensor::from_vec(&[1, r, r, 3], ex.pixels.clone())?)?;
             let latent_hw = (posterior.mean.shape()[1], posterior.mean.shape()[2]);
-            Ok(Example { mean: posterior.mean.into_vec()?, std, latent_hw, context })
+            let std = host(posterior.logvar)?.iter().map(|lv| (0.5 * lv).exp()).collect();
+            Ok(Example { mean: host(posterior.mean)?, std, latent_hw, context })
         })
         .collect::<Result<_>>()
         .context("encoding the data set")

@@ -1,0 +1,374 @@
+//! `sdlora sample`: text-to-image with SD1.x and any number of LoRAs, as diffusers'
+//! StableDiffusionPipeline computes it.
+//!
+//! For each image: CLIP encodes the prompt and the negative prompt (77 tokens each, last_hidden_state);
+//! the initial latents are N(0,1) [4, H/f, W/f] (f the VAE factor) from Philox keyed by the image's
+//! seed (image k of `--num-images` uses seed + k), or read from `--init-latents`; the scheduler's
+//! loop ([`crate::schedule::denoise`]) runs the UNet on both classifier-free-guidance branches in one
+//! batch, [uncond; cond] as diffusers orders them, and combines ε = ε_u + g·(ε_c − ε_u) (no uncond
+//! branch when every g ≤ 1, as diffusers); the final latents are divided by the VAE's scaling factor
+//! (0.18215), decoded, and mapped to pixels by clamp((x + 1)/2, 0, 1).
+//!
+//! LoRAs are combined into one adapter per projection ([`lora_merge`]) and applied on the fly.
+//! CLIP, the UNet and the VAE all run on the chosen device; between models (and between denoising
+//! steps) values pass through the host as f32, and the GPU's scratch arena is reset.
+
+pub mod grid;
+pub mod lora_merge;
+pub mod png;
+
+use crate::cuda::{ArenaKind, Gpu};
+use crate::io::write_atomic;
+use crate::model::clip::ClipTextModel;
+use crate::model::layers::Dev;
+use crate::model::unet::{UNet2DConditionModel, UNetConfig};
+use crate::model::vae::AutoencoderKl;
+use crate::model::weights::{Component, ModelSource};
+use crate::ops::philox::philox_normal_cpu;
+use crate::schedule::{denoise, scheduler_by_name};
+use crate::tensor::{nchw_to_nhwc, nhwc_to_nchw, DType, Tensor};
+use crate::tokenizer::ClipTokenizer;
+use anyhow::{ensure, Context, Result};
+use lora_merge::{LoraSpec, SampleLora};
+use png::Rgb8;
+use safetensors::{tensor::TensorView, Dtype, SafeTensors};
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+/// Philox streams of the initial latents and of Euler ancestral's per-step noise.
+const STREAM_INIT: u32 = 0;
+const STREAM_ANCESTRAL: u32 = 1;
+/// The most LoRA rank (summed over all `--lora`s) the GPU LoRA kernels take.
+const GPU_MAX_RANK: usize = 256;
+
+#[derive(clap::Args, Clone, Debug)]
+pub struct SampleArgs {
+    /// Base model: a diffusers folder, a Hugging Face cache id, or a single-file .safetensors.
+    #[arg(long)]
+    pub model: String,
+    /// Text prompt (repeatable: each prompt is generated; with --grid, one row per prompt and seed).
+    #[arg(long, required = true)]
+    pub prompt: Vec<String>,
+    /// Negative prompt (the unconditional branch of guidance).
+    #[arg(long, default_value = "")]
+    pub negative_prompt: String,
+    /// LoRA to apply, as PATH or PATH:SCALE; PATH is a .safetensors file or a step_N folder (repeatable).
+    #[arg(long)]
+    pub lora: Vec<String>,
+    /// Classifier-free guidance scale (repeatable: with --grid, one column per value).
+    #[arg(long, default_values_t = [5.0])]
+    pub guidance: Vec<f32>,
+    /// Denoising steps.
+    #[arg(long, default_value_t = 30)]
+    pub steps: usize,
+    /// Random seed of the initial latents (repeatable; image k of --num-images uses seed + k).
+    #[arg(long, default_values_t = [42])]
+    pub seed: Vec<u64>,
+    /// Images per prompt, seed and guidance value.
+    #[arg(long, default_value_t = 1)]
+    pub num_images: usize,
+    /// Image width in pixels (a multiple of 8; of 64 for SD1.5's UNet).
+    #[arg(long, default_value_t = 512)]
+    pub width: usize,
+    /// Image height in pixels.
+    #[arg(long, default_value_t = 512)]
+    pub height: usize,
+    /// Sampler: pndm, ddim, euler, euler_a, dpmpp_2m, dpmpp_2m_karras.
+    #[arg(long, default_value = "pndm")]
+    pub scheduler: String,
+    /// Images denoised together in one UNet batch.
+    #[arg(long, default_value_t = 1)]
+    pub batch_size: usize,
+    /// Output PNG; with several images FILE_0.png, FILE_1.png, ...; with --grid the grid image.
+    #[arg(long, default_value = "output.png")]
+    pub out: PathBuf,
+    /// Put every prompt × seed × guidance image into one labelled grid image.
+    #[arg(long)]
+    pub grid: bool,
+    /// Initial latents from a safetensors file (tensor "latents", [images, 4, H/f, W/f], NCHW f32)
+    /// instead of seeded noise: for comparisons with other implementations.
+    #[arg(long)]
+    pub init_latents: Option<PathBuf>,
+    /// Also write the final latents (before the VAE) to this safetensors file ("latents", NCHW f32).
+    #[arg(long)]
+    pub save_latents: Option<PathBuf>,
+    /// Run on the CPU (f32; slow: for tiny models and tests).
+    #[arg(long)]
+    pub cpu: bool,
+}
+
+/// One image to make.
+#[derive(Clone, Debug)]
+struct Job {
+    prompt: String,
+    seed: u64,
+    guidance: f32,
+}
+
+/// The loaded models.
+pub struct Pipeline<'g> {
+    dev: Dev<'g>,
+    tokenizer: ClipTokenizer,
+    clip: ClipTextModel,
+    vae: AutoencoderKl,
+    unet: UNet2DConditionModel,
+    /// 2^(UNet resolution levels − 1): latent sides must be multiples of it.
+    unet_levels: usize,
+    /// Prompt → CLIP last_hidden_state [77, d], computed once per distinct prompt.
+    text_cache: HashMap<String, Vec<f32>>,
+}
+
+impl<'g> Pipeline<'g> {
+    /// Loads the model and puts the combined LoRA (if any) on the UNet.
+    pub fn load(dev: Dev<'g>, source: &ModelSource, loras: &[SampleLora]) -> Result<Pipeline<'g>> {
+        let unet_cfg = match source.config(Component::Unet)? {
+            Some(v) => UNetConfig::from_json(&v)?,
+            None => UNetConfig::sd15(),
+        };
+        let unet_levels = 1 << (unet_cfg.block_out_channels.len() - 1);
+        let mut unet = UNet2DConditionModel::load(dev, &source.weights(Component::Unet)?, unet_cfg).context("loading the UNet")?;
+        if !loras.is_empty() {
+            let combined = lora_merge::combine(loras)?;
+            let max_rank = combined.layers.values().map(|l| l.rank).max().unwrap_or(0);
+            ensure!(
+                matches!(dev, Dev::Cpu) || max_rank <= GPU_MAX_RANK,
+                "the LoRAs add up to rank {max_rank} on one projection; the GPU LoRA kernels take at most {GPU_MAX_RANK}"
+            );
+            let names: Vec<String> = loras.iter().map(|l| l.spec.path.display().to_string()).collect();
+            crate::model::lora::load(dev, &mut unet, &combined).with_context(|| format!("applying LoRA {}", names.join(", ")))?;
+        }
+        Ok(Pipeline {
+            dev,
+            tokenizer: ClipTokenizer::for_source(source)?,
+            clip: ClipTextModel::from_source(dev, source).context("loading the text encoder")?,
+            vae: AutoencoderKl::from_source(dev, source).context("loading the VAE")?,
+            unet,
+            unet_levels,
+            text_cache: HashMap::new(),
+        })
+    }
+
+    /// The VAE's downsampling factor (8 for SD1.5).
+    pub fn vae_factor(&self) -> usize {
+        self.vae.factor()
+    }
+
+    /// CLIP last_hidden_state of each prompt, concatenated on the host: [prompts.len(), 77, d].
+    pub fn encode_text(&mut self, prompts: &[&str]) -> Result<Vec<f32>> {
+        let mut out = Vec::new();
+        for p in prompts {
+            if !self.text_cache.contains_key(*p) {
+                let ids = self.tokenizer.encode(p)?;
+                let states = self.clip.forward(self.dev, &ids, 1)?;
+                let states = match self.dev {
+                    Dev::Cpu => states.into_vec()?,
+                    Dev::Gpu(g) => {
+                        let host = states.to_cpu(g)?.into_vec();
+                        g.reset_scratch();
+                        host?
+                    }
+                };
+                self.text_cache.insert(p.to_string(), states);
+            }
+            out.extend_from_slice(&self.text_cache[*p]);
+        }
+        Ok(out)
+    }
+
+    /// Latents NHWC [n, h, w, 4] (already divided by the scaling factor) → pixels NHWC in about [-1, 1], on the host.
+    pub fn decode(&self, latents: Tensor) -> Result<Tensor> {
+        let image = self.vae.decode(self.dev, &latents);
+        if let Dev::Gpu(g) = self.dev {
+            g.reset_scratch();
+        }
+        image
+    }
+
+    /// ε for the latents `x` (NHWC, `jobs.len()` images) at timestep `t`, guided per image.
+    fn guided_eps(&mut self, x: &[f32], hw: (usize, usize), t: f32, uncond: &[f32], cond: &[f32], guidance: &[f32], eps: &mut [f32]) -> Result<()> {
+        let n = guidance.len();
+        let cfg = guidance.iter().any(|&g| g > 1.0);
+        let (x_in, ctx) = if cfg { ([x, x].concat(), [uncond, cond].concat()) } else { (x.to_vec(), cond.to_vec()) };
+        let rows = if cfg { 2 * n } else { n };
+        let d = ctx.len() / (rows * 77);
+        let out = self.unet_forward(x_in, rows, hw, t, ctx, d)?;
+        let per = x.len() / n;
+        for (i, &g) in guidance.iter().enumerate() {
+            let e = &mut eps[i * per..(i + 1) * per];
+            if !cfg {
+                e.copy_from_slice(&out[i * per..(i + 1) * per]);
+            } else if g > 1.0 {
+                let (u, c) = (&out[i * per..(i + 1) * per], &out[(n + i) * per..(n + i + 1) * per]);
+                e.iter_mut().zip(u.iter().zip(c)).for_each(|(e, (&u, &c))| *e = u + g * (c - u));
+            } else {
+                e.copy_from_slice(&out[(n + i) * per..(n + i + 1) * per]);
+            }
+        }
+        Ok(())
+    }
+
+    /// One UNet evaluation of `rows` latents at timestep `t`, returned on the host as f32.
+    fn unet_forward(&mut self, x: Vec<f32>, rows: usize, (h, w): (usize, usize), t: f32, ctx: Vec<f32>, d: usize) -> Result<Vec<f32>> {
+        let x = Tensor::from_vec(&[rows, h, w, 4], x)?;
+        let ctx = Tensor::from_vec(&[rows, 77, d], ctx)?;
+        let timesteps = vec![t; rows];
+        match self.dev {
+            Dev::Cpu => self.unet.forward(self.dev, &x, &timesteps, &ctx)?.into_vec(),
+            Dev::Gpu(g) => {
+                let x = x.to_gpu(g, ArenaKind::Scratch, DType::BF16)?;
+                let ctx = ctx.to_gpu(g, ArenaKind::Scratch, DType::BF16)?;
+                let out = self.unet.forward(self.dev, &x, &timesteps, &ctx)?.to_cpu(g)?.into_vec();
+                g.reset_scratch();
+                out
+            }
+        }
+    }
+
+    /// Denoises a batch of images from their initial latents (NHWC, N(0,1)); returns the final latents.
+    fn denoise_batch(&mut self, jobs: &[Job], negative: &str, mut latents: Vec<f32>, hw: (usize, usize), scheduler: &str, steps: usize) -> Result<Vec<f32>> {
+        let prompts: Vec<&str> = jobs.iter().map(|j| j.prompt.as_str()).collect();
+        let cond = self.encode_text(&prompts)?;
+        let uncond = self.encode_text(&vec![negative; jobs.len()])?;
+        let guidance: Vec<f32> = jobs.iter().map(|j| j.guidance).collect();
+        let mut sched = scheduler_by_name(scheduler, steps)?;
+        let per = latents.len() / jobs.len();
+        let seeds: Vec<u64> = jobs.iter().map(|j| j.seed).collect();
+        let mut draws = 0u32;
+        let mut noise = |buf: &mut [f32]| {
+            for (chunk, &seed) in buf.chunks_mut(per).zip(&seeds) {
+                chunk.copy_from_slice(&philox_normal_cpu(per, seed, STREAM_ANCESTRAL, draws, 0.0, 1.0));
+            }
+            draws += 1;
+        };
+        denoise(&mut *sched, &mut latents, |x, t, eps| self.guided_eps(x, hw, t, &uncond, &cond, &guidance, eps), &mut noise)?;
+        Ok(latents)
+    }
+}
+
+/// The images `args` asks for, in output order: prompt, then seed, then guidance, then image index.
+fn jobs(args: &SampleArgs) -> Vec<Job> {
+    let mut out = Vec::new();
+    for prompt in &args.prompt {
+        for &seed in &args.seed {
+            for &guidance in &args.guidance {
+                for k in 0..args.num_images {
+                    out.push(Job { prompt: prompt.clone(), seed: seed + k as u64, guidance });
+                }
+            }
+        }
+    }
+    out
+}
+
+/// A1111's "parameters" text: prompt, negative prompt, then the settings on one line.
+fn parameters(args: &SampleArgs, job: &Job, loras: &[LoraSpec]) -> String {
+    let model = Path::new(&args.model).file_name().map(|s| s.to_string_lossy().to_string()).unwrap_or_else(|| args.model.clone());
+    let mut line = format!(
+        "{}\nNegative prompt: {}\nSteps: {}, Sampler: {}, CFG scale: {}, Seed: {}, Size: {}x{}, Model: {model}",
+        job.prompt, args.negative_prompt, args.steps, args.scheduler, job.guidance, job.seed, args.width, args.height
+    );
+    if !loras.is_empty() {
+        line += &format!(", Lora: {}", loras.iter().map(LoraSpec::label).collect::<Vec<_>>().join(" "));
+    }
+    line + ", Generator: sdlora"
+}
+
+/// `--out` for image `i` of `n`: FILE.png alone, else FILE_i.png.
+fn numbered(out: &Path, i: usize, n: usize) -> PathBuf {
+    if n == 1 {
+        return out.to_path_buf();
+    }
+    let stem = out.file_stem().map(|s| s.to_string_lossy().to_string()).unwrap_or_else(|| "output".into());
+    let ext = out.extension().map(|s| s.to_string_lossy().to_string()).unwrap_or_else(|| "png".into());
+    out.with_file_name(format!("{stem}_{i}.{ext}"))
+}
+
+/// Reads `--init-latents`: "latents" [n, c, h, w] f32 → NHWC.
+fn read_latents(path: &Path, n: usize, h: usize, w: usize) -> Result<Vec<f32>> {
+    let bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let st = SafeTensors::deserialize(&bytes).with_context(|| format!("{} is not a safetensors file", path.display()))?;
+    let t = st.tensor("latents").with_context(|| format!("{}: no tensor \"latents\"", path.display()))?;
+    ensure!(t.dtype() == Dtype::F32, "{}: latents are {:?}, expected F32", path.display(), t.dtype());
+    ensure!(t.shape() == [n, 4, h, w], "{}: latents are {:?}, this run needs [{n}, 4, {h}, {w}] (images, channels, height/f, width/f)", path.display(), t.shape());
+    let nchw: Vec<f32> = t.data().chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
+    Ok(nchw_to_nhwc(&nchw, n, 4, h, w))
+}
+
+fn write_latents(path: &Path, nhwc: &[f32], n: usize, h: usize, w: usize) -> Result<()> {
+    let nchw = nhwc_to_nchw(nhwc, n, 4, h, w);
+    let view = TensorView::new(Dtype::F32, vec![n, 4, h, w], bytemuck::cast_slice(&nchw))?;
+    write_atomic(path, &safetensors::serialize([("latents".to_string(), view)], &None)?)
+}
+
+/// Runs `sdlora sample`.
+pub fn run(args: &SampleArgs) -> Result<()> {
+    ensure!(args.steps >= 1, "--steps must be at least 1");
+    ensure!(args.num_images >= 1 && args.batch_size >= 1, "--num-images and --batch-size must be at least 1");
+    ensure!(args.width % 8 == 0 && args.height % 8 == 0 && args.width > 0 && args.height > 0, "--width {} and --height {} must be positive multiples of 8", args.width, args.height);
+    ensure!(!args.grid || args.num_images == 1, "--grid takes one image per prompt, seed and guidance: use several --seed values instead of --num-images");
+    for g in &args.guidance {
+        ensure!(g.is_finite(), "--guidance {g} is not a finite number");
+    }
+    scheduler_by_name(&args.scheduler, args.steps)?;
+    let specs: Vec<LoraSpec> = args.lora.iter().map(|s| LoraSpec::parse(s)).collect::<Result<_>>()?;
+    let loras: Vec<SampleLora> = specs.iter().map(lora_merge::read).collect::<Result<_>>()?;
+    for l in &loras {
+        if l.skipped_text_encoder > 0 {
+            eprintln!(
+                "warning: LoRA {}: skipped {} text-encoder key(s) (text-encoder LoRA is not supported yet; its UNet part is applied)",
+                l.spec.path.display(),
+                l.skipped_text_encoder
+            );
+        }
+    }
+    let gpu = if args.cpu { None } else { Some(Gpu::new(0)?) };
+    let dev = gpu.as_ref().map_or(Dev::Cpu, Dev::Gpu);
+    let source = ModelSource::resolve(&args.model).with_context(|| format!("--model {}", args.model))?;
+    let mut pipe = Pipeline::load(dev, &source, &loras)?;
+
+    let f = pipe.vae_factor();
+    ensure!(args.width % f == 0 && args.height % f == 0, "--width/--height must be multiples of the VAE factor {f}");
+    let (h, w) = (args.height / f, args.width / f);
+    let levels = pipe.unet_levels;
+    ensure!(h % levels == 0 && w % levels == 0, "--width {} x --height {}: this UNet needs multiples of {} px", args.width, args.height, f * levels);
+    let jobs = jobs(args);
+    let per = 4 * h * w;
+    let mut init = match &args.init_latents {
+        Some(p) => read_latents(p, jobs.len(), h, w)?,
+        None => jobs.iter().flat_map(|j| nchw_to_nhwc(&philox_normal_cpu(per, j.seed, STREAM_INIT, 0, 0.0, 1.0), 1, 4, h, w)).collect(),
+    };
+    let started = Instant::now();
+    let mut finals = Vec::with_capacity(init.len());
+    for (b, chunk) in jobs.chunks(args.batch_size).enumerate() {
+        let t0 = Instant::now();
+        let x: Vec<f32> = init.drain(..chunk.len() * per).collect();
+        finals.extend(pipe.denoise_batch(chunk, &args.negative_prompt, x, (h, w), &args.scheduler, args.steps)?);
+        let done = (b * args.batch_size + chunk.len()).min(jobs.len());
+        eprintln!("{done}/{} images denoised ({} steps, {}, {:.2} s)", jobs.len(), args.steps, args.scheduler, t0.elapsed().as_secs_f64());
+    }
+    if let Some(p) = &args.save_latents {
+        write_latents(p, &finals, jobs.len(), h, w)?;
+    }
+    let scale = pipe.vae.config.scaling_factor;
+    let mut images = Vec::with_capacity(jobs.len());
+    for z in finals.chunks(per) {
+        let pixels = pipe.decode(Tensor::from_vec(&[1, h, w, 4], z.iter().map(|v| v / scale).collect())?)?;
+        images.push(Rgb8::from_unit_range(args.width, args.height, pixels.data()?));
+    }
+    if args.grid {
+        let columns: Vec<String> = args.guidance.iter().map(|g| format!("CFG {g}")).collect();
+        let rows: Vec<String> = args.prompt.iter().flat_map(|p| args.seed.iter().map(move |s| format!("seed {s}: {p}"))).collect();
+        let text = jobs.iter().map(|j| parameters(args, j, &specs)).collect::<Vec<_>>().join("\n\n");
+        png::write(&args.out, &grid::compose(&images, &columns, &rows), &text)?;
+        eprintln!("wrote {} ({} rows x {} columns)", args.out.display(), rows.len(), columns.len());
+    } else {
+        for (i, (img, job)) in images.iter().zip(&jobs).enumerate() {
+            let path = numbered(&args.out, i, jobs.len());
+            png::write(&path, img, &parameters(args, job, &specs))?;
+            eprintln!("wrote {} (seed {}, guidance {})", path.display(), job.seed, job.guidance);
+        }
+    }
+    eprintln!("done in {:.1} s", started.elapsed().as_secs_f64());
+    Ok(())
+}

@@ -44,7 +44,7 @@ def main(out):
     os.makedirs(tok_dir)
     for f in ("vocab.json", "merges.txt"):
         shutil.copy(os.path.join(HERE, "..", "data", "clip", f), tok_dir)
-    CLIPTokenizer(os.path.join(tok_dir, "vocab.json"), os.path.join(tok_dir, "merges.txt")).save_pretrained(tok_dir)
+    CLIPTokenizer(os.path.join(tok_dir, "vocab.json"), os.path.join(tok_dir, "merges.txt"), model_max_length=77).save_pretrained(tok_dir)
     PNDMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
                   set_alpha_to_one=False, skip_prk_steps=True, steps_offset=1).save_pretrained(os.path.join(out, "scheduler"))
     json.dump({"_class_name": "StableDiffusionPipeline", "_diffusers_version": "0.42.1",

@@ -1,5 +1,7 @@
 // Implicit-GEMM 2-D convolutions on NHWC bf16 activations, forward and input gradient, with
-// tensor cores (mma.sync.m16n8k16 bf16 -> f32, ldmatrix, 4-stage cp.async pipeline; sm_80 PTX).
+// tensor cores (mma.sync.m16n8k16 bf16 -> f32, ldmatrix, 3-stage cp.async pipeline with 64-wide
+// k-tiles; sm_80 PTX). Tiles 128×128 (8 warps), 128×64 and 64×64 (4 warps); split-K over
+// blockIdx.z with an f32 workspace and conv2d_splitk_reduce_bf16 for small GEMMs.
 // CPU twins: src/ops/conv.rs (conv2d_cpu, conv2d_backward_input_cpu, upsample2x_nearest_cpu, ...).
 //
 // Layouts: x [batch, H, W, Cin] (NHWC), weights w [Cout, ks, ks, Cin] (OIHW reordered to OHWI at
@@ -26,8 +28,8 @@
 // Vector paths ("_vec") need the reduced channel count (Cin forward, Cout backward) and, forward
 // with two sources, C1 multiples of BK = 64 (a k-tile lies in one tap and one tensor); the
 // "_scalar" kernels gather element by element for any channel count (conv_in's 4 input
-// channels, conv_out's 4 output channels, odd test sizes). Cout (forward)
-// and C1, C2 must be even (bf16x2 stores). f32 accumulation, bf16 output.
+// channels, conv_out's 4 output channels, odd test sizes). Cout (forward) and C1, C2 must be even
+// (bf16x2 stores). f32 accumulation, bf16 output.
 #include "common.cuh"
 
 namespace {

@@ -119,6 +119,15 @@ impl Tensor {
         }
     }
 
+    /// The values on the host, wherever the tensor is (downloads a GPU tensor as f32).
+    pub fn into_host(self, gpu: Option<&Gpu>) -> Result<Vec<f32>> {
+        match (&self.storage, gpu) {
+            (Storage::Cpu(_), _) => self.into_vec(),
+            (Storage::Cuda(_), Some(g)) => self.to_cpu(g)?.into_vec(),
+            (Storage::Cuda(_), None) => bail!("tensor {:?} is on the GPU and no GPU was given", self.shape),
+        }
+    }
+
     /// Device address of a GPU tensor, for kernel arguments.
     pub fn ptr(&self) -> Result<u64> {
         match &self.storage {

@@ -55,7 +55,8 @@ impl Gpu {
         // Tensors pass raw device pointers to kernels on the one stream; cudarc's per-slice
         // event tracking would only add overhead (and breaks CUDA-graph capture).
         unsafe { ctx.disable_event_tracking() };
-        let stream = ctx.default_stream();
+        // A stream of our own (not the legacy default stream, which CUDA graphs cannot capture).
+        let stream = ctx.new_stream().map_err(|e| anyhow!("cannot create a CUDA stream: {e}"))?;
         let check_launches = cfg!(debug_assertions) || std::env::var("SDLORA_CHECK_LAUNCHES").is_ok_and(|v| v == "1");
         Ok(Gpu {
             ctx,

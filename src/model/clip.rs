@@ -4,7 +4,8 @@
 //! quick_gelu → fc2 → +), `text_model.final_layer_norm`. The UNet gets `last_hidden_state`, the output
 //! of the final LayerNorm: `[batch, 77, hidden]`.
 //!
-//! CPU forward (f32) here; the GPU path will run the same layers on the kernels.
+//! Runs on either device of `model::layers::Dev`: the f32 CPU twins, or the GPU kernels in bf16 (checked
+//! against transformers at full size in `model::sd15_tests`).
 
 use super::functional::add;
 use super::layers::{Dev, LayerNorm, Linear};

@@ -21,7 +21,15 @@ pub enum Dev<'g> {
     Gpu(&'g Gpu),
 }
 
-impl Dev<'_> {
+impl<'g> Dev<'g> {
+    /// The GPU, if this is one.
+    pub fn gpu(&self) -> Option<&'g Gpu> {
+        match self {
+            Dev::Cpu => None,
+            Dev::Gpu(g) => Some(g),
+        }
+    }
+
     /// A frozen weight on this device (bf16 on the GPU).
     pub fn weight(&self, t: Tensor) -> Result<Tensor> {
         match self {

@@ -151,10 +151,7 @@ pub fn gradients(dev: Dev, unet: &mut UNet2DConditionModel) -> Result<Vec<(Strin
 }
 
 pub fn zero_gradients(dev: Dev, unet: &mut UNet2DConditionModel) -> Result<()> {
-    let gpu = match dev {
-        Dev::Cpu => None,
-        Dev::Gpu(g) => Some(g),
-    };
+    let gpu = dev.gpu();
     for (_, linear) in projections(unet) {
         if let Some(l) = &mut linear.lora {
             l.grad_a.zero(gpu)?;

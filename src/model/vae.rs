@@ -9,7 +9,9 @@
 //!
 //! Every GroupNorm here has eps 1e-6. Downsample2D pads right and bottom by one, then a 3x3 stride-2
 //! conv without padding; Upsample2D is nearest 2x then a 3x3 conv. Activations NHWC, conv weights
-//! reordered to `[out, k, k, in]` at load. CPU forward (f32) here; the GPU path will run the same layers.
+//! reordered to `[out, k, k, in]` at load. Runs on either device of `model::layers::Dev` (f32 CPU twins,
+//! or the GPU kernels in bf16; the GPU path has been built but not yet checked on a GPU, see
+//! `model::sd15_tests::full_size_vae_gpu_matches_diffusers`).
 
 use super::functional::{add, attention, upsample2x};
 use super::layers::{Dev, GroupNorm, Linear};
@@ -98,10 +100,15 @@ pub struct Conv {
 }
 
 impl Conv {
-    fn load(dev: Dev, w: &Weights, prefix: &str, (in_ch, out_ch): (usize, usize), kernel: usize, stride: usize, pad: usize) -> Result<Conv> {
+    fn load(dev: Dev, w: &Weights, prefix: &str, channels: (usize, usize), kernel: usize, stride: usize, pad: usize) -> Result<Conv> {
+        Conv::load_even(dev, w, prefix, channels, (kernel, stride, pad), matches!(dev, Dev::Gpu(_)))
+    }
+
+    /// `even_out`: store an odd out_ch with one zero channel more (what the GPU needs).
+    fn load_even(dev: Dev, w: &Weights, prefix: &str, (in_ch, out_ch): (usize, usize), (kernel, stride, pad): (usize, usize, usize), even_out: bool) -> Result<Conv> {
         let mut wv = w.conv_ohwi(&format!("{prefix}.weight"), out_ch, in_ch, kernel).with_context(|| format!("loading {prefix}"))?;
         let mut bv = w.vec(&format!("{prefix}.bias"), &[out_ch])?;
-        let stored_out = if matches!(dev, Dev::Gpu(_)) && out_ch % 2 == 1 { out_ch + 1 } else { out_ch };
+        let stored_out = if even_out && out_ch % 2 == 1 { out_ch + 1 } else { out_ch };
         wv.resize(stored_out * kernel * kernel * in_ch, 0.0);
         bv.resize(stored_out, 0.0);
         let w = dev.weight(Tensor::from_vec(&[stored_out, kernel, kernel, in_ch], wv)?)?;

@@ -77,6 +77,19 @@ fn tiny_vae_from_ldm_checkpoint() {
     check("decoded from f16 LDM weights", &out, &io, "vae.decoded", 2e-2);
 }
 
+/// The GPU's storage of an odd out_ch (one zero channel more, dropped on download), run on the CPU.
+#[test]
+fn odd_output_channels_padded_then_dropped() {
+    let src = ModelSource::resolve(fixtures_dir().join("tiny-sd").to_str().unwrap()).unwrap();
+    let w = src.weights(Component::Vae).unwrap();
+    let x = Tensor::from_vec(&[1, 3, 5, 16], crate::rng::Rng::new(3).normal_vec(3 * 5 * 16, 1.0)).unwrap();
+    let plain = Conv::load_even(Dev::Cpu, &w, "decoder.conv_out", (16, 3), (3, 1, 1), false).unwrap().forward(Dev::Cpu, &x).unwrap();
+    let even = Conv::load_even(Dev::Cpu, &w, "decoder.conv_out", (16, 3), (3, 1, 1), true).unwrap().forward(Dev::Cpu, &x).unwrap();
+    assert_eq!((plain.shape(), even.shape()), (&[1, 3, 5, 3][..], &[1, 3, 5, 4][..]));
+    assert!(even.data().unwrap().chunks_exact(4).all(|px| px[3] == 0.0));
+    assert_eq!(to_host(Dev::Cpu, even, 3).unwrap().data().unwrap(), plain.data().unwrap());
+}
+
 #[test]
 fn sd15_config_and_input_checks() {
     assert_eq!(VaeConfig::sd15().block_out_channels.len(), 4);

@@ -43,7 +43,7 @@ pub fn quick_gelu_cpu(x: &[f32]) -> Vec<f32> {
 
 fn geglu_dims(x: &Tensor) -> Result<(usize, usize)> {
     let s = x.shape();
-    ensure!(!s.is_empty() && s[s.len() - 1] % 2 == 0 && x.numel() > 0, "geglu: x has shape {s:?}, expected [..., 2d]");
+    ensure!(!s.is_empty() && s[s.len() - 1].is_multiple_of(2) && x.numel() > 0, "geglu: x has shape {s:?}, expected [..., 2d]");
     let d = s[s.len() - 1] / 2;
     Ok((x.numel() / (2 * d), d))
 }

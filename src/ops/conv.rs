@@ -246,16 +246,17 @@ struct Plan {
     splits: usize,
 }
 
-/// Tiles of the vector kernels: (name suffix index, bm, bn).
+/// Tiles (bm, bn) of the vector kernels, in the order of `plan`'s kernel names.
 const TILES: [(usize, usize); 3] = [(128, 128), (128, 64), (64, 64)];
 
 /// Picks the kernel and the split-K factor for a GEMM of `m` rows (per class), `n` columns,
-/// `classes` parity classes and at most `ktiles` k-tiles: 128×128 tiles for big 3×3 GEMMs
-/// (m ≥ 1024, n ≥ 640), else 64×64 (measured on the H100 at the SD1.5 shapes), split along K
-/// until there are about two CTAs per SM. `names`: the 128×128, 128×64, 64×64 vector kernels and
-/// the scalar (64×64) one. `SDLORA_CONV_TILE=128x128|128x64|64x64` forces the vector tile (for
-/// benchmarking the choice).
-fn plan(vec: bool, m: usize, n: usize, classes: usize, ktiles: usize, names: [&'static str; 4]) -> Plan {
+/// `classes` parity classes and at most `ktiles` k-tiles, then splits along K until there are
+/// about two CTAs per SM. Tiles, from all three measured at every SD1.5 shape on the H100
+/// (benches/RESULTS.md): 128×64 for big GEMMs (m ≥ 256 and m·n·k ≥ 3.5e9), 128×128 for the
+/// widest 3×3 input gradients (n ≥ 1920, m ≥ 1024, ≥ 40 k-tiles), 64×64 otherwise. `names`: the 128×128,
+/// 128×64, 64×64 vector kernels and the scalar (64×64) one. `SDLORA_CONV_TILE=128x128|128x64|64x64`
+/// forces the vector tile (for benchmarking the choice).
+fn plan(vec: bool, m: usize, n: usize, classes: usize, ktiles: usize, wide_n_prefers_square: bool, names: [&'static str; 4]) -> Plan {
     static FORCED: std::sync::OnceLock<Option<usize>> = std::sync::OnceLock::new();
     let forced = *FORCED.get_or_init(|| {
         let v = std::env::var("SDLORA_CONV_TILE").ok()?;
@@ -271,7 +272,15 @@ fn plan(vec: bool, m: usize, n: usize, classes: usize, ktiles: usize, names: [&'
     if !vec {
         return make(2, names[3]);
     }
-    let i = forced.unwrap_or(if m >= 1024 && n >= 640 && ktiles >= 40 { 0 } else { 2 });
+    let mnk = (m * n * ktiles * BK) as f64;
+    let tile = if wide_n_prefers_square && n >= 1920 && m >= 1024 && ktiles >= 40 {
+        0
+    } else if m >= 256 && mnk >= 3.5e9 {
+        1
+    } else {
+        2
+    };
+    let i = forced.unwrap_or(tile);
     make(i, names[i])
 }
 
@@ -357,7 +366,7 @@ pub fn conv2d(
     let vec = g.c1 % 8 == 0 && g.c2 % 8 == 0 && s.in_ch % BK == 0 && (g.c2 == 0 || g.c1 % BK == 0);
     let m = s.batch * ho * wo;
     let ktiles = (s.kernel * s.kernel * s.in_ch).div_ceil(BK);
-    let p = plan(vec, m, s.out_ch, 1, ktiles, [
+    let p = plan(vec, m, s.out_ch, 1, ktiles, false, [
         "conv2d_fwd_bf16_vec_128x128",
         "conv2d_fwd_bf16_vec_128x64",
         "conv2d_fwd_bf16_vec_64x64",
@@ -402,7 +411,7 @@ pub fn conv2d_backward_input(
     let (h, w_) = (g.ints[1] as usize, g.ints[2] as usize);
     let m = s.batch * h.div_ceil(st) * w_.div_ceil(st);
     let taps = if upsample2x { 4 * s.kernel * s.kernel } else { s.kernel.div_ceil(st).pow(2) };
-    let p = plan(vec, m, s.in_ch, st * st, (taps * s.out_ch).div_ceil(BK), [
+    let p = plan(vec, m, s.in_ch, st * st, (taps * s.out_ch).div_ceil(BK), true, [
         "conv2d_bwd_input_bf16_vec_128x128",
         "conv2d_bwd_input_bf16_vec_128x64",
         "conv2d_bwd_input_bf16_vec_64x64",

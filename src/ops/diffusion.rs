@@ -132,7 +132,7 @@ pub fn mse_min_snr_backward_cpu(pred: &[f32], target: &[f32], t: &[f32], alphas_
 
 fn loss_operands(pred: &Tensor, target: &Tensor, t: &Tensor, alphas_cumprod: &Tensor) -> Result<(usize, usize)> {
     let batch = t.numel();
-    ensure!(batch > 0 && pred.numel() % batch == 0, "mse_min_snr: pred {:?} for {batch} timesteps", pred.shape());
+    ensure!(batch > 0 && pred.numel().is_multiple_of(batch), "mse_min_snr: pred {:?} for {batch} timesteps", pred.shape());
     check_gpu("mse_min_snr", &[pred, target], pred.dtype(), pred.numel())?;
     check_gpu("mse_min_snr t", &[t], DType::F32, batch)?;
     check_gpu("mse_min_snr alphas_cumprod", &[alphas_cumprod], DType::F32, alphas_cumprod.numel())?;

@@ -17,7 +17,7 @@ const WARPS: usize = 8;
 #[allow(clippy::too_many_arguments)]
 pub fn group_norm_cpu(x: &[f32], n: usize, hw: usize, c: usize, groups: usize, gamma: &[f32], beta: &[f32], eps: f32) -> Vec<f32> {
     assert_eq!(x.len(), n * hw * c, "group_norm_cpu: x is not {n}×{hw}×{c}");
-    assert!(c % groups == 0, "group_norm_cpu: {c} channels do not split into {groups} groups");
+    assert!(c.is_multiple_of(groups), "group_norm_cpu: {c} channels do not split into {groups} groups");
     let cg = c / groups;
     let mut y = vec![0f32; x.len()];
     for b in 0..n {
@@ -130,7 +130,7 @@ pub(crate) fn kernel_name(op: &str, dtype: DType, e: usize) -> &'static str {
 /// Widest vector (elements) that divides `len` and fits in 16 bytes.
 pub(crate) fn vector_width(len: usize, dtype: DType) -> usize {
     let max = 16 / dtype.size();
-    [8, 4, 2, 1].into_iter().find(|&e| e <= max && len % e == 0).unwrap()
+    [8, 4, 2, 1].into_iter().find(|&e| e <= max && len.is_multiple_of(e)).unwrap()
 }
 
 /// `x` seen as [n, hw, c]: n = first dimension, c = last, hw = the rest.
@@ -154,12 +154,12 @@ fn gn_tiling(n: usize, hw: usize) -> (usize, usize) {
 fn gn_vectorization(c: usize, dtype: DType) -> (usize, usize) {
     let cpg = c / GROUPS;
     for e in [8, 4, 2, 1] {
-        if e * dtype.size() > 16 || c % e != 0 {
+        if e * dtype.size() > 16 || !c.is_multiple_of(e) {
             continue;
         }
         let nv = c / e;
         let busy = |p: usize| { let tx = nv / p; tx * (256 / tx) };
-        let ok = |p: usize| nv % p == 0 && nv / p <= 256 && (e * p <= cpg || cpg % (e * p) == 0);
+        let ok = |p: usize| nv.is_multiple_of(p) && nv / p <= 256 && (e * p <= cpg || cpg.is_multiple_of(e * p));
         if let Some(p) = (1..=nv).filter(|&p| ok(p)).max_by_key(|&p| (busy(p), std::cmp::Reverse(p))) {
             return (e, p);
         }
@@ -290,6 +290,7 @@ mod tests {
     use crate::rng::Rng;
     use crate::tensor::{assert_close, compare, round_bf16};
 
+    #[allow(clippy::too_many_arguments)]
     fn gn_forward(x: &[f32], n: usize, hw: usize, c: usize, groups: usize, gamma: &[f32], beta: &[f32], silu: bool) -> Vec<f32> {
         let y = group_norm_cpu(x, n, hw, c, groups, gamma, beta, 1e-5);
         if silu { silu_cpu(&y) } else { y }

@@ -39,7 +39,7 @@ pub fn normal_pair_from_bits(x0: u32, x1: u32) -> (f32, f32) {
     let u1 = (x0 as f64 + 0.5) * 2.328_306_436_538_696_3e-10;
     let u2 = x1 as f64 * 2.328_306_436_538_696_3e-10;
     let r = (-2.0 * u1.ln()).sqrt();
-    let a = 6.283_185_307_179_586 * u2;
+    let a = std::f64::consts::TAU * u2;
     ((r * a.cos()) as f32, (r * a.sin()) as f32)
 }
 

@@ -19,13 +19,16 @@ pub fn tolerance(dtype: DType) -> f64 {
     if dtype == DType::F32 { 1e-5 } else { 1e-2 }
 }
 
+/// A GPU op under test: (device, inputs, output).
+pub type GpuOp<'a> = dyn Fn(&Gpu, &[Tensor], &mut Tensor) -> Result<()> + 'a;
+
 /// Draws the inputs (rounded to bf16 for bf16 cases, so the twin sees what the GPU sees), runs
 /// `gpu_op` into a NaN-poisoned output and compares it with `cpu_op`; prints the error.
 pub fn gpu_case(
     gpu: &Gpu,
     case: &GpuCase,
     cpu_op: &dyn Fn(&[Vec<f32>]) -> Vec<f32>,
-    gpu_op: &dyn Fn(&Gpu, &[Tensor], &mut Tensor) -> Result<()>,
+    gpu_op: &GpuOp,
 ) {
     let seed = Rng::fresh_seed();
     let mut rng = Rng::new(seed);

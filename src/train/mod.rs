@@ -222,10 +222,7 @@ fn encode_dataset(dev: Dev, cfg: &TrainConfig, source: &ModelSource) -> Result<V
     let tokenizer = ClipTokenizer::for_source(source)?;
     let clip = ClipTextModel::from_source(dev, source).context("loading the text encoder")?;
     let vae = AutoencoderKl::from_source(dev, source).context("loading the VAE")?;
-    let host = |t: Tensor| match dev {
-        Dev::Cpu => t.into_vec(),
-        Dev::Gpu(g) => t.to_cpu(g)?.into_vec(),
-    };
+    let host = |t: Tensor| t.into_host(dev.gpu());
     let r = cfg.resolution as usize;
     ensure!(r % vae.factor() == 0, "--resolution {r} is not a multiple of the VAE's factor {}", vae.factor());
     eprintln!("encoding {} captions and images (once)", data.len());
@@ -267,10 +264,7 @@ fn train_micro_step(dev: Dev, cfg: &TrainConfig, unet: &mut UNet2DConditionModel
         Dev::Gpu(g) => (x_t.to_gpu(g, ArenaKind::Scratch, DType::BF16)?, ctx.to_gpu(g, ArenaKind::Scratch, DType::BF16)?),
     };
     let pred = unet.forward(dev, &x_t, &t, &ctx)?;
-    let p = match dev {
-        Dev::Cpu => pred.into_vec()?,
-        Dev::Gpu(g) => pred.to_cpu(g)?.into_vec()?,
-    };
+    let p = pred.into_host(dev.gpu())?;
     let gamma = cfg.snr_gamma.value().map(|g| g as f32);
     let loss = mse_min_snr_cpu(&p, &eps, &t, abar, gamma);
     let d = Tensor::from_vec(&[batch, h, w, 4], mse_min_snr_backward_cpu(&p, &eps, &t, abar, gamma, 1.0 / cfg.grad_accum as f32))?;

@@ -5,7 +5,7 @@
 //   scale      y = alpha · x
 //   silu_fwd   y = x · σ(x)                        σ(x) = 1 / (1 + e^-x)
 //   silu_bwd   dx = dy · σ(x) · (1 + x · (1 − σ(x)))
-//   gelu_fwd   y = x · Φ(x)                        Φ(x) = ½ (1 + erf(x / √2))   (exact GELU, torch's default)
+//   gelu_fwd   y = x · Φ(x)                        Φ(x) = ½ erfc(−x / √2)   (exact GELU, torch's default)
 //   gelu_bwd   dx = dy · (Φ(x) + x · φ(x))         φ(x) = e^(−x²/2) / √(2π)
 //   cast_f32_to_bf16 / cast_bf16_to_f32   round-to-nearest-even / exact widening
 //   add_channel_bias   y[b, p, c] = x[b, p, c] + e[b, c]   (x: batch × per_sample values, c channels last;
@@ -16,7 +16,8 @@ struct Silu {
   __device__ float operator()(float x) const { return x / (1.0f + expf(-x)); }
 };
 struct Gelu {
-  __device__ float operator()(float x) const { return 0.5f * x * (1.0f + erff(x * 0.70710678118654752f)); }
+  // Φ(x) as ½·erfc(−x/√2): no cancellation in the negative tail, where 1 + erf(x/√2) loses digits.
+  __device__ float operator()(float x) const { return 0.5f * x * erfcf(-x * 0.70710678118654752f); }
 };
 struct SiluGrad {  // (x, dy) -> dx
   __device__ float operator()(float x, float dy) const {
@@ -26,7 +27,7 @@ struct SiluGrad {  // (x, dy) -> dx
 };
 struct GeluGrad {
   __device__ float operator()(float x, float dy) const {
-    float cdf = 0.5f * (1.0f + erff(x * 0.70710678118654752f));
+    float cdf = 0.5f * erfcf(-x * 0.70710678118654752f);
     float pdf = 0.39894228040143268f * expf(-0.5f * x * x);
     return dy * (cdf + x * pdf);
   }

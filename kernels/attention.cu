@@ -28,6 +28,7 @@
 // Requirements (checked by the launcher): pointers 16-byte aligned, row strides multiples of 8, q_len
 // and kv_len ≥ 1, causal only with q_len == kv_len.
 #include "common.cuh"
+#include "mma.cuh"
 
 namespace {
 
@@ -37,8 +38,6 @@ constexpr float LOG2E = 1.4426950408889634f;
 // rows one ldmatrix reads fall in distinct bank groups.
 __host__ __device__ constexpr int pitch_for(int w) { return (w / 8) % 2 ? w : w + 8; }
 
-__device__ __forceinline__ uint32_t smem_addr(const void* p) { return (uint32_t)__cvta_generic_to_shared(p); }
-
 // 16-byte asynchronous copy global -> shared; `valid == false` writes 16 zero bytes instead.
 __device__ __forceinline__ void cp_async16(void* dst, const void* src, bool valid) {
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr(dst)), "l"(src), "r"(valid ? 16 : 0));
@@ -46,27 +45,11 @@ __device__ __forceinline__ void cp_async16(void* dst, const void* src, bool vali
 __device__ __forceinline__ void cp_async4(void* dst, const void* src, bool valid) {
   asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(smem_addr(dst)), "l"(src), "r"(valid ? 4 : 0));
 }
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
-template <int N>
-__device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
 
-__device__ __forceinline__ void ldsm_x4(uint32_t (&r)[4], const void* p) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(smem_addr(p)));
-}
-__device__ __forceinline__ void ldsm_x4_t(uint32_t (&r)[4], const void* p) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(smem_addr(p)));
-}
+__device__ __forceinline__ void ldsm_x4(uint32_t (&r)[4], const void* p) { ldmatrix_x4(r, smem_addr(p)); }
+__device__ __forceinline__ void ldsm_x4_t(uint32_t (&r)[4], const void* p) { ldmatrix_x4_trans(r, smem_addr(p)); }
 __device__ __forceinline__ void ldsm_x2_t(uint32_t (&r)[2], const void* p) {
   asm volatile("ldmatrix.sync.aligned.m8n8.x2.trans.shared.b16 {%0,%1}, [%2];\n" : "=r"(r[0]), "=r"(r[1]) : "r"(smem_addr(p)));
-}
-
-// c[16x8] += a[16x16] · b[16x8]  (bf16 inputs, f32 accumulators)
-__device__ __forceinline__ void mma16816(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-  asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
-               : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 
 __device__ __forceinline__ uint32_t pack_bf16(float lo, float hi) {
@@ -193,8 +176,8 @@ __device__ __forceinline__ void attn_fwd(const bf16* __restrict__ q, const bf16*
         ldsm_x4(bq, sKs + (n * 8 + lane % 8 + (mat / 2) * 8) * PQ + kk * 16 + (mat % 2) * 8);
 #pragma unroll
         for (int mt = 0; mt < MT; mt++) {
-          mma16816(s[mt][n], a[mt], bq[0], bq[1]);
-          mma16816(s[mt][n + 1], a[mt], bq[2], bq[3]);
+          mma_bf16(s[mt][n], a[mt], bq[0], bq[1]);
+          mma_bf16(s[mt][n + 1], a[mt], bq[2], bq[3]);
         }
       }
     }
@@ -270,15 +253,15 @@ __device__ __forceinline__ void attn_fwd(const bf16* __restrict__ q, const bf16*
         ldsm_x4_t(bv, vrow + n * 8 + (mat / 2) * 8);
 #pragma unroll
         for (int mt = 0; mt < MT; mt++) {
-          mma16816(acc[mt][n], a[mt], bv[0], bv[1]);
-          mma16816(acc[mt][n + 1], a[mt], bv[2], bv[3]);
+          mma_bf16(acc[mt][n], a[mt], bv[0], bv[1]);
+          mma_bf16(acc[mt][n + 1], a[mt], bv[2], bv[3]);
         }
       }
       if (NTO % 2) {
         uint32_t bv[2];
         ldsm_x2_t(bv, vrow + (NTO - 1) * 8);
 #pragma unroll
-        for (int mt = 0; mt < MT; mt++) mma16816(acc[mt][NTO - 1], a[mt], bv[0], bv[1]);
+        for (int mt = 0; mt < MT; mt++) mma_bf16(acc[mt][NTO - 1], a[mt], bv[0], bv[1]);
       }
     }
     __syncthreads();  // the stage read here is refilled next iteration
@@ -486,10 +469,10 @@ __device__ __forceinline__ void attn_bwd_dkdv(const bf16* __restrict__ q, const 
         int off = (n * 8 + lane % 8 + (mat / 2) * 8) * P + kk * 16 + (mat % 2) * 8;
         ldsm_x4(bq, sQs + off);
         ldsm_x4(bo, sdOs + off);
-        mma16816(s[n], ak, bq[0], bq[1]);
-        mma16816(s[n + 1], ak, bq[2], bq[3]);
-        mma16816(dp[n], av, bo[0], bo[1]);
-        mma16816(dp[n + 1], av, bo[2], bo[3]);
+        mma_bf16(s[n], ak, bq[0], bq[1]);
+        mma_bf16(s[n + 1], ak, bq[2], bq[3]);
+        mma_bf16(dp[n], av, bo[0], bo[1]);
+        mma_bf16(dp[n + 1], av, bo[2], bo[3]);
       }
     }
     // Pᵀ = exp2(Sᵀ·s·log2e − lse·log2e) and dSᵀ = Pᵀ∘(dPᵀ − D); lse and D of columns 2t, 2t+1 as pairs
@@ -524,17 +507,17 @@ __device__ __forceinline__ void attn_bwd_dkdv(const bf16* __restrict__ q, const 
         uint32_t bo[4], bq[4];
         ldsm_x4_t(bo, sdOs + rowoff + n * 8 + (mat / 2) * 8);
         ldsm_x4_t(bq, sQs + rowoff + n * 8 + (mat / 2) * 8);
-        mma16816(dv_r[n], ap, bo[0], bo[1]);
-        mma16816(dv_r[n + 1], ap, bo[2], bo[3]);
-        mma16816(dk_r[n], as, bq[0], bq[1]);
-        mma16816(dk_r[n + 1], as, bq[2], bq[3]);
+        mma_bf16(dv_r[n], ap, bo[0], bo[1]);
+        mma_bf16(dv_r[n + 1], ap, bo[2], bo[3]);
+        mma_bf16(dk_r[n], as, bq[0], bq[1]);
+        mma_bf16(dk_r[n + 1], as, bq[2], bq[3]);
       }
       if (NTD % 2) {
         uint32_t bo[2], bq[2];
         ldsm_x2_t(bo, sdOs + rowoff + (NTD - 1) * 8);
         ldsm_x2_t(bq, sQs + rowoff + (NTD - 1) * 8);
-        mma16816(dv_r[NTD - 1], ap, bo[0], bo[1]);
-        mma16816(dk_r[NTD - 1], as, bq[0], bq[1]);
+        mma_bf16(dv_r[NTD - 1], ap, bo[0], bo[1]);
+        mma_bf16(dk_r[NTD - 1], as, bq[0], bq[1]);
       }
       // dSᵀ rows of this warp into smem for the dQ product
       *reinterpret_cast<uint32_t*>(sdS + (warp * 16 + g) * PS + kk * 16 + 2 * t) = as[0];
@@ -562,13 +545,13 @@ __device__ __forceinline__ void attn_bwd_dkdv(const bf16* __restrict__ q, const 
           if ((n / 2) % CG != cg) continue;
           uint32_t bk[4];
           ldsm_x4_t(bk, sK + rowoff + n * 8 + (mat / 2) * 8);
-          mma16816(dq[n], a, bk[0], bk[1]);
-          mma16816(dq[n + 1], a, bk[2], bk[3]);
+          mma_bf16(dq[n], a, bk[0], bk[1]);
+          mma_bf16(dq[n + 1], a, bk[2], bk[3]);
         }
         if (NTD % 2 && (NTD / 2) % CG == cg) {
           uint32_t bk[2];
           ldsm_x2_t(bk, sK + rowoff + (NTD - 1) * 8);
-          mma16816(dq[NTD - 1], a, bk[0], bk[1]);
+          mma_bf16(dq[NTD - 1], a, bk[0], bk[1]);
         }
       }
       const int qr = i0 + rb * 16 + g;

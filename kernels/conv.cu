@@ -31,6 +31,7 @@
 // channels, conv_out's 4 output channels, odd test sizes). Cout (forward) and C1, C2 must be even
 // (bf16x2 stores). f32 accumulation, bf16 output.
 #include "common.cuh"
+#include "mma.cuh"
 
 namespace {
 
@@ -42,30 +43,12 @@ struct Geom {
   int batch, H, W, C1, C2, Cin, Ho, Wo, Cout, ks, stride, pad, up;
 };
 
-__device__ __forceinline__ uint32_t smem_u32(const void* p) { return (uint32_t)__cvta_generic_to_shared(p); }
-
 // src-size 0: the 16 bytes are zero-filled. CA caches in L1 (the activations, re-read by
 // neighbouring taps), otherwise L2 only (the weights).
 template <bool CA> __device__ __forceinline__ void cp_async16(uint32_t dst, const void* src, bool valid) {
   int n = valid ? 16 : 0;
   if (CA) asm volatile("cp.async.ca.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(n));
   else asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(n));
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
-template <int N> __device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
-
-__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], uint32_t addr) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(addr));
-}
-__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], uint32_t addr) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(addr));
-}
-__device__ __forceinline__ void mma_bf16(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-  asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
-               : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 
 // Shared-memory tiles, XOR-swizzled so ldmatrix reads are bank-conflict free.
@@ -250,7 +233,7 @@ __device__ __forceinline__ void conv_implicit_gemm(const Geom g, const bf16* __r
       bf16* dst = a_s + off_rowk(row, a_col);
       if constexpr (VEC) {
         bool ok = (a_ok >> j) & 1;
-        cp_async16<true>(smem_u32(dst), ok ? a_ptr[j] : x1, ok);
+        cp_async16<true>(smem_addr(dst), ok ? a_ptr[j] : x1, ok);
       } else {
         bf16 v[8];
 #pragma unroll
@@ -267,7 +250,7 @@ __device__ __forceinline__ void conv_implicit_gemm(const Geom g, const bf16* __r
                       : b_s + off_rowk(tid / CPR + j * ROWS_PER_PASS, tid % CPR);
       if constexpr (VEC) {
         bool ok = (b_ok >> j) & 1;
-        cp_async16<false>(smem_u32(dst), ok ? b_ptr + j * b_jstride : w, ok);
+        cp_async16<false>(smem_addr(dst), ok ? b_ptr + j * b_jstride : w, ok);
       } else if (!BWD) {  // [BN][BK] tile of w viewed as [Cout][K]
         int n = n0 + tid / CPR + j * ROWS_PER_PASS, k = k0 + (tid % CPR) * 8;
         bf16 v[8];
@@ -322,16 +305,16 @@ __device__ __forceinline__ void conv_implicit_gemm(const Geom g, const bf16* __r
       uint32_t af[MT][4], bfr[NT][2];
 #pragma unroll
       for (int mt = 0; mt < MT; ++mt)
-        ldmatrix_x4(af[mt], smem_u32(a_s + off_rowk(wm0 + mt * 16 + (lane & 15), ks * 2 + (lane >> 4))));
+        ldmatrix_x4(af[mt], smem_addr(a_s + off_rowk(wm0 + mt * 16 + (lane & 15), ks * 2 + (lane >> 4))));
 #pragma unroll
       for (int np = 0; np < NT / 2; ++np) {
         uint32_t r[4];
         if (!BWD) {
           int nrow = wn0 + np * 16 + (lane & 7) + ((lane >> 4) << 3);
-          ldmatrix_x4(r, smem_u32(b_s + off_rowk(nrow, ks * 2 + ((lane >> 3) & 1))));
+          ldmatrix_x4(r, smem_addr(b_s + off_rowk(nrow, ks * 2 + ((lane >> 3) & 1))));
         } else {
           int krow = ks * 16 + (lane & 7) + (((lane >> 3) & 1) << 3);
-          ldmatrix_x4_trans(r, smem_u32(b_s + off_kn<BN>(krow, (wn0 + np * 16) / 8 + (lane >> 4))));
+          ldmatrix_x4_trans(r, smem_addr(b_s + off_kn<BN>(krow, (wn0 + np * 16) / 8 + (lane >> 4))));
         }
         bfr[2 * np][0] = r[0]; bfr[2 * np][1] = r[1];
         bfr[2 * np + 1][0] = r[2]; bfr[2 * np + 1][1] = r[3];

@@ -4,8 +4,8 @@
 //!
 //! Layouts: activations NHWC, weights `[out, kh, kw, in]` (reordered from PyTorch's OIHW at load
 //! with [`conv_weight_oihw_to_ohwi`]), bias `[out]`; on the GPU everything is bf16 (f32 accumulate).
-//! CPU twins: [`conv2d_cpu`], [`conv2d_backward_input_cpu`], [`upsample2x_nearest_cpu`],
-//! [`upsample2x_nearest_backward_cpu`], [`concat_channels_cpu`].
+//! CPU twins: [`conv2d_cpu`], [`conv2d_backward_input_cpu`]; the fused upsample and skip concat
+//! are checked against `ops::layout`'s twins.
 //!
 //! Channel counts: the tensor-core vector kernels need each source's channels to be a multiple of
 //! 8, the reduced channel count (in_ch forward, out_ch for the input gradient) a multiple of 64,
@@ -148,40 +148,6 @@ fn conv2d_backward_input_pixel(dy: &[f32], s: &Conv2dShape, w: &[f32], pixel: us
 /// dx = ∂(Σ dy·conv(x, w))/∂x, NHWC like x (the transposed convolution of dy with w).
 pub fn conv2d_backward_input_cpu(dy: &[f32], s: &Conv2dShape, w: &[f32]) -> Vec<f32> {
     (0..s.batch * s.height * s.width).flat_map(|p| conv2d_backward_input_pixel(dy, s, w, p)).collect()
-}
-
-/// Nearest-neighbour 2× upsample of NHWC `[batch, h, w, c]` to `[batch, 2h, 2w, c]`.
-pub fn upsample2x_nearest_cpu(x: &[f32], batch: usize, h: usize, w: usize, c: usize) -> Vec<f32> {
-    let mut out = Vec::with_capacity(x.len() * 4);
-    for n in 0..batch {
-        for i in 0..2 * h {
-            for j in 0..2 * w {
-                out.extend_from_slice(&x[((n * h + i / 2) * w + j / 2) * c..][..c]);
-            }
-        }
-    }
-    out
-}
-
-/// Backward of [`upsample2x_nearest_cpu`]: each low-resolution pixel sums its 2×2 block of `dy`.
-pub fn upsample2x_nearest_backward_cpu(dy: &[f32], batch: usize, h: usize, w: usize, c: usize) -> Vec<f32> {
-    let mut dx = vec![0f32; batch * h * w * c];
-    for n in 0..batch {
-        for i in 0..2 * h {
-            for j in 0..2 * w {
-                let src = &dy[((n * 2 * h + i) * 2 * w + j) * c..][..c];
-                for (d, s) in dx[((n * h + i / 2) * w + j / 2) * c..][..c].iter_mut().zip(src) {
-                    *d += s;
-                }
-            }
-        }
-    }
-    dx
-}
-
-/// Channel concatenation of two NHWC tensors with the same pixels: `[.., ca] | [.., cb]`.
-pub fn concat_channels_cpu(a: &[f32], ca: usize, b: &[f32], cb: usize) -> Vec<f32> {
-    a.chunks(ca).zip(b.chunks(cb)).flat_map(|(p, q)| p.iter().chain(q).copied()).collect()
 }
 
 /// Where a convolution reads its input: `x`, optionally followed by `skip` along channels

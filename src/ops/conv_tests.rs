@@ -4,6 +4,7 @@
 use super::*;
 use crate::cuda::ArenaKind::Persistent;
 use crate::ops::finite_difference;
+use crate::ops::layout::{concat_channels_cpu, upsample_nearest2x_backward_cpu, upsample_nearest2x_cpu};
 use crate::rng::Rng;
 use crate::tensor::{assert_close, round_bf16};
 
@@ -83,9 +84,9 @@ fn twin_closed_forms() {
     let ohwi = conv_weight_oihw_to_ohwi(&oihw, 2, 3, 3, 3);
     assert_eq!(ohwi[((1 * 3 + 2) * 3 + 0) * 3 + 1], oihw[((1 * 3 + 1) * 3 + 2) * 3 + 0]);
     // Upsample then its backward sums 4 copies.
-    let u = upsample2x_nearest_cpu(&x, 2, 3, 4, 5);
+    let u = upsample_nearest2x_cpu(&x, 2, 3, 4, 5);
     assert_eq!(u[((1 * 6 + 5) * 8 + 7) * 5 + 2], x[((1 * 3 + 2) * 4 + 3) * 5 + 2]);
-    assert_close("upsample backward", &upsample2x_nearest_backward_cpu(&u, 2, 3, 4, 5), &x.iter().map(|v| 4.0 * v).collect::<Vec<_>>(), 1e-6);
+    assert_close("upsample backward", &upsample_nearest2x_backward_cpu(&u, 2, 3, 4, 5), &x.iter().map(|v| 4.0 * v).collect::<Vec<_>>(), 1e-6);
 }
 
 /// ∂(Σ g·conv(x))/∂x by the twin vs central finite differences, at tiny shapes of every case.
@@ -105,13 +106,13 @@ fn backward_input_matches_finite_differences() {
         let (ho, wo) = s.out_hw();
         let g = rng.normal_vec(s.batch * ho * wo * s.out_ch, 1.0);
         let fwd = |xs: &[f32]| {
-            let xin = if up { upsample2x_nearest_cpu(xs, s.batch, h, w, s.in_ch) } else { xs.to_vec() };
+            let xin = if up { upsample_nearest2x_cpu(xs, s.batch, h, w, s.in_ch) } else { xs.to_vec() };
             conv2d_cpu(&xin, &s, &wt, None).iter().zip(&g).map(|(a, b)| *a as f64 * *b as f64).sum::<f64>()
         };
         let numeric: Vec<f32> = finite_difference(&x, 1e-2, fwd).iter().map(|&v| v as f32).collect();
         let mut analytic = conv2d_backward_input_cpu(&g, &s, &wt);
         if up {
-            analytic = upsample2x_nearest_backward_cpu(&analytic, s.batch, h, w, s.in_ch);
+            analytic = upsample_nearest2x_backward_cpu(&analytic, s.batch, h, w, s.in_ch);
         }
         assert_close(&format!("conv backward {s:?} up={up}"), &analytic, &numeric, 1e-3);
     }
@@ -248,8 +249,8 @@ fn run_forward(gpu: &Gpu, c: &Case) {
     conv2d(gpu, src, &s, &wg, Some(&bg), c.residual.then_some(&rg), &mut y).unwrap();
     let got = y.to_cpu(gpu).unwrap().into_vec().unwrap();
 
-    let xin = if c.c2 > 0 { concat_channels_cpu(&x1, c.c1, &x2, c.c2) } else { x1 };
-    let xin = if c.up { upsample2x_nearest_cpu(&xin, c.batch, c.h, c.w, s.in_ch) } else { xin };
+    let xin = if c.c2 > 0 { concat_channels_cpu(&x1, &x2, c.c1, c.c2) } else { x1 };
+    let xin = if c.up { upsample_nearest2x_cpu(&xin, c.batch, c.h, c.w, s.in_ch) } else { xin };
     let pixels = sample_pixels(&mut rng, c.batch, ho, wo, s.out_ch * kk);
     let want: Vec<f32> = pixels
         .iter()

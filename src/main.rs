@@ -111,6 +111,10 @@ struct TrainArgs {
     /// Run on the CPU (f32 twins: slow; for tiny models and tests).
     #[arg(long)]
     cpu: bool,
+    /// Also write the initial LoRA as step_0/ and every step's inputs (x_t, noise, timesteps, caption
+    /// states) to this safetensors file, for the PyTorch parity trainer (benches/train_reference.py).
+    #[arg(long)]
+    dump_draws: Option<PathBuf>,
 }
 
 impl TrainArgs {
@@ -193,7 +197,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Train(args) => {
             let cfg = args.config()?;
             let gpu = if args.cpu { None } else { Some(Gpu::new(0)?) };
-            let summary = sdlora::train::run(&cfg, gpu.as_ref(), args.resume.as_deref())?;
+            let summary = sdlora::train::run(&cfg, gpu.as_ref(), args.resume.as_deref(), args.dump_draws.as_deref())?;
             println!(
                 "done: {} steps, final loss {:.5}, mean loss {:.5}, {:.1} s{}",
                 summary.steps,

@@ -60,8 +60,9 @@ pub struct Summary {
     pub interrupted: bool,
 }
 
-/// Runs the job described by `cfg` on `dev`, optionally resuming from a `step_N` checkpoint.
-pub fn run(cfg: &TrainConfig, gpu: Option<&Gpu>, resume: Option<&Path>) -> Result<Summary> {
+/// Runs the job described by `cfg` on the GPU (or the CPU), optionally resuming from a `step_N`
+/// checkpoint; with `dump`, also writes `step_0/` and every step's inputs (for benches/train_reference.py).
+pub fn run(cfg: &TrainConfig, gpu: Option<&Gpu>, resume: Option<&Path>, dump: Option<&Path>) -> Result<Summary> {
     cfg.validate()?;
     let dev = gpu.map_or(Dev::Cpu, Dev::Gpu);
     if let (Some(g), Some(limit)) = (gpu, &cfg.vram_limit) {
@@ -104,6 +105,10 @@ pub fn run(cfg: &TrainConfig, gpu: Option<&Gpu>, resume: Option<&Path>) -> Resul
     ensure!(start_step < cfg.steps, "the checkpoint is at step {start_step}; --steps {} leaves nothing to do", cfg.steps);
     eprintln!("training {} LoRA values ({} adapters, rank {}) on {} images for steps {}..={}", params.count, cfg.targets.len(), cfg.rank, examples.len(), start_step + 1, cfg.steps);
 
+    let mut draws = dump.map(|_| Vec::new());
+    if dump.is_some() {
+        outputs.save_checkpoint(dev, cfg, &mut unet, &optimizer, start_step)?;
+    }
     let stop = Arc::new(AtomicBool::new(false));
     {
         let stop = stop.clone();
@@ -120,7 +125,12 @@ pub fn run(cfg: &TrainConfig, gpu: Option<&Gpu>, resume: Option<&Path>) -> Resul
         let mut loss = 0.0;
         for micro in 0..cfg.grad_accum {
             let micro_step = (step * cfg.grad_accum + micro) as u32;
-            loss += train_micro_step(dev, cfg, &mut unet, &examples, &schedule, micro_step)? / cfg.grad_accum as f32;
+            let batch = draw_batch(cfg, &examples, &schedule, micro_step);
+            let micro_loss = forward_backward(dev, cfg, &mut unet, &batch, &schedule)?;
+            loss += micro_loss / cfg.grad_accum as f32;
+            if let Some(d) = &mut draws {
+                d.push((batch, micro_loss));
+            }
         }
         if !loss.is_finite() {
             progress.abandon();
@@ -164,6 +174,9 @@ pub fn run(cfg: &TrainConfig, gpu: Option<&Gpu>, resume: Option<&Path>) -> Resul
         interrupted,
     };
     outputs.write_summary(&summary)?;
+    if let (Some(path), Some(batches)) = (dump, draws) {
+        outputs::write_draws(path, &batches)?;
+    }
     Ok(summary)
 }
 
@@ -181,7 +194,7 @@ pub fn benchmark(gpu: &Gpu, resolution: u32, warmup: usize, steps: usize) -> Res
     let examples = vec![Example { mean: rng.normal_vec(hw * hw * 4, 1.0), std: vec![0.1; hw * hw * 4], latent_hw: (hw, hw), context: rng.normal_vec(77 * 768, 1.0) }];
     let schedule = NoiseSchedule::sd15();
     let mut step = |k: usize| -> Result<f32> {
-        let loss = train_micro_step(dev, &cfg, &mut unet, &examples, &schedule, k as u32)?;
+        let loss = forward_backward(dev, &cfg, &mut unet, &draw_batch(&cfg, &examples, &schedule, k as u32), &schedule)?;
         optimizer.update(dev, &mut unet, &mut params, cfg.lr)?;
         gpu.reset_scratch();
         Ok(loss)
@@ -239,9 +252,18 @@ fn encode_dataset(dev: Dev, cfg: &TrainConfig, source: &ModelSource) -> Result<V
         .context("encoding the data set")
 }
 
-/// One forward + backward on one batch; returns its loss. Gradients accumulate, scaled by
-/// 1/grad_accum.
-fn train_micro_step(dev: Dev, cfg: &TrainConfig, unet: &mut UNet2DConditionModel, examples: &[Example], schedule: &NoiseSchedule, micro_step: u32) -> Result<f32> {
+/// The inputs of one micro-step, all host-side and NHWC: what `--dump-draws` records.
+pub struct Batch {
+    pub shape: [usize; 4],
+    pub x_t: Vec<f32>,
+    pub eps: Vec<f32>,
+    pub t: Vec<f32>,
+    pub context: Vec<f32>,
+}
+
+/// Draws micro-step `micro_step`'s batch: examples in seeded order, a latent from each posterior,
+/// noise and timesteps, all keyed by (seed, micro_step).
+fn draw_batch(cfg: &TrainConfig, examples: &[Example], schedule: &NoiseSchedule, micro_step: u32) -> Batch {
     let batch = cfg.batch_size;
     let picks = batch_indices(examples.len(), batch, micro_step as usize, cfg.seed);
     let (h, w) = examples[picks[0]].latent_hw;
@@ -255,24 +277,24 @@ fn train_micro_step(dev: Dev, cfg: &TrainConfig, unet: &mut UNet2DConditionModel
         context.extend_from_slice(&ex.context);
     }
     let (eps, t) = draw_step_noise_cpu(cfg.seed, micro_step, batch, n, schedule.num_train_timesteps() as u32);
-    let abar = &schedule.alphas_cumprod;
-    let x_t = Tensor::from_vec(&[batch, h, w, 4], add_noise_cpu(&x0, &eps, &t, abar, n))?;
-    let ctx_dim = examples[0].context.len() / 77;
-    let ctx = Tensor::from_vec(&[batch, 77, ctx_dim], context)?;
-    let (x_t, ctx) = match dev {
-        Dev::Cpu => (x_t, ctx),
-        Dev::Gpu(g) => (x_t.to_gpu(g, ArenaKind::Scratch, DType::BF16)?, ctx.to_gpu(g, ArenaKind::Scratch, DType::BF16)?),
+    let x_t = add_noise_cpu(&x0, &eps, &t, &schedule.alphas_cumprod, n);
+    Batch { shape: [batch, h, w, 4], x_t, eps, t, context }
+}
+
+/// One forward + backward on one batch; returns its loss. Gradients accumulate, scaled by
+/// 1/grad_accum.
+fn forward_backward(dev: Dev, cfg: &TrainConfig, unet: &mut UNet2DConditionModel, b: &Batch, schedule: &NoiseSchedule) -> Result<f32> {
+    let upload = |t: Tensor| match dev {
+        Dev::Cpu => Ok(t),
+        Dev::Gpu(g) => t.to_gpu(g, ArenaKind::Scratch, DType::BF16),
     };
-    let pred = unet.forward(dev, &x_t, &t, &ctx)?;
-    let p = pred.into_host(dev.gpu())?;
-    let gamma = cfg.snr_gamma.value().map(|g| g as f32);
-    let loss = mse_min_snr_cpu(&p, &eps, &t, abar, gamma);
-    let d = Tensor::from_vec(&[batch, h, w, 4], mse_min_snr_backward_cpu(&p, &eps, &t, abar, gamma, 1.0 / cfg.grad_accum as f32))?;
-    let d = match dev {
-        Dev::Cpu => d,
-        Dev::Gpu(g) => d.to_gpu(g, ArenaKind::Scratch, DType::BF16)?,
-    };
-    unet.backward(dev, &d)?;
+    let x_t = upload(Tensor::from_vec(&b.shape, b.x_t.clone())?)?;
+    let ctx = upload(Tensor::from_vec(&[b.shape[0], 77, b.context.len() / b.shape[0] / 77], b.context.clone())?)?;
+    let p = unet.forward(dev, &x_t, &b.t, &ctx)?.into_host(dev.gpu())?;
+    let (abar, gamma) = (&schedule.alphas_cumprod, cfg.snr_gamma.value().map(|g| g as f32));
+    let loss = mse_min_snr_cpu(&p, &b.eps, &b.t, abar, gamma);
+    let d = mse_min_snr_backward_cpu(&p, &b.eps, &b.t, abar, gamma, 1.0 / cfg.grad_accum as f32);
+    unet.backward(dev, &upload(Tensor::from_vec(&b.shape, d)?)?)?;
     Ok(loss)
 }
 

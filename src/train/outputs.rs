@@ -88,6 +88,27 @@ pub fn load_optimizer_state(dir: &Path) -> Result<(u32, Vec<f32>, Vec<f32>)> {
     Ok((step, get("exp_avg")?, get("exp_avg_sq")?))
 }
 
+/// Every micro-step's inputs and loss as one safetensors file, NCHW like PyTorch: `x_t` and `eps`
+/// [steps·batch, 4, h, w], `t` [steps·batch], `context` [steps·batch, 77, d], `loss` [steps].
+pub fn write_draws(path: &Path, steps: &[(super::Batch, f32)]) -> Result<()> {
+    let batches: Vec<&super::Batch> = steps.iter().map(|(b, _)| b).collect();
+    let losses: Vec<f32> = steps.iter().map(|(_, l)| *l).collect();
+    let [b, h, w, c] = batches.first().context("no steps to dump")?.shape;
+    let n = batches.len() * b;
+    let nchw = |f: fn(&super::Batch) -> &Vec<f32>| -> Vec<f32> { batches.iter().flat_map(|x| crate::tensor::nhwc_to_nchw(f(x), b, c, h, w)).collect() };
+    let (x_t, eps) = (nchw(|x| &x.x_t), nchw(|x| &x.eps));
+    let t: Vec<f32> = batches.iter().flat_map(|x| x.t.clone()).collect();
+    let context: Vec<f32> = batches.iter().flat_map(|x| x.context.clone()).collect();
+    let views = vec![
+        ("x_t".to_string(), TensorView::new(Dtype::F32, vec![n, c, h, w], bytemuck::cast_slice(&x_t))?),
+        ("eps".to_string(), TensorView::new(Dtype::F32, vec![n, c, h, w], bytemuck::cast_slice(&eps))?),
+        ("t".to_string(), TensorView::new(Dtype::F32, vec![n], bytemuck::cast_slice(&t))?),
+        ("context".to_string(), TensorView::new(Dtype::F32, vec![n, 77, context.len() / n / 77], bytemuck::cast_slice(&context))?),
+        ("loss".to_string(), TensorView::new(Dtype::F32, vec![losses.len()], bytemuck::cast_slice(&losses))?),
+    ];
+    write_atomic(path, &safetensors::serialize(views, &None)?)
+}
+
 /// A progress bar with step, loss, it/s, ETA and (GPU) memory; hidden when stderr is no terminal.
 pub fn progress_bar(start: usize, steps: usize) -> ProgressBar {
     let bar = ProgressBar::new(steps as u64).with_position(start as u64);

@@ -105,6 +105,16 @@ struct TrainArgs {
     /// Device memory budget, e.g. 8G; allocations beyond it stop the run with the numbers.
     #[arg(long)]
     vram_limit: Option<String>,
+    /// Validation prompt (repeatable): sampled with the current LoRA into step_N/validation.png at
+    /// checkpoints that are multiples of --validation-every.
+    #[arg(long = "validation-prompt")]
+    validation_prompts: Vec<String>,
+    /// Make validation images every N steps (at checkpoints) [default: 250].
+    #[arg(long)]
+    validation_every: Option<usize>,
+    /// Denoising steps of the validation images [default: 30].
+    #[arg(long)]
+    validation_steps: Option<usize>,
     /// Continue from a checkpoint folder (OUT/step_N): LoRA, optimizer state and step.
     #[arg(long)]
     resume: Option<PathBuf>,
@@ -128,6 +138,10 @@ impl TrainArgs {
             ($($field:ident),*) => { $( if let Some(v) = &self.$field { c.$field = v.clone(); } )* };
         }
         set!(model, data, out, steps, lr, batch_size, grad_accum, resolution, rank, alpha, seed, lr_schedule, warmup_steps, weight_decay, save_every, save_format, log_every);
+        if !self.validation_prompts.is_empty() {
+            c.validation_prompts = self.validation_prompts.clone();
+        }
+        set!(validation_every, validation_steps);
         if let Some(g) = &self.snr_gamma {
             c.snr_gamma = SnrGamma::parse(g)?;
         }

@@ -38,12 +38,12 @@ fn losses(log: &str) -> Vec<(usize, String)> {
 #[test]
 fn trains_saves_resumes_and_reloads() {
     let straight = temp("straight");
-    let log = train(&straight, &["--steps", "4"]);
+    let log = train(&straight, &["--steps", "4", "--validation-prompt", "<cheburashka> waving", "--validation-every", "2", "--validation-steps", "2"]);
     let full = losses(&log);
     assert_eq!(full.len(), 4, "{log}");
     for step in [2, 4] {
         let dir = straight.join(format!("step_{step}"));
-        for f in [DIFFUSERS_FILE, KOHYA_FILE, "config.toml", "optimizer.safetensors"] {
+        for f in [DIFFUSERS_FILE, KOHYA_FILE, "config.toml", "optimizer.safetensors", "validation.png"] {
             assert!(dir.join(f).is_file(), "{} missing", dir.join(f).display());
         }
     }

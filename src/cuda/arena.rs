@@ -141,7 +141,7 @@ impl Arenas {
         if let Some(limit) = self.limit {
             if held + bytes > limit {
                 bail!(
-                    "VRAM budget exceeded: {kind:?} needs {} more, {} already held (persistent {}, scratch {}), limit {}",
+                    "VRAM budget exceeded: {kind:?} needs {} more, {} already held (persistent {}, scratch {}), limit {}; raise --vram-limit or lower --resolution / --batch-size",
                     mib(bytes),
                     mib(held),
                     mib(self.persistent_stats.reserved),
@@ -154,7 +154,7 @@ impl Arenas {
         unsafe { stream.alloc::<u8>(bytes) }.map_err(|e| {
             let (free, total) = stream.context().mem_get_info().unwrap_or((0, 0));
             anyhow!(
-                "out of GPU memory: {kind:?} allocation of {} failed ({e}); sdlora holds {}, the device has {} free of {}",
+                "out of GPU memory: {kind:?} allocation of {} failed ({e}); sdlora holds {}, the device has {} free of {}; lower --resolution or --batch-size, or free the GPU of other work",
                 mib(bytes),
                 mib(held),
                 mib(free),

@@ -101,6 +101,13 @@ pub struct TrainConfig {
     pub save_format: SaveFormat,
     pub log_every: usize,
     pub vram_limit: Option<String>,
+    /// Prompts sampled with the current LoRA into step_N/validation.png at every checkpoint that is a
+    /// multiple of `validation_every` (none: no validation images).
+    pub validation_prompts: Vec<String>,
+    pub validation_every: usize,
+    pub validation_seed: u64,
+    pub validation_steps: usize,
+    pub validation_guidance: f32,
 }
 
 impl Default for TrainConfig {
@@ -131,6 +138,11 @@ impl Default for TrainConfig {
             save_format: SaveFormat::Diffusers,
             log_every: 10,
             vram_limit: None,
+            validation_prompts: Vec::new(),
+            validation_every: 250,
+            validation_seed: 42,
+            validation_steps: 30,
+            validation_guidance: 5.0,
         }
     }
 }
@@ -153,7 +165,7 @@ impl TrainConfig {
         ensure!(self.steps > 0, "steps must be at least 1");
         ensure!(self.lr > 0.0 && self.lr.is_finite(), "lr {}: must be positive", self.lr);
         ensure!(self.batch_size > 0 && self.grad_accum > 0, "batch_size and grad_accum must be at least 1");
-        ensure!(self.save_every > 0 && self.log_every > 0, "save_every and log_every must be at least 1");
+        ensure!(self.save_every > 0 && self.log_every > 0 && self.validation_every > 0, "save_every, log_every and validation_every must be at least 1");
         ensure!((0.0..1.0).contains(&self.adam_beta1) && (0.0..1.0).contains(&self.adam_beta2), "Adam betas must be in [0, 1)");
         if self.lr_schedule == LrSchedule::Cosine && self.warmup_steps >= self.steps {
             bail!("warmup_steps {} leaves no steps for the cosine decay of {} steps", self.warmup_steps, self.steps);

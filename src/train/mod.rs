@@ -156,6 +156,13 @@ pub fn run(cfg: &TrainConfig, gpu: Option<&Gpu>, resume: Option<&Path>, dump: Op
         interrupted = stop.load(Ordering::SeqCst);
         if done % cfg.save_every == 0 || done == cfg.steps || interrupted {
             outputs.save_checkpoint(dev, cfg, &mut unet, &optimizer, done)?;
+            if done % cfg.validation_every == 0 && !cfg.validation_prompts.is_empty() {
+                let line = match outputs::validation_images(cfg, done, gpu.is_none()) {
+                    Ok(path) => format!("validation images: {}", path.display()),
+                    Err(e) => format!("warning: validation images at step {done} failed: {e:#}"),
+                };
+                outputs::say(&progress, line);
+            }
         }
         if interrupted {
             outputs::say(&progress, format!("interrupted: checkpoint step_{done} written"));

@@ -65,6 +65,29 @@ impl Outputs {
     }
 }
 
+/// Samples the validation prompts with checkpoint `step` into `step_N/validation.png` (one row per
+/// prompt), by running `sdlora sample` on it — a separate process, so sampling's memory is returned
+/// before training goes on.
+pub fn validation_images(cfg: &TrainConfig, step: usize, cpu: bool) -> Result<PathBuf> {
+    let dir = cfg.out.join(format!("step_{step}"));
+    let out = dir.join("validation.png");
+    let exe = std::env::current_exe().context("cannot find the sdlora executable")?;
+    let mut cmd = std::process::Command::new(exe);
+    cmd.arg("sample").arg("--model").arg(&cfg.model).arg("--lora").arg(&dir).arg("--grid").arg("--out").arg(&out);
+    for p in &cfg.validation_prompts {
+        cmd.arg("--prompt").arg(p);
+    }
+    let size = cfg.resolution.to_string();
+    cmd.args(["--seed", &cfg.validation_seed.to_string(), "--steps", &cfg.validation_steps.to_string()]);
+    cmd.args(["--guidance", &cfg.validation_guidance.to_string(), "--width", &size, "--height", &size]);
+    if cpu {
+        cmd.arg("--cpu");
+    }
+    let o = cmd.output().context("cannot run sdlora sample")?;
+    anyhow::ensure!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr).trim());
+    Ok(out)
+}
+
 /// The LoRA of checkpoint `dir` (`.../step_N`) put onto `unet`, and N.
 pub fn load_lora_for_resume(dev: Dev, unet: &mut UNet2DConditionModel, dir: &Path) -> Result<(LoraParams, usize)> {
     let file = [DIFFUSERS_FILE, KOHYA_FILE].iter().map(|f| dir.join(f)).find(|p| p.is_file());

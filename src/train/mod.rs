@@ -2,8 +2,8 @@
 //!
 //! Frozen parts run once: captions are tokenized and encoded by CLIP, images encoded by the VAE
 //! into posterior moments, then both models are dropped. Each step draws, from a counter-based
-//! Philox stream keyed by (seed, micro-step), a latent from every image's posterior, noise ε and a
-//! timestep; the UNet predicts ε from x_t; the Min-SNR-weighted MSE is backpropagated into the
+//! Philox stream keyed by (seed, micro-step), a latent from every image's posterior (host), noise ε
+//! and a timestep (on the GPU when training there); the UNet predicts ε from x_t; the Min-SNR-weighted MSE is backpropagated into the
 //! LoRA factors; AdamW updates them. Because every draw depends only on (seed, step), a resumed run
 //! continues the same loss curve.
 
@@ -22,7 +22,8 @@ use crate::model::vae::AutoencoderKl;
 use crate::model::weights::{Component, ModelSource};
 use crate::ops::adamw::AdamWConfig;
 use crate::ops::diffusion::{add_noise_cpu, draw_step_noise_cpu, mse_min_snr_backward_cpu, mse_min_snr_cpu};
-use crate::ops::philox::philox_normal_cpu;
+use crate::ops::diffusion;
+use crate::ops::philox::{philox_normal_cpu, StepCounter};
 use crate::rng::Rng;
 use crate::schedule::NoiseSchedule;
 use crate::tensor::{DType, Tensor};
@@ -115,7 +116,7 @@ pub fn run(cfg: &TrainConfig, gpu: Option<&Gpu>, resume: Option<&Path>, dump: Op
         // A second handler cannot be set in one process (tests run several jobs): that is fine.
         let _ = ctrlc::set_handler(move || stop.store(true, Ordering::SeqCst));
     }
-    let schedule = NoiseSchedule::sd15();
+    let diffusion = Diffusion::new(dev)?;
     let mut log = outputs.event_writer()?;
     let progress = outputs::progress_bar(start_step, cfg.steps);
     let started = Instant::now();
@@ -125,11 +126,10 @@ pub fn run(cfg: &TrainConfig, gpu: Option<&Gpu>, resume: Option<&Path>, dump: Op
         let mut loss = 0.0;
         for micro in 0..cfg.grad_accum {
             let micro_step = (step * cfg.grad_accum + micro) as u32;
-            let batch = draw_batch(cfg, &examples, &schedule, micro_step);
-            let micro_loss = forward_backward(dev, cfg, &mut unet, &batch, &schedule)?;
+            let (micro_loss, batch) = forward_backward(dev, cfg, &mut unet, &examples, &diffusion, micro_step, draws.is_some())?;
             loss += micro_loss / cfg.grad_accum as f32;
-            if let Some(d) = &mut draws {
-                d.push((batch, micro_loss));
+            if let (Some(d), Some(b)) = (&mut draws, batch) {
+                d.push((b, micro_loss));
             }
         }
         if !loss.is_finite() {
@@ -199,9 +199,9 @@ pub fn benchmark(gpu: &Gpu, resolution: u32, warmup: usize, steps: usize) -> Res
     let hw = resolution as usize / 8;
     let mut rng = Rng::new(1);
     let examples = vec![Example { mean: rng.normal_vec(hw * hw * 4, 1.0), std: vec![0.1; hw * hw * 4], latent_hw: (hw, hw), context: rng.normal_vec(77 * 768, 1.0) }];
-    let schedule = NoiseSchedule::sd15();
+    let diffusion = Diffusion::new(dev)?;
     let mut step = |k: usize| -> Result<f32> {
-        let loss = forward_backward(dev, &cfg, &mut unet, &draw_batch(&cfg, &examples, &schedule, k as u32), &schedule)?;
+        let (loss, _) = forward_backward(dev, &cfg, &mut unet, &examples, &diffusion, k as u32, false)?;
         optimizer.update(dev, &mut unet, &mut params, cfg.lr)?;
         gpu.reset_scratch();
         Ok(loss)
@@ -259,7 +259,7 @@ fn encode_dataset(dev: Dev, cfg: &TrainConfig, source: &ModelSource) -> Result<V
         .context("encoding the data set")
 }
 
-/// The inputs of one micro-step, all host-side and NHWC: what `--dump-draws` records.
+/// The inputs of one micro-step, host-side and NHWC: what `--dump-draws` records.
 pub struct Batch {
     pub shape: [usize; 4],
     pub x_t: Vec<f32>,
@@ -268,9 +268,29 @@ pub struct Batch {
     pub context: Vec<f32>,
 }
 
-/// Draws micro-step `micro_step`'s batch: examples in seeded order, a latent from each posterior,
-/// noise and timesteps, all keyed by (seed, micro_step).
-fn draw_batch(cfg: &TrainConfig, examples: &[Example], schedule: &NoiseSchedule, micro_step: u32) -> Batch {
+/// The noise schedule and, on the GPU, its ᾱ table and the step counter the draw kernels read.
+struct Diffusion {
+    schedule: NoiseSchedule,
+    device: Option<(Tensor, StepCounter)>,
+}
+
+impl Diffusion {
+    fn new(dev: Dev) -> Result<Diffusion> {
+        let schedule = NoiseSchedule::sd15();
+        let device = match dev {
+            Dev::Cpu => None,
+            Dev::Gpu(g) => {
+                let abar = Tensor::from_vec(&[schedule.alphas_cumprod.len()], schedule.alphas_cumprod.clone())?;
+                Some((abar.to_gpu(g, ArenaKind::Persistent, DType::F32)?, StepCounter::new(g, 0)?))
+            }
+        };
+        Ok(Diffusion { schedule, device })
+    }
+}
+
+/// Micro-step `micro_step`'s examples in seeded order: a latent drawn from each posterior (host,
+/// Philox keyed by (seed, micro_step)) and the caption states; ([b, h, w, 4], x0, context).
+fn sample_latents(cfg: &TrainConfig, examples: &[Example], micro_step: u32) -> ([usize; 4], Vec<f32>, Vec<f32>) {
     let batch = cfg.batch_size;
     let picks = batch_indices(examples.len(), batch, micro_step as usize, cfg.seed);
     let (h, w) = examples[picks[0]].latent_hw;
@@ -283,26 +303,61 @@ fn draw_batch(cfg: &TrainConfig, examples: &[Example], schedule: &NoiseSchedule,
         x0.extend(ex.mean.iter().zip(&ex.std).zip(&z).map(|((m, s), z)| (m + s * z) * LATENT_SCALE));
         context.extend_from_slice(&ex.context);
     }
-    let (eps, t) = draw_step_noise_cpu(cfg.seed, micro_step, batch, n, schedule.num_train_timesteps() as u32);
-    let x_t = add_noise_cpu(&x0, &eps, &t, &schedule.alphas_cumprod, n);
-    Batch { shape: [batch, h, w, 4], x_t, eps, t, context }
+    ([batch, h, w, 4], x0, context)
 }
 
-/// One forward + backward on one batch; returns its loss. Gradients accumulate, scaled by
-/// 1/grad_accum.
-fn forward_backward(dev: Dev, cfg: &TrainConfig, unet: &mut UNet2DConditionModel, b: &Batch, schedule: &NoiseSchedule) -> Result<f32> {
-    let upload = |t: Tensor| match dev {
-        Dev::Cpu => Ok(t),
-        Dev::Gpu(g) => t.to_gpu(g, ArenaKind::Scratch, DType::BF16),
-    };
-    let x_t = upload(Tensor::from_vec(&b.shape, b.x_t.clone())?)?;
-    let ctx = upload(Tensor::from_vec(&[b.shape[0], 77, b.context.len() / b.shape[0] / 77], b.context.clone())?)?;
-    let p = unet.forward(dev, &x_t, &b.t, &ctx)?.into_host(dev.gpu())?;
-    let (abar, gamma) = (&schedule.alphas_cumprod, cfg.snr_gamma.value().map(|g| g as f32));
-    let loss = mse_min_snr_cpu(&p, &b.eps, &b.t, abar, gamma);
-    let d = mse_min_snr_backward_cpu(&p, &b.eps, &b.t, abar, gamma, 1.0 / cfg.grad_accum as f32);
-    unet.backward(dev, &upload(Tensor::from_vec(&b.shape, d)?)?)?;
-    Ok(loss)
+/// One forward + backward on micro-step `micro_step`'s batch; returns its loss and, when `record`,
+/// its inputs. Noise ε and timesteps come from Philox keyed by (seed, micro_step) — on the GPU
+/// from the draw kernel, which also forms x_t and whose bits equal the CPU twin's — and the loss
+/// and its gradient from the Min-SNR kernels. Gradients accumulate, scaled by 1/grad_accum.
+fn forward_backward(
+    dev: Dev, cfg: &TrainConfig, unet: &mut UNet2DConditionModel, examples: &[Example], diffusion: &Diffusion, micro_step: u32, record: bool,
+) -> Result<(f32, Option<Batch>)> {
+    let (shape, x0, context) = sample_latents(cfg, examples, micro_step);
+    let ctx_shape = [shape[0], 77, context.len() / shape[0] / 77];
+    let (gamma, scale) = (cfg.snr_gamma.value().map(|g| g as f32), 1.0 / cfg.grad_accum as f32);
+    let n = x0.len() / shape[0];
+    match dev {
+        Dev::Cpu => {
+            let abar = &diffusion.schedule.alphas_cumprod;
+            let (eps, t) = draw_step_noise_cpu(cfg.seed, micro_step, shape[0], n, abar.len() as u32);
+            let x_t = add_noise_cpu(&x0, &eps, &t, abar, n);
+            let pred = unet.forward(dev, &Tensor::from_vec(&shape, x_t.clone())?, &t, &Tensor::from_vec(&ctx_shape, context.clone())?)?;
+            let p = pred.into_vec()?;
+            let loss = mse_min_snr_cpu(&p, &eps, &t, abar, gamma);
+            unet.backward(dev, &Tensor::from_vec(&shape, mse_min_snr_backward_cpu(&p, &eps, &t, abar, gamma, scale))?)?;
+            Ok((loss, record.then_some(Batch { shape, x_t, eps, t, context })))
+        }
+        Dev::Gpu(g) => {
+            let (abar, counter) = diffusion.device.as_ref().context("GPU training without device tables")?;
+            let f32_scratch = |s: &[usize]| Tensor::empty_gpu(g, ArenaKind::Scratch, s, DType::F32);
+            let bf16 = |t: &Tensor| -> Result<Tensor> {
+                let mut out = Tensor::empty_gpu(g, ArenaKind::Scratch, t.shape(), DType::BF16)?;
+                crate::ops::elementwise::cast(g, t, &mut out)?;
+                Ok(out)
+            };
+            counter.set(g, micro_step)?;
+            let x0 = Tensor::from_vec(&shape, x0)?.to_gpu(g, ArenaKind::Scratch, DType::F32)?;
+            let (mut eps, mut t, mut x_t) = (f32_scratch(&shape)?, f32_scratch(&[shape[0]])?, f32_scratch(&shape)?);
+            diffusion::draw_step_noise(g, cfg.seed, counter, abar, &mut eps, &mut t, Some((&x0, &mut x_t)))?;
+            // The timestep embedding is formed from host values (a few floats).
+            let t_host = t.to_cpu(g)?.into_vec()?;
+            let ctx = Tensor::from_vec(&ctx_shape, context.clone())?.to_gpu(g, ArenaKind::Scratch, DType::BF16)?;
+            let pred = unet.forward(dev, &bf16(&x_t)?, &t_host, &ctx)?;
+            let mut p = f32_scratch(&shape)?;
+            crate::ops::elementwise::cast(g, &pred, &mut p)?;
+            let (mut loss, mut d) = (f32_scratch(&[1])?, f32_scratch(&shape)?);
+            diffusion::mse_min_snr(g, &p, &eps, &t, abar, gamma, &mut loss)?;
+            diffusion::mse_min_snr_backward(g, &p, &eps, &t, abar, gamma, scale, &mut d)?;
+            unet.backward(dev, &bf16(&d)?)?;
+            let loss = loss.to_cpu(g)?.into_vec()?[0];
+            let batch = match record {
+                true => Some(Batch { shape, x_t: x_t.to_cpu(g)?.into_vec()?, eps: eps.to_cpu(g)?.into_vec()?, t: t_host, context }),
+                false => None,
+            };
+            Ok((loss, batch))
+        }
+    }
 }
 
 /// The examples of micro-step `k`: consecutive slots of a sequence of seeded shuffles of the data

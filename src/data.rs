@@ -26,7 +26,7 @@ pub struct Example {
 /// Loads every example under `source` (a folder or a captions file) at `resolution`×`resolution`.
 /// Errors name the file and say what was expected.
 pub fn load_dataset(source: &Path, resolution: u32) -> Result<Vec<Example>> {
-    ensure!(resolution >= 8 && resolution % 8 == 0, "--resolution {resolution}: must be a positive multiple of 8");
+    ensure!(resolution >= 8 && resolution.is_multiple_of(8), "--resolution {resolution}: must be a positive multiple of 8");
     let pairs = if source.is_dir() {
         pairs_from_folder(source)?
     } else if source.is_file() {

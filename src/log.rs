@@ -72,7 +72,7 @@ fn now() -> f64 {
 
 fn masked_crc(data: &[u8]) -> u32 {
     let c = crc32c::crc32c(data);
-    ((c >> 15) | (c << 17)).wrapping_add(0xa282_ead8)
+    c.rotate_right(15).wrapping_add(0xa282_ead8)
 }
 
 fn put_varint(buf: &mut Vec<u8>, mut v: u64) {

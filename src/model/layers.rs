@@ -289,7 +289,7 @@ pub struct GroupNorm {
 
 impl GroupNorm {
     pub fn load(dev: Dev, w: &Weights, prefix: &str, channels: usize, groups: usize, eps: f32) -> Result<GroupNorm> {
-        ensure!(channels % groups == 0, "{prefix}: {channels} channels do not split into {groups} groups");
+        ensure!(channels.is_multiple_of(groups), "{prefix}: {channels} channels do not split into {groups} groups");
         if let Dev::Gpu(_) = dev {
             ensure!(groups == norm::GROUPS, "{prefix}: the GPU GroupNorm has {} groups, the model {groups}", norm::GROUPS);
         }

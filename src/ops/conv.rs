@@ -126,7 +126,7 @@ fn conv2d_backward_input_pixel(dy: &[f32], s: &Conv2dShape, w: &[f32], pixel: us
     for r in 0..k {
         for c in 0..k {
             let (nh, nw) = ((h + s.pad) as isize - r as isize, (wi + s.pad) as isize - c as isize);
-            if nh < 0 || nw < 0 || nh as usize % s.stride != 0 || nw as usize % s.stride != 0 {
+            if nh < 0 || nw < 0 || !(nh as usize).is_multiple_of(s.stride) || !(nw as usize).is_multiple_of(s.stride) {
                 continue;
             }
             let (oh, ow) = (nh as usize / s.stride, nw as usize / s.stride);
@@ -184,7 +184,7 @@ struct Geometry {
 fn geometry(what: &str, s: &Conv2dShape, x_shape: &[usize], skip_shape: Option<&[usize]>, up: bool) -> Result<Geometry> {
     ensure!(s.kernel >= 1 && s.stride >= 1 && s.pad < s.kernel, "{what}: unsupported kernel {} stride {} pad {}", s.kernel, s.stride, s.pad);
     ensure!(s.height + 2 * s.pad >= s.kernel && s.width + 2 * s.pad >= s.kernel, "{what}: image {}x{} smaller than the kernel", s.height, s.width);
-    ensure!(!up || (s.stride == 1 && s.height % 2 == 0 && s.width % 2 == 0), "{what}: the fused upsample needs stride 1 and an even size, got {s:?}");
+    ensure!(!up || (s.stride == 1 && s.height.is_multiple_of(2) && s.width.is_multiple_of(2)), "{what}: the fused upsample needs stride 1 and an even size, got {s:?}");
     let (h, w) = if up { (s.height / 2, s.width / 2) } else { (s.height, s.width) };
     ensure!(x_shape.len() == 4 && x_shape[..3] == [s.batch, h, w], "{what}: input shape {x_shape:?} does not match {s:?} (upsample {up})");
     let c1 = x_shape[3];
@@ -315,7 +315,7 @@ pub fn conv2d(
     let what = "conv2d";
     let g = geometry(what, s, src.x.shape(), src.skip.map(|t| t.shape()), src.upsample2x)?;
     let (ho, wo) = s.out_hw();
-    ensure!(s.out_ch % 2 == 0, "{what}: out_ch {} must be even", s.out_ch);
+    ensure!(s.out_ch.is_multiple_of(2), "{what}: out_ch {} must be even", s.out_ch);
     check_gpu(what, &[src.x], DType::BF16, src.x.numel())?;
     if let Some(sk) = src.skip {
         check_gpu(what, &[sk], DType::BF16, sk.numel())?;
@@ -329,7 +329,7 @@ pub fn conv2d(
     if let Some(r) = residual {
         check_gpu(what, &[r], DType::BF16, y.numel())?;
     }
-    let vec = g.c1 % 8 == 0 && g.c2 % 8 == 0 && s.in_ch % BK == 0 && (g.c2 == 0 || g.c1 % BK == 0);
+    let vec = g.c1 % 8 == 0 && g.c2 % 8 == 0 && s.in_ch.is_multiple_of(BK) && (g.c2 == 0 || g.c1 % BK == 0);
     let m = s.batch * ho * wo;
     let ktiles = (s.kernel * s.kernel * s.in_ch).div_ceil(BK);
     let p = plan(vec, m, s.out_ch, 1, ktiles, false, [
@@ -370,7 +370,7 @@ pub fn conv2d_backward_input(
         }
         None => 0,
     };
-    let vec = g.c1 % 8 == 0 && g.c2 % 8 == 0 && s.out_ch % BK == 0;
+    let vec = g.c1 % 8 == 0 && g.c2 % 8 == 0 && s.out_ch.is_multiple_of(BK);
     // One GEMM per stride parity class (h mod s, w mod s); class (0, 0) has the most pixels, and
     // a class has at most ⌈k/s⌉² taps (4k² with the fused upsample: 2×2 sub-pixels × k² taps).
     let st = if upsample2x { 1 } else { s.stride };

@@ -244,7 +244,7 @@ fn encode_dataset(dev: Dev, cfg: &TrainConfig, source: &ModelSource) -> Result<V
     let vae = AutoencoderKl::from_source(dev, source).context("loading the VAE")?;
     let host = |t: Tensor| t.into_host(dev.gpu());
     let r = cfg.resolution as usize;
-    ensure!(r % vae.factor() == 0, "--resolution {r} is not a multiple of the VAE's factor {}", vae.factor());
+    ensure!(r.is_multiple_of(vae.factor()), "--resolution {r} is not a multiple of the VAE's factor {}", vae.factor());
     eprintln!("encoding {} captions and images (once)", data.len());
     data.iter()
         .map(|ex| {

@@ -484,13 +484,9 @@ mod kernel_tests {
         (m + scores.iter().map(|x| (x - m).exp()).sum::<f64>().ln()) as f32
     }
 
+    use crate::testing::poisoned;
     fn upload(gpu: &Gpu, shape: &[usize], v: &[f32]) -> Tensor {
-        Tensor::from_vec(shape, v.to_vec()).unwrap().to_gpu(gpu, Persistent, DType::BF16).unwrap()
-    }
-    fn poisoned(gpu: &Gpu, shape: &[usize], dtype: DType) -> Tensor {
-        let t = Tensor::empty_gpu(gpu, Persistent, shape, dtype).unwrap();
-        t.poison(gpu).unwrap();
-        t
+        crate::testing::upload(gpu, shape, v, DType::BF16)
     }
 
     struct Inputs {

@@ -221,7 +221,7 @@ fn sample_pixels(rng: &mut Rng, batch: usize, h: usize, w: usize, cost_per_pixel
 }
 
 fn upload(gpu: &Gpu, shape: &[usize], v: &[f32]) -> Tensor {
-    Tensor::from_vec(shape, v.to_vec()).unwrap().to_gpu(gpu, Persistent, DType::BF16).unwrap()
+    crate::testing::upload(gpu, shape, v, DType::BF16)
 }
 
 fn gather(v: &[f32], pixels: &[usize], c: usize) -> Vec<f32> {

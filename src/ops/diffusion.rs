@@ -168,7 +168,6 @@ pub fn mse_min_snr_backward(gpu: &Gpu, pred: &Tensor, target: &Tensor, t: &Tenso
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::cuda::ArenaKind::Persistent;
     use crate::ops::finite_difference;
     use crate::ops::philox::tests::assert_same_bits;
     use crate::ops::twin_check::tolerance;
@@ -224,17 +223,7 @@ mod tests {
         assert!(seen.iter().all(|&s| s), "{seen:?}");
     }
 
-    fn upload(gpu: &Gpu, v: &[f32], shape: &[usize], dtype: DType) -> Tensor {
-        Tensor::from_vec(shape, v.to_vec()).unwrap().to_gpu(gpu, Persistent, dtype).unwrap()
-    }
-    fn poisoned(gpu: &Gpu, shape: &[usize], dtype: DType) -> Tensor {
-        let t = Tensor::empty_gpu(gpu, Persistent, shape, dtype).unwrap();
-        t.poison(gpu).unwrap();
-        t
-    }
-    fn download(gpu: &Gpu, t: &Tensor) -> Vec<f32> {
-        t.to_cpu(gpu).unwrap().into_vec().unwrap()
-    }
+    use crate::testing::{download, poisoned, upload};
     fn check(what: &str, got: &[f32], want: &[f32], tol: f64) {
         let c = compare(got, want);
         println!("{what}: rel L2 {:.2e}, max abs {:.2e}", c.rel_l2, c.max_abs);
@@ -248,7 +237,7 @@ mod tests {
         let seed = Rng::fresh_seed();
         let mut rng = Rng::new(seed);
         let t: Vec<f32> = [0.0, 999.0].into_iter().chain((0..6).map(|_| (rng.uniform() * 1000.0).floor())).collect();
-        let td = upload(&gpu, &t, &[t.len()], DType::F32);
+        let td = upload(&gpu, &[t.len()], &t, DType::F32);
         for (dim, flip) in [(320, true), (320, false), (7, true), (1280, true)] {
             for dtype in [DType::F32, DType::BF16] {
                 let mut emb = poisoned(&gpu, &[t.len(), dim], dtype);
@@ -264,14 +253,14 @@ mod tests {
     fn gpu_step_noise_matches_twin() {
         let gpu = Gpu::for_tests().expect("GPU test needs a CUDA device");
         let ac = sd15_alphas_cumprod();
-        let acd = upload(&gpu, &ac, &[1000], DType::F32);
+        let acd = upload(&gpu, &[1000], &ac, DType::F32);
         let seed = Rng::fresh_seed();
         let counter = StepCounter::new(&gpu, 3).unwrap();
         for (batch, n) in [(2, 4 * 64 * 64), (1, 4 * 96 * 96), (3, 3)] {
             for dtype in [DType::BF16, DType::F32] {
                 let x0 = Rng::new(seed ^ 1).normal_vec(batch * n, 1.0);
                 let x0 = if dtype == DType::BF16 { round_bf16(&x0) } else { x0 };
-                let x0d = upload(&gpu, &x0, &[batch, n], dtype);
+                let x0d = upload(&gpu, &[batch, n], &x0, dtype);
                 let (mut eps, mut t, mut xt) = (poisoned(&gpu, &[batch, n], dtype), poisoned(&gpu, &[batch], DType::F32), poisoned(&gpu, &[batch, n], dtype));
                 draw_step_noise(&gpu, seed, &counter, &acd, &mut eps, &mut t, Some((&x0d, &mut xt))).unwrap();
                 let (want_eps, want_t) = draw_step_noise_cpu(seed, 3, batch, n, 1000);
@@ -294,7 +283,7 @@ mod tests {
     fn gpu_mse_min_snr_matches_twin() {
         let gpu = Gpu::for_tests().expect("GPU test needs a CUDA device");
         let ac = sd15_alphas_cumprod();
-        let acd = upload(&gpu, &ac, &[1000], DType::F32);
+        let acd = upload(&gpu, &[1000], &ac, DType::F32);
         for (batch, n) in [(2, 4 * 64 * 64), (1, 4 * 64 * 64), (4, 4 * 96 * 96), (3, 5)] {
             for dtype in [DType::BF16, DType::F32] {
                 for gamma in [Some(5.0), None] {
@@ -305,7 +294,7 @@ mod tests {
                         (pred, target) = (round_bf16(&pred), round_bf16(&target));
                     }
                     let t: Vec<f32> = (0..batch).map(|_| (rng.uniform() * 1000.0).floor()).collect();
-                    let (pd, qd, td) = (upload(&gpu, &pred, &[batch, n], dtype), upload(&gpu, &target, &[batch, n], dtype), upload(&gpu, &t, &[batch], DType::F32));
+                    let (pd, qd, td) = (upload(&gpu, &[batch, n], &pred, dtype), upload(&gpu, &[batch, n], &target, dtype), upload(&gpu, &[batch], &t, DType::F32));
                     let (mut loss, mut dpred) = (poisoned(&gpu, &[1], DType::F32), poisoned(&gpu, &[batch, n], dtype));
                     mse_min_snr(&gpu, &pd, &qd, &td, &acd, gamma, &mut loss).unwrap();
                     mse_min_snr_backward(&gpu, &pd, &qd, &td, &acd, gamma, 0.5, &mut dpred).unwrap();

@@ -367,7 +367,6 @@ pub(crate) fn at_b_raw(gpu: &Gpu, a: (u64, usize), b: (u64, usize), m: usize, p:
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
-    use crate::cuda::ArenaKind::Persistent;
     use crate::ops::finite_difference;
     use crate::rng::Rng;
     use crate::tensor::{assert_close, round_bf16};
@@ -377,19 +376,7 @@ pub(crate) mod tests {
         round_bf16(&rng.normal_vec(n, std))
     }
 
-    pub(crate) fn upload(gpu: &Gpu, shape: &[usize], data: &[f32], dtype: DType) -> Tensor {
-        Tensor::from_vec(shape, data.to_vec()).unwrap().to_gpu(gpu, Persistent, dtype).unwrap()
-    }
-
-    pub(crate) fn poisoned(gpu: &Gpu, shape: &[usize], dtype: DType) -> Tensor {
-        let t = Tensor::empty_gpu(gpu, Persistent, shape, dtype).unwrap();
-        t.poison(gpu).unwrap();
-        t
-    }
-
-    pub(crate) fn download(gpu: &Gpu, t: &Tensor) -> Vec<f32> {
-        t.to_cpu(gpu).unwrap().into_vec().unwrap()
-    }
+    pub(crate) use crate::testing::{download, poisoned, upload};
 
     /// Rows checked against the twin: all of them for small m, else the first, the last and 46 random.
     pub(crate) fn sample_rows(rng: &mut Rng, m: usize) -> Vec<usize> {

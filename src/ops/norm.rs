@@ -284,7 +284,6 @@ mod tests {
         assert!((y[0] + 2.0).abs() < 1e-4 && (y[2] - 2.0).abs() < 1e-4 && y[1] == 7.0 && y[3] == 7.0, "{y:?}");
     }
 
-    use crate::cuda::ArenaKind::Persistent;
     use crate::ops::elementwise::silu_cpu;
     use crate::ops::finite_difference;
     use crate::rng::Rng;
@@ -364,19 +363,7 @@ mod tests {
         out
     }
 
-    fn upload(gpu: &Gpu, shape: &[usize], v: &[f32], dtype: DType) -> Tensor {
-        Tensor::from_vec(shape, v.to_vec()).unwrap().to_gpu(gpu, Persistent, dtype).unwrap()
-    }
-
-    fn poisoned(gpu: &Gpu, shape: &[usize], dtype: DType) -> Tensor {
-        let t = Tensor::empty_gpu(gpu, Persistent, shape, dtype).unwrap();
-        t.poison(gpu).unwrap();
-        t
-    }
-
-    fn download(gpu: &Gpu, t: &Tensor) -> Vec<f32> {
-        t.to_cpu(gpu).unwrap().into_vec().unwrap()
-    }
+    use crate::testing::{download, poisoned, upload};
 
     /// Checks `got` against `want` within `tol`, printing the error (run with --nocapture to see it).
     fn check(what: &str, got: &[f32], want: &[f32], tol: f64) {

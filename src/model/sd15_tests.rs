@@ -39,15 +39,7 @@ impl Reference {
         let s = self.io.raw(key).unwrap().shape;
         let (n, c, h, w) = (s[0], s[1], s[2], s[3]);
         let x = self.f32(key);
-        let mut out = vec![0f32; x.len()];
-        for b in 0..n {
-            for ch in 0..c {
-                for p in 0..h * w {
-                    out[(b * h * w + p) * c + ch] = x[(b * c + ch) * h * w + p];
-                }
-            }
-        }
-        Tensor::from_vec(&[n, h, w, c], out).unwrap()
+        Tensor::from_vec(&[n, h, w, c], crate::tensor::nchw_to_nhwc(&x, n, c, h, w)).unwrap()
     }
 
     fn ids(&self) -> Vec<u32> {

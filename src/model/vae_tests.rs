@@ -8,15 +8,7 @@ pub(crate) fn nhwc(io: &SafetensorsFile, key: &str) -> Tensor {
     let r = io.raw(key).unwrap();
     let (x, s) = (r.to_f32().unwrap(), r.shape.clone());
     let (n, c, h, w) = (s[0], s[1], s[2], s[3]);
-    let mut out = vec![0f32; x.len()];
-    for b in 0..n {
-        for ch in 0..c {
-            for p in 0..h * w {
-                out[(b * h * w + p) * c + ch] = x[(b * c + ch) * h * w + p];
-            }
-        }
-    }
-    Tensor::from_vec(&[n, h, w, c], out).unwrap()
+    Tensor::from_vec(&[n, h, w, c], crate::tensor::nchw_to_nhwc(&x, n, c, h, w)).unwrap()
 }
 
 /// Compares an NHWC output with a fixture tensor stored NCHW.

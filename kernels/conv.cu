@@ -113,7 +113,7 @@ __device__ __forceinline__ void st_shared_8(bf16* dst, const bf16 (&v)[8]) { *re
 
 // The conv kernel. BWD = false: forward (B is [N][K], K contiguous); BWD = true: input gradient
 // (B read from w as [K][N], N contiguous, with ldmatrix.trans).
-template <int BM, int BN, int WARPS_M, int WARPS_N, bool BWD, bool VEC>
+template <int BM, int BN, int WARPS_M, int WARPS_N, bool BWD, bool VEC, bool FRAG_DB>
 __device__ __forceinline__ void conv_implicit_gemm(const Geom g, const bf16* __restrict__ x1, const bf16* __restrict__ x2,
                                                    const bf16* __restrict__ w, const bf16* __restrict__ bias,
                                                    const bf16* __restrict__ res, bf16* __restrict__ y1, bf16* __restrict__ y2,
@@ -291,38 +291,67 @@ __device__ __forceinline__ void conv_implicit_gemm(const Geom g, const bf16* __r
     cp_async_commit();
   }
 
-  for (int kt = 0; kt < KT; ++kt) {
-    cp_async_wait<STAGES - 2>();
-    __syncthreads();  // stage kt landed for everyone; stage kt-1 is free to overwrite
-    int next = kt + STAGES - 1;
-    if (next < KT) load_stage(next % STAGES, (kt0 + next) * BK);
-    cp_async_commit();
-
-    const bf16* a_s = sA + (kt % STAGES) * BM * BK;
-    const bf16* b_s = sB + (kt % STAGES) * BN * BK;
+  // Fragments of one k-step (16 deep) of the warp tile; with FRAG_DB two buffers: the next
+  // k-step's fragments (the next k-tile's first, at the end of a tile) are loaded while this
+  // k-step's mmas issue.
+  uint32_t af[FRAG_DB ? 2 : 1][MT][4], bfr[FRAG_DB ? 2 : 1][NT][2];
+  auto load_frags = [&](int buf, const bf16* a_s, const bf16* b_s, int ks) {
 #pragma unroll
-    for (int ks = 0; ks < BK / 16; ++ks) {
-      uint32_t af[MT][4], bfr[NT][2];
+    for (int mt = 0; mt < MT; ++mt)
+      ldmatrix_x4(af[buf][mt], smem_addr(a_s + off_rowk(wm0 + mt * 16 + (lane & 15), ks * 2 + (lane >> 4))));
 #pragma unroll
-      for (int mt = 0; mt < MT; ++mt)
-        ldmatrix_x4(af[mt], smem_addr(a_s + off_rowk(wm0 + mt * 16 + (lane & 15), ks * 2 + (lane >> 4))));
-#pragma unroll
-      for (int np = 0; np < NT / 2; ++np) {
-        uint32_t r[4];
-        if (!BWD) {
-          int nrow = wn0 + np * 16 + (lane & 7) + ((lane >> 4) << 3);
-          ldmatrix_x4(r, smem_addr(b_s + off_rowk(nrow, ks * 2 + ((lane >> 3) & 1))));
-        } else {
-          int krow = ks * 16 + (lane & 7) + (((lane >> 3) & 1) << 3);
-          ldmatrix_x4_trans(r, smem_addr(b_s + off_kn<BN>(krow, (wn0 + np * 16) / 8 + (lane >> 4))));
-        }
-        bfr[2 * np][0] = r[0]; bfr[2 * np][1] = r[1];
-        bfr[2 * np + 1][0] = r[2]; bfr[2 * np + 1][1] = r[3];
+    for (int np = 0; np < NT / 2; ++np) {
+      uint32_t r[4];
+      if (!BWD) {
+        int nrow = wn0 + np * 16 + (lane & 7) + ((lane >> 4) << 3);
+        ldmatrix_x4(r, smem_addr(b_s + off_rowk(nrow, ks * 2 + ((lane >> 3) & 1))));
+      } else {
+        int krow = ks * 16 + (lane & 7) + (((lane >> 3) & 1) << 3);
+        ldmatrix_x4_trans(r, smem_addr(b_s + off_kn<BN>(krow, (wn0 + np * 16) / 8 + (lane >> 4))));
       }
+      bfr[buf][2 * np][0] = r[0]; bfr[buf][2 * np][1] = r[1];
+      bfr[buf][2 * np + 1][0] = r[2]; bfr[buf][2 * np + 1][1] = r[3];
+    }
+  };
+
+  cp_async_wait<STAGES - 2>();
+  __syncthreads();  // k-tile 0 landed for everyone
+  int read_stage = 0;
+  const bf16* a_s = sA;
+  const bf16* b_s = sB;
+  if constexpr (FRAG_DB) load_frags(0, a_s, b_s, 0);
+  constexpr int KSTEPS = BK / 16;
+  for (int kt = 0; kt < KT; ++kt) {
+#pragma unroll
+    for (int ks = 0; ks < KSTEPS; ++ks) {
+      // k-tile kt+1 must have landed for everyone before its fragments are read; the barrier also
+      // ends every warp's reads of k-tile kt, whose stage iteration kt+1 refills.
+      auto next_tile = [&]() {
+        cp_async_wait<STAGES - 2>();
+        __syncthreads();
+        read_stage = read_stage + 1 == STAGES ? 0 : read_stage + 1;
+        a_s = sA + read_stage * BM * BK;
+        b_s = sB + read_stage * BN * BK;
+      };
+      if constexpr (FRAG_DB) {
+        if (ks == KSTEPS - 1) next_tile();
+        load_frags((ks + 1) % 2, a_s, b_s, (ks + 1) % KSTEPS);
+      } else {
+        load_frags(0, a_s, b_s, ks);
+      }
+      if (ks == 0) {
+        int next = kt + STAGES - 1;
+        if (next < KT) load_stage(next % STAGES, (kt0 + next) * BK);
+        cp_async_commit();
+      }
+      const int buf = FRAG_DB ? ks % 2 : 0;  // compile-time after unrolling
 #pragma unroll
       for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
-        for (int nt = 0; nt < NT; ++nt) mma_bf16(acc[mt][nt], af[mt], bfr[nt][0], bfr[nt][1]);
+        for (int nt = 0; nt < NT; ++nt) mma_bf16(acc[mt][nt], af[buf][mt], bfr[buf][nt][0], bfr[buf][nt][1]);
+      if constexpr (!FRAG_DB) {
+        if (ks == KSTEPS - 1) next_tile();
+      }
     }
   }
   cp_async_wait<0>();
@@ -373,26 +402,28 @@ __device__ __forceinline__ void conv_implicit_gemm(const Geom g, const bf16* __r
 #define CONV_GEOM_PARAMS int batch, int H, int W, int C1, int C2, int Ho, int Wo, int Cout, int ks, int stride, int pad, int up
 #define CONV_GEOM Geom{batch, H, W, C1, C2, C1 + C2, Ho, Wo, Cout, ks, stride, pad, up}
 
-#define CONV_FWD(NAME, BM, BN, WM_, WN_, VEC, MINB)                                                                      \
+#define CONV_FWD(NAME, BM, BN, WM_, WN_, VEC, DB, MINB)                                                                      \
   extern "C" __global__ void __launch_bounds__(32 * WM_ * WN_, MINB)                                                    \
       NAME(const bf16* x1, const bf16* x2, const bf16* w, const bf16* bias, const bf16* res, bf16* y, float* ws,   \
            int splits, CONV_GEOM_PARAMS) {                                                                          \
-    conv_implicit_gemm<BM, BN, WM_, WN_, false, VEC>(CONV_GEOM, x1, x2, w, bias, res, y, nullptr, ws, splits);    \
+    conv_implicit_gemm<BM, BN, WM_, WN_, false, VEC, DB>(CONV_GEOM, x1, x2, w, bias, res, y, nullptr, ws, splits);    \
   }
-#define CONV_BWD(NAME, BM, BN, WM_, WN_, VEC, MINB)                                                                      \
+#define CONV_BWD(NAME, BM, BN, WM_, WN_, VEC, DB, MINB)                                                                      \
   extern "C" __global__ void __launch_bounds__(32 * WM_ * WN_, MINB)                                                    \
       NAME(const bf16* dy, const bf16* w, bf16* dx1, bf16* dx2, float* ws, int splits, CONV_GEOM_PARAMS) {        \
-    conv_implicit_gemm<BM, BN, WM_, WN_, true, VEC>(CONV_GEOM, dy, nullptr, w, nullptr, nullptr, dx1, dx2, ws, splits); \
+    conv_implicit_gemm<BM, BN, WM_, WN_, true, VEC, DB>(CONV_GEOM, dy, nullptr, w, nullptr, nullptr, dx1, dx2, ws, splits); \
   }
 
-CONV_FWD(conv2d_fwd_bf16_vec_128x128, 128, 128, 2, 4, true, 2)
-CONV_FWD(conv2d_fwd_bf16_vec_128x64, 128, 64, 2, 2, true, 3)
-CONV_FWD(conv2d_fwd_bf16_vec_64x64, 64, 64, 2, 2, true, 4)
-CONV_FWD(conv2d_fwd_bf16_scalar_64x64, 64, 64, 2, 2, false, 4)
-CONV_BWD(conv2d_bwd_input_bf16_vec_128x128, 128, 128, 2, 4, true, 2)
-CONV_BWD(conv2d_bwd_input_bf16_vec_128x64, 128, 64, 2, 2, true, 3)
-CONV_BWD(conv2d_bwd_input_bf16_vec_64x64, 64, 64, 2, 2, true, 4)
-CONV_BWD(conv2d_bwd_input_bf16_scalar_64x64, 64, 64, 2, 2, false, 4)
+CONV_FWD(conv2d_fwd_bf16_vec_128x128, 128, 128, 2, 4, true, false, 2)
+CONV_FWD(conv2d_fwd_bf16_vec_128x64, 128, 64, 2, 2, true, false, 3)
+CONV_FWD(conv2d_fwd_bf16_vec_128x64_db, 128, 64, 2, 2, true, true, 2)
+CONV_FWD(conv2d_fwd_bf16_vec_64x64, 64, 64, 2, 2, true, true, 4)
+CONV_FWD(conv2d_fwd_bf16_scalar_64x64, 64, 64, 2, 2, false, false, 4)
+CONV_BWD(conv2d_bwd_input_bf16_vec_128x128, 128, 128, 2, 4, true, false, 2)
+CONV_BWD(conv2d_bwd_input_bf16_vec_128x64, 128, 64, 2, 2, true, false, 3)
+CONV_BWD(conv2d_bwd_input_bf16_vec_128x64_db, 128, 64, 2, 2, true, true, 2)
+CONV_BWD(conv2d_bwd_input_bf16_vec_64x64, 64, 64, 2, 2, true, true, 4)
+CONV_BWD(conv2d_bwd_input_bf16_scalar_64x64, 64, 64, 2, 2, false, false, 4)
 
 // Split-K epilogue: out[p, c] = Σ_s ws[s, p, c] (+ bias[c]) (+ res[p, c]) for p < pixels, c < N
 // (N even), stored bf16: columns c < C1 to y1 [pixels, C1], the rest to y2 [pixels, N − C1].

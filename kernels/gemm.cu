@@ -18,22 +18,26 @@
 // gemm_*_kn_* the input gradient, gemm_*_mn_f32 the weight-gradient products Aᵀ·B.
 //
 // Epilogue: C = alpha·acc + bias[n] (bf16, optional) + R[m·ldr + n] (type of C, optional; R may be C
-// itself, which accumulates). With gridDim.z > 1 (split-K, f32 output only) each z-slice adds its
-// partial sum with atomicAdd into C (the caller zeroes C or accumulates into it; no bias, no R).
+// itself, which accumulates). With gridDim.z > 1 (split-K, f32 output only, no bias, no R) each
+// z-slice sums its share of the K tiles and either adds it with atomicAdd into C (split_stride = 0;
+// the caller zeroes C or accumulates into it) or stores it to C + z·split_stride (a workspace that
+// gemm_splitk_reduce_f32 then adds up).
 // The accumulators are staged through shared memory so C, R and bias move as 16-byte row segments.
 //
-// Machinery (sm_80 PTX, runs on Ampere/Ada/Hopper/Blackwell): BMxBNx32 block tiles, 4 warps (2x2),
-// a 4- to 8-stage cp.async.cg pipeline into XOR-swizzled shared memory (conflict-free ldmatrix), ldmatrix
-// (.trans for the "m"/"n" layouts) feeding mma.sync.m16n8k16 bf16 -> f32. A segment whose pointer,
-// leading dimension or contiguous extent is not a multiple of 8 elements (16 bytes) is loaded with
-// bounds-checked scalar loads instead of cp.async (slower, same result): any M, N, K work.
+// Machinery (sm_80 PTX, runs on Ampere/Ada/Hopper/Blackwell): BMxBNxBK block tiles of 4 or 8 warps
+// (each warp owns a WMxWN sub-tile: 64x64, 64x32 or 32x32), a 3- to 8-stage cp.async.cg pipeline
+// into XOR-swizzled shared memory (conflict-free ldmatrix), ldmatrix (.trans for the "m"/"n"
+// layouts) feeding mma.sync.m16n8k16 bf16 -> f32. The ldmatrix fragments are double-buffered: the
+// fragments of k-step s+1 (of the next k-tile at the end of a tile) are loaded while the mmas of
+// step s issue, and the next tile's global->shared copies are issued at the first k-step of a tile.
+// A segment whose pointer, leading dimension or contiguous extent is not a multiple of 8 elements
+// (16 bytes) is loaded with bounds-checked scalar loads instead of cp.async (slower, same result):
+// any M, N, K work.
 #include "common.cuh"
 #include "mma.cuh"
 
 namespace {
 
-constexpr int BK = 32;
-constexpr int THREADS = 128;
 
 __device__ __forceinline__ void cp_async16(uint32_t dst, const void* src, bool valid) {
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(valid ? 16 : 0));
@@ -59,62 +63,56 @@ __device__ __noinline__ void load_chunk_checked(bf16* dst, const bf16* src, bool
   *reinterpret_cast<uint4*>(dst) = *reinterpret_cast<const uint4*>(val);
 }
 
+// One K segment of an operand: pointer, leading dimension, depth, and whether it takes cp.async.
+struct Operand {
+  const bf16* p;
+  int64_t ld;
+  int k;
+  bool vec;
+};
+
 // Copies one operand's tile for one K step into shared memory. K_MAJOR: the tile is [ROWS][BK]
 // (k contiguous: layouts A "k", B "k"); otherwise [BK][ROWS] (m or n contiguous: A "m", B "n").
-// Whatever does not change along K (this thread's chunks, their shared-memory offsets, the base
-// pointer of each segment) is computed once, so a K step costs a few adds per 16-byte copy.
-template <bool K_MAJOR, int ROWS>
+// Only this thread's chunk coordinates are kept in registers; the segment's pointer and leading
+// dimension are read (kernel parameters) per K step, which keeps the register count of the 8-warp
+// tiles low enough for two blocks per SM.
+template <bool K_MAJOR, int ROWS, int BK, int THREADS>
 struct TileLoader {
   static constexpr int ROW_CHUNKS = K_MAJOR ? BK / 8 : ROWS / 8;  // 16-byte chunks per tile row
   static constexpr int ITERS = ROWS * BK / 8 / THREADS;           // chunks per thread
   static constexpr int ROW_STEP = THREADS / ROW_CHUNKS;          // tile rows between them
   static_assert((ROWS * BK / 8) % THREADS == 0 && ROW_STEP % 8 == 0, "tile chunks must divide among the threads");
-  const bf16* base[2];  // per K segment: this thread's first chunk at k = 0
-  int64_t ld[2];
-  int klen[2];
-  bool vec[2];
   int smem_off;  // element offset of the first chunk in a tile
   int row0;      // tile row of the first chunk
   int mn;        // K_MAJOR: m (or n) of the first chunk's row; else m (or n) of every chunk's first element
   int kc;        // K_MAJOR: k of the chunk's first element within the tile
   int extent;    // M (or N)
 
-  __device__ __forceinline__ TileLoader(const bf16* g1, int64_t ld1, int k1, bool vec1, const bf16* g2, int64_t ld2, int k2,
-                                        bool vec2, int rows0, int extent_) {
+  __device__ __forceinline__ TileLoader(int rows0, int extent_) {
     const int chunk = threadIdx.x % ROW_CHUNKS;
     row0 = threadIdx.x / ROW_CHUNKS;
     smem_off = swizzle<ROW_CHUNKS>(row0, chunk);
     extent = extent_;
-    ld[0] = ld1, ld[1] = ld2, klen[0] = k1, klen[1] = k2, vec[0] = vec1, vec[1] = vec2;
-    if constexpr (K_MAJOR) {
-      mn = rows0 + row0, kc = chunk * 8;
-      base[0] = g1 + (int64_t)mn * ld1 + kc;
-      base[1] = g2 + (int64_t)mn * ld2 + kc;
-    } else {
-      mn = rows0 + chunk * 8, kc = 0;
-      base[0] = g1 + (int64_t)row0 * ld1 + mn;
-      base[1] = g2 + (int64_t)row0 * ld2 + mn;
-    }
+    mn = K_MAJOR ? rows0 + row0 : rows0 + chunk * 8;
+    kc = K_MAJOR ? chunk * 8 : 0;
   }
 
-  // Tile of segment `seg` starting at k0 (inside the segment) into `tile`.
-  __device__ __forceinline__ void load(bf16* tile, int seg, int k0) const {
-    const bf16* b = seg ? base[1] : base[0];
-    const int64_t l = seg ? ld[1] : ld[0];
-    const int kl = seg ? klen[1] : klen[0];
-    const bool v = seg ? vec[1] : vec[0];
+  // Tile of segment `op` starting at k0 (inside the segment) into `tile`.
+  __device__ __forceinline__ void load(bf16* tile, const Operand& op, int k0) const {
+    // This thread's first chunk at k = k0.
+    const bf16* b = K_MAJOR ? op.p + (int64_t)mn * op.ld + kc + k0 : op.p + (int64_t)(row0 + k0) * op.ld + mn;
 #pragma unroll
     for (int it = 0; it < ITERS; ++it) {
       bf16* dst = tile + smem_off + it * ROW_STEP * ROW_CHUNKS * 8;
       // (m or n, k) of the chunk's first element; the chunk runs along k (K_MAJOR) or along m/n.
       const int r = K_MAJOR ? mn + it * ROW_STEP : mn;
       const int k = K_MAJOR ? k0 + kc : k0 + row0 + it * ROW_STEP;
-      const bf16* src = K_MAJOR ? b + it * ROW_STEP * l + k0 : b + (k0 + it * ROW_STEP) * l;
-      if (v) {
-        const bool valid = r < extent && k < kl;  // whole chunk in or out: extents are multiples of 8 here
-        cp_async16(smem_addr(dst), valid ? src : base[0], valid);
+      const bf16* src = b + it * ROW_STEP * op.ld;
+      if (op.vec) {
+        const bool valid = r < extent && k < op.k;  // whole chunk in or out: extents are multiples of 8 here
+        cp_async16(smem_addr(dst), valid ? src : op.p, valid);
       } else {
-        load_chunk_checked(dst, src, K_MAJOR, r, extent, k, kl);
+        load_chunk_checked(dst, src, K_MAJOR, r, extent, k, op.k);
       }
     }
   }
@@ -176,24 +174,89 @@ __device__ __forceinline__ void store8(OutT* crow, const OutT* rrow, const bf16*
   }
 }
 
+// Epilogue of one tile: C = alpha·acc (+ bias) (+ R), or split-K atomics. The fragments go through
+// shared memory `cs` (an f32 [BM / PASSES][BN] tile whose 8-column groups are XOR-swizzled by
+// row: conflict-free fragment writes), PASSES row bands one after the other, and every thread
+// then writes whole 8-column groups of C with 16-byte accesses, coalesced, in a compact loop.
+template <int BM, int BN, int WM, int WN, int THREADS, int PASSES, typename OutT, int MI, int NI>
+__device__ __forceinline__ void epilogue(const float (&acc)[MI][NI][4], float* cs, int m0, int n0, int wm0, int wn0, OutT* c,
+                                         int64_t ldc, const bf16* bias, const OutT* r, int64_t ldr, int M, int N, float alpha,
+                                         int64_t split_stride) {
+  static_assert(BN >= 64, "the C tile swizzle needs 8 column groups per row");
+  constexpr int BAND = BM / PASSES;
+  static_assert(BAND % WM == 0, "a warp's rows lie in one band");
+  const int lane = threadIdx.x % 32;
+  auto c_at = [](int row, int col) { return row * BN + (col ^ ((row & 7) << 3)); };
+  const bool atomic = gridDim.z > 1 && split_stride == 0;
+  c += blockIdx.z * split_stride;  // split-K into a workspace: this slice's partial sums
+  auto aligned16 = [](const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15) == 0; };
+  const bool fast = !atomic && aligned16(c) && ldc % 8 == 0 && (!r || (aligned16(r) && ldr % 8 == 0)) && (!bias || aligned16(bias));
+  constexpr int GROUPS = BN / 8;
+#pragma unroll 1
+  for (int pass = 0; pass < PASSES; ++pass) {
+    if (pass > 0) __syncthreads();  // the previous band's reads of cs are done
+    if (wm0 / BAND == pass) {
+      const int g = lane / 4, t = lane % 4;
+#pragma unroll
+      for (int i = 0; i < MI; ++i)
+#pragma unroll
+        for (int j = 0; j < NI; ++j) {
+          const int row = wm0 - pass * BAND + i * 16 + g, col = wn0 + j * 8 + 2 * t;
+          *reinterpret_cast<float2*>(cs + c_at(row, col)) = make_float2(acc[i][j][0], acc[i][j][1]);
+          *reinterpret_cast<float2*>(cs + c_at(row + 8, col)) = make_float2(acc[i][j][2], acc[i][j][3]);
+        }
+    }
+    __syncthreads();
+    for (int idx = threadIdx.x; idx < BAND * GROUPS; idx += THREADS) {
+      const int row = idx / GROUPS, col = (idx % GROUPS) * 8;
+      const int m = m0 + pass * BAND + row, n = n0 + col;
+      if (m >= M || n >= N) continue;
+      OutT* crow = c + (int64_t)m * ldc;
+      const OutT* rrow = r ? r + (int64_t)m * ldr : nullptr;
+      if constexpr (sizeof(OutT) == 4) {
+        if (atomic && n + 8 <= N) {  // split-K partial sums: 8 fire-and-forget f32 reductions (red.global.add)
+          const float* v = cs + c_at(row, col);
+#pragma unroll
+          for (int e = 0; e < 8; ++e) atomicAdd(reinterpret_cast<float*>(crow) + n + e, alpha * v[e]);
+          continue;
+        }
+      }
+      if (fast && n + 8 <= N) store8(crow, rrow, bias, n, cs + c_at(row, col), alpha);
+      else store8_checked(crow, rrow, bias, n, N, cs + c_at(row, col), alpha, atomic);
+    }
+  }
+}
+
 // The kernel body. A_KMAJOR: A layout "k" (else "m"); B_KMAJOR: B layout "k" (else "n").
-template <int BM, int BN, int STAGES, bool A_KMAJOR, bool B_KMAJOR, typename OutT>
+// WARPS_M x WARPS_N warps. Each block loops over output tiles blockIdx.x, blockIdx.x + gridDim.x, ...
+// (tiles in row-major order of the [M/BM][N/BN] grid; the launcher gives one tile per block, or
+// as many blocks as fit on the GPU at once). SEP_C: the epilogue's C band has its own shared memory
+// after the pipeline's (dynamic shared memory = pipeline + C band), so the next tile's first K
+// tiles are already on their way while this tile's epilogue runs; otherwise C aliases the pipeline
+// (dynamic shared memory = max of the two).
+template <int BM, int BN, int BK, int WARPS_M, int WARPS_N, int STAGES, bool FRAG_DB, int PASSES, bool SEP_C, bool A_KMAJOR,
+          bool B_KMAJOR, typename OutT>
 __device__ __forceinline__ void gemm_body(const bf16* a1, int64_t lda1, const bf16* b1, int64_t ldb1, int k1,
                                           const bf16* a2, int64_t lda2, const bf16* b2, int64_t ldb2, int k2,
                                           OutT* c, int64_t ldc, const bf16* bias, const OutT* r, int64_t ldr, int M, int N,
-                                          float alpha, int tiles_per_split) {
-  constexpr int WM = BM / 2, WN = BN / 2;  // warp tile (2x2 warps)
+                                          float alpha, int tiles_per_split, int64_t split_stride) {
+  constexpr int THREADS = 32 * WARPS_M * WARPS_N;
+  constexpr int WM = BM / WARPS_M, WN = BN / WARPS_N;  // warp tile
   constexpr int MI = WM / 16, NI = WN / 8;
-  static_assert(NI % 2 == 0, "B fragments are loaded two n8 tiles at a time");
+  constexpr int KSTEPS = BK / 16;
+  static_assert(NI % 2 == 0 && KSTEPS % 2 == 0, "B fragments go two n8 tiles at a time; fragment buffers alternate by k-step");
   constexpr int A_TILE = BM * BK, B_TILE = BN * BK;
   extern __shared__ __align__(128) uint8_t smem_raw[];
   bf16* smem = reinterpret_cast<bf16*>(smem_raw);
   bf16* sa = smem;                    // STAGES A tiles
   bf16* sb = smem + STAGES * A_TILE;  // STAGES B tiles
+  float* cs = reinterpret_cast<float*>(SEP_C ? smem + STAGES * (A_TILE + B_TILE) : smem);
 
-  const int m0 = blockIdx.y * BM, n0 = blockIdx.x * BN;
+  const int tiles_n = (N + BN - 1) / BN, tiles_mn = ((M + BM - 1) / BM) * tiles_n;
+  int tile = blockIdx.x;
+  if (tile >= tiles_mn) return;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const int wm0 = (warp / 2) * WM, wn0 = (warp % 2) * WN;
+  const int wm0 = (warp / WARPS_N) * WM, wn0 = (warp % WARPS_N) * WN;
 
   // Alignment of each operand decides between cp.async and scalar loads (uniform per block).
   auto aligned = [](const bf16* p, int64_t ld, int contiguous_extent) {
@@ -201,133 +264,174 @@ __device__ __forceinline__ void gemm_body(const bf16* a1, int64_t lda1, const bf
   };
   const bool vec_a1 = aligned(a1, lda1, A_KMAJOR ? k1 : M), vec_b1 = aligned(b1, ldb1, B_KMAJOR ? k1 : N);
   const bool vec_a2 = aligned(a2, lda2, A_KMAJOR ? k2 : M), vec_b2 = aligned(b2, ldb2, B_KMAJOR ? k2 : N);
-  const TileLoader<A_KMAJOR, BM> load_a(a1, lda1, k1, vec_a1, a2, lda2, k2, vec_a2, m0, M);
-  const TileLoader<B_KMAJOR, BN> load_b(b1, ldb1, k1, vec_b1, b2, ldb2, k2, vec_b2, n0, N);
   const int tiles1 = (k1 + BK - 1) / BK, tiles2 = (k2 + BK - 1) / BK;
   const int t_begin = blockIdx.z * tiles_per_split;
   const int t_end = min(tiles1 + tiles2, t_begin + tiles_per_split);
   const int ntiles = max(0, t_end - t_begin);
 
-  auto load_stage = [&](int stage, int t) {
+  // K tile t of output tile (m0, n0) into pipeline stage `stage`.
+  auto load_stage = [&](int stage, int t, int m0, int n0) {
     const int seg = t < tiles1 ? 0 : 1;  // which K segment the tile belongs to
     const int k0 = (t - seg * tiles1) * BK;
-    load_a.load(sa + stage * A_TILE, seg, k0);
-    load_b.load(sb + stage * B_TILE, seg, k0);
+    TileLoader<A_KMAJOR, BM, BK, THREADS>(m0, M).load(sa + stage * A_TILE, seg ? Operand{a2, lda2, k2, vec_a2} : Operand{a1, lda1, k1, vec_a1}, k0);
+    TileLoader<B_KMAJOR, BN, BK, THREADS>(n0, N).load(sb + stage * B_TILE, seg ? Operand{b2, ldb2, k2, vec_b2} : Operand{b1, ldb1, k1, vec_b1}, k0);
   };
-
-  float acc[MI][NI][4];
-#pragma unroll
-  for (int i = 0; i < MI; ++i)
-#pragma unroll
-    for (int j = 0; j < NI; ++j)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) acc[i][j][e] = 0.0f;
-
+  // The first STAGES - 1 K tiles of output tile (m0, n0), one cp.async group each.
+  auto prologue = [&](int m0, int n0) {
 #pragma unroll 1
-  for (int s = 0; s < STAGES - 1; ++s) {
-    if (s < ntiles) load_stage(s, t_begin + s);
-    cp_async_commit();
-  }
-
-  for (int kt = 0; kt < ntiles; ++kt) {
-    cp_async_wait<STAGES - 2>();
-    __syncthreads();  // tile kt landed for every thread; every warp is done with tile kt-1
-    {
-      int next = kt + STAGES - 1;
-      if (next < ntiles) load_stage(next % STAGES, t_begin + next);
+    for (int s = 0; s < STAGES - 1; ++s) {
+      if (s < ntiles) load_stage(s, t_begin + s, m0, n0);
       cp_async_commit();
     }
-    const bf16* ta = sa + (kt % STAGES) * A_TILE;
-    const bf16* tb = sb + (kt % STAGES) * B_TILE;
-#pragma unroll
-    for (int kk = 0; kk < BK; kk += 16) {
-      uint32_t af[MI][4], bfr[NI / 2][4];
-#pragma unroll
-      for (int i = 0; i < MI; ++i) {
-        if constexpr (A_KMAJOR) {
-          int row = wm0 + i * 16 + (lane % 16), chunk = (kk >> 3) + lane / 16;
-          ldmatrix_x4(af[i], smem_addr(ta + swizzle<BK / 8>(row, chunk)));
-        } else {
-          int k = kk + (lane % 8) + (lane / 16) * 8, m = wm0 + i * 16 + ((lane / 8) % 2) * 8;
-          ldmatrix_x4_trans(af[i], smem_addr(ta + swizzle<BM / 8>(k, m >> 3)));
-        }
-      }
-#pragma unroll
-      for (int j = 0; j < NI / 2; ++j) {
-        if constexpr (B_KMAJOR) {
-          int n = wn0 + j * 16 + (lane % 8) + (lane / 16) * 8, chunk = (kk >> 3) + (lane / 8) % 2;
-          ldmatrix_x4(bfr[j], smem_addr(tb + swizzle<BK / 8>(n, chunk)));
-        } else {
-          int k = kk + (lane % 8) + ((lane / 8) % 2) * 8, n = wn0 + j * 16 + (lane / 16) * 8;
-          ldmatrix_x4_trans(bfr[j], smem_addr(tb + swizzle<BN / 8>(k, n >> 3)));
-        }
-      }
-#pragma unroll
-      for (int i = 0; i < MI; ++i)
-#pragma unroll
-        for (int j = 0; j < NI; ++j) mma_bf16(acc[i][j], af[i], bfr[j / 2][(j % 2) * 2], bfr[j / 2][(j % 2) * 2 + 1]);
-    }
-  }
-  cp_async_wait<0>();
+  };
 
-  // Epilogue through shared memory (free now): the fragments go to an f32 [BM][BN] tile whose
-  // 8-column groups are XOR-swizzled by row (conflict-free fragment writes), then every thread
-  // writes whole 8-column groups of C with 16-byte accesses, coalesced, in a compact loop.
-  static_assert(BM * BN * 4 <= STAGES * (A_TILE + B_TILE) * 2, "the C tile must fit in the pipeline's shared memory");
-  static_assert(BN >= 64, "the C tile swizzle needs 8 column groups per row");
-  __syncthreads();  // every warp is done reading the last A/B tiles
-  float* cs = reinterpret_cast<float*>(smem_raw);
-  auto c_at = [](int row, int col) { return row * BN + (col ^ ((row & 7) << 3)); };
-  {
-    const int g = lane / 4, t = lane % 4;
+  // Fragments of one k-step (16 deep) of the warp tile, two buffers (k-steps alternate).
+  uint32_t af[FRAG_DB ? 2 : 1][MI][4], bfr[FRAG_DB ? 2 : 1][NI / 2][4];
+  auto load_frags = [&](int buf, const bf16* ta, const bf16* tb, int kk) {
+#pragma unroll
+    for (int i = 0; i < MI; ++i) {
+      if constexpr (A_KMAJOR) {
+        int row = wm0 + i * 16 + (lane % 16), chunk = (kk >> 3) + lane / 16;
+        ldmatrix_x4(af[buf][i], smem_addr(ta + swizzle<BK / 8>(row, chunk)));
+      } else {
+        int k = kk + (lane % 8) + (lane / 16) * 8, m = wm0 + i * 16 + ((lane / 8) % 2) * 8;
+        ldmatrix_x4_trans(af[buf][i], smem_addr(ta + swizzle<BM / 8>(k, m >> 3)));
+      }
+    }
+#pragma unroll
+    for (int j = 0; j < NI / 2; ++j) {
+      if constexpr (B_KMAJOR) {
+        int n = wn0 + j * 16 + (lane % 8) + (lane / 16) * 8, chunk = (kk >> 3) + (lane / 8) % 2;
+        ldmatrix_x4(bfr[buf][j], smem_addr(tb + swizzle<BK / 8>(n, chunk)));
+      } else {
+        int k = kk + (lane % 8) + ((lane / 8) % 2) * 8, n = wn0 + j * 16 + (lane / 16) * 8;
+        ldmatrix_x4_trans(bfr[buf][j], smem_addr(tb + swizzle<BN / 8>(k, n >> 3)));
+      }
+    }
+  };
+
+  int m0 = (tile / tiles_n) * BM, n0 = (tile % tiles_n) * BN;
+  prologue(m0, n0);
+#pragma unroll 1
+  while (true) {
+    float acc[MI][NI][4];
 #pragma unroll
     for (int i = 0; i < MI; ++i)
 #pragma unroll
-      for (int j = 0; j < NI; ++j) {
-        const int row = wm0 + i * 16 + g, col = wn0 + j * 8 + 2 * t;
-        *reinterpret_cast<float2*>(cs + c_at(row, col)) = make_float2(acc[i][j][0], acc[i][j][1]);
-        *reinterpret_cast<float2*>(cs + c_at(row + 8, col)) = make_float2(acc[i][j][2], acc[i][j][3]);
+      for (int j = 0; j < NI; ++j)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) acc[i][j][e] = 0.0f;
+
+    cp_async_wait<STAGES - 2>();
+    __syncthreads();  // K tile 0 landed for every thread
+    int read_stage = 0, write_stage = STAGES - 1;
+    const bf16* ta = sa;
+    const bf16* tb = sb;
+    if constexpr (FRAG_DB) load_frags(0, ta, tb, 0);
+
+    // Pipeline invariant: at the top of iteration kt, K tile kt sits in stage read_stage (with
+    // FRAG_DB, its first k-step's fragments are in buffer 0), K tiles kt+1 .. kt+STAGES-2 are in
+    // flight.
+#pragma unroll 1
+    for (int kt = 0; kt < ntiles; ++kt) {
+#pragma unroll
+      for (int ks = 0; ks < KSTEPS; ++ks) {
+        // K tile kt+1 must have landed (for every thread) before its fragments are read; the
+        // barrier also ends every warp's reads of tile kt, whose stage iteration kt+1 refills.
+        auto next_tile = [&]() {
+          cp_async_wait<STAGES - 2>();
+          __syncthreads();
+          read_stage = read_stage + 1 == STAGES ? 0 : read_stage + 1;
+          ta = sa + read_stage * A_TILE;
+          tb = sb + read_stage * B_TILE;
+        };
+        if constexpr (FRAG_DB) {
+          if (ks == KSTEPS - 1) next_tile();
+          load_frags((ks + 1) % 2, ta, tb, ((ks + 1) % KSTEPS) * 16);
+        } else {
+          load_frags(0, ta, tb, ks * 16);
+        }
+        if (ks == 0) {
+          const int next = kt + STAGES - 1;
+          if (next < ntiles) load_stage(write_stage, t_begin + next, m0, n0);
+          cp_async_commit();
+          write_stage = write_stage + 1 == STAGES ? 0 : write_stage + 1;
+        }
+        const int buf = FRAG_DB ? ks % 2 : 0;  // compile-time after unrolling
+#pragma unroll
+        for (int i = 0; i < MI; ++i)
+#pragma unroll
+          for (int j = 0; j < NI; ++j)
+            mma_bf16(acc[i][j], af[buf][i], bfr[buf][j / 2][(j % 2) * 2], bfr[buf][j / 2][(j % 2) * 2 + 1]);
+        if constexpr (!FRAG_DB) {
+          if (ks == KSTEPS - 1) next_tile();
+        }
       }
-  }
-  __syncthreads();
-  const bool atomic = gridDim.z > 1;
-  auto aligned16 = [](const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15) == 0; };
-  const bool fast = !atomic && aligned16(c) && ldc % 8 == 0 && (!r || (aligned16(r) && ldr % 8 == 0)) && (!bias || aligned16(bias));
-  constexpr int GROUPS = BN / 8;
-  for (int idx = threadIdx.x; idx < BM * GROUPS; idx += THREADS) {
-    const int row = idx / GROUPS, col = (idx % GROUPS) * 8;
-    const int m = m0 + row, n = n0 + col;
-    if (m >= M || n >= N) continue;
-    OutT* crow = c + (int64_t)m * ldc;
-    const OutT* rrow = r ? r + (int64_t)m * ldr : nullptr;
-    if (fast && n + 8 <= N) store8(crow, rrow, bias, n, cs + c_at(row, col), alpha);
-    else store8_checked(crow, rrow, bias, n, N, cs + c_at(row, col), alpha, atomic);
+    }
+    // Every copy of this tile has landed (the last waits covered them) and, after this barrier,
+    // every warp is done reading the pipeline's shared memory.
+    cp_async_wait<0>();
+    __syncthreads();
+    const int next_tile_mn = tile + gridDim.x;
+    const int next_m0 = (next_tile_mn / tiles_n) * BM, next_n0 = (next_tile_mn % tiles_n) * BN;
+    if (SEP_C && next_tile_mn < tiles_mn) prologue(next_m0, next_n0);
+    epilogue<BM, BN, WM, WN, THREADS, PASSES>(acc, cs, m0, n0, wm0, wn0, c, ldc, bias, r, ldr, M, N, alpha, split_stride);
+    if (next_tile_mn >= tiles_mn) break;
+    if (!SEP_C) {
+      __syncthreads();  // the epilogue's reads of C (aliasing the pipeline) are done
+      prologue(next_m0, next_n0);
+    }
+    tile = next_tile_mn, m0 = next_m0, n0 = next_n0;
   }
 }
 
 }  // namespace
 
-#define GEMM_KERNEL(BM, BN, ST, LA, LB, AK, BKM, OUT, OUTT)                                                                   \
-  extern "C" __global__ void __launch_bounds__(THREADS) gemm_##BM##x##BN##_##LA##LB##_##OUT(                              \
+#define GEMM_KERNEL(BM, BN, BK, WM_, WN_, ST, DB, PASSES, SEP, MINB, LA, LB, AK, BKM, OUT, OUTT)                        \
+  extern "C" __global__ void __launch_bounds__(32 * WM_ * WN_, MINB) gemm_##BM##x##BN##_##LA##LB##_##OUT(                \
       const bf16* a1, int64_t lda1, const bf16* b1, int64_t ldb1, int k1, const bf16* a2, int64_t lda2, const bf16* b2,   \
       int64_t ldb2, int k2, OUTT* c, int64_t ldc, const bf16* bias, const OUTT* r, int64_t ldr, int M, int N, float alpha, \
-      int tiles_per_split) {                                                                                               \
-    gemm_body<BM, BN, ST, AK, BKM, OUTT>(a1, lda1, b1, ldb1, k1, a2, lda2, b2, ldb2, k2, c, ldc, bias, r, ldr, M, N, alpha,   \
-                                     tiles_per_split);                                                                     \
+      int tiles_per_split, int64_t split_stride) {                                                                         \
+    gemm_body<BM, BN, BK, WM_, WN_, ST, DB, PASSES, SEP, AK, BKM, OUTT>(a1, lda1, b1, ldb1, k1, a2, lda2, b2, ldb2, k2, c, ldc, bias, r, ldr, \
+                                                    M, N, alpha, tiles_per_split, split_stride);                           \
   }
 
-// Pipeline depth per tile (src/ops/gemm.rs `stages` must agree): deeper for the small tiles, which
-// run where few blocks share an SM and the loads' latency is what limits them.
-#define GEMM_TILES(LA, LB, AK, BKM, OUT, OUTT)        \
-  GEMM_KERNEL(128, 128, 4, LA, LB, AK, BKM, OUT, OUTT) \
-  GEMM_KERNEL(128, 64, 6, LA, LB, AK, BKM, OUT, OUTT)  \
-  GEMM_KERNEL(64, 64, 8, LA, LB, AK, BKM, OUT, OUTT)
+// The tiles: BM x BN x BK, warps (M x N), pipeline stages, fragment double-buffering, epilogue
+// row bands, separate C shared memory, min. blocks per SM. src/ops/gemm.rs `tile_shape` must agree.
+// 256x128 / 128x256: 8 warps of 64x64, one block per SM, 144 KiB pipeline + 64 KiB C band (the
+// launcher runs them persistent: next tile's loads overlap this tile's epilogue); 128x128: 8 warps
+// of 64x32 (two per SM: 128 registers); 128x64 and 64x64: 4 warps, deeper pipelines for where few
+// blocks share an SM.
+#define GEMM_TILES(LA, LB, AK, BKM, OUT, OUTT)                                     \
+  GEMM_KERNEL(256, 128, 64, 4, 2, 3, true, 2, true, 1, LA, LB, AK, BKM, OUT, OUTT)  \
+  GEMM_KERNEL(128, 256, 64, 2, 4, 3, true, 2, true, 1, LA, LB, AK, BKM, OUT, OUTT)  \
+  GEMM_KERNEL(128, 128, 32, 2, 4, 4, false, 1, false, 2, LA, LB, AK, BKM, OUT, OUTT) \
+  GEMM_KERNEL(128, 64, 32, 2, 2, 6, true, 1, false, 1, LA, LB, AK, BKM, OUT, OUTT)   \
+  GEMM_KERNEL(64, 64, 32, 2, 2, 8, true, 1, false, 1, LA, LB, AK, BKM, OUT, OUTT)
 
 GEMM_TILES(k, k, true, true, bf16, bf16)
 GEMM_TILES(k, k, true, true, f32, float)
 GEMM_TILES(k, n, true, false, bf16, bf16)
 GEMM_TILES(k, n, true, false, f32, float)
 GEMM_TILES(m, n, false, false, f32, float)
+
+// Split-K reduction for up to two GEMMs at once (the LoRA dA and dB): for p in {1, 2}, i < count_p:
+//   c_p[i] = (accumulate ? c_p[i] : 0) + Σ_{s < slices_p} ws_p[s·count_p + i]
+// CPU twin: at_b_cpu (tested through at_b and the LoRA backward).
+extern "C" __global__ void gemm_splitk_reduce_f32(const float* __restrict__ ws1, int slices1, int64_t count1, float* __restrict__ c1,
+                                                  const float* __restrict__ ws2, int slices2, int64_t count2, float* __restrict__ c2,
+                                                  int accumulate) {
+  FOR_EACH_INDEX(i, count1 + count2) {
+    const bool second = i >= count1;
+    const float* ws = second ? ws2 : ws1;
+    const int64_t j = second ? i - count1 : i, count = second ? count2 : count1;
+    const int slices = second ? slices2 : slices1;
+    float* c = second ? c2 : c1;
+    float sum = accumulate ? c[j] : 0.0f;
+    for (int s = 0; s < slices; ++s) sum += ws[s * count + j];
+    c[j] = sum;
+  }
+}
 
 // Benchmark helper (src/bench/gemm.rs): keeps the GPU busy for `cycles` clock cycles so that the
 // launches queued behind it are timed back to back, without the host's launch latency in between.

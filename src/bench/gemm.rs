@@ -1,14 +1,16 @@
 //! GEMM and fused LoRA benchmarks at SD1.5 shapes (bf16, 512 px): TFLOP/s.
 //!
 //! Rows: `linear` (x·Wᵀ, the launcher's tile choice) and `linear_tile<BM>x<BN>` (each tile forced,
-//! for tuning the choice), `linear_input_grad` (dy·W), and the fused LoRA linear at r = 128:
+//! for tuning the choice), `linear_input_grad` (dy·W) and `linear_input_grad_tile<BM>x<BN>`, and the fused LoRA linear at r = 128:
 //! `lora_fwd`, `lora_bwd` (u saved), `lora_fwd_bwd` (both, u saved) and `lora_fwd_bwd_recompute`
 //! (u dropped after the forward and recomputed in the backward: one more x·Aᵀ GEMM, M·r·2 bytes
-//! less to keep). benches/torch_gemm.py times the same shapes with cuBLAS through PyTorch.
+//! less to keep), and the weight gradients dA, dB alone with split-K through f32 atomics
+//! (`lora_grads_atomic`) or a workspace and one reduction (`lora_grads_workspace`, the one used).
+//! benches/torch_gemm.py times the same shapes with cuBLAS through PyTorch.
 
 use super::{BenchRow, Timing};
-use crate::cuda::{ArenaKind::Scratch, Gpu, KernelArg, LaunchConfig};
-use crate::ops::gemm::{self, GemmCall, Layouts, Segment, TILES};
+use crate::cuda::{ArenaKind::Persistent, Gpu, KernelArg, LaunchConfig};
+use crate::ops::gemm::{self, AtB, GemmCall, Layouts, Segment, SplitK, WeightGradSplit, TILES};
 use crate::ops::lora::{self, LoraBackwardOut, LoraLinear};
 use crate::tensor::{DType, Tensor};
 use anyhow::Result;
@@ -83,7 +85,7 @@ fn tflops(flop: f64, t: &Timing) -> f64 {
 }
 
 fn buf(gpu: &Gpu, shape: &[usize], dtype: DType) -> Result<Tensor> {
-    let t = Tensor::empty_gpu(gpu, Scratch, shape, dtype)?;
+    let t = Tensor::empty_gpu(gpu, Persistent, shape, dtype)?;
     // Deterministic small values: bf16 0x3C00 pairs ≈ 0.0078 — no NaN/inf slowing anything down.
     unsafe { cudarc::driver::result::memset_d8_async(t.ptr()?, 0x3C, t.numel() * dtype.size(), gpu.stream().cu_stream()) }?;
     Ok(t)
@@ -112,7 +114,7 @@ pub fn bench(gpu: &Gpu) -> Result<Vec<BenchRow>> {
                 bias: None,
                 residual: None,
                 alpha: 1.0,
-                allow_split_k: false,
+                split: SplitK::None,
             };
             let t = time_queued(gpu, REPS, || gemm::gemm_with_tile(gpu, &call, tile))?;
             let kernel = format!("linear_tile{}x{}", tile.0, tile.1);
@@ -121,7 +123,26 @@ pub fn bench(gpu: &Gpu) -> Result<Vec<BenchRow>> {
         let dy = buf(gpu, &[m, n], DType::BF16)?;
         let mut dx = buf(gpu, &[m, k], DType::BF16)?;
         let t = time_queued(gpu, REPS, || gemm::linear_input_grad(gpu, &dy, &w, false, &mut dx))?;
-        rows.push(BenchRow { kernel: "linear_input_grad".into(), shape, rate: tflops(flop, &t), unit: "TFLOP/s", timing: t });
+        rows.push(BenchRow { kernel: "linear_input_grad".into(), shape: shape.clone(), rate: tflops(flop, &t), unit: "TFLOP/s", timing: t });
+        for tile in TILES {
+            let call = GemmCall {
+                layouts: Layouts::Kn,
+                m,
+                n: k,
+                seg1: Segment { a: dy.ptr()?, lda: n, b: w.ptr()?, ldb: k, k: n },
+                seg2: Segment::default(),
+                c: dx.ptr()?,
+                ldc: k,
+                out: DType::BF16,
+                bias: None,
+                residual: None,
+                alpha: 1.0,
+                split: SplitK::None,
+            };
+            let t = time_queued(gpu, REPS, || gemm::gemm_with_tile(gpu, &call, tile))?;
+            let kernel = format!("linear_input_grad_tile{}x{}", tile.0, tile.1);
+            rows.push(BenchRow { kernel, shape: shape.clone(), rate: tflops(flop, &t), unit: "TFLOP/s", timing: t });
+        }
         gpu.reset_scratch();
     }
     for (m, k, n) in LORA_SHAPES {
@@ -147,7 +168,9 @@ fn bench_lora(gpu: &Gpu, m: usize, in_f: usize, out_f: usize, r: usize) -> Resul
     let bwd = 2.0 * mf * (o * rf + (o + rf) * i + o * rf + rf * i);
     let shape = format!("{m}x{in_f}->{out_f} r{r}");
 
+    // The split-K workspaces come from the scratch arena: reset it per call, as a training step does.
     let mut backward = |us: &Tensor| -> Result<()> {
+        gpu.reset_scratch();
         let out = LoraBackwardOut { dx: &mut dx, da: &mut da, db: &mut db, vs: &mut vs };
         lora::lora_backward(gpu, &l, &x, us, &dy, out, false, true)
     };
@@ -176,11 +199,25 @@ fn bench_lora(gpu: &Gpu, m: usize, in_f: usize, out_f: usize, r: usize) -> Resul
         }
         println!("lora fwd+bwd {shape}, {REPS} reps, per kernel:\n{}", crate::cuda::TimingTable(&gpu.stop_profiling()?));
     }
+    // The weight gradients alone (dB = dyᵀ·u_s, dA = v_sᵀ·x), split-K with atomics vs workspace.
+    let grads = [
+        AtB { a: (dy.ptr()?, out_f), b: (us.ptr()?, r), m, p: out_f, q: r, alpha: 1.0, c: db.ptr()? },
+        AtB { a: (vs.ptr()?, r), b: (x.ptr()?, in_f), m, p: r, q: in_f, alpha: 1.0, c: da.ptr()? },
+    ];
+    let grads_with = |how| {
+        gpu.reset_scratch();
+        gemm::at_b_many(gpu, &grads, true, how)
+    };
+    let t_grads_atomic = time_queued(gpu, REPS, || grads_with(WeightGradSplit::Atomic))?;
+    let t_grads_ws = time_queued(gpu, REPS, || grads_with(WeightGradSplit::Workspace))?;
+    let grad_flop = 2.0 * mf * (o * rf + rf * i);
     let row = |kernel: &str, flop: f64, t: Timing| BenchRow { kernel: kernel.into(), shape: shape.clone(), rate: tflops(flop, &t), unit: "TFLOP/s", timing: t };
     Ok(vec![
         row("lora_fwd", fwd, t_fwd),
         row("lora_bwd", bwd, t_bwd),
         row("lora_fwd_bwd", fwd + bwd, t_both),
         row("lora_fwd_bwd_recompute", fwd + bwd + down, t_recompute),
+        row("lora_grads_atomic", grad_flop, t_grads_atomic),
+        row("lora_grads_workspace", grad_flop, t_grads_ws),
     ])
 }

@@ -212,31 +212,32 @@ struct Plan {
     splits: usize,
 }
 
-/// Tiles (bm, bn) of the vector kernels, in the order of `plan`'s kernel names.
-const TILES: [(usize, usize); 3] = [(128, 128), (128, 64), (64, 64)];
+/// The vector kernels, in the order of `plan`'s kernel names: (name suffix, bm, bn). `128x64db`
+/// is the 128×64 tile with double-buffered mma fragments (two blocks per SM instead of three).
+const TILES: [(&str, usize, usize); 4] = [("128x128", 128, 128), ("128x64", 128, 64), ("128x64db", 128, 64), ("64x64", 64, 64)];
 
 /// Picks the kernel and the split-K factor for a GEMM of `m` rows (per class), `n` columns,
 /// `classes` parity classes and at most `ktiles` k-tiles, then splits along K until there are
-/// about two CTAs per SM. Tiles, from all three measured at every SD1.5 shape on the H100
+/// about two CTAs per SM. Tiles, from all of them measured at every SD1.5 shape on the H100
 /// (benches/RESULTS.md): 128×64 for big GEMMs (m ≥ 256 and m·n·k ≥ 3.5e9), 128×128 for the
-/// widest 3×3 input gradients (n ≥ 1920, m ≥ 1024, ≥ 40 k-tiles), 64×64 otherwise. `names`: the 128×128,
-/// 128×64, 64×64 vector kernels and the scalar (64×64) one. `SDLORA_CONV_TILE=128x128|128x64|64x64`
-/// forces the vector tile (for benchmarking the choice).
-fn plan(vec: bool, m: usize, n: usize, classes: usize, ktiles: usize, wide_n_prefers_square: bool, names: [&'static str; 4]) -> Plan {
+/// widest 3×3 input gradients (n ≥ 1920, m ≥ 1024, ≥ 40 k-tiles), 64×64 otherwise. `names`: the
+/// vector kernels in the order of [`TILES`] and the scalar (64×64) one.
+/// `SDLORA_CONV_TILE=128x128|128x64|128x64db|64x64` forces the vector tile (for benchmarking the choice).
+fn plan(vec: bool, m: usize, n: usize, classes: usize, ktiles: usize, wide_n_prefers_square: bool, names: [&'static str; 5]) -> Plan {
     static FORCED: std::sync::OnceLock<Option<usize>> = std::sync::OnceLock::new();
     let forced = *FORCED.get_or_init(|| {
         let v = std::env::var("SDLORA_CONV_TILE").ok()?;
-        TILES.iter().position(|(bm, bn)| v == format!("{bm}x{bn}"))
+        TILES.iter().position(|(name, _, _)| v == *name)
     });
     let make = |i: usize, kernel: &'static str| {
-        let (bm, bn) = TILES[i];
+        let (_, bm, bn) = TILES[i.min(TILES.len() - 1)];
         let ctas = m.div_ceil(bm) * n.div_ceil(bn) * classes;
         let max_splits = MAX_SPLITS.min(ktiles / MIN_KTILES_PER_SPLIT).max(1);
         let splits = if ctas >= 2 * SMS { 1 } else { (2 * SMS).div_ceil(ctas).clamp(1, max_splits) };
         Plan { kernel, bm, bn, splits }
     };
     if !vec {
-        return make(2, names[3]);
+        return make(3, names[4]);
     }
     let mnk = (m * n * ktiles * BK) as f64;
     let tile = if wide_n_prefers_square && n >= 1920 && m >= 1024 && ktiles >= 40 {
@@ -244,7 +245,7 @@ fn plan(vec: bool, m: usize, n: usize, classes: usize, ktiles: usize, wide_n_pre
     } else if m >= 256 && mnk >= 3.5e9 {
         1
     } else {
-        2
+        3
     };
     let i = forced.unwrap_or(tile);
     make(i, names[i])
@@ -335,6 +336,7 @@ pub fn conv2d(
     let p = plan(vec, m, s.out_ch, 1, ktiles, false, [
         "conv2d_fwd_bf16_vec_128x128",
         "conv2d_fwd_bf16_vec_128x64",
+        "conv2d_fwd_bf16_vec_128x64_db",
         "conv2d_fwd_bf16_vec_64x64",
         "conv2d_fwd_bf16_scalar_64x64",
     ]);
@@ -380,6 +382,7 @@ pub fn conv2d_backward_input(
     let p = plan(vec, m, s.in_ch, st * st, (taps * s.out_ch).div_ceil(BK), true, [
         "conv2d_bwd_input_bf16_vec_128x128",
         "conv2d_bwd_input_bf16_vec_128x64",
+        "conv2d_bwd_input_bf16_vec_128x64_db",
         "conv2d_bwd_input_bf16_vec_64x64",
         "conv2d_bwd_input_bf16_scalar_64x64",
     ]);

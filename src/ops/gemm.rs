@@ -8,22 +8,44 @@
 //! the layout they are stored in (no transposes in memory) and whose K sum can run over two segments
 //! from two pointer pairs (the fused LoRA linear in `ops::lora` uses that for its concatenated K).
 
-use crate::cuda::{Gpu, KernelArg, LaunchConfig};
+use crate::cuda::{ArenaKind, Gpu, KernelArg, LaunchConfig};
 use crate::tensor::{DType, Tensor};
 use anyhow::{bail, ensure, Context, Result};
 use cudarc::driver::sys::{CUdevice_attribute, CUfunction_attribute};
 
 const MODULE: &str = "gemm";
-/// K depth of one pipeline stage and threads per block (must match kernels/gemm.cu).
-const BK: usize = 32;
-const THREADS: u32 = 128;
+/// The shape of a block tile (must match GEMM_TILES in kernels/gemm.cu): K depth of one pipeline
+/// stage, threads per block, pipeline stages, epilogue row bands, whether the C band has shared
+/// memory of its own (then the block loops over tiles: the launcher starts only as many blocks as
+/// run at once), and blocks per SM.
+#[derive(Clone, Copy, Debug)]
+struct TileShape {
+    bk: usize,
+    threads: u32,
+    stages: usize,
+    passes: usize,
+    persistent: bool,
+    per_sm: usize,
+}
 
-/// Pipeline stages of each block tile (must match GEMM_TILES in kernels/gemm.cu).
-fn stages((bm, bn): (usize, usize)) -> usize {
+fn tile_shape((bm, bn): (usize, usize)) -> TileShape {
     match (bm, bn) {
-        (128, 128) => 4,
-        (128, 64) => 6,
-        _ => 8,
+        (256, 128) | (128, 256) => TileShape { bk: 64, threads: 256, stages: 3, passes: 2, persistent: true, per_sm: 1 },
+        (128, 128) => TileShape { bk: 32, threads: 256, stages: 4, passes: 1, persistent: false, per_sm: 2 },
+        (128, 64) => TileShape { bk: 32, threads: 128, stages: 6, passes: 1, persistent: false, per_sm: 2 },
+        _ => TileShape { bk: 32, threads: 128, stages: 8, passes: 1, persistent: false, per_sm: 3 },
+    }
+}
+
+/// Dynamic shared memory of a tile: the pipeline's stages and the f32 C band of the epilogue,
+/// one after the other (persistent tiles) or sharing the same bytes.
+fn tile_smem(tile: (usize, usize)) -> usize {
+    let t = tile_shape(tile);
+    let (pipeline, c_band) = (t.stages * (tile.0 + tile.1) * t.bk * 2, tile.0 / t.passes * tile.1 * 4);
+    if t.persistent {
+        pipeline + c_band
+    } else {
+        pipeline.max(c_band)
     }
 }
 
@@ -110,28 +132,52 @@ pub(crate) struct GemmCall {
     pub bias: Option<u64>,
     pub residual: Option<(u64, usize)>,
     pub alpha: f32,
-    /// Split the K loop over several blocks that add into C with atomics (f32 C, no bias/residual:
-    /// C must hold zeros or the sum to accumulate into).
-    pub allow_split_k: bool,
+    /// Whether the K loop is split over several blocks per output tile.
+    pub split: SplitK,
+}
+
+/// How the K loop of a GEMM is split over blocks (f32 C without bias or residual only). The slice
+/// count must come from [`k_slices`] (every slice gets at least one K tile).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum SplitK {
+    /// One block per output tile.
+    None,
+    /// That many slices, each adding its partial sum into C with f32 atomics (C holds zeros or the
+    /// sum to accumulate into).
+    Atomic(usize),
+    /// That many slices, slice s storing its partial sum to workspace + s·m·ldc (f32; C itself is
+    /// not written): `gemm_splitk_reduce_f32` adds them up.
+    Workspace(u64, usize),
 }
 
 /// Block tile (BM, BN) choices, largest first.
-pub(crate) const TILES: [(usize, usize); 3] = [(128, 128), (128, 64), (64, 64)];
+pub(crate) const TILES: [(usize, usize); 5] = [(256, 128), (128, 256), (128, 128), (128, 64), (64, 64)];
 
+/// The kernel of a tile, operand layouts and output type: gemm_<BM>x<BN>_<layouts>_<out>.
 fn kernel_name(tile: (usize, usize), layouts: Layouts, out: DType) -> Result<&'static str> {
     Ok(match (tile, layouts, out) {
+        ((256, 128), Layouts::Kk, DType::BF16) => "gemm_256x128_kk_bf16",
+        ((128, 256), Layouts::Kk, DType::BF16) => "gemm_128x256_kk_bf16",
         ((128, 128), Layouts::Kk, DType::BF16) => "gemm_128x128_kk_bf16",
         ((128, 64), Layouts::Kk, DType::BF16) => "gemm_128x64_kk_bf16",
         ((64, 64), Layouts::Kk, DType::BF16) => "gemm_64x64_kk_bf16",
+        ((256, 128), Layouts::Kk, DType::F32) => "gemm_256x128_kk_f32",
+        ((128, 256), Layouts::Kk, DType::F32) => "gemm_128x256_kk_f32",
         ((128, 128), Layouts::Kk, DType::F32) => "gemm_128x128_kk_f32",
         ((128, 64), Layouts::Kk, DType::F32) => "gemm_128x64_kk_f32",
         ((64, 64), Layouts::Kk, DType::F32) => "gemm_64x64_kk_f32",
+        ((256, 128), Layouts::Kn, DType::BF16) => "gemm_256x128_kn_bf16",
+        ((128, 256), Layouts::Kn, DType::BF16) => "gemm_128x256_kn_bf16",
         ((128, 128), Layouts::Kn, DType::BF16) => "gemm_128x128_kn_bf16",
         ((128, 64), Layouts::Kn, DType::BF16) => "gemm_128x64_kn_bf16",
         ((64, 64), Layouts::Kn, DType::BF16) => "gemm_64x64_kn_bf16",
+        ((256, 128), Layouts::Kn, DType::F32) => "gemm_256x128_kn_f32",
+        ((128, 256), Layouts::Kn, DType::F32) => "gemm_128x256_kn_f32",
         ((128, 128), Layouts::Kn, DType::F32) => "gemm_128x128_kn_f32",
         ((128, 64), Layouts::Kn, DType::F32) => "gemm_128x64_kn_f32",
         ((64, 64), Layouts::Kn, DType::F32) => "gemm_64x64_kn_f32",
+        ((256, 128), Layouts::Mn, DType::F32) => "gemm_256x128_mn_f32",
+        ((128, 256), Layouts::Mn, DType::F32) => "gemm_128x256_mn_f32",
         ((128, 128), Layouts::Mn, DType::F32) => "gemm_128x128_mn_f32",
         ((128, 64), Layouts::Mn, DType::F32) => "gemm_128x64_mn_f32",
         ((64, 64), Layouts::Mn, DType::F32) => "gemm_64x64_mn_f32",
@@ -143,18 +189,41 @@ fn sm_count(gpu: &Gpu) -> Result<usize> {
     Ok(gpu.stream().context().attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)? as usize)
 }
 
-/// The tile the launcher picks: 128x128 when that still gives 4 blocks per SM, 128x64 for 2, else
-/// 64x64 (measured on an H100 at the SD1.5 shapes: benches/RESULTS.md, rows `linear_tile*`).
+/// A tile's relative throughput per SM when every SM is busy (measured on an H100 at the SD1.5
+/// shapes: benches/RESULTS.md, rows `linear_tile*`).
+fn tile_rate(tile: (usize, usize)) -> f64 {
+    match tile {
+        (256, 128) | (128, 256) => 1.0,
+        (128, 128) => 0.95,
+        (128, 64) => 0.75,
+        _ => 0.6,
+    }
+}
+
+/// Whether a tile's shared memory fits in one block on this GPU (the big tiles need an H100-class
+/// 227 KiB; consumer cards give 99 KiB and take the smaller tiles).
+fn tile_fits(gpu: &Gpu, tile: (usize, usize)) -> Result<bool> {
+    let optin = gpu.stream().context().attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)?;
+    Ok(tile_smem(tile) <= optin as usize)
+}
+
+/// The tile the launcher picks: the least estimated time, counting whole waves (a partly filled
+/// last wave costs as much as a full one) over the SMs at each tile's occupancy.
 pub(crate) fn pick_tile(gpu: &Gpu, m: usize, n: usize) -> Result<(usize, usize)> {
     let sms = sm_count(gpu)?;
-    let blocks = |(bm, bn): (usize, usize)| m.div_ceil(bm) * n.div_ceil(bn);
-    Ok(if blocks(TILES[0]) >= 4 * sms {
-        TILES[0]
-    } else if blocks(TILES[1]) >= 2 * sms {
-        TILES[1]
-    } else {
-        TILES[2]
-    })
+    let cost = |tile: (usize, usize)| {
+        let occ = tile_shape(tile).per_sm;
+        let blocks = m.div_ceil(tile.0) * n.div_ceil(tile.1);
+        let waves = blocks.div_ceil(sms * occ);
+        (waves * occ * tile.0 * tile.1) as f64 / tile_rate(tile)
+    };
+    let mut best = TILES[TILES.len() - 1];
+    for tile in TILES {
+        if tile_fits(gpu, tile)? && cost(tile) < cost(best) {
+            best = tile;
+        }
+    }
+    Ok(best)
 }
 
 /// Launches one GEMM with the launcher's tile choice.
@@ -163,40 +232,57 @@ pub(crate) fn gemm(gpu: &Gpu, call: &GemmCall) -> Result<()> {
     gemm_with_tile(gpu, call, tile)
 }
 
-/// (number of K slices, K tiles per slice) for `call` with block tile `tile`.
-fn split_k(gpu: &Gpu, call: &GemmCall, (bm, bn): (usize, usize)) -> Result<(usize, usize)> {
-    let ktiles = call.seg1.k.div_ceil(BK) + call.seg2.k.div_ceil(BK);
-    let blocks = call.m.div_ceil(bm) * call.n.div_ceil(bn);
-    let mut split = 1;
-    if call.allow_split_k {
-        ensure!(call.out == DType::F32 && call.bias.is_none() && call.residual.is_none(), "gemm: split-K needs an f32 output without epilogue");
-        let sms = sm_count(gpu)?;
-        if blocks < sms {
-            // Enough slices for about two blocks per SM, each slice at least 8 K tiles deep.
-            split = (2 * sms).div_ceil(blocks).min(ktiles / 8).max(1);
-        }
+/// K tiles of `call` with block tile `tile`.
+fn k_tiles(call: &GemmCall, tile: (usize, usize)) -> usize {
+    let bk = tile_shape(tile).bk;
+    call.seg1.k.div_ceil(bk) + call.seg2.k.div_ceil(bk)
+}
+
+/// How many K slices a split-K GEMM gets with block tile `tile`: enough for about two blocks per
+/// SM when the output tiles alone do not fill the GPU, each slice at least 256 deep in K.
+pub(crate) fn k_slices(gpu: &Gpu, call: &GemmCall, tile: (usize, usize)) -> Result<usize> {
+    let ktiles = k_tiles(call, tile);
+    let blocks = call.m.div_ceil(tile.0) * call.n.div_ceil(tile.1);
+    let sms = sm_count(gpu)?;
+    if blocks >= sms {
+        return Ok(1);
     }
-    let tiles_per_split = ktiles.div_ceil(split).max(1);
-    Ok((ktiles.div_ceil(tiles_per_split).max(1), tiles_per_split))
+    let split = (2 * sms).div_ceil(blocks).min(ktiles / (256 / tile_shape(tile).bk)).max(1);
+    let per_slice = ktiles.div_ceil(split).max(1);
+    Ok(ktiles.div_ceil(per_slice).max(1))
 }
 
 /// Launches one GEMM with block tile `tile` (one of [`TILES`]).
 pub(crate) fn gemm_with_tile(gpu: &Gpu, call: &GemmCall, tile: (usize, usize)) -> Result<()> {
     let name = kernel_name(tile, call.layouts, call.out)?;
     let (bm, bn) = tile;
+    let shape = tile_shape(tile);
     if call.m == 0 || call.n == 0 {
         return Ok(());
     }
-    let (split, tiles_per_split) = split_k(gpu, call, tile)?;
-    let smem = (stages(tile) * (bm + bn) * BK * 2) as u32;
+    let ktiles = k_tiles(call, tile);
+    let (split, c, split_stride) = match call.split {
+        SplitK::None => (1, call.c, 0),
+        SplitK::Atomic(s) => (s, call.c, 0),
+        SplitK::Workspace(ws, s) => (s, ws, call.m * call.ldc),
+    };
+    let tiles_per_split = ktiles.div_ceil(split).max(1);
+    if split > 1 {
+        ensure!(call.out == DType::F32 && call.bias.is_none() && call.residual.is_none(), "gemm: split-K needs an f32 output without epilogue");
+        ensure!(ktiles.div_ceil(tiles_per_split) == split, "gemm: {split} K slices leave some empty ({ktiles} K tiles): use k_slices");
+    }
+    let smem = tile_smem(tile) as u32;
     if smem > 48 * 1024 {
         gpu.function(MODULE, name)?
             .set_attribute(CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, smem as i32)
             .context("gemm: cannot raise the dynamic shared memory limit")?;
     }
+    ensure!(tile_fits(gpu, tile)?, "gemm: tile {tile:?} needs {smem} bytes of shared memory, more than this GPU gives a block");
+    let tiles = call.m.div_ceil(bm) * call.n.div_ceil(bn);
+    let blocks = if shape.persistent { tiles.min(sm_count(gpu)? * shape.per_sm) } else { tiles };
     let cfg = LaunchConfig {
-        grid_dim: (call.n.div_ceil(bn) as u32, call.m.div_ceil(bm) as u32, split as u32),
-        block_dim: (THREADS, 1, 1),
+        grid_dim: (u32::try_from(blocks)?, 1, split as u32),
+        block_dim: (shape.threads, 1, 1),
         shared_mem_bytes: smem,
     };
     let (s1, s2) = (call.seg1, call.seg2);
@@ -212,7 +298,7 @@ pub(crate) fn gemm_with_tile(gpu: &Gpu, call: &GemmCall, tile: (usize, usize)) -
         KernelArg::Ptr(s2.b),
         KernelArg::I64(s2.ldb as i64),
         KernelArg::I32(i32_of(s2.k)?),
-        KernelArg::Ptr(call.c),
+        KernelArg::Ptr(c),
         KernelArg::I64(call.ldc as i64),
         KernelArg::Ptr(call.bias.unwrap_or(0)),
         KernelArg::Ptr(r),
@@ -221,6 +307,7 @@ pub(crate) fn gemm_with_tile(gpu: &Gpu, call: &GemmCall, tile: (usize, usize)) -
         KernelArg::I32(i32_of(call.n)?),
         KernelArg::F32(call.alpha),
         KernelArg::I32(i32_of(tiles_per_split)?),
+        KernelArg::I64(split_stride as i64),
     ];
     gpu.launch(MODULE, name, cfg, &args)
 }
@@ -241,12 +328,6 @@ pub(crate) fn check_on_gpu(what: &str, name: &str, t: &Tensor, dtype: Option<DTy
         ensure!(t.dtype() == d, "{what}: {name} is {:?}, expected {d:?}", t.dtype());
     }
     Ok(())
-}
-
-/// Sets C to zero (before split-K slices add into it).
-pub(crate) fn zero(gpu: &Gpu, t: &Tensor) -> Result<()> {
-    unsafe { cudarc::driver::result::memset_d8_async(t.ptr()?, 0, t.numel() * t.dtype().size(), gpu.stream().cu_stream()) }
-        .context("gemm: memset failed")
 }
 
 /// y[M×N] = x[M×K]·W[N×K]ᵀ (+ bias[N]) (+ residual[M×N]) — a linear layer, fused epilogue.
@@ -284,7 +365,7 @@ pub fn linear(gpu: &Gpu, x: &Tensor, w: &Tensor, bias: Option<&Tensor>, residual
         bias: bias.map(|b| b.ptr()).transpose()?,
         residual: residual.map(|r| r.ptr().map(|p| (p, n))).transpose()?,
         alpha: 1.0,
-        allow_split_k: false,
+        split: SplitK::None,
     };
     gemm(gpu, &call)
 }
@@ -316,7 +397,7 @@ pub fn linear_input_grad(gpu: &Gpu, dy: &Tensor, w: &Tensor, accumulate: bool, d
         bias: None,
         residual: accumulate.then_some((c, k)),
         alpha: 1.0,
-        allow_split_k: false,
+        split: SplitK::None,
     };
     gemm(gpu, &call)
 }
@@ -338,31 +419,89 @@ pub fn at_b(gpu: &Gpu, a: &Tensor, b: &Tensor, alpha: f32, accumulate: bool, c: 
 /// [`at_b`] on raw operands (pointer, leading dimension), for callers holding scratch buffers.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn at_b_raw(gpu: &Gpu, a: (u64, usize), b: (u64, usize), m: usize, p: usize, q: usize, alpha: f32, accumulate: bool, c: &Tensor) -> Result<()> {
-    let mut call = GemmCall {
-        layouts: Layouts::Mn,
-        m: p,
-        n: q,
-        seg1: Segment { a: a.0, lda: a.1, b: b.0, ldb: b.1, k: m },
-        seg2: Segment::default(),
-        c: c.ptr()?,
-        ldc: q,
-        out: DType::F32,
-        bias: None,
-        residual: None,
-        alpha,
-        allow_split_k: true,
-    };
-    let tile = pick_tile(gpu, p, q)?;
-    if split_k(gpu, &call, tile)?.0 == 1 {
-        // One slice: accumulate through the epilogue's residual read.
-        call.allow_split_k = false;
-        call.residual = accumulate.then_some((call.c, q));
-    } else if !accumulate {
-        zero(gpu, c)?;
-    }
-    gemm_with_tile(gpu, &call, tile)
+    at_b_many(gpu, &[AtB { a, b, m, p, q, alpha, c: c.ptr()? }], accumulate, WeightGradSplit::Workspace)
 }
 
+/// One weight-gradient product c[p×q] (f32) = alpha·a[m×p]ᵀ·b[m×q] on raw operands (pointer,
+/// leading dimension).
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct AtB {
+    pub a: (u64, usize),
+    pub b: (u64, usize),
+    pub m: usize,
+    pub p: usize,
+    pub q: usize,
+    pub alpha: f32,
+    pub c: u64,
+}
+
+/// How [`at_b_many`] adds up the K slices of a split product.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum WeightGradSplit {
+    /// f32 atomics into C.
+    Atomic,
+    /// Partial sums in a scratch workspace, then one reduction launch for every split product.
+    Workspace,
+}
+
+/// Several weight-gradient products (added to c when `accumulate`): each split along its token
+/// axis when its output alone cannot fill the GPU; with `WeightGradSplit::Workspace`, one
+/// reduction launch finishes them all (the LoRA backward's dA and dB: three launches in all).
+pub(crate) fn at_b_many(gpu: &Gpu, problems: &[AtB], accumulate: bool, how: WeightGradSplit) -> Result<()> {
+    let mut pending: Vec<(u64, usize, usize, u64)> = Vec::new(); // (workspace, slices, p·q, c)
+    for pr in problems {
+        let mut call = GemmCall {
+            layouts: Layouts::Mn,
+            m: pr.p,
+            n: pr.q,
+            seg1: Segment { a: pr.a.0, lda: pr.a.1, b: pr.b.0, ldb: pr.b.1, k: pr.m },
+            seg2: Segment::default(),
+            c: pr.c,
+            ldc: pr.q,
+            out: DType::F32,
+            bias: None,
+            residual: None,
+            alpha: pr.alpha,
+            split: SplitK::None,
+        };
+        let tile = pick_tile(gpu, pr.p, pr.q)?;
+        let slices = k_slices(gpu, &call, tile)?;
+        if slices == 1 {
+            // One slice: accumulate through the epilogue's residual read.
+            call.residual = accumulate.then_some((pr.c, pr.q));
+        } else if how == WeightGradSplit::Atomic {
+            if !accumulate {
+                let bytes = pr.p * pr.q * 4;
+                unsafe { cudarc::driver::result::memset_d8_async(pr.c, 0, bytes, gpu.stream().cu_stream()) }.context("gemm: memset failed")?;
+            }
+            call.split = SplitK::Atomic(slices);
+        } else {
+            let ws = gpu.alloc(ArenaKind::Scratch, slices * pr.p * pr.q * 4)?.ptr();
+            call.split = SplitK::Workspace(ws, slices);
+            pending.push((ws, slices, pr.p * pr.q, pr.c));
+        }
+        gemm_with_tile(gpu, &call, tile)?;
+    }
+    for pair in pending.chunks(2) {
+        let (ws1, s1, n1, c1) = pair[0];
+        let (ws2, s2, n2, c2) = pair.get(1).copied().unwrap_or((0, 0, 0, 0));
+        let threads = 256;
+        let cfg = LaunchConfig { grid_dim: ((n1 + n2).div_ceil(threads).min(4 * sm_count(gpu)?) as u32, 1, 1), block_dim: (threads as u32, 1, 1), shared_mem_bytes: 0 };
+        let args = [
+            KernelArg::Ptr(ws1),
+            KernelArg::I32(i32_of(s1)?),
+            KernelArg::I64(n1 as i64),
+            KernelArg::Ptr(c1),
+            KernelArg::Ptr(ws2),
+            KernelArg::I32(i32_of(s2)?),
+            KernelArg::I64(n2 as i64),
+            KernelArg::Ptr(c2),
+            KernelArg::I32(accumulate as i32),
+        ];
+        gpu.launch(MODULE, "gemm_splitk_reduce_f32", cfg, &args)?;
+    }
+    Ok(())
+}
 
 #[cfg(test)]
 pub(crate) mod tests {
@@ -529,23 +668,69 @@ pub(crate) mod tests {
                 for out in [DType::BF16, DType::F32] {
                     let y = poisoned(&gpu, &[m, n], out);
                     let seg = Segment { a: xd.ptr().unwrap(), lda: k, b: wd.ptr().unwrap(), ldb: k, k };
-                    let call = GemmCall { layouts: Layouts::Kk, m, n, seg1: seg, seg2: Segment::default(), c: y.ptr().unwrap(), ldc: n, out, bias: None, residual: None, alpha: 1.0, allow_split_k: false };
+                    let call = GemmCall { layouts: Layouts::Kk, m, n, seg1: seg, seg2: Segment::default(), c: y.ptr().unwrap(), ldc: n, out, bias: None, residual: None, alpha: 1.0, split: SplitK::None };
                     gemm_with_tile(&gpu, &call, tile).unwrap();
                     let what = format!("kk {m}x{k}->{n} tile {tile:?} {out:?} seed={seed}");
                     assert_close(&what, &download(&gpu, &y), &linear_cpu(&x, m, k, &w, n, None), 1e-2);
 
                     let dx = poisoned(&gpu, &[m, k], out);
                     let seg = Segment { a: dyd.ptr().unwrap(), lda: n, b: wd.ptr().unwrap(), ldb: k, k: n };
-                    let call = GemmCall { layouts: Layouts::Kn, m, n: k, seg1: seg, seg2: Segment::default(), c: dx.ptr().unwrap(), ldc: k, out, bias: None, residual: None, alpha: 1.0, allow_split_k: false };
+                    let call = GemmCall { layouts: Layouts::Kn, m, n: k, seg1: seg, seg2: Segment::default(), c: dx.ptr().unwrap(), ldc: k, out, bias: None, residual: None, alpha: 1.0, split: SplitK::None };
                     gemm_with_tile(&gpu, &call, tile).unwrap();
                     assert_close(&format!("kn {what}"), &download(&gpu, &dx), &linear_input_grad_cpu(&dy, m, n, &w, k), 1e-2);
                 }
                 let dw = poisoned(&gpu, &[n, k], DType::F32);
                 let seg = Segment { a: dyd.ptr().unwrap(), lda: n, b: xd.ptr().unwrap(), ldb: k, k: m };
-                let call = GemmCall { layouts: Layouts::Mn, m: n, n: k, seg1: seg, seg2: Segment::default(), c: dw.ptr().unwrap(), ldc: k, out: DType::F32, bias: None, residual: None, alpha: 1.0, allow_split_k: false };
+                let call = GemmCall { layouts: Layouts::Mn, m: n, n: k, seg1: seg, seg2: Segment::default(), c: dw.ptr().unwrap(), ldc: k, out: DType::F32, bias: None, residual: None, alpha: 1.0, split: SplitK::None };
                 gemm_with_tile(&gpu, &call, tile).unwrap();
                 assert_close(&format!("mn {m}: {n}x{k} tile {tile:?} seed={seed}"), &download(&gpu, &dw), &at_b_cpu(&dy, m, n, &x, k), 1e-2);
             }
+        }
+    }
+
+    /// The persistent tiles loop over several output tiles per block only when there are more
+    /// tiles than blocks that fit on the GPU: shapes with > 132 tiles, odd N (edge groups).
+    #[test]
+    #[ignore = "needs a CUDA GPU"]
+    fn gpu_persistent_tiles_loop_over_many_tiles() {
+        let gpu = Gpu::for_tests().expect("GPU test needs a CUDA device");
+        let seed = Rng::fresh_seed();
+        let mut rng = Rng::new(seed);
+        let (m, k, n) = (4100, 72, 1100);
+        let x = rand_bf16(&mut rng, m * k, 1.0);
+        let w = rand_bf16(&mut rng, n * k, 0.1);
+        let dy = rand_bf16(&mut rng, m * n, 1.0);
+        let (xd, wd, dyd) = (upload(&gpu, &[m, k], &x, DType::BF16), upload(&gpu, &[n, k], &w, DType::BF16), upload(&gpu, &[m, n], &dy, DType::BF16));
+        // Weight-gradient layout: a [t×p], b [t×q], c = aᵀ·b [p×q] with many tiles.
+        let (t, p, q) = (24, 2100, 2060);
+        let (a, b) = (rand_bf16(&mut rng, t * p, 1.0), rand_bf16(&mut rng, t * q, 1.0));
+        let (ad, bd) = (upload(&gpu, &[t, p], &a, DType::BF16), upload(&gpu, &[t, q], &b, DType::BF16));
+        let rows = sample_rows(&mut rng, m);
+        for tile in TILES.into_iter().filter(|&tile| tile_shape(tile).persistent && tile_fits(&gpu, tile).unwrap()) {
+            for out in [DType::BF16, DType::F32] {
+                let y = poisoned(&gpu, &[m, n], out);
+                let seg = Segment { a: xd.ptr().unwrap(), lda: k, b: wd.ptr().unwrap(), ldb: k, k };
+                let call = GemmCall { layouts: Layouts::Kk, m, n, seg1: seg, seg2: Segment::default(), c: y.ptr().unwrap(), ldc: n, out, bias: None, residual: None, alpha: 1.0, split: SplitK::None };
+                gemm_with_tile(&gpu, &call, tile).unwrap();
+                let got = download(&gpu, &y);
+                let what = format!("kk {m}x{k}->{n} tile {tile:?} {out:?} seed={seed}");
+                assert_close(&what, &gather_rows(&got, n, &rows), &linear_cpu(&gather_rows(&x, k, &rows), rows.len(), k, &w, n, None), 1e-2);
+                assert_eq!(got.iter().filter(|v| !v.is_finite()).count(), 0, "{what}: unwritten outputs");
+
+                let dx = poisoned(&gpu, &[m, k], out);
+                let seg = Segment { a: dyd.ptr().unwrap(), lda: n, b: wd.ptr().unwrap(), ldb: k, k: n };
+                let call = GemmCall { layouts: Layouts::Kn, m, n: k, seg1: seg, seg2: Segment::default(), c: dx.ptr().unwrap(), ldc: k, out, bias: None, residual: None, alpha: 1.0, split: SplitK::None };
+                gemm_with_tile(&gpu, &call, tile).unwrap();
+                let got = download(&gpu, &dx);
+                assert_close(&format!("kn {what}"), &gather_rows(&got, k, &rows), &linear_input_grad_cpu(&gather_rows(&dy, n, &rows), rows.len(), n, &w, k), 1e-2);
+                assert_eq!(got.iter().filter(|v| !v.is_finite()).count(), 0, "kn {what}: unwritten outputs");
+            }
+            let c = poisoned(&gpu, &[p, q], DType::F32);
+            let seg = Segment { a: ad.ptr().unwrap(), lda: p, b: bd.ptr().unwrap(), ldb: q, k: t };
+            let call = GemmCall { layouts: Layouts::Mn, m: p, n: q, seg1: seg, seg2: Segment::default(), c: c.ptr().unwrap(), ldc: q, out: DType::F32, bias: None, residual: None, alpha: 0.5, split: SplitK::None };
+            gemm_with_tile(&gpu, &call, tile).unwrap();
+            let want: Vec<f32> = at_b_cpu(&a, t, p, &b, q).iter().map(|v| 0.5 * v).collect();
+            assert_close(&format!("mn {t}: {p}x{q} tile {tile:?} seed={seed}"), &download(&gpu, &c), &want, 1e-2);
         }
     }
 

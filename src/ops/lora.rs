@@ -7,12 +7,13 @@
 //! Backward, with v_s = s·dy·B (M×r):
 //!   dx = [dy | v_s]·[W ; A]      (one GEMM over K = out + r)
 //!   dB = dyᵀ·u_s = s·dyᵀ·(x·Aᵀ)   dA = v_sᵀ·x = s·(dy·B)ᵀ·x      (f32, added to the existing grads)
-//! Four launches per backward, two per forward; any rank 1..=256 (ranks that are not multiples of 8
+//! Five launches per backward (dA and dB split along the tokens into a scratch workspace, one
+//! reduction for both), two per forward; any rank 1..=256 (ranks that are not multiples of 8
 //! take the kernel's scalar load path), any scale. in and out must be multiples of 8.
 //!
 //! CPU twins: [`lora_forward_cpu`], [`lora_backward_cpu`] (f32, naive, unfused).
 
-use super::gemm::{at_b_raw, check_on_gpu, gemm, GemmCall, Layouts, Segment};
+use super::gemm::{at_b_many, check_on_gpu, gemm, AtB, GemmCall, Layouts, Segment, SplitK, WeightGradSplit};
 use crate::cuda::Gpu;
 use crate::tensor::{DType, Tensor};
 use anyhow::{ensure, Result};
@@ -118,7 +119,7 @@ pub fn lora_down(gpu: &Gpu, l: &LoraLinear, x: &Tensor, us: &mut Tensor) -> Resu
         bias: None,
         residual: None,
         alpha: l.scale,
-        allow_split_k: false,
+        split: SplitK::None,
     };
     gemm(gpu, &call)
 }
@@ -152,7 +153,7 @@ pub fn lora_up(gpu: &Gpu, l: &LoraLinear, x: &Tensor, us: &Tensor, residual: Opt
         bias: l.bias.map(|b| b.ptr()).transpose()?,
         residual: residual.map(|t| t.ptr().map(|p| (p, out_f))).transpose()?,
         alpha: 1.0,
-        allow_split_k: false,
+        split: SplitK::None,
     };
     gemm(gpu, &call)
 }
@@ -198,7 +199,7 @@ pub fn lora_backward(gpu: &Gpu, l: &LoraLinear, x: &Tensor, us: &Tensor, dy: &Te
         bias: None,
         residual: None,
         alpha: l.scale,
-        allow_split_k: false,
+        split: SplitK::None,
     };
     gemm(gpu, &v_call)?;
     // dx = [dy | v_s]·[W ; A]
@@ -215,12 +216,13 @@ pub fn lora_backward(gpu: &Gpu, l: &LoraLinear, x: &Tensor, us: &Tensor, dy: &Te
         bias: None,
         residual: dx_accumulate.then_some((dx_p, in_f)),
         alpha: 1.0,
-        allow_split_k: false,
+        split: SplitK::None,
     };
     gemm(gpu, &dx_call)?;
-    // dB = dyᵀ·u_s, dA = v_sᵀ·x
-    at_b_raw(gpu, (dy_p, out_f), (us_p, r), m, out_f, r, 1.0, grad_accumulate, db)?;
-    at_b_raw(gpu, (vs_p, r), (x_p, in_f), m, r, in_f, 1.0, grad_accumulate, da)
+    // dB = dyᵀ·u_s, dA = v_sᵀ·x: split along the tokens, one reduction for both.
+    let db_p = AtB { a: (dy_p, out_f), b: (us_p, r), m, p: out_f, q: r, alpha: 1.0, c: db.ptr()? };
+    let da_p = AtB { a: (vs_p, r), b: (x_p, in_f), m, p: r, q: in_f, alpha: 1.0, c: da.ptr()? };
+    at_b_many(gpu, &[db_p, da_p], grad_accumulate, WeightGradSplit::Workspace)
 }
 
 #[cfg(test)]

@@ -79,13 +79,17 @@ pub struct LoraAdapter {
     pub grad_b: Tensor,
     a16: Option<Tensor>,
     b16: Option<Tensor>,
+    /// GPU: the last forward's u_s = s·x·Aᵀ (scratch) and the input it came from (pointer, shape),
+    /// kept for the backward, which recomputes u only when given another input (saving u is the
+    /// faster choice: benches/RESULTS.md).
+    saved_u: std::cell::RefCell<Option<(Tensor, u64, Vec<usize>)>>,
 }
 
 impl LoraAdapter {
     /// An adapter over given f32 tensors on the model's device: A [r, in], B [out, r] and their
     /// gradients (zero). On the GPU these are views into the flat buffers the optimizer updates.
     pub fn new(dev: Dev, alpha: f32, a: Tensor, b: Tensor, grad_a: Tensor, grad_b: Tensor) -> Result<LoraAdapter> {
-        let mut adapter = LoraAdapter { rank: a.shape()[0], alpha, a, b, grad_a, grad_b, a16: None, b16: None };
+        let mut adapter = LoraAdapter { rank: a.shape()[0], alpha, a, b, grad_a, grad_b, a16: None, b16: None, saved_u: Default::default() };
         adapter.sync(dev)?;
         Ok(adapter)
     }
@@ -163,6 +167,7 @@ impl Linear {
                     Some(l) => {
                         let mut us = Dev::scratch(g, &[m, l.rank])?;
                         lora::lora_forward(g, &l.on_gpu(&self.w, self.b.as_ref()), x, &mut us, None, &mut y)?;
+                        *l.saved_u.borrow_mut() = Some((us, x.ptr()?, x.shape().to_vec()));
                     }
                 }
                 Ok(y)
@@ -185,7 +190,8 @@ impl Linear {
     }
 
     /// Accumulates the LoRA gradients (when adapted; `x` is the forward's input) and returns dx
-    /// when `want_dx`. The LoRA down-projection u = s·x·Aᵀ is recomputed rather than kept.
+    /// when `want_dx`. The LoRA down-projection u = s·x·Aᵀ is the one the last forward saved when
+    /// that forward read this same `x`, else it is recomputed.
     pub fn backward(&mut self, dev: Dev, x: &Tensor, dy: &Tensor, want_dx: bool) -> Result<Option<Tensor>> {
         let Some(l) = &mut self.lora else {
             return if want_dx { self.backward_input(dev, dy).map(Some) } else { Ok(None) };
@@ -200,12 +206,20 @@ impl Linear {
                 want_dx.then(|| Tensor::from_vec(&shape, g.dx)).transpose()
             }
             Dev::Gpu(gpu) => {
-                let (mut us, mut vs, mut dx) = (Dev::scratch(gpu, &[m, l.rank])?, Dev::scratch(gpu, &[m, l.rank])?, Dev::scratch(gpu, &shape)?);
+                let saved = l.saved_u.take().filter(|(_, ptr, shape)| x.ptr().ok() == Some(*ptr) && x.shape() == shape.as_slice());
+                let (mut vs, mut dx) = (Dev::scratch(gpu, &[m, l.rank])?, Dev::scratch(gpu, &shape)?);
                 let mut grad_a = std::mem::replace(&mut l.grad_a, Tensor::zeros(&[0]));
                 let mut grad_b = std::mem::replace(&mut l.grad_b, Tensor::zeros(&[0]));
                 let result = (|| {
                     let ll = l.on_gpu(&self.w, self.b.as_ref());
-                    lora::lora_down(gpu, &ll, x, &mut us)?;
+                    let us = match saved {
+                        Some((us, _, _)) => us,
+                        None => {
+                            let mut us = Dev::scratch(gpu, &[m, l.rank])?;
+                            lora::lora_down(gpu, &ll, x, &mut us)?;
+                            us
+                        }
+                    };
                     let out = lora::LoraBackwardOut { dx: &mut dx, da: &mut grad_a, db: &mut grad_b, vs: &mut vs };
                     lora::lora_backward(gpu, &ll, x, &us, dy, out, false, true)
                 })();

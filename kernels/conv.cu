@@ -293,22 +293,29 @@ __device__ __forceinline__ void conv_implicit_gemm(const Geom g, const bf16* __r
 
   // Fragments of one k-step (16 deep) of the warp tile; with FRAG_DB two buffers: the next
   // k-step's fragments (the next k-tile's first, at the end of a tile) are loaded while this
-  // k-step's mmas issue.
+  // k-step's mmas issue. ldmatrix addresses: a lane's swizzle key does not change with the
+  // fragment index in the [rows][BK] tiles (rows 16 apart) nor with the k-step in the [BK][BN]
+  // tile, so per-lane byte offsets are precomputed (per k-step, resp. per fragment pair) and each
+  // fragment lies at a fixed distance from one of them.
   uint32_t af[FRAG_DB ? 2 : 1][MT][4], bfr[FRAG_DB ? 2 : 1][NT][2];
-  auto load_frags = [&](int buf, const bf16* a_s, const bf16* b_s, int ks) {
+  constexpr int KSTEPS = BK / 16;
+  uint32_t a_off[KSTEPS], b_off[BWD ? NT / 2 : KSTEPS];
 #pragma unroll
-    for (int mt = 0; mt < MT; ++mt)
-      ldmatrix_x4(af[buf][mt], smem_addr(a_s + off_rowk(wm0 + mt * 16 + (lane & 15), ks * 2 + (lane >> 4))));
+  for (int q = 0; q < KSTEPS; ++q) a_off[q] = 2 * off_rowk(wm0 + (lane & 15), q * 2 + (lane >> 4));
+#pragma unroll
+  for (int q = 0; q < (BWD ? NT / 2 : KSTEPS); ++q) {
+    if (!BWD) b_off[q] = 2 * off_rowk(wn0 + (lane & 7) + ((lane >> 4) << 3), q * 2 + ((lane >> 3) & 1));
+    else b_off[q] = 2 * off_kn<BN>((lane & 7) + (((lane >> 3) & 1) << 3), (wn0 + q * 16) / 8 + (lane >> 4));
+  }
+  // a_s, b_s: shared-window addresses of the stage's tiles.
+  auto load_frags = [&](int buf, uint32_t a_s, uint32_t b_s, int ks) {
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt) ldmatrix_x4(af[buf][mt], a_s + a_off[ks] + mt * 16 * BK * 2);
 #pragma unroll
     for (int np = 0; np < NT / 2; ++np) {
       uint32_t r[4];
-      if (!BWD) {
-        int nrow = wn0 + np * 16 + (lane & 7) + ((lane >> 4) << 3);
-        ldmatrix_x4(r, smem_addr(b_s + off_rowk(nrow, ks * 2 + ((lane >> 3) & 1))));
-      } else {
-        int krow = ks * 16 + (lane & 7) + (((lane >> 3) & 1) << 3);
-        ldmatrix_x4_trans(r, smem_addr(b_s + off_kn<BN>(krow, (wn0 + np * 16) / 8 + (lane >> 4))));
-      }
+      if (!BWD) ldmatrix_x4(r, b_s + b_off[ks] + np * 16 * BK * 2);
+      else ldmatrix_x4_trans(r, b_s + b_off[np] + ks * 16 * BN * 2);
       bfr[buf][2 * np][0] = r[0]; bfr[buf][2 * np][1] = r[1];
       bfr[buf][2 * np + 1][0] = r[2]; bfr[buf][2 * np + 1][1] = r[3];
     }
@@ -317,10 +324,9 @@ __device__ __forceinline__ void conv_implicit_gemm(const Geom g, const bf16* __r
   cp_async_wait<STAGES - 2>();
   __syncthreads();  // k-tile 0 landed for everyone
   int read_stage = 0;
-  const bf16* a_s = sA;
-  const bf16* b_s = sB;
+  const uint32_t sA_addr = smem_addr(sA), sB_addr = smem_addr(sB);
+  uint32_t a_s = sA_addr, b_s = sB_addr;
   if constexpr (FRAG_DB) load_frags(0, a_s, b_s, 0);
-  constexpr int KSTEPS = BK / 16;
   for (int kt = 0; kt < KT; ++kt) {
 #pragma unroll
     for (int ks = 0; ks < KSTEPS; ++ks) {
@@ -330,8 +336,8 @@ __device__ __forceinline__ void conv_implicit_gemm(const Geom g, const bf16* __r
         cp_async_wait<STAGES - 2>();
         __syncthreads();
         read_stage = read_stage + 1 == STAGES ? 0 : read_stage + 1;
-        a_s = sA + read_stage * BM * BK;
-        b_s = sB + read_stage * BN * BK;
+        a_s = sA_addr + read_stage * BM * BK * 2;
+        b_s = sB_addr + read_stage * BN * BK * 2;
       };
       if constexpr (FRAG_DB) {
         if (ks == KSTEPS - 1) next_tile();

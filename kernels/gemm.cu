@@ -174,68 +174,58 @@ __device__ __forceinline__ void store8(OutT* crow, const OutT* rrow, const bf16*
   }
 }
 
-// Epilogue of one tile: C = alpha·acc (+ bias) (+ R), or split-K atomics. The fragments go through
-// shared memory `cs` (an f32 [BM / PASSES][BN] tile whose 8-column groups are XOR-swizzled by
-// row: conflict-free fragment writes), PASSES row bands one after the other, and every thread
-// then writes whole 8-column groups of C with 16-byte accesses, coalesced, in a compact loop.
-template <int BM, int BN, int WM, int WN, int THREADS, int PASSES, typename OutT, int MI, int NI>
+// Epilogue of one tile: C = alpha·acc (+ bias) (+ R), or the split-K partial sums. The fragments
+// go through shared memory `cs` (free now: an f32 [BM][BN] tile whose 8-column groups are
+// XOR-swizzled by row: conflict-free fragment writes), then every thread writes whole 8-column
+// groups of C with 16-byte accesses, coalesced, in a compact loop.
+template <int BM, int BN, int WM, int WN, int THREADS, typename OutT, int MI, int NI>
 __device__ __forceinline__ void epilogue(const float (&acc)[MI][NI][4], float* cs, int m0, int n0, int wm0, int wn0, OutT* c,
                                          int64_t ldc, const bf16* bias, const OutT* r, int64_t ldr, int M, int N, float alpha,
                                          int64_t split_stride) {
   static_assert(BN >= 64, "the C tile swizzle needs 8 column groups per row");
-  constexpr int BAND = BM / PASSES;
-  static_assert(BAND % WM == 0, "a warp's rows lie in one band");
   const int lane = threadIdx.x % 32;
   auto c_at = [](int row, int col) { return row * BN + (col ^ ((row & 7) << 3)); };
+  {
+    const int g = lane / 4, t = lane % 4;
+#pragma unroll
+    for (int i = 0; i < MI; ++i)
+#pragma unroll
+      for (int j = 0; j < NI; ++j) {
+        const int row = wm0 + i * 16 + g, col = wn0 + j * 8 + 2 * t;
+        *reinterpret_cast<float2*>(cs + c_at(row, col)) = make_float2(acc[i][j][0], acc[i][j][1]);
+        *reinterpret_cast<float2*>(cs + c_at(row + 8, col)) = make_float2(acc[i][j][2], acc[i][j][3]);
+      }
+  }
+  __syncthreads();
   const bool atomic = gridDim.z > 1 && split_stride == 0;
   c += blockIdx.z * split_stride;  // split-K into a workspace: this slice's partial sums
   auto aligned16 = [](const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15) == 0; };
   const bool fast = !atomic && aligned16(c) && ldc % 8 == 0 && (!r || (aligned16(r) && ldr % 8 == 0)) && (!bias || aligned16(bias));
   constexpr int GROUPS = BN / 8;
-#pragma unroll 1
-  for (int pass = 0; pass < PASSES; ++pass) {
-    if (pass > 0) __syncthreads();  // the previous band's reads of cs are done
-    if (wm0 / BAND == pass) {
-      const int g = lane / 4, t = lane % 4;
+  for (int idx = threadIdx.x; idx < BM * GROUPS; idx += THREADS) {
+    const int row = idx / GROUPS, col = (idx % GROUPS) * 8;
+    const int m = m0 + row, n = n0 + col;
+    if (m >= M || n >= N) continue;
+    OutT* crow = c + (int64_t)m * ldc;
+    const OutT* rrow = r ? r + (int64_t)m * ldr : nullptr;
+    if constexpr (sizeof(OutT) == 4) {
+      if (atomic && n + 8 <= N) {  // split-K partial sums: 8 fire-and-forget f32 reductions (red.global.add)
+        const float* v = cs + c_at(row, col);
 #pragma unroll
-      for (int i = 0; i < MI; ++i)
-#pragma unroll
-        for (int j = 0; j < NI; ++j) {
-          const int row = wm0 - pass * BAND + i * 16 + g, col = wn0 + j * 8 + 2 * t;
-          *reinterpret_cast<float2*>(cs + c_at(row, col)) = make_float2(acc[i][j][0], acc[i][j][1]);
-          *reinterpret_cast<float2*>(cs + c_at(row + 8, col)) = make_float2(acc[i][j][2], acc[i][j][3]);
-        }
-    }
-    __syncthreads();
-    for (int idx = threadIdx.x; idx < BAND * GROUPS; idx += THREADS) {
-      const int row = idx / GROUPS, col = (idx % GROUPS) * 8;
-      const int m = m0 + pass * BAND + row, n = n0 + col;
-      if (m >= M || n >= N) continue;
-      OutT* crow = c + (int64_t)m * ldc;
-      const OutT* rrow = r ? r + (int64_t)m * ldr : nullptr;
-      if constexpr (sizeof(OutT) == 4) {
-        if (atomic && n + 8 <= N) {  // split-K partial sums: 8 fire-and-forget f32 reductions (red.global.add)
-          const float* v = cs + c_at(row, col);
-#pragma unroll
-          for (int e = 0; e < 8; ++e) atomicAdd(reinterpret_cast<float*>(crow) + n + e, alpha * v[e]);
-          continue;
-        }
+        for (int e = 0; e < 8; ++e) atomicAdd(reinterpret_cast<float*>(crow) + n + e, alpha * v[e]);
+        continue;
       }
-      if (fast && n + 8 <= N) store8(crow, rrow, bias, n, cs + c_at(row, col), alpha);
-      else store8_checked(crow, rrow, bias, n, N, cs + c_at(row, col), alpha, atomic);
     }
+    if (fast && n + 8 <= N) store8(crow, rrow, bias, n, cs + c_at(row, col), alpha);
+    else store8_checked(crow, rrow, bias, n, N, cs + c_at(row, col), alpha, atomic);
   }
 }
 
 // The kernel body. A_KMAJOR: A layout "k" (else "m"); B_KMAJOR: B layout "k" (else "n").
-// WARPS_M x WARPS_N warps. Each block loops over output tiles blockIdx.x, blockIdx.x + gridDim.x, ...
-// (tiles in row-major order of the [M/BM][N/BN] grid; the launcher gives one tile per block, or
-// as many blocks as fit on the GPU at once). SEP_C: the epilogue's C band has its own shared memory
-// after the pipeline's (dynamic shared memory = pipeline + C band), so the next tile's first K
-// tiles are already on their way while this tile's epilogue runs; otherwise C aliases the pipeline
-// (dynamic shared memory = max of the two).
-template <int BM, int BN, int BK, int WARPS_M, int WARPS_N, int STAGES, bool FRAG_DB, int PASSES, bool SEP_C, bool A_KMAJOR,
-          bool B_KMAJOR, typename OutT>
+// WARPS_M x WARPS_N warps, one BM x BN output tile per block (blockIdx.x: N tiles, blockIdx.y: M
+// tiles, blockIdx.z: K slices); the C tile of the epilogue reuses the pipeline's shared memory
+// (the launcher's dynamic shared memory is the larger of the two).
+template <int BM, int BN, int BK, int WARPS_M, int WARPS_N, int STAGES, bool FRAG_DB, bool A_KMAJOR, bool B_KMAJOR, typename OutT>
 __device__ __forceinline__ void gemm_body(const bf16* a1, int64_t lda1, const bf16* b1, int64_t ldb1, int k1,
                                           const bf16* a2, int64_t lda2, const bf16* b2, int64_t ldb2, int k2,
                                           OutT* c, int64_t ldc, const bf16* bias, const OutT* r, int64_t ldr, int M, int N,
@@ -250,11 +240,8 @@ __device__ __forceinline__ void gemm_body(const bf16* a1, int64_t lda1, const bf
   bf16* smem = reinterpret_cast<bf16*>(smem_raw);
   bf16* sa = smem;                    // STAGES A tiles
   bf16* sb = smem + STAGES * A_TILE;  // STAGES B tiles
-  float* cs = reinterpret_cast<float*>(SEP_C ? smem + STAGES * (A_TILE + B_TILE) : smem);
 
-  const int tiles_n = (N + BN - 1) / BN, tiles_mn = ((M + BM - 1) / BM) * tiles_n;
-  int tile = blockIdx.x;
-  if (tile >= tiles_mn) return;
+  const int m0 = blockIdx.y * BM, n0 = blockIdx.x * BN;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int wm0 = (warp / WARPS_N) * WM, wn0 = (warp % WARPS_N) * WN;
 
@@ -269,145 +256,136 @@ __device__ __forceinline__ void gemm_body(const bf16* a1, int64_t lda1, const bf
   const int t_end = min(tiles1 + tiles2, t_begin + tiles_per_split);
   const int ntiles = max(0, t_end - t_begin);
 
-  // K tile t of output tile (m0, n0) into pipeline stage `stage`.
-  auto load_stage = [&](int stage, int t, int m0, int n0) {
+  const TileLoader<A_KMAJOR, BM, BK, THREADS> load_a(m0, M);
+  const TileLoader<B_KMAJOR, BN, BK, THREADS> load_b(n0, N);
+  auto load_stage = [&](int stage, int t) {
     const int seg = t < tiles1 ? 0 : 1;  // which K segment the tile belongs to
     const int k0 = (t - seg * tiles1) * BK;
-    TileLoader<A_KMAJOR, BM, BK, THREADS>(m0, M).load(sa + stage * A_TILE, seg ? Operand{a2, lda2, k2, vec_a2} : Operand{a1, lda1, k1, vec_a1}, k0);
-    TileLoader<B_KMAJOR, BN, BK, THREADS>(n0, N).load(sb + stage * B_TILE, seg ? Operand{b2, ldb2, k2, vec_b2} : Operand{b1, ldb1, k1, vec_b1}, k0);
-  };
-  // The first STAGES - 1 K tiles of output tile (m0, n0), one cp.async group each.
-  auto prologue = [&](int m0, int n0) {
-#pragma unroll 1
-    for (int s = 0; s < STAGES - 1; ++s) {
-      if (s < ntiles) load_stage(s, t_begin + s, m0, n0);
-      cp_async_commit();
-    }
+    load_a.load(sa + stage * A_TILE, seg ? Operand{a2, lda2, k2, vec_a2} : Operand{a1, lda1, k1, vec_a1}, k0);
+    load_b.load(sb + stage * B_TILE, seg ? Operand{b2, ldb2, k2, vec_b2} : Operand{b1, ldb1, k1, vec_b1}, k0);
   };
 
   // Fragments of one k-step (16 deep) of the warp tile, two buffers (k-steps alternate).
+  // ldmatrix addresses: in a k-major tile the swizzle key of a lane's row does not depend on the
+  // fragment index i (rows 16 apart), so the offset of k-step ks is precomputed per lane and the
+  // fragments of a step lie at fixed distances from it; in an m/n-major tile the k row's key is
+  // the lane's, so the offset of fragment i is precomputed and the k-steps lie at fixed distances.
+  // A fragment load is then one add (plus an immediate) instead of a chain of index arithmetic.
   uint32_t af[FRAG_DB ? 2 : 1][MI][4], bfr[FRAG_DB ? 2 : 1][NI / 2][4];
-  auto load_frags = [&](int buf, const bf16* ta, const bf16* tb, int kk) {
+  uint32_t a_off[A_KMAJOR ? KSTEPS : MI], b_off[B_KMAJOR ? KSTEPS : NI / 2];  // byte offsets in a stage
+#pragma unroll
+  for (int q = 0; q < (A_KMAJOR ? KSTEPS : MI); ++q) {
+    if constexpr (A_KMAJOR) a_off[q] = 2 * swizzle<BK / 8>(wm0 + (lane % 16), 2 * q + lane / 16);
+    else a_off[q] = 2 * swizzle<BM / 8>((lane % 8) + (lane / 16) * 8, (wm0 + q * 16) / 8 + (lane / 8) % 2);
+  }
+#pragma unroll
+  for (int q = 0; q < (B_KMAJOR ? KSTEPS : NI / 2); ++q) {
+    if constexpr (B_KMAJOR) b_off[q] = 2 * swizzle<BK / 8>(wn0 + (lane % 8) + (lane / 16) * 8, 2 * q + (lane / 8) % 2);
+    else b_off[q] = 2 * swizzle<BN / 8>((lane % 8) + ((lane / 8) % 2) * 8, (wn0 + q * 16) / 8 + lane / 16);
+  }
+  // ta, tb: shared-window addresses of the stage's A and B tiles; ks: the k-step.
+  auto load_frags = [&](int buf, uint32_t ta, uint32_t tb, int ks) {
 #pragma unroll
     for (int i = 0; i < MI; ++i) {
-      if constexpr (A_KMAJOR) {
-        int row = wm0 + i * 16 + (lane % 16), chunk = (kk >> 3) + lane / 16;
-        ldmatrix_x4(af[buf][i], smem_addr(ta + swizzle<BK / 8>(row, chunk)));
-      } else {
-        int k = kk + (lane % 8) + (lane / 16) * 8, m = wm0 + i * 16 + ((lane / 8) % 2) * 8;
-        ldmatrix_x4_trans(af[buf][i], smem_addr(ta + swizzle<BM / 8>(k, m >> 3)));
-      }
+      if constexpr (A_KMAJOR) ldmatrix_x4(af[buf][i], ta + a_off[ks] + i * 16 * BK * 2);
+      else ldmatrix_x4_trans(af[buf][i], ta + a_off[i] + ks * 16 * BM * 2);
     }
 #pragma unroll
     for (int j = 0; j < NI / 2; ++j) {
-      if constexpr (B_KMAJOR) {
-        int n = wn0 + j * 16 + (lane % 8) + (lane / 16) * 8, chunk = (kk >> 3) + (lane / 8) % 2;
-        ldmatrix_x4(bfr[buf][j], smem_addr(tb + swizzle<BK / 8>(n, chunk)));
-      } else {
-        int k = kk + (lane % 8) + ((lane / 8) % 2) * 8, n = wn0 + j * 16 + (lane / 16) * 8;
-        ldmatrix_x4_trans(bfr[buf][j], smem_addr(tb + swizzle<BN / 8>(k, n >> 3)));
-      }
+      if constexpr (B_KMAJOR) ldmatrix_x4(bfr[buf][j], tb + b_off[ks] + j * 16 * BK * 2);
+      else ldmatrix_x4_trans(bfr[buf][j], tb + b_off[j] + ks * 16 * BN * 2);
     }
   };
 
-  int m0 = (tile / tiles_n) * BM, n0 = (tile % tiles_n) * BN;
-  prologue(m0, n0);
-#pragma unroll 1
-  while (true) {
-    float acc[MI][NI][4];
+  float acc[MI][NI][4];
 #pragma unroll
-    for (int i = 0; i < MI; ++i)
+  for (int i = 0; i < MI; ++i)
 #pragma unroll
-      for (int j = 0; j < NI; ++j)
+    for (int j = 0; j < NI; ++j)
 #pragma unroll
-        for (int e = 0; e < 4; ++e) acc[i][j][e] = 0.0f;
+      for (int e = 0; e < 4; ++e) acc[i][j][e] = 0.0f;
 
-    cp_async_wait<STAGES - 2>();
-    __syncthreads();  // K tile 0 landed for every thread
-    int read_stage = 0, write_stage = STAGES - 1;
-    const bf16* ta = sa;
-    const bf16* tb = sb;
-    if constexpr (FRAG_DB) load_frags(0, ta, tb, 0);
-
-    // Pipeline invariant: at the top of iteration kt, K tile kt sits in stage read_stage (with
-    // FRAG_DB, its first k-step's fragments are in buffer 0), K tiles kt+1 .. kt+STAGES-2 are in
-    // flight.
 #pragma unroll 1
-    for (int kt = 0; kt < ntiles; ++kt) {
+  for (int s = 0; s < STAGES - 1; ++s) {
+    if (s < ntiles) load_stage(s, t_begin + s);
+    cp_async_commit();
+  }
+  cp_async_wait<STAGES - 2>();
+  __syncthreads();  // K tile 0 landed for every thread
+  int read_stage = 0, write_stage = STAGES - 1;
+  const uint32_t sa_addr = smem_addr(sa), sb_addr = smem_addr(sb);
+  uint32_t ta = sa_addr, tb = sb_addr;
+  if constexpr (FRAG_DB) load_frags(0, ta, tb, 0);
+
+  // Pipeline invariant: at the top of iteration kt, K tile kt sits in stage read_stage (with
+  // FRAG_DB, its first k-step's fragments are in buffer 0), K tiles kt+1 .. kt+STAGES-2 are in
+  // flight.
+#pragma unroll 1
+  for (int kt = 0; kt < ntiles; ++kt) {
 #pragma unroll
-      for (int ks = 0; ks < KSTEPS; ++ks) {
-        // K tile kt+1 must have landed (for every thread) before its fragments are read; the
-        // barrier also ends every warp's reads of tile kt, whose stage iteration kt+1 refills.
-        auto next_tile = [&]() {
-          cp_async_wait<STAGES - 2>();
-          __syncthreads();
-          read_stage = read_stage + 1 == STAGES ? 0 : read_stage + 1;
-          ta = sa + read_stage * A_TILE;
-          tb = sb + read_stage * B_TILE;
-        };
-        if constexpr (FRAG_DB) {
-          if (ks == KSTEPS - 1) next_tile();
-          load_frags((ks + 1) % 2, ta, tb, ((ks + 1) % KSTEPS) * 16);
-        } else {
-          load_frags(0, ta, tb, ks * 16);
-        }
-        if (ks == 0) {
-          const int next = kt + STAGES - 1;
-          if (next < ntiles) load_stage(write_stage, t_begin + next, m0, n0);
-          cp_async_commit();
-          write_stage = write_stage + 1 == STAGES ? 0 : write_stage + 1;
-        }
-        const int buf = FRAG_DB ? ks % 2 : 0;  // compile-time after unrolling
+    for (int ks = 0; ks < KSTEPS; ++ks) {
+      // K tile kt+1 must have landed (for every thread) before its fragments are read; the
+      // barrier also ends every warp's reads of tile kt, whose stage iteration kt+1 refills.
+      auto next_tile = [&]() {
+        cp_async_wait<STAGES - 2>();
+        __syncthreads();
+        read_stage = read_stage + 1 == STAGES ? 0 : read_stage + 1;
+        ta = sa_addr + read_stage * A_TILE * 2;
+        tb = sb_addr + read_stage * B_TILE * 2;
+      };
+      if constexpr (FRAG_DB) {
+        if (ks == KSTEPS - 1) next_tile();
+        load_frags((ks + 1) % 2, ta, tb, (ks + 1) % KSTEPS);
+      } else {
+        load_frags(0, ta, tb, ks);
+      }
+      if (ks == 0) {
+        const int next = kt + STAGES - 1;
+        if (next < ntiles) load_stage(write_stage, t_begin + next);
+        cp_async_commit();
+        write_stage = write_stage + 1 == STAGES ? 0 : write_stage + 1;
+      }
+      const int buf = FRAG_DB ? ks % 2 : 0;  // compile-time after unrolling
 #pragma unroll
-        for (int i = 0; i < MI; ++i)
+      for (int i = 0; i < MI; ++i)
 #pragma unroll
-          for (int j = 0; j < NI; ++j)
-            mma_bf16(acc[i][j], af[buf][i], bfr[buf][j / 2][(j % 2) * 2], bfr[buf][j / 2][(j % 2) * 2 + 1]);
-        if constexpr (!FRAG_DB) {
-          if (ks == KSTEPS - 1) next_tile();
-        }
+        for (int j = 0; j < NI; ++j)
+          mma_bf16(acc[i][j], af[buf][i], bfr[buf][j / 2][(j % 2) * 2], bfr[buf][j / 2][(j % 2) * 2 + 1]);
+      if constexpr (!FRAG_DB) {
+        if (ks == KSTEPS - 1) next_tile();
       }
     }
-    // Every copy of this tile has landed (the last waits covered them) and, after this barrier,
-    // every warp is done reading the pipeline's shared memory.
-    cp_async_wait<0>();
-    __syncthreads();
-    const int next_tile_mn = tile + gridDim.x;
-    const int next_m0 = (next_tile_mn / tiles_n) * BM, next_n0 = (next_tile_mn % tiles_n) * BN;
-    if (SEP_C && next_tile_mn < tiles_mn) prologue(next_m0, next_n0);
-    epilogue<BM, BN, WM, WN, THREADS, PASSES>(acc, cs, m0, n0, wm0, wn0, c, ldc, bias, r, ldr, M, N, alpha, split_stride);
-    if (next_tile_mn >= tiles_mn) break;
-    if (!SEP_C) {
-      __syncthreads();  // the epilogue's reads of C (aliasing the pipeline) are done
-      prologue(next_m0, next_n0);
-    }
-    tile = next_tile_mn, m0 = next_m0, n0 = next_n0;
   }
+  // Every copy has landed (the last waits covered them) and, after this barrier, every warp is
+  // done reading the pipeline's shared memory, which the epilogue reuses.
+  cp_async_wait<0>();
+  __syncthreads();
+  epilogue<BM, BN, WM, WN, THREADS>(acc, reinterpret_cast<float*>(smem_raw), m0, n0, wm0, wn0, c, ldc, bias, r, ldr, M, N, alpha,
+                                    split_stride);
 }
 
 }  // namespace
 
-#define GEMM_KERNEL(BM, BN, BK, WM_, WN_, ST, DB, PASSES, SEP, MINB, LA, LB, AK, BKM, OUT, OUTT)                        \
+#define GEMM_KERNEL(BM, BN, BK, WM_, WN_, ST, DB, MINB, LA, LB, AK, BKM, OUT, OUTT)                        \
   extern "C" __global__ void __launch_bounds__(32 * WM_ * WN_, MINB) gemm_##BM##x##BN##_##LA##LB##_##OUT(                \
       const bf16* a1, int64_t lda1, const bf16* b1, int64_t ldb1, int k1, const bf16* a2, int64_t lda2, const bf16* b2,   \
       int64_t ldb2, int k2, OUTT* c, int64_t ldc, const bf16* bias, const OUTT* r, int64_t ldr, int M, int N, float alpha, \
       int tiles_per_split, int64_t split_stride) {                                                                         \
-    gemm_body<BM, BN, BK, WM_, WN_, ST, DB, PASSES, SEP, AK, BKM, OUTT>(a1, lda1, b1, ldb1, k1, a2, lda2, b2, ldb2, k2, c, ldc, bias, r, ldr, \
+    gemm_body<BM, BN, BK, WM_, WN_, ST, DB, AK, BKM, OUTT>(a1, lda1, b1, ldb1, k1, a2, lda2, b2, ldb2, k2, c, ldc, bias, r, ldr, \
                                                     M, N, alpha, tiles_per_split, split_stride);                           \
   }
 
-// The tiles: BM x BN x BK, warps (M x N), pipeline stages, fragment double-buffering, epilogue
-// row bands, separate C shared memory, min. blocks per SM. src/ops/gemm.rs `tile_shape` must agree.
-// 256x128 / 128x256: 8 warps of 64x64, one block per SM, 144 KiB pipeline + 64 KiB C band (the
-// launcher runs them persistent: next tile's loads overlap this tile's epilogue); 128x128: 8 warps
-// of 64x32 (two per SM: 128 registers); 128x64 and 64x64: 4 warps, deeper pipelines for where few
-// blocks share an SM.
-#define GEMM_TILES(LA, LB, AK, BKM, OUT, OUTT)                                     \
-  GEMM_KERNEL(256, 128, 64, 4, 2, 3, true, 2, true, 1, LA, LB, AK, BKM, OUT, OUTT)  \
-  GEMM_KERNEL(128, 256, 64, 2, 4, 3, true, 2, true, 1, LA, LB, AK, BKM, OUT, OUTT)  \
-  GEMM_KERNEL(128, 128, 32, 2, 4, 4, false, 1, false, 2, LA, LB, AK, BKM, OUT, OUTT) \
-  GEMM_KERNEL(128, 64, 32, 2, 2, 6, true, 1, false, 1, LA, LB, AK, BKM, OUT, OUTT)   \
-  GEMM_KERNEL(64, 64, 32, 2, 2, 8, true, 1, false, 1, LA, LB, AK, BKM, OUT, OUTT)
+// The tiles: BM x BN x BK, warps (M x N), pipeline stages, fragment double-buffering, min. blocks
+// per SM. src/ops/gemm.rs `tile_shape` must agree. 256x128 / 128x256: 8 warps of 64x64, one block
+// per SM (147 KiB of shared memory: H100-class GPUs only); 128x128: 8 warps of 64x32 (two blocks
+// per SM: 128 registers); 128x64 and 64x64: 4 warps, deeper pipelines for where few blocks share
+// an SM.
+#define GEMM_TILES(LA, LB, AK, BKM, OUT, OUTT)                              \
+  GEMM_KERNEL(256, 128, 64, 4, 2, 3, true, 1, LA, LB, AK, BKM, OUT, OUTT)   \
+  GEMM_KERNEL(128, 256, 64, 2, 4, 3, true, 1, LA, LB, AK, BKM, OUT, OUTT)   \
+  GEMM_KERNEL(128, 128, 32, 2, 4, 4, false, 2, LA, LB, AK, BKM, OUT, OUTT)  \
+  GEMM_KERNEL(128, 64, 32, 2, 2, 6, true, 1, LA, LB, AK, BKM, OUT, OUTT)    \
+  GEMM_KERNEL(64, 64, 32, 2, 2, 8, true, 1, LA, LB, AK, BKM, OUT, OUTT)
 
 GEMM_TILES(k, k, true, true, bf16, bf16)
 GEMM_TILES(k, k, true, true, f32, float)
@@ -431,6 +409,32 @@ extern "C" __global__ void gemm_splitk_reduce_f32(const float* __restrict__ ws1,
     for (int s = 0; s < slices; ++s) sum += ws[s * count + j];
     c[j] = sum;
   }
+}
+
+// Split-K finish of a forward GEMM (src/ops/gemm.rs `gemm`): for m < M, n < N
+//   C[m·ldc + n] = Σ_{s < slices} ws[(s·M + m)·N + n] + bias[n] + R[m·ldr + n]
+// (the slices' partial sums already carry alpha; bias, R optional; R may be C). CPU twins: linear_cpu,
+// linear_input_grad_cpu (tested through linear, linear_input_grad and the LoRA GEMMs).
+template <typename OutT>
+__device__ __forceinline__ void splitk_finish(const float* __restrict__ ws, int slices, int M, int N, OutT* c, int64_t ldc,
+                                              const bf16* bias, const OutT* r, int64_t ldr) {
+  const int64_t count = (int64_t)M * N;
+  FOR_EACH_INDEX(i, count) {
+    const int m = (int)(i / N), n = (int)(i % N);
+    float sum = 0.0f;
+    for (int s = 0; s < slices; ++s) sum += ws[s * count + i];
+    if (bias) sum += __bfloat162float(bias[n]);
+    if (r) sum += to_f32(r[m * ldr + n]);
+    c[m * ldc + n] = from_f32<OutT>(sum);
+  }
+}
+extern "C" __global__ void gemm_splitk_finish_bf16(const float* ws, int slices, int M, int N, bf16* c, int64_t ldc, const bf16* bias,
+                                                   const bf16* r, int64_t ldr) {
+  splitk_finish(ws, slices, M, N, c, ldc, bias, r, ldr);
+}
+extern "C" __global__ void gemm_splitk_finish_f32(const float* ws, int slices, int M, int N, float* c, int64_t ldc, const bf16* bias,
+                                                  const float* r, int64_t ldr) {
+  splitk_finish(ws, slices, M, N, c, ldc, bias, r, ldr);
 }
 
 // Benchmark helper (src/bench/gemm.rs): keeps the GPU busy for `cycles` clock cycles so that the

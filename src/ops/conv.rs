@@ -219,7 +219,8 @@ const TILES: [(&str, usize, usize); 4] = [("128x128", 128, 128), ("128x64", 128,
 /// Picks the kernel and the split-K factor for a GEMM of `m` rows (per class), `n` columns,
 /// `classes` parity classes and at most `ktiles` k-tiles, then splits along K until there are
 /// about two CTAs per SM. Tiles, from all of them measured at every SD1.5 shape on the H100
-/// (benches/RESULTS.md): 128×64 for big GEMMs (m ≥ 256 and m·n·k ≥ 3.5e9), 128×128 for the
+/// (benches/RESULTS.md): 128×64 for big GEMMs (m ≥ 256 and m·n·k ≥ 3.5e9; its fragment
+/// double-buffered variant from m·n·k ≥ 1e10, the concat and upsampler convs), 128×128 for the
 /// widest 3×3 input gradients (n ≥ 1920, m ≥ 1024, ≥ 40 k-tiles), 64×64 otherwise. `names`: the
 /// vector kernels in the order of [`TILES`] and the scalar (64×64) one.
 /// `SDLORA_CONV_TILE=128x128|128x64|128x64db|64x64` forces the vector tile (for benchmarking the choice).
@@ -242,6 +243,8 @@ fn plan(vec: bool, m: usize, n: usize, classes: usize, ktiles: usize, wide_n_pre
     let mnk = (m * n * ktiles * BK) as f64;
     let tile = if wide_n_prefers_square && n >= 1920 && m >= 1024 && ktiles >= 40 {
         0
+    } else if m >= 256 && mnk >= 1e10 {
+        2
     } else if m >= 256 && mnk >= 3.5e9 {
         1
     } else {

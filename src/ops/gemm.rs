@@ -217,13 +217,14 @@ pub(crate) fn pick_tile(gpu: &Gpu, m: usize, n: usize) -> Result<(usize, usize)>
     Ok(best)
 }
 
-/// Launches one GEMM with the launcher's tile choice. A GEMM whose output tiles do not fill the
-/// GPU and whose K is deep (≥ 16 K tiles) is split along K: the slices' f32 partial sums go to a
+/// Launches one GEMM with the launcher's tile choice. A GEMM whose output tiles fill at most half
+/// of the SMs and whose K is deep (≥ 16 K tiles) is split along K: the slices' f32 partial sums go to a
 /// workspace from the **scratch arena**, and `gemm_splitk_finish_*` adds them up with the bias
 /// and the residual (two launches instead of one K loop of 16+ tiles per block).
 pub(crate) fn gemm(gpu: &Gpu, call: &GemmCall) -> Result<()> {
     let tile = pick_tile(gpu, call.m, call.n)?;
-    if call.split == SplitK::None && call.m > 0 && call.n > 0 && k_tiles(call, tile) >= 16 {
+    let blocks = call.m.div_ceil(tile.0) * call.n.div_ceil(tile.1);
+    if call.split == SplitK::None && blocks > 0 && 2 * blocks <= sm_count(gpu)? && k_tiles(call, tile) >= 16 {
         let slices = k_slices(gpu, call, tile)?;
         if slices > 1 {
             return gemm_split_finish(gpu, call, tile, slices);

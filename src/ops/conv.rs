@@ -220,11 +220,13 @@ const TILES: [(&str, usize, usize); 4] = [("128x128", 128, 128), ("128x64", 128,
 /// `classes` parity classes and at most `ktiles` k-tiles, then splits along K until there are
 /// about two CTAs per SM. Tiles, from all of them measured at every SD1.5 shape on the H100
 /// (benches/RESULTS.md): 128×64 for big GEMMs (m ≥ 256 and m·n·k ≥ 3.5e9; its fragment
-/// double-buffered variant from m·n·k ≥ 1e10, the concat and upsampler convs), 128×128 for the
+/// double-buffered variant from m·n·k ≥ 1e10 without the fused upsample: the big concat convs,
+/// where it measured 5–15 % faster, while it lost at the upsamplers), 128×128 for the
 /// widest 3×3 input gradients (n ≥ 1920, m ≥ 1024, ≥ 40 k-tiles), 64×64 otherwise. `names`: the
 /// vector kernels in the order of [`TILES`] and the scalar (64×64) one.
 /// `SDLORA_CONV_TILE=128x128|128x64|128x64db|64x64` forces the vector tile (for benchmarking the choice).
-fn plan(vec: bool, m: usize, n: usize, classes: usize, ktiles: usize, wide_n_prefers_square: bool, names: [&'static str; 5]) -> Plan {
+#[allow(clippy::too_many_arguments)]
+fn plan(vec: bool, m: usize, n: usize, classes: usize, ktiles: usize, wide_n_prefers_square: bool, upsampled: bool, names: [&'static str; 5]) -> Plan {
     static FORCED: std::sync::OnceLock<Option<usize>> = std::sync::OnceLock::new();
     let forced = *FORCED.get_or_init(|| {
         let v = std::env::var("SDLORA_CONV_TILE").ok()?;
@@ -243,7 +245,7 @@ fn plan(vec: bool, m: usize, n: usize, classes: usize, ktiles: usize, wide_n_pre
     let mnk = (m * n * ktiles * BK) as f64;
     let tile = if wide_n_prefers_square && n >= 1920 && m >= 1024 && ktiles >= 40 {
         0
-    } else if m >= 256 && mnk >= 1e10 {
+    } else if m >= 256 && mnk >= 1e10 && !upsampled {
         2
     } else if m >= 256 && mnk >= 3.5e9 {
         1
@@ -336,7 +338,7 @@ pub fn conv2d(
     let vec = g.c1 % 8 == 0 && g.c2 % 8 == 0 && s.in_ch.is_multiple_of(BK) && (g.c2 == 0 || g.c1 % BK == 0);
     let m = s.batch * ho * wo;
     let ktiles = (s.kernel * s.kernel * s.in_ch).div_ceil(BK);
-    let p = plan(vec, m, s.out_ch, 1, ktiles, false, [
+    let p = plan(vec, m, s.out_ch, 1, ktiles, false, src.upsample2x, [
         "conv2d_fwd_bf16_vec_128x128",
         "conv2d_fwd_bf16_vec_128x64",
         "conv2d_fwd_bf16_vec_128x64_db",
@@ -382,7 +384,7 @@ pub fn conv2d_backward_input(
     let (h, w_) = (g.ints[1] as usize, g.ints[2] as usize);
     let m = s.batch * h.div_ceil(st) * w_.div_ceil(st);
     let taps = if upsample2x { 4 * s.kernel * s.kernel } else { s.kernel.div_ceil(st).pow(2) };
-    let p = plan(vec, m, s.in_ch, st * st, (taps * s.out_ch).div_ceil(BK), true, [
+    let p = plan(vec, m, s.in_ch, st * st, (taps * s.out_ch).div_ceil(BK), true, upsample2x, [
         "conv2d_bwd_input_bf16_vec_128x128",
         "conv2d_bwd_input_bf16_vec_128x64",
         "conv2d_bwd_input_bf16_vec_128x64_db",

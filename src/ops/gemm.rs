@@ -237,7 +237,9 @@ pub(crate) fn gemm(gpu: &Gpu, call: &GemmCall) -> Result<()> {
 /// [slices, m, n] f32, then C = Σ + bias + R.
 fn gemm_split_finish(gpu: &Gpu, call: &GemmCall, tile: (usize, usize), slices: usize) -> Result<()> {
     let (m, n) = (call.m, call.n);
-    let ws = gpu.alloc(ArenaKind::Scratch, slices * m * n * 4)?.ptr();
+    // The workspace handle lives until both launches are queued (stream order keeps it safe after).
+    let ws_buf = gpu.alloc(ArenaKind::Scratch, slices * m * n * 4)?;
+    let ws = ws_buf.ptr();
     let part = GemmCall { ldc: n, out: DType::F32, bias: None, residual: None, split: SplitK::Workspace(ws, slices), ..*call };
     gemm_with_tile(gpu, &part, tile)?;
     let name = match call.out {
@@ -258,7 +260,9 @@ fn gemm_split_finish(gpu: &Gpu, call: &GemmCall, tile: (usize, usize), slices: u
         KernelArg::Ptr(r),
         KernelArg::I64(ldr as i64),
     ];
-    gpu.launch(MODULE, name, cfg, &args)
+    gpu.launch(MODULE, name, cfg, &args)?;
+    drop(ws_buf);
+    Ok(())
 }
 
 /// K tiles of `call` with block tile `tile`.
@@ -475,7 +479,9 @@ pub(crate) enum WeightGradSplit {
 /// axis when its output alone cannot fill the GPU; with `WeightGradSplit::Workspace`, one
 /// reduction launch finishes them all (the LoRA backward's dA and dB: three launches in all).
 pub(crate) fn at_b_many(gpu: &Gpu, problems: &[AtB], accumulate: bool, how: WeightGradSplit) -> Result<()> {
-    let mut pending: Vec<(u64, usize, usize, u64)> = Vec::new(); // (workspace, slices, p·q, c)
+    // (workspace, slices, p·q, c); the workspace handles live until the reductions are queued.
+    let mut pending: Vec<(u64, usize, usize, u64)> = Vec::new();
+    let mut workspaces = Vec::new();
     for pr in problems {
         let mut call = GemmCall {
             layouts: Layouts::Mn,
@@ -503,7 +509,9 @@ pub(crate) fn at_b_many(gpu: &Gpu, problems: &[AtB], accumulate: bool, how: Weig
             }
             call.split = SplitK::Atomic(slices);
         } else {
-            let ws = gpu.alloc(ArenaKind::Scratch, slices * pr.p * pr.q * 4)?.ptr();
+            let buf = gpu.alloc(ArenaKind::Scratch, slices * pr.p * pr.q * 4)?;
+            let ws = buf.ptr();
+            workspaces.push(buf);
             call.split = SplitK::Workspace(ws, slices);
             pending.push((ws, slices, pr.p * pr.q, pr.c));
         }
@@ -527,6 +535,7 @@ pub(crate) fn at_b_many(gpu: &Gpu, problems: &[AtB], accumulate: bool, how: Weig
         ];
         gpu.launch(MODULE, "gemm_splitk_reduce_f32", cfg, &args)?;
     }
+    drop(workspaces);
     Ok(())
 }
 

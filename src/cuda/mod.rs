@@ -168,9 +168,14 @@ impl Gpu {
         self.arenas.borrow_mut().alloc(&self.stream, kind, bytes)
     }
 
-    /// Rewinds the scratch arena: every scratch buffer handed out so far may be reused.
-    pub fn reset_scratch(&self) {
-        self.arenas.borrow_mut().reset_scratch();
+    /// Starts both arenas' high-water marks again from what is in use now.
+    pub fn reset_high_water(&self) {
+        self.arenas.borrow_mut().reset_high_water();
+    }
+
+    /// Returns scratch blocks that hold no live buffer to the driver.
+    pub fn release_free_scratch(&self) {
+        self.arenas.borrow_mut().release_free_scratch();
     }
 
     /// Caps persistent + scratch device memory at `bytes`; allocations past it fail early with numbers.
@@ -263,10 +268,18 @@ mod tests {
         let a = gpu.alloc(ArenaKind::Scratch, 1000).unwrap();
         let b = gpu.alloc(ArenaKind::Scratch, 5000).unwrap();
         assert_eq!(b.ptr() - a.ptr(), 1024, "scratch buffers are 256-byte aligned and packed");
-        gpu.reset_scratch();
+        let (a_ptr, b_ptr) = (a.ptr(), b.ptr());
+        let view = a.slice(256, 256).unwrap();
+        drop(a);
+        let c = gpu.alloc(ArenaKind::Scratch, 1000).unwrap();
+        assert_ne!(c.ptr(), a_ptr, "a span is not reused while a view of it lives");
+        drop((view, b, c));
+        assert_eq!(gpu.arena_stats(ArenaKind::Scratch).in_use, 0, "dropped scratch buffers are freed");
         let a2 = gpu.alloc(ArenaKind::Scratch, 1000).unwrap();
-        assert_eq!(a.ptr(), a2.ptr(), "after a reset the same sequence lands at the same addresses");
-        assert_eq!(gpu.arena_stats(ArenaKind::Scratch).high_water, 1024 + 5120);
+        let b2 = gpu.alloc(ArenaKind::Scratch, 5000).unwrap();
+        assert_eq!((a2.ptr(), b2.ptr()), (a_ptr, b_ptr), "the same sequence lands at the same addresses");
+        assert_eq!(gpu.arena_stats(ArenaKind::Scratch).high_water, 1024 + 5120 + 1024);
+        drop((a2, b2));
 
         let p = gpu.alloc(ArenaKind::Persistent, 3 << 20).unwrap();
         assert!(gpu.arena_stats(ArenaKind::Persistent).in_use >= 3 << 20);

@@ -13,7 +13,7 @@ use crate::checkpoint::{LoraLayer, LoraWeights};
 use crate::cuda::ArenaKind;
 use crate::rng::Rng;
 use crate::tensor::{DType, Tensor};
-use anyhow::{bail, ensure, Result};
+use anyhow::{bail, ensure, Context, Result};
 use std::collections::HashMap;
 
 pub const DEFAULT_TARGETS: [&str; 4] = ["to_q", "to_k", "to_v", "to_out.0"];
@@ -76,6 +76,20 @@ pub fn attach(dev: Dev, unet: &mut UNet2DConditionModel, targets: &[String], ran
 pub fn load(dev: Dev, unet: &mut UNet2DConditionModel, weights: &LoraWeights) -> Result<LoraParams> {
     let layers = weights.layers.iter().map(|(m, l)| (m.clone(), l.clone())).collect();
     install(dev, unet, layers)
+}
+
+/// Folds the layers of `weights` into the matching projections' frozen weights (sampling: no
+/// adapters remain, so the UNet runs at the base model's cost); sizes are checked as in [`load`].
+pub fn merge(dev: Dev, unet: &mut UNet2DConditionModel, weights: &LoraWeights) -> Result<()> {
+    let mut projections = projections(unet);
+    let index: HashMap<String, usize> = projections.iter().enumerate().map(|(i, (m, _))| (m.clone(), i)).collect();
+    for (module, layer) in &weights.layers {
+        let Some(&i) = index.get(module) else {
+            bail!("LoRA layer {module} has no matching attention projection in this UNet");
+        };
+        projections[i].1.merge_lora(dev, layer).with_context(|| format!("merging LoRA layer {module}"))?;
+    }
+    Ok(())
 }
 
 /// Puts `layers` onto their projections, in [`projections`] order (so the flat buffers, and the

@@ -75,6 +75,11 @@ impl ResnetBlock2D {
     pub fn saved_bytes(&self) -> usize {
         self.saved.as_ref().map_or(0, |s| bytes(&s.x) + bytes(&s.h1))
     }
+
+    /// Drops what the forward kept for the backward (inference).
+    pub fn forget(&mut self) {
+        self.saved = None;
+    }
 }
 
 /// 3×3 stride-2 conv (padding 1).

@@ -194,6 +194,12 @@ impl Transformer2DModel {
         add(dev, dy, &self.norm.backward(dev, &x, &stats, &dg, false)?)
     }
 
+    /// Drops what the forward kept for the backward (inference).
+    pub fn forget(&mut self) {
+        self.input = None;
+        self.saved = None;
+    }
+
     /// Bytes kept between forward and backward (the input alone when checkpointing).
     pub fn saved_bytes(&self) -> usize {
         let input = self.input.as_ref().map_or(0, |(x, _)| bytes(x));

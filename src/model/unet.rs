@@ -107,6 +107,13 @@ impl Layer {
         }
     }
 
+    fn forget(&mut self) {
+        self.resnet.forget();
+        if let Some(a) = &mut self.attention {
+            a.forget();
+        }
+    }
+
     fn backward(&mut self, dev: Dev, dy: &Tensor) -> Result<Tensor> {
         let dh = match &mut self.attention {
             Some(a) => a.backward(dev, dy)?,
@@ -140,6 +147,9 @@ pub struct UNet2DConditionModel {
     conv_out: Conv2d,
     /// Input of conv_norm_out and its statistics, kept for the backward.
     saved_out: Option<(Tensor, NormStats)>,
+    /// Keep activations for a backward (training); off for inference, where each layer's are
+    /// dropped as soon as it finishes, so activation memory is a few layers' worth.
+    pub keep_activations: bool,
 }
 
 impl UNet2DConditionModel {
@@ -201,6 +211,7 @@ impl UNet2DConditionModel {
             conv_norm_out: GroupNorm::load(dev, w, "conv_norm_out", boc[0], groups, eps)?,
             conv_out: Conv2d::load(dev, w, "conv_out", boc[0], c.out_channels, 3, 1)?,
             saved_out: None,
+            keep_activations: true,
             config,
         })
     }
@@ -213,9 +224,11 @@ impl UNet2DConditionModel {
         down.chain(mid).chain(up)
     }
 
-    /// Predicts the noise: x NHWC [n, h, w, in_channels], one timestep per sample, context [n, 77, d].
-    pub fn forward(&mut self, dev: Dev, x: &Tensor, timesteps: &[f32], context: &Tensor) -> Result<Tensor> {
-        ensure!(timesteps.len() == x.shape()[0], "{} timesteps for a batch of {}", timesteps.len(), x.shape()[0]);
+    /// Predicts the noise: x NHWC [n, h, w, in_channels], timesteps f32 [n] (one per sample, on
+    /// the model's device), context [n, 77, d].
+    pub fn forward(&mut self, dev: Dev, x: &Tensor, timesteps: &Tensor, context: &Tensor) -> Result<Tensor> {
+        ensure!(timesteps.numel() == x.shape()[0], "{} timesteps for a batch of {}", timesteps.numel(), x.shape()[0]);
+        let keep = self.keep_activations;
         let t_emb = timestep_embedding(dev, timesteps, self.config.block_out_channels[0])?;
         let temb = self.time_linear_2.forward(dev, &silu(dev, &self.time_linear_1.forward(dev, &t_emb)?)?)?;
         let temb = silu(dev, &temb)?;
@@ -225,6 +238,9 @@ impl UNet2DConditionModel {
         for block in &mut self.down_blocks {
             for layer in &mut block.layers {
                 h = layer.forward(dev, &h, &temb, context)?;
+                if !keep {
+                    layer.forget();
+                }
                 skips.push(h.clone());
             }
             if let Some(d) = &mut block.downsampler {
@@ -234,6 +250,9 @@ impl UNet2DConditionModel {
         }
         for layer in &mut self.mid_block {
             h = layer.forward(dev, &h, &temb, context)?;
+            if !keep {
+                layer.forget();
+            }
         }
         for block in &mut self.up_blocks {
             block.skip_channels.clear();
@@ -241,6 +260,9 @@ impl UNet2DConditionModel {
                 let skip = skips.pop().context("UNet: ran out of skip connections")?;
                 block.skip_channels.push(*skip.shape().last().unwrap());
                 h = layer.forward(dev, &concat_channels(dev, &h, &skip)?, &temb, context)?;
+                if !keep {
+                    layer.forget();
+                }
             }
             if let Some(u) = &mut block.upsampler {
                 h = u.forward(dev, &h)?;
@@ -248,7 +270,7 @@ impl UNet2DConditionModel {
         }
         let (g, stats) = self.conv_norm_out.forward(dev, &h, true)?;
         let out = self.conv_out.forward(dev, &g)?;
-        self.saved_out = Some((h, stats));
+        self.saved_out = keep.then_some((h, stats));
         Ok(out)
     }
 

@@ -154,7 +154,6 @@ mod tests {
                 counter.increment(&gpu).unwrap();
                 adamw_step(&gpu, &mut pd, &gd, &mut md, &mut vd, &counter, &cfg).unwrap();
                 adamw_step_cpu(&mut p, &g, &mut m, &mut v, t, &cfg);
-                gpu.reset_scratch();
             }
             for (what, dev, host) in [("p", &pd, &p), ("m", &md, &m), ("v", &vd, &v)] {
                 let got = dev.to_cpu(&gpu).unwrap().into_vec().unwrap();

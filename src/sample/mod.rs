@@ -9,9 +9,11 @@
 //! branch when every g ≤ 1, as diffusers); the final latents are divided by the VAE's scaling factor
 //! (0.18215), decoded, and mapped to pixels by clamp((x + 1)/2, 0, 1).
 //!
-//! LoRAs are combined into one adapter per projection ([`lora_merge`]) and applied on the fly.
+//! LoRAs are combined into one adapter per projection ([`lora_merge`]) and merged into the UNet's
+//! weights (or, with `--lora-on-the-fly`, applied as adapters). The UNet runs in inference mode:
+//! each layer's activations are freed as soon as the next layer has read them.
 //! CLIP, the UNet and the VAE all run on the chosen device; between models (and between denoising
-//! steps) values pass through the host as f32, and the GPU's scratch arena is reset.
+//! steps) values pass through the host as f32.
 
 pub mod grid;
 pub mod lora_merge;
@@ -58,8 +60,13 @@ pub struct SampleArgs {
     #[arg(long, default_value = "")]
     pub negative_prompt: String,
     /// LoRA to apply, as PATH or PATH:SCALE; PATH is a .safetensors file or a step_N folder (repeatable).
+    /// The LoRAs are merged into the UNet's weights once (the fastest way to sample).
     #[arg(long)]
     pub lora: Vec<String>,
+    /// Apply the LoRAs on the fly (extra low-rank GEMMs in every projection) instead of merging
+    /// them into the weights: the same images, slower; for checking the merge.
+    #[arg(long)]
+    pub lora_on_the_fly: bool,
     /// Classifier-free guidance scale (repeatable: with --grid, one column per value).
     #[arg(long, default_values_t = [5.0])]
     pub guidance: Vec<f32>,
@@ -155,14 +162,16 @@ pub struct Pipeline<'g> {
 }
 
 impl<'g> Pipeline<'g> {
-    /// Loads the model and puts the combined LoRA (if any) on the UNet.
-    pub fn load(dev: Dev<'g>, source: &Base, loras: &[SampleLora]) -> Result<Pipeline<'g>> {
+    /// Loads the model (its UNet in inference mode) and merges the combined LoRA (if any) into the
+    /// UNet's weights, or with `on_the_fly` attaches it as adapters.
+    pub fn load(dev: Dev<'g>, source: &Base, loras: &[SampleLora], on_the_fly: bool) -> Result<Pipeline<'g>> {
         let unet_cfg = match source.config(Component::Unet)? {
             Some(v) => UNetConfig::from_json(&v)?,
             None => UNetConfig::sd15(),
         };
         let unet_levels = 1 << (unet_cfg.block_out_channels.len() - 1);
         let mut unet = UNet2DConditionModel::load(dev, &source.weights(Component::Unet)?, unet_cfg).context("loading the UNet")?;
+        unet.keep_activations = false;
         if !loras.is_empty() {
             let combined = lora_merge::combine(loras)?;
             let max_rank = combined.layers.values().map(|l| l.rank).max().unwrap_or(0);
@@ -171,7 +180,11 @@ impl<'g> Pipeline<'g> {
                 "the LoRAs add up to rank {max_rank} on one projection; the GPU LoRA kernels take at most {GPU_MAX_RANK}"
             );
             let names: Vec<String> = loras.iter().map(|l| l.spec.path.display().to_string()).collect();
-            crate::model::lora::load(dev, &mut unet, &combined).with_context(|| format!("applying LoRA {}", names.join(", ")))?;
+            let applied = match on_the_fly {
+                true => crate::model::lora::load(dev, &mut unet, &combined).map(drop),
+                false => crate::model::lora::merge(dev, &mut unet, &combined),
+            };
+            applied.with_context(|| format!("applying LoRA {}", names.join(", ")))?;
         }
         let clip_cfg = match source.config(Component::TextEncoder)? {
             Some(v) => ClipTextConfig::from_json(&v)?,
@@ -211,14 +224,7 @@ impl<'g> Pipeline<'g> {
                 }
                 let ids = self.tokenizer.encode(p)?;
                 let states = self.clip.forward(self.dev, &ids, 1)?;
-                let states = match self.dev {
-                    Dev::Cpu => states.into_vec()?,
-                    Dev::Gpu(g) => {
-                        let host = states.to_cpu(g)?.into_vec();
-                        g.reset_scratch();
-                        host?
-                    }
-                };
+                let states = states.into_host(self.dev.gpu())?;
                 self.text_cache.insert(p.to_string(), states);
             }
             out.extend_from_slice(&self.text_cache[*p]);
@@ -229,9 +235,6 @@ impl<'g> Pipeline<'g> {
     /// Latents NHWC [n, h, w, 4] (already divided by the scaling factor) → pixels NHWC in about [-1, 1], on the host.
     pub fn decode(&self, latents: Tensor) -> Result<Tensor> {
         let image = self.vae.decode(self.dev, &latents);
-        if let Dev::Gpu(g) = self.dev {
-            g.reset_scratch();
-        }
         image
     }
 
@@ -263,15 +266,14 @@ impl<'g> Pipeline<'g> {
     fn unet_forward(&mut self, x: Vec<f32>, rows: usize, (h, w): (usize, usize), t: f32, ctx: Vec<f32>, d: usize) -> Result<Vec<f32>> {
         let x = Tensor::from_vec(&[rows, h, w, 4], x)?;
         let ctx = Tensor::from_vec(&[rows, 77, d], ctx)?;
-        let timesteps = vec![t; rows];
+        let timesteps = Tensor::from_vec(&[rows], vec![t; rows])?;
         match self.dev {
             Dev::Cpu => self.unet.forward(self.dev, &x, &timesteps, &ctx)?.into_vec(),
             Dev::Gpu(g) => {
                 let x = x.to_gpu(g, ArenaKind::Scratch, DType::BF16)?;
                 let ctx = ctx.to_gpu(g, ArenaKind::Scratch, DType::BF16)?;
-                let out = self.unet.forward(self.dev, &x, &timesteps, &ctx)?.to_cpu(g)?.into_vec();
-                g.reset_scratch();
-                out
+                let timesteps = timesteps.to_gpu(g, ArenaKind::Scratch, DType::F32)?;
+                self.unet.forward(self.dev, &x, &timesteps, &ctx)?.to_cpu(g)?.into_vec()
             }
         }
     }
@@ -385,7 +387,7 @@ pub fn run(args: &SampleArgs) -> Result<()> {
         (None, seed) => Base::Random(seed.unwrap_or(0)),
     };
     let load_start = Instant::now();
-    let mut pipe = Pipeline::load(dev, &base, &loras)?;
+    let mut pipe = Pipeline::load(dev, &base, &loras, args.lora_on_the_fly)?;
     let load_s = load_start.elapsed().as_secs_f64();
 
     let f = pipe.vae_factor();

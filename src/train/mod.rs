@@ -73,7 +73,7 @@ pub fn run(cfg: &TrainConfig, gpu: Option<&Gpu>, resume: Option<&Path>, dump: Op
     let source = ModelSource::resolve(&cfg.model).with_context(|| format!("--model {}", cfg.model))?;
     let examples = encode_dataset(dev, cfg, &source)?;
     if let Some(g) = gpu {
-        g.reset_scratch();
+        g.release_free_scratch(); // the VAE's activations were larger than the UNet's will be
     }
 
     let unet_cfg = match source.config(Component::Unet)? {
@@ -138,9 +138,6 @@ pub fn run(cfg: &TrainConfig, gpu: Option<&Gpu>, resume: Option<&Path>, dump: Op
         }
         let lr = cfg.lr_at(step);
         optimizer.update(dev, &mut unet, &mut params, lr)?;
-        if let Some(g) = gpu {
-            g.reset_scratch();
-        }
         let done = step + 1;
         losses.push(loss);
         let seconds = t0.elapsed().as_secs_f64();
@@ -203,7 +200,6 @@ pub fn benchmark(gpu: &Gpu, resolution: u32, warmup: usize, steps: usize) -> Res
     let mut step = |k: usize| -> Result<f32> {
         let (loss, _) = forward_backward(dev, &cfg, &mut unet, &examples, &diffusion, k as u32, false)?;
         optimizer.update(dev, &mut unet, &mut params, cfg.lr)?;
-        gpu.reset_scratch();
         Ok(loss)
     };
     for k in 0..warmup {
@@ -322,7 +318,7 @@ fn forward_backward(
             let abar = &diffusion.schedule.alphas_cumprod;
             let (eps, t) = draw_step_noise_cpu(cfg.seed, micro_step, shape[0], n, abar.len() as u32);
             let x_t = add_noise_cpu(&x0, &eps, &t, abar, n);
-            let pred = unet.forward(dev, &Tensor::from_vec(&shape, x_t.clone())?, &t, &Tensor::from_vec(&ctx_shape, context.clone())?)?;
+            let pred = unet.forward(dev, &Tensor::from_vec(&shape, x_t.clone())?, &Tensor::from_vec(&[t.len()], t.clone())?, &Tensor::from_vec(&ctx_shape, context.clone())?)?;
             let p = pred.into_vec()?;
             let loss = mse_min_snr_cpu(&p, &eps, &t, abar, gamma);
             unet.backward(dev, &Tensor::from_vec(&shape, mse_min_snr_backward_cpu(&p, &eps, &t, abar, gamma, scale))?)?;
@@ -340,10 +336,8 @@ fn forward_backward(
             let x0 = Tensor::from_vec(&shape, x0)?.to_gpu(g, ArenaKind::Scratch, DType::F32)?;
             let (mut eps, mut t, mut x_t) = (f32_scratch(&shape)?, f32_scratch(&[shape[0]])?, f32_scratch(&shape)?);
             diffusion::draw_step_noise(g, cfg.seed, counter, abar, &mut eps, &mut t, Some((&x0, &mut x_t)))?;
-            // The timestep embedding is formed from host values (a few floats).
-            let t_host = t.to_cpu(g)?.into_vec()?;
             let ctx = Tensor::from_vec(&ctx_shape, context.clone())?.to_gpu(g, ArenaKind::Scratch, DType::BF16)?;
-            let pred = unet.forward(dev, &bf16(&x_t)?, &t_host, &ctx)?;
+            let pred = unet.forward(dev, &bf16(&x_t)?, &t, &ctx)?;
             let mut p = f32_scratch(&shape)?;
             crate::ops::elementwise::cast(g, &pred, &mut p)?;
             let (mut loss, mut d) = (f32_scratch(&[1])?, f32_scratch(&shape)?);
@@ -352,7 +346,7 @@ fn forward_backward(
             unet.backward(dev, &bf16(&d)?)?;
             let loss = loss.to_cpu(g)?.into_vec()?[0];
             let batch = match record {
-                true => Some(Batch { shape, x_t: x_t.to_cpu(g)?.into_vec()?, eps: eps.to_cpu(g)?.into_vec()?, t: t_host, context }),
+                true => Some(Batch { shape, x_t: x_t.to_cpu(g)?.into_vec()?, eps: eps.to_cpu(g)?.into_vec()?, t: t.to_cpu(g)?.into_vec()?, context }),
                 false => None,
             };
             Ok((loss, batch))

@@ -9,7 +9,7 @@
 
 use super::{time_gpu, BenchRow, Timing};
 use crate::cuda::{ArenaKind::Scratch, Gpu};
-use crate::ops::adamw::{adamw_step, AdamWConfig};
+use crate::ops::adamw::{adamw_step, AdamWConfig, LrTable};
 use crate::ops::philox::{philox_normal, StepCounter};
 use crate::ops::{activation, diffusion, layout, norm};
 use crate::tensor::{DType, Tensor};
@@ -156,9 +156,10 @@ pub fn bench(gpu: &Gpu) -> Result<Vec<BenchRow>> {
         let (mut m, mut v) = (randn(gpu, &[n], DType::F32, &counter)?, randn(gpu, &[n], DType::F32, &counter)?);
         let bytes = (7 * n * 4) as f64;
         let cfg = AdamWConfig::default();
-        rows.push(row("adamw_step", format!("{n}"), bytes, time(gpu, || adamw_step(gpu, &mut p, &g, &mut m, &mut v, &counter, &cfg))?));
+        let lr = LrTable::constant(gpu, cfg.lr)?;
+        rows.push(row("adamw_step", format!("{n}"), bytes, time(gpu, || adamw_step(gpu, &mut p, &g, &mut m, &mut v, &counter, &lr, &cfg))?));
         let clip = AdamWConfig { max_grad_norm: Some(1.0), ..cfg };
-        rows.push(row("adamw_step_clip", format!("{n}"), bytes + (n * 4) as f64, time(gpu, || adamw_step(gpu, &mut p, &g, &mut m, &mut v, &counter, &clip))?));
+        rows.push(row("adamw_step_clip", format!("{n}"), bytes + (n * 4) as f64, time(gpu, || adamw_step(gpu, &mut p, &g, &mut m, &mut v, &counter, &lr, &clip))?));
     }
     Ok(rows)
 }

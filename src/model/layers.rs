@@ -69,7 +69,8 @@ pub(crate) fn with_last(shape: &[usize], last: usize) -> Vec<usize> {
 
 /// Trainable low-rank adapter of one Linear: Δy = scale·(x·Aᵀ)·Bᵀ, PEFT's `lora_A`/`lora_B`.
 /// `a`, `b` and the gradients are f32 on the model's device; on the GPU `a16`/`b16` are the bf16
-/// copies the GEMMs read (refreshed by [`LoraAdapter::sync`] after every update).
+/// copies the GEMMs read: views into one flat buffer that a single cast refreshes after every
+/// update ([`crate::model::lora::LoraParams::refresh_copies`]).
 pub struct LoraAdapter {
     pub rank: usize,
     pub alpha: f32,
@@ -83,28 +84,15 @@ pub struct LoraAdapter {
 
 impl LoraAdapter {
     /// An adapter over given f32 tensors on the model's device: A [r, in], B [out, r] and their
-    /// gradients (zero). On the GPU these are views into the flat buffers the optimizer updates.
-    pub fn new(dev: Dev, alpha: f32, a: Tensor, b: Tensor, grad_a: Tensor, grad_b: Tensor) -> Result<LoraAdapter> {
-        let mut adapter = LoraAdapter { rank: a.shape()[0], alpha, a, b, grad_a, grad_b, a16: None, b16: None };
-        adapter.sync(dev)?;
-        Ok(adapter)
+    /// gradients (zero). On the GPU these are views into the flat buffers the optimizer updates,
+    /// and `copies` the bf16 views (A, B) the GEMMs read.
+    pub fn new(alpha: f32, a: Tensor, b: Tensor, grad_a: Tensor, grad_b: Tensor, copies: Option<(Tensor, Tensor)>) -> LoraAdapter {
+        let (a16, b16) = copies.unzip();
+        LoraAdapter { rank: a.shape()[0], alpha, a, b, grad_a, grad_b, a16, b16 }
     }
 
     pub fn scale(&self) -> f32 {
         self.alpha / self.rank as f32
-    }
-
-    /// Refreshes the bf16 copies from the f32 masters (GPU only).
-    pub fn sync(&mut self, dev: Dev) -> Result<()> {
-        if let Dev::Gpu(g) = dev {
-            if self.a16.is_none() {
-                self.a16 = Some(Tensor::empty_gpu(g, ArenaKind::Persistent, self.a.shape(), DType::BF16)?);
-                self.b16 = Some(Tensor::empty_gpu(g, ArenaKind::Persistent, self.b.shape(), DType::BF16)?);
-            }
-            crate::ops::elementwise::cast(g, &self.a, self.a16.as_mut().unwrap())?;
-            crate::ops::elementwise::cast(g, &self.b, self.b16.as_mut().unwrap())?;
-        }
-        Ok(())
     }
 
     /// The adapter's values as a checkpoint layer (downloaded from the GPU if needed).

@@ -31,6 +31,19 @@ pub struct LoraParams {
     pub params: Option<Tensor>,
     /// f32 [count], laid out like `params` (GPU only).
     pub grads: Option<Tensor>,
+    /// bf16 [count]: the copy of `params` the GEMMs read (GPU only).
+    pub params16: Option<Tensor>,
+}
+
+impl LoraParams {
+    /// Refreshes the bf16 copy from the f32 parameters: one cast for every adapter (GPU; a no-op
+    /// on the CPU, where the adapters are read directly).
+    pub fn refresh_copies(&mut self, dev: Dev) -> Result<()> {
+        if let (Dev::Gpu(g), Some(p), Some(p16)) = (dev, &self.params, &mut self.params16) {
+            crate::ops::elementwise::cast(g, p, p16)?;
+        }
+        Ok(())
+    }
 }
 
 /// Every attention projection of the UNet with its diffusers module path, in a fixed order.
@@ -120,25 +133,31 @@ fn install(dev: Dev, unet: &mut UNet2DConditionModel, mut layers: Vec<(String, L
             let params = Tensor::from_vec(&[count], host)?.to_gpu(g, ArenaKind::Persistent, DType::F32)?;
             let mut grads = Tensor::empty_gpu(g, ArenaKind::Persistent, &[count], DType::F32)?;
             grads.zero(Some(g))?;
-            Some((params, grads))
+            let mut params16 = Tensor::empty_gpu(g, ArenaKind::Persistent, &[count], DType::BF16)?;
+            crate::ops::elementwise::cast(g, &params, &mut params16)?;
+            Some((params, grads, params16))
         }
     };
     let mut offset = 0;
     for (module, l) in layers {
         let (sa, sb) = ([l.rank, l.in_features], [l.out_features, l.rank]);
         let adapter = match &mut flat {
-            None => LoraAdapter::new(dev, l.alpha, Tensor::from_vec(&sa, l.a)?, Tensor::from_vec(&sb, l.b)?, Tensor::zeros(&sa), Tensor::zeros(&sb))?,
-            Some((p, g)) => {
+            None => LoraAdapter::new(l.alpha, Tensor::from_vec(&sa, l.a)?, Tensor::from_vec(&sb, l.b)?, Tensor::zeros(&sa), Tensor::zeros(&sb), None),
+            Some((p, g, p16)) => {
                 let (na, nb) = (l.a.len(), l.b.len());
+                let copies = (p16.gpu_view(offset, &sa)?, p16.gpu_view(offset + na, &sb)?);
                 let views = (p.gpu_view(offset, &sa)?, p.gpu_view(offset + na, &sb)?, g.gpu_view(offset, &sa)?, g.gpu_view(offset + na, &sb)?);
                 offset += na + nb;
-                LoraAdapter::new(dev, l.alpha, views.0, views.1, views.2, views.3)?
+                LoraAdapter::new(l.alpha, views.0, views.1, views.2, views.3, Some(copies))
             }
         };
         projections[index[&module]].1.lora = Some(adapter);
     }
-    let (params, grads) = flat.unzip();
-    Ok(LoraParams { count, params, grads })
+    let (params, grads, params16) = match flat {
+        Some((p, g, p16)) => (Some(p), Some(g), Some(p16)),
+        None => (None, None, None),
+    };
+    Ok(LoraParams { count, params, grads, params16 })
 }
 
 /// The adapters' current values, for saving.

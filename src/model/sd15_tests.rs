@@ -114,7 +114,7 @@ fn mib(bytes: usize) -> f64 {
 #[ignore = "needs a CUDA GPU and SDLORA_SD15_REFERENCE=DIR (make_fixtures.py --full-size DIR)"]
 fn full_size_clip_gpu_matches_transformers() {
     let r = Reference::open();
-    let mut gpu = Gpu::for_tests().unwrap();
+    let gpu = Gpu::for_tests().unwrap();
     let model = ClipTextModel::load(Dev::Gpu(&gpu), &Weights::random(r.seed), ClipTextConfig::sd15()).unwrap();
     let out = model.forward(Dev::Gpu(&gpu), &r.ids(), 3).unwrap().to_cpu(&gpu).unwrap();
     r.check("GPU bf16 CLIP last_hidden_state", out.data().unwrap(), "clip.last_hidden_state", true);
@@ -130,7 +130,7 @@ fn full_size_clip_gpu_matches_transformers() {
 #[ignore = "needs a CUDA GPU and SDLORA_SD15_REFERENCE=DIR (make_fixtures.py --full-size DIR)"]
 fn full_size_vae_gpu_matches_diffusers() {
     let r = Reference::open();
-    let mut gpu = Gpu::for_tests().unwrap();
+    let gpu = Gpu::for_tests().unwrap();
     let dev = Dev::Gpu(&gpu);
     let vae = AutoencoderKl::load(dev, &Weights::random(r.seed), VaeConfig::sd15()).unwrap();
     let post = vae.encode(dev, &r.nhwc("vae.image")).unwrap();

@@ -19,7 +19,7 @@ pub mod grid;
 pub mod lora_merge;
 pub mod png;
 
-use crate::cuda::{ArenaKind, Gpu};
+use crate::cuda::{ArenaKind, Gpu, Graph};
 use crate::io::write_atomic;
 use crate::model::clip::{ClipTextConfig, ClipTextModel};
 use crate::model::layers::Dev;
@@ -159,6 +159,18 @@ pub struct Pipeline<'g> {
     unet_levels: usize,
     /// Prompt → CLIP last_hidden_state [77, d], computed once per distinct prompt.
     text_cache: HashMap<String, Vec<f32>>,
+    /// The UNet evaluation captured as a CUDA graph for the current batch shape (GPU).
+    unet_graph: Option<UNetGraph>,
+}
+
+/// A captured UNet forward: its input buffers (refilled in place each step), its output, the graph.
+struct UNetGraph {
+    shape: [usize; 4],
+    x: Tensor,
+    t: Tensor,
+    ctx: Tensor,
+    out: Tensor,
+    graph: Graph,
 }
 
 impl<'g> Pipeline<'g> {
@@ -205,6 +217,7 @@ impl<'g> Pipeline<'g> {
             unet,
             unet_levels,
             text_cache: HashMap::new(),
+            unet_graph: None,
         })
     }
 
@@ -267,15 +280,31 @@ impl<'g> Pipeline<'g> {
         let x = Tensor::from_vec(&[rows, h, w, 4], x)?;
         let ctx = Tensor::from_vec(&[rows, 77, d], ctx)?;
         let timesteps = Tensor::from_vec(&[rows], vec![t; rows])?;
-        match self.dev {
-            Dev::Cpu => self.unet.forward(self.dev, &x, &timesteps, &ctx)?.into_vec(),
-            Dev::Gpu(g) => {
-                let x = x.to_gpu(g, ArenaKind::Scratch, DType::BF16)?;
-                let ctx = ctx.to_gpu(g, ArenaKind::Scratch, DType::BF16)?;
-                let timesteps = timesteps.to_gpu(g, ArenaKind::Scratch, DType::F32)?;
-                self.unet.forward(self.dev, &x, &timesteps, &ctx)?.to_cpu(g)?.into_vec()
-            }
+        let g = match self.dev {
+            Dev::Cpu => return self.unet.forward(self.dev, &x, &timesteps, &ctx)?.into_vec(),
+            Dev::Gpu(g) => g,
+        };
+        let shape = [rows, h, w, d];
+        if let Some(c) = self.unet_graph.as_mut().filter(|c| c.shape == shape) {
+            c.x.upload(g, x.data()?)?;
+            c.t.upload(g, timesteps.data()?)?;
+            c.ctx.upload(g, ctx.data()?)?;
+            g.replay(&c.graph)?;
+            return c.out.to_cpu(g)?.into_vec();
         }
+        // A new shape: evaluate eagerly (this loads the kernels and sizes the scratch blocks),
+        // then capture the same evaluation for the following steps.
+        self.unet_graph = None;
+        let x = x.to_gpu(g, ArenaKind::Scratch, DType::BF16)?;
+        let t = timesteps.to_gpu(g, ArenaKind::Scratch, DType::F32)?;
+        let ctx = ctx.to_gpu(g, ArenaKind::Scratch, DType::BF16)?;
+        let out = self.unet.forward(self.dev, &x, &t, &ctx)?.to_cpu(g)?.into_vec();
+        if g.graphs_enabled() {
+            let unet = &mut self.unet;
+            let (y, graph) = g.capture(|| unet.forward(Dev::Gpu(g), &x, &t, &ctx))?;
+            self.unet_graph = Some(UNetGraph { shape, x, t, ctx, out: y, graph });
+        }
+        out
     }
 
     /// Denoises a batch of images from their initial latents (NHWC, N(0,1)); returns the final latents.

@@ -10,6 +10,7 @@ use super::layers::{Conv2d, Dev, GroupNorm, Linear, NormStats};
 use super::resnet::{Downsample2D, ResnetBlock2D, Upsample2D};
 use super::transformer::Transformer2DModel;
 use super::weights::Weights;
+use crate::cuda::nvtx_range;
 use crate::tensor::Tensor;
 use anyhow::{bail, ensure, Context, Result};
 use serde_json::Value;
@@ -235,7 +236,8 @@ impl UNet2DConditionModel {
 
         let mut h = self.conv_in.forward(dev, x)?;
         let mut skips = vec![h.clone()];
-        for block in &mut self.down_blocks {
+        for (i, block) in self.down_blocks.iter_mut().enumerate() {
+            let _range = nvtx_range(&format!("forward down_blocks.{i}"));
             for layer in &mut block.layers {
                 h = layer.forward(dev, &h, &temb, context)?;
                 if !keep {
@@ -248,13 +250,16 @@ impl UNet2DConditionModel {
                 skips.push(h.clone());
             }
         }
+        let mid_range = nvtx_range("forward mid_block");
         for layer in &mut self.mid_block {
             h = layer.forward(dev, &h, &temb, context)?;
             if !keep {
                 layer.forget();
             }
         }
-        for block in &mut self.up_blocks {
+        drop(mid_range);
+        for (i, block) in self.up_blocks.iter_mut().enumerate() {
+            let _range = nvtx_range(&format!("forward up_blocks.{i}"));
             block.skip_channels.clear();
             for layer in &mut block.layers {
                 let skip = skips.pop().context("UNet: ran out of skip connections")?;
@@ -282,7 +287,8 @@ impl UNet2DConditionModel {
 
         // Up path: each layer's input gradient splits into the running one and its skip's.
         let mut d_skips: Vec<Tensor> = Vec::new();
-        for block in self.up_blocks.iter_mut().rev() {
+        for (i, block) in self.up_blocks.iter_mut().enumerate().rev() {
+            let _range = nvtx_range(&format!("backward up_blocks.{i}"));
             if let Some(u) = &mut block.upsampler {
                 dh = u.backward(dev, &dh)?;
             }
@@ -294,12 +300,15 @@ impl UNet2DConditionModel {
                 d_skips.push(d_skip);
             }
         }
+        let mid_range = nvtx_range("backward mid_block");
         for layer in self.mid_block.iter_mut().rev() {
             dh = layer.backward(dev, &dh)?;
         }
+        drop(mid_range);
         // Down path, in reverse: d_skips holds the skips' gradients in the order they were pushed.
         let mut take_skip = |dh: &Tensor| -> Result<Tensor> { add(dev, dh, &d_skips.pop().context("UNet: skip gradients out of step")?) };
-        for block in self.down_blocks.iter_mut().rev() {
+        for (i, block) in self.down_blocks.iter_mut().enumerate().rev() {
+            let _range = nvtx_range(&format!("backward down_blocks.{i}"));
             if let Some(d) = &mut block.downsampler {
                 dh = d.backward(dev, &take_skip(&dh)?)?;
             }

@@ -169,6 +169,8 @@ struct UNetGraph {
     x: Tensor,
     t: Tensor,
     ctx: Tensor,
+    /// What `ctx` holds (uploaded again only when the conditioning changes).
+    ctx_host: Vec<f32>,
     out: Tensor,
     graph: Graph,
 }
@@ -288,7 +290,10 @@ impl<'g> Pipeline<'g> {
         if let Some(c) = self.unet_graph.as_mut().filter(|c| c.shape == shape) {
             c.x.upload(g, x.data()?)?;
             c.t.upload(g, timesteps.data()?)?;
-            c.ctx.upload(g, ctx.data()?)?;
+            if c.ctx_host != ctx.data()? {
+                c.ctx.upload(g, ctx.data()?)?;
+                c.ctx_host = ctx.data()?.to_vec();
+            }
             g.replay(&c.graph)?;
             return c.out.to_cpu(g)?.into_vec();
         }
@@ -297,12 +302,12 @@ impl<'g> Pipeline<'g> {
         self.unet_graph = None;
         let x = x.to_gpu(g, ArenaKind::Scratch, DType::BF16)?;
         let t = timesteps.to_gpu(g, ArenaKind::Scratch, DType::F32)?;
-        let ctx = ctx.to_gpu(g, ArenaKind::Scratch, DType::BF16)?;
+        let (ctx_host, ctx) = (ctx.data()?.to_vec(), ctx.to_gpu(g, ArenaKind::Scratch, DType::BF16)?);
         let out = self.unet.forward(self.dev, &x, &t, &ctx)?.to_cpu(g)?.into_vec();
         if g.graphs_enabled() {
             let unet = &mut self.unet;
             let (y, graph) = g.capture(|| unet.forward(Dev::Gpu(g), &x, &t, &ctx))?;
-            self.unet_graph = Some(UNetGraph { shape, x, t, ctx, out: y, graph });
+            self.unet_graph = Some(UNetGraph { shape, x, t, ctx, ctx_host, out: y, graph });
         }
         out
     }

@@ -299,9 +299,10 @@ mod tests {
             .map(|_| Example { mean: rng.normal_vec(16 * 16 * 4, 1.0), std: vec![0.1; 16 * 16 * 4], latent_hw: (16, 16), context: rng.normal_vec(77 * 768, 1.0) })
             .collect();
         let weights = crate::model::weights::Weights::random(seed);
-        let run = |graphs: bool| -> (Vec<f32>, Vec<f32>) {
+        let run = |graphs: bool| -> (Vec<f32>, Vec<f32>, Vec<f32>) {
             let mut unet = UNet2DConditionModel::load(dev, &weights, UNetConfig::sd15()).unwrap();
             let mut params = lora::attach(dev, &mut unet, &cfg.targets, 8, 8.0, LoraInit::KaimingUniform, seed).unwrap();
+            let init = params.params.as_ref().unwrap().to_cpu(&gpu).unwrap().into_vec().unwrap();
             let rates: Vec<f64> = (0..cfg.steps).map(|s| cfg.lr_at(s)).collect();
             let mut optimizer = Optimizer::new(dev, &params, AdamWConfig { lr: cfg.lr, ..Default::default() }, &rates).unwrap();
             let mut stepper = Stepper::new(dev, &cfg, &examples, 0, cfg.steps).unwrap();
@@ -314,14 +315,17 @@ mod tests {
             let Stepper::Gpu(s) = &stepper else { unreachable!() };
             assert_eq!(s.graphs.is_some(), graphs, "graphs captured only when enabled");
             assert_eq!(optimizer.step, cfg.steps as u32);
-            (stepper.take_losses(dev).unwrap(), params.params.as_ref().unwrap().to_cpu(&gpu).unwrap().into_vec().unwrap())
+            (stepper.take_losses(dev).unwrap(), init, params.params.as_ref().unwrap().to_cpu(&gpu).unwrap().into_vec().unwrap())
         };
-        let (eager_losses, eager_params) = run(false);
-        let (graph_losses, graph_params) = run(true);
+        let (eager_losses, init, eager_params) = run(false);
+        let (graph_losses, _, graph_params) = run(true);
         println!("losses eager {eager_losses:?}\nlosses graph {graph_losses:?}");
         assert_eq!(eager_losses.len(), cfg.steps * cfg.grad_accum);
         // Split-K LoRA gradients add with f32 atomics in any order: equal up to rounding.
         crate::tensor::assert_close(&format!("losses, graph vs eager, seed={seed}"), &graph_losses, &eager_losses, 1e-3);
-        crate::tensor::assert_close(&format!("LoRA values, graph vs eager, seed={seed}"), &graph_params, &eager_params, 1e-3);
+        // AdamW normalizes every gradient, so a tiny one's rounding can flip its update's sign: the
+        // LoRA values are compared relative to the change training made (as the PyTorch parity is).
+        let change = |p: &[f32]| p.iter().zip(&init).map(|(a, b)| a - b).collect::<Vec<f32>>();
+        crate::tensor::assert_close(&format!("LoRA change, graph vs eager, seed={seed}"), &change(&graph_params), &change(&eager_params), 0.1);
     }
 }

@@ -143,6 +143,11 @@ pub struct Transformer2DModel {
     proj_out: Linear,
     /// Keep only the input after the forward; recompute the rest in the backward.
     pub checkpoint: bool,
+    /// Bytes of the activations a backward needs beyond the input (measured at the last forward
+    /// or recompute): what `checkpoint` saves.
+    pub activation_bytes: usize,
+    /// Forward FLOPs of the last input: what `checkpoint` costs (run again in the backward).
+    pub forward_flops: f64,
     input: Option<(Tensor, Tensor)>,
     saved: Option<(NormStats, BlockSaved)>,
 }
@@ -157,6 +162,8 @@ impl Transformer2DModel {
                 block: BasicTransformerBlock::load(dev, w, &p("transformer_blocks.0"), ch, context_dim, heads)?,
                 proj_out: Linear::load(dev, w, &p("proj_out"), ch, ch, true, true)?,
                 checkpoint: false,
+                activation_bytes: 0,
+                forward_flops: 0.0,
                 input: None,
                 saved: None,
             })
@@ -167,6 +174,10 @@ impl Transformer2DModel {
     /// x NHWC [n, h, w, c]; context [n, 77, context_dim].
     pub fn forward(&mut self, dev: Dev, x: &Tensor, context: &Tensor) -> Result<Tensor> {
         let (out, saved) = self.run(dev, x, context)?;
+        self.activation_bytes = block_saved_bytes(&saved.1);
+        // Linears 20·c² per token (proj_in/out 2, attn1 4, attn2 q/o 2, GEGLU 8 + 4), self-attention 4·L·c.
+        let (tokens, c) = ((x.numel() / x.shape()[3]) as f64, x.shape()[3] as f64);
+        self.forward_flops = 2.0 * tokens * 20.0 * c * c + 4.0 * tokens * (x.shape()[1] * x.shape()[2]) as f64 * c;
         self.input = Some((x.clone(), context.clone()));
         self.saved = if self.checkpoint { None } else { Some(saved) };
         Ok(out)
@@ -185,7 +196,11 @@ impl Transformer2DModel {
         let (x, context) = self.input.take().context("Transformer2DModel backward without a forward")?;
         let (stats, saved) = match self.saved.take() {
             Some(s) => s,
-            None => self.run(dev, &x, &context)?.1,
+            None => {
+                let recomputed = self.run(dev, &x, &context)?.1;
+                self.activation_bytes = block_saved_bytes(&recomputed.1);
+                recomputed
+            }
         };
         let s = x.shape();
         let dt = self.proj_out.backward_input(dev, &dy.reshape(&[s[0], s[1] * s[2], s[3]])?)?;
@@ -203,10 +218,11 @@ impl Transformer2DModel {
     /// Bytes kept between forward and backward (the input alone when checkpointing).
     pub fn saved_bytes(&self) -> usize {
         let input = self.input.as_ref().map_or(0, |(x, _)| bytes(x));
-        input
-            + self.saved.as_ref().map_or(0, |(_, s)| {
-                let a = |a: &AttentionSaved| bytes(&a.x) + bytes(&a.q) + bytes(&a.k) + bytes(&a.v) + bytes(&a.o);
-                bytes(&s.t0) + bytes(&s.t1) + bytes(&s.t2) + a(&s.attn1) + a(&s.attn2) + bytes(&s.ff_hidden)
-            })
+        input + self.saved.as_ref().map_or(0, |(_, s)| block_saved_bytes(s))
     }
+}
+
+fn block_saved_bytes(s: &BlockSaved) -> usize {
+    let a = |a: &AttentionSaved| bytes(&a.x) + bytes(&a.q) + bytes(&a.k) + bytes(&a.v) + bytes(&a.o);
+    bytes(&s.t0) + bytes(&s.t1) + bytes(&s.t2) + a(&s.attn1) + a(&s.attn2) + bytes(&s.ff_hidden)
 }

@@ -10,6 +10,7 @@
 
 pub mod compare;
 pub mod config;
+mod memory;
 mod optim;
 mod outputs;
 mod step;
@@ -106,6 +107,18 @@ pub fn run(cfg: &TrainConfig, gpu: Option<&Gpu>, resume: Option<&Path>, dump: Op
     }
     let readback = cfg.log_every.min(cfg.save_every).min(100);
     let mut stepper = Stepper::new(dev, cfg, &examples, start_step, readback)?;
+    if let Some(g) = gpu {
+        // The budget: --vram-limit, else what the device has free now (less a margin for others).
+        let budget = match &cfg.vram_limit {
+            Some(limit) => config::parse_bytes(limit)?,
+            None => {
+                let (free, _) = g.mem_info()?;
+                let held = g.arena_stats(ArenaKind::Persistent).reserved + g.arena_stats(ArenaKind::Scratch).reserved;
+                (held + free).saturating_sub(512 << 20)
+            }
+        };
+        eprintln!("{}", memory::plan(g, cfg, &mut unet, &mut stepper, &mut params, budget)?);
+    }
     let mut log = outputs.event_writer()?;
     let progress = outputs::progress_bar(start_step, cfg.steps);
     let started = Instant::now();

@@ -167,6 +167,17 @@ impl Stepper {
         }
     }
 
+    /// Runs one micro-step eagerly for the memory planner and undoes it: the gradients are zeroed
+    /// and the draw counter rewound, so training starts as if it had not run (GPU only).
+    pub fn rehearse(&mut self, g: &Gpu, cfg: &TrainConfig, unet: &mut UNet2DConditionModel, params: &mut LoraParams) -> Result<()> {
+        let Stepper::Gpu(s) = self else { return Ok(()) };
+        let before = s.counter.get(g)?;
+        s.launch_micro_step(g, cfg, unet)?;
+        s.counter.set(g, before)?;
+        params.grads.as_mut().context("GPU LoRA without gradients")?.zero(Some(g))?;
+        g.synchronize()
+    }
+
     /// The loss of every micro-step run since the last call (GPU: waits for them).
     pub fn take_losses(&mut self, dev: Dev) -> Result<Vec<f32>> {
         match (self, dev) {

@@ -135,9 +135,9 @@ pub fn run(cfg: &TrainConfig, gpu: Option<&Gpu>, resume: Option<&Path>, dump: Op
         }
         // The losses come back (and the GPU is waited for) every few steps, before any checkpoint.
         if done % readback == 0 || save {
+            let micro_losses = stepper.take_losses(dev)?; // waits for the steps
             let seconds = since.elapsed().as_secs_f64() / pending.len() as f64;
             since = Instant::now();
-            let micro_losses = stepper.take_losses(dev)?;
             if let Some(d) = &mut draws {
                 let first = d.len() - micro_losses.len();
                 d[first..].iter_mut().zip(&micro_losses).for_each(|(entry, &l)| entry.1 = l);

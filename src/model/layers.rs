@@ -56,6 +56,14 @@ pub(crate) fn cpu(t: &Tensor) -> Result<&[f32]> {
     t.data()
 }
 
+fn add_residual_cpu(mut y: Vec<f32>, residual: Option<&Tensor>) -> Result<Vec<f32>> {
+    if let Some(r) = residual {
+        ensure!(r.numel() == y.len(), "residual {:?} does not match the output's {} values", r.shape(), y.len());
+        y.iter_mut().zip(r.data()?).for_each(|(y, r)| *y += r);
+    }
+    Ok(y)
+}
+
 /// Rows of a token or pixel tensor: every dimension but the last.
 pub(crate) fn rows(t: &Tensor) -> usize {
     t.numel() / t.shape().last().copied().unwrap_or(1)
@@ -130,6 +138,11 @@ impl Linear {
 
     /// y = x·Wᵀ + b (+ LoRA) over the rows of x [.., in].
     pub fn forward(&self, dev: Dev, x: &Tensor) -> Result<Tensor> {
+        self.forward_add(dev, x, None)
+    }
+
+    /// y = x·Wᵀ + b (+ LoRA) (+ residual, shaped like y), the add fused into the GEMM's epilogue.
+    pub fn forward_add(&self, dev: Dev, x: &Tensor, residual: Option<&Tensor>) -> Result<Tensor> {
         ensure!(x.shape().last() == Some(&self.in_f), "linear: input {:?} does not end in {}", x.shape(), self.in_f);
         let (m, out_shape) = (rows(x), with_last(x.shape(), self.out_f));
         match dev {
@@ -142,15 +155,15 @@ impl Linear {
                         lora::lora_forward_cpu(cpu(x)?, cpu(&self.w)?, bias, cpu(&l.a)?, cpu(&l.b)?, l.scale(), &s)
                     }
                 };
-                Tensor::from_vec(&out_shape, y)
+                Tensor::from_vec(&out_shape, add_residual_cpu(y, residual)?)
             }
             Dev::Gpu(g) => {
                 let mut y = Dev::scratch(g, &out_shape)?;
                 match &self.lora {
-                    None => gemm::linear(g, x, &self.w, self.b.as_ref(), None, &mut y)?,
+                    None => gemm::linear(g, x, &self.w, self.b.as_ref(), residual, &mut y)?,
                     Some(l) => {
                         let mut us = Dev::scratch(g, &[m, l.rank])?;
-                        lora::lora_forward(g, &l.on_gpu(&self.w, self.b.as_ref()), x, &mut us, None, &mut y)?;
+                        lora::lora_forward(g, &l.on_gpu(&self.w, self.b.as_ref()), x, &mut us, residual, &mut y)?;
                     }
                 }
                 Ok(y)
@@ -275,14 +288,19 @@ impl Conv2d {
     }
 
     pub fn forward(&self, dev: Dev, x: &Tensor) -> Result<Tensor> {
+        self.forward_add(dev, x, None)
+    }
+
+    /// conv(x) + b (+ residual, shaped like the output), the add fused into the conv's epilogue.
+    pub fn forward_add(&self, dev: Dev, x: &Tensor, residual: Option<&Tensor>) -> Result<Tensor> {
         let s = self.geometry(x.shape())?;
         let (oh, ow) = s.out_hw();
         let shape = [s.batch, oh, ow, s.out_ch];
         match dev {
-            Dev::Cpu => Tensor::from_vec(&shape, conv::conv2d_cpu(cpu(x)?, &s, cpu(&self.w)?, Some(cpu(&self.b)?))),
+            Dev::Cpu => Tensor::from_vec(&shape, add_residual_cpu(conv::conv2d_cpu(cpu(x)?, &s, cpu(&self.w)?, Some(cpu(&self.b)?)), residual)?),
             Dev::Gpu(g) => {
                 let mut y = Dev::scratch(g, &shape)?;
-                conv::conv2d(g, conv::ConvSource { x, skip: None, upsample2x: false }, &s, &self.w, Some(&self.b), None, &mut y)?;
+                conv::conv2d(g, conv::ConvSource { x, skip: None, upsample2x: false }, &s, &self.w, Some(&self.b), residual, &mut y)?;
                 Ok(y)
             }
         }

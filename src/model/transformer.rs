@@ -45,12 +45,13 @@ impl Attention {
         })
     }
 
-    fn forward(&self, dev: Dev, x: &Tensor, context: &Tensor) -> Result<(Tensor, AttentionSaved)> {
+    /// residual + attention(x, context) (the residual added in to_out's epilogue).
+    fn forward(&self, dev: Dev, x: &Tensor, context: &Tensor, residual: &Tensor) -> Result<(Tensor, AttentionSaved)> {
         let q = self.to_q.forward(dev, x)?;
         let k = self.to_k.forward(dev, context)?;
         let v = self.to_v.forward(dev, context)?;
         let (o, lse) = attention(dev, &q, &k, &v, self.heads)?;
-        let y = self.to_out.forward(dev, &o)?;
+        let y = self.to_out.forward_add(dev, &o, Some(residual))?;
         Ok((y, AttentionSaved { x: x.clone(), context: context.clone(), q, k, v, o, lse }))
     }
 
@@ -112,14 +113,12 @@ impl BasicTransformerBlock {
 
     fn forward(&self, dev: Dev, t0: &Tensor, context: &Tensor) -> Result<(Tensor, BlockSaved)> {
         let (n1, s1) = self.norm1.forward(dev, t0)?;
-        let (a1, attn1) = self.attn1.forward(dev, &n1, &n1)?;
-        let t1 = add(dev, t0, &a1)?;
+        let (t1, attn1) = self.attn1.forward(dev, &n1, &n1, t0)?;
         let (n2, s2) = self.norm2.forward(dev, &t1)?;
-        let (a2, attn2) = self.attn2.forward(dev, &n2, context)?;
-        let t2 = add(dev, &t1, &a2)?;
+        let (t2, attn2) = self.attn2.forward(dev, &n2, context, &t1)?;
         let (n3, s3) = self.norm3.forward(dev, &t2)?;
         let ff_hidden = self.ff_proj.forward(dev, &n3)?;
-        let t3 = add(dev, &t2, &self.ff_out.forward(dev, &geglu(dev, &ff_hidden)?)?)?;
+        let t3 = self.ff_out.forward_add(dev, &geglu(dev, &ff_hidden)?, Some(&t2))?;
         Ok((t3, BlockSaved { t0: t0.clone(), t1, t2, stats: [s1, s2, s3], attn1, attn2, ff_hidden }))
     }
 
@@ -188,7 +187,7 @@ impl Transformer2DModel {
         let (g, stats) = self.norm.forward(dev, x, false)?;
         let tokens = self.proj_in.forward(dev, &g)?.reshape(&[s[0], s[1] * s[2], s[3]])?;
         let (t, saved) = self.block.forward(dev, &tokens, context)?;
-        let out = add(dev, &self.proj_out.forward(dev, &t)?.reshape(s)?, x)?;
+        let out = self.proj_out.forward_add(dev, &t, Some(&x.reshape(t.shape())?))?.reshape(s)?;
         Ok((out, (stats, saved)))
     }
 

@@ -88,6 +88,26 @@ pub struct LoraAdapter {
     pub grad_b: Tensor,
     a16: Option<Tensor>,
     b16: Option<Tensor>,
+    /// Per-layer AdamW (GPU): when set, the backward writes this adapter's gradients to a scratch
+    /// buffer and updates A and B from it at once, instead of accumulating into `grad_a`/`grad_b`.
+    pub update: Option<LayerUpdate>,
+}
+
+/// One adapter's share of the optimizer, for AdamW applied inside the backward: f32 views of its
+/// A-then-B values and moments in the optimizer's flat buffers, the bf16 copy, the shared schedule.
+pub struct LayerUpdate {
+    pub params: Tensor,
+    pub params16: Tensor,
+    pub m: Tensor,
+    pub v: Tensor,
+    pub schedule: std::sync::Arc<crate::ops::adamw::AdamWSchedule>,
+}
+
+impl LayerUpdate {
+    fn apply(&mut self, gpu: &Gpu, grads: &Tensor) -> Result<()> {
+        self.schedule.step(gpu, &mut self.params, grads, &mut self.m, &mut self.v)?;
+        crate::ops::elementwise::cast(gpu, &self.params, &mut self.params16)
+    }
 }
 
 impl LoraAdapter {
@@ -96,7 +116,7 @@ impl LoraAdapter {
     /// and `copies` the bf16 views (A, B) the GEMMs read.
     pub fn new(alpha: f32, a: Tensor, b: Tensor, grad_a: Tensor, grad_b: Tensor, copies: Option<(Tensor, Tensor)>) -> LoraAdapter {
         let (a16, b16) = copies.unzip();
-        LoraAdapter { rank: a.shape()[0], alpha, a, b, grad_a, grad_b, a16, b16 }
+        LoraAdapter { rank: a.shape()[0], alpha, a, b, grad_a, grad_b, a16, b16, update: None }
     }
 
     pub fn scale(&self) -> f32 {
@@ -202,16 +222,31 @@ impl Linear {
             }
             Dev::Gpu(gpu) => {
                 let (mut us, mut vs, mut dx) = (Dev::scratch(gpu, &[m, l.rank])?, Dev::scratch(gpu, &[m, l.rank])?, Dev::scratch(gpu, &shape)?);
-                let mut grad_a = std::mem::replace(&mut l.grad_a, Tensor::zeros(&[0]));
-                let mut grad_b = std::mem::replace(&mut l.grad_b, Tensor::zeros(&[0]));
+                // With per-layer AdamW this adapter's gradients live only until its update below.
+                let layer_grads = match &l.update {
+                    Some(_) => Some(Tensor::empty_gpu(gpu, ArenaKind::Scratch, &[l.a.numel() + l.b.numel()], DType::F32)?),
+                    None => None,
+                };
+                let (mut grad_a, mut grad_b) = match &layer_grads {
+                    Some(g) => (g.gpu_view(0, l.a.shape())?, g.gpu_view(l.a.numel(), l.b.shape())?),
+                    None => (std::mem::replace(&mut l.grad_a, Tensor::zeros(&[0])), std::mem::replace(&mut l.grad_b, Tensor::zeros(&[0]))),
+                };
                 let result = (|| {
                     let ll = l.on_gpu(&self.w, self.b.as_ref());
                     lora::lora_down(gpu, &ll, x, &mut us)?;
                     let out = lora::LoraBackwardOut { dx: &mut dx, da: &mut grad_a, db: &mut grad_b, vs: &mut vs };
-                    lora::lora_backward(gpu, &ll, x, &us, dy, out, false, true)
+                    lora::lora_backward(gpu, &ll, x, &us, dy, out, false, layer_grads.is_none())
                 })();
-                (l.grad_a, l.grad_b) = (grad_a, grad_b);
-                result?;
+                match (&mut l.update, &layer_grads) {
+                    (Some(update), Some(grads)) => {
+                        result?;
+                        update.apply(gpu, grads)?;
+                    }
+                    _ => {
+                        (l.grad_a, l.grad_b) = (grad_a, grad_b);
+                        result?;
+                    }
+                }
                 Ok(want_dx.then_some(dx))
             }
         }

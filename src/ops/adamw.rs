@@ -88,6 +88,20 @@ impl LrTable {
     }
 }
 
+/// What every AdamW step of a run shares on the device: the step counter, the rates, the betas.
+pub struct AdamWSchedule {
+    pub counter: StepCounter,
+    pub rates: LrTable,
+    pub cfg: AdamWConfig,
+}
+
+impl AdamWSchedule {
+    /// [`adamw_step`] at the schedule's current step.
+    pub fn step(&self, gpu: &Gpu, params: &mut Tensor, grads: &Tensor, m: &mut Tensor, v: &mut Tensor) -> Result<()> {
+        adamw_step(gpu, params, grads, m, v, &self.counter, &self.rates, &self.cfg)
+    }
+}
+
 /// One AdamW step on the device: `params`, `grads`, `m`, `v` are f32 of one size; t = *counter
 /// (advance it before the step); the rate comes from `lr` (`cfg.lr` is not read). With `max_grad_norm` set, first reduces ‖g‖² into per-block
 /// partials (scratch) and scales g by min(1, max_norm/(‖g‖ + 1e-6)) inside the step (g unchanged).

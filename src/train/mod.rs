@@ -118,6 +118,11 @@ pub fn run(cfg: &TrainConfig, gpu: Option<&Gpu>, resume: Option<&Path>, dump: Op
             }
         };
         eprintln!("{}", memory::plan(g, cfg, &mut unet, &mut stepper, &mut params, budget)?);
+        if cfg.adamw_per_layer {
+            optimizer.update_in_backward(dev, &mut unet, &mut params)?;
+        }
+    } else if cfg.adamw_per_layer {
+        bail!("--adamw-per-layer runs on the GPU");
     }
     let mut log = outputs.event_writer()?;
     let progress = outputs::progress_bar(start_step, cfg.steps);
@@ -200,12 +205,15 @@ pub fn run(cfg: &TrainConfig, gpu: Option<&Gpu>, resume: Option<&Path>, dump: Op
 /// CUDA graphs as `sdlora train` runs them and, for comparison, eagerly (one launch per kernel);
 /// prints median ms/step, achieved TFLOP/s (1.88 TFLOP per 512 px step), peak device memory and a
 /// per-kernel table of one eager step.
-pub fn benchmark(gpu: &Gpu, resolution: u32, warmup: usize, steps: usize) -> Result<()> {
+pub fn benchmark(gpu: &Gpu, resolution: u32, warmup: usize, steps: usize, adamw_per_layer: bool) -> Result<()> {
     let dev = Dev::Gpu(gpu);
     let cfg = TrainConfig { resolution, steps: 2 * (warmup + steps) + 2, ..TrainConfig::default() };
     let mut unet = UNet2DConditionModel::load(dev, &crate::model::weights::Weights::random(0), UNetConfig::sd15())?;
     let mut params = lora::attach(dev, &mut unet, &cfg.targets, cfg.rank, cfg.alpha, LoraInit::KaimingUniform, cfg.seed)?;
     let mut optimizer = Optimizer::new(dev, &params, AdamWConfig::default(), &[cfg.lr])?;
+    if adamw_per_layer {
+        optimizer.update_in_backward(dev, &mut unet, &mut params)?;
+    }
     let hw = resolution as usize / 8;
     let mut rng = Rng::new(1);
     let examples = vec![Example { mean: rng.normal_vec(hw * hw * 4, 1.0), std: vec![0.1; hw * hw * 4], latent_hw: (hw, hw), context: rng.normal_vec(77 * 768, 1.0) }];
@@ -240,7 +248,8 @@ pub fn benchmark(gpu: &Gpu, resolution: u32, warmup: usize, steps: usize) -> Res
         let median = ms[ms.len() / 2];
         format!("{what}: median {median:.2} ms (min {:.2}, max {:.2}, n={steps}), {:.1} TFLOP/s", ms[0], ms[ms.len() - 1], flop / median / 1e9)
     };
-    println!("train step at {resolution} px, batch 1, r = 128 (draws, forward, Min-SNR loss, backward, AdamW):");
+    let per_layer = if adamw_per_layer { " per layer" } else { "" };
+    println!("train step at {resolution} px, batch 1, r = 128 (draws, forward, Min-SNR loss, backward, AdamW{per_layer}):");
     println!("  {}", line("CUDA graph replay (as sdlora train runs)", &graphed));
     println!("  {}", line("eager launches, for comparison", &eager));
     println!("  peak device memory {:.2} GiB in use ({:.2} GiB held from the driver)", gib(peak), gib(reserved));

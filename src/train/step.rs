@@ -292,51 +292,73 @@ mod tests {
         assert_eq!(batch_indices(5, 2, 3, 7), [6, 7].map(|s| batch_indices(5, 1, s, 7)[0]).to_vec());
     }
 
-    /// Steps replayed from CUDA graphs give the losses and LoRA values of steps launched eagerly
-    /// (full-size UNet with random weights at 128 px, batch 2, two micro-steps per update).
-    #[test]
-    #[ignore = "needs a CUDA GPU"]
-    fn gpu_graph_replayed_steps_match_eager_steps() {
+    /// `cfg.steps` steps of the full-size UNet with random weights (seed `seed`) at cfg's resolution
+    /// on three random examples, with r = 8: (losses, initial LoRA values, final LoRA values).
+    fn gpu_run(gpu: &Gpu, cfg: &TrainConfig, graphs: bool, per_layer: bool) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
         use crate::model::lora::{self, LoraInit};
         use crate::model::unet::UNetConfig;
         use crate::ops::adamw::AdamWConfig;
+        let dev = Dev::Gpu(gpu);
+        let mut rng = Rng::new(cfg.seed);
+        let hw = cfg.resolution as usize / 8;
+        let examples: Vec<Example> = (0..3)
+            .map(|_| Example { mean: rng.normal_vec(hw * hw * 4, 1.0), std: vec![0.1; hw * hw * 4], latent_hw: (hw, hw), context: rng.normal_vec(77 * 768, 1.0) })
+            .collect();
+        let mut unet = UNet2DConditionModel::load(dev, &crate::model::weights::Weights::random(cfg.seed), UNetConfig::sd15()).unwrap();
+        let mut params = lora::attach(dev, &mut unet, &cfg.targets, 8, 8.0, LoraInit::KaimingUniform, cfg.seed).unwrap();
+        let init = params.params.as_ref().unwrap().to_cpu(gpu).unwrap().into_vec().unwrap();
+        let rates: Vec<f64> = (0..cfg.steps).map(|s| cfg.lr_at(s)).collect();
+        let mut optimizer = Optimizer::new(dev, &params, AdamWConfig { lr: cfg.lr, ..Default::default() }, &rates).unwrap();
+        if per_layer {
+            optimizer.update_in_backward(dev, &mut unet, &mut params).unwrap();
+            assert!(params.grads.is_none(), "per-layer updates free the flat gradients");
+        }
+        let mut stepper = Stepper::new(dev, cfg, &examples, 0, cfg.steps).unwrap();
+        if !graphs {
+            stepper.disable_graphs();
+        }
+        for step in 0..cfg.steps {
+            stepper.step(dev, cfg, &mut unet, &mut optimizer, &mut params, &examples, step, false).unwrap();
+        }
+        let Stepper::Gpu(s) = &stepper else { unreachable!() };
+        assert_eq!(s.graphs.is_some(), graphs, "graphs captured only when enabled");
+        assert_eq!(optimizer.step, cfg.steps as u32);
+        (stepper.take_losses(dev).unwrap(), init, params.params.as_ref().unwrap().to_cpu(gpu).unwrap().into_vec().unwrap())
+    }
+
+    /// Same losses (to 1e-3) and the same LoRA change (to 0.1 relative): split-K LoRA gradients add
+    /// with f32 atomics in any order, and AdamW normalizes every gradient, so a tiny one's rounding
+    /// can flip its update's sign (the PyTorch parity compares the change the same way).
+    fn assert_same_training(what: &str, a: &(Vec<f32>, Vec<f32>, Vec<f32>), b: &(Vec<f32>, Vec<f32>, Vec<f32>)) {
+        println!("{what}: losses {:?} vs {:?}", a.0, b.0);
+        crate::tensor::assert_close(&format!("{what}: losses"), &a.0, &b.0, 1e-3);
+        let change = |p: &[f32]| p.iter().zip(&a.1).map(|(x, y)| x - y).collect::<Vec<f32>>();
+        crate::tensor::assert_close(&format!("{what}: LoRA change"), &change(&a.2), &change(&b.2), 0.1);
+    }
+
+    /// Steps replayed from CUDA graphs train as steps launched eagerly (full-size UNet with random
+    /// weights at 128 px, batch 2, two micro-steps per update).
+    #[test]
+    #[ignore = "needs a CUDA GPU"]
+    fn gpu_graph_replayed_steps_match_eager_steps() {
         let gpu = Gpu::for_tests().expect("GPU test needs a CUDA device");
         gpu.set_check_launches(false);
-        let dev = Dev::Gpu(&gpu);
         let seed = Rng::fresh_seed();
-        let mut rng = Rng::new(seed);
         let cfg = TrainConfig { resolution: 128, batch_size: 2, grad_accum: 2, steps: 5, lr: 1e-3, seed, ..TrainConfig::default() };
-        let examples: Vec<Example> = (0..3)
-            .map(|_| Example { mean: rng.normal_vec(16 * 16 * 4, 1.0), std: vec![0.1; 16 * 16 * 4], latent_hw: (16, 16), context: rng.normal_vec(77 * 768, 1.0) })
-            .collect();
-        let weights = crate::model::weights::Weights::random(seed);
-        let run = |graphs: bool| -> (Vec<f32>, Vec<f32>, Vec<f32>) {
-            let mut unet = UNet2DConditionModel::load(dev, &weights, UNetConfig::sd15()).unwrap();
-            let mut params = lora::attach(dev, &mut unet, &cfg.targets, 8, 8.0, LoraInit::KaimingUniform, seed).unwrap();
-            let init = params.params.as_ref().unwrap().to_cpu(&gpu).unwrap().into_vec().unwrap();
-            let rates: Vec<f64> = (0..cfg.steps).map(|s| cfg.lr_at(s)).collect();
-            let mut optimizer = Optimizer::new(dev, &params, AdamWConfig { lr: cfg.lr, ..Default::default() }, &rates).unwrap();
-            let mut stepper = Stepper::new(dev, &cfg, &examples, 0, cfg.steps).unwrap();
-            if !graphs {
-                stepper.disable_graphs();
-            }
-            for step in 0..cfg.steps {
-                stepper.step(dev, &cfg, &mut unet, &mut optimizer, &mut params, &examples, step, false).unwrap();
-            }
-            let Stepper::Gpu(s) = &stepper else { unreachable!() };
-            assert_eq!(s.graphs.is_some(), graphs, "graphs captured only when enabled");
-            assert_eq!(optimizer.step, cfg.steps as u32);
-            (stepper.take_losses(dev).unwrap(), init, params.params.as_ref().unwrap().to_cpu(&gpu).unwrap().into_vec().unwrap())
-        };
-        let (eager_losses, init, eager_params) = run(false);
-        let (graph_losses, _, graph_params) = run(true);
-        println!("losses eager {eager_losses:?}\nlosses graph {graph_losses:?}");
-        assert_eq!(eager_losses.len(), cfg.steps * cfg.grad_accum);
-        // Split-K LoRA gradients add with f32 atomics in any order: equal up to rounding.
-        crate::tensor::assert_close(&format!("losses, graph vs eager, seed={seed}"), &graph_losses, &eager_losses, 1e-3);
-        // AdamW normalizes every gradient, so a tiny one's rounding can flip its update's sign: the
-        // LoRA values are compared relative to the change training made (as the PyTorch parity is).
-        let change = |p: &[f32]| p.iter().zip(&init).map(|(a, b)| a - b).collect::<Vec<f32>>();
-        crate::tensor::assert_close(&format!("LoRA change, graph vs eager, seed={seed}"), &change(&graph_params), &change(&eager_params), 0.1);
+        let (eager, graph) = (gpu_run(&gpu, &cfg, false, false), gpu_run(&gpu, &cfg, true, false));
+        assert_eq!(eager.0.len(), cfg.steps * cfg.grad_accum);
+        assert_same_training(&format!("graph vs eager, seed={seed}"), &graph, &eager);
+    }
+
+    /// AdamW applied per layer inside the backward trains as the one fused update after it.
+    #[test]
+    #[ignore = "needs a CUDA GPU"]
+    fn gpu_per_layer_adamw_matches_the_flat_update() {
+        let gpu = Gpu::for_tests().expect("GPU test needs a CUDA device");
+        gpu.set_check_launches(false);
+        let seed = Rng::fresh_seed();
+        let cfg = TrainConfig { resolution: 128, steps: 5, lr: 1e-3, seed, ..TrainConfig::default() };
+        let (flat, per_layer) = (gpu_run(&gpu, &cfg, true, false), gpu_run(&gpu, &cfg, true, true));
+        assert_same_training(&format!("per-layer vs flat AdamW, seed={seed}"), &per_layer, &flat);
     }
 }

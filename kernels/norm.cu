@@ -10,34 +10,26 @@
 //   d = dh·γ;  dx = rstd·(d − mean_g(d) − x̂·mean_g(d·x̂)).
 //   σ(h) = 1/(1 + e^−h) with the fast __expf and a rounded reciprocal (≈ 1e-6 relative).
 //
-//   One kernel per direction, launched cooperatively (all CTAs co-resident, see src/ops/norm.rs):
-//   grid (chunks, n); CTA (chunk, b) owns the rows [chunk·rpc, (chunk+1)·rpc) of sample b.
-//     1. It copies the first `held` rows of its chunk (a contiguous range of x, and of dy backward)
-//        into shared memory with cp.async, all in flight at once (rows past `held`, when the chunk
-//        does not fit, are read from global memory now and again in step 3), and reduces them to
-//        one partial per group: forward (mean, M2) of the chunk (sums shifted by the group's first
-//        value in the chunk: no cancellation), backward (Σd, Σd·x̂); per-thread lo/hi sums meet in
-//        shared memory and are added per group in a fixed order.
-//     2. It publishes the partial and arrives at sample b's counter; the CTA that arrives last
-//        combines the sample's partials in a fixed order (forward: the exact two-pass combination
-//        of the chunks' (n, mean, M2); backward: sums), so the result does not depend on which CTA
-//        is last, writes (mean, rstd) to `stats` (forward) or (mean d, mean d·x̂) to gn_means
-//        (backward) and bumps sample b's generation; the others wait for that bump.
-//     3. Every CTA normalizes its rows from shared memory and writes y or dx: x (and dy) are read
-//        from global memory once.
-//   The counters live in this module's globals (zero when the module loads) and are left at zero
-//   by every launch, so launches and CUDA-graph replays need no reset. The partials live there too:
-//   launches of this module must not overlap, which holds on the one stream of a `Gpu`.
-//
-//   Thread layout for the math: thread t = (tx, ty), tx = t mod TX, owns the P·E contiguous
-//   channels [tx·P·E, (tx+1)·P·E) of rows ty, ty + TY, ... of the chunk (TX = c/(P·E), TY =
-//   ⌊256/TX⌋), read as P vectors of E elements. The launcher picks E, P so that a thread's channels
-//   touch at most two groups, g0 and g0 + 1 ("lo" and "hi"), with a per-vector split point.
+//   Tiling: the hw rows of a sample are cut into `chunks` chunks of `rpc` rows; a block of 256
+//   threads handles one (chunk, sample). Thread t = (tx, ty) with tx = t mod TX owns the P·E
+//   contiguous channels [tx·P·E, (tx+1)·P·E) of every row it visits (rows ty, ty + TY, ...; TX =
+//   c/(P·E), TY = ⌊256/TX⌋), read as P vectors of E elements, so consecutive threads read
+//   consecutive 16-byte pieces of a row. The launcher picks E, P so that a thread's channels touch at
+//   most two groups, g0 and g0 + 1 ("lo" and "hi"), with a per-vector split point. Two kernels per
+//   direction:
+//     *_stats: per (sample, chunk, group) partials to `part` [n, chunks, 32, 2]: forward (mean, M2)
+//              of the chunk (sums shifted by the group's first value in the chunk: no cancellation),
+//              backward (Σd, Σd·x̂); threads' lo/hi sums meet in shared memory and are added per group
+//              in a fixed order (deterministic);
+//     *_apply: combine the partials of their sample (Chan's formula forward, sums backward; the 8
+//              warps split the chunks, then warp 0 merges), then write y (and stats) or dx for the
+//              chunk, whose rows are still in L2 from the stats pass.
 //
 // LayerNorm over rows: x [rows, c], one warp per row holding up to LN_HELD vectors of E elements per
 //   lane in registers (c ≤ 32·LN_HELD·E, i.e. c ≤ 1280 in bf16; wider rows read the rest again),
-//   exact two-pass statistics (mean, then Σ(x − mean)² from registers); y = x̂·γ + β;
-//   stats [rows, 2] = (mean, rstd). Backward: d = dy·γ; dx = rstd·(d − mean(d) − x̂·mean(d·x̂)).
+//   with γ and β fetched together with x; exact two-pass statistics (mean, then Σ(x − mean)² from
+//   registers); y = x̂·γ + β; stats [rows, 2] = (mean, rstd).
+//   Backward: d = dy·γ; dx = rstd·(d − mean(d) − x̂·mean(d·x̂)).
 //   d = dy·γ is rounded once (__fmul_rn) so that the two passes see the same d: with zero variance
 //   (rstd = 1/√eps) a contracted fma would otherwise leave rstd·(rounding error) instead of 0.
 #include "pack.cuh"
@@ -45,13 +37,7 @@
 #define GROUPS 32
 #define WARPS 8
 #define THREADS 256
-#define GN_MAX_CTAS 2048  // the launcher keeps n·chunks (and so n) at or below this
 #define LN_HELD 5
-
-__device__ unsigned int gn_arrived[GN_MAX_CTAS];          // CTAs of sample b that have published
-__device__ unsigned int gn_generation[GN_MAX_CTAS];       // bumped when sample b's statistics are ready
-__device__ float2 gn_partials[GN_MAX_CTAS * GROUPS];      // [b, chunk, group] of the running launch
-__device__ float2 gn_means[GN_MAX_CTAS * GROUPS];         // backward: (mean d, mean d·x̂) per [b, group]
 
 __device__ __forceinline__ float sigmoidf(float h) { return __frcp_rn(1.0f + __expf(-h)); }
 
@@ -81,39 +67,6 @@ struct GnThread {
   __device__ __forceinline__ int g_hi() const { return min(g0 + 1, GROUPS - 1); }
 };
 
-// Asynchronous 16-byte global → shared copies (sm_80 cp.async): `bytes` (a multiple of 16) from
-// `src` to `dst`, every copy in flight at once; cp_async_wait_all then waits for this thread's.
-__device__ __forceinline__ void stage_async(void* dst, const void* src, int bytes) {
-  const unsigned base = (unsigned)__cvta_generic_to_shared(dst);
-  const char* g = static_cast<const char*>(src);
-  for (int i = threadIdx.x * 16; i < bytes; i += THREADS * 16)
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(base + i), "l"(g + i));
-}
-__device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_all;\n" ::: "memory"); }
-
-template <typename T, int E>
-__device__ __forceinline__ Pack<T, E> load_raw(const T* p) { return *reinterpret_cast<const Pack<T, E>*>(p); }
-
-template <typename T, int E>
-__device__ __forceinline__ void unpack(const Pack<T, E>& pk, float (&out)[E]) {
-#pragma unroll
-  for (int i = 0; i < E; ++i) out[i] = to_f32(pk.v[i]);
-}
-
-// Hides a register-held vector's value from the compiler, so that it keeps the packed registers
-// between passes and converts them again, instead of keeping every converted f32 value alive (2×
-// the registers). Used by LayerNorm.
-template <typename T, int E>
-__device__ __forceinline__ void opaque(Pack<T, E>& pk) {
-  if constexpr (sizeof(pk) % 4 == 0) {
-    uint32_t* u = reinterpret_cast<uint32_t*>(&pk);
-#pragma unroll
-    for (int i = 0; i < (int)(sizeof(pk) / 4); ++i) asm volatile("" : "+r"(u[i]));
-  } else {
-    asm volatile("" : "+h"(*reinterpret_cast<unsigned short*>(&pk)));
-  }
-}
-
 // Adds the per-thread (lo, hi) pairs of every thread into one pair per group, in a fixed order.
 // Every thread calls it; returns group `threadIdx.x`'s sums in threads 0..31.
 __device__ float2 gn_block_reduce(const GnThread& th, float2 lo, float2 hi) {
@@ -135,215 +88,109 @@ __device__ float2 gn_block_reduce(const GnThread& th, float2 lo, float2 hi) {
   return acc;
 }
 
-// GPU-scope acquire/release primitives for the per-sample counters (the pattern of CUTLASS's
-// barrier: __syncthreads, then one thread's release RMW; one thread's acquire load, then __syncthreads).
-__device__ __forceinline__ unsigned ld_acquire(const unsigned* p) {
-  unsigned v;
-  asm volatile("ld.acquire.gpu.global.u32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
-  return v;
-}
-__device__ __forceinline__ unsigned atom_add_acq_rel(unsigned* p, unsigned v) {
-  unsigned old;
-  asm volatile("atom.acq_rel.gpu.global.add.u32 %0, [%1], %2;" : "=r"(old) : "l"(p), "r"(v) : "memory");
-  return old;
-}
-__device__ __forceinline__ void red_release(unsigned* p, unsigned v) {
-  asm volatile("red.release.gpu.global.add.u32 [%0], %1;" ::"l"(p), "r"(v) : "memory");
-}
-
-// Sample b's generation as this launch starts (read by thread 0 before it arrives: it cannot change
-// until every CTA of the sample, this one included, has arrived).
-__device__ __forceinline__ unsigned gn_generation_now(int b) {
-  return threadIdx.x == 0 ? *(volatile unsigned*)&gn_generation[b] : 0u;
-}
-
-// Step 2. Threads 0..31 have written this CTA's partial (group = thread) to gn_partials. Returns
-// true in every thread of the CTA that arrived last at sample b's counter; that CTA must then write
-// the sample's statistics and call gn_release. Every other CTA returns once they are released.
-__device__ bool gn_arrive(int b, int chunks, unsigned gen0) {
-  __shared__ int last;
-  __syncthreads();
-  if (threadIdx.x == 0) {
-    last = atom_add_acq_rel(&gn_arrived[b], 1u) == (unsigned)chunks - 1;
-    if (last) atomicExch(&gn_arrived[b], 0u);  // ready for the next launch
-    else
-      while (ld_acquire(&gn_generation[b]) == gen0) __nanosleep(20);
-  }
-  __syncthreads();
-  return last;
-}
-
-// Threads 0..31 have written sample b's statistics: publish them to the waiting CTAs.
-__device__ void gn_release(int b) {
-  __syncthreads();
-  if (threadIdx.x == 0) red_release(&gn_generation[b], 1u);
-}
-
-// Partials a warp loads at once when merging: one round for up to GN_BATCH·WARPS chunks.
-#define GN_BATCH 17
-
 // ---------------------------------------------------------------------------------------------
 // GroupNorm forward
 // ---------------------------------------------------------------------------------------------
-// Forward partial sums of one vector: shifted Σ and Σ² into lo / hi.
-template <int E>
-__device__ __forceinline__ void gn_fwd_accumulate(const float (&v)[E], int nlo, float shift_lo, float shift_hi, float2& lo,
-                                                  float2& hi) {
-#pragma unroll
-  for (int i = 0; i < E; ++i) {
-    if (i < nlo) {
-      const float d = v[i] - shift_lo;
-      lo.x += d, lo.y = fmaf(d, d, lo.y);
-    } else {
-      const float d = v[i] - shift_hi;
-      hi.x += d, hi.y = fmaf(d, d, hi.y);
-    }
-  }
-}
-
 template <typename T, int E>
-__device__ __forceinline__ void gn_fwd_write(T* y, const float (&g)[E], const float (&be)[E], float (&v)[E], int nlo, float2 st_lo,
-                                             float2 st_hi, int silu) {
-#pragma unroll
-  for (int i = 0; i < E; ++i) {
-    const float2 st = i < nlo ? st_lo : st_hi;
-    const float h = fmaf((v[i] - st.x) * st.y, g[i], be[i]);
-    v[i] = silu ? h * sigmoidf(h) : h;
-  }
-  store_pack<T, E>(y, v);
-}
-
-// Sample b's (mean, rstd) per group from its chunks' (mean, M2) partials, into out[0..32), by the
-// exact two-pass combination mean = Σ n_k·mean_k / N, M2 = Σ M2_k + n_k·(mean_k − mean)² (no
-// sequential merge: every partial is loaded at once; fixed order).
-__device__ void gn_finish_fwd(const float2* part, int hw, int cpg, int rpc, int chunks, float eps, float2* out) {
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  __shared__ float sh[WARPS][GROUPS];
-  __shared__ float sh_mean[GROUPS];
-  const bool one_round = chunks <= GN_BATCH * WARPS;
-  const float total = (float)(hw * cpg);
-  auto count = [&](int k) { return (float)(min(rpc, hw - k * rpc) * cpg); };
-  float2 p[GN_BATCH];
-  float s = 0.f;
-  for (int k0 = warp; k0 < chunks; k0 += GN_BATCH * WARPS) {
-#pragma unroll
-    for (int j = 0; j < GN_BATCH; ++j) {
-      const int k = k0 + j * WARPS;
-      p[j] = k < chunks ? __ldcg(part + k * GROUPS + lane) : make_float2(0.f, 0.f);
-    }
-#pragma unroll
-    for (int j = 0; j < GN_BATCH; ++j)
-      if (k0 + j * WARPS < chunks) s = fmaf(count(k0 + j * WARPS), p[j].x, s);
-  }
-  sh[warp][lane] = s;
-  __syncthreads();
-  if (warp == 0) {
-    float t = 0.f;
-#pragma unroll
-    for (int w = 0; w < WARPS; ++w) t += sh[w][lane];
-    sh_mean[lane] = t / total;
-  }
-  __syncthreads();
-  const float mean = sh_mean[lane];
-  float m2 = 0.f;
-  for (int k0 = warp; k0 < chunks; k0 += GN_BATCH * WARPS) {
-    if (!one_round) {
-#pragma unroll
-      for (int j = 0; j < GN_BATCH; ++j) {
-        const int k = k0 + j * WARPS;
-        p[j] = k < chunks ? __ldcg(part + k * GROUPS + lane) : make_float2(0.f, 0.f);
-      }
-    }
-#pragma unroll
-    for (int j = 0; j < GN_BATCH; ++j)
-      if (k0 + j * WARPS < chunks) {
-        const float d = p[j].x - mean;
-        m2 += fmaf(count(k0 + j * WARPS) * d, d, p[j].y);
-      }
-  }
-  sh[warp][lane] = m2;
-  __syncthreads();
-  if (warp == 0) {
-    float t = 0.f;
-#pragma unroll
-    for (int w = 0; w < WARPS; ++w) t += sh[w][lane];
-    out[lane] = make_float2(mean, rsqrtf(t / total + eps));
-  }
-}
-
-// Row r of the chunk: shared memory for r < held, global memory (x + (r0 + r)·c) past it.
-template <typename T>
-__device__ __forceinline__ const T* chunk_row(const T* staged, const T* xs, int r, int held, int r0, int c) {
-  return r < held ? staged + r * c : xs + (int64_t)(r0 + r) * c;
-}
-
-template <typename T, int E>
-__device__ void gn_fwd(const T* __restrict__ x, const T* __restrict__ gamma, const T* __restrict__ beta, T* __restrict__ y,
-                       float2* __restrict__ stats, int hw, int c, int rpc, int chunks, int P, int held_rows, float eps, int silu) {
-  extern __shared__ __align__(16) unsigned char gn_smem[];
+__device__ void gn_fwd_stats(const T* __restrict__ x, float2* __restrict__ part, int hw, int c, int rpc, int chunks, int P) {
   const GnThread th(c, P, E);
   const int chunk = blockIdx.x, b = blockIdx.y;
   int r0, r1;
   chunk_rows(chunk, rpc, hw, r0, r1);
-  const int rows = r1 - r0, held = min(held_rows, rows);
   const T* xs = x + (int64_t)b * hw * c;
-  T* sx = reinterpret_cast<T*>(gn_smem);
-  const unsigned gen0 = gn_generation_now(b);
-  // 1. Stage the chunk; meanwhile fetch the shifts and γ, β of the thread's first vector.
-  stage_async(sx, xs + (int64_t)r0 * c, held * c * (int)sizeof(T));
+  // Shift of group g: its first value in the chunk (the same for every thread of the block).
   const float shift_lo = to_f32(xs[(int64_t)r0 * c + th.g0 * th.cpg]), shift_hi = to_f32(xs[(int64_t)r0 * c + th.g_hi() * th.cpg]);
-  float g0[E], be0[E];
-  load_pack<T, E>(gamma + th.c0, g0);
-  load_pack<T, E>(beta + th.c0, be0);
-  cp_async_wait_all();
-  __syncthreads();
   float2 lo = make_float2(0.f, 0.f), hi = make_float2(0.f, 0.f);
   if (th.active) {
-#pragma unroll 2
-    for (int r = th.ty; r < rows; r += th.TY) {
-      const T* row = chunk_row(sx, xs, r, held, r0, c);
+    for (int r = r0 + th.ty; r < r1; r += th.TY) {
+      const T* row = xs + (int64_t)r * c;
       for (int p = 0; p < P; ++p) {
-        const int ch = th.c0 + p * E;
+        const int ch = th.c0 + p * E, nlo = th.n_lo(ch, E);
         float v[E];
         load_pack<T, E>(row + ch, v);
-        gn_fwd_accumulate<E>(v, th.n_lo(ch, E), shift_lo, shift_hi, lo, hi);
+#pragma unroll
+        for (int i = 0; i < E; ++i) {
+          if (i < nlo) {
+            const float d = v[i] - shift_lo;
+            lo.x += d, lo.y = fmaf(d, d, lo.y);
+          } else {
+            const float d = v[i] - shift_hi;
+            hi.x += d, hi.y = fmaf(d, d, hi.y);
+          }
+        }
       }
     }
   }
   const float2 s = gn_block_reduce(th, lo, hi);
-  float2* part = gn_partials + (int64_t)b * chunks * GROUPS;
   if (threadIdx.x < GROUPS) {
     const int g = threadIdx.x;
-    const float count = (float)(rows * th.cpg), m = s.x / count;
+    const float count = (float)((r1 - r0) * th.cpg), m = s.x / count;
     const float shift = to_f32(xs[(int64_t)r0 * c + g * th.cpg]);
-    part[chunk * GROUPS + g] = make_float2(shift + m, fmaxf(s.y - s.x * m, 0.f));
+    part[((int64_t)b * chunks + chunk) * GROUPS + g] = make_float2(shift + m, fmaxf(s.y - s.x * m, 0.f));
   }
-  // 2. The sample's statistics.
-  float2* st = stats + b * GROUPS;
-  if (gn_arrive(b, chunks, gen0)) {
-    gn_finish_fwd(part, hw, th.cpg, rpc, chunks, eps, st);
-    gn_release(b);
+}
+
+// Chan et al.: merge (n_b, mean_b, M2_b) into (n, mean, M2).
+__device__ __forceinline__ void chan_merge(float& n, float& mean, float& m2, float nb, float meanb, float m2b) {
+  if (nb == 0.f) return;
+  const float tot = n + nb, delta = meanb - mean, f = nb / tot;
+  mean = fmaf(delta, f, mean);
+  m2 = m2 + m2b + delta * delta * n * f;
+  n = tot;
+}
+
+// Fills sh_stats[g] = (mean, rstd) of sample b from the stats partials; block-wide, ends synced.
+__device__ void gn_combine_fwd(const float2* __restrict__ part, int b, int hw, int cpg, int rpc, int chunks, float eps,
+                               float2* sh_stats) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  __shared__ float sh[WARPS][GROUPS][3];
+  float n = 0.f, mean = 0.f, m2 = 0.f;
+  for (int k = warp; k < chunks; k += WARPS) {
+    int r0, r1;
+    chunk_rows(k, rpc, hw, r0, r1);
+    const float2 p = part[((int64_t)b * chunks + k) * GROUPS + lane];
+    chan_merge(n, mean, m2, (float)((r1 - r0) * cpg), p.x, p.y);
   }
-  // 3. Normalize.
-  if (!th.active) return;
-  const float2 st_lo = __ldcg(st + th.g0), st_hi = __ldcg(st + th.g_hi());
-  T* ys = y + (int64_t)b * hw * c;
-#pragma unroll 2
-  for (int r = th.ty; r < rows; r += th.TY) {
-    const T* row = chunk_row(sx, xs, r, held, r0, c);
-    T* yrow = ys + (int64_t)(r0 + r) * c;
-    for (int p = 0; p < P; ++p) {
-      const int ch = th.c0 + p * E;
-      float v[E], g[E], be[E];
-      load_pack<T, E>(row + ch, v);
-      if (p == 0) {
+  sh[warp][lane][0] = n, sh[warp][lane][1] = mean, sh[warp][lane][2] = m2;
+  __syncthreads();
+  if (warp == 0) {
+    n = 0.f, mean = 0.f, m2 = 0.f;
 #pragma unroll
-        for (int i = 0; i < E; ++i) g[i] = g0[i], be[i] = be0[i];
-      } else {
-        load_pack<T, E>(gamma + ch, g);
-        load_pack<T, E>(beta + ch, be);
+    for (int w = 0; w < WARPS; ++w) chan_merge(n, mean, m2, sh[w][lane][0], sh[w][lane][1], sh[w][lane][2]);
+    sh_stats[lane] = make_float2(mean, rsqrtf(m2 / n + eps));
+  }
+  __syncthreads();
+}
+
+template <typename T, int E>
+__device__ void gn_fwd_apply(const T* __restrict__ x, const T* __restrict__ gamma, const T* __restrict__ beta,
+                             T* __restrict__ y, const float2* __restrict__ part, float2* __restrict__ stats, int hw, int c,
+                             int rpc, int chunks, int P, float eps, int silu) {
+  const GnThread th(c, P, E);
+  const int chunk = blockIdx.x, b = blockIdx.y;
+  __shared__ float2 sh_stats[GROUPS];
+  gn_combine_fwd(part, b, hw, th.cpg, rpc, chunks, eps, sh_stats);
+  if (chunk == 0 && threadIdx.x < GROUPS) stats[b * GROUPS + threadIdx.x] = sh_stats[threadIdx.x];
+  if (!th.active) return;
+  const float2 st_lo = sh_stats[th.g0], st_hi = sh_stats[th.g_hi()];
+  int r0, r1;
+  chunk_rows(chunk, rpc, hw, r0, r1);
+  const int64_t base = (int64_t)b * hw * c;
+  for (int r = r0 + th.ty; r < r1; r += th.TY) {
+    const int64_t off = base + (int64_t)r * c;
+    for (int p = 0; p < P; ++p) {
+      const int ch = th.c0 + p * E, nlo = th.n_lo(ch, E);
+      float v[E], g[E], be[E];
+      load_pack<T, E>(x + off + ch, v);
+      load_pack<T, E>(gamma + ch, g);
+      load_pack<T, E>(beta + ch, be);
+#pragma unroll
+      for (int i = 0; i < E; ++i) {
+        const float2 st = i < nlo ? st_lo : st_hi;
+        const float h = fmaf((v[i] - st.x) * st.y, g[i], be[i]);
+        v[i] = silu ? h * sigmoidf(h) : h;
       }
-      gn_fwd_write<T, E>(yrow + ch, g, be, v, th.n_lo(ch, E), st_lo, st_hi, silu);
+      store_pack<T, E>(y + off + ch, v);
     }
   }
 }
@@ -362,139 +209,120 @@ __device__ __forceinline__ float gn_grad_in(float xv, float dyv, float g, float 
   return __fmul_rn(dh, g);
 }
 
-// Backward partial sums (Σd, Σd·x̂) of one vector pair into lo / hi.
-template <int E>
-__device__ __forceinline__ void gn_bwd_accumulate(const float (&v)[E], const float (&d)[E], const float (&g)[E], const float (&be)[E],
-                                                  int nlo, float2 st_lo, float2 st_hi, int silu, float2& lo, float2& hi) {
-#pragma unroll
-  for (int i = 0; i < E; ++i) {
-    float xhat;
-    if (i < nlo) {
-      const float dd = gn_grad_in(v[i], d[i], g[i], be[i], st_lo, silu, xhat);
-      lo.x += dd, lo.y = fmaf(dd, xhat, lo.y);
-    } else {
-      const float dd = gn_grad_in(v[i], d[i], g[i], be[i], st_hi, silu, xhat);
-      hi.x += dd, hi.y = fmaf(dd, xhat, hi.y);
-    }
-  }
-}
-
 template <typename T, int E>
-__device__ __forceinline__ void gn_bwd_write(T* dx, float (&v)[E], const float (&d)[E], const float (&g)[E], const float (&be)[E],
-                                             int nlo, float2 st_lo, float2 st_hi, float2 m_lo, float2 m_hi, int silu) {
-#pragma unroll
-  for (int i = 0; i < E; ++i) {
-    const bool is_lo = i < nlo;
-    const float2 st = is_lo ? st_lo : st_hi, mdd = is_lo ? m_lo : m_hi;
-    float xhat;
-    const float dd = gn_grad_in(v[i], d[i], g[i], be[i], st, silu, xhat);
-    v[i] = st.y * (dd - mdd.x - xhat * mdd.y);
-  }
-  store_pack<T, E>(dx, v);
-}
-
-// Sample b's (mean d, mean d·x̂) per group from its chunks' sums, into out[0..32) (fixed order).
-__device__ void gn_finish_bwd(const float2* part, int count, int chunks, float2* out) {
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  __shared__ float2 sh[WARPS][GROUPS];
-  float2 a = make_float2(0.f, 0.f);
-  for (int k0 = warp; k0 < chunks; k0 += GN_BATCH * WARPS) {
-    float2 p[GN_BATCH];
-#pragma unroll
-    for (int j = 0; j < GN_BATCH; ++j) {
-      const int k = k0 + j * WARPS;
-      p[j] = k < chunks ? __ldcg(part + k * GROUPS + lane) : make_float2(0.f, 0.f);
-    }
-#pragma unroll
-    for (int j = 0; j < GN_BATCH; ++j) a.x += p[j].x, a.y += p[j].y;
-  }
-  sh[warp][lane] = a;
-  __syncthreads();
-  if (warp == 0) {
-    a = make_float2(0.f, 0.f);
-#pragma unroll
-    for (int w = 0; w < WARPS; ++w) a.x += sh[w][lane].x, a.y += sh[w][lane].y;
-    const float inv_n = 1.f / (float)count;
-    out[lane] = make_float2(a.x * inv_n, a.y * inv_n);
-  }
-}
-
-template <typename T, int E>
-__device__ void gn_bwd(const T* __restrict__ x, const T* __restrict__ gamma, const T* __restrict__ beta,
-                       const float2* __restrict__ stats, const T* __restrict__ dy, T* __restrict__ dx, int hw, int c, int rpc,
-                       int chunks, int P, int held_rows, int silu) {
-  extern __shared__ __align__(16) unsigned char gn_smem[];
+__device__ void gn_bwd_stats(const T* __restrict__ x, const T* __restrict__ gamma, const T* __restrict__ beta,
+                             const float2* __restrict__ stats, const T* __restrict__ dy, float2* __restrict__ part, int hw,
+                             int c, int rpc, int chunks, int P, int silu) {
   const GnThread th(c, P, E);
   const int chunk = blockIdx.x, b = blockIdx.y;
+  const float2 st_lo = stats[b * GROUPS + th.g0], st_hi = stats[b * GROUPS + th.g_hi()];
   int r0, r1;
   chunk_rows(chunk, rpc, hw, r0, r1);
-  const int rows = r1 - r0, held = min(held_rows, rows);
   const int64_t base = (int64_t)b * hw * c;
-  const T* xs = x + base;
-  const T* dys = dy + base;
-  T* sx = reinterpret_cast<T*>(gn_smem);
-  T* sd = sx + held * c;
-  const unsigned gen0 = gn_generation_now(b);
-  stage_async(sx, xs + (int64_t)r0 * c, held * c * (int)sizeof(T));
-  stage_async(sd, dys + (int64_t)r0 * c, held * c * (int)sizeof(T));
-  const float2 st_lo = stats[b * GROUPS + th.g0], st_hi = stats[b * GROUPS + th.g_hi()];
-  float g0[E], be0[E];
-  load_pack<T, E>(gamma + th.c0, g0);
-  load_pack<T, E>(beta + th.c0, be0);
-  cp_async_wait_all();
-  __syncthreads();
   float2 lo = make_float2(0.f, 0.f), hi = make_float2(0.f, 0.f);
   if (th.active) {
-#pragma unroll 2
-    for (int r = th.ty; r < rows; r += th.TY) {
-      const T* xrow = chunk_row(sx, xs, r, held, r0, c);
-      const T* drow = chunk_row(sd, dys, r, held, r0, c);
+    for (int r = r0 + th.ty; r < r1; r += th.TY) {
+      const int64_t off = base + (int64_t)r * c;
       for (int p = 0; p < P; ++p) {
-        const int ch = th.c0 + p * E;
+        const int ch = th.c0 + p * E, nlo = th.n_lo(ch, E);
         float v[E], d[E], g[E], be[E];
-        load_pack<T, E>(xrow + ch, v);
-        load_pack<T, E>(drow + ch, d);
-        if (p == 0) {
+        load_pack<T, E>(x + off + ch, v);
+        load_pack<T, E>(dy + off + ch, d);
+        load_pack<T, E>(gamma + ch, g);
+        load_pack<T, E>(beta + ch, be);
 #pragma unroll
-          for (int i = 0; i < E; ++i) g[i] = g0[i], be[i] = be0[i];
-        } else {
-          load_pack<T, E>(gamma + ch, g);
-          load_pack<T, E>(beta + ch, be);
+        for (int i = 0; i < E; ++i) {
+          float xhat;
+          if (i < nlo) {
+            const float dd = gn_grad_in(v[i], d[i], g[i], be[i], st_lo, silu, xhat);
+            lo.x += dd, lo.y = fmaf(dd, xhat, lo.y);
+          } else {
+            const float dd = gn_grad_in(v[i], d[i], g[i], be[i], st_hi, silu, xhat);
+            hi.x += dd, hi.y = fmaf(dd, xhat, hi.y);
+          }
         }
-        gn_bwd_accumulate<E>(v, d, g, be, th.n_lo(ch, E), st_lo, st_hi, silu, lo, hi);
       }
     }
   }
   const float2 s = gn_block_reduce(th, lo, hi);
-  float2* part = gn_partials + (int64_t)b * chunks * GROUPS;
-  if (threadIdx.x < GROUPS) part[chunk * GROUPS + threadIdx.x] = s;
-  float2* means = gn_means + b * GROUPS;
-  if (gn_arrive(b, chunks, gen0)) {
-    gn_finish_bwd(part, hw * th.cpg, chunks, means);
-    gn_release(b);
+  if (threadIdx.x < GROUPS) part[((int64_t)b * chunks + chunk) * GROUPS + threadIdx.x] = s;
+}
+
+template <typename T, int E>
+__device__ void gn_bwd_apply(const T* __restrict__ x, const T* __restrict__ gamma, const T* __restrict__ beta,
+                             const float2* __restrict__ stats, const T* __restrict__ dy, const float2* __restrict__ part,
+                             T* __restrict__ dx, int hw, int c, int rpc, int chunks, int P, int silu) {
+  const GnThread th(c, P, E);
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int chunk = blockIdx.x, b = blockIdx.y;
+  __shared__ float sh[WARPS][GROUPS][2];
+  __shared__ float2 sums[GROUPS];
+  float a1 = 0.f, a2 = 0.f;
+  for (int k = warp; k < chunks; k += WARPS) {
+    const float2 p = part[((int64_t)b * chunks + k) * GROUPS + lane];
+    a1 += p.x, a2 += p.y;
   }
-  if (!th.active) return;
-  const float2 m_lo = __ldcg(means + th.g0), m_hi = __ldcg(means + th.g_hi());
-  T* dxs = dx + base;
-#pragma unroll 2
-  for (int r = th.ty; r < rows; r += th.TY) {
-    const T* xrow = chunk_row(sx, xs, r, held, r0, c);
-    const T* drow = chunk_row(sd, dys, r, held, r0, c);
-    T* dxrow = dxs + (int64_t)(r0 + r) * c;
-    for (int p = 0; p < P; ++p) {
-      const int ch = th.c0 + p * E;
-      float v[E], d[E], g[E], be[E];
-      load_pack<T, E>(xrow + ch, v);
-      load_pack<T, E>(drow + ch, d);
-      if (p == 0) {
+  sh[warp][lane][0] = a1, sh[warp][lane][1] = a2;
+  __syncthreads();
+  if (warp == 0) {
+    a1 = 0.f, a2 = 0.f;
 #pragma unroll
-        for (int i = 0; i < E; ++i) g[i] = g0[i], be[i] = be0[i];
-      } else {
-        load_pack<T, E>(gamma + ch, g);
-        load_pack<T, E>(beta + ch, be);
+    for (int w = 0; w < WARPS; ++w) a1 += sh[w][lane][0], a2 += sh[w][lane][1];
+    const float inv_n = 1.f / (float)(hw * th.cpg);
+    sums[lane] = make_float2(a1 * inv_n, a2 * inv_n);  // (mean(d), mean(d·x̂)) of group `lane`
+  }
+  __syncthreads();
+  if (!th.active) return;
+  const float2 m_lo = sums[th.g0], m_hi = sums[th.g_hi()];
+  const float2 st_lo = stats[b * GROUPS + th.g0], st_hi = stats[b * GROUPS + th.g_hi()];
+  int r0, r1;
+  chunk_rows(chunk, rpc, hw, r0, r1);
+  const int64_t base = (int64_t)b * hw * c;
+  for (int r = r0 + th.ty; r < r1; r += th.TY) {
+    const int64_t off = base + (int64_t)r * c;
+    for (int p = 0; p < P; ++p) {
+      const int ch = th.c0 + p * E, nlo = th.n_lo(ch, E);
+      float v[E], d[E], g[E], be[E];
+      load_pack<T, E>(x + off + ch, v);
+      load_pack<T, E>(dy + off + ch, d);
+      load_pack<T, E>(gamma + ch, g);
+      load_pack<T, E>(beta + ch, be);
+#pragma unroll
+      for (int i = 0; i < E; ++i) {
+        const bool is_lo = i < nlo;
+        const float2 st = is_lo ? st_lo : st_hi, mdd = is_lo ? m_lo : m_hi;
+        float xhat;
+        const float dd = gn_grad_in(v[i], d[i], g[i], be[i], st, silu, xhat);
+        v[i] = st.y * (dd - mdd.x - xhat * mdd.y);
       }
-      gn_bwd_write<T, E>(dxrow + ch, v, d, g, be, th.n_lo(ch, E), st_lo, st_hi, m_lo, m_hi, silu);
+      store_pack<T, E>(dx + off + ch, v);
     }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Vector helpers for LayerNorm
+// ---------------------------------------------------------------------------------------------
+template <typename T, int E>
+__device__ __forceinline__ Pack<T, E> load_raw(const T* p) { return *reinterpret_cast<const Pack<T, E>*>(p); }
+
+template <typename T, int E>
+__device__ __forceinline__ void unpack(const Pack<T, E>& pk, float (&out)[E]) {
+#pragma unroll
+  for (int i = 0; i < E; ++i) out[i] = to_f32(pk.v[i]);
+}
+
+// Hides a register-held vector's value from the compiler, so that it keeps the packed registers
+// between passes and converts them again, instead of keeping every converted f32 value alive (2×
+// the registers). Used by LayerNorm.
+template <typename T, int E>
+__device__ __forceinline__ void opaque(Pack<T, E>& pk) {
+  if constexpr (sizeof(pk) % 4 == 0) {
+    uint32_t* u = reinterpret_cast<uint32_t*>(&pk);
+#pragma unroll
+    for (int i = 0; i < (int)(sizeof(pk) / 4); ++i) asm volatile("" : "+r"(u[i]));
+  } else {
+    asm volatile("" : "+h"(*reinterpret_cast<unsigned short*>(&pk)));
   }
 }
 
@@ -658,25 +486,32 @@ __device__ void ln_bwd(const T* __restrict__ x, const T* __restrict__ gamma, con
 }
 
 // Entry points: <op>_<type>_v<E>, E = elements per vector load (the launcher picks the widest that
-// divides the channels a lane reads: cpg for GroupNorm, c for LayerNorm). The GroupNorm kernels must
-// be launched cooperatively with at most GN_MAX_CTAS CTAs and held_rows·c·sizeof(T) bytes of
-// dynamic shared memory (twice that backward); see the header.
+// divides the channels a lane reads: cpg for GroupNorm, c for LayerNorm).
 #define NORM_KERNELS(TN, T, E)                                                                                          \
-  extern "C" __global__ void __launch_bounds__(THREADS, 2) group_norm_fwd_##TN##_v##E(                                \
-      const T* x, const T* gamma, const T* beta, T* y, float2* stats, int hw, int c, int rpc, int chunks, int P,        \
-      int held_rows, float eps, int silu) {                                                                            \
-    gn_fwd<T, E>(x, gamma, beta, y, stats, hw, c, rpc, chunks, P, held_rows, eps, silu);                                \
+  extern "C" __global__ void __launch_bounds__(256) group_norm_fwd_stats_##TN##_v##E(                                 \
+      const T* x, float2* part, int hw, int c, int rpc, int chunks, int P) {                                           \
+    gn_fwd_stats<T, E>(x, part, hw, c, rpc, chunks, P);                                                                 \
   }                                                                                                                    \
-  extern "C" __global__ void __launch_bounds__(THREADS, 2) group_norm_bwd_##TN##_v##E(                                \
-      const T* x, const T* gamma, const T* beta, const float2* stats, const T* dy, T* dx, int hw, int c, int rpc,      \
-      int chunks, int P, int held_rows, int silu) {                                                                    \
-    gn_bwd<T, E>(x, gamma, beta, stats, dy, dx, hw, c, rpc, chunks, P, held_rows, silu);                                \
+  extern "C" __global__ void __launch_bounds__(256) group_norm_fwd_apply_##TN##_v##E(                                 \
+      const T* x, const T* gamma, const T* beta, T* y, const float2* part, float2* stats, int hw, int c, int rpc,     \
+      int chunks, int P, float eps, int silu) {                                                                        \
+    gn_fwd_apply<T, E>(x, gamma, beta, y, part, stats, hw, c, rpc, chunks, P, eps, silu);                                \
   }                                                                                                                    \
-  extern "C" __global__ void __launch_bounds__(THREADS, 2) layer_norm_fwd_##TN##_v##E(                                   \
+  extern "C" __global__ void __launch_bounds__(256) group_norm_bwd_stats_##TN##_v##E(                                 \
+      const T* x, const T* gamma, const T* beta, const float2* stats, const T* dy, float2* part, int hw, int c,       \
+      int rpc, int chunks, int P, int silu) {                                                                          \
+    gn_bwd_stats<T, E>(x, gamma, beta, stats, dy, part, hw, c, rpc, chunks, P, silu);                                \
+  }                                                                                                                    \
+  extern "C" __global__ void __launch_bounds__(256) group_norm_bwd_apply_##TN##_v##E(                                 \
+      const T* x, const T* gamma, const T* beta, const float2* stats, const T* dy, const float2* part, T* dx, int hw,  \
+      int c, int rpc, int chunks, int P, int silu) {                                                                   \
+    gn_bwd_apply<T, E>(x, gamma, beta, stats, dy, part, dx, hw, c, rpc, chunks, P, silu);                                \
+  }                                                                                                                    \
+  extern "C" __global__ void __launch_bounds__(256, 2) layer_norm_fwd_##TN##_v##E(                                       \
       const T* x, const T* gamma, const T* beta, T* y, float2* stats, int rows, int c, float eps) {                    \
     ln_fwd<T, E>(x, gamma, beta, y, stats, rows, c, eps);                                                              \
   }                                                                                                                    \
-  extern "C" __global__ void __launch_bounds__(THREADS, 2) layer_norm_bwd_##TN##_v##E(                                   \
+  extern "C" __global__ void __launch_bounds__(256, 2) layer_norm_bwd_##TN##_v##E(                                       \
       const T* x, const T* gamma, const float2* stats, const T* dy, T* dx, int rows, int c) {                          \
     ln_bwd<T, E>(x, gamma, stats, dy, dx, rows, c);                                                                    \
   }

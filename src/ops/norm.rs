@@ -3,7 +3,7 @@
 //! in f32 on the GPU; the forward saves (mean, rstd) per (sample, group) or per row for the backward.
 //! CPU twins: `group_norm_cpu`, `group_norm_backward_cpu`, `layer_norm_cpu`, `layer_norm_backward_cpu`.
 
-use crate::cuda::{Gpu, KernelArg, LaunchConfig};
+use crate::cuda::{ArenaKind, Gpu, KernelArg, LaunchConfig};
 use crate::tensor::{DType, Tensor};
 use anyhow::{ensure, Result};
 
@@ -140,113 +140,12 @@ fn nhwc_dims(x: &Tensor) -> Result<(usize, usize, usize)> {
     Ok((s[0], s[1..s.len() - 1].iter().product(), s[s.len() - 1]))
 }
 
-/// Most CTAs one GroupNorm launch may have (kernels/norm.cu's GN_MAX_CTAS: its partials and
-/// per-sample counters are sized for it).
-const GN_MAX_CTAS: usize = 2048;
-/// Most dynamic shared memory a GroupNorm CTA stages its rows in: with the kernels' ~8 KiB of static
-/// shared memory two CTAs fit on an H100 SM (228 KiB), one on an A100 (164 KiB). Capped below the
-/// device's per-block limit (99 KiB on consumer cards) by `gn_smem_budget`.
-const GN_SMEM_MAX: usize = 96 * 1024;
-
-/// How a GroupNorm launch covers x [n, hw, c]: `samples` samples per launch (n split into
-/// launches of at most that many), each cut into `chunks` chunks of `rpc` rows, one CTA per chunk,
-/// which stages its first `held` rows in shared memory (`tensors` tensors: x, and dy backward).
-#[derive(Clone, Copy, Debug, PartialEq)]
-struct GnPlan {
-    rpc: usize,
-    chunks: usize,
-    samples: usize,
-    held: usize,
-}
-
-/// Plan for `capacity` co-resident CTAs (the cooperative-launch limit) that may stage `smem` bytes
-/// each: as many chunks per sample as fit, but at least TY rows per chunk (one row per thread row
-/// of the CTA).
-fn gn_plan(n: usize, hw: usize, c: usize, (e, p): (usize, usize), row_bytes: usize, capacity: usize, smem: usize) -> GnPlan {
-    let ty = 256 / (c / (p * e));
-    let cap = capacity.clamp(1, GN_MAX_CTAS);
-    let samples = n.min(cap);
-    let chunks = (cap / samples).min(hw.div_ceil(ty)).max(1);
-    let rpc = hw.div_ceil(chunks);
-    GnPlan { rpc, chunks: hw.div_ceil(rpc), samples, held: rpc.min(smem / row_bytes) }
-}
-
-/// Dynamic shared memory a GroupNorm CTA may stage its rows in on this device: GN_SMEM_MAX, or less
-/// where the per-block limit leaves no 16 KiB for the static shared memory.
-fn gn_smem_budget(gpu: &Gpu) -> Result<usize> {
-    use cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN;
-    let optin = gpu.stream().context().attribute(CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)? as usize;
-    Ok(GN_SMEM_MAX.min(optin.saturating_sub(16 * 1024)))
-}
-
-/// CTAs of `kernel` (256 threads, `smem` bytes of dynamic shared memory) that fit on the device at
-/// once; allows the kernel that much dynamic shared memory.
-fn co_resident_ctas(gpu: &Gpu, kernel: &'static str, smem: usize) -> Result<usize> {
-    use cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT;
-    use cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES;
-    let f = gpu.function(MODULE, kernel)?;
-    f.set_attribute(CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, smem as i32)?;
-    let per_sm = f.occupancy_max_active_blocks_per_multiprocessor((WARPS * 32) as u32, smem, None)?;
-    let sms = gpu.stream().context().attribute(CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)?;
-    ensure!(per_sm > 0 && sms > 0, "{kernel}: no CTA fits on the device ({per_sm} per SM, {sms} SMs)");
-    Ok(per_sm as usize * sms as usize)
-}
-
-/// Launches a GroupNorm kernel cooperatively: the driver starts it only with every CTA resident,
-/// which the kernels' per-sample wait needs (Gpu::launch has no cooperative mode; these launches
-/// therefore do not show in its profiler). Checked like Gpu::launch when SDLORA_CHECK_LAUNCHES=1
-/// or in debug builds.
-fn launch_cooperative(gpu: &Gpu, kernel: &'static str, cfg: LaunchConfig, args: &[KernelArg]) -> Result<()> {
-    use cudarc::driver::PushKernelArg;
-    let f = gpu.function(MODULE, kernel)?;
-    let mut builder = gpu.stream().launch_builder(&f);
-    for a in args {
-        match a {
-            KernelArg::Ptr(v) => builder.arg(v),
-            KernelArg::I64(v) => builder.arg(v),
-            KernelArg::I32(v) => builder.arg(v),
-            KernelArg::U32(v) => builder.arg(v),
-            KernelArg::F32(v) => builder.arg(v),
-        };
-    }
-    // SAFETY: the argument list matches the kernel's signature (built by the callers below, which
-    // check every buffer's size), and the grid is at most co_resident_ctas(kernel).
-    unsafe { builder.launch_cooperative(cfg) }
-        .map_err(|e| anyhow::anyhow!("cooperative launch of {MODULE}::{kernel} failed (grid {:?}): {e}", cfg.grid_dim))?;
-    let check = cfg!(debug_assertions) || std::env::var("SDLORA_CHECK_LAUNCHES").is_ok_and(|v| v == "1");
-    if check {
-        gpu.synchronize().map_err(|e| anyhow::anyhow!("kernel {MODULE}::{kernel} failed while running: {e}"))?;
-    }
-    Ok(())
-}
-
-/// Runs a GroupNorm kernel over x [n, hw, c] (`tensors` staged: 1 forward, 2 backward) in launches
-/// of at most `plan.samples` samples: `args(s0)` gives the leading pointer arguments offset to
-/// sample s0; this appends (hw, c, rpc, chunks, P, held rows), then `tail`.
-#[allow(clippy::too_many_arguments)]
-fn gn_launch(
-    gpu: &Gpu, kernel: &'static str, x: &Tensor, tensors: usize, e_p: (usize, usize), tail: &[KernelArg], args: impl Fn(u64) -> Vec<KernelArg>,
-) -> Result<()> {
-    let (n, hw, c) = nhwc_dims(x)?;
-    ensure!(hw * c < 1 << 31, "{kernel}: one sample has {hw}×{c} values (the kernels index a sample with 32 bits)");
-    let row_bytes = tensors * c * x.dtype().size();
-    let smem = gn_smem_budget(gpu)?;
-    let plan = gn_plan(n, hw, c, e_p, row_bytes, co_resident_ctas(gpu, kernel, smem)?, smem);
-    let mut s0 = 0;
-    while s0 < n {
-        let s = plan.samples.min(n - s0);
-        let mut a = args(s0 as u64);
-        a.extend([hw, c, plan.rpc, plan.chunks, e_p.1, plan.held].map(|v| KernelArg::I32(v as i32)));
-        a.extend_from_slice(tail);
-        let cfg = LaunchConfig {
-            grid_dim: (plan.chunks as u32, s as u32, 1),
-            block_dim: ((WARPS * 32) as u32, 1, 1),
-            shared_mem_bytes: (plan.held * row_bytes) as u32,
-        };
-        launch_cooperative(gpu, kernel, cfg, &a)?;
-        s0 += s;
-    }
-    Ok(())
+/// Rows per chunk and chunk count for `hw` rows per sample: about 512 blocks in all, at least one
+/// row per warp, at most 128 chunks per sample (the apply kernels merge every chunk's partials).
+fn gn_tiling(n: usize, hw: usize) -> (usize, usize) {
+    let target = 512usize.div_ceil(n).clamp(1, 128);
+    let rpc = hw.div_ceil(target).max(WARPS);
+    (rpc, hw.div_ceil(rpc))
 }
 
 /// (E, P) for GroupNorm over c channels: each thread reads P vectors of E elements (E·size ≤ 16 B)
@@ -268,6 +167,10 @@ fn gn_vectorization(c: usize, dtype: DType) -> (usize, usize) {
     unreachable!("E = 1, P = c/32 always fits")
 }
 
+fn gn_config(n: usize, chunks: usize) -> LaunchConfig {
+    LaunchConfig { grid_dim: (chunks as u32, n as u32, 1), block_dim: ((WARPS * 32) as u32, 1, 1), shared_mem_bytes: 0 }
+}
+
 fn check_norm_operands(what: &str, x: &Tensor, c: usize, per_channel: &[&Tensor], others: &[&Tensor]) -> Result<()> {
     ensure!(x.is_gpu(), "{what}: x is on the CPU");
     super::check_gpu(what, per_channel, x.dtype(), c)?;
@@ -279,21 +182,27 @@ fn check_norm_operands(what: &str, x: &Tensor, c: usize, per_channel: &[&Tensor]
 }
 
 /// GroupNorm(32) forward on NHWC `x` [n, ..., c] (f32 or bf16): y = γ·x̂ + β, then SiLU when `silu`.
-/// Writes `stats` [n, 32, 2] f32 = (mean, rstd) for [`group_norm_backward`]. One cooperative kernel
-/// (per 2048 samples at most); see kernels/norm.cu.
+/// Writes `stats` [n, 32, 2] f32 = (mean, rstd) for [`group_norm_backward`]. Uses a small scratch
+/// buffer for per-chunk partial statistics.
 #[allow(clippy::too_many_arguments)]
 pub fn group_norm(gpu: &Gpu, x: &Tensor, gamma: &Tensor, beta: &Tensor, eps: f32, silu: bool, y: &mut Tensor, stats: &mut Tensor) -> Result<()> {
     let (n, hw, c) = nhwc_dims(x)?;
     ensure!(c % GROUPS == 0 && hw > 0 && n > 0, "group_norm: shape {:?} (c must be a multiple of {GROUPS})", x.shape());
     check_norm_operands("group_norm", x, c, &[gamma, beta], &[y])?;
     super::check_gpu("group_norm stats", &[stats], DType::F32, n * GROUPS * 2)?;
-    let e_p = gn_vectorization(c, x.dtype());
-    let sample = (hw * c * x.dtype().size()) as u64;
-    let (xp, gp, bp, yp, sp) = (x.ptr()?, gamma.ptr()?, beta.ptr()?, y.ptr()?, stats.ptr()?);
-    let tail = [KernelArg::F32(eps), KernelArg::I32(silu as i32)];
-    gn_launch(gpu, kernel_name("group_norm_fwd", x.dtype(), e_p.0), x, 1, e_p, &tail, |s0| {
-        vec![KernelArg::Ptr(xp + s0 * sample), KernelArg::Ptr(gp), KernelArg::Ptr(bp), KernelArg::Ptr(yp + s0 * sample), KernelArg::Ptr(sp + s0 * (GROUPS * 8) as u64)]
-    })
+    let (rpc, chunks) = gn_tiling(n, hw);
+    let part = gpu.alloc(ArenaKind::Scratch, n * chunks * GROUPS * 8)?;
+    let (e, p) = gn_vectorization(c, x.dtype());
+    let dims = [KernelArg::I32(hw as i32), KernelArg::I32(c as i32), KernelArg::I32(rpc as i32), KernelArg::I32(chunks as i32), KernelArg::I32(p as i32)];
+    let cfg = gn_config(n, chunks);
+    let mut args = vec![KernelArg::Ptr(x.ptr()?), KernelArg::Ptr(part.ptr())];
+    args.extend(dims);
+    gpu.launch(MODULE, kernel_name("group_norm_fwd_stats", x.dtype(), e), cfg, &args)?;
+    let mut args = vec![KernelArg::Ptr(x.ptr()?), KernelArg::Ptr(gamma.ptr()?), KernelArg::Ptr(beta.ptr()?), KernelArg::Ptr(y.ptr()?)];
+    args.extend([KernelArg::Ptr(part.ptr()), KernelArg::Ptr(stats.ptr()?)]);
+    args.extend(dims);
+    args.extend([KernelArg::F32(eps), KernelArg::I32(silu as i32)]);
+    gpu.launch(MODULE, kernel_name("group_norm_fwd_apply", x.dtype(), e), cfg, &args)
 }
 
 /// GroupNorm(32) input gradient: dx from x, the forward's `stats`, frozen γ, β and dy (same `silu`
@@ -304,16 +213,20 @@ pub fn group_norm_backward(gpu: &Gpu, x: &Tensor, gamma: &Tensor, beta: &Tensor,
     ensure!(c % GROUPS == 0 && hw > 0 && n > 0, "group_norm_backward: shape {:?} (c must be a multiple of {GROUPS})", x.shape());
     check_norm_operands("group_norm_backward", x, c, &[gamma, beta], &[dy, dx])?;
     super::check_gpu("group_norm_backward stats", &[stats], DType::F32, n * GROUPS * 2)?;
-    let e_p = gn_vectorization(c, x.dtype());
-    let sample = (hw * c * x.dtype().size()) as u64;
-    let (xp, gp, bp, sp, dyp, dxp) = (x.ptr()?, gamma.ptr()?, beta.ptr()?, stats.ptr()?, dy.ptr()?, dx.ptr()?);
-    let tail = [KernelArg::I32(silu as i32)];
-    gn_launch(gpu, kernel_name("group_norm_bwd", x.dtype(), e_p.0), x, 2, e_p, &tail, |s0| {
-        vec![
-            KernelArg::Ptr(xp + s0 * sample), KernelArg::Ptr(gp), KernelArg::Ptr(bp), KernelArg::Ptr(sp + s0 * (GROUPS * 8) as u64),
-            KernelArg::Ptr(dyp + s0 * sample), KernelArg::Ptr(dxp + s0 * sample),
-        ]
-    })
+    let (rpc, chunks) = gn_tiling(n, hw);
+    let part = gpu.alloc(ArenaKind::Scratch, n * chunks * GROUPS * 8)?;
+    let (e, p) = gn_vectorization(c, x.dtype());
+    let cfg = gn_config(n, chunks);
+    let front = [KernelArg::Ptr(x.ptr()?), KernelArg::Ptr(gamma.ptr()?), KernelArg::Ptr(beta.ptr()?), KernelArg::Ptr(stats.ptr()?), KernelArg::Ptr(dy.ptr()?)];
+    let tail = [KernelArg::I32(hw as i32), KernelArg::I32(c as i32), KernelArg::I32(rpc as i32), KernelArg::I32(chunks as i32), KernelArg::I32(p as i32), KernelArg::I32(silu as i32)];
+    let mut args = front.to_vec();
+    args.push(KernelArg::Ptr(part.ptr()));
+    args.extend(tail);
+    gpu.launch(MODULE, kernel_name("group_norm_bwd_stats", x.dtype(), e), cfg, &args)?;
+    let mut args = front.to_vec();
+    args.extend([KernelArg::Ptr(part.ptr()), KernelArg::Ptr(dx.ptr()?)]);
+    args.extend(tail);
+    gpu.launch(MODULE, kernel_name("group_norm_bwd_apply", x.dtype(), e), cfg, &args)
 }
 
 fn ln_dims(x: &Tensor) -> Result<(usize, usize)> {
@@ -415,18 +328,11 @@ mod tests {
     }
 
     #[test]
-    fn plan_covers_rows_within_the_co_resident_ctas() {
-        for (n, cap) in [(1, 132), (2, 264), (3, 132), (300, 264), (5000, 528)] {
+    fn tiling_covers_rows_with_bounded_chunks() {
+        for n in [1, 2, 3] {
             for hw in [1, 7, 64, 256, 1024, 4096, 9216] {
-                for (c, dtype) in [(320, DType::BF16), (1280, DType::BF16), (32, DType::F32), (2560, DType::F32)] {
-                    let e_p = gn_vectorization(c, dtype);
-                    let row_bytes = 2 * c * dtype.size();
-                    let GnPlan { rpc, chunks, samples, held } = gn_plan(n, hw, c, e_p, row_bytes, cap, GN_SMEM_MAX);
-                    let what = format!("n={n} hw={hw} c={c} capacity {cap}: {rpc}×{chunks}, {samples} samples, {held} held");
-                    assert!(rpc * chunks >= hw && rpc * (chunks - 1) < hw, "{what}");
-                    assert!(samples * chunks <= cap.min(GN_MAX_CTAS) && samples <= n && samples > 0, "{what}");
-                    assert!(held <= rpc && held * row_bytes <= GN_SMEM_MAX, "{what}");
-                }
+                let (rpc, chunks) = gn_tiling(n, hw);
+                assert!(chunks <= 128 && rpc * chunks >= hw && rpc * (chunks - 1) < hw, "n={n} hw={hw}: {rpc}×{chunks}");
             }
         }
         assert_eq!((vector_width(10, DType::BF16), vector_width(40, DType::BF16), vector_width(40, DType::F32), vector_width(3, DType::F32)), (2, 8, 4, 1));
@@ -519,8 +425,7 @@ mod tests {
     #[ignore = "needs a CUDA GPU"]
     fn gpu_group_norm_matches_twin_at_odd_shapes() {
         let gpu = Gpu::for_tests().expect("GPU test needs a CUDA device");
-        // Also: 300 samples (more than one launch), rows beyond what the threads hold in registers
-        // (150001 × 32: read again after the wait), and the widest batch-2 concat at 64×64.
+        // Also: many samples, one long sample, and the widest batch-2 concatenation at 64×64.
         for (n, hw, c) in [(1, 1, 32), (3, 7, 96), (2, 9, 224), (1, 1000, 64), (2, 33, 512), (1, 4099, 128), (300, 3, 64), (1, 150_001, 32), (2, 4096, 960)] {
             for silu in [false, true] {
                 for dtype in [DType::BF16, DType::F32] {

@@ -122,11 +122,9 @@ pub fn bench(gpu: &Gpu) -> Result<Vec<BenchRow>> {
         let mut dx = buf(gpu, &[m, k], DType::BF16)?;
         let t = time_queued(gpu, REPS, || gemm::linear_input_grad(gpu, &dy, &w, false, &mut dx))?;
         rows.push(BenchRow { kernel: "linear_input_grad".into(), shape, rate: tflops(flop, &t), unit: "TFLOP/s", timing: t });
-        gpu.reset_scratch();
     }
     for (m, k, n) in LORA_SHAPES {
         rows.extend(bench_lora(gpu, m, k, n, LORA_RANK)?);
-        gpu.reset_scratch();
     }
     Ok(rows)
 }

@@ -9,7 +9,7 @@
 
 use super::{time_gpu, BenchRow, Timing};
 use crate::cuda::{ArenaKind::Scratch, Gpu};
-use crate::ops::adamw::{adamw_step, AdamWConfig};
+use crate::ops::adamw::{adamw_step, AdamWConfig, LrTable};
 use crate::ops::philox::{philox_normal, StepCounter};
 use crate::ops::{activation, diffusion, layout, norm};
 use crate::tensor::{DType, Tensor};
@@ -114,7 +114,6 @@ pub fn bench(gpu: &Gpu) -> Result<Vec<BenchRow>> {
             unsafe { cudarc::driver::result::memcpy_dtod_async(b.ptr(), a.ptr(), bytes, gpu.stream().cu_stream()) }.context("copy")
         })?;
         rows.push(row("memcpy_dtod[eager]", format!("{mib} MiB"), 2.0 * bytes as f64, t));
-        gpu.reset_scratch();
     }
 
     // GroupNorm(32): resnet/transformer inputs and up-path concatenations at their resolutions.
@@ -136,7 +135,6 @@ pub fn bench(gpu: &Gpu) -> Result<Vec<BenchRow>> {
         rows.push(row("group_norm_bwd", desc.clone(), 3.0 * bytes, time(gpu, || norm::group_norm_backward(gpu, &x, &gamma, &beta, &stats, false, &dy, &mut dx))?));
         rows.push(row("group_norm_bwd[eager]", desc.clone(), 3.0 * bytes, eager(gpu, || norm::group_norm_backward(gpu, &x, &gamma, &beta, &stats, false, &dy, &mut dx))?));
         rows.push(row("group_norm_silu_bwd", desc, 3.0 * bytes, time(gpu, || norm::group_norm_backward(gpu, &x, &gamma, &beta, &stats, true, &dy, &mut dx))?));
-        gpu.reset_scratch();
     }
 
     // LayerNorm: transformer tokens at each level (batch 1 and 2) and CLIP.
@@ -154,7 +152,6 @@ pub fn bench(gpu: &Gpu) -> Result<Vec<BenchRow>> {
         rows.push(row("layer_norm_bwd", format!("{r}x{c}"), 3.0 * bytes, time(gpu, || norm::layer_norm_backward(gpu, &x, &gamma, &stats, &dy, &mut dx))?));
         rows.push(row("layer_norm_fwd[eager]", format!("{r}x{c}"), 2.0 * bytes, eager(gpu, || norm::layer_norm(gpu, &x, &gamma, &beta, 1e-5, &mut y, &mut stats))?));
         rows.push(row("layer_norm_bwd[eager]", format!("{r}x{c}"), 3.0 * bytes, eager(gpu, || norm::layer_norm_backward(gpu, &x, &gamma, &stats, &dy, &mut dx))?));
-        gpu.reset_scratch();
     }
 
     // GEGLU at the largest feed-forward (4096 tokens, d = 1280; x is 4096 × 2560).
@@ -167,7 +164,6 @@ pub fn bench(gpu: &Gpu) -> Result<Vec<BenchRow>> {
         let unit = (m * d * 2) as f64;
         rows.push(row("geglu_fwd", format!("{m}x{}", 2 * d), 3.0 * unit, time(gpu, || activation::geglu(gpu, &x, &mut y))?));
         rows.push(row("geglu_bwd", format!("{m}x{}", 2 * d), 5.0 * unit, time(gpu, || activation::geglu_backward(gpu, &x, &dy, &mut dx))?));
-        gpu.reset_scratch();
     }
 
     // Up path: nearest 2x (32² → 64² at 640 channels) and the widest skip concatenation at 64².
@@ -184,7 +180,6 @@ pub fn bench(gpu: &Gpu) -> Result<Vec<BenchRow>> {
         let bytes = (2 * 4096 * 960 * 2) as f64;
         rows.push(row("concat_channels", "4096x(640|320)".into(), bytes, time(gpu, || layout::concat_channels(gpu, &a, &b, &mut cat))?));
         rows.push(row("split_channels", "4096x(640|320)".into(), bytes, time(gpu, || layout::split_channels(gpu, &cat, &mut a2, &mut b2))?));
-        gpu.reset_scratch();
     }
 
     // The step's ends: noise + timesteps + x_t, the loss and its gradient (batch 1, 4×64×64 latents).
@@ -199,7 +194,6 @@ pub fn bench(gpu: &Gpu) -> Result<Vec<BenchRow>> {
         let mut dpred = Tensor::empty_gpu(gpu, Scratch, &[1, n], BF16)?;
         rows.push(row("mse_min_snr_fwd", format!("1x{n}"), (2 * n * 2) as f64, time(gpu, || diffusion::mse_min_snr(gpu, &xt, &eps, &t, &ac, Some(5.0), &mut loss))?));
         rows.push(row("mse_min_snr_bwd", format!("1x{n}"), (3 * n * 2) as f64, time(gpu, || diffusion::mse_min_snr_backward(gpu, &xt, &eps, &t, &ac, Some(5.0), 1.0, &mut dpred))?));
-        gpu.reset_scratch();
     }
 
     // AdamW over the SD1.5 LoRA (25,509,888 f32 parameters): reads p, g, m, v, writes p, m, v.
@@ -210,10 +204,10 @@ pub fn bench(gpu: &Gpu) -> Result<Vec<BenchRow>> {
         let (mut m, mut v) = (randn(gpu, &[n], DType::F32, &counter)?, randn(gpu, &[n], DType::F32, &counter)?);
         let bytes = (7 * n * 4) as f64;
         let cfg = AdamWConfig::default();
-        rows.push(row("adamw_step", format!("{n}"), bytes, time(gpu, || adamw_step(gpu, &mut p, &g, &mut m, &mut v, &counter, &cfg))?));
+        let lr = LrTable::constant(gpu, cfg.lr)?;
+        rows.push(row("adamw_step", format!("{n}"), bytes, time(gpu, || adamw_step(gpu, &mut p, &g, &mut m, &mut v, &counter, &lr, &cfg))?));
         let clip = AdamWConfig { max_grad_norm: Some(1.0), ..cfg };
-        rows.push(row("adamw_step_clip", format!("{n}"), bytes + (n * 4) as f64, time(gpu, || adamw_step(gpu, &mut p, &g, &mut m, &mut v, &counter, &clip))?));
-        gpu.reset_scratch();
+        rows.push(row("adamw_step_clip", format!("{n}"), bytes + (n * 4) as f64, time(gpu, || adamw_step(gpu, &mut p, &g, &mut m, &mut v, &counter, &lr, &clip))?));
     }
     Ok(rows)
 }

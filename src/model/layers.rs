@@ -56,6 +56,14 @@ pub(crate) fn cpu(t: &Tensor) -> Result<&[f32]> {
     t.data()
 }
 
+fn add_residual_cpu(mut y: Vec<f32>, residual: Option<&Tensor>) -> Result<Vec<f32>> {
+    if let Some(r) = residual {
+        ensure!(r.numel() == y.len(), "residual {:?} does not match the output's {} values", r.shape(), y.len());
+        y.iter_mut().zip(r.data()?).for_each(|(y, r)| *y += r);
+    }
+    Ok(y)
+}
+
 /// Rows of a token or pixel tensor: every dimension but the last.
 pub(crate) fn rows(t: &Tensor) -> usize {
     t.numel() / t.shape().last().copied().unwrap_or(1)
@@ -69,7 +77,8 @@ pub(crate) fn with_last(shape: &[usize], last: usize) -> Vec<usize> {
 
 /// Trainable low-rank adapter of one Linear: Δy = scale·(x·Aᵀ)·Bᵀ, PEFT's `lora_A`/`lora_B`.
 /// `a`, `b` and the gradients are f32 on the model's device; on the GPU `a16`/`b16` are the bf16
-/// copies the GEMMs read (refreshed by [`LoraAdapter::sync`] after every update).
+/// copies the GEMMs read: views into one flat buffer that a single cast refreshes after every
+/// update ([`crate::model::lora::LoraParams::refresh_copies`]).
 pub struct LoraAdapter {
     pub rank: usize,
     pub alpha: f32,
@@ -83,28 +92,15 @@ pub struct LoraAdapter {
 
 impl LoraAdapter {
     /// An adapter over given f32 tensors on the model's device: A [r, in], B [out, r] and their
-    /// gradients (zero). On the GPU these are views into the flat buffers the optimizer updates.
-    pub fn new(dev: Dev, alpha: f32, a: Tensor, b: Tensor, grad_a: Tensor, grad_b: Tensor) -> Result<LoraAdapter> {
-        let mut adapter = LoraAdapter { rank: a.shape()[0], alpha, a, b, grad_a, grad_b, a16: None, b16: None };
-        adapter.sync(dev)?;
-        Ok(adapter)
+    /// gradients (zero). On the GPU these are views into the flat buffers the optimizer updates,
+    /// and `copies` the bf16 views (A, B) the GEMMs read.
+    pub fn new(alpha: f32, a: Tensor, b: Tensor, grad_a: Tensor, grad_b: Tensor, copies: Option<(Tensor, Tensor)>) -> LoraAdapter {
+        let (a16, b16) = copies.unzip();
+        LoraAdapter { rank: a.shape()[0], alpha, a, b, grad_a, grad_b, a16, b16 }
     }
 
     pub fn scale(&self) -> f32 {
         self.alpha / self.rank as f32
-    }
-
-    /// Refreshes the bf16 copies from the f32 masters (GPU only).
-    pub fn sync(&mut self, dev: Dev) -> Result<()> {
-        if let Dev::Gpu(g) = dev {
-            if self.a16.is_none() {
-                self.a16 = Some(Tensor::empty_gpu(g, ArenaKind::Persistent, self.a.shape(), DType::BF16)?);
-                self.b16 = Some(Tensor::empty_gpu(g, ArenaKind::Persistent, self.b.shape(), DType::BF16)?);
-            }
-            crate::ops::elementwise::cast(g, &self.a, self.a16.as_mut().unwrap())?;
-            crate::ops::elementwise::cast(g, &self.b, self.b16.as_mut().unwrap())?;
-        }
-        Ok(())
     }
 
     /// The adapter's values as a checkpoint layer (downloaded from the GPU if needed).
@@ -142,6 +138,11 @@ impl Linear {
 
     /// y = x·Wᵀ + b (+ LoRA) over the rows of x [.., in].
     pub fn forward(&self, dev: Dev, x: &Tensor) -> Result<Tensor> {
+        self.forward_add(dev, x, None)
+    }
+
+    /// y = x·Wᵀ + b (+ LoRA) (+ residual, shaped like y), the add fused into the GEMM's epilogue.
+    pub fn forward_add(&self, dev: Dev, x: &Tensor, residual: Option<&Tensor>) -> Result<Tensor> {
         ensure!(x.shape().last() == Some(&self.in_f), "linear: input {:?} does not end in {}", x.shape(), self.in_f);
         let (m, out_shape) = (rows(x), with_last(x.shape(), self.out_f));
         match dev {
@@ -154,15 +155,15 @@ impl Linear {
                         lora::lora_forward_cpu(cpu(x)?, cpu(&self.w)?, bias, cpu(&l.a)?, cpu(&l.b)?, l.scale(), &s)
                     }
                 };
-                Tensor::from_vec(&out_shape, y)
+                Tensor::from_vec(&out_shape, add_residual_cpu(y, residual)?)
             }
             Dev::Gpu(g) => {
                 let mut y = Dev::scratch(g, &out_shape)?;
                 match &self.lora {
-                    None => gemm::linear(g, x, &self.w, self.b.as_ref(), None, &mut y)?,
+                    None => gemm::linear(g, x, &self.w, self.b.as_ref(), residual, &mut y)?,
                     Some(l) => {
                         let mut us = Dev::scratch(g, &[m, l.rank])?;
-                        lora::lora_forward(g, &l.on_gpu(&self.w, self.b.as_ref()), x, &mut us, None, &mut y)?;
+                        lora::lora_forward(g, &l.on_gpu(&self.w, self.b.as_ref()), x, &mut us, residual, &mut y)?;
                     }
                 }
                 Ok(y)
@@ -217,6 +218,45 @@ impl Linear {
     }
 }
 
+impl Linear {
+    /// Folds a LoRA layer into the frozen weight, W ← W + scale·B·A (diffusers' `fuse_lora`): the
+    /// same function afterwards at the cost of the plain linear. On the GPU the product runs in
+    /// the GEMM (bf16 factors, f32 accumulation, W added in the epilogue, one rounding to bf16).
+    pub fn merge_lora(&mut self, dev: Dev, l: &LoraLayer) -> Result<()> {
+        let (o, i, r) = (self.out_f, self.in_f, l.rank);
+        ensure!((l.in_features, l.out_features) == (i, o), "LoRA {}→{} merged into a {i}→{o} linear", l.in_features, l.out_features);
+        let s = l.scale();
+        match dev {
+            Dev::Cpu => {
+                let w = self.w.data_mut()?;
+                for (row, b_row) in w.chunks_exact_mut(i).zip(l.b.chunks_exact(r)) {
+                    for (a_row, &b) in l.a.chunks_exact(i).zip(b_row) {
+                        row.iter_mut().zip(a_row).for_each(|(w, &a)| *w += s * b * a);
+                    }
+                }
+            }
+            Dev::Gpu(g) => {
+                // ΔW = (s·B)[o, r]·(Aᵀ)[i, r]ᵀ with r padded by zeros to the GEMM's multiple of 8.
+                let rp = r.next_multiple_of(8);
+                let mut bs = vec![0.0; o * rp];
+                let mut at = vec![0.0; i * rp];
+                for (k, b) in l.b.iter().enumerate() {
+                    bs[(k / r) * rp + k % r] = s * b;
+                }
+                for (k, a) in l.a.iter().enumerate() {
+                    at[(k % i) * rp + k / i] = *a;
+                }
+                let bs = Tensor::from_vec(&[o, rp], bs)?.to_gpu(g, ArenaKind::Scratch, DType::BF16)?;
+                let at = Tensor::from_vec(&[i, rp], at)?.to_gpu(g, ArenaKind::Scratch, DType::BF16)?;
+                let mut merged = Tensor::empty_gpu(g, ArenaKind::Persistent, &[o, i], DType::BF16)?;
+                gemm::linear(g, &bs, &at, None, Some(&self.w), &mut merged)?;
+                self.w = merged;
+            }
+        }
+        Ok(())
+    }
+}
+
 /// nn.Conv2d on NHWC activations, weights reordered to [out, k, k, in] at load.
 pub struct Conv2d {
     pub in_ch: usize,
@@ -248,14 +288,19 @@ impl Conv2d {
     }
 
     pub fn forward(&self, dev: Dev, x: &Tensor) -> Result<Tensor> {
+        self.forward_add(dev, x, None)
+    }
+
+    /// conv(x) + b (+ residual, shaped like the output), the add fused into the conv's epilogue.
+    pub fn forward_add(&self, dev: Dev, x: &Tensor, residual: Option<&Tensor>) -> Result<Tensor> {
         let s = self.geometry(x.shape())?;
         let (oh, ow) = s.out_hw();
         let shape = [s.batch, oh, ow, s.out_ch];
         match dev {
-            Dev::Cpu => Tensor::from_vec(&shape, conv::conv2d_cpu(cpu(x)?, &s, cpu(&self.w)?, Some(cpu(&self.b)?))),
+            Dev::Cpu => Tensor::from_vec(&shape, add_residual_cpu(conv::conv2d_cpu(cpu(x)?, &s, cpu(&self.w)?, Some(cpu(&self.b)?)), residual)?),
             Dev::Gpu(g) => {
                 let mut y = Dev::scratch(g, &shape)?;
-                conv::conv2d(g, conv::ConvSource { x, skip: None, upsample2x: false }, &s, &self.w, Some(&self.b), None, &mut y)?;
+                conv::conv2d(g, conv::ConvSource { x, skip: None, upsample2x: false }, &s, &self.w, Some(&self.b), residual, &mut y)?;
                 Ok(y)
             }
         }

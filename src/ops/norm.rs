@@ -404,7 +404,6 @@ mod tests {
         check(&what("forward"), &download(gpu, &y), &want, tol_fwd);
         check(&what("stats"), &download(gpu, &stats), &gn_stats_cpu(&x, n, hw, c, eps), 1e-5);
         check(&what("backward"), &download(gpu, &dx), &group_norm_backward_cpu(&x, n, hw, c, GROUPS, &gamma, &beta, eps, silu, &dy), tol_bwd);
-        gpu.reset_scratch();
     }
 
     #[test]

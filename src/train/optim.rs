@@ -1,11 +1,12 @@
 //! AdamW over every LoRA value (torch.optim.AdamW's formula, optional global-norm clipping), with
-//! f32 moments. On the GPU one fused launch updates the flat parameter buffer; on the CPU the twin
-//! runs over the adapters' values gathered in the same order.
+//! f32 moments. On the GPU one fused launch updates the flat parameter buffer, with the step count
+//! and the learning rate read on the device (so the update can be a replayed CUDA graph); on the
+//! CPU the twin runs over the adapters' values gathered in the same order.
 
 use crate::model::layers::Dev;
 use crate::model::lora::{projections, LoraParams};
 use crate::model::unet::UNet2DConditionModel;
-use crate::ops::adamw::{adamw_step, adamw_step_cpu, AdamWConfig};
+use crate::ops::adamw::{adamw_step, adamw_step_cpu, AdamWConfig, LrTable};
 use crate::ops::philox::StepCounter;
 use crate::tensor::Tensor;
 use anyhow::{ensure, Context, Result};
@@ -16,20 +17,23 @@ pub struct Optimizer {
     pub step: u32,
     m: Tensor,
     v: Tensor,
-    counter: Option<StepCounter>,
+    /// GPU: the step count (kept equal to `step`) and the rate of every step.
+    device: Option<(StepCounter, LrTable)>,
 }
 
 impl Optimizer {
-    pub fn new(dev: Dev, params: &LoraParams, cfg: AdamWConfig) -> Result<Optimizer> {
+    /// `rates[t − 1]` is the learning rate of update t (on the GPU; the CPU takes it per update).
+    pub fn new(dev: Dev, params: &LoraParams, cfg: AdamWConfig, rates: &[f64]) -> Result<Optimizer> {
         let zeros = || dev.master(Tensor::zeros(&[params.count]));
-        let counter = match dev {
+        let device = match dev {
             Dev::Cpu => None,
-            Dev::Gpu(g) => Some(StepCounter::new(g, 0)?),
+            Dev::Gpu(g) => Some((StepCounter::new(g, 0)?, LrTable::new(g, rates)?)),
         };
-        Ok(Optimizer { cfg, step: 0, m: zeros()?, v: zeros()?, counter })
+        Ok(Optimizer { cfg, step: 0, m: zeros()?, v: zeros()?, device })
     }
 
-    /// One update with learning rate `lr` from the accumulated gradients, which are then zeroed.
+    /// One update from the accumulated gradients, which are then zeroed; `lr` is this update's
+    /// rate (the CPU reads it; the GPU reads the same value from its table).
     pub fn update(&mut self, dev: Dev, unet: &mut UNet2DConditionModel, params: &mut LoraParams, lr: f64) -> Result<()> {
         self.step += 1;
         let cfg = AdamWConfig { lr, ..self.cfg };
@@ -61,15 +65,11 @@ impl Optimizer {
             }
             Dev::Gpu(g) => {
                 let (p, grads) = (params.params.as_mut().context("GPU LoRA without a flat buffer")?, params.grads.as_mut().context("GPU LoRA without gradients")?);
-                let counter = self.counter.as_ref().context("GPU optimizer without a step counter")?;
-                counter.set(g, self.step)?;
-                adamw_step(g, p, grads, &mut self.m, &mut self.v, counter, &cfg)?;
+                let (counter, rates) = self.device.as_ref().context("GPU optimizer without a step counter")?;
+                counter.increment(g)?;
+                adamw_step(g, p, grads, &mut self.m, &mut self.v, counter, rates, &cfg)?;
                 grads.zero(Some(g))?;
-                for (_, linear) in projections(unet) {
-                    if let Some(a) = &mut linear.lora {
-                        a.sync(dev)?;
-                    }
-                }
+                params.refresh_copies(dev)?;
             }
         }
         Ok(())
@@ -91,6 +91,9 @@ impl Optimizer {
         self.m = dev.master(Tensor::from_vec(&[n], m)?)?;
         self.v = dev.master(Tensor::from_vec(&[n], v)?)?;
         self.step = step;
+        if let (Dev::Gpu(g), Some((counter, _))) = (dev, &self.device) {
+            counter.set(g, step)?;
+        }
         Ok(())
     }
 }

@@ -67,25 +67,19 @@ fn time_batched(gpu: &Gpu, mut f: impl FnMut() -> Result<()>) -> Result<Timing> 
 }
 
 fn time_graph(gpu: &Gpu, mut f: impl FnMut() -> Result<()>) -> Result<Timing> {
-    use cudarc::driver::sys::{CUevent_flags::CU_EVENT_DEFAULT, CUgraphInstantiate_flags, CUstreamCaptureMode};
+    use cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT;
     const CALLS: usize = 20;
     for _ in 0..10 {
         f()?;
     }
     gpu.synchronize()?;
-    let stream = gpu.stream();
-    stream.begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_RELAXED)?;
-    let captured = (0..CALLS).try_for_each(|_| f());
-    let graph = stream.end_capture(CUgraphInstantiate_flags(0));
-    captured.context("a call failed while being captured")?;
-    let graph = graph.context("graph capture")?.context("empty graph")?;
-    graph.upload()?;
-    graph.launch()?;
+    let ((), graph) = gpu.capture(|| (0..CALLS).try_for_each(|_| f()))?;
+    gpu.replay(&graph)?;
     let mut events = Vec::new();
     for _ in 0..30 {
-        let start = stream.record_event(Some(CU_EVENT_DEFAULT))?;
-        graph.launch()?;
-        events.push((start, stream.record_event(Some(CU_EVENT_DEFAULT))?));
+        let start = gpu.stream().record_event(Some(CU_EVENT_DEFAULT))?;
+        gpu.replay(&graph)?;
+        events.push((start, gpu.stream().record_event(Some(CU_EVENT_DEFAULT))?));
     }
     gpu.synchronize()?;
     let mut ms: Vec<f64> = events.iter().map(|(s, e)| s.elapsed_ms(e).map(|v| v as f64 / CALLS as f64)).collect::<Result<_, _>>()?;

@@ -107,7 +107,9 @@ struct TrainArgs {
     /// Checkpoint format [default: diffusers].
     #[arg(long, value_enum)]
     save_format: Option<sdlora::train::config::SaveFormat>,
-    /// Device memory budget, e.g. 8G; allocations beyond it stop the run with the numbers.
+    /// Device memory budget, e.g. 8G or 4G: before the first step the memory plan chooses which
+    /// transformers recompute their activations in the backward so the step fits; allocations
+    /// beyond it stop the run with the numbers [default: the GPU's free memory, for the plan].
     #[arg(long)]
     vram_limit: Option<String>,
     /// Validation prompt (repeatable): sampled with the current LoRA into step_N/validation.png at

@@ -3,6 +3,7 @@
 // CPU twin: adamw_step_cpu in src/ops/adamw.rs.
 //
 //   t = *step (device u32, ≥ 1: the caller advances it with counter_increment_u32 before the step)
+//   lr = lr_table[min(t, lr_len) − 1] (f64: the schedule's rate per step, so a replayed graph follows it)
 //   bc1 = 1 − β1^t, bc2 = 1 − β2^t (f64), step_size = lr/bc1, bc2_sqrt = √bc2 (f64, then f32)
 //   g ← g · clip  (clip = min(1, max_norm/(‖g‖₂ + 1e-6)) when part != null, as clip_grad_norm_)
 //   p ← p · (1 − lr·wd)
@@ -35,12 +36,13 @@ extern "C" __global__ void adamw_grad_sq_partial(const float* __restrict__ g, fl
   if (threadIdx.x == 0) part[blockIdx.x] = s;
 }
 
-// lr, beta1, beta2 arrive as f64 (Python floats in torch): the bias corrections, step size and the
-// (1 − β) lerp weights are formed in f64 and rounded once; `decay` = f32(1 − lr·wd) from the host.
+// lr, beta1, beta2, wd are f64 (Python floats in torch): the bias corrections, step size, the
+// (1 − β) lerp weights and decay = 1 − lr·wd are formed in f64 and rounded once.
 extern "C" __global__ void adamw_step(float* __restrict__ p, const float* __restrict__ g, float* __restrict__ m,
-                                      float* __restrict__ v, int64_t n, const uint32_t* __restrict__ step, double lr,
-                                      double beta1, double beta2, float eps, float decay,
-                                      const float* __restrict__ part, int nparts, float max_norm) {
+                                      float* __restrict__ v, int64_t n, const uint32_t* __restrict__ step,
+                                      const double* __restrict__ lr_table, int lr_len, double beta1, double beta2,
+                                      float eps, double weight_decay, const float* __restrict__ part, int nparts,
+                                      float max_norm) {
   __shared__ float sh[32];
   float clip = 1.f;
   if (part != nullptr) {
@@ -49,7 +51,10 @@ extern "C" __global__ void adamw_step(float* __restrict__ p, const float* __rest
     const float norm = sqrtf(block_sum(acc, sh));
     clip = fminf(1.f, max_norm / (norm + 1e-6f));
   }
-  const double t = (double)*step;
+  const uint32_t ti = *step;
+  const double lr = lr_table[(ti < (uint32_t)lr_len ? ti : (uint32_t)lr_len) - 1];
+  const float decay = (float)(1.0 - lr * weight_decay);
+  const double t = (double)ti;
   const double bc1 = 1.0 - pow(beta1, t), bc2 = 1.0 - pow(beta2, t);
   const float step_size = (float)(lr / bc1), bc2_sqrt = (float)sqrt(bc2);
   const float w1 = (float)(1.0 - beta1), w2 = (float)(1.0 - beta2), b2 = (float)beta2;

@@ -139,3 +139,39 @@ __device__ void mse_min_snr_bwd(const T* __restrict__ pred, const T* __restrict_
   }
 LOSS_KERNELS(f32, float)
 LOSS_KERNELS(bf16, bf16)
+
+// draw_latents_f32  the step's clean latents from the cached VAE posteriors (CPU twin: draw_latents_cpu):
+//   for sample j < batch: slot = *step · batch + j, e = picks[slot] (which example),
+//   z ~ N(0, 1) from philox(counter = (block, stream, slot), key = seed) as philox_normal_*,
+//   x0[j, i] = (mean[e, i] + std[e, i] · z_i) · scale, with separately rounded f32 operations (as the twin).
+extern "C" __global__ void draw_latents_f32(float* __restrict__ x0, const float* __restrict__ means,
+                                            const float* __restrict__ stds, const uint32_t* __restrict__ picks, int batch,
+                                            int64_t n, uint32_t seed_lo, uint32_t seed_hi, uint32_t stream,
+                                            const uint32_t* __restrict__ step, float scale) {
+  const uint32_t s = *step;
+  const int64_t blocks = (n + 3) / 4;
+  FOR_EACH_INDEX(k, (int64_t)batch * blocks) {
+    const int64_t j = k / blocks, b = k % blocks;
+    const uint32_t slot = s * (uint32_t)batch + (uint32_t)j;
+    const int64_t e = picks[slot];
+    const uint4 w = philox_block((uint64_t)b, stream, slot, seed_lo, seed_hi);
+    const float2 p = philox_normal_pair(w.x, w.y), q = philox_normal_pair(w.z, w.w);
+    const float z[4] = {p.x, p.y, q.x, q.y};
+#pragma unroll
+    for (int c = 0; c < 4; ++c) {
+      const int64_t i = 4 * b + c;
+      if (i < n) x0[j * n + i] = __fmul_rn(__fadd_rn(means[e * n + i], __fmul_rn(stds[e * n + i], z[c])), scale);
+    }
+  }
+}
+
+// gather_rows_bf16  out[j, :] = table[picks[*step · batch + j], :] (row_len values): the step's caption states.
+extern "C" __global__ void gather_rows_bf16(bf16* __restrict__ out, const bf16* __restrict__ table,
+                                            const uint32_t* __restrict__ picks, int batch, int64_t row_len,
+                                            const uint32_t* __restrict__ step) {
+  const uint32_t s = *step;
+  FOR_EACH_INDEX(i, (int64_t)batch * row_len) {
+    const int64_t j = i / row_len;
+    out[i] = table[(int64_t)picks[s * (uint32_t)batch + (uint32_t)j] * row_len + i % row_len];
+  }
+}

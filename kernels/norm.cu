@@ -8,6 +8,7 @@
 //   Saved for the backward: stats [n, 32, 2] = (mean, rstd) in f32.
 //   Backward (input grad only, γ β frozen): dh = dy (or dy·σ(h)(1 + h(1 − σ(h))) with SiLU),
 //   d = dh·γ;  dx = rstd·(d − mean_g(d) − x̂·mean_g(d·x̂)).
+//   σ(h) = 1/(1 + e^−h) with the fast __expf and a rounded reciprocal (≈ 1e-6 relative).
 //
 //   Tiling: the hw rows of a sample are cut into `chunks` chunks of `rpc` rows; a block of 256
 //   threads handles one (chunk, sample). Thread t = (tx, ty) with tx = t mod TX owns the P·E
@@ -24,8 +25,10 @@
 //              warps split the chunks, then warp 0 merges), then write y (and stats) or dx for the
 //              chunk, whose rows are still in L2 from the stats pass.
 //
-// LayerNorm over rows: x [rows, c], one warp per row, E-wide vector loads, exact two-pass statistics
-//   (mean, then Σ(x − mean)²); y = x̂·γ + β; stats [rows, 2] = (mean, rstd).
+// LayerNorm over rows: x [rows, c], one warp per row holding up to LN_HELD vectors of E elements per
+//   lane in registers (c ≤ 32·LN_HELD·E, i.e. c ≤ 1280 in bf16; wider rows read the rest again),
+//   with γ and β fetched together with x; exact two-pass statistics (mean, then Σ(x − mean)² from
+//   registers); y = x̂·γ + β; stats [rows, 2] = (mean, rstd).
 //   Backward: d = dy·γ; dx = rstd·(d − mean(d) − x̂·mean(d·x̂)).
 //   d = dy·γ is rounded once (__fmul_rn) so that the two passes see the same d: with zero variance
 //   (rstd = 1/√eps) a contracted fma would otherwise leave rstd·(rounding error) instead of 0.
@@ -34,8 +37,9 @@
 #define GROUPS 32
 #define WARPS 8
 #define THREADS 256
+#define LN_HELD 5
 
-__device__ __forceinline__ float sigmoidf(float h) { return 1.0f / (1.0f + expf(-h)); }
+__device__ __forceinline__ float sigmoidf(float h) { return __frcp_rn(1.0f + __expf(-h)); }
 
 // Rows [r0, r1) of chunk `chunk`.
 __device__ __forceinline__ void chunk_rows(int chunk, int rpc, int hw, int& r0, int& r1) {
@@ -297,8 +301,46 @@ __device__ void gn_bwd_apply(const T* __restrict__ x, const T* __restrict__ gamm
 }
 
 // ---------------------------------------------------------------------------------------------
-// LayerNorm
+// Vector helpers for LayerNorm
 // ---------------------------------------------------------------------------------------------
+template <typename T, int E>
+__device__ __forceinline__ Pack<T, E> load_raw(const T* p) { return *reinterpret_cast<const Pack<T, E>*>(p); }
+
+template <typename T, int E>
+__device__ __forceinline__ void unpack(const Pack<T, E>& pk, float (&out)[E]) {
+#pragma unroll
+  for (int i = 0; i < E; ++i) out[i] = to_f32(pk.v[i]);
+}
+
+// Hides a register-held vector's value from the compiler, so that it keeps the packed registers
+// between passes and converts them again, instead of keeping every converted f32 value alive (2×
+// the registers). Used by LayerNorm.
+template <typename T, int E>
+__device__ __forceinline__ void opaque(Pack<T, E>& pk) {
+  if constexpr (sizeof(pk) % 4 == 0) {
+    uint32_t* u = reinterpret_cast<uint32_t*>(&pk);
+#pragma unroll
+    for (int i = 0; i < (int)(sizeof(pk) / 4); ++i) asm volatile("" : "+r"(u[i]));
+  } else {
+    asm volatile("" : "+h"(*reinterpret_cast<unsigned short*>(&pk)));
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// LayerNorm: lane `lane` of a row's warp owns vectors j·32 + lane (j = 0, 1, ...) of the row;
+// the first LN_HELD stay in registers, later ones (rows wider than 32·LN_HELD·E) are read again.
+// ---------------------------------------------------------------------------------------------
+template <typename T, int E>
+__device__ __forceinline__ void ln_fwd_write(T* yr, const Pack<T, E>& gp, const Pack<T, E>& bp, float (&u)[E], int k, float mean,
+                                             float rstd) {
+  float g[E], be[E];
+  unpack<T, E>(gp, g);
+  unpack<T, E>(bp, be);
+#pragma unroll
+  for (int i = 0; i < E; ++i) u[i] = fmaf((u[i] - mean) * rstd, g[i], be[i]);
+  store_pack<T, E>(yr + k * E, u);
+}
+
 template <typename T, int E>
 __device__ void ln_fwd(const T* __restrict__ x, const T* __restrict__ gamma, const T* __restrict__ beta, T* __restrict__ y,
                        float2* __restrict__ stats, int rows, int c, float eps) {
@@ -307,33 +349,87 @@ __device__ void ln_fwd(const T* __restrict__ x, const T* __restrict__ gamma, con
   if (row >= rows) return;
   const T* xr = x + (int64_t)row * c;
   const int nv = c / E;
-  float s = 0.f;
-  for (int k = lane; k < nv; k += 32) {
-    float v[E];
-    load_pack<T, E>(xr + k * E, v);
+  // x, γ, β of the held vectors, fetched together: no memory round trip after the statistics.
+  Pack<T, E> v[LN_HELD], g[LN_HELD], be[LN_HELD];
 #pragma unroll
-    for (int i = 0; i < E; ++i) s += v[i];
+  for (int j = 0; j < LN_HELD; ++j)
+    if (j * 32 + lane < nv) {
+      v[j] = load_raw<T, E>(xr + (j * 32 + lane) * E);
+      g[j] = load_raw<T, E>(gamma + (j * 32 + lane) * E);
+      be[j] = load_raw<T, E>(beta + (j * 32 + lane) * E);
+    }
+  float s = 0.f;
+#pragma unroll
+  for (int j = 0; j < LN_HELD; ++j)
+    if (j * 32 + lane < nv) {
+      float u[E];
+      unpack<T, E>(v[j], u);
+#pragma unroll
+      for (int i = 0; i < E; ++i) s += u[i];
+    }
+  for (int k = LN_HELD * 32 + lane; k < nv; k += 32) {
+    float u[E];
+    load_pack<T, E>(xr + k * E, u);
+#pragma unroll
+    for (int i = 0; i < E; ++i) s += u[i];
   }
   const float mean = warp_sum(s) / (float)c;
   s = 0.f;
-  for (int k = lane; k < nv; k += 32) {
-    float v[E];
-    load_pack<T, E>(xr + k * E, v);
 #pragma unroll
-    for (int i = 0; i < E; ++i) s = fmaf(v[i] - mean, v[i] - mean, s);
+  for (int j = 0; j < LN_HELD; ++j)
+    if (j * 32 + lane < nv) {
+      float u[E];
+      opaque<T, E>(v[j]);
+      unpack<T, E>(v[j], u);
+#pragma unroll
+      for (int i = 0; i < E; ++i) s = fmaf(u[i] - mean, u[i] - mean, s);
+    }
+  for (int k = LN_HELD * 32 + lane; k < nv; k += 32) {
+    float u[E];
+    load_pack<T, E>(xr + k * E, u);
+#pragma unroll
+    for (int i = 0; i < E; ++i) s = fmaf(u[i] - mean, u[i] - mean, s);
   }
   const float rstd = rsqrtf(warp_sum(s) / (float)c + eps);
   if (lane == 0) stats[row] = make_float2(mean, rstd);
   T* yr = y + (int64_t)row * c;
-  for (int k = lane; k < nv; k += 32) {
-    float v[E], g[E], be[E];
-    load_pack<T, E>(xr + k * E, v);
-    load_pack<T, E>(gamma + k * E, g);
-    load_pack<T, E>(beta + k * E, be);
 #pragma unroll
-    for (int i = 0; i < E; ++i) v[i] = fmaf((v[i] - mean) * rstd, g[i], be[i]);
-    store_pack<T, E>(yr + k * E, v);
+  for (int j = 0; j < LN_HELD; ++j)
+    if (j * 32 + lane < nv) {
+      float u[E];
+      opaque<T, E>(v[j]);
+      unpack<T, E>(v[j], u);
+      ln_fwd_write<T, E>(yr, g[j], be[j], u, j * 32 + lane, mean, rstd);
+    }
+  for (int k = LN_HELD * 32 + lane; k < nv; k += 32) {
+    float u[E];
+    load_pack<T, E>(xr + k * E, u);
+    ln_fwd_write<T, E>(yr, load_raw<T, E>(gamma + k * E), load_raw<T, E>(beta + k * E), u, k, mean, rstd);
   }
+}
+
+// (Σd, Σd·x̂) of one vector pair, d = dy·γ rounded once.
+template <typename T, int E>
+__device__ __forceinline__ void ln_bwd_sums(const float (&u)[E], const float (&e)[E], const Pack<T, E>& gp, float2 st, float& a1,
+                                            float& a2) {
+  float g[E];
+  unpack<T, E>(gp, g);
+#pragma unroll
+  for (int i = 0; i < E; ++i) {
+    const float dd = __fmul_rn(e[i], g[i]);
+    a1 += dd;
+    a2 = fmaf(dd, (u[i] - st.x) * st.y, a2);
+  }
+}
+
+template <typename T, int E>
+__device__ __forceinline__ void ln_bwd_write(T* dxr, float (&u)[E], const float (&e)[E], const Pack<T, E>& gp, int k, float2 st,
+                                             float m1, float m2) {
+  float g[E];
+  unpack<T, E>(gp, g);
+#pragma unroll
+  for (int i = 0; i < E; ++i) u[i] = st.y * (__fmul_rn(e[i], g[i]) - m1 - (u[i] - st.x) * st.y * m2);
+  store_pack<T, E>(dxr + k * E, u);
 }
 
 template <typename T, int E>
@@ -343,30 +439,49 @@ __device__ void ln_bwd(const T* __restrict__ x, const T* __restrict__ gamma, con
   const int row = blockIdx.x * WARPS + (threadIdx.x >> 5);
   if (row >= rows) return;
   const int64_t off = (int64_t)row * c;
+  const T* xr = x + off;
+  const T* dyr = dy + off;
   const int nv = c / E;
   const float2 st = stats[row];
-  float a1 = 0.f, a2 = 0.f;
-  for (int k = lane; k < nv; k += 32) {
-    float v[E], d[E], g[E];
-    load_pack<T, E>(x + off + k * E, v);
-    load_pack<T, E>(dy + off + k * E, d);
-    load_pack<T, E>(gamma + k * E, g);
+  Pack<T, E> hx[LN_HELD], hd[LN_HELD], g[LN_HELD];
 #pragma unroll
-    for (int i = 0; i < E; ++i) {
-      const float dd = __fmul_rn(d[i], g[i]);
-      a1 += dd;
-      a2 = fmaf(dd, (v[i] - st.x) * st.y, a2);
+  for (int j = 0; j < LN_HELD; ++j)
+    if (j * 32 + lane < nv) {
+      hx[j] = load_raw<T, E>(xr + (j * 32 + lane) * E);
+      hd[j] = load_raw<T, E>(dyr + (j * 32 + lane) * E);
+      g[j] = load_raw<T, E>(gamma + (j * 32 + lane) * E);
     }
+  float a1 = 0.f, a2 = 0.f;
+#pragma unroll
+  for (int j = 0; j < LN_HELD; ++j)
+    if (j * 32 + lane < nv) {
+      float u[E], e[E];
+      unpack<T, E>(hx[j], u);
+      unpack<T, E>(hd[j], e);
+      ln_bwd_sums<T, E>(u, e, g[j], st, a1, a2);
+    }
+  for (int k = LN_HELD * 32 + lane; k < nv; k += 32) {
+    float u[E], e[E];
+    load_pack<T, E>(xr + k * E, u);
+    load_pack<T, E>(dyr + k * E, e);
+    ln_bwd_sums<T, E>(u, e, load_raw<T, E>(gamma + k * E), st, a1, a2);
   }
   const float m1 = warp_sum(a1) / (float)c, m2 = warp_sum(a2) / (float)c;
-  for (int k = lane; k < nv; k += 32) {
-    float v[E], d[E], g[E];
-    load_pack<T, E>(x + off + k * E, v);
-    load_pack<T, E>(dy + off + k * E, d);
-    load_pack<T, E>(gamma + k * E, g);
+  T* dxr = dx + off;
 #pragma unroll
-    for (int i = 0; i < E; ++i) v[i] = st.y * (__fmul_rn(d[i], g[i]) - m1 - (v[i] - st.x) * st.y * m2);
-    store_pack<T, E>(dx + off + k * E, v);
+  for (int j = 0; j < LN_HELD; ++j)
+    if (j * 32 + lane < nv) {
+      float u[E], e[E];
+      opaque<T, E>(hx[j]), opaque<T, E>(hd[j]);
+      unpack<T, E>(hx[j], u);
+      unpack<T, E>(hd[j], e);
+      ln_bwd_write<T, E>(dxr, u, e, g[j], j * 32 + lane, st, m1, m2);
+    }
+  for (int k = LN_HELD * 32 + lane; k < nv; k += 32) {
+    float u[E], e[E];
+    load_pack<T, E>(xr + k * E, u);
+    load_pack<T, E>(dyr + k * E, e);
+    ln_bwd_write<T, E>(dxr, u, e, load_raw<T, E>(gamma + k * E), k, st, m1, m2);
   }
 }
 
@@ -392,11 +507,11 @@ __device__ void ln_bwd(const T* __restrict__ x, const T* __restrict__ gamma, con
       int c, int rpc, int chunks, int P, int silu) {                                                                   \
     gn_bwd_apply<T, E>(x, gamma, beta, stats, dy, part, dx, hw, c, rpc, chunks, P, silu);                                \
   }                                                                                                                    \
-  extern "C" __global__ void __launch_bounds__(256) layer_norm_fwd_##TN##_v##E(                                       \
+  extern "C" __global__ void __launch_bounds__(256, 2) layer_norm_fwd_##TN##_v##E(                                       \
       const T* x, const T* gamma, const T* beta, T* y, float2* stats, int rows, int c, float eps) {                    \
     ln_fwd<T, E>(x, gamma, beta, y, stats, rows, c, eps);                                                              \
   }                                                                                                                    \
-  extern "C" __global__ void __launch_bounds__(256) layer_norm_bwd_##TN##_v##E(                                       \
+  extern "C" __global__ void __launch_bounds__(256, 2) layer_norm_bwd_##TN##_v##E(                                       \
       const T* x, const T* gamma, const float2* stats, const T* dy, T* dx, int rows, int c) {                          \
     ln_bwd<T, E>(x, gamma, stats, dy, dx, rows, c);                                                                    \
   }

@@ -93,6 +93,11 @@ struct TrainArgs {
     /// Clip the global gradient norm to this value before each step [default: off].
     #[arg(long)]
     max_grad_norm: Option<f64>,
+    /// Apply AdamW to each LoRA adapter inside the backward, as soon as its gradients exist: less
+    /// memory (the gradients of all adapters never exist at once); needs --grad-accum 1 and no
+    /// --max-grad-norm.
+    #[arg(long)]
+    adamw_per_layer: bool,
     /// Write a checkpoint every N steps [default: 250].
     #[arg(long)]
     save_every: Option<usize>,
@@ -102,7 +107,9 @@ struct TrainArgs {
     /// Checkpoint format [default: diffusers].
     #[arg(long, value_enum)]
     save_format: Option<sdlora::train::config::SaveFormat>,
-    /// Device memory budget, e.g. 8G; allocations beyond it stop the run with the numbers.
+    /// Device memory budget, e.g. 8G or 4G: before the first step the memory plan chooses which
+    /// transformers recompute their activations in the backward so the step fits; allocations
+    /// beyond it stop the run with the numbers [default: the GPU's free memory, for the plan].
     #[arg(long)]
     vram_limit: Option<String>,
     /// Validation prompt (repeatable): sampled with the current LoRA into step_N/validation.png at
@@ -151,6 +158,7 @@ impl TrainArgs {
         if self.vram_limit.is_some() {
             c.vram_limit = self.vram_limit.clone();
         }
+        c.adamw_per_layer |= self.adamw_per_layer;
         Ok(c)
     }
 }
@@ -177,6 +185,9 @@ enum BenchWhat {
         /// Timed steps after 3 warm-up steps.
         #[arg(long, default_value_t = 20)]
         steps: usize,
+        /// Apply AdamW per layer inside the backward (as `train --adamw-per-layer`).
+        #[arg(long)]
+        adamw_per_layer: bool,
     },
     /// Check one UNet LoRA forward + backward at full SD1.5 size against PyTorch and time it.
     ///
@@ -227,7 +238,9 @@ fn run(cli: Cli) -> Result<()> {
             let gpu = Gpu::new(0)?;
             sdlora::bench::run_kernel_benches(&gpu, &filter)
         }
-        Command::Bench(BenchArgs { what: BenchWhat::Train { resolution, steps } }) => sdlora::train::benchmark(&Gpu::new(0)?, resolution, 3, steps),
+        Command::Bench(BenchArgs { what: BenchWhat::Train { resolution, steps, adamw_per_layer } }) => {
+            sdlora::train::benchmark(&Gpu::new(0)?, resolution, 3, steps, adamw_per_layer)
+        }
         Command::Bench(BenchArgs { what: BenchWhat::Unet { reference, iters, checkpoint } }) => {
             sdlora::bench::unet::run(&Gpu::new(0)?, &reference, iters, checkpoint)
         }

@@ -138,25 +138,32 @@ impl Tensor {
 
     /// Copies a CPU tensor to the GPU as `dtype` (bf16 rounds to nearest even).
     pub fn to_gpu(&self, gpu: &Gpu, arena: ArenaKind, dtype: DType) -> Result<Tensor> {
-        let data = self.data()?;
-        let out = Tensor::empty_gpu(gpu, arena, &self.shape, dtype)?;
-        let dst = out.ptr()?;
+        let mut out = Tensor::empty_gpu(gpu, arena, &self.shape, dtype)?;
+        out.upload(gpu, self.data()?)?;
+        Ok(out)
+    }
+
+    /// Overwrites a GPU tensor in place with host values (converted to its dtype); returns when
+    /// the copy is done. In place matters for CUDA graphs, which keep their buffers' addresses.
+    pub fn upload(&mut self, gpu: &Gpu, data: &[f32]) -> Result<()> {
+        ensure!(data.len() == self.numel(), "upload of {} values into a tensor of shape {:?}", data.len(), self.shape);
+        let dst = self.ptr()?;
         let stream = gpu.stream().cu_stream();
-        // SAFETY: `out` holds exactly numel·size bytes; the copy is ordered on the one stream.
-        unsafe {
-            match dtype {
+        // SAFETY: the tensor holds exactly numel·size bytes; the copy is ordered on the one stream,
+        // and the host data outlives it (synchronized below).
+        let r = unsafe {
+            match self.dtype {
                 DType::F32 => cudarc::driver::result::memcpy_htod_async(dst, data, stream),
                 DType::BF16 => {
                     let host: Vec<bf16> = data.iter().map(|&x| bf16::from_f32(x)).collect();
                     let r = cudarc::driver::result::memcpy_htod_async(dst, &host, stream);
-                    gpu.synchronize()?; // `host` must outlive the asynchronous copy
+                    gpu.synchronize()?;
                     r
                 }
             }
-        }
-        .context("upload to GPU failed")?;
-        gpu.synchronize()?;
-        Ok(out)
+        };
+        r.context("upload to GPU failed")?;
+        gpu.synchronize()
     }
 
     /// Copies a GPU tensor back to the CPU as f32 (waits for queued work).

@@ -97,6 +97,18 @@ fn check_fixture_cases(cpu: bool, tol: f64) {
         let err = rel_l2(&ours, &want);
         eprintln!("{name} ({}): final latents rel L2 {err:.3e} vs diffusers", if cpu { "CPU" } else { "GPU" });
         assert!(err < tol && ours.iter().all(|v| v.is_finite()), "{name}: rel L2 {err:.3e}");
+        if !case["loras"].as_array().unwrap().is_empty() {
+            // The LoRAs merged into the weights (the default) and applied on the fly give one image.
+            let fly = dir.join(format!("{name}.on-the-fly.safetensors"));
+            let mut fly_args = args.clone();
+            let at = fly_args.iter().position(|a| a == "--save-latents").unwrap();
+            fly_args[at + 1] = fly.display().to_string();
+            fly_args.push(s("--lora-on-the-fly"));
+            sample_on(cpu, &fly_args).unwrap_or_else(|e| panic!("{name}: sdlora sample --lora-on-the-fly failed:\n{e}"));
+            let gap = rel_l2(&ours, &tensor(&fly, "latents").1);
+            eprintln!("{name}: merged vs on-the-fly LoRA, final latents rel L2 {gap:.3e}");
+            assert!(gap < if cpu { 1e-4 } else { 1e-2 }, "{name}: merged and on-the-fly LoRA differ by {gap:.3e}");
+        }
         if cpu && case["decode"].as_bool().unwrap() {
             // Pixels: diffusers' output_type="np" image, rounded as its numpy_to_pil does.
             let (_, image) = tensor(&reference, &format!("{name}.image"));

@@ -53,7 +53,6 @@ pub fn bench(gpu: &Gpu) -> Result<Vec<BenchRow>> {
             })?;
             rows.push(BenchRow { kernel: "attn_fwd_bwd".into(), shape: desc, rate: 3.5 * flops / t.median_ms / 1e9, unit: "TFLOP/s", timing: t });
         }
-        gpu.reset_scratch();
     }
     Ok(rows)
 }

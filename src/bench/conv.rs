@@ -68,7 +68,6 @@ pub fn bench(gpu: &Gpu) -> Result<Vec<BenchRow>> {
         let fwd = time_gpu(gpu, 2, 15, || {
             let src = ConvSource { x: &x, skip: (c2 > 0).then_some(&skip), upsample2x: up };
             (0..INNER).try_for_each(|_| {
-                gpu.reset_scratch(); // the split-K workspace: one scratch buffer, reused in stream order
                 conv2d(gpu, src, &s, &w, Some(&bias), None, &mut y)
             })
         })?;
@@ -76,13 +75,11 @@ pub fn bench(gpu: &Gpu) -> Result<Vec<BenchRow>> {
         rows.push(BenchRow { kernel: "conv_fwd".into(), shape: name.clone(), rate: s.flops() / fwd.median_ms / 1e9, unit: "TFLOP/s", timing: fwd });
         let bwd = time_gpu(gpu, 2, 15, || {
             (0..INNER).try_for_each(|_| {
-                gpu.reset_scratch();
                 conv2d_backward_input(gpu, &y, &s, &w, up, &mut x, (c2 > 0).then_some(&mut skip))
             })
         })?;
         let bwd = per_call(bwd);
         rows.push(BenchRow { kernel: "conv_bwd_input".into(), shape: name, rate: s.flops() / bwd.median_ms / 1e9, unit: "TFLOP/s", timing: bwd });
     }
-    gpu.reset_scratch();
     Ok(rows)
 }

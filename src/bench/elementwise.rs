@@ -26,7 +26,6 @@ pub fn bench(gpu: &Gpu) -> Result<Vec<BenchRow>> {
         push("silu_bwd_bf16", bytes3, time_gpu(gpu, 5, 50, || ew::silu_backward(gpu, &a, &b, &mut y))?);
         push("gelu_fwd_bf16", bytes2, time_gpu(gpu, 5, 50, || ew::gelu(gpu, &a, &mut y))?);
         push("cast_bf16_to_f32", (6 * n) as f64, time_gpu(gpu, 5, 50, || ew::cast(gpu, &a, &mut y32))?);
-        gpu.reset_scratch();
     }
     Ok(rows)
 }

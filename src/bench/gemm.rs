@@ -143,11 +143,9 @@ pub fn bench(gpu: &Gpu) -> Result<Vec<BenchRow>> {
             let kernel = format!("linear_input_grad_tile{}x{}", tile.0, tile.1);
             rows.push(BenchRow { kernel, shape: shape.clone(), rate: tflops(flop, &t), unit: "TFLOP/s", timing: t });
         }
-        gpu.reset_scratch();
     }
     for (m, k, n) in LORA_SHAPES {
         rows.extend(bench_lora(gpu, m, k, n, LORA_RANK)?);
-        gpu.reset_scratch();
     }
     Ok(rows)
 }
@@ -168,9 +166,7 @@ fn bench_lora(gpu: &Gpu, m: usize, in_f: usize, out_f: usize, r: usize) -> Resul
     let bwd = 2.0 * mf * (o * rf + (o + rf) * i + o * rf + rf * i);
     let shape = format!("{m}x{in_f}->{out_f} r{r}");
 
-    // The split-K workspaces come from the scratch arena: reset it per call, as a training step does.
     let mut backward = |us: &Tensor| -> Result<()> {
-        gpu.reset_scratch();
         let out = LoraBackwardOut { dx: &mut dx, da: &mut da, db: &mut db, vs: &mut vs };
         lora::lora_backward(gpu, &l, &x, us, &dy, out, false, true)
     };
@@ -204,10 +200,7 @@ fn bench_lora(gpu: &Gpu, m: usize, in_f: usize, out_f: usize, r: usize) -> Resul
         AtB { a: (dy.ptr()?, out_f), b: (us.ptr()?, r), m, p: out_f, q: r, alpha: 1.0, c: db.ptr()? },
         AtB { a: (vs.ptr()?, r), b: (x.ptr()?, in_f), m, p: r, q: in_f, alpha: 1.0, c: da.ptr()? },
     ];
-    let grads_with = |how| {
-        gpu.reset_scratch();
-        gemm::at_b_many(gpu, &grads, true, how)
-    };
+    let grads_with = |how| gemm::at_b_many(gpu, &grads, true, how);
     let t_grads_atomic = time_queued(gpu, REPS, || grads_with(WeightGradSplit::Atomic))?;
     let t_grads_ws = time_queued(gpu, REPS, || grads_with(WeightGradSplit::Workspace))?;
     let grad_flop = 2.0 * mf * (o * rf + rf * i);

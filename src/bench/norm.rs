@@ -3,13 +3,13 @@
 //! device-to-device copy measured in the same run. benches/torch_norm.py times PyTorch on the same
 //! shapes.
 //!
-//! Each op's GPU time is measured on batches of back-to-back calls queued behind a spin kernel (the
-//! time a captured graph would spend, see `time`); norms also eagerly (`[eager]`: median of CUDA
-//! events around each single call, launch latency included).
+//! Each op's GPU time is measured inside a CUDA graph (see `time`), next to a device copy of the same
+//! byte count timed the same way (`copy[same bytes]`, the fair floor for L2-resident sizes); norms
+//! also eagerly (`[eager]`: median of CUDA events around each single call, launch latency included).
 
 use super::{time_gpu, BenchRow, Timing};
 use crate::cuda::{ArenaKind::Scratch, Gpu};
-use crate::ops::adamw::{adamw_step, AdamWConfig};
+use crate::ops::adamw::{adamw_step, AdamWConfig, LrTable};
 use crate::ops::philox::{philox_normal, StepCounter};
 use crate::ops::{activation, diffusion, layout, norm};
 use crate::tensor::{DType, Tensor};
@@ -31,16 +31,24 @@ fn eager(gpu: &Gpu, f: impl FnMut() -> Result<()>) -> Result<Timing> {
     time_gpu(gpu, 10, 100, f)
 }
 
-/// GPU time per call of `f`: 5 batches of 50 calls; before each batch a spin kernel holds the GPU
-/// for 2 ms while the host queues the batch, so the batch runs back to back (as in a captured
-/// graph) and the events around it measure GPU time, not launch latency. Median/min/max over batches.
-/// (Gpu launches on the legacy default stream, which CUDA cannot capture, hence no real graph.)
+/// GPU time per call of `f`: 20 calls captured in a CUDA graph, the graph replayed 30 times with
+/// events around each replay (median, min, max per call), as benches/torch_norm.py times PyTorch.
+/// If the capture fails, says so and times batches queued behind a spin kernel instead.
 fn time(gpu: &Gpu, mut f: impl FnMut() -> Result<()>) -> Result<Timing> {
+    match time_graph(gpu, &mut f) {
+        Ok(t) => Ok(t),
+        Err(e) => {
+            println!("(graph timing failed: {e:#}; timing back-to-back calls behind a spin kernel)");
+            time_batched(gpu, f)
+        }
+    }
+}
+
+/// 5 batches of 50 calls; before each batch a spin kernel holds the GPU for 2 ms while the host
+/// queues the batch, so the batch runs back to back and the events measure GPU time.
+fn time_batched(gpu: &Gpu, mut f: impl FnMut() -> Result<()>) -> Result<Timing> {
     use cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT;
     const CALLS: usize = 50;
-    for _ in 0..10 {
-        f()?;
-    }
     let spin = crate::cuda::LaunchConfig { grid_dim: (1, 1, 1), block_dim: (1, 1, 1), shared_mem_bytes: 0 };
     let mut ms = Vec::new();
     for _ in 0..5 {
@@ -58,6 +66,36 @@ fn time(gpu: &Gpu, mut f: impl FnMut() -> Result<()>) -> Result<Timing> {
     Ok(Timing { median_ms: ms[ms.len() / 2], min_ms: ms[0], max_ms: ms[ms.len() - 1], reps: ms.len() })
 }
 
+fn time_graph(gpu: &Gpu, mut f: impl FnMut() -> Result<()>) -> Result<Timing> {
+    use cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT;
+    const CALLS: usize = 20;
+    for _ in 0..10 {
+        f()?;
+    }
+    gpu.synchronize()?;
+    let ((), graph) = gpu.capture(|| (0..CALLS).try_for_each(|_| f()))?;
+    gpu.replay(&graph)?;
+    let mut events = Vec::new();
+    for _ in 0..30 {
+        let start = gpu.stream().record_event(Some(CU_EVENT_DEFAULT))?;
+        gpu.replay(&graph)?;
+        events.push((start, gpu.stream().record_event(Some(CU_EVENT_DEFAULT))?));
+    }
+    gpu.synchronize()?;
+    let mut ms: Vec<f64> = events.iter().map(|(s, e)| s.elapsed_ms(e).map(|v| v as f64 / CALLS as f64)).collect::<Result<_, _>>()?;
+    ms.sort_by(f64::total_cmp);
+    Ok(Timing { median_ms: ms[ms.len() / 2], min_ms: ms[0], max_ms: ms[ms.len() - 1], reps: ms.len() })
+}
+
+/// A device-to-device copy of `bytes / 2` bytes (so `bytes` are read + written), timed like `time`:
+/// the bandwidth floor at the op's own byte count (L2-resident when the op is).
+fn copy_row(gpu: &Gpu, bytes: usize, shape: String) -> Result<BenchRow> {
+    let half = bytes / 2;
+    let (a, b) = (gpu.alloc(Scratch, half)?, gpu.alloc(Scratch, half)?);
+    let t = time(gpu, || unsafe { cudarc::driver::result::memcpy_dtod_async(b.ptr(), a.ptr(), half, gpu.stream().cu_stream()) }.context("copy"))?;
+    Ok(row("copy[same bytes]", shape, bytes as f64, t))
+}
+
 pub fn bench(gpu: &Gpu) -> Result<Vec<BenchRow>> {
     let mut rows = Vec::new();
     let counter = StepCounter::new(gpu, 1)?;
@@ -70,7 +108,6 @@ pub fn bench(gpu: &Gpu) -> Result<Vec<BenchRow>> {
             unsafe { cudarc::driver::result::memcpy_dtod_async(b.ptr(), a.ptr(), bytes, gpu.stream().cu_stream()) }.context("copy")
         })?;
         rows.push(row("memcpy_dtod[eager]", format!("{mib} MiB"), 2.0 * bytes as f64, t));
-        gpu.reset_scratch();
     }
 
     // GroupNorm(32): resnet/transformer inputs and up-path concatenations at their resolutions.
@@ -84,13 +121,14 @@ pub fn bench(gpu: &Gpu) -> Result<Vec<BenchRow>> {
         let mut stats = Tensor::empty_gpu(gpu, Scratch, &[n, norm::GROUPS, 2], DType::F32)?;
         let bytes = (n * hw * c * 2) as f64;
         let desc = format!("{n}x{hw}x{c}");
+        rows.push(copy_row(gpu, 2 * n * hw * c * 2, format!("{desc} fwd"))?);
+        rows.push(copy_row(gpu, 3 * n * hw * c * 2, format!("{desc} bwd"))?);
         rows.push(row("group_norm_fwd", desc.clone(), 2.0 * bytes, time(gpu, || norm::group_norm(gpu, &x, &gamma, &beta, 1e-5, false, &mut y, &mut stats))?));
         rows.push(row("group_norm_fwd[eager]", desc.clone(), 2.0 * bytes, eager(gpu, || norm::group_norm(gpu, &x, &gamma, &beta, 1e-5, false, &mut y, &mut stats))?));
         rows.push(row("group_norm_silu_fwd", desc.clone(), 2.0 * bytes, time(gpu, || norm::group_norm(gpu, &x, &gamma, &beta, 1e-5, true, &mut y, &mut stats))?));
         rows.push(row("group_norm_bwd", desc.clone(), 3.0 * bytes, time(gpu, || norm::group_norm_backward(gpu, &x, &gamma, &beta, &stats, false, &dy, &mut dx))?));
         rows.push(row("group_norm_bwd[eager]", desc.clone(), 3.0 * bytes, eager(gpu, || norm::group_norm_backward(gpu, &x, &gamma, &beta, &stats, false, &dy, &mut dx))?));
         rows.push(row("group_norm_silu_bwd", desc, 3.0 * bytes, time(gpu, || norm::group_norm_backward(gpu, &x, &gamma, &beta, &stats, true, &dy, &mut dx))?));
-        gpu.reset_scratch();
     }
 
     // LayerNorm: transformer tokens at each level (batch 1 and 2) and CLIP.
@@ -102,11 +140,12 @@ pub fn bench(gpu: &Gpu) -> Result<Vec<BenchRow>> {
         let mut dx = Tensor::empty_gpu(gpu, Scratch, &[r, c], BF16)?;
         let mut stats = Tensor::empty_gpu(gpu, Scratch, &[r, 2], DType::F32)?;
         let bytes = (r * c * 2) as f64;
+        rows.push(copy_row(gpu, 2 * r * c * 2, format!("{r}x{c} fwd"))?);
+        rows.push(copy_row(gpu, 3 * r * c * 2, format!("{r}x{c} bwd"))?);
         rows.push(row("layer_norm_fwd", format!("{r}x{c}"), 2.0 * bytes, time(gpu, || norm::layer_norm(gpu, &x, &gamma, &beta, 1e-5, &mut y, &mut stats))?));
         rows.push(row("layer_norm_bwd", format!("{r}x{c}"), 3.0 * bytes, time(gpu, || norm::layer_norm_backward(gpu, &x, &gamma, &stats, &dy, &mut dx))?));
         rows.push(row("layer_norm_fwd[eager]", format!("{r}x{c}"), 2.0 * bytes, eager(gpu, || norm::layer_norm(gpu, &x, &gamma, &beta, 1e-5, &mut y, &mut stats))?));
         rows.push(row("layer_norm_bwd[eager]", format!("{r}x{c}"), 3.0 * bytes, eager(gpu, || norm::layer_norm_backward(gpu, &x, &gamma, &stats, &dy, &mut dx))?));
-        gpu.reset_scratch();
     }
 
     // GEGLU at the largest feed-forward (4096 tokens, d = 1280; x is 4096 × 2560).
@@ -119,7 +158,6 @@ pub fn bench(gpu: &Gpu) -> Result<Vec<BenchRow>> {
         let unit = (m * d * 2) as f64;
         rows.push(row("geglu_fwd", format!("{m}x{}", 2 * d), 3.0 * unit, time(gpu, || activation::geglu(gpu, &x, &mut y))?));
         rows.push(row("geglu_bwd", format!("{m}x{}", 2 * d), 5.0 * unit, time(gpu, || activation::geglu_backward(gpu, &x, &dy, &mut dx))?));
-        gpu.reset_scratch();
     }
 
     // Up path: nearest 2x (32² → 64² at 640 channels) and the widest skip concatenation at 64².
@@ -136,7 +174,6 @@ pub fn bench(gpu: &Gpu) -> Result<Vec<BenchRow>> {
         let bytes = (2 * 4096 * 960 * 2) as f64;
         rows.push(row("concat_channels", "4096x(640|320)".into(), bytes, time(gpu, || layout::concat_channels(gpu, &a, &b, &mut cat))?));
         rows.push(row("split_channels", "4096x(640|320)".into(), bytes, time(gpu, || layout::split_channels(gpu, &cat, &mut a2, &mut b2))?));
-        gpu.reset_scratch();
     }
 
     // The step's ends: noise + timesteps + x_t, the loss and its gradient (batch 1, 4×64×64 latents).
@@ -151,7 +188,6 @@ pub fn bench(gpu: &Gpu) -> Result<Vec<BenchRow>> {
         let mut dpred = Tensor::empty_gpu(gpu, Scratch, &[1, n], BF16)?;
         rows.push(row("mse_min_snr_fwd", format!("1x{n}"), (2 * n * 2) as f64, time(gpu, || diffusion::mse_min_snr(gpu, &xt, &eps, &t, &ac, Some(5.0), &mut loss))?));
         rows.push(row("mse_min_snr_bwd", format!("1x{n}"), (3 * n * 2) as f64, time(gpu, || diffusion::mse_min_snr_backward(gpu, &xt, &eps, &t, &ac, Some(5.0), 1.0, &mut dpred))?));
-        gpu.reset_scratch();
     }
 
     // AdamW over the SD1.5 LoRA (25,509,888 f32 parameters): reads p, g, m, v, writes p, m, v.
@@ -162,10 +198,10 @@ pub fn bench(gpu: &Gpu) -> Result<Vec<BenchRow>> {
         let (mut m, mut v) = (randn(gpu, &[n], DType::F32, &counter)?, randn(gpu, &[n], DType::F32, &counter)?);
         let bytes = (7 * n * 4) as f64;
         let cfg = AdamWConfig::default();
-        rows.push(row("adamw_step", format!("{n}"), bytes, time(gpu, || adamw_step(gpu, &mut p, &g, &mut m, &mut v, &counter, &cfg))?));
+        let lr = LrTable::constant(gpu, cfg.lr)?;
+        rows.push(row("adamw_step", format!("{n}"), bytes, time(gpu, || adamw_step(gpu, &mut p, &g, &mut m, &mut v, &counter, &lr, &cfg))?));
         let clip = AdamWConfig { max_grad_norm: Some(1.0), ..cfg };
-        rows.push(row("adamw_step_clip", format!("{n}"), bytes + (n * 4) as f64, time(gpu, || adamw_step(gpu, &mut p, &g, &mut m, &mut v, &counter, &clip))?));
-        gpu.reset_scratch();
+        rows.push(row("adamw_step_clip", format!("{n}"), bytes + (n * 4) as f64, time(gpu, || adamw_step(gpu, &mut p, &g, &mut m, &mut v, &counter, &lr, &clip))?));
     }
     Ok(rows)
 }

@@ -56,12 +56,12 @@ pub fn run(gpu: &Gpu, reference: &Path, iters: usize, checkpoint: bool) -> Resul
     let ctx = Tensor::from_vec(&[1, 77, 768], get("context")?)?.to_gpu(gpu, ArenaKind::Persistent, DType::BF16)?;
     let noise = to_nhwc(get("noise")?);
     let t = get("timesteps")?;
+    let t_dev = Tensor::from_vec(&[t.len()], t.clone())?.to_gpu(gpu, ArenaKind::Persistent, DType::F32)?;
     let abar = NoiseSchedule::sd15().alphas_cumprod;
 
     // Forward, then the loss and its gradient (on the host: 16 K values).
     let forward = |unet: &mut UNet2DConditionModel| -> Result<(f32, Vec<f32>, Tensor)> {
-        gpu.reset_scratch();
-        let pred = unet.forward(dev, &x, &t, &ctx)?;
+        let pred = unet.forward(dev, &x, &t_dev, &ctx)?;
         let p = pred.to_cpu(gpu)?.into_vec()?;
         let loss = mse_min_snr_cpu(&p, &noise, &t, &abar, Some(5.0));
         let d = Tensor::from_vec(pred.shape(), mse_min_snr_backward_cpu(&p, &noise, &t, &abar, Some(5.0), 1.0))?;

@@ -2,17 +2,19 @@
 //!
 //! - **Persistent** (weights, LoRA parameters, optimizer state): one driver allocation per buffer,
 //!   freed when the last [`DeviceBuffer`] referring to it is dropped.
-//! - **Scratch** (per-step activations): a bump allocator over large blocks. [`Arenas::reset_scratch`]
-//!   rewinds it each step without returning memory to the driver, so a step's buffers land at the same
-//!   addresses every time (what CUDA-graph replay needs). A scratch buffer must not be used after
-//!   the reset that follows its allocation.
+//! - **Scratch** (activations, workspaces): spans carved first-fit out of large blocks that are kept
+//!   from the driver. A span goes back to its block's free list when its last [`DeviceBuffer`]
+//!   handle drops, so memory is reused as soon as a tensor dies. Reuse is safe without any
+//!   synchronization because every kernel runs on the one stream: work queued later on a reused
+//!   span starts after the earlier work on it has finished. The same sequence of allocations and
+//!   frees lands at the same addresses every time (what CUDA-graph replay needs).
 //!
 //! Both count what they hold from the driver; `limit` (the `--vram-limit` budget) is checked before
 //! every driver allocation, so running over it is an error with the numbers, not a crash mid-step.
 
 use anyhow::{anyhow, bail, Result};
 use cudarc::driver::{CudaSlice, CudaStream, DevicePtr};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 const ALIGN: usize = 256;
 const SCRATCH_BLOCK: usize = 64 << 20;
@@ -39,7 +41,7 @@ pub struct ArenaStats {
 pub struct DeviceBuffer {
     ptr: u64,
     bytes: usize,
-    _block: Arc<CudaSlice<u8>>,
+    _hold: Arc<Hold>,
 }
 
 impl DeviceBuffer {
@@ -53,7 +55,11 @@ impl DeviceBuffer {
 
     /// `bytes` bytes starting `offset` bytes in, sharing this buffer's memory.
     pub fn slice(&self, offset: usize, bytes: usize) -> Option<DeviceBuffer> {
-        (offset + bytes <= self.bytes).then(|| DeviceBuffer { ptr: self.ptr + offset as u64, bytes, _block: self._block.clone() })
+        (offset + bytes <= self.bytes).then(|| DeviceBuffer {
+            ptr: self.ptr + offset as u64,
+            bytes,
+            _hold: self._hold.clone(),
+        })
     }
 }
 
@@ -63,19 +69,113 @@ impl std::fmt::Debug for DeviceBuffer {
     }
 }
 
+/// What keeps a buffer's memory alive: its driver block, and for scratch the span to give back.
+struct Hold {
+    _block: Arc<CudaSlice<u8>>,
+    scratch: Option<(Arc<Mutex<ScratchPool>>, Span)>,
+}
+
+impl Drop for Hold {
+    fn drop(&mut self) {
+        if let Some((pool, span)) = self.scratch.take() {
+            // A poisoned lock only means another thread panicked; the free list itself is consistent.
+            let mut pool = pool.lock().unwrap_or_else(|e| e.into_inner());
+            pool.free(span);
+        }
+    }
+}
+
+/// A span of a scratch block: (block index, offset, rounded size).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Span {
+    block: usize,
+    offset: usize,
+    size: usize,
+}
+
+/// Free ranges of one block, sorted by offset and coalesced.
+#[derive(Debug, Default)]
+struct FreeList(Vec<(usize, usize)>);
+
+impl FreeList {
+    fn new(len: usize) -> FreeList {
+        FreeList(vec![(0, len)])
+    }
+
+    /// First fit: the lowest offset with `size` free bytes.
+    fn take(&mut self, size: usize) -> Option<usize> {
+        let i = self.0.iter().position(|&(_, len)| len >= size)?;
+        let (offset, len) = self.0[i];
+        if len == size {
+            self.0.remove(i);
+        } else {
+            self.0[i] = (offset + size, len - size);
+        }
+        Some(offset)
+    }
+
+    fn give(&mut self, offset: usize, size: usize) {
+        let i = self.0.partition_point(|&(o, _)| o < offset);
+        debug_assert!(
+            i == 0 || self.0[i - 1].0 + self.0[i - 1].1 <= offset,
+            "scratch span freed twice"
+        );
+        self.0.insert(i, (offset, size));
+        if i + 1 < self.0.len() && offset + size == self.0[i + 1].0 {
+            self.0[i].1 += self.0.remove(i + 1).1;
+        }
+        if i > 0 && self.0[i - 1].0 + self.0[i - 1].1 == offset {
+            self.0[i - 1].1 += self.0.remove(i).1;
+        }
+    }
+}
+
+/// The scratch blocks with their free lists and byte counts.
+#[derive(Default)]
+struct ScratchPool {
+    blocks: Vec<(Arc<CudaSlice<u8>>, FreeList)>,
+    stats: ArenaStats,
+}
+
+impl ScratchPool {
+    fn take(&mut self, size: usize) -> Option<Span> {
+        let span = self
+            .blocks
+            .iter_mut()
+            .enumerate()
+            .find_map(|(block, (_, free))| {
+                free.take(size).map(|offset| Span {
+                    block,
+                    offset,
+                    size,
+                })
+            })?;
+        self.stats.in_use += size;
+        self.stats.high_water = self.stats.high_water.max(self.stats.in_use);
+        Some(span)
+    }
+
+    fn free(&mut self, span: Span) {
+        self.blocks[span.block].1.give(span.offset, span.size);
+        self.stats.in_use -= span.size;
+    }
+}
+
 #[derive(Default)]
 pub(super) struct Arenas {
     pub limit: Option<usize>,
     persistent: Vec<std::sync::Weak<CudaSlice<u8>>>,
     persistent_stats: ArenaStats,
-    scratch_blocks: Vec<Arc<CudaSlice<u8>>>,
-    scratch_block: usize,
-    scratch_offset: usize,
-    scratch_stats: ArenaStats,
+    scratch: Arc<Mutex<ScratchPool>>,
 }
 
 impl Arenas {
-    pub fn alloc(&mut self, stream: &Arc<CudaStream>, kind: ArenaKind, bytes: usize) -> Result<DeviceBuffer> {
+    pub fn alloc(
+        &mut self,
+        stream: &Arc<CudaStream>,
+        kind: ArenaKind,
+        bytes: usize,
+    ) -> Result<DeviceBuffer> {
         let bytes = bytes.max(1);
         match kind {
             ArenaKind::Persistent => {
@@ -84,60 +184,125 @@ impl Arenas {
                 self.persistent.push(Arc::downgrade(&block));
                 self.persistent_stats.reserved += block.len();
                 self.persistent_stats.in_use += block.len();
-                self.persistent_stats.high_water = self.persistent_stats.high_water.max(self.persistent_stats.in_use);
-                Ok(DeviceBuffer { ptr: base_ptr(&block, stream), bytes, _block: block })
+                self.persistent_stats.high_water = self
+                    .persistent_stats
+                    .high_water
+                    .max(self.persistent_stats.in_use);
+                Ok(DeviceBuffer {
+                    ptr: base_ptr(&block, stream),
+                    bytes,
+                    _hold: Arc::new(Hold {
+                        _block: block,
+                        scratch: None,
+                    }),
+                })
             }
             ArenaKind::Scratch => self.alloc_scratch(stream, bytes),
         }
     }
 
     fn alloc_scratch(&mut self, stream: &Arc<CudaStream>, bytes: usize) -> Result<DeviceBuffer> {
-        let rounded = bytes.div_ceil(ALIGN) * ALIGN;
-        loop {
-            if let Some(block) = self.scratch_blocks.get(self.scratch_block) {
-                if self.scratch_offset + rounded <= block.len() {
-                    let ptr = base_ptr(block, stream) + self.scratch_offset as u64;
-                    self.scratch_offset += rounded;
-                    self.scratch_stats.in_use += rounded;
-                    self.scratch_stats.high_water = self.scratch_stats.high_water.max(self.scratch_stats.in_use);
-                    return Ok(DeviceBuffer { ptr, bytes, _block: block.clone() });
-                }
-                self.scratch_block += 1;
-                self.scratch_offset = 0;
-                continue;
+        let size = bytes.div_ceil(ALIGN) * ALIGN;
+        let lock = |pool: &Arc<Mutex<ScratchPool>>| {
+            pool.lock().unwrap_or_else(|e| e.into_inner()).take(size)
+        };
+        let span = match lock(&self.scratch) {
+            Some(span) => span,
+            None => {
+                let block =
+                    self.driver_alloc(stream, ArenaKind::Scratch, size.max(SCRATCH_BLOCK))?;
+                let mut pool = self.scratch.lock().unwrap_or_else(|e| e.into_inner());
+                pool.stats.reserved += block.len();
+                let len = block.len();
+                pool.blocks.push((Arc::new(block), FreeList::new(len)));
+                pool.take(size).expect("a fresh block holds the span")
             }
-            let block = self.driver_alloc(stream, ArenaKind::Scratch, rounded.max(SCRATCH_BLOCK))?;
-            self.scratch_stats.reserved += block.len();
-            self.scratch_blocks.push(Arc::new(block));
-        }
-    }
-
-    pub fn reset_scratch(&mut self) {
-        self.scratch_block = 0;
-        self.scratch_offset = 0;
-        self.scratch_stats.in_use = 0;
+        };
+        let block = self
+            .scratch
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .blocks[span.block]
+            .0
+            .clone();
+        let ptr = base_ptr(&block, stream) + span.offset as u64;
+        Ok(DeviceBuffer {
+            ptr,
+            bytes,
+            _hold: Arc::new(Hold {
+                _block: block,
+                scratch: Some((self.scratch.clone(), span)),
+            }),
+        })
     }
 
     pub fn stats(&self, kind: ArenaKind) -> ArenaStats {
         match kind {
             ArenaKind::Persistent => {
-                let live: usize = self.persistent.iter().filter_map(|w| w.upgrade()).map(|b| b.len()).sum();
-                ArenaStats { in_use: live, reserved: live, high_water: self.persistent_stats.high_water }
+                let live: usize = self
+                    .persistent
+                    .iter()
+                    .filter_map(|w| w.upgrade())
+                    .map(|b| b.len())
+                    .sum();
+                ArenaStats {
+                    in_use: live,
+                    reserved: live,
+                    high_water: self.persistent_stats.high_water,
+                }
             }
-            ArenaKind::Scratch => self.scratch_stats,
+            ArenaKind::Scratch => self.scratch.lock().unwrap_or_else(|e| e.into_inner()).stats,
+        }
+    }
+
+    /// Starts the high-water marks again from what is in use now.
+    pub fn reset_high_water(&mut self) {
+        self.refresh_persistent();
+        self.persistent_stats.high_water = self.persistent_stats.in_use;
+        let mut pool = self.scratch.lock().unwrap_or_else(|e| e.into_inner());
+        pool.stats.high_water = pool.stats.in_use;
+    }
+
+    /// Returns scratch blocks that hold no live buffer to the driver (after a phase whose
+    /// activations were larger than what follows, e.g. the VAE before the UNet).
+    pub fn release_free_scratch(&mut self) {
+        let mut pool = self.scratch.lock().unwrap_or_else(|e| e.into_inner());
+        // Only trailing blocks can go: live spans refer to blocks by index.
+        while let Some((block, free)) = pool.blocks.last() {
+            if free.0 != [(0, block.len())] {
+                break;
+            }
+            pool.stats.reserved -= block.len();
+            pool.blocks.pop();
         }
     }
 
     /// Forgets persistent buffers that have been freed.
     fn refresh_persistent(&mut self) {
         self.persistent.retain(|w| w.strong_count() > 0);
-        let live: usize = self.persistent.iter().filter_map(|w| w.upgrade()).map(|b| b.len()).sum();
+        let live: usize = self
+            .persistent
+            .iter()
+            .filter_map(|w| w.upgrade())
+            .map(|b| b.len())
+            .sum();
         self.persistent_stats.in_use = live;
         self.persistent_stats.reserved = live;
     }
 
-    fn driver_alloc(&self, stream: &Arc<CudaStream>, kind: ArenaKind, bytes: usize) -> Result<CudaSlice<u8>> {
-        let held = self.persistent_stats.reserved + self.scratch_stats.reserved;
+    fn driver_alloc(
+        &self,
+        stream: &Arc<CudaStream>,
+        kind: ArenaKind,
+        bytes: usize,
+    ) -> Result<CudaSlice<u8>> {
+        let scratch_reserved = self
+            .scratch
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .stats
+            .reserved;
+        let held = self.persistent_stats.reserved + scratch_reserved;
         if let Some(limit) = self.limit {
             if held + bytes > limit {
                 bail!(
@@ -145,7 +310,7 @@ impl Arenas {
                     mib(bytes),
                     mib(held),
                     mib(self.persistent_stats.reserved),
-                    mib(self.scratch_stats.reserved),
+                    mib(scratch_reserved),
                     mib(limit)
                 );
             }
@@ -172,4 +337,47 @@ fn base_ptr(block: &CudaSlice<u8>, stream: &Arc<CudaStream>) -> u64 {
 /// Bytes as "12.3 MiB".
 pub fn mib(bytes: usize) -> String {
     format!("{:.1} MiB", bytes as f64 / (1u64 << 20) as f64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::FreeList;
+
+    #[test]
+    fn free_list_is_first_fit_and_coalesces() {
+        let mut f = FreeList::new(1000);
+        let a = f.take(100).unwrap();
+        let b = f.take(200).unwrap();
+        let c = f.take(300).unwrap();
+        assert_eq!((a, b, c), (0, 100, 300));
+        f.give(b, 200);
+        assert_eq!(f.take(150), Some(100), "first fit reuses the hole");
+        f.give(100, 150);
+        f.give(a, 100);
+        assert_eq!(
+            f.0,
+            vec![(0, 300), (600, 400)],
+            "a freed neighbour merges with the hole before it"
+        );
+        f.give(c, 300);
+        assert_eq!(f.0, vec![(0, 1000)], "everything freed is one range again");
+        assert_eq!(f.take(1001), None);
+    }
+
+    #[test]
+    fn the_same_sequence_lands_at_the_same_offsets() {
+        let run = |f: &mut FreeList| {
+            let x = f.take(64).unwrap();
+            let y = f.take(128).unwrap();
+            f.give(x, 64);
+            let z = f.take(32).unwrap();
+            f.give(y, 128);
+            f.give(z, 32);
+            (x, y, z)
+        };
+        let mut f = FreeList::new(4096);
+        let first = run(&mut f);
+        assert_eq!(f.0, vec![(0, 4096)]);
+        assert_eq!(run(&mut f), first);
+    }
 }

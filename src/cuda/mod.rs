@@ -11,11 +11,11 @@ pub use arena::{ArenaKind, ArenaStats, DeviceBuffer};
 pub use cudarc::driver::LaunchConfig;
 pub use profiler::{KernelTiming, TimingTable};
 
-use anyhow::{anyhow, bail, Context, Result};
+use anyhow::{anyhow, bail, ensure, Context, Result};
 use arena::Arenas;
 use cudarc::driver::{sys, CudaContext, CudaFunction, CudaModule, CudaStream, DriverError};
 use profiler::Profiler;
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::sync::{Arc, OnceLock};
 
@@ -38,7 +38,8 @@ pub struct Gpu {
     functions: RefCell<HashMap<(&'static str, &'static str), CudaFunction>>,
     arenas: RefCell<Arenas>,
     profiler: RefCell<Option<Profiler>>,
-    check_launches: bool,
+    check_launches: Cell<bool>,
+    capturing: Cell<bool>,
 }
 
 impl Gpu {
@@ -65,14 +66,15 @@ impl Gpu {
             functions: RefCell::default(),
             arenas: RefCell::new(Arenas::default()),
             profiler: RefCell::new(None),
-            check_launches,
+            check_launches: Cell::new(check_launches),
+            capturing: Cell::new(false),
         })
     }
 
     /// A device for tests: device 0 with every launch checked (synchronize + error check).
     pub fn for_tests() -> Result<Gpu> {
-        let mut gpu = Gpu::new(0)?;
-        gpu.check_launches = true;
+        let gpu = Gpu::new(0)?;
+        gpu.check_launches.set(true);
         Ok(gpu)
     }
 
@@ -91,8 +93,8 @@ impl Gpu {
     }
 
     /// Turns launch checking on or off (on by default in debug builds and with SDLORA_CHECK_LAUNCHES=1).
-    pub fn set_check_launches(&mut self, on: bool) {
-        self.check_launches = on;
+    pub fn set_check_launches(&self, on: bool) {
+        self.check_launches.set(on);
     }
 
     /// Waits for all queued work; turns an asynchronous kernel fault into an error.
@@ -155,7 +157,7 @@ impl Gpu {
         if let (Some(events), Some(p)) = (events, self.profiler.borrow_mut().as_mut()) {
             p.push(kernel, events);
         }
-        if self.check_launches {
+        if self.check_launches.get() && !self.capturing.get() {
             self.stream
                 .synchronize()
                 .map_err(|e| anyhow!("kernel {module}::{kernel} failed while running: {e}"))?;
@@ -163,14 +165,68 @@ impl Gpu {
         Ok(())
     }
 
+    /// Records the launches `f` makes into a CUDA graph instead of running them, and returns `f`'s
+    /// value with the graph; [`Gpu::replay`] then runs them all with one launch.
+    ///
+    /// A graph keeps the device addresses it was captured with: the buffers `f` reads and writes
+    /// must stay alive (held by the caller, or persistent) and are refilled in place between
+    /// replays. The scratch spans its temporaries used are free again after the capture, so other
+    /// work may use them between replays but must not keep scratch buffers across a replay
+    /// ([`Gpu::replay`] checks this). `f` must not synchronize or copy from the host (both are
+    /// errors during capture); run it once uncaptured first, so kernels are loaded and scratch
+    /// blocks exist.
+    pub fn capture<T>(&self, f: impl FnOnce() -> Result<T>) -> Result<(T, Graph)> {
+        ensure!(self.profiler.borrow().is_none(), "cannot capture a CUDA graph while profiling");
+        ensure!(!self.capturing.get(), "CUDA graph captures cannot nest");
+        // Relaxed: a scratch block allocated during the capture (cuMemAlloc) is allowed.
+        self.stream
+            .begin_capture(sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_RELAXED)
+            .map_err(|e| anyhow!("cannot start a CUDA graph capture: {e}"))?;
+        self.capturing.set(true);
+        let value = f();
+        self.capturing.set(false);
+        let graph = self.stream.end_capture(sys::CUgraphInstantiate_flags(0));
+        let value = value.context("while capturing a CUDA graph")?;
+        let graph = graph.map_err(|e| anyhow!("CUDA graph capture failed (a host copy or synchronization inside the captured work?): {e}"))?;
+        let graph = graph.ok_or_else(|| anyhow!("CUDA graph capture recorded nothing"))?;
+        graph.upload().map_err(|e| anyhow!("cannot upload the CUDA graph: {e}"))?;
+        let scratch_in_use = self.arena_stats(ArenaKind::Scratch).in_use;
+        Ok((value, Graph { graph, scratch_in_use }))
+    }
+
+    /// Enqueues every launch of `graph` (returns without waiting). Refuses when the scratch
+    /// buffers alive are not exactly those alive at the end of its capture (its inputs and
+    /// outputs): another live scratch buffer could sit where the graph keeps its temporaries.
+    pub fn replay(&self, graph: &Graph) -> Result<()> {
+        let in_use = self.arena_stats(ArenaKind::Scratch).in_use;
+        ensure!(
+            in_use == graph.scratch_in_use,
+            "CUDA graph replay refused: {} of scratch buffers alive, {} when it was captured (a scratch buffer kept across a replay could be overwritten)",
+            arena::mib(in_use),
+            arena::mib(graph.scratch_in_use)
+        );
+        graph.graph.launch().map_err(|e| anyhow!("CUDA graph launch failed: {e}"))
+    }
+
+    /// Whether repeated work should be captured and replayed as CUDA graphs (on unless the
+    /// environment sets SDLORA_CUDA_GRAPHS=0, for comparisons and debugging).
+    pub fn graphs_enabled(&self) -> bool {
+        std::env::var("SDLORA_CUDA_GRAPHS").map_or(true, |v| v != "0")
+    }
+
     /// Allocates `bytes` of device memory from `kind`'s arena (256-byte aligned, uninitialized).
     pub fn alloc(&self, kind: ArenaKind, bytes: usize) -> Result<DeviceBuffer> {
         self.arenas.borrow_mut().alloc(&self.stream, kind, bytes)
     }
 
-    /// Rewinds the scratch arena: every scratch buffer handed out so far may be reused.
-    pub fn reset_scratch(&self) {
-        self.arenas.borrow_mut().reset_scratch();
+    /// Starts both arenas' high-water marks again from what is in use now.
+    pub fn reset_high_water(&self) {
+        self.arenas.borrow_mut().reset_high_water();
+    }
+
+    /// Returns scratch blocks that hold no live buffer to the driver.
+    pub fn release_free_scratch(&self) {
+        self.arenas.borrow_mut().release_free_scratch();
     }
 
     /// Caps persistent + scratch device memory at `bytes`; allocations past it fail early with numbers.
@@ -193,6 +249,13 @@ impl Gpu {
         self.synchronize()?;
         p.summarize()
     }
+}
+
+/// A captured sequence of launches ([`Gpu::capture`], [`Gpu::replay`]).
+pub struct Graph {
+    graph: cudarc::driver::CudaGraph,
+    /// Scratch bytes alive right after the capture.
+    scratch_in_use: usize,
 }
 
 /// One kernel argument. Device pointers come from [`DeviceBuffer::ptr`].
@@ -263,10 +326,18 @@ mod tests {
         let a = gpu.alloc(ArenaKind::Scratch, 1000).unwrap();
         let b = gpu.alloc(ArenaKind::Scratch, 5000).unwrap();
         assert_eq!(b.ptr() - a.ptr(), 1024, "scratch buffers are 256-byte aligned and packed");
-        gpu.reset_scratch();
+        let (a_ptr, b_ptr) = (a.ptr(), b.ptr());
+        let view = a.slice(256, 256).unwrap();
+        drop(a);
+        let c = gpu.alloc(ArenaKind::Scratch, 1000).unwrap();
+        assert_ne!(c.ptr(), a_ptr, "a span is not reused while a view of it lives");
+        drop((view, b, c));
+        assert_eq!(gpu.arena_stats(ArenaKind::Scratch).in_use, 0, "dropped scratch buffers are freed");
         let a2 = gpu.alloc(ArenaKind::Scratch, 1000).unwrap();
-        assert_eq!(a.ptr(), a2.ptr(), "after a reset the same sequence lands at the same addresses");
-        assert_eq!(gpu.arena_stats(ArenaKind::Scratch).high_water, 1024 + 5120);
+        let b2 = gpu.alloc(ArenaKind::Scratch, 5000).unwrap();
+        assert_eq!((a2.ptr(), b2.ptr()), (a_ptr, b_ptr), "the same sequence lands at the same addresses");
+        assert_eq!(gpu.arena_stats(ArenaKind::Scratch).high_water, 1024 + 5120 + 1024);
+        drop((a2, b2));
 
         let p = gpu.alloc(ArenaKind::Persistent, 3 << 20).unwrap();
         assert!(gpu.arena_stats(ArenaKind::Persistent).in_use >= 3 << 20);
@@ -276,6 +347,45 @@ mod tests {
         gpu.set_vram_limit(Some(100 << 20));
         let err = gpu.alloc(ArenaKind::Persistent, 200 << 20).unwrap_err().to_string();
         assert!(err.contains("VRAM budget exceeded") && err.contains("limit 100.0 MiB"), "{err}");
+    }
+
+    #[test]
+    #[ignore = "needs a CUDA GPU"]
+    fn a_captured_graph_replays_on_inputs_refilled_in_place() {
+        use crate::ops::elementwise::{add, silu, silu_cpu};
+        use crate::tensor::{assert_close, DType, Tensor};
+        let gpu = Gpu::for_tests().expect("GPU test needs a CUDA device");
+        let seed = crate::rng::Rng::fresh_seed();
+        let mut rng = crate::rng::Rng::new(seed);
+        let n = 10_007;
+        let mut x = Tensor::empty_gpu(&gpu, ArenaKind::Scratch, &[n], DType::F32).unwrap();
+        let step = |x: &Tensor| -> Result<Tensor> {
+            // y = silu(x) + x through a scratch temporary that dies inside the capture.
+            let mut s = Tensor::empty_gpu(&gpu, ArenaKind::Scratch, &[n], DType::F32)?;
+            silu(&gpu, x, &mut s)?;
+            let mut y = Tensor::empty_gpu(&gpu, ArenaKind::Scratch, &[n], DType::F32)?;
+            add(&gpu, &s, x, &mut y)?;
+            Ok(y)
+        };
+        x.upload(&gpu, &rng.normal_vec(n, 1.0)).unwrap();
+        step(&x).unwrap(); // warm-up: modules loaded, scratch blocks exist
+        let (y, graph) = gpu.capture(|| step(&x)).unwrap();
+        for round in 0..3 {
+            let host = rng.normal_vec(n, 1.0 + round as f32);
+            x.upload(&gpu, &host).unwrap();
+            y.poison(&gpu).unwrap();
+            gpu.replay(&graph).unwrap();
+            let want: Vec<f32> = silu_cpu(&host).iter().zip(&host).map(|(s, x)| s + x).collect();
+            assert_close(&format!("graph replay {round} seed={seed}"), &y.to_cpu(&gpu).unwrap().into_vec().unwrap(), &want, 1e-5);
+        }
+        let extra = Tensor::empty_gpu(&gpu, ArenaKind::Scratch, &[n], DType::F32).unwrap();
+        let err = gpu.replay(&graph).unwrap_err().to_string();
+        assert!(err.contains("replay refused"), "{err}");
+        drop(extra);
+        let err = gpu.capture(|| x.to_cpu(&gpu).map(drop)).err().expect("a download inside a capture is an error");
+        assert!(format!("{err:#}").contains("captur"), "{err:#}");
+        step(&x).unwrap();
+        gpu.synchronize().expect("the stream works after a failed capture");
     }
 
     #[test]

@@ -176,13 +176,15 @@ pub fn split_channels(dev: Dev, x: &Tensor, ca: usize) -> Result<(Tensor, Tensor
 
 /// diffusers' get_timestep_embedding(t, dim, flip_sin_to_cos=True, downscale_freq_shift=0):
 /// [cos(t·f_i) | sin(t·f_i)], f_i = 10000^(−i/half). Timesteps may be fractional (Euler samplers).
-pub fn timestep_embedding(dev: Dev, timesteps: &[f32], dim: usize) -> Result<Tensor> {
+/// `timesteps` is f32 [n] on the model's device (read on the GPU: no host round trip, so a step
+/// can be captured in a CUDA graph).
+pub fn timestep_embedding(dev: Dev, timesteps: &Tensor, dim: usize) -> Result<Tensor> {
+    let n = timesteps.numel();
     match dev {
-        Dev::Cpu => Tensor::from_vec(&[timesteps.len(), dim], diffusion::timestep_embedding_cpu(timesteps, dim, 10000.0, 0.0, true)),
+        Dev::Cpu => Tensor::from_vec(&[n, dim], diffusion::timestep_embedding_cpu(timesteps.data()?, dim, 10000.0, 0.0, true)),
         Dev::Gpu(g) => {
-            let t = Tensor::from_vec(&[timesteps.len()], timesteps.to_vec())?.to_gpu(g, ArenaKind::Scratch, DType::F32)?;
-            let mut emb = Dev::scratch(g, &[timesteps.len(), dim])?;
-            diffusion::timestep_embedding(g, &t, 10000.0, 0.0, true, &mut emb)?;
+            let mut emb = Dev::scratch(g, &[n, dim])?;
+            diffusion::timestep_embedding(g, timesteps, 10000.0, 0.0, true, &mut emb)?;
             Ok(emb)
         }
     }

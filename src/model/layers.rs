@@ -56,6 +56,14 @@ pub(crate) fn cpu(t: &Tensor) -> Result<&[f32]> {
     t.data()
 }
 
+fn add_residual_cpu(mut y: Vec<f32>, residual: Option<&Tensor>) -> Result<Vec<f32>> {
+    if let Some(r) = residual {
+        ensure!(r.numel() == y.len(), "residual {:?} does not match the output's {} values", r.shape(), y.len());
+        y.iter_mut().zip(r.data()?).for_each(|(y, r)| *y += r);
+    }
+    Ok(y)
+}
+
 /// Rows of a token or pixel tensor: every dimension but the last.
 pub(crate) fn rows(t: &Tensor) -> usize {
     t.numel() / t.shape().last().copied().unwrap_or(1)
@@ -69,7 +77,8 @@ pub(crate) fn with_last(shape: &[usize], last: usize) -> Vec<usize> {
 
 /// Trainable low-rank adapter of one Linear: Δy = scale·(x·Aᵀ)·Bᵀ, PEFT's `lora_A`/`lora_B`.
 /// `a`, `b` and the gradients are f32 on the model's device; on the GPU `a16`/`b16` are the bf16
-/// copies the GEMMs read (refreshed by [`LoraAdapter::sync`] after every update).
+/// copies the GEMMs read: views into one flat buffer that a single cast refreshes after every
+/// update ([`crate::model::lora::LoraParams::refresh_copies`]).
 pub struct LoraAdapter {
     pub rank: usize,
     pub alpha: f32,
@@ -79,36 +88,43 @@ pub struct LoraAdapter {
     pub grad_b: Tensor,
     a16: Option<Tensor>,
     b16: Option<Tensor>,
+    /// Per-layer AdamW (GPU): when set, the backward writes this adapter's gradients to a scratch
+    /// buffer and updates A and B from it at once, instead of accumulating into `grad_a`/`grad_b`.
+    pub update: Option<LayerUpdate>,
     /// GPU: the last forward's u_s = s·x·Aᵀ (scratch) and the input it came from (pointer, shape),
     /// kept for the backward, which recomputes u only when given another input (saving u is the
     /// faster choice: benches/RESULTS.md).
     saved_u: std::cell::RefCell<Option<(Tensor, u64, Vec<usize>)>>,
 }
 
+/// One adapter's share of the optimizer, for AdamW applied inside the backward: f32 views of its
+/// A-then-B values and moments in the optimizer's flat buffers, the bf16 copy, the shared schedule.
+pub struct LayerUpdate {
+    pub params: Tensor,
+    pub params16: Tensor,
+    pub m: Tensor,
+    pub v: Tensor,
+    pub schedule: std::sync::Arc<crate::ops::adamw::AdamWSchedule>,
+}
+
+impl LayerUpdate {
+    fn apply(&mut self, gpu: &Gpu, grads: &Tensor) -> Result<()> {
+        self.schedule.step(gpu, &mut self.params, grads, &mut self.m, &mut self.v)?;
+        crate::ops::elementwise::cast(gpu, &self.params, &mut self.params16)
+    }
+}
+
 impl LoraAdapter {
     /// An adapter over given f32 tensors on the model's device: A [r, in], B [out, r] and their
-    /// gradients (zero). On the GPU these are views into the flat buffers the optimizer updates.
-    pub fn new(dev: Dev, alpha: f32, a: Tensor, b: Tensor, grad_a: Tensor, grad_b: Tensor) -> Result<LoraAdapter> {
-        let mut adapter = LoraAdapter { rank: a.shape()[0], alpha, a, b, grad_a, grad_b, a16: None, b16: None, saved_u: Default::default() };
-        adapter.sync(dev)?;
-        Ok(adapter)
+    /// gradients (zero). On the GPU these are views into the flat buffers the optimizer updates,
+    /// and `copies` the bf16 views (A, B) the GEMMs read.
+    pub fn new(alpha: f32, a: Tensor, b: Tensor, grad_a: Tensor, grad_b: Tensor, copies: Option<(Tensor, Tensor)>) -> LoraAdapter {
+        let (a16, b16) = copies.unzip();
+        LoraAdapter { rank: a.shape()[0], alpha, a, b, grad_a, grad_b, a16, b16, update: None, saved_u: Default::default() }
     }
 
     pub fn scale(&self) -> f32 {
         self.alpha / self.rank as f32
-    }
-
-    /// Refreshes the bf16 copies from the f32 masters (GPU only).
-    pub fn sync(&mut self, dev: Dev) -> Result<()> {
-        if let Dev::Gpu(g) = dev {
-            if self.a16.is_none() {
-                self.a16 = Some(Tensor::empty_gpu(g, ArenaKind::Persistent, self.a.shape(), DType::BF16)?);
-                self.b16 = Some(Tensor::empty_gpu(g, ArenaKind::Persistent, self.b.shape(), DType::BF16)?);
-            }
-            crate::ops::elementwise::cast(g, &self.a, self.a16.as_mut().unwrap())?;
-            crate::ops::elementwise::cast(g, &self.b, self.b16.as_mut().unwrap())?;
-        }
-        Ok(())
     }
 
     /// The adapter's values as a checkpoint layer (downloaded from the GPU if needed).
@@ -146,6 +162,11 @@ impl Linear {
 
     /// y = x·Wᵀ + b (+ LoRA) over the rows of x [.., in].
     pub fn forward(&self, dev: Dev, x: &Tensor) -> Result<Tensor> {
+        self.forward_add(dev, x, None)
+    }
+
+    /// y = x·Wᵀ + b (+ LoRA) (+ residual, shaped like y), the add fused into the GEMM's epilogue.
+    pub fn forward_add(&self, dev: Dev, x: &Tensor, residual: Option<&Tensor>) -> Result<Tensor> {
         ensure!(x.shape().last() == Some(&self.in_f), "linear: input {:?} does not end in {}", x.shape(), self.in_f);
         let (m, out_shape) = (rows(x), with_last(x.shape(), self.out_f));
         match dev {
@@ -158,15 +179,15 @@ impl Linear {
                         lora::lora_forward_cpu(cpu(x)?, cpu(&self.w)?, bias, cpu(&l.a)?, cpu(&l.b)?, l.scale(), &s)
                     }
                 };
-                Tensor::from_vec(&out_shape, y)
+                Tensor::from_vec(&out_shape, add_residual_cpu(y, residual)?)
             }
             Dev::Gpu(g) => {
                 let mut y = Dev::scratch(g, &out_shape)?;
                 match &self.lora {
-                    None => gemm::linear(g, x, &self.w, self.b.as_ref(), None, &mut y)?,
+                    None => gemm::linear(g, x, &self.w, self.b.as_ref(), residual, &mut y)?,
                     Some(l) => {
                         let mut us = Dev::scratch(g, &[m, l.rank])?;
-                        lora::lora_forward(g, &l.on_gpu(&self.w, self.b.as_ref()), x, &mut us, None, &mut y)?;
+                        lora::lora_forward(g, &l.on_gpu(&self.w, self.b.as_ref()), x, &mut us, residual, &mut y)?;
                         *l.saved_u.borrow_mut() = Some((us, x.ptr()?, x.shape().to_vec()));
                     }
                 }
@@ -208,8 +229,15 @@ impl Linear {
             Dev::Gpu(gpu) => {
                 let saved = l.saved_u.take().filter(|(_, ptr, shape)| x.ptr().ok() == Some(*ptr) && x.shape() == shape.as_slice());
                 let (mut vs, mut dx) = (Dev::scratch(gpu, &[m, l.rank])?, Dev::scratch(gpu, &shape)?);
-                let mut grad_a = std::mem::replace(&mut l.grad_a, Tensor::zeros(&[0]));
-                let mut grad_b = std::mem::replace(&mut l.grad_b, Tensor::zeros(&[0]));
+                // With per-layer AdamW this adapter's gradients live only until its update below.
+                let layer_grads = match &l.update {
+                    Some(_) => Some(Tensor::empty_gpu(gpu, ArenaKind::Scratch, &[l.a.numel() + l.b.numel()], DType::F32)?),
+                    None => None,
+                };
+                let (mut grad_a, mut grad_b) = match &layer_grads {
+                    Some(g) => (g.gpu_view(0, l.a.shape())?, g.gpu_view(l.a.numel(), l.b.shape())?),
+                    None => (std::mem::replace(&mut l.grad_a, Tensor::zeros(&[0])), std::mem::replace(&mut l.grad_b, Tensor::zeros(&[0]))),
+                };
                 let result = (|| {
                     let ll = l.on_gpu(&self.w, self.b.as_ref());
                     let us = match saved {
@@ -221,13 +249,60 @@ impl Linear {
                         }
                     };
                     let out = lora::LoraBackwardOut { dx: &mut dx, da: &mut grad_a, db: &mut grad_b, vs: &mut vs };
-                    lora::lora_backward(gpu, &ll, x, &us, dy, out, false, true)
+                    lora::lora_backward(gpu, &ll, x, &us, dy, out, false, layer_grads.is_none())
                 })();
-                (l.grad_a, l.grad_b) = (grad_a, grad_b);
-                result?;
+                match (&mut l.update, &layer_grads) {
+                    (Some(update), Some(grads)) => {
+                        result?;
+                        update.apply(gpu, grads)?;
+                    }
+                    _ => {
+                        (l.grad_a, l.grad_b) = (grad_a, grad_b);
+                        result?;
+                    }
+                }
                 Ok(want_dx.then_some(dx))
             }
         }
+    }
+}
+
+impl Linear {
+    /// Folds a LoRA layer into the frozen weight, W ← W + scale·B·A (diffusers' `fuse_lora`): the
+    /// same function afterwards at the cost of the plain linear. On the GPU the product runs in
+    /// the GEMM (bf16 factors, f32 accumulation, W added in the epilogue, one rounding to bf16).
+    pub fn merge_lora(&mut self, dev: Dev, l: &LoraLayer) -> Result<()> {
+        let (o, i, r) = (self.out_f, self.in_f, l.rank);
+        ensure!((l.in_features, l.out_features) == (i, o), "LoRA {}→{} merged into a {i}→{o} linear", l.in_features, l.out_features);
+        let s = l.scale();
+        match dev {
+            Dev::Cpu => {
+                let w = self.w.data_mut()?;
+                for (row, b_row) in w.chunks_exact_mut(i).zip(l.b.chunks_exact(r)) {
+                    for (a_row, &b) in l.a.chunks_exact(i).zip(b_row) {
+                        row.iter_mut().zip(a_row).for_each(|(w, &a)| *w += s * b * a);
+                    }
+                }
+            }
+            Dev::Gpu(g) => {
+                // ΔW = (s·B)[o, r]·(Aᵀ)[i, r]ᵀ with r padded by zeros to the GEMM's multiple of 8.
+                let rp = r.next_multiple_of(8);
+                let mut bs = vec![0.0; o * rp];
+                let mut at = vec![0.0; i * rp];
+                for (k, b) in l.b.iter().enumerate() {
+                    bs[(k / r) * rp + k % r] = s * b;
+                }
+                for (k, a) in l.a.iter().enumerate() {
+                    at[(k % i) * rp + k / i] = *a;
+                }
+                let bs = Tensor::from_vec(&[o, rp], bs)?.to_gpu(g, ArenaKind::Scratch, DType::BF16)?;
+                let at = Tensor::from_vec(&[i, rp], at)?.to_gpu(g, ArenaKind::Scratch, DType::BF16)?;
+                let mut merged = Tensor::empty_gpu(g, ArenaKind::Persistent, &[o, i], DType::BF16)?;
+                gemm::linear(g, &bs, &at, None, Some(&self.w), &mut merged)?;
+                self.w = merged;
+            }
+        }
+        Ok(())
     }
 }
 
@@ -262,14 +337,19 @@ impl Conv2d {
     }
 
     pub fn forward(&self, dev: Dev, x: &Tensor) -> Result<Tensor> {
+        self.forward_add(dev, x, None)
+    }
+
+    /// conv(x) + b (+ residual, shaped like the output), the add fused into the conv's epilogue.
+    pub fn forward_add(&self, dev: Dev, x: &Tensor, residual: Option<&Tensor>) -> Result<Tensor> {
         let s = self.geometry(x.shape())?;
         let (oh, ow) = s.out_hw();
         let shape = [s.batch, oh, ow, s.out_ch];
         match dev {
-            Dev::Cpu => Tensor::from_vec(&shape, conv::conv2d_cpu(cpu(x)?, &s, cpu(&self.w)?, Some(cpu(&self.b)?))),
+            Dev::Cpu => Tensor::from_vec(&shape, add_residual_cpu(conv::conv2d_cpu(cpu(x)?, &s, cpu(&self.w)?, Some(cpu(&self.b)?)), residual)?),
             Dev::Gpu(g) => {
                 let mut y = Dev::scratch(g, &shape)?;
-                conv::conv2d(g, conv::ConvSource { x, skip: None, upsample2x: false }, &s, &self.w, Some(&self.b), None, &mut y)?;
+                conv::conv2d(g, conv::ConvSource { x, skip: None, upsample2x: false }, &s, &self.w, Some(&self.b), residual, &mut y)?;
                 Ok(y)
             }
         }

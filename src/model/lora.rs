@@ -13,7 +13,7 @@ use crate::checkpoint::{LoraLayer, LoraWeights};
 use crate::cuda::ArenaKind;
 use crate::rng::Rng;
 use crate::tensor::{DType, Tensor};
-use anyhow::{bail, ensure, Result};
+use anyhow::{bail, ensure, Context, Result};
 use std::collections::HashMap;
 
 pub const DEFAULT_TARGETS: [&str; 4] = ["to_q", "to_k", "to_v", "to_out.0"];
@@ -31,6 +31,19 @@ pub struct LoraParams {
     pub params: Option<Tensor>,
     /// f32 [count], laid out like `params` (GPU only).
     pub grads: Option<Tensor>,
+    /// bf16 [count]: the copy of `params` the GEMMs read (GPU only).
+    pub params16: Option<Tensor>,
+}
+
+impl LoraParams {
+    /// Refreshes the bf16 copy from the f32 parameters: one cast for every adapter (GPU; a no-op
+    /// on the CPU, where the adapters are read directly).
+    pub fn refresh_copies(&mut self, dev: Dev) -> Result<()> {
+        if let (Dev::Gpu(g), Some(p), Some(p16)) = (dev, &self.params, &mut self.params16) {
+            crate::ops::elementwise::cast(g, p, p16)?;
+        }
+        Ok(())
+    }
 }
 
 /// Every attention projection of the UNet with its diffusers module path, in a fixed order.
@@ -78,6 +91,20 @@ pub fn load(dev: Dev, unet: &mut UNet2DConditionModel, weights: &LoraWeights) ->
     install(dev, unet, layers)
 }
 
+/// Folds the layers of `weights` into the matching projections' frozen weights (sampling: no
+/// adapters remain, so the UNet runs at the base model's cost); sizes are checked as in [`load`].
+pub fn merge(dev: Dev, unet: &mut UNet2DConditionModel, weights: &LoraWeights) -> Result<()> {
+    let mut projections = projections(unet);
+    let index: HashMap<String, usize> = projections.iter().enumerate().map(|(i, (m, _))| (m.clone(), i)).collect();
+    for (module, layer) in &weights.layers {
+        let Some(&i) = index.get(module) else {
+            bail!("LoRA layer {module} has no matching attention projection in this UNet");
+        };
+        projections[i].1.merge_lora(dev, layer).with_context(|| format!("merging LoRA layer {module}"))?;
+    }
+    Ok(())
+}
+
 /// Puts `layers` onto their projections, in [`projections`] order (so the flat buffers, and the
 /// optimizer state saved from them, have one layout whatever the source).
 fn install(dev: Dev, unet: &mut UNet2DConditionModel, mut layers: Vec<(String, LoraLayer)>) -> Result<LoraParams> {
@@ -106,25 +133,31 @@ fn install(dev: Dev, unet: &mut UNet2DConditionModel, mut layers: Vec<(String, L
             let params = Tensor::from_vec(&[count], host)?.to_gpu(g, ArenaKind::Persistent, DType::F32)?;
             let mut grads = Tensor::empty_gpu(g, ArenaKind::Persistent, &[count], DType::F32)?;
             grads.zero(Some(g))?;
-            Some((params, grads))
+            let mut params16 = Tensor::empty_gpu(g, ArenaKind::Persistent, &[count], DType::BF16)?;
+            crate::ops::elementwise::cast(g, &params, &mut params16)?;
+            Some((params, grads, params16))
         }
     };
     let mut offset = 0;
     for (module, l) in layers {
         let (sa, sb) = ([l.rank, l.in_features], [l.out_features, l.rank]);
         let adapter = match &mut flat {
-            None => LoraAdapter::new(dev, l.alpha, Tensor::from_vec(&sa, l.a)?, Tensor::from_vec(&sb, l.b)?, Tensor::zeros(&sa), Tensor::zeros(&sb))?,
-            Some((p, g)) => {
+            None => LoraAdapter::new(l.alpha, Tensor::from_vec(&sa, l.a)?, Tensor::from_vec(&sb, l.b)?, Tensor::zeros(&sa), Tensor::zeros(&sb), None),
+            Some((p, g, p16)) => {
                 let (na, nb) = (l.a.len(), l.b.len());
+                let copies = (p16.gpu_view(offset, &sa)?, p16.gpu_view(offset + na, &sb)?);
                 let views = (p.gpu_view(offset, &sa)?, p.gpu_view(offset + na, &sb)?, g.gpu_view(offset, &sa)?, g.gpu_view(offset + na, &sb)?);
                 offset += na + nb;
-                LoraAdapter::new(dev, l.alpha, views.0, views.1, views.2, views.3)?
+                LoraAdapter::new(l.alpha, views.0, views.1, views.2, views.3, Some(copies))
             }
         };
         projections[index[&module]].1.lora = Some(adapter);
     }
-    let (params, grads) = flat.unzip();
-    Ok(LoraParams { count, params, grads })
+    let (params, grads, params16) = match flat {
+        Some((p, g, p16)) => (Some(p), Some(g), Some(p16)),
+        None => (None, None, None),
+    };
+    Ok(LoraParams { count, params, grads, params16 })
 }
 
 /// The adapters' current values, for saving.

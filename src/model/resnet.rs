@@ -49,12 +49,11 @@ impl ResnetBlock2D {
         let (g1, stats1) = self.norm1.forward(dev, x, true)?;
         let h1 = add_channel_bias(dev, &self.conv1.forward(dev, &g1)?, &self.time_emb_proj.forward(dev, temb_silu)?)?;
         let (g2, stats2) = self.norm2.forward(dev, &h1, true)?;
-        let h2 = self.conv2.forward(dev, &g2)?;
         let shortcut = match &self.conv_shortcut {
             Some(c) => c.forward(dev, x)?,
             None => x.clone(),
         };
-        let out = add(dev, &shortcut, &h2)?;
+        let out = self.conv2.forward_add(dev, &g2, Some(&shortcut))?;
         self.saved = Some(ResnetSaved { x: x.clone(), h1, stats1, stats2 });
         Ok(out)
     }
@@ -74,6 +73,11 @@ impl ResnetBlock2D {
 
     pub fn saved_bytes(&self) -> usize {
         self.saved.as_ref().map_or(0, |s| bytes(&s.x) + bytes(&s.h1))
+    }
+
+    /// Drops what the forward kept for the backward (inference).
+    pub fn forget(&mut self) {
+        self.saved = None;
     }
 }
 

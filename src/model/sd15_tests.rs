@@ -114,7 +114,7 @@ fn mib(bytes: usize) -> f64 {
 #[ignore = "needs a CUDA GPU and SDLORA_SD15_REFERENCE=DIR (make_fixtures.py --full-size DIR)"]
 fn full_size_clip_gpu_matches_transformers() {
     let r = Reference::open();
-    let mut gpu = Gpu::for_tests().unwrap();
+    let gpu = Gpu::for_tests().unwrap();
     let model = ClipTextModel::load(Dev::Gpu(&gpu), &Weights::random(r.seed), ClipTextConfig::sd15()).unwrap();
     let out = model.forward(Dev::Gpu(&gpu), &r.ids(), 3).unwrap().to_cpu(&gpu).unwrap();
     r.check("GPU bf16 CLIP last_hidden_state", out.data().unwrap(), "clip.last_hidden_state", true);
@@ -122,7 +122,6 @@ fn full_size_clip_gpu_matches_transformers() {
     let ids = r.ids();
     let ms = median_ms(&gpu, 10, || {
         model.forward(Dev::Gpu(&gpu), &ids, 3).unwrap();
-        gpu.reset_scratch();
     });
     eprintln!("GPU CLIP forward, 3 prompts: {ms:.2} ms (wall, synchronized), scratch high-water {:.1} MiB", mib(gpu.arena_stats(ArenaKind::Scratch).high_water));
 }
@@ -131,13 +130,12 @@ fn full_size_clip_gpu_matches_transformers() {
 #[ignore = "needs a CUDA GPU and SDLORA_SD15_REFERENCE=DIR (make_fixtures.py --full-size DIR)"]
 fn full_size_vae_gpu_matches_diffusers() {
     let r = Reference::open();
-    let mut gpu = Gpu::for_tests().unwrap();
+    let gpu = Gpu::for_tests().unwrap();
     let dev = Dev::Gpu(&gpu);
     let vae = AutoencoderKl::load(dev, &Weights::random(r.seed), VaeConfig::sd15()).unwrap();
     let post = vae.encode(dev, &r.nhwc("vae.image")).unwrap();
     r.check("GPU bf16 VAE posterior mean (256x256)", post.mean.data().unwrap(), "vae.posterior_mean", true);
     r.check("GPU bf16 VAE posterior logvar", post.logvar.data().unwrap(), "vae.posterior_logvar", true);
-    gpu.reset_scratch();
     let out = vae.decode(dev, &r.nhwc("vae.latents")).unwrap();
     r.check("GPU bf16 VAE decode (32x32 latents)", out.data().unwrap(), "vae.decoded", true);
 
@@ -147,15 +145,14 @@ fn full_size_vae_gpu_matches_diffusers() {
     let image = Tensor::from_vec(&[1, 512, 512, 3], rng.uniform_vec(512 * 512 * 3, -1.0, 1.0)).unwrap();
     let z = Tensor::from_vec(&[1, 64, 64, 4], rng.normal_vec(64 * 64 * 4, 1.0)).unwrap();
     let stats = |g: &Gpu| mib(g.arena_stats(ArenaKind::Scratch).high_water);
-    gpu.reset_scratch();
+    gpu.reset_high_water();
     let enc = median_ms(&gpu, 5, || {
         vae.encode(dev, &image).unwrap();
-        gpu.reset_scratch();
     });
     let enc_mem = stats(&gpu);
+    gpu.reset_high_water();
     let dec = median_ms(&gpu, 5, || {
         vae.decode(dev, &z).unwrap();
-        gpu.reset_scratch();
     });
     let dec_mem = stats(&gpu);
     eprintln!("GPU VAE 512x512 (wall, synchronized, incl. upload/download): encode {enc:.1} ms, decode {dec:.1} ms; scratch high-water after encode {enc_mem:.0} MiB, after decode {dec_mem:.0} MiB");

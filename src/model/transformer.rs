@@ -45,12 +45,13 @@ impl Attention {
         })
     }
 
-    fn forward(&self, dev: Dev, x: &Tensor, context: &Tensor) -> Result<(Tensor, AttentionSaved)> {
+    /// residual + attention(x, context) (the residual added in to_out's epilogue).
+    fn forward(&self, dev: Dev, x: &Tensor, context: &Tensor, residual: &Tensor) -> Result<(Tensor, AttentionSaved)> {
         let q = self.to_q.forward(dev, x)?;
         let k = self.to_k.forward(dev, context)?;
         let v = self.to_v.forward(dev, context)?;
         let (o, lse) = attention(dev, &q, &k, &v, self.heads)?;
-        let y = self.to_out.forward(dev, &o)?;
+        let y = self.to_out.forward_add(dev, &o, Some(residual))?;
         Ok((y, AttentionSaved { x: x.clone(), context: context.clone(), q, k, v, o, lse }))
     }
 
@@ -112,14 +113,12 @@ impl BasicTransformerBlock {
 
     fn forward(&self, dev: Dev, t0: &Tensor, context: &Tensor) -> Result<(Tensor, BlockSaved)> {
         let (n1, s1) = self.norm1.forward(dev, t0)?;
-        let (a1, attn1) = self.attn1.forward(dev, &n1, &n1)?;
-        let t1 = add(dev, t0, &a1)?;
+        let (t1, attn1) = self.attn1.forward(dev, &n1, &n1, t0)?;
         let (n2, s2) = self.norm2.forward(dev, &t1)?;
-        let (a2, attn2) = self.attn2.forward(dev, &n2, context)?;
-        let t2 = add(dev, &t1, &a2)?;
+        let (t2, attn2) = self.attn2.forward(dev, &n2, context, &t1)?;
         let (n3, s3) = self.norm3.forward(dev, &t2)?;
         let ff_hidden = self.ff_proj.forward(dev, &n3)?;
-        let t3 = add(dev, &t2, &self.ff_out.forward(dev, &geglu(dev, &ff_hidden)?)?)?;
+        let t3 = self.ff_out.forward_add(dev, &geglu(dev, &ff_hidden)?, Some(&t2))?;
         Ok((t3, BlockSaved { t0: t0.clone(), t1, t2, stats: [s1, s2, s3], attn1, attn2, ff_hidden }))
     }
 
@@ -143,6 +142,11 @@ pub struct Transformer2DModel {
     proj_out: Linear,
     /// Keep only the input after the forward; recompute the rest in the backward.
     pub checkpoint: bool,
+    /// Bytes of the activations a backward needs beyond the input (measured at the last forward
+    /// or recompute): what `checkpoint` saves.
+    pub activation_bytes: usize,
+    /// Forward FLOPs of the last input: what `checkpoint` costs (run again in the backward).
+    pub forward_flops: f64,
     input: Option<(Tensor, Tensor)>,
     saved: Option<(NormStats, BlockSaved)>,
 }
@@ -157,6 +161,8 @@ impl Transformer2DModel {
                 block: BasicTransformerBlock::load(dev, w, &p("transformer_blocks.0"), ch, context_dim, heads)?,
                 proj_out: Linear::load(dev, w, &p("proj_out"), ch, ch, true, true)?,
                 checkpoint: false,
+                activation_bytes: 0,
+                forward_flops: 0.0,
                 input: None,
                 saved: None,
             })
@@ -167,6 +173,10 @@ impl Transformer2DModel {
     /// x NHWC [n, h, w, c]; context [n, 77, context_dim].
     pub fn forward(&mut self, dev: Dev, x: &Tensor, context: &Tensor) -> Result<Tensor> {
         let (out, saved) = self.run(dev, x, context)?;
+        self.activation_bytes = block_saved_bytes(&saved.1);
+        // Linears 20·c² per token (proj_in/out 2, attn1 4, attn2 q/o 2, GEGLU 8 + 4), self-attention 4·L·c.
+        let (tokens, c) = ((x.numel() / x.shape()[3]) as f64, x.shape()[3] as f64);
+        self.forward_flops = 2.0 * tokens * 20.0 * c * c + 4.0 * tokens * (x.shape()[1] * x.shape()[2]) as f64 * c;
         self.input = Some((x.clone(), context.clone()));
         self.saved = if self.checkpoint { None } else { Some(saved) };
         Ok(out)
@@ -177,7 +187,7 @@ impl Transformer2DModel {
         let (g, stats) = self.norm.forward(dev, x, false)?;
         let tokens = self.proj_in.forward(dev, &g)?.reshape(&[s[0], s[1] * s[2], s[3]])?;
         let (t, saved) = self.block.forward(dev, &tokens, context)?;
-        let out = add(dev, &self.proj_out.forward(dev, &t)?.reshape(s)?, x)?;
+        let out = self.proj_out.forward_add(dev, &t, Some(&x.reshape(t.shape())?))?.reshape(s)?;
         Ok((out, (stats, saved)))
     }
 
@@ -185,7 +195,11 @@ impl Transformer2DModel {
         let (x, context) = self.input.take().context("Transformer2DModel backward without a forward")?;
         let (stats, saved) = match self.saved.take() {
             Some(s) => s,
-            None => self.run(dev, &x, &context)?.1,
+            None => {
+                let recomputed = self.run(dev, &x, &context)?.1;
+                self.activation_bytes = block_saved_bytes(&recomputed.1);
+                recomputed
+            }
         };
         let s = x.shape();
         let dt = self.proj_out.backward_input(dev, &dy.reshape(&[s[0], s[1] * s[2], s[3]])?)?;
@@ -194,13 +208,20 @@ impl Transformer2DModel {
         add(dev, dy, &self.norm.backward(dev, &x, &stats, &dg, false)?)
     }
 
+    /// Drops what the forward kept for the backward (inference).
+    pub fn forget(&mut self) {
+        self.input = None;
+        self.saved = None;
+    }
+
     /// Bytes kept between forward and backward (the input alone when checkpointing).
     pub fn saved_bytes(&self) -> usize {
         let input = self.input.as_ref().map_or(0, |(x, _)| bytes(x));
-        input
-            + self.saved.as_ref().map_or(0, |(_, s)| {
-                let a = |a: &AttentionSaved| bytes(&a.x) + bytes(&a.q) + bytes(&a.k) + bytes(&a.v) + bytes(&a.o);
-                bytes(&s.t0) + bytes(&s.t1) + bytes(&s.t2) + a(&s.attn1) + a(&s.attn2) + bytes(&s.ff_hidden)
-            })
+        input + self.saved.as_ref().map_or(0, |(_, s)| block_saved_bytes(s))
     }
+}
+
+fn block_saved_bytes(s: &BlockSaved) -> usize {
+    let a = |a: &AttentionSaved| bytes(&a.x) + bytes(&a.q) + bytes(&a.k) + bytes(&a.v) + bytes(&a.o);
+    bytes(&s.t0) + bytes(&s.t1) + bytes(&s.t2) + a(&s.attn1) + a(&s.attn2) + bytes(&s.ff_hidden)
 }

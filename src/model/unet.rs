@@ -10,6 +10,7 @@ use super::layers::{Conv2d, Dev, GroupNorm, Linear, NormStats};
 use super::resnet::{Downsample2D, ResnetBlock2D, Upsample2D};
 use super::transformer::Transformer2DModel;
 use super::weights::Weights;
+use crate::cuda::nvtx_range;
 use crate::tensor::Tensor;
 use anyhow::{bail, ensure, Context, Result};
 use serde_json::Value;
@@ -107,6 +108,13 @@ impl Layer {
         }
     }
 
+    fn forget(&mut self) {
+        self.resnet.forget();
+        if let Some(a) = &mut self.attention {
+            a.forget();
+        }
+    }
+
     fn backward(&mut self, dev: Dev, dy: &Tensor) -> Result<Tensor> {
         let dh = match &mut self.attention {
             Some(a) => a.backward(dev, dy)?,
@@ -140,6 +148,9 @@ pub struct UNet2DConditionModel {
     conv_out: Conv2d,
     /// Input of conv_norm_out and its statistics, kept for the backward.
     saved_out: Option<(Tensor, NormStats)>,
+    /// Keep activations for a backward (training); off for inference, where each layer's are
+    /// dropped as soon as it finishes, so activation memory is a few layers' worth.
+    pub keep_activations: bool,
 }
 
 impl UNet2DConditionModel {
@@ -201,6 +212,7 @@ impl UNet2DConditionModel {
             conv_norm_out: GroupNorm::load(dev, w, "conv_norm_out", boc[0], groups, eps)?,
             conv_out: Conv2d::load(dev, w, "conv_out", boc[0], c.out_channels, 3, 1)?,
             saved_out: None,
+            keep_activations: true,
             config,
         })
     }
@@ -213,18 +225,24 @@ impl UNet2DConditionModel {
         down.chain(mid).chain(up)
     }
 
-    /// Predicts the noise: x NHWC [n, h, w, in_channels], one timestep per sample, context [n, 77, d].
-    pub fn forward(&mut self, dev: Dev, x: &Tensor, timesteps: &[f32], context: &Tensor) -> Result<Tensor> {
-        ensure!(timesteps.len() == x.shape()[0], "{} timesteps for a batch of {}", timesteps.len(), x.shape()[0]);
+    /// Predicts the noise: x NHWC [n, h, w, in_channels], timesteps f32 [n] (one per sample, on
+    /// the model's device), context [n, 77, d].
+    pub fn forward(&mut self, dev: Dev, x: &Tensor, timesteps: &Tensor, context: &Tensor) -> Result<Tensor> {
+        ensure!(timesteps.numel() == x.shape()[0], "{} timesteps for a batch of {}", timesteps.numel(), x.shape()[0]);
+        let keep = self.keep_activations;
         let t_emb = timestep_embedding(dev, timesteps, self.config.block_out_channels[0])?;
         let temb = self.time_linear_2.forward(dev, &silu(dev, &self.time_linear_1.forward(dev, &t_emb)?)?)?;
         let temb = silu(dev, &temb)?;
 
         let mut h = self.conv_in.forward(dev, x)?;
         let mut skips = vec![h.clone()];
-        for block in &mut self.down_blocks {
+        for (i, block) in self.down_blocks.iter_mut().enumerate() {
+            let _range = nvtx_range(&format!("forward down_blocks.{i}"));
             for layer in &mut block.layers {
                 h = layer.forward(dev, &h, &temb, context)?;
+                if !keep {
+                    layer.forget();
+                }
                 skips.push(h.clone());
             }
             if let Some(d) = &mut block.downsampler {
@@ -232,15 +250,24 @@ impl UNet2DConditionModel {
                 skips.push(h.clone());
             }
         }
+        let mid_range = nvtx_range("forward mid_block");
         for layer in &mut self.mid_block {
             h = layer.forward(dev, &h, &temb, context)?;
+            if !keep {
+                layer.forget();
+            }
         }
-        for block in &mut self.up_blocks {
+        drop(mid_range);
+        for (i, block) in self.up_blocks.iter_mut().enumerate() {
+            let _range = nvtx_range(&format!("forward up_blocks.{i}"));
             block.skip_channels.clear();
             for layer in &mut block.layers {
                 let skip = skips.pop().context("UNet: ran out of skip connections")?;
                 block.skip_channels.push(*skip.shape().last().unwrap());
                 h = layer.forward(dev, &concat_channels(dev, &h, &skip)?, &temb, context)?;
+                if !keep {
+                    layer.forget();
+                }
             }
             if let Some(u) = &mut block.upsampler {
                 h = u.forward(dev, &h)?;
@@ -248,7 +275,7 @@ impl UNet2DConditionModel {
         }
         let (g, stats) = self.conv_norm_out.forward(dev, &h, true)?;
         let out = self.conv_out.forward(dev, &g)?;
-        self.saved_out = Some((h, stats));
+        self.saved_out = keep.then_some((h, stats));
         Ok(out)
     }
 
@@ -260,7 +287,8 @@ impl UNet2DConditionModel {
 
         // Up path: each layer's input gradient splits into the running one and its skip's.
         let mut d_skips: Vec<Tensor> = Vec::new();
-        for block in self.up_blocks.iter_mut().rev() {
+        for (i, block) in self.up_blocks.iter_mut().enumerate().rev() {
+            let _range = nvtx_range(&format!("backward up_blocks.{i}"));
             if let Some(u) = &mut block.upsampler {
                 dh = u.backward(dev, &dh)?;
             }
@@ -272,12 +300,15 @@ impl UNet2DConditionModel {
                 d_skips.push(d_skip);
             }
         }
+        let mid_range = nvtx_range("backward mid_block");
         for layer in self.mid_block.iter_mut().rev() {
             dh = layer.backward(dev, &dh)?;
         }
+        drop(mid_range);
         // Down path, in reverse: d_skips holds the skips' gradients in the order they were pushed.
         let mut take_skip = |dh: &Tensor| -> Result<Tensor> { add(dev, dh, &d_skips.pop().context("UNet: skip gradients out of step")?) };
-        for block in self.down_blocks.iter_mut().rev() {
+        for (i, block) in self.down_blocks.iter_mut().enumerate().rev() {
+            let _range = nvtx_range(&format!("backward down_blocks.{i}"));
             if let Some(d) = &mut block.downsampler {
                 dh = d.backward(dev, &take_skip(&dh)?)?;
             }

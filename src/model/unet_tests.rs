@@ -36,6 +36,10 @@ impl Fixture {
         let raw = self.io.raw("unet.timesteps").unwrap();
         raw.bytes.chunks_exact(8).map(|c| i64::from_le_bytes(c.try_into().unwrap()) as f32).collect()
     }
+    fn timestep_tensor(&self) -> Tensor {
+        let t = self.timesteps();
+        Tensor::from_vec(&[t.len()], t).unwrap()
+    }
     fn context(&self) -> Tensor {
         Tensor::from_vec(&self.shape("unet.encoder_hidden_states"), self.get("unet.encoder_hidden_states")).unwrap()
     }
@@ -59,7 +63,7 @@ fn with_fixture_lora(unet: &mut UNet2DConditionModel) {
 /// Loss of the fixture batch: Min-SNR(γ = 5) MSE of the prediction against the noise.
 fn loss_and_grad(unet: &mut UNet2DConditionModel, f: &Fixture) -> (f32, Tensor) {
     let t = f.timesteps();
-    let pred = unet.forward(Dev::Cpu, &f.latent("unet.noisy_latents"), &t, &f.context()).unwrap();
+    let pred = unet.forward(Dev::Cpu, &f.latent("unet.noisy_latents"), &f.timestep_tensor(), &f.context()).unwrap();
     let abar = NoiseSchedule::sd15().alphas_cumprod;
     let (p, noise) = (pred.data().unwrap(), f.latent("unet.noise"));
     let loss = mse_min_snr_cpu(p, noise.data().unwrap(), &t, &abar, Some(5.0));
@@ -72,12 +76,12 @@ fn unet_forward_matches_diffusers() {
     let f = Fixture::open();
     let mut unet = tiny_unet();
     let x = f.latent("unet.noisy_latents");
-    let out = unet.forward(Dev::Cpu, &x, &f.timesteps(), &f.context()).unwrap();
+    let out = unet.forward(Dev::Cpu, &x, &f.timestep_tensor(), &f.context()).unwrap();
     let want = f.latent("unet.out_base");
     assert_close("UNet output (no LoRA)", out.data().unwrap(), want.data().unwrap(), 1e-4);
 
     with_fixture_lora(&mut unet);
-    let out = unet.forward(Dev::Cpu, &x, &f.timesteps(), &f.context()).unwrap();
+    let out = unet.forward(Dev::Cpu, &x, &f.timestep_tensor(), &f.context()).unwrap();
     let want = f.latent("unet.out_lora");
     assert_close("UNet output (with LoRA)", out.data().unwrap(), want.data().unwrap(), 1e-4);
 }

@@ -486,16 +486,9 @@ impl AutoencoderKl {
     }
 
     /// [`decode`](Self::decode) tile by tile, as diffusers' `AutoencoderKL.tiled_decode`: the
-    /// activation memory is one tile's whatever the image size (on the GPU the scratch arena is
-    /// reset after each tile, so call it with nothing of yours in scratch).
+    /// activation memory is one tile's whatever the image size.
     pub fn decode_tiled(&self, dev: Dev, latents: &Tensor, tiling: Tiling) -> Result<Tensor> {
-        decode_tiled(latents, tiling, self.factor(), |tile| {
-            let y = self.decode(dev, tile);
-            if let Dev::Gpu(g) = dev {
-                g.reset_scratch();
-            }
-            y
-        })
+        decode_tiled(latents, tiling, self.factor(), |tile| self.decode(dev, tile))
     }
 }
 

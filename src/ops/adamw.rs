@@ -5,9 +5,9 @@
 
 use super::check_gpu;
 use super::philox::StepCounter;
-use crate::cuda::{ArenaKind, Gpu, KernelArg, LaunchConfig};
+use crate::cuda::{ArenaKind, DeviceBuffer, Gpu, KernelArg, LaunchConfig};
 use crate::tensor::{DType, Tensor};
-use anyhow::{ensure, Result};
+use anyhow::{ensure, Context, Result};
 
 const MODULE: &str = "adamw";
 const BLOCK: u32 = 256;
@@ -65,10 +65,48 @@ fn grid(n: usize) -> LaunchConfig {
     LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (BLOCK, 1, 1), shared_mem_bytes: 0 }
 }
 
+/// The learning rate of every optimizer step on the device (f64): step t reads entry t − 1 (the
+/// last entry beyond the end), so a captured step follows the schedule without host writes.
+pub struct LrTable {
+    buf: DeviceBuffer,
+    len: usize,
+}
+
+impl LrTable {
+    pub fn new(gpu: &Gpu, rates: &[f64]) -> Result<LrTable> {
+        ensure!(!rates.is_empty() && rates.len() < i32::MAX as usize, "learning-rate table of {} entries", rates.len());
+        let buf = gpu.alloc(ArenaKind::Persistent, rates.len() * 8)?;
+        // SAFETY: `buf` holds the table; the copy completes before `rates` can go (synchronized).
+        unsafe { cudarc::driver::result::memcpy_htod_async(buf.ptr(), rates, gpu.stream().cu_stream()) }.context("learning-rate table upload failed")?;
+        gpu.synchronize()?;
+        Ok(LrTable { buf, len: rates.len() })
+    }
+
+    /// One rate for every step.
+    pub fn constant(gpu: &Gpu, lr: f64) -> Result<LrTable> {
+        LrTable::new(gpu, &[lr])
+    }
+}
+
+/// What every AdamW step of a run shares on the device: the step counter, the rates, the betas.
+pub struct AdamWSchedule {
+    pub counter: StepCounter,
+    pub rates: LrTable,
+    pub cfg: AdamWConfig,
+}
+
+impl AdamWSchedule {
+    /// [`adamw_step`] at the schedule's current step.
+    pub fn step(&self, gpu: &Gpu, params: &mut Tensor, grads: &Tensor, m: &mut Tensor, v: &mut Tensor) -> Result<()> {
+        adamw_step(gpu, params, grads, m, v, &self.counter, &self.rates, &self.cfg)
+    }
+}
+
 /// One AdamW step on the device: `params`, `grads`, `m`, `v` are f32 of one size; t = *counter
-/// (advance it before the step). With `max_grad_norm` set, first reduces ‖g‖² into per-block
+/// (advance it before the step); the rate comes from `lr` (`cfg.lr` is not read). With `max_grad_norm` set, first reduces ‖g‖² into per-block
 /// partials (scratch) and scales g by min(1, max_norm/(‖g‖ + 1e-6)) inside the step (g unchanged).
-pub fn adamw_step(gpu: &Gpu, params: &mut Tensor, grads: &Tensor, m: &mut Tensor, v: &mut Tensor, counter: &StepCounter, cfg: &AdamWConfig) -> Result<()> {
+#[allow(clippy::too_many_arguments)]
+pub fn adamw_step(gpu: &Gpu, params: &mut Tensor, grads: &Tensor, m: &mut Tensor, v: &mut Tensor, counter: &StepCounter, lr: &LrTable, cfg: &AdamWConfig) -> Result<()> {
     let n = params.numel();
     ensure!(n > 0, "adamw_step: no parameters");
     check_gpu("adamw_step", &[params, grads, m, v], DType::F32, n)?;
@@ -86,8 +124,8 @@ pub fn adamw_step(gpu: &Gpu, params: &mut Tensor, grads: &Tensor, m: &mut Tensor
     let args = [
         KernelArg::Ptr(params.ptr()?), KernelArg::Ptr(grads.ptr()?), KernelArg::Ptr(m.ptr()?), KernelArg::Ptr(v.ptr()?), KernelArg::I64(n as i64),
         // f64 kernel parameters travel as their 8 bytes (KernelArg has no F64).
-        KernelArg::Ptr(counter.ptr()), KernelArg::I64(cfg.lr.to_bits() as i64), KernelArg::I64(cfg.beta1.to_bits() as i64),
-        KernelArg::I64(cfg.beta2.to_bits() as i64), KernelArg::F32(cfg.eps as f32), KernelArg::F32((1.0 - cfg.lr * cfg.weight_decay) as f32), KernelArg::Ptr(part.as_ref().map_or(0, |b| b.ptr())), KernelArg::I32(nparts as i32),
+        KernelArg::Ptr(counter.ptr()), KernelArg::Ptr(lr.buf.ptr()), KernelArg::I32(lr.len as i32), KernelArg::I64(cfg.beta1.to_bits() as i64),
+        KernelArg::I64(cfg.beta2.to_bits() as i64), KernelArg::F32(cfg.eps as f32), KernelArg::I64(cfg.weight_decay.to_bits() as i64), KernelArg::Ptr(part.as_ref().map_or(0, |b| b.ptr())), KernelArg::I32(nparts as i32),
         KernelArg::F32(cfg.max_grad_norm.unwrap_or(0.0)),
     ];
     gpu.launch(MODULE, "adamw_step", launch, &args)
@@ -148,13 +186,15 @@ mod tests {
             let up = |x: &[f32]| Tensor::from_vec(&[n], x.to_vec()).unwrap().to_gpu(&gpu, Persistent, DType::F32).unwrap();
             let (mut pd, mut md, mut vd) = (up(&p), up(&m), up(&v));
             let counter = StepCounter::new(&gpu, 0).unwrap();
-            for t in 1..=2u32 {
+            // A schedule: step 1 at cfg.lr, steps 2 and 3 (past the table's end) at its last rate.
+            let rates = [cfg.lr, 0.37 * cfg.lr];
+            let lr = LrTable::new(&gpu, &rates).unwrap();
+            for t in 1..=3u32 {
                 let g = rng.normal_vec(n, 1e-3);
                 let gd = up(&g);
                 counter.increment(&gpu).unwrap();
-                adamw_step(&gpu, &mut pd, &gd, &mut md, &mut vd, &counter, &cfg).unwrap();
-                adamw_step_cpu(&mut p, &g, &mut m, &mut v, t, &cfg);
-                gpu.reset_scratch();
+                adamw_step(&gpu, &mut pd, &gd, &mut md, &mut vd, &counter, &lr, &cfg).unwrap();
+                adamw_step_cpu(&mut p, &g, &mut m, &mut v, t, &AdamWConfig { lr: rates[(t as usize).min(2) - 1], ..cfg });
             }
             for (what, dev, host) in [("p", &pd, &p), ("m", &md, &m), ("v", &vd, &v)] {
                 let got = dev.to_cpu(&gpu).unwrap().into_vec().unwrap();

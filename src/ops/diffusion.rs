@@ -1,17 +1,18 @@
 //! The diffusion training step around the UNet (kernels/diffusion.cu): sinusoidal timestep
 //! embedding, drawing the step's noise and timesteps on the device (Philox, keyed by a device step
-//! counter) with the noisy input x_t, and the MSE loss with Min-SNR weights, forward and backward.
-//! CPU twins: `timestep_embedding_cpu`, `draw_step_noise_cpu`, `add_noise_cpu`, `mse_min_snr_cpu`,
-//! `mse_min_snr_backward_cpu`.
+//! counter) with the noisy input x_t, the step's clean latents drawn from cached VAE posteriors and
+//! its caption states, and the MSE loss with Min-SNR weights, forward and backward.
+//! CPU twins: `timestep_embedding_cpu`, `draw_step_noise_cpu`, `add_noise_cpu`, `draw_latent_cpu`,
+//! `mse_min_snr_cpu`, `mse_min_snr_backward_cpu`.
 //!
 //! Timesteps live in f32 tensors holding integers (exact below 2²⁴); `alphas_cumprod` is the
 //! schedule's ᾱ [num_timesteps] in f32 on the device.
 
 use super::check_gpu;
-use super::philox::{below, blocks_of_four, normal_pair_from_bits, philox_block, StepCounter, STREAM_NOISE, STREAM_TIMESTEPS};
-use crate::cuda::{grid_1d, Gpu, KernelArg, LaunchConfig};
+use super::philox::{below, blocks_of_four, normal_pair_from_bits, philox_block, philox_normal_cpu, StepCounter, STREAM_NOISE, STREAM_TIMESTEPS};
+use crate::cuda::{grid_1d, ArenaKind, DeviceBuffer, Gpu, KernelArg, LaunchConfig};
 use crate::tensor::{DType, Tensor};
-use anyhow::{ensure, Result};
+use anyhow::{ensure, Context, Result};
 
 const MODULE: &str = "diffusion";
 
@@ -96,6 +97,67 @@ pub fn draw_step_noise(
     ];
     let kernel = if eps.dtype() == DType::F32 { "draw_step_noise_f32" } else { "draw_step_noise_bf16" };
     gpu.launch(MODULE, kernel, blocks_of_four((batch * n).max(4 * batch)), &args)
+}
+
+/// CPU twin of `draw_latents_f32` for one sample: (mean + std·z)·scale, z ~ N(0, 1) from Philox
+/// (seed, stream, slot) — slot = step·batch + j for sample j of a step.
+pub fn draw_latent_cpu(mean: &[f32], std: &[f32], seed: u64, stream: u32, slot: u32, scale: f32) -> Vec<f32> {
+    let z = philox_normal_cpu(mean.len(), seed, stream, slot, 0.0, 1.0);
+    mean.iter().zip(std).zip(&z).map(|((m, s), z)| (m + s * z) * scale).collect()
+}
+
+/// A table of example indices on the device, `picks[step·batch + j]` = the example of sample j of
+/// micro-step `step`, with every example's posterior (mean, std: f32 [examples, n]) and caption
+/// states (bf16 [examples, 77, d]): what the step reads to draw its latents without the host.
+pub struct ExampleTable {
+    pub picks: DeviceBuffer,
+    pub slots: usize,
+    pub means: Tensor,
+    pub stds: Tensor,
+    pub contexts: Tensor,
+}
+
+impl ExampleTable {
+    /// Uploads `picks`, the posteriors (`means`, `stds`: f32 [examples, n]) and the caption states
+    /// (`contexts`: [examples, 77, d], stored bf16) into the persistent arena.
+    pub fn new(gpu: &Gpu, picks: &[u32], means: &Tensor, stds: &Tensor, contexts: &Tensor) -> Result<ExampleTable> {
+        let examples = means.shape()[0];
+        ensure!(picks.iter().all(|&p| (p as usize) < examples), "draw_latents: a pick is not one of the {examples} examples");
+        let buf = gpu.alloc(ArenaKind::Persistent, picks.len().max(1) * 4)?;
+        // SAFETY: `buf` holds the picks; the copy completes before `picks` can go (synchronized).
+        unsafe { cudarc::driver::result::memcpy_htod_async(buf.ptr(), picks, gpu.stream().cu_stream()) }.context("example table upload failed")?;
+        gpu.synchronize()?;
+        Ok(ExampleTable {
+            picks: buf,
+            slots: picks.len(),
+            means: means.to_gpu(gpu, ArenaKind::Persistent, DType::F32)?,
+            stds: stds.to_gpu(gpu, ArenaKind::Persistent, DType::F32)?,
+            contexts: contexts.to_gpu(gpu, ArenaKind::Persistent, DType::BF16)?,
+        })
+    }
+}
+
+/// x0 [batch, n] (f32) ← the latents of *counter's samples ([`draw_latent_cpu`] for each), and
+/// ctx [batch, ...] (bf16) ← their caption states.
+pub fn draw_latents(gpu: &Gpu, table: &ExampleTable, seed: u64, stream: u32, counter: &StepCounter, scale: f32, x0: &mut Tensor, ctx: &mut Tensor) -> Result<()> {
+    let batch = x0.shape()[0];
+    let (examples, n) = (table.means.shape()[0], table.means.numel() / table.means.shape()[0].max(1));
+    ensure!(batch > 0 && x0.numel() == batch * n, "draw_latents: x0 {:?} for latents of {n} values", x0.shape());
+    check_gpu("draw_latents x0/means/stds", &[x0], DType::F32, batch * n)?;
+    check_gpu("draw_latents means/stds", &[&table.means, &table.stds], DType::F32, examples * n)?;
+    let row = table.contexts.numel() / examples.max(1);
+    check_gpu("draw_latents contexts", &[&table.contexts], DType::BF16, examples * row)?;
+    check_gpu("draw_latents ctx", &[ctx], DType::BF16, batch * row)?;
+    let args = [
+        KernelArg::Ptr(x0.ptr()?), KernelArg::Ptr(table.means.ptr()?), KernelArg::Ptr(table.stds.ptr()?), KernelArg::Ptr(table.picks.ptr()),
+        KernelArg::I32(batch as i32), KernelArg::I64(n as i64), KernelArg::U32(seed as u32), KernelArg::U32((seed >> 32) as u32),
+        KernelArg::U32(stream), KernelArg::Ptr(counter.ptr()), KernelArg::F32(scale),
+    ];
+    gpu.launch(MODULE, "draw_latents_f32", blocks_of_four(batch * n), &args)?;
+    let args = [KernelArg::Ptr(ctx.ptr()?), KernelArg::Ptr(table.contexts.ptr()?), KernelArg::Ptr(table.picks.ptr()), KernelArg::I32(batch as i32), KernelArg::I64(row as i64), KernelArg::Ptr(counter.ptr())];
+    let mut cfg = grid_1d(batch * row, 256);
+    cfg.grid_dim.0 = cfg.grid_dim.0.min(65_536);
+    gpu.launch(MODULE, "gather_rows_bf16", cfg, &args)
 }
 
 /// Min-SNR weight of one sample: min(snr, γ)/snr with snr = ᾱ/(1 − ᾱ); 1 without γ.
@@ -276,6 +338,35 @@ mod tests {
         draw_step_noise(&gpu, seed, &counter, &acd, &mut eps, &mut t, None).unwrap();
         let (want_eps, want_t) = draw_step_noise_cpu(seed, 4, 2, 16, 1000);
         assert_eq!((download(&gpu, &eps), download(&gpu, &t)), (want_eps, want_t), "the next step's draws (seed {seed})");
+    }
+
+    #[test]
+    #[ignore = "needs a CUDA GPU"]
+    fn gpu_latent_draws_and_caption_gather_match_twin() {
+        let gpu = Gpu::for_tests().expect("GPU test needs a CUDA device");
+        let seed = Rng::fresh_seed();
+        let mut rng = Rng::new(seed);
+        for (examples, batch, n, row) in [(3, 1, 4 * 64 * 64, 77 * 768), (5, 2, 4 * 40 * 24, 77 * 768), (2, 3, 7, 5)] {
+            let steps = 4;
+            let picks: Vec<u32> = (0..steps * batch).map(|_| (rng.next_u64() % examples as u64) as u32).collect();
+            let means = Tensor::from_vec(&[examples, n], rng.normal_vec(examples * n, 1.0)).unwrap();
+            let stds = Tensor::from_vec(&[examples, n], rng.uniform_vec(examples * n, 0.01, 0.5)).unwrap();
+            let contexts = Tensor::from_vec(&[examples, row], round_bf16(&rng.normal_vec(examples * row, 1.0))).unwrap();
+            let table = ExampleTable::new(&gpu, &picks, &means, &stds, &contexts).unwrap();
+            let counter = StepCounter::new(&gpu, 2).unwrap();
+            let (mut x0, mut ctx) = (poisoned(&gpu, &[batch, n], DType::F32), poisoned(&gpu, &[batch, row], DType::BF16));
+            draw_latents(&gpu, &table, seed, 2, &counter, 0.18215, &mut x0, &mut ctx).unwrap();
+            let (mut want_x0, mut want_ctx) = (Vec::new(), Vec::new());
+            for j in 0..batch {
+                let e = picks[2 * batch + j] as usize;
+                let (m, s) = (&means.data().unwrap()[e * n..(e + 1) * n], &stds.data().unwrap()[e * n..(e + 1) * n]);
+                want_x0.extend(draw_latent_cpu(m, s, seed, 2, (2 * batch + j) as u32, 0.18215));
+                want_ctx.extend_from_slice(&contexts.data().unwrap()[e * row..(e + 1) * row]);
+            }
+            let what = format!("latent draws examples={examples} batch={batch} n={n} seed={seed}");
+            assert_same_bits(&what, &download(&gpu, &x0), &want_x0, 0);
+            assert_eq!(download(&gpu, &ctx), want_ctx, "{what}: caption states");
+        }
     }
 
     #[test]

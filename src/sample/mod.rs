@@ -9,15 +9,17 @@
 //! branch when every g ≤ 1, as diffusers); the final latents are divided by the VAE's scaling factor
 //! (0.18215), decoded, and mapped to pixels by clamp((x + 1)/2, 0, 1).
 //!
-//! LoRAs are combined into one adapter per projection ([`lora_merge`]) and applied on the fly.
+//! LoRAs are combined into one adapter per projection ([`lora_merge`]) and merged into the UNet's
+//! weights (or, with `--lora-on-the-fly`, applied as adapters). The UNet runs in inference mode:
+//! each layer's activations are freed as soon as the next layer has read them.
 //! CLIP, the UNet and the VAE all run on the chosen device; between models (and between denoising
-//! steps) values pass through the host as f32, and the GPU's scratch arena is reset.
+//! steps) values pass through the host as f32.
 
 pub mod grid;
 pub mod lora_merge;
 pub mod png;
 
-use crate::cuda::{ArenaKind, Gpu};
+use crate::cuda::{ArenaKind, Gpu, Graph};
 use crate::io::write_atomic;
 use crate::model::clip::{ClipTextConfig, ClipTextModel};
 use crate::model::layers::Dev;
@@ -58,8 +60,13 @@ pub struct SampleArgs {
     #[arg(long, default_value = "")]
     pub negative_prompt: String,
     /// LoRA to apply, as PATH or PATH:SCALE; PATH is a .safetensors file or a step_N folder (repeatable).
+    /// The LoRAs are merged into the UNet's weights once (the fastest way to sample).
     #[arg(long)]
     pub lora: Vec<String>,
+    /// Apply the LoRAs on the fly (extra low-rank GEMMs in every projection) instead of merging
+    /// them into the weights: the same images, slower; for checking the merge.
+    #[arg(long)]
+    pub lora_on_the_fly: bool,
     /// Classifier-free guidance scale (repeatable: with --grid, one column per value).
     #[arg(long, default_values_t = [5.0])]
     pub guidance: Vec<f32>,
@@ -152,17 +159,33 @@ pub struct Pipeline<'g> {
     unet_levels: usize,
     /// Prompt → CLIP last_hidden_state [77, d], computed once per distinct prompt.
     text_cache: HashMap<String, Vec<f32>>,
+    /// The UNet evaluation captured as a CUDA graph for the current batch shape (GPU).
+    unet_graph: Option<UNetGraph>,
+}
+
+/// A captured UNet forward: its input buffers (refilled in place each step), its output, the graph.
+struct UNetGraph {
+    shape: [usize; 4],
+    x: Tensor,
+    t: Tensor,
+    ctx: Tensor,
+    /// What `ctx` holds (uploaded again only when the conditioning changes).
+    ctx_host: Vec<f32>,
+    out: Tensor,
+    graph: Graph,
 }
 
 impl<'g> Pipeline<'g> {
-    /// Loads the model and puts the combined LoRA (if any) on the UNet.
-    pub fn load(dev: Dev<'g>, source: &Base, loras: &[SampleLora]) -> Result<Pipeline<'g>> {
+    /// Loads the model (its UNet in inference mode) and merges the combined LoRA (if any) into the
+    /// UNet's weights, or with `on_the_fly` attaches it as adapters.
+    pub fn load(dev: Dev<'g>, source: &Base, loras: &[SampleLora], on_the_fly: bool) -> Result<Pipeline<'g>> {
         let unet_cfg = match source.config(Component::Unet)? {
             Some(v) => UNetConfig::from_json(&v)?,
             None => UNetConfig::sd15(),
         };
         let unet_levels = 1 << (unet_cfg.block_out_channels.len() - 1);
         let mut unet = UNet2DConditionModel::load(dev, &source.weights(Component::Unet)?, unet_cfg).context("loading the UNet")?;
+        unet.keep_activations = false;
         if !loras.is_empty() {
             let combined = lora_merge::combine(loras)?;
             let max_rank = combined.layers.values().map(|l| l.rank).max().unwrap_or(0);
@@ -171,7 +194,11 @@ impl<'g> Pipeline<'g> {
                 "the LoRAs add up to rank {max_rank} on one projection; the GPU LoRA kernels take at most {GPU_MAX_RANK}"
             );
             let names: Vec<String> = loras.iter().map(|l| l.spec.path.display().to_string()).collect();
-            crate::model::lora::load(dev, &mut unet, &combined).with_context(|| format!("applying LoRA {}", names.join(", ")))?;
+            let applied = match on_the_fly {
+                true => crate::model::lora::load(dev, &mut unet, &combined).map(drop),
+                false => crate::model::lora::merge(dev, &mut unet, &combined),
+            };
+            applied.with_context(|| format!("applying LoRA {}", names.join(", ")))?;
         }
         let clip_cfg = match source.config(Component::TextEncoder)? {
             Some(v) => ClipTextConfig::from_json(&v)?,
@@ -192,6 +219,7 @@ impl<'g> Pipeline<'g> {
             unet,
             unet_levels,
             text_cache: HashMap::new(),
+            unet_graph: None,
         })
     }
 
@@ -211,14 +239,7 @@ impl<'g> Pipeline<'g> {
                 }
                 let ids = self.tokenizer.encode(p)?;
                 let states = self.clip.forward(self.dev, &ids, 1)?;
-                let states = match self.dev {
-                    Dev::Cpu => states.into_vec()?,
-                    Dev::Gpu(g) => {
-                        let host = states.to_cpu(g)?.into_vec();
-                        g.reset_scratch();
-                        host?
-                    }
-                };
+                let states = states.into_host(self.dev.gpu())?;
                 self.text_cache.insert(p.to_string(), states);
             }
             out.extend_from_slice(&self.text_cache[*p]);
@@ -229,9 +250,6 @@ impl<'g> Pipeline<'g> {
     /// Latents NHWC [n, h, w, 4] (already divided by the scaling factor) → pixels NHWC in about [-1, 1], on the host.
     pub fn decode(&self, latents: Tensor) -> Result<Tensor> {
         let image = self.vae.decode(self.dev, &latents);
-        if let Dev::Gpu(g) = self.dev {
-            g.reset_scratch();
-        }
         image
     }
 
@@ -263,17 +281,35 @@ impl<'g> Pipeline<'g> {
     fn unet_forward(&mut self, x: Vec<f32>, rows: usize, (h, w): (usize, usize), t: f32, ctx: Vec<f32>, d: usize) -> Result<Vec<f32>> {
         let x = Tensor::from_vec(&[rows, h, w, 4], x)?;
         let ctx = Tensor::from_vec(&[rows, 77, d], ctx)?;
-        let timesteps = vec![t; rows];
-        match self.dev {
-            Dev::Cpu => self.unet.forward(self.dev, &x, &timesteps, &ctx)?.into_vec(),
-            Dev::Gpu(g) => {
-                let x = x.to_gpu(g, ArenaKind::Scratch, DType::BF16)?;
-                let ctx = ctx.to_gpu(g, ArenaKind::Scratch, DType::BF16)?;
-                let out = self.unet.forward(self.dev, &x, &timesteps, &ctx)?.to_cpu(g)?.into_vec();
-                g.reset_scratch();
-                out
+        let timesteps = Tensor::from_vec(&[rows], vec![t; rows])?;
+        let g = match self.dev {
+            Dev::Cpu => return self.unet.forward(self.dev, &x, &timesteps, &ctx)?.into_vec(),
+            Dev::Gpu(g) => g,
+        };
+        let shape = [rows, h, w, d];
+        if let Some(c) = self.unet_graph.as_mut().filter(|c| c.shape == shape) {
+            c.x.upload(g, x.data()?)?;
+            c.t.upload(g, timesteps.data()?)?;
+            if c.ctx_host != ctx.data()? {
+                c.ctx.upload(g, ctx.data()?)?;
+                c.ctx_host = ctx.data()?.to_vec();
             }
+            g.replay(&c.graph)?;
+            return c.out.to_cpu(g)?.into_vec();
         }
+        // A new shape: evaluate eagerly (this loads the kernels and sizes the scratch blocks),
+        // then capture the same evaluation for the following steps.
+        self.unet_graph = None;
+        let x = x.to_gpu(g, ArenaKind::Scratch, DType::BF16)?;
+        let t = timesteps.to_gpu(g, ArenaKind::Scratch, DType::F32)?;
+        let (ctx_host, ctx) = (ctx.data()?.to_vec(), ctx.to_gpu(g, ArenaKind::Scratch, DType::BF16)?);
+        let out = self.unet.forward(self.dev, &x, &t, &ctx)?.to_cpu(g)?.into_vec();
+        if g.graphs_enabled() {
+            let unet = &mut self.unet;
+            let (y, graph) = g.capture(|| unet.forward(Dev::Gpu(g), &x, &t, &ctx))?;
+            self.unet_graph = Some(UNetGraph { shape, x, t, ctx, ctx_host, out: y, graph });
+        }
+        out
     }
 
     /// Denoises a batch of images from their initial latents (NHWC, N(0,1)); returns the final latents.
@@ -385,7 +421,7 @@ pub fn run(args: &SampleArgs) -> Result<()> {
         (None, seed) => Base::Random(seed.unwrap_or(0)),
     };
     let load_start = Instant::now();
-    let mut pipe = Pipeline::load(dev, &base, &loras)?;
+    let mut pipe = Pipeline::load(dev, &base, &loras, args.lora_on_the_fly)?;
     let load_s = load_start.elapsed().as_secs_f64();
 
     let f = pipe.vae_factor();

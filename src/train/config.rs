@@ -97,6 +97,9 @@ pub struct TrainConfig {
     pub adam_eps: f64,
     pub weight_decay: f64,
     pub max_grad_norm: Option<f64>,
+    /// Apply AdamW to each adapter inside the backward, as soon as its gradients exist, so the
+    /// gradients of all adapters never exist at once (needs grad_accum = 1 and no max_grad_norm).
+    pub adamw_per_layer: bool,
     pub save_every: usize,
     pub save_format: SaveFormat,
     pub log_every: usize,
@@ -134,6 +137,7 @@ impl Default for TrainConfig {
             adam_eps: 1e-8,
             weight_decay: 1e-2,
             max_grad_norm: None,
+            adamw_per_layer: false,
             save_every: 250,
             save_format: SaveFormat::Diffusers,
             log_every: 10,
@@ -167,6 +171,10 @@ impl TrainConfig {
         ensure!(self.batch_size > 0 && self.grad_accum > 0, "batch_size and grad_accum must be at least 1");
         ensure!(self.save_every > 0 && self.log_every > 0 && self.validation_every > 0, "save_every, log_every and validation_every must be at least 1");
         ensure!((0.0..1.0).contains(&self.adam_beta1) && (0.0..1.0).contains(&self.adam_beta2), "Adam betas must be in [0, 1)");
+        if self.adamw_per_layer {
+            ensure!(self.grad_accum == 1, "adamw_per_layer updates each adapter in its backward: it needs grad_accum = 1 (got {})", self.grad_accum);
+            ensure!(self.max_grad_norm.is_none(), "adamw_per_layer cannot clip the global gradient norm (max_grad_norm): the gradients never exist at once");
+        }
         if self.lr_schedule == LrSchedule::Cosine && self.warmup_steps >= self.steps {
             bail!("warmup_steps {} leaves no steps for the cosine decay of {} steps", self.warmup_steps, self.steps);
         }
@@ -235,6 +243,16 @@ mod tests {
         assert_eq!(toml::from_str::<TrainConfig>(&c.to_toml().unwrap()).unwrap(), c);
         let err = format!("{:#}", toml::from_str::<TrainConfig>("stepz = 3").unwrap_err());
         assert!(err.contains("stepz"), "{err}");
+    }
+
+    #[test]
+    fn per_layer_adamw_needs_one_micro_step_and_no_clipping() {
+        let base = TrainConfig { model: "m".into(), data: "d".into(), out: "o".into(), adamw_per_layer: true, ..Default::default() };
+        base.validate().unwrap();
+        let err = TrainConfig { grad_accum: 2, ..base.clone() }.validate().unwrap_err().to_string();
+        assert!(err.contains("grad_accum = 1"), "{err}");
+        let err = TrainConfig { max_grad_norm: Some(1.0), ..base }.validate().unwrap_err().to_string();
+        assert!(err.contains("max_grad_norm"), "{err}");
     }
 
     #[test]

@@ -1,16 +1,19 @@
 //! `sdlora train`: the whole LoRA training job (DESIGN.md §5).
 //!
 //! Frozen parts run once: captions are tokenized and encoded by CLIP, images encoded by the VAE
-//! into posterior moments, then both models are dropped. Each step draws, from a counter-based
-//! Philox stream keyed by (seed, micro-step), a latent from every image's posterior (host), noise ε
-//! and a timestep (on the GPU when training there); the UNet predicts ε from x_t; the Min-SNR-weighted MSE is backpropagated into the
-//! LoRA factors; AdamW updates them. Because every draw depends only on (seed, step), a resumed run
-//! continues the same loss curve.
+//! into posterior moments, then both models are dropped. Each step ([`step`]) draws, from a
+//! counter-based Philox stream keyed by (seed, micro-step), a latent from every image's posterior,
+//! noise ε and a timestep; the UNet predicts ε from x_t; the Min-SNR-weighted MSE is
+//! backpropagated into the LoRA factors; AdamW updates them. On the GPU a step is two replayed
+//! CUDA graphs and the losses are read back every few steps. Because every draw depends only on
+//! (seed, step), a resumed run continues the same loss curve.
 
 pub mod compare;
 pub mod config;
+mod memory;
 mod optim;
 mod outputs;
+mod step;
 
 use crate::cuda::{ArenaKind, Gpu};
 use crate::data::load_dataset;
@@ -21,34 +24,19 @@ use crate::model::unet::{UNet2DConditionModel, UNetConfig};
 use crate::model::vae::AutoencoderKl;
 use crate::model::weights::{Component, ModelSource};
 use crate::ops::adamw::AdamWConfig;
-use crate::ops::diffusion::{add_noise_cpu, draw_step_noise_cpu, mse_min_snr_backward_cpu, mse_min_snr_cpu};
-use crate::ops::diffusion;
-use crate::ops::philox::{philox_normal_cpu, StepCounter};
 use crate::rng::Rng;
-use crate::schedule::NoiseSchedule;
-use crate::tensor::{DType, Tensor};
+use crate::tensor::Tensor;
 use crate::tokenizer::ClipTokenizer;
 use anyhow::{bail, ensure, Context, Result};
 use config::{InitKind, TrainConfig};
 use optim::Optimizer;
 use outputs::Outputs;
+pub use step::Batch;
+use step::{Example, Stepper};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
-
-/// SD1.5's latent scale (vae.config.scaling_factor).
-pub const LATENT_SCALE: f32 = 0.18215;
-/// Philox stream of the per-step posterior samples (noise and timesteps use 0 and 1).
-const STREAM_LATENT: u32 = 2;
-
-/// One image's cached VAE posterior and its caption's CLIP states.
-struct Example {
-    mean: Vec<f32>,
-    std: Vec<f32>,
-    latent_hw: (usize, usize),
-    context: Vec<f32>,
-}
 
 /// What a finished run reports (also written as summary.json in the output folder).
 #[derive(Debug, serde::Serialize)]
@@ -73,7 +61,7 @@ pub fn run(cfg: &TrainConfig, gpu: Option<&Gpu>, resume: Option<&Path>, dump: Op
     let source = ModelSource::resolve(&cfg.model).with_context(|| format!("--model {}", cfg.model))?;
     let examples = encode_dataset(dev, cfg, &source)?;
     if let Some(g) = gpu {
-        g.reset_scratch();
+        g.release_free_scratch(); // the VAE's activations were larger than the UNet's will be
     }
 
     let unet_cfg = match source.config(Component::Unet)? {
@@ -97,7 +85,8 @@ pub fn run(cfg: &TrainConfig, gpu: Option<&Gpu>, resume: Option<&Path>, dump: Op
         weight_decay: cfg.weight_decay,
         max_grad_norm: cfg.max_grad_norm.map(|v| v as f32),
     };
-    let mut optimizer = Optimizer::new(dev, &params, adam)?;
+    let rates: Vec<f64> = (0..cfg.steps).map(|s| cfg.lr_at(s)).collect();
+    let mut optimizer = Optimizer::new(dev, &params, adam, &rates)?;
     if let Some(dir) = resume {
         let (step, m, v) = outputs::load_optimizer_state(dir)?;
         ensure!(step as usize == start_step, "{}: optimizer state is at step {step}, the LoRA at {start_step}", dir.display());
@@ -116,45 +105,69 @@ pub fn run(cfg: &TrainConfig, gpu: Option<&Gpu>, resume: Option<&Path>, dump: Op
         // A second handler cannot be set in one process (tests run several jobs): that is fine.
         let _ = ctrlc::set_handler(move || stop.store(true, Ordering::SeqCst));
     }
-    let diffusion = Diffusion::new(dev)?;
+    let readback = cfg.log_every.min(cfg.save_every).min(100);
+    let mut stepper = Stepper::new(dev, cfg, &examples, start_step, readback)?;
+    if let Some(g) = gpu {
+        // The budget: --vram-limit, else what the device has free now (less a margin for others).
+        let budget = match &cfg.vram_limit {
+            Some(limit) => config::parse_bytes(limit)?,
+            None => {
+                let (free, _) = g.mem_info()?;
+                let held = g.arena_stats(ArenaKind::Persistent).reserved + g.arena_stats(ArenaKind::Scratch).reserved;
+                (held + free).saturating_sub(512 << 20)
+            }
+        };
+        eprintln!("{}", memory::plan(g, cfg, &mut unet, &mut stepper, &mut params, budget)?);
+        if cfg.adamw_per_layer {
+            optimizer.update_in_backward(dev, &mut unet, &mut params)?;
+        }
+    } else if cfg.adamw_per_layer {
+        bail!("--adamw-per-layer runs on the GPU");
+    }
     let mut log = outputs.event_writer()?;
     let progress = outputs::progress_bar(start_step, cfg.steps);
     let started = Instant::now();
     let (mut losses, mut interrupted) = (Vec::new(), false);
+    let (mut pending, mut since) = (Vec::new(), Instant::now());
     for step in start_step..cfg.steps {
-        let t0 = Instant::now();
-        let mut loss = 0.0;
-        for micro in 0..cfg.grad_accum {
-            let micro_step = (step * cfg.grad_accum + micro) as u32;
-            let (micro_loss, batch) = forward_backward(dev, cfg, &mut unet, &examples, &diffusion, micro_step, draws.is_some())?;
-            loss += micro_loss / cfg.grad_accum as f32;
-            if let (Some(d), Some(b)) = (&mut draws, batch) {
-                d.push((b, micro_loss));
+        let batches = stepper.step(dev, cfg, &mut unet, &mut optimizer, &mut params, &examples, step, draws.is_some())?;
+        let done = step + 1;
+        pending.push(done);
+        interrupted = stop.load(Ordering::SeqCst);
+        let save = done % cfg.save_every == 0 || done == cfg.steps || interrupted;
+        if let Some(d) = &mut draws {
+            d.extend(batches.into_iter().map(|b| (b, f32::NAN))); // losses filled in below
+        }
+        // The losses come back (and the GPU is waited for) every few steps, before any checkpoint.
+        if done % readback == 0 || save {
+            let micro_losses = stepper.take_losses(dev)?; // waits for the steps
+            let seconds = since.elapsed().as_secs_f64() / pending.len() as f64;
+            since = Instant::now();
+            if let Some(d) = &mut draws {
+                let first = d.len() - micro_losses.len();
+                d[first..].iter_mut().zip(&micro_losses).for_each(|(entry, &l)| entry.1 = l);
+            }
+            let step_losses = micro_losses.chunks(cfg.grad_accum).map(|c| c.iter().map(|l| l / cfg.grad_accum as f32).sum::<f32>());
+            for (&d, loss) in pending.iter().zip(step_losses) {
+                if !loss.is_finite() {
+                    progress.abandon();
+                    bail!("loss became {loss} at step {d}: stopping; the last good checkpoint is kept in {}", cfg.out.display());
+                }
+                log.scalar("loss", d as u64, loss)?;
+                log.scalar("lr", d as u64, cfg.lr_at(d - 1) as f32)?;
+                log.scalar("step_time_s", d as u64, seconds as f32)?;
+                losses.push(loss);
+            }
+            pending.clear();
+            let loss = *losses.last().unwrap_or(&f32::NAN);
+            progress.set_position(done as u64);
+            progress.set_message(format!("loss {loss:.4}{}", outputs::vram_text(gpu)));
+            if done % cfg.log_every == 0 || done == cfg.steps {
+                log.flush()?;
+                outputs::say(&progress, format!("step {done}/{}: loss {loss:.5}, lr {:.2e}, {seconds:.3} s/step", cfg.steps, cfg.lr_at(step)));
             }
         }
-        if !loss.is_finite() {
-            progress.abandon();
-            bail!("loss became {loss} at step {}: stopping; the last good checkpoint is kept in {}", step + 1, cfg.out.display());
-        }
-        let lr = cfg.lr_at(step);
-        optimizer.update(dev, &mut unet, &mut params, lr)?;
-        if let Some(g) = gpu {
-            g.reset_scratch();
-        }
-        let done = step + 1;
-        losses.push(loss);
-        let seconds = t0.elapsed().as_secs_f64();
-        log.scalar("loss", done as u64, loss)?;
-        log.scalar("lr", done as u64, lr as f32)?;
-        log.scalar("step_time_s", done as u64, seconds as f32)?;
-        progress.set_position(done as u64);
-        progress.set_message(format!("loss {loss:.4}{}", outputs::vram_text(gpu)));
-        if done % cfg.log_every == 0 || done == cfg.steps {
-            log.flush()?;
-            outputs::say(&progress, format!("step {done}/{}: loss {loss:.5}, lr {lr:.2e}, {seconds:.2} s/step", cfg.steps));
-        }
-        interrupted = stop.load(Ordering::SeqCst);
-        if done % cfg.save_every == 0 || done == cfg.steps || interrupted {
+        if save {
             outputs.save_checkpoint(dev, cfg, &mut unet, &optimizer, done)?;
             if done % cfg.validation_every == 0 && !cfg.validation_prompts.is_empty() {
                 let line = match outputs::validation_images(cfg, done, gpu.is_none()) {
@@ -188,50 +201,59 @@ pub fn run(cfg: &TrainConfig, gpu: Option<&Gpu>, resume: Option<&Path>, dump: Op
 }
 
 /// `sdlora bench train`: `steps` training steps of the full-size UNet with random stand-in weights
-/// (no download), random posteriors and caption states, timed after `warmup` steps; prints median
-/// ms/step, achieved TFLOP/s (1.88 TFLOP per 512 px step), peak device memory and a per-kernel table.
-pub fn benchmark(gpu: &Gpu, resolution: u32, warmup: usize, steps: usize) -> Result<()> {
+/// (no download), random posteriors and caption states, timed after `warmup` steps, replayed as
+/// CUDA graphs as `sdlora train` runs them and, for comparison, eagerly (one launch per kernel);
+/// prints median ms/step, achieved TFLOP/s (1.88 TFLOP per 512 px step), peak device memory and a
+/// per-kernel table of one eager step.
+pub fn benchmark(gpu: &Gpu, resolution: u32, warmup: usize, steps: usize, adamw_per_layer: bool) -> Result<()> {
     let dev = Dev::Gpu(gpu);
-    let cfg = TrainConfig { resolution, ..TrainConfig::default() };
+    let cfg = TrainConfig { resolution, steps: 2 * (warmup + steps) + 2, ..TrainConfig::default() };
     let mut unet = UNet2DConditionModel::load(dev, &crate::model::weights::Weights::random(0), UNetConfig::sd15())?;
     let mut params = lora::attach(dev, &mut unet, &cfg.targets, cfg.rank, cfg.alpha, LoraInit::KaimingUniform, cfg.seed)?;
-    let mut optimizer = Optimizer::new(dev, &params, AdamWConfig::default())?;
+    let mut optimizer = Optimizer::new(dev, &params, AdamWConfig::default(), &[cfg.lr])?;
+    if adamw_per_layer {
+        optimizer.update_in_backward(dev, &mut unet, &mut params)?;
+    }
     let hw = resolution as usize / 8;
     let mut rng = Rng::new(1);
     let examples = vec![Example { mean: rng.normal_vec(hw * hw * 4, 1.0), std: vec![0.1; hw * hw * 4], latent_hw: (hw, hw), context: rng.normal_vec(77 * 768, 1.0) }];
-    let diffusion = Diffusion::new(dev)?;
-    let mut step = |k: usize| -> Result<f32> {
-        let (loss, _) = forward_backward(dev, &cfg, &mut unet, &examples, &diffusion, k as u32, false)?;
-        optimizer.update(dev, &mut unet, &mut params, cfg.lr)?;
-        gpu.reset_scratch();
-        Ok(loss)
+    gpu.reset_high_water();
+    let mut time_steps = |stepper: &mut Stepper, first: usize| -> Result<Vec<f64>> {
+        let mut ms = Vec::new();
+        for k in first..first + warmup + steps {
+            gpu.synchronize()?;
+            let t0 = Instant::now();
+            stepper.step(dev, &cfg, &mut unet, &mut optimizer, &mut params, &examples, k, false)?;
+            gpu.synchronize()?;
+            if k >= first + warmup {
+                ms.push(t0.elapsed().as_secs_f64() * 1e3);
+            }
+            stepper.take_losses(dev)?;
+        }
+        ms.sort_by(f64::total_cmp);
+        Ok(ms)
     };
-    for k in 0..warmup {
-        step(k)?;
-    }
-    let mut ms = Vec::new();
-    for k in warmup..warmup + steps {
-        gpu.synchronize()?;
-        let t0 = Instant::now();
-        step(k)?;
-        gpu.synchronize()?;
-        ms.push(t0.elapsed().as_secs_f64() * 1e3);
-    }
-    gpu.start_profiling();
-    step(warmup + steps)?;
-    let table = gpu.stop_profiling()?;
-    ms.sort_by(f64::total_cmp);
-    let median = ms[ms.len() / 2];
-    let flop = 1.88e12 * (resolution as f64 / 512.0).powi(2);
+    let graphed = time_steps(&mut Stepper::new(dev, &cfg, &examples, 0, 1)?, 0)?;
     let peak = gpu.arena_stats(ArenaKind::Persistent).high_water + gpu.arena_stats(ArenaKind::Scratch).high_water;
-    println!(
-        "train step at {resolution} px, batch 1, r = 128 (forward, Min-SNR loss, backward, AdamW): median {median:.2} ms (min {:.2}, max {:.2}, n={steps}); {:.1} TFLOP/s; peak device memory {:.2} GiB",
-        ms[0],
-        ms[ms.len() - 1],
-        flop / median / 1e9,
-        peak as f64 / (1u64 << 30) as f64
-    );
-    println!("kernel time of one step (CUDA events per launch):\n{}", crate::cuda::TimingTable(&table));
+    let reserved = gpu.arena_stats(ArenaKind::Persistent).reserved + gpu.arena_stats(ArenaKind::Scratch).reserved;
+    let mut eager_stepper = Stepper::new(dev, &cfg, &examples, warmup + steps, 1)?;
+    eager_stepper.disable_graphs();
+    let eager = time_steps(&mut eager_stepper, warmup + steps)?;
+    gpu.start_profiling();
+    eager_stepper.step(dev, &cfg, &mut unet, &mut optimizer, &mut params, &examples, 2 * (warmup + steps), false)?;
+    let table = gpu.stop_profiling()?;
+    let flop = 1.88e12 * (resolution as f64 / 512.0).powi(2);
+    let gib = |b: usize| b as f64 / (1u64 << 30) as f64;
+    let line = |what: &str, ms: &[f64]| {
+        let median = ms[ms.len() / 2];
+        format!("{what}: median {median:.2} ms (min {:.2}, max {:.2}, n={steps}), {:.1} TFLOP/s", ms[0], ms[ms.len() - 1], flop / median / 1e9)
+    };
+    let per_layer = if adamw_per_layer { " per layer" } else { "" };
+    println!("train step at {resolution} px, batch 1, r = 128 (draws, forward, Min-SNR loss, backward, AdamW{per_layer}):");
+    println!("  {}", line("CUDA graph replay (as sdlora train runs)", &graphed));
+    println!("  {}", line("eager launches, for comparison", &eager));
+    println!("  peak device memory {:.2} GiB in use ({:.2} GiB held from the driver)", gib(peak), gib(reserved));
+    println!("kernel time of one eager step (CUDA events per launch):\n{}", crate::cuda::TimingTable(&table));
     Ok(())
 }
 
@@ -257,137 +279,4 @@ fn encode_dataset(dev: Dev, cfg: &TrainConfig, source: &ModelSource) -> Result<V
         })
         .collect::<Result<_>>()
         .context("encoding the data set")
-}
-
-/// The inputs of one micro-step, host-side and NHWC: what `--dump-draws` records.
-pub struct Batch {
-    pub shape: [usize; 4],
-    pub x_t: Vec<f32>,
-    pub eps: Vec<f32>,
-    pub t: Vec<f32>,
-    pub context: Vec<f32>,
-}
-
-/// The noise schedule and, on the GPU, its ᾱ table and the step counter the draw kernels read.
-struct Diffusion {
-    schedule: NoiseSchedule,
-    device: Option<(Tensor, StepCounter)>,
-}
-
-impl Diffusion {
-    fn new(dev: Dev) -> Result<Diffusion> {
-        let schedule = NoiseSchedule::sd15();
-        let device = match dev {
-            Dev::Cpu => None,
-            Dev::Gpu(g) => {
-                let abar = Tensor::from_vec(&[schedule.alphas_cumprod.len()], schedule.alphas_cumprod.clone())?;
-                Some((abar.to_gpu(g, ArenaKind::Persistent, DType::F32)?, StepCounter::new(g, 0)?))
-            }
-        };
-        Ok(Diffusion { schedule, device })
-    }
-}
-
-/// Micro-step `micro_step`'s examples in seeded order: a latent drawn from each posterior (host,
-/// Philox keyed by (seed, micro_step)) and the caption states; ([b, h, w, 4], x0, context).
-fn sample_latents(cfg: &TrainConfig, examples: &[Example], micro_step: u32) -> ([usize; 4], Vec<f32>, Vec<f32>) {
-    let batch = cfg.batch_size;
-    let picks = batch_indices(examples.len(), batch, micro_step as usize, cfg.seed);
-    let (h, w) = examples[picks[0]].latent_hw;
-    let n = h * w * 4;
-    let mut x0 = Vec::with_capacity(batch * n);
-    let mut context = Vec::new();
-    for (j, &i) in picks.iter().enumerate() {
-        let ex = &examples[i];
-        let z = philox_normal_cpu(n, cfg.seed, STREAM_LATENT, micro_step * batch as u32 + j as u32, 0.0, 1.0);
-        x0.extend(ex.mean.iter().zip(&ex.std).zip(&z).map(|((m, s), z)| (m + s * z) * LATENT_SCALE));
-        context.extend_from_slice(&ex.context);
-    }
-    ([batch, h, w, 4], x0, context)
-}
-
-/// One forward + backward on micro-step `micro_step`'s batch; returns its loss and, when `record`,
-/// its inputs. Noise ε and timesteps come from Philox keyed by (seed, micro_step) — on the GPU
-/// from the draw kernel, which also forms x_t and whose bits equal the CPU twin's — and the loss
-/// and its gradient from the Min-SNR kernels. Gradients accumulate, scaled by 1/grad_accum.
-fn forward_backward(
-    dev: Dev, cfg: &TrainConfig, unet: &mut UNet2DConditionModel, examples: &[Example], diffusion: &Diffusion, micro_step: u32, record: bool,
-) -> Result<(f32, Option<Batch>)> {
-    let (shape, x0, context) = sample_latents(cfg, examples, micro_step);
-    let ctx_shape = [shape[0], 77, context.len() / shape[0] / 77];
-    let (gamma, scale) = (cfg.snr_gamma.value().map(|g| g as f32), 1.0 / cfg.grad_accum as f32);
-    let n = x0.len() / shape[0];
-    match dev {
-        Dev::Cpu => {
-            let abar = &diffusion.schedule.alphas_cumprod;
-            let (eps, t) = draw_step_noise_cpu(cfg.seed, micro_step, shape[0], n, abar.len() as u32);
-            let x_t = add_noise_cpu(&x0, &eps, &t, abar, n);
-            let pred = unet.forward(dev, &Tensor::from_vec(&shape, x_t.clone())?, &t, &Tensor::from_vec(&ctx_shape, context.clone())?)?;
-            let p = pred.into_vec()?;
-            let loss = mse_min_snr_cpu(&p, &eps, &t, abar, gamma);
-            unet.backward(dev, &Tensor::from_vec(&shape, mse_min_snr_backward_cpu(&p, &eps, &t, abar, gamma, scale))?)?;
-            Ok((loss, record.then_some(Batch { shape, x_t, eps, t, context })))
-        }
-        Dev::Gpu(g) => {
-            let (abar, counter) = diffusion.device.as_ref().context("GPU training without device tables")?;
-            let f32_scratch = |s: &[usize]| Tensor::empty_gpu(g, ArenaKind::Scratch, s, DType::F32);
-            let bf16 = |t: &Tensor| -> Result<Tensor> {
-                let mut out = Tensor::empty_gpu(g, ArenaKind::Scratch, t.shape(), DType::BF16)?;
-                crate::ops::elementwise::cast(g, t, &mut out)?;
-                Ok(out)
-            };
-            counter.set(g, micro_step)?;
-            let x0 = Tensor::from_vec(&shape, x0)?.to_gpu(g, ArenaKind::Scratch, DType::F32)?;
-            let (mut eps, mut t, mut x_t) = (f32_scratch(&shape)?, f32_scratch(&[shape[0]])?, f32_scratch(&shape)?);
-            diffusion::draw_step_noise(g, cfg.seed, counter, abar, &mut eps, &mut t, Some((&x0, &mut x_t)))?;
-            // The timestep embedding is formed from host values (a few floats).
-            let t_host = t.to_cpu(g)?.into_vec()?;
-            let ctx = Tensor::from_vec(&ctx_shape, context.clone())?.to_gpu(g, ArenaKind::Scratch, DType::BF16)?;
-            let pred = unet.forward(dev, &bf16(&x_t)?, &t_host, &ctx)?;
-            let mut p = f32_scratch(&shape)?;
-            crate::ops::elementwise::cast(g, &pred, &mut p)?;
-            let (mut loss, mut d) = (f32_scratch(&[1])?, f32_scratch(&shape)?);
-            diffusion::mse_min_snr(g, &p, &eps, &t, abar, gamma, &mut loss)?;
-            diffusion::mse_min_snr_backward(g, &p, &eps, &t, abar, gamma, scale, &mut d)?;
-            unet.backward(dev, &bf16(&d)?)?;
-            let loss = loss.to_cpu(g)?.into_vec()?[0];
-            let batch = match record {
-                true => Some(Batch { shape, x_t: x_t.to_cpu(g)?.into_vec()?, eps: eps.to_cpu(g)?.into_vec()?, t: t_host, context }),
-                false => None,
-            };
-            Ok((loss, batch))
-        }
-    }
-}
-
-/// The examples of micro-step `k`: consecutive slots of a sequence of seeded shuffles of the data
-/// set (a new permutation per epoch), so the order depends only on (seed, k).
-fn batch_indices(len: usize, batch: usize, k: usize, seed: u64) -> Vec<usize> {
-    (k * batch..(k + 1) * batch)
-        .map(|slot| {
-            let (epoch, pos) = (slot / len, slot % len);
-            let mut order: Vec<usize> = (0..len).collect();
-            let mut rng = Rng::new(seed ^ (epoch as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15));
-            for i in (1..len).rev() {
-                order.swap(i, (rng.next_u64() % (i as u64 + 1)) as usize);
-            }
-            order[pos]
-        })
-        .collect()
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn every_epoch_visits_every_example_once() {
-        let seen: Vec<usize> = (0..5).flat_map(|k| batch_indices(5, 1, k, 7)).collect();
-        let mut sorted = seen.clone();
-        sorted.sort();
-        assert_eq!(sorted, vec![0, 1, 2, 3, 4]);
-        let next: Vec<usize> = (5..10).flat_map(|k| batch_indices(5, 1, k, 7)).collect();
-        assert_ne!(seen, next, "each epoch is shuffled anew");
-        assert_eq!(batch_indices(5, 2, 3, 7), [6, 7].map(|s| batch_indices(5, 1, s, 7)[0]).to_vec());
-    }
 }

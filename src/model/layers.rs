@@ -196,6 +196,13 @@ impl Linear {
         }
     }
 
+    /// Drops the LoRA down-projection u kept from the forward for the backward (inference).
+    pub fn forget(&self) {
+        if let Some(l) = &self.lora {
+            l.saved_u.take();
+        }
+    }
+
     /// dx of a layer without LoRA (frozen: no gradient but the input's).
     pub fn backward_input(&self, dev: Dev, dy: &Tensor) -> Result<Tensor> {
         ensure!(self.lora.is_none(), "backward_input on a LoRA-adapted linear: use backward");

@@ -212,6 +212,9 @@ impl Transformer2DModel {
     pub fn forget(&mut self) {
         self.input = None;
         self.saved = None;
+        for attn in [&mut self.block.attn1, &mut self.block.attn2] {
+            attn.projections_mut().iter().for_each(|(_, linear)| linear.forget());
+        }
     }
 
     /// Bytes kept between forward and backward (the input alone when checkpointing).

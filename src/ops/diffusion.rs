@@ -139,6 +139,7 @@ impl ExampleTable {
 
 /// x0 [batch, n] (f32) ← the latents of *counter's samples ([`draw_latent_cpu`] for each), and
 /// ctx [batch, ...] (bf16) ← their caption states.
+#[allow(clippy::too_many_arguments)]
 pub fn draw_latents(gpu: &Gpu, table: &ExampleTable, seed: u64, stream: u32, counter: &StepCounter, scale: f32, x0: &mut Tensor, ctx: &mut Tensor) -> Result<()> {
     let batch = x0.shape()[0];
     let (examples, n) = (table.means.shape()[0], table.means.numel() / table.means.shape()[0].max(1));

@@ -249,8 +249,7 @@ impl<'g> Pipeline<'g> {
 
     /// Latents NHWC [n, h, w, 4] (already divided by the scaling factor) → pixels NHWC in about [-1, 1], on the host.
     pub fn decode(&self, latents: Tensor) -> Result<Tensor> {
-        let image = self.vae.decode(self.dev, &latents);
-        image
+        self.vae.decode(self.dev, &latents)
     }
 
     /// ε for the latents `x` (NHWC, one image per guidance value) at timestep `t`, guided per image.

@@ -151,13 +151,11 @@ impl Base {
 /// The loaded models.
 pub struct Pipeline<'g> {
     dev: Dev<'g>,
-    tokenizer: ClipTokenizer,
-    clip: ClipTextModel,
     vae: AutoencoderKl,
     unet: UNet2DConditionModel,
     /// 2^(UNet resolution levels − 1): latent sides must be multiples of it.
     unet_levels: usize,
-    /// Prompt → CLIP last_hidden_state [77, d], computed once per distinct prompt.
+    /// Prompt → CLIP last_hidden_state [77, d] of every prompt of the run, encoded at load.
     text_cache: HashMap<String, Vec<f32>>,
     /// The UNet evaluation captured as a CUDA graph for the current batch shape (GPU).
     unet_graph: Option<UNetGraph>,
@@ -176,9 +174,11 @@ struct UNetGraph {
 }
 
 impl<'g> Pipeline<'g> {
-    /// Loads the model (its UNet in inference mode) and merges the combined LoRA (if any) into the
-    /// UNet's weights, or with `on_the_fly` attaches it as adapters.
-    pub fn load(dev: Dev<'g>, source: &Base, loras: &[SampleLora], on_the_fly: bool) -> Result<Pipeline<'g>> {
+    /// Encodes `prompts` with the text encoder and frees it, then loads the UNet (in inference
+    /// mode) and the VAE, and merges the combined LoRA (if any) into the UNet's weights, or with
+    /// `on_the_fly` attaches it as adapters. The text encoder never shares the device with the UNet.
+    pub fn load(dev: Dev<'g>, source: &Base, loras: &[SampleLora], on_the_fly: bool, prompts: &[&str]) -> Result<Pipeline<'g>> {
+        let text_cache = encode_prompts(dev, source, prompts)?;
         let unet_cfg = match source.config(Component::Unet)? {
             Some(v) => UNetConfig::from_json(&v)?,
             None => UNetConfig::sd15(),
@@ -200,25 +200,16 @@ impl<'g> Pipeline<'g> {
             };
             applied.with_context(|| format!("applying LoRA {}", names.join(", ")))?;
         }
-        let clip_cfg = match source.config(Component::TextEncoder)? {
-            Some(v) => ClipTextConfig::from_json(&v)?,
-            None => ClipTextConfig::sd15(),
-        };
         let vae_cfg = match source.config(Component::Vae)? {
             Some(v) => VaeConfig::from_json(&v)?,
             None => VaeConfig::sd15(),
         };
         Ok(Pipeline {
             dev,
-            tokenizer: match source {
-                Base::Source(s) => ClipTokenizer::for_source(s)?,
-                Base::Random(_) => ClipTokenizer::shipped()?,
-            },
-            clip: ClipTextModel::load(dev, &source.weights(Component::TextEncoder)?, clip_cfg).context("loading the text encoder")?,
             vae: AutoencoderKl::load(dev, &source.weights(Component::Vae)?, vae_cfg).context("loading the VAE")?,
             unet,
             unet_levels,
-            text_cache: HashMap::new(),
+            text_cache,
             unet_graph: None,
         })
     }
@@ -228,21 +219,11 @@ impl<'g> Pipeline<'g> {
         self.vae.factor()
     }
 
-    /// CLIP last_hidden_state of each prompt, concatenated on the host: [prompts.len(), 77, d].
-    pub fn encode_text(&mut self, prompts: &[&str]) -> Result<Vec<f32>> {
+    /// CLIP last_hidden_state of each prompt (encoded at load), concatenated: [prompts.len(), 77, d].
+    fn encode_text(&self, prompts: &[&str]) -> Result<Vec<f32>> {
         let mut out = Vec::new();
         for p in prompts {
-            if !self.text_cache.contains_key(*p) {
-                let tokens = self.tokenizer.encode_raw(p)?.len();
-                if tokens > MAX_LEN - 2 {
-                    eprintln!("warning: the prompt {p:?} has {tokens} tokens; CLIP reads the first {} (the rest is cut, as in diffusers)", MAX_LEN - 2);
-                }
-                let ids = self.tokenizer.encode(p)?;
-                let states = self.clip.forward(self.dev, &ids, 1)?;
-                let states = states.into_host(self.dev.gpu())?;
-                self.text_cache.insert(p.to_string(), states);
-            }
-            out.extend_from_slice(&self.text_cache[*p]);
+            out.extend_from_slice(self.text_cache.get(*p).with_context(|| format!("the prompt {p:?} was not encoded at load"))?);
         }
         Ok(out)
     }
@@ -334,6 +315,32 @@ impl<'g> Pipeline<'g> {
     }
 }
 
+/// CLIP last_hidden_state [77, d] of each distinct prompt, on the host; the text encoder is freed on return.
+fn encode_prompts(dev: Dev, source: &Base, prompts: &[&str]) -> Result<HashMap<String, Vec<f32>>> {
+    let tokenizer = match source {
+        Base::Source(s) => ClipTokenizer::for_source(s)?,
+        Base::Random(_) => ClipTokenizer::shipped()?,
+    };
+    let clip_cfg = match source.config(Component::TextEncoder)? {
+        Some(v) => ClipTextConfig::from_json(&v)?,
+        None => ClipTextConfig::sd15(),
+    };
+    let clip = ClipTextModel::load(dev, &source.weights(Component::TextEncoder)?, clip_cfg).context("loading the text encoder")?;
+    let mut cache = HashMap::new();
+    for p in prompts {
+        if cache.contains_key(*p) {
+            continue;
+        }
+        let tokens = tokenizer.encode_raw(p)?.len();
+        if tokens > MAX_LEN - 2 {
+            eprintln!("warning: the prompt {p:?} has {tokens} tokens; CLIP reads the first {} (the rest is cut, as in diffusers)", MAX_LEN - 2);
+        }
+        let states = clip.forward(dev, &tokenizer.encode(p)?, 1)?.into_host(dev.gpu())?;
+        cache.insert(p.to_string(), states);
+    }
+    Ok(cache)
+}
+
 /// The images `args` asks for, in output order: prompt, then seed, then guidance, then image index.
 fn jobs(args: &SampleArgs) -> Vec<Job> {
     let mut out = Vec::new();
@@ -420,7 +427,8 @@ pub fn run(args: &SampleArgs) -> Result<()> {
         (None, seed) => Base::Random(seed.unwrap_or(0)),
     };
     let load_start = Instant::now();
-    let mut pipe = Pipeline::load(dev, &base, &loras, args.lora_on_the_fly)?;
+    let prompts: Vec<&str> = args.prompt.iter().map(String::as_str).chain([args.negative_prompt.as_str()]).collect();
+    let mut pipe = Pipeline::load(dev, &base, &loras, args.lora_on_the_fly, &prompts)?;
     let load_s = load_start.elapsed().as_secs_f64();
 
     let f = pipe.vae_factor();
@@ -472,7 +480,7 @@ pub fn run(args: &SampleArgs) -> Result<()> {
     }
     let batches = jobs.len().div_ceil(args.batch_size);
     eprintln!(
-        "done: {} image(s) in {:.2} s (loading {load_s:.2} s; text encoding + denoising {denoise_s:.2} s = {:.1} ms per step and batch; VAE decode {decode_s:.2} s){}",
+        "done: {} image(s) in {:.2} s (loading and text encoding {load_s:.2} s; denoising {denoise_s:.2} s = {:.1} ms per step and batch; VAE decode {decode_s:.2} s){}",
         jobs.len(),
         started.elapsed().as_secs_f64(),
         1e3 * denoise_s / (args.steps * batches) as f64,

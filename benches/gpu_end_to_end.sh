@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # End-to-end GPU run of RESULTS.md's last section: parity, memory plan, bench train, sampling vs diffusers, PyTorch training step.
-#   bash benches/gpu_end_to_end.sh   (on the GPU machine, with .whl/ holding the diffusers wheels: see the device notes)
+#   bash benches/gpu_end_to_end.sh   (on a GPU machine with PyTorch, PEFT and diffusers)
 set -u
 B=${SDLORA_STAGE:-.gpu}   # folder holding the staged sdlora binary (scripts/gpu-test.sh build)
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
+# diffusers from carried wheels when there is no network (else it must be installed).
+if [ -d .whl ]; then python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site; fi
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
 python3 benches/make_sd15_random.py /tmp/sd 2>&1 | tail -1
 echo "### train 200 steps + parity"

@@ -253,7 +253,9 @@ pub fn benchmark(gpu: &Gpu, resolution: u32, warmup: usize, steps: usize, adamw_
     println!("  {}", line("CUDA graph replay (as sdlora train runs)", &graphed));
     println!("  {}", line("eager launches, for comparison", &eager));
     println!("  peak device memory {:.2} GiB in use ({:.2} GiB held from the driver)", gib(peak), gib(reserved));
-    println!("kernel time of one eager step (CUDA events per launch):\n{}", crate::cuda::TimingTable(&table));
+    let (launches, kernel_ms) = table.iter().fold((0, 0.0), |(n, ms), k| (n + k.calls, ms + k.total_ms));
+    println!("one eager step: {launches} kernel launches, {kernel_ms:.2} ms of kernel time (CUDA events per launch); replayed, a step is one graph launch per micro-step plus one for the update");
+    println!("{}", crate::cuda::TimingTable(&table));
     Ok(())
 }
 

@@ -55,26 +55,51 @@ pub fn plan(g: &Gpu, cfg: &TrainConfig, unet: &mut UNet2DConditionModel, stepper
     let held = |k| g.arena_stats(k).reserved;
     let floor = held(ArenaKind::Persistent) + held(ArenaKind::Scratch);
     let mut transformers: Vec<_> = unet.layers_mut().filter_map(|(_, l)| l.attention.as_mut()).collect();
-    let total_flops: f64 = transformers.iter().map(|t| t.forward_flops).sum();
-    transformers.sort_by(|a, b| (b.forward_flops / b.activation_bytes.max(1) as f64).total_cmp(&(a.forward_flops / a.activation_bytes.max(1) as f64)));
-    let room = (budget as f64 * PLANNING_MARGIN) as usize;
-    let (mut peak, mut kept, mut recomputed_flops) = (floor, 0, 0.0);
-    for t in transformers.iter_mut() {
-        if peak + t.activation_bytes <= room {
-            peak += t.activation_bytes;
-            t.checkpoint = false;
-            kept += 1;
+    let costs: Vec<(usize, f64)> = transformers.iter().map(|t| (t.activation_bytes, t.forward_flops)).collect();
+    let keep = choose_kept(floor, (budget as f64 * PLANNING_MARGIN) as usize, &costs);
+    let (mut peak, mut recomputed_flops) = (floor, 0.0);
+    for ((t, &k), &(bytes, flops)) in transformers.iter_mut().zip(&keep).zip(&costs) {
+        t.checkpoint = !k;
+        if k {
+            peak += bytes;
         } else {
-            recomputed_flops += t.forward_flops;
+            recomputed_flops += flops;
         }
     }
-    let recomputed = transformers.len() - kept;
-    Ok(MemoryPlan { budget, floor, kept, recomputed, planned_peak: peak, recompute_share: recomputed_flops / total_flops.max(1.0) })
+    let kept = keep.iter().filter(|&&k| k).count();
+    let total_flops: f64 = costs.iter().map(|c| c.1).sum();
+    Ok(MemoryPlan { budget, floor, kept, recomputed: keep.len() - kept, planned_peak: peak, recompute_share: recomputed_flops / total_flops.max(1.0) })
+}
+
+/// Which of the (activation bytes, recompute FLOPs) items keep their activations: greedily by
+/// FLOPs saved per byte, while `floor` plus the kept bytes stays within `room`.
+fn choose_kept(floor: usize, room: usize, items: &[(usize, f64)]) -> Vec<bool> {
+    let mut order: Vec<usize> = (0..items.len()).collect();
+    let value = |i: usize| items[i].1 / items[i].0.max(1) as f64;
+    order.sort_by(|&a, &b| value(b).total_cmp(&value(a)));
+    let (mut keep, mut used) = (vec![false; items.len()], floor);
+    for i in order {
+        if used + items[i].0 <= room {
+            used += items[i].0;
+            keep[i] = true;
+        }
+    }
+    keep
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_plan_keeps_the_most_flops_per_byte_within_the_room() {
+        // (bytes, FLOPs) per byte: item 3 saves the most but is large, then 1, 2, 0.
+        let items = [(100, 100.0), (100, 1000.0), (50, 200.0), (500, 1e6)];
+        assert_eq!(choose_kept(0, 10_000, &items), [true; 4], "everything fits");
+        assert_eq!(choose_kept(1000, 1160, &items), [false, true, true, false]);
+        assert_eq!(choose_kept(1000, 1100, &items), [false, true, false, false]);
+        assert_eq!(choose_kept(1000, 999, &items), [false; 4], "the floor alone is over the room");
+    }
     use crate::model::layers::Dev;
     use crate::model::lora::{self, LoraInit};
     use crate::model::unet::UNetConfig;

@@ -147,23 +147,11 @@ impl Tensor {
     /// the copy is done. In place matters for CUDA graphs, which keep their buffers' addresses.
     pub fn upload(&mut self, gpu: &Gpu, data: &[f32]) -> Result<()> {
         ensure!(data.len() == self.numel(), "upload of {} values into a tensor of shape {:?}", data.len(), self.shape);
-        let dst = self.ptr()?;
-        let stream = gpu.stream().cu_stream();
-        // SAFETY: the tensor holds exactly numel·size bytes; the copy is ordered on the one stream,
-        // and the host data outlives it (synchronized below).
-        let r = unsafe {
-            match self.dtype {
-                DType::F32 => cudarc::driver::result::memcpy_htod_async(dst, data, stream),
-                DType::BF16 => {
-                    let host: Vec<bf16> = data.iter().map(|&x| bf16::from_f32(x)).collect();
-                    let r = cudarc::driver::result::memcpy_htod_async(dst, &host, stream);
-                    gpu.synchronize()?;
-                    r
-                }
-            }
-        };
-        r.context("upload to GPU failed")?;
-        gpu.synchronize()
+        let Storage::Cuda(buf) = &self.storage else { bail!("upload into a CPU tensor {:?}", self.shape) };
+        match self.dtype {
+            DType::F32 => gpu.upload(buf, data),
+            DType::BF16 => gpu.upload(buf, &data.iter().map(|&x| bf16::from_f32(x)).collect::<Vec<bf16>>()),
+        }
     }
 
     /// Copies a GPU tensor back to the CPU as f32 (waits for queued work).

@@ -214,6 +214,16 @@ impl Gpu {
         std::env::var("SDLORA_CUDA_GRAPHS").map_or(true, |v| v != "0")
     }
 
+    /// Copies `src` to the start of `dst` (which must hold it) and waits until the copy is done,
+    /// so `src` may go at once. Ordered after the work queued before it.
+    pub fn upload<T: Copy>(&self, dst: &DeviceBuffer, src: &[T]) -> Result<()> {
+        let bytes = std::mem::size_of_val(src);
+        ensure!(bytes <= dst.bytes(), "upload of {bytes} bytes into a device buffer of {}", dst.bytes());
+        // SAFETY: `dst` holds `bytes`; `src` outlives the copy (synchronized below).
+        unsafe { cudarc::driver::result::memcpy_htod_async(dst.ptr(), src, self.stream.cu_stream()) }.context("upload to the GPU failed")?;
+        self.synchronize()
+    }
+
     /// Allocates `bytes` of device memory from `kind`'s arena (256-byte aligned, uninitialized).
     pub fn alloc(&self, kind: ArenaKind, bytes: usize) -> Result<DeviceBuffer> {
         self.arenas.borrow_mut().alloc(&self.stream, kind, bytes)

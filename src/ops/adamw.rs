@@ -76,9 +76,7 @@ impl LrTable {
     pub fn new(gpu: &Gpu, rates: &[f64]) -> Result<LrTable> {
         ensure!(!rates.is_empty() && rates.len() < i32::MAX as usize, "learning-rate table of {} entries", rates.len());
         let buf = gpu.alloc(ArenaKind::Persistent, rates.len() * 8)?;
-        // SAFETY: `buf` holds the table; the copy completes before `rates` can go (synchronized).
-        unsafe { cudarc::driver::result::memcpy_htod_async(buf.ptr(), rates, gpu.stream().cu_stream()) }.context("learning-rate table upload failed")?;
-        gpu.synchronize()?;
+        gpu.upload(&buf, rates).context("learning-rate table upload failed")?;
         Ok(LrTable { buf, len: rates.len() })
     }
 

@@ -124,9 +124,7 @@ impl ExampleTable {
         let examples = means.shape()[0];
         ensure!(picks.iter().all(|&p| (p as usize) < examples), "draw_latents: a pick is not one of the {examples} examples");
         let buf = gpu.alloc(ArenaKind::Persistent, picks.len().max(1) * 4)?;
-        // SAFETY: `buf` holds the picks; the copy completes before `picks` can go (synchronized).
-        unsafe { cudarc::driver::result::memcpy_htod_async(buf.ptr(), picks, gpu.stream().cu_stream()) }.context("example table upload failed")?;
-        gpu.synchronize()?;
+        gpu.upload(&buf, picks).context("example table upload failed")?;
         Ok(ExampleTable {
             picks: buf,
             slots: picks.len(),

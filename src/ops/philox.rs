@@ -82,9 +82,7 @@ impl StepCounter {
         self.buf.ptr()
     }
     pub fn set(&self, gpu: &Gpu, value: u32) -> Result<()> {
-        let host = [value];
-        unsafe { cudarc::driver::result::memcpy_htod_async(self.buf.ptr(), &host, gpu.stream().cu_stream()) }.context("counter upload failed")?;
-        gpu.synchronize()
+        gpu.upload(&self.buf, &[value]).context("counter upload failed")
     }
     pub fn get(&self, gpu: &Gpu) -> Result<u32> {
         let mut host = [0u32];

@@ -118,7 +118,7 @@ mod tests {
         let dev = Dev::Gpu(&gpu);
         let cfg = TrainConfig { steps: 3, ..TrainConfig::default() };
         let mut rng = Rng::new(5);
-        let examples = vec![Example { mean: rng.normal_vec(64 * 64 * 4, 1.0), std: vec![0.1; 64 * 64 * 4], latent_hw: (64, 64), context: rng.normal_vec(77 * 768, 1.0) }];
+        let examples = vec![Example::random(&mut rng, 64)];
         let mut unet = UNet2DConditionModel::load(dev, &crate::model::weights::Weights::random(3), UNetConfig::sd15()).unwrap();
         let mut params = lora::attach(dev, &mut unet, &cfg.targets, cfg.rank, cfg.alpha, LoraInit::KaimingUniform, 3).unwrap();
         let mut optimizer = Optimizer::new(dev, &params, AdamWConfig::default(), &[cfg.lr]).unwrap();

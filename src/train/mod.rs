@@ -216,7 +216,7 @@ pub fn benchmark(gpu: &Gpu, resolution: u32, warmup: usize, steps: usize, adamw_
     }
     let hw = resolution as usize / 8;
     let mut rng = Rng::new(1);
-    let examples = vec![Example { mean: rng.normal_vec(hw * hw * 4, 1.0), std: vec![0.1; hw * hw * 4], latent_hw: (hw, hw), context: rng.normal_vec(77 * 768, 1.0) }];
+    let examples = vec![Example::random(&mut rng, hw)];
     gpu.reset_high_water();
     let mut time_steps = |stepper: &mut Stepper, first: usize| -> Result<Vec<f64>> {
         let mut ms = Vec::new();

@@ -38,6 +38,14 @@ pub struct Example {
     pub context: Vec<f32>,
 }
 
+impl Example {
+    /// A stand-in with a random posterior (std 0.1) of an `hw`×`hw` latent and random SD1.5-sized
+    /// caption states: for benchmarks and GPU tests, which need no data set.
+    pub fn random(rng: &mut Rng, hw: usize) -> Example {
+        Example { mean: rng.normal_vec(hw * hw * 4, 1.0), std: vec![0.1; hw * hw * 4], latent_hw: (hw, hw), context: rng.normal_vec(77 * 768, 1.0) }
+    }
+}
+
 /// The inputs of one micro-step, host-side and NHWC: what `--dump-draws` records.
 pub struct Batch {
     pub shape: [usize; 4],
@@ -301,9 +309,7 @@ mod tests {
         let dev = Dev::Gpu(gpu);
         let mut rng = Rng::new(cfg.seed);
         let hw = cfg.resolution as usize / 8;
-        let examples: Vec<Example> = (0..3)
-            .map(|_| Example { mean: rng.normal_vec(hw * hw * 4, 1.0), std: vec![0.1; hw * hw * 4], latent_hw: (hw, hw), context: rng.normal_vec(77 * 768, 1.0) })
-            .collect();
+        let examples: Vec<Example> = (0..3).map(|_| Example::random(&mut rng, hw)).collect();
         let mut unet = UNet2DConditionModel::load(dev, &crate::model::weights::Weights::random(cfg.seed), UNetConfig::sd15()).unwrap();
         let mut params = lora::attach(dev, &mut unet, &cfg.targets, 8, 8.0, LoraInit::KaimingUniform, cfg.seed).unwrap();
         let init = params.params.as_ref().unwrap().to_cpu(gpu).unwrap().into_vec().unwrap();

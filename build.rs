@@ -3,7 +3,10 @@
 //! nvcc is looked for in: `$NVCC`, `$CUDA_HOME/bin`, `$CUDA_PATH/bin`, `PATH`, and where
 //! `scripts/setup.sh` installs it (`$SDLORA_TOOLS_DIR`, default `~/.cache/sdlora/cuda-13.0`).
 //! Target: `compute_$SDLORA_CUDA_ARCH` (default 80: Ampere and newer; the driver JIT-compiles the
-//! PTX for the actual card). Flags: `-O3 -lineinfo` so ncu/nsys map time to source lines.
+//! PTX for the actual card). Files named `*_sm90.cu` use Hopper-only instructions (wgmma, TMA) and
+//! are compiled for `compute_90a` instead; they are loaded only on compute capability 9.0 devices
+//! (`Gpu::is_hopper`), everything else has an sm_80 path. Flags: `-O3 -lineinfo` so ncu/nsys map
+//! time to source lines.
 //!
 //! No nvcc: the build succeeds with a warning and the binary reports, on first GPU use, how to get
 //! one. `SDLORA_REQUIRE_NVCC=1` makes a missing nvcc a build error (CI sets it).
@@ -43,7 +46,8 @@ fn main() {
             for cu in &cu_files {
                 let stem = cu.file_stem().unwrap().to_str().unwrap();
                 let ptx = out_dir.join(format!("{stem}.ptx"));
-                compile(&nvcc, cu, &ptx, &kernel_dir, &arch);
+                let file_arch = if stem.ends_with("_sm90") { "90a" } else { arch.as_str() };
+                compile(&nvcc, cu, &ptx, &kernel_dir, file_arch);
                 writeln!(generated, "    ({stem:?}, include_str!({:?})),", ptx.display().to_string()).unwrap();
             }
             writeln!(generated, "];").unwrap();

@@ -87,6 +87,17 @@ impl Gpu {
         Ok(self.ctx.name()?)
     }
 
+    /// Whether the device is compute capability 9.0 (H100/H200), which can run the Hopper-only
+    /// `kernels/*_sm90.cu` modules (wgmma/TMA). `SDLORA_SM90=0` answers false, forcing the sm_80
+    /// kernels everywhere (for comparisons).
+    pub fn is_hopper(&self) -> Result<bool> {
+        use sys::CUdevice_attribute::{CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR as MAJOR, CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR as MINOR};
+        if std::env::var("SDLORA_SM90").is_ok_and(|v| v == "0") {
+            return Ok(false);
+        }
+        Ok(self.ctx.attribute(MAJOR)? == 9 && self.ctx.attribute(MINOR)? == 0)
+    }
+
     /// (free, total) device memory in bytes, as the driver reports it.
     pub fn mem_info(&self) -> Result<(usize, usize)> {
         Ok(self.ctx.mem_get_info()?)

@@ -25,8 +25,10 @@
 //              warps split the chunks, then warp 0 merges), then write y (and stats) or dx for the
 //              chunk, whose rows are still in L2 from the stats pass.
 //
-// LayerNorm over rows: x [rows, c], one warp per row holding up to LN_HELD vectors of E elements per
-//   lane in registers (c ≤ 32·LN_HELD·E, i.e. c ≤ 1280 in bf16; wider rows read the rest again),
+// LayerNorm over rows: x [rows, c], one warp per row holding H vectors of E elements per lane in
+//   registers (H = 1, 2, 3 or 5, the launcher's smallest with 32·H·E ≥ c: c = 320 bf16 holds 2,
+//   768/640 hold 3, 1280 holds 5; wider rows read the rest again). Fewer held vectors, fewer
+//   registers, more resident warps: the kernel is a latency chain, occupancy is its speed.
 //   with γ and β fetched together with x; exact two-pass statistics (mean, then Σ(x − mean)² from
 //   registers); y = x̂·γ + β; stats [rows, 2] = (mean, rstd).
 //   Backward: d = dy·γ; dx = rstd·(d − mean(d) − x̂·mean(d·x̂)).
@@ -37,7 +39,6 @@
 #define GROUPS 32
 #define WARPS 8
 #define THREADS 256
-#define LN_HELD 5
 
 __device__ __forceinline__ float sigmoidf(float h) { return __frcp_rn(1.0f + __expf(-h)); }
 
@@ -328,7 +329,7 @@ __device__ __forceinline__ void opaque(Pack<T, E>& pk) {
 
 // ---------------------------------------------------------------------------------------------
 // LayerNorm: lane `lane` of a row's warp owns vectors j·32 + lane (j = 0, 1, ...) of the row;
-// the first LN_HELD stay in registers, later ones (rows wider than 32·LN_HELD·E) are read again.
+// the first H stay in registers, later ones (rows wider than 32·H·E) are read again.
 // ---------------------------------------------------------------------------------------------
 template <typename T, int E>
 __device__ __forceinline__ void ln_fwd_write(T* yr, const Pack<T, E>& gp, const Pack<T, E>& bp, float (&u)[E], int k, float mean,
@@ -341,7 +342,7 @@ __device__ __forceinline__ void ln_fwd_write(T* yr, const Pack<T, E>& gp, const 
   store_pack<T, E>(yr + k * E, u);
 }
 
-template <typename T, int E>
+template <typename T, int E, int H>
 __device__ void ln_fwd(const T* __restrict__ x, const T* __restrict__ gamma, const T* __restrict__ beta, T* __restrict__ y,
                        float2* __restrict__ stats, int rows, int c, float eps) {
   const int lane = threadIdx.x & 31;
@@ -350,9 +351,9 @@ __device__ void ln_fwd(const T* __restrict__ x, const T* __restrict__ gamma, con
   const T* xr = x + (int64_t)row * c;
   const int nv = c / E;
   // x, γ, β of the held vectors, fetched together: no memory round trip after the statistics.
-  Pack<T, E> v[LN_HELD], g[LN_HELD], be[LN_HELD];
+  Pack<T, E> v[H], g[H], be[H];
 #pragma unroll
-  for (int j = 0; j < LN_HELD; ++j)
+  for (int j = 0; j < H; ++j)
     if (j * 32 + lane < nv) {
       v[j] = load_raw<T, E>(xr + (j * 32 + lane) * E);
       g[j] = load_raw<T, E>(gamma + (j * 32 + lane) * E);
@@ -360,14 +361,14 @@ __device__ void ln_fwd(const T* __restrict__ x, const T* __restrict__ gamma, con
     }
   float s = 0.f;
 #pragma unroll
-  for (int j = 0; j < LN_HELD; ++j)
+  for (int j = 0; j < H; ++j)
     if (j * 32 + lane < nv) {
       float u[E];
       unpack<T, E>(v[j], u);
 #pragma unroll
       for (int i = 0; i < E; ++i) s += u[i];
     }
-  for (int k = LN_HELD * 32 + lane; k < nv; k += 32) {
+  for (int k = H * 32 + lane; k < nv; k += 32) {
     float u[E];
     load_pack<T, E>(xr + k * E, u);
 #pragma unroll
@@ -376,7 +377,7 @@ __device__ void ln_fwd(const T* __restrict__ x, const T* __restrict__ gamma, con
   const float mean = warp_sum(s) / (float)c;
   s = 0.f;
 #pragma unroll
-  for (int j = 0; j < LN_HELD; ++j)
+  for (int j = 0; j < H; ++j)
     if (j * 32 + lane < nv) {
       float u[E];
       opaque<T, E>(v[j]);
@@ -384,7 +385,7 @@ __device__ void ln_fwd(const T* __restrict__ x, const T* __restrict__ gamma, con
 #pragma unroll
       for (int i = 0; i < E; ++i) s = fmaf(u[i] - mean, u[i] - mean, s);
     }
-  for (int k = LN_HELD * 32 + lane; k < nv; k += 32) {
+  for (int k = H * 32 + lane; k < nv; k += 32) {
     float u[E];
     load_pack<T, E>(xr + k * E, u);
 #pragma unroll
@@ -394,14 +395,14 @@ __device__ void ln_fwd(const T* __restrict__ x, const T* __restrict__ gamma, con
   if (lane == 0) stats[row] = make_float2(mean, rstd);
   T* yr = y + (int64_t)row * c;
 #pragma unroll
-  for (int j = 0; j < LN_HELD; ++j)
+  for (int j = 0; j < H; ++j)
     if (j * 32 + lane < nv) {
       float u[E];
       opaque<T, E>(v[j]);
       unpack<T, E>(v[j], u);
       ln_fwd_write<T, E>(yr, g[j], be[j], u, j * 32 + lane, mean, rstd);
     }
-  for (int k = LN_HELD * 32 + lane; k < nv; k += 32) {
+  for (int k = H * 32 + lane; k < nv; k += 32) {
     float u[E];
     load_pack<T, E>(xr + k * E, u);
     ln_fwd_write<T, E>(yr, load_raw<T, E>(gamma + k * E), load_raw<T, E>(beta + k * E), u, k, mean, rstd);
@@ -432,7 +433,7 @@ __device__ __forceinline__ void ln_bwd_write(T* dxr, float (&u)[E], const float 
   store_pack<T, E>(dxr + k * E, u);
 }
 
-template <typename T, int E>
+template <typename T, int E, int H>
 __device__ void ln_bwd(const T* __restrict__ x, const T* __restrict__ gamma, const float2* __restrict__ stats,
                        const T* __restrict__ dy, T* __restrict__ dx, int rows, int c) {
   const int lane = threadIdx.x & 31;
@@ -443,9 +444,9 @@ __device__ void ln_bwd(const T* __restrict__ x, const T* __restrict__ gamma, con
   const T* dyr = dy + off;
   const int nv = c / E;
   const float2 st = stats[row];
-  Pack<T, E> hx[LN_HELD], hd[LN_HELD], g[LN_HELD];
+  Pack<T, E> hx[H], hd[H], g[H];
 #pragma unroll
-  for (int j = 0; j < LN_HELD; ++j)
+  for (int j = 0; j < H; ++j)
     if (j * 32 + lane < nv) {
       hx[j] = load_raw<T, E>(xr + (j * 32 + lane) * E);
       hd[j] = load_raw<T, E>(dyr + (j * 32 + lane) * E);
@@ -453,14 +454,14 @@ __device__ void ln_bwd(const T* __restrict__ x, const T* __restrict__ gamma, con
     }
   float a1 = 0.f, a2 = 0.f;
 #pragma unroll
-  for (int j = 0; j < LN_HELD; ++j)
+  for (int j = 0; j < H; ++j)
     if (j * 32 + lane < nv) {
       float u[E], e[E];
       unpack<T, E>(hx[j], u);
       unpack<T, E>(hd[j], e);
       ln_bwd_sums<T, E>(u, e, g[j], st, a1, a2);
     }
-  for (int k = LN_HELD * 32 + lane; k < nv; k += 32) {
+  for (int k = H * 32 + lane; k < nv; k += 32) {
     float u[E], e[E];
     load_pack<T, E>(xr + k * E, u);
     load_pack<T, E>(dyr + k * E, e);
@@ -469,7 +470,7 @@ __device__ void ln_bwd(const T* __restrict__ x, const T* __restrict__ gamma, con
   const float m1 = warp_sum(a1) / (float)c, m2 = warp_sum(a2) / (float)c;
   T* dxr = dx + off;
 #pragma unroll
-  for (int j = 0; j < LN_HELD; ++j)
+  for (int j = 0; j < H; ++j)
     if (j * 32 + lane < nv) {
       float u[E], e[E];
       opaque<T, E>(hx[j]), opaque<T, E>(hd[j]);
@@ -477,7 +478,7 @@ __device__ void ln_bwd(const T* __restrict__ x, const T* __restrict__ gamma, con
       unpack<T, E>(hd[j], e);
       ln_bwd_write<T, E>(dxr, u, e, g[j], j * 32 + lane, st, m1, m2);
     }
-  for (int k = LN_HELD * 32 + lane; k < nv; k += 32) {
+  for (int k = H * 32 + lane; k < nv; k += 32) {
     float u[E], e[E];
     load_pack<T, E>(xr + k * E, u);
     load_pack<T, E>(dyr + k * E, e);
@@ -486,7 +487,17 @@ __device__ void ln_bwd(const T* __restrict__ x, const T* __restrict__ gamma, con
 }
 
 // Entry points: <op>_<type>_v<E>, E = elements per vector load (the launcher picks the widest that
-// divides the channels a lane reads: cpg for GroupNorm, c for LayerNorm).
+// divides the channels a lane reads: cpg for GroupNorm, c for LayerNorm); LayerNorm's also carry
+// _h<H>, the vectors per lane held in registers (blocks of 256 per SM: 4 for H ≤ 2, 3 for H = 3, 2 for 5).
+#define LN_KERNELS(TN, T, E, H)                                                                                         \
+  extern "C" __global__ void __launch_bounds__(256, (H) <= 2 ? 4 : (H) == 3 ? 3 : 2) layer_norm_fwd_##TN##_v##E##_h##H(                \
+      const T* x, const T* gamma, const T* beta, T* y, float2* stats, int rows, int c, float eps) {                    \
+    ln_fwd<T, E, H>(x, gamma, beta, y, stats, rows, c, eps);                                                           \
+  }                                                                                                                    \
+  extern "C" __global__ void __launch_bounds__(256, (H) <= 2 ? 4 : (H) == 3 ? 3 : 2) layer_norm_bwd_##TN##_v##E##_h##H(                \
+      const T* x, const T* gamma, const float2* stats, const T* dy, T* dx, int rows, int c) {                          \
+    ln_bwd<T, E, H>(x, gamma, stats, dy, dx, rows, c);                                                                 \
+  }
 #define NORM_KERNELS(TN, T, E)                                                                                          \
   extern "C" __global__ void __launch_bounds__(256) group_norm_fwd_stats_##TN##_v##E(                                 \
       const T* x, float2* part, int hw, int c, int rpc, int chunks, int P) {                                           \
@@ -507,14 +518,10 @@ __device__ void ln_bwd(const T* __restrict__ x, const T* __restrict__ gamma, con
       int c, int rpc, int chunks, int P, int silu) {                                                                   \
     gn_bwd_apply<T, E>(x, gamma, beta, stats, dy, part, dx, hw, c, rpc, chunks, P, silu);                                \
   }                                                                                                                    \
-  extern "C" __global__ void __launch_bounds__(256, 2) layer_norm_fwd_##TN##_v##E(                                       \
-      const T* x, const T* gamma, const T* beta, T* y, float2* stats, int rows, int c, float eps) {                    \
-    ln_fwd<T, E>(x, gamma, beta, y, stats, rows, c, eps);                                                              \
-  }                                                                                                                    \
-  extern "C" __global__ void __launch_bounds__(256, 2) layer_norm_bwd_##TN##_v##E(                                       \
-      const T* x, const T* gamma, const float2* stats, const T* dy, T* dx, int rows, int c) {                          \
-    ln_bwd<T, E>(x, gamma, stats, dy, dx, rows, c);                                                                    \
-  }
+  LN_KERNELS(TN, T, E, 1)                                                                                              \
+  LN_KERNELS(TN, T, E, 2)                                                                                              \
+  LN_KERNELS(TN, T, E, 3)                                                                                              \
+  LN_KERNELS(TN, T, E, 5)
 
 NORM_KERNELS(f32, float, 1)
 NORM_KERNELS(f32, float, 2)

@@ -119,10 +119,14 @@ pub fn layer_norm_backward_cpu(x: &[f32], rows: usize, c: usize, gamma: &[f32], 
 
 /// Interned kernel name `<op>_<dtype>_v<e>` (kernel names are `&'static str` for the profiler).
 pub(crate) fn kernel_name(op: &str, dtype: DType, e: usize) -> &'static str {
+    interned(format!("{op}_{}_v{e}", dtype.suffix()))
+}
+
+/// A kernel name built at run time, as the `&'static str` launches take (each distinct name leaked once).
+fn interned(name: String) -> &'static str {
     use std::collections::HashMap;
     use std::sync::{Mutex, OnceLock};
     static NAMES: OnceLock<Mutex<HashMap<String, &'static str>>> = OnceLock::new();
-    let name = format!("{op}_{}_v{e}", dtype.suffix());
     let mut names = NAMES.get_or_init(Default::default).lock().unwrap();
     names.entry(name.clone()).or_insert_with(|| Box::leak(name.into_boxed_str()))
 }
@@ -236,6 +240,16 @@ fn ln_dims(x: &Tensor) -> Result<(usize, usize)> {
     Ok((x.numel() / c, c))
 }
 
+/// The LayerNorm kernel for `op` ("layer_norm_fwd"/"_bwd"): widest vector that divides c, and the
+/// fewest register-held vectors per lane (1, 2, 3 or 5) that cover the row (wider rows read the
+/// rest from memory again).
+fn ln_kernel(op: &str, c: usize, dtype: DType) -> &'static str {
+    let e = vector_width(c, dtype);
+    let per_lane = c.div_ceil(e * 32);
+    let held = [1, 2, 3, 5].into_iter().find(|&h| h >= per_lane).unwrap_or(5);
+    interned(format!("{op}_{}_v{e}_h{held}", dtype.suffix()))
+}
+
 fn ln_config(rows: usize) -> LaunchConfig {
     LaunchConfig { grid_dim: (rows.div_ceil(WARPS) as u32, 1, 1), block_dim: ((WARPS * 32) as u32, 1, 1), shared_mem_bytes: 0 }
 }
@@ -250,7 +264,7 @@ pub fn layer_norm(gpu: &Gpu, x: &Tensor, gamma: &Tensor, beta: &Tensor, eps: f32
         KernelArg::Ptr(x.ptr()?), KernelArg::Ptr(gamma.ptr()?), KernelArg::Ptr(beta.ptr()?), KernelArg::Ptr(y.ptr()?), KernelArg::Ptr(stats.ptr()?),
         KernelArg::I32(rows as i32), KernelArg::I32(c as i32), KernelArg::F32(eps),
     ];
-    gpu.launch(MODULE, kernel_name("layer_norm_fwd", x.dtype(), vector_width(c, x.dtype())), ln_config(rows), &args)
+    gpu.launch(MODULE, ln_kernel("layer_norm_fwd", c, x.dtype()), ln_config(rows), &args)
 }
 
 /// LayerNorm input gradient from x, the forward's `stats`, frozen γ and dy.
@@ -262,7 +276,7 @@ pub fn layer_norm_backward(gpu: &Gpu, x: &Tensor, gamma: &Tensor, stats: &Tensor
         KernelArg::Ptr(x.ptr()?), KernelArg::Ptr(gamma.ptr()?), KernelArg::Ptr(stats.ptr()?), KernelArg::Ptr(dy.ptr()?), KernelArg::Ptr(dx.ptr()?),
         KernelArg::I32(rows as i32), KernelArg::I32(c as i32),
     ];
-    gpu.launch(MODULE, kernel_name("layer_norm_bwd", x.dtype(), vector_width(c, x.dtype())), ln_config(rows), &args)
+    gpu.launch(MODULE, ln_kernel("layer_norm_bwd", c, x.dtype()), ln_config(rows), &args)
 }
 
 #[cfg(test)]

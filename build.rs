@@ -42,7 +42,7 @@ fn main() {
         Some(nvcc) => {
             writeln!(generated, "/// nvcc that compiled the kernels.\npub const NVCC: Option<&str> = Some({:?});", nvcc.display().to_string()).unwrap();
             writeln!(generated, "/// PTX target the kernels were compiled for.\npub const ARCH: &str = \"compute_{arch}\";").unwrap();
-            writeln!(generated, "/// (module name, PTX text) for every kernels/*.cu.\npub const MODULES: &[(&str, &str)] = &[").unwrap();
+            writeln!(generated, "/// (module name, PTX text) for every kernels/*.cu.\npub static MODULES: &[(&str, &str)] = &[").unwrap();
             for cu in &cu_files {
                 let stem = cu.file_stem().unwrap().to_str().unwrap();
                 let ptx = out_dir.join(format!("{stem}.ptx"));
@@ -64,7 +64,7 @@ fn main() {
                 println!("cargo:rerun-if-changed={}", tools.join("nvidia/cu13/bin/nvcc").display());
             }
             println!("cargo:warning={msg}");
-            writeln!(generated, "pub const NVCC: Option<&str> = None;\npub const ARCH: &str = \"compute_{arch}\";\npub const MODULES: &[(&str, &str)] = &[];").unwrap();
+            writeln!(generated, "pub const NVCC: Option<&str> = None;\npub const ARCH: &str = \"compute_{arch}\";\npub static MODULES: &[(&str, &str)] = &[];").unwrap();
         }
     }
     fs::write(out_dir.join("kernels.rs"), generated).unwrap();

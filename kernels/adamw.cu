@@ -14,6 +14,15 @@
 // adamw_grad_sq_partial: block b writes part[b] = Σ g² over its grid-stride share (f32, block tree).
 // adamw_step: every block re-reduces part[0..nparts) in the same fixed order (so all blocks get the
 // same ‖g‖ bit for bit), then updates its grid-stride share of the parameters.
+//
+// adamw_step_8bit: the same step with 8-bit moments (CPU twin: adamw_step_8bit_cpu). Values go in
+// blocks of 256 (QBLOCK), each with scales (sm, sv) = the block's max |m| and max v after the
+// step. A value x in [0, 1] relative to its scale is stored as a level on a log scale, 8 levels per
+// octave: level L ≥ 1 means x = 2^((L − LMAX)/8), level 0 means 0 (x below 2^(−LMAX/8)); rounding
+// picks the nearest level in log space (≤ 4.4 % relative error). m: sign bit + 7-bit level
+// (LMAX 127: 16 octaves), v: 8-bit level (LMAX 255: 32 octaves, so that √v keeps 16). Encoding and
+// decoding use only exact operations (exponent bits, comparisons against f32 constants, scaling by
+// powers of two), so the GPU and the twin agree on every level they are given the same value for.
 #include "common.cuh"
 
 __device__ float block_sum(float v, float* sh) {
@@ -66,5 +75,99 @@ extern "C" __global__ void adamw_step(float* __restrict__ p, const float* __rest
     p[i] = p[i] * decay - step_size * (mi / denom);
     m[i] = mi;
     v[i] = vi;
+  }
+}
+
+#define QBLOCK 256
+
+// 2^((k + 0.5)/8) and 2^(k/8), k = 0..7, as f32 (the twin holds the same constants).
+__device__ __forceinline__ float level_threshold(int k) {
+  const float t[8] = {1.0442737340927124f, 1.1387885808944702f, 1.2418577671051025f, 1.3542555570602417f,
+                      1.4768261909484863f, 1.610490322113037f,  1.7562521696090698f, 1.9152065515518188f};
+  return t[k];
+}
+__device__ __forceinline__ float level_value(int k) {
+  const float v[8] = {1.0f, 1.0905077457427979f, 1.1892070770263672f, 1.2968395948410034f,
+                      1.4142135381698608f, 1.5422108173370361f, 1.6817928552627563f, 1.8340080976486206f};
+  return v[k];
+}
+
+// Level of x in [0, 1] (0: below the lowest level).
+__device__ __forceinline__ int encode_level(float x, int lmax) {
+  const uint32_t bits = __float_as_uint(x);
+  const int e = (int)(bits >> 23) - 127;                       // x = f·2^e, f in [1, 2)
+  if (x <= 0.0f || e < -64) return 0;
+  const float f = __uint_as_float((bits & 0x007fffffu) | 0x3f800000u);
+  int j = 0;
+#pragma unroll
+  for (int k = 0; k < 8; ++k) j += f >= level_threshold(k);
+  const int level = lmax + 8 * e + j;
+  return level < 1 ? 0 : min(level, lmax);
+}
+
+__device__ __forceinline__ float decode_level(int level, int lmax, float scale) {
+  if (level == 0) return 0.0f;
+  const int l = level - lmax;                                  // ≤ 0
+  const int e = l >= 0 ? l / 8 : -((-l + 7) / 8);              // floor(l / 8)
+  return __fmul_rn(ldexpf(level_value(l - 8 * e), e), scale);
+}
+
+__device__ float block_max(float v, float* sh) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+  if (lane == 0) sh[warp] = v;
+  __syncthreads();
+  float s = 0.f;
+  for (int w = 0; w < (int)(blockDim.x >> 5); ++w) s = fmaxf(s, sh[w]);
+  __syncthreads();
+  return s;
+}
+
+// One block of QBLOCK threads per group of QBLOCK values (grid-stride over groups).
+extern "C" __global__ void __launch_bounds__(QBLOCK) adamw_step_8bit(
+    float* __restrict__ p, const float* __restrict__ g, uint8_t* __restrict__ qm, uint8_t* __restrict__ qv,
+    float2* __restrict__ scales, int64_t n, const uint32_t* __restrict__ step, const double* __restrict__ lr_table,
+    int lr_len, double beta1, double beta2, float eps, double weight_decay, const float* __restrict__ part, int nparts,
+    float max_norm) {
+  __shared__ float sh[32];
+  float clip = 1.f;
+  if (part != nullptr) {
+    float acc = 0.f;
+    for (int k = threadIdx.x; k < nparts; k += blockDim.x) acc += part[k];
+    const float norm = sqrtf(block_sum(acc, sh));
+    clip = fminf(1.f, max_norm / (norm + 1e-6f));
+  }
+  const uint32_t ti = *step;
+  const double lr = lr_table[(ti < (uint32_t)lr_len ? ti : (uint32_t)lr_len) - 1];
+  const float decay = (float)(1.0 - lr * weight_decay);
+  const double t = (double)ti;
+  const double bc1 = 1.0 - pow(beta1, t), bc2 = 1.0 - pow(beta2, t);
+  const float step_size = (float)(lr / bc1), bc2_sqrt = (float)sqrt(bc2);
+  const float w1 = (float)(1.0 - beta1), w2 = (float)(1.0 - beta2), b2 = (float)beta2;
+  const int64_t groups = (n + QBLOCK - 1) / QBLOCK;
+  for (int64_t grp = blockIdx.x; grp < groups; grp += gridDim.x) {
+    const int64_t i = grp * QBLOCK + threadIdx.x;
+    const bool valid = i < n;
+    const float2 sc = scales[grp];
+    float mi = 0.f, vi = 0.f;
+    if (valid) {
+      const int cm = qm[i], cv = qv[i];
+      const float mag = decode_level(cm & 127, 127, sc.x);
+      mi = (cm & 128) ? -mag : mag;
+      vi = decode_level(cv, 255, sc.y);
+      const float gi = g[i] * clip;
+      mi = mi + w1 * (gi - mi);
+      vi = vi * b2 + w2 * gi * gi;
+      const float denom = sqrtf(vi) / bc2_sqrt + eps;
+      p[i] = p[i] * decay - step_size * (mi / denom);
+    }
+    const float sm = block_max(fabsf(mi), sh), sv = block_max(vi, sh);
+    if (valid) {
+      const int lm = sm > 0.f ? encode_level(__fdiv_rn(fabsf(mi), sm), 127) : 0;
+      qm[i] = (uint8_t)((mi < 0.f && lm > 0 ? 128 : 0) | lm);
+      qv[i] = (uint8_t)(sv > 0.f ? encode_level(__fdiv_rn(vi, sv), 255) : 0);
+    }
+    if (threadIdx.x == 0) scales[grp] = make_float2(sm, sv);
   }
 }

@@ -98,6 +98,10 @@ struct TrainArgs {
     /// --max-grad-norm.
     #[arg(long)]
     adamw_per_layer: bool,
+    /// Keep AdamW's moments in 8 bits (blockwise log-scale codes): 2 bytes per LoRA value instead
+    /// of 8 (0.14 GiB less at rank 128); close to, but not bit-compatible with, torch's AdamW.
+    #[arg(long)]
+    adamw_8bit: bool,
     /// Write a checkpoint every N steps [default: 250].
     #[arg(long)]
     save_every: Option<usize>,
@@ -159,6 +163,7 @@ impl TrainArgs {
             c.vram_limit = self.vram_limit.clone();
         }
         c.adamw_per_layer |= self.adamw_per_layer;
+        c.adamw_8bit |= self.adamw_8bit;
         Ok(c)
     }
 }
@@ -188,6 +193,9 @@ enum BenchWhat {
         /// Apply AdamW per layer inside the backward (as `train --adamw-per-layer`).
         #[arg(long)]
         adamw_per_layer: bool,
+        /// 8-bit AdamW moments (as `train --adamw-8bit`).
+        #[arg(long)]
+        adamw_8bit: bool,
     },
     /// Check one UNet LoRA forward + backward at full SD1.5 size against PyTorch and time it.
     ///
@@ -238,8 +246,8 @@ fn run(cli: Cli) -> Result<()> {
             let gpu = Gpu::new(0)?;
             sdlora::bench::run_kernel_benches(&gpu, &filter)
         }
-        Command::Bench(BenchArgs { what: BenchWhat::Train { resolution, steps, adamw_per_layer } }) => {
-            sdlora::train::benchmark(&Gpu::new(0)?, resolution, 3, steps, adamw_per_layer)
+        Command::Bench(BenchArgs { what: BenchWhat::Train { resolution, steps, adamw_per_layer, adamw_8bit } }) => {
+            sdlora::train::benchmark(&Gpu::new(0)?, resolution, 3, steps, adamw_per_layer, adamw_8bit)
         }
         Command::Bench(BenchArgs { what: BenchWhat::Unet { reference, iters, checkpoint } }) => {
             sdlora::bench::unet::run(&Gpu::new(0)?, &reference, iters, checkpoint)

@@ -235,6 +235,15 @@ impl Gpu {
         self.synchronize()
     }
 
+    /// Copies the start of `src` into `dst` (synchronizes: `dst` is ready on return).
+    pub fn download<T: Copy>(&self, src: &DeviceBuffer, dst: &mut [T]) -> Result<()> {
+        let bytes = std::mem::size_of_val(dst);
+        ensure!(bytes <= src.bytes(), "download of {bytes} bytes from a device buffer of {}", src.bytes());
+        // SAFETY: `src` holds `bytes`; `dst` outlives the copy (synchronized below).
+        unsafe { cudarc::driver::result::memcpy_dtoh_async(dst, src.ptr(), self.stream.cu_stream()) }.context("download from the GPU failed")?;
+        self.synchronize()
+    }
+
     /// Allocates `bytes` of device memory from `kind`'s arena (256-byte aligned, uninitialized).
     pub fn alloc(&self, kind: ArenaKind, bytes: usize) -> Result<DeviceBuffer> {
         self.arenas.borrow_mut().alloc(&self.stream, kind, bytes)

@@ -98,18 +98,26 @@ pub struct LoraAdapter {
 }
 
 /// One adapter's share of the optimizer, for AdamW applied inside the backward: f32 views of its
-/// A-then-B values and moments in the optimizer's flat buffers, the bf16 copy, the shared schedule.
+/// A-then-B values in the optimizer's flat buffer, the bf16 copy, its moments, the shared schedule.
 pub struct LayerUpdate {
     pub params: Tensor,
     pub params16: Tensor,
-    pub m: Tensor,
-    pub v: Tensor,
+    pub moments: LayerMoments,
     pub schedule: std::sync::Arc<crate::ops::adamw::AdamWSchedule>,
+}
+
+/// An adapter's view of the optimizer's moments: f32 m and v, or 8-bit codes (`--adamw-8bit`).
+pub enum LayerMoments {
+    F32 { m: Tensor, v: Tensor },
+    EightBit(crate::ops::adamw8bit::DeviceMoments8),
 }
 
 impl LayerUpdate {
     fn apply(&mut self, gpu: &Gpu, grads: &Tensor) -> Result<()> {
-        self.schedule.step(gpu, &mut self.params, grads, &mut self.m, &mut self.v)?;
+        match &mut self.moments {
+            LayerMoments::F32 { m, v } => self.schedule.step(gpu, &mut self.params, grads, m, v)?,
+            LayerMoments::EightBit(q) => self.schedule.step_8bit(gpu, &mut self.params, grads, q)?,
+        }
         crate::ops::elementwise::cast(gpu, &self.params, &mut self.params16)
     }
 }

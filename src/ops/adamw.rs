@@ -12,7 +12,7 @@ use anyhow::{ensure, Context, Result};
 const MODULE: &str = "adamw";
 const BLOCK: u32 = 256;
 /// Grid-stride blocks, and the number of partial norms the step kernel re-reduces.
-const MAX_BLOCKS: usize = 1024;
+pub(crate) const MAX_BLOCKS: usize = 1024;
 
 #[derive(Clone, Copy, Debug, PartialEq)]
 /// Hyperparameters in f64, as torch holds them (Python floats): 0.999 and 0.999f32 differ by 1e-8,
@@ -100,6 +100,30 @@ impl AdamWSchedule {
     }
 }
 
+/// With `max_grad_norm` set: Σ g² in per-block partials (scratch) for the step kernel to reduce.
+pub(crate) fn grad_norm_partials(gpu: &Gpu, grads: &Tensor, cfg: &AdamWConfig) -> Result<Option<(DeviceBuffer, usize)>> {
+    if cfg.max_grad_norm.is_none() {
+        return Ok(None);
+    }
+    let n = grads.numel();
+    let launch = grid(n);
+    let nparts = launch.grid_dim.0 as usize;
+    let part = gpu.alloc(ArenaKind::Scratch, nparts * 4)?;
+    let args = [KernelArg::Ptr(grads.ptr()?), KernelArg::Ptr(part.ptr()), KernelArg::I64(n as i64)];
+    gpu.launch(MODULE, "adamw_grad_sq_partial", launch, &args)?;
+    Ok(Some((part, nparts)))
+}
+
+/// The step kernels' trailing arguments: step counter, rate table, hyperparameters, norm partials.
+pub(crate) fn step_args(counter: &StepCounter, lr: &LrTable, cfg: &AdamWConfig, part: Option<&(DeviceBuffer, usize)>) -> Vec<KernelArg> {
+    vec![
+        // f64 kernel parameters travel as their 8 bytes (KernelArg has no F64).
+        KernelArg::Ptr(counter.ptr()), KernelArg::Ptr(lr.buf.ptr()), KernelArg::I32(lr.len as i32), KernelArg::I64(cfg.beta1.to_bits() as i64),
+        KernelArg::I64(cfg.beta2.to_bits() as i64), KernelArg::F32(cfg.eps as f32), KernelArg::I64(cfg.weight_decay.to_bits() as i64),
+        KernelArg::Ptr(part.map_or(0, |(b, _)| b.ptr())), KernelArg::I32(part.map_or(0, |(_, k)| *k as i32)), KernelArg::F32(cfg.max_grad_norm.unwrap_or(0.0)),
+    ]
+}
+
 /// One AdamW step on the device: `params`, `grads`, `m`, `v` are f32 of one size; t = *counter
 /// (advance it before the step); the rate comes from `lr` (`cfg.lr` is not read). With `max_grad_norm` set, first reduces ‖g‖² into per-block
 /// partials (scratch) and scales g by min(1, max_norm/(‖g‖ + 1e-6)) inside the step (g unchanged).
@@ -108,27 +132,11 @@ pub fn adamw_step(gpu: &Gpu, params: &mut Tensor, grads: &Tensor, m: &mut Tensor
     let n = params.numel();
     ensure!(n > 0, "adamw_step: no parameters");
     check_gpu("adamw_step", &[params, grads, m, v], DType::F32, n)?;
-    let launch = grid(n);
-    let (part, nparts) = match cfg.max_grad_norm {
-        Some(_) => {
-            let nparts = launch.grid_dim.0 as usize;
-            let part = gpu.alloc(ArenaKind::Scratch, nparts * 4)?;
-            let args = [KernelArg::Ptr(grads.ptr()?), KernelArg::Ptr(part.ptr()), KernelArg::I64(n as i64)];
-            gpu.launch(MODULE, "adamw_grad_sq_partial", launch, &args)?;
-            (Some(part), nparts)
-        }
-        None => (None, 0),
-    };
-    let args = [
-        KernelArg::Ptr(params.ptr()?), KernelArg::Ptr(grads.ptr()?), KernelArg::Ptr(m.ptr()?), KernelArg::Ptr(v.ptr()?), KernelArg::I64(n as i64),
-        // f64 kernel parameters travel as their 8 bytes (KernelArg has no F64).
-        KernelArg::Ptr(counter.ptr()), KernelArg::Ptr(lr.buf.ptr()), KernelArg::I32(lr.len as i32), KernelArg::I64(cfg.beta1.to_bits() as i64),
-        KernelArg::I64(cfg.beta2.to_bits() as i64), KernelArg::F32(cfg.eps as f32), KernelArg::I64(cfg.weight_decay.to_bits() as i64), KernelArg::Ptr(part.as_ref().map_or(0, |b| b.ptr())), KernelArg::I32(nparts as i32),
-        KernelArg::F32(cfg.max_grad_norm.unwrap_or(0.0)),
-    ];
-    gpu.launch(MODULE, "adamw_step", launch, &args)
+    let part = grad_norm_partials(gpu, grads, cfg)?;
+    let mut args = vec![KernelArg::Ptr(params.ptr()?), KernelArg::Ptr(grads.ptr()?), KernelArg::Ptr(m.ptr()?), KernelArg::Ptr(v.ptr()?), KernelArg::I64(n as i64)];
+    args.extend(step_args(counter, lr, cfg, part.as_ref()));
+    gpu.launch(MODULE, "adamw_step", grid(n), &args)
 }
-
 #[cfg(test)]
 mod tests {
     use super::*;

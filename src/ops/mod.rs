@@ -12,6 +12,7 @@ pub mod layout;
 pub mod philox;
 pub mod diffusion;
 pub mod adamw;
+pub mod adamw8bit;
 #[cfg(test)]
 pub(crate) mod twin_check;
 pub mod lora;

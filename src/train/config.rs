@@ -100,6 +100,9 @@ pub struct TrainConfig {
     /// Apply AdamW to each adapter inside the backward, as soon as its gradients exist, so the
     /// gradients of all adapters never exist at once (needs grad_accum = 1 and no max_grad_norm).
     pub adamw_per_layer: bool,
+    /// Keep AdamW's moments in 8 bits (blockwise log-scale codes, ops::adamw8bit): 2 bytes per LoRA
+    /// value instead of 8; not bit-compatible with torch's AdamW.
+    pub adamw_8bit: bool,
     pub save_every: usize,
     pub save_format: SaveFormat,
     pub log_every: usize,
@@ -138,6 +141,7 @@ impl Default for TrainConfig {
             weight_decay: 1e-2,
             max_grad_norm: None,
             adamw_per_layer: false,
+            adamw_8bit: false,
             save_every: 250,
             save_format: SaveFormat::Diffusers,
             log_every: 10,

@@ -121,7 +121,7 @@ mod tests {
         let examples = vec![Example::random(&mut rng, 64)];
         let mut unet = UNet2DConditionModel::load(dev, &crate::model::weights::Weights::random(3), UNetConfig::sd15()).unwrap();
         let mut params = lora::attach(dev, &mut unet, &cfg.targets, cfg.rank, cfg.alpha, LoraInit::KaimingUniform, 3).unwrap();
-        let mut optimizer = Optimizer::new(dev, &params, AdamWConfig::default(), &[cfg.lr]).unwrap();
+        let mut optimizer = Optimizer::new(dev, &params, AdamWConfig::default(), &[cfg.lr], false).unwrap();
         let mut stepper = Stepper::new(dev, &cfg, &examples, 0, cfg.steps).unwrap();
         let everything = plan(&gpu, &cfg, &mut unet, &mut stepper, &mut params, 64 << 30).unwrap();
         assert_eq!((everything.kept, everything.recomputed), (16, 0), "{everything}");

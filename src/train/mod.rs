@@ -86,7 +86,7 @@ pub fn run(cfg: &TrainConfig, gpu: Option<&Gpu>, resume: Option<&Path>, dump: Op
         max_grad_norm: cfg.max_grad_norm.map(|v| v as f32),
     };
     let rates: Vec<f64> = (0..cfg.steps).map(|s| cfg.lr_at(s)).collect();
-    let mut optimizer = Optimizer::new(dev, &params, adam, &rates)?;
+    let mut optimizer = Optimizer::new(dev, &params, adam, &rates, cfg.adamw_8bit)?;
     if let Some(dir) = resume {
         let (step, m, v) = outputs::load_optimizer_state(dir)?;
         ensure!(step as usize == start_step, "{}: optimizer state is at step {step}, the LoRA at {start_step}", dir.display());
@@ -205,12 +205,12 @@ pub fn run(cfg: &TrainConfig, gpu: Option<&Gpu>, resume: Option<&Path>, dump: Op
 /// CUDA graphs as `sdlora train` runs them and, for comparison, eagerly (one launch per kernel);
 /// prints median ms/step, achieved TFLOP/s (1.88 TFLOP per 512 px step), peak device memory and a
 /// per-kernel table of one eager step.
-pub fn benchmark(gpu: &Gpu, resolution: u32, warmup: usize, steps: usize, adamw_per_layer: bool) -> Result<()> {
+pub fn benchmark(gpu: &Gpu, resolution: u32, warmup: usize, steps: usize, adamw_per_layer: bool, adamw_8bit: bool) -> Result<()> {
     let dev = Dev::Gpu(gpu);
     let cfg = TrainConfig { resolution, steps: 2 * (warmup + steps) + 2, ..TrainConfig::default() };
     let mut unet = UNet2DConditionModel::load(dev, &crate::model::weights::Weights::random(0), UNetConfig::sd15())?;
     let mut params = lora::attach(dev, &mut unet, &cfg.targets, cfg.rank, cfg.alpha, LoraInit::KaimingUniform, cfg.seed)?;
-    let mut optimizer = Optimizer::new(dev, &params, AdamWConfig::default(), &[cfg.lr])?;
+    let mut optimizer = Optimizer::new(dev, &params, AdamWConfig::default(), &[cfg.lr], adamw_8bit)?;
     if adamw_per_layer {
         optimizer.update_in_backward(dev, &mut unet, &mut params)?;
     }
@@ -248,8 +248,8 @@ pub fn benchmark(gpu: &Gpu, resolution: u32, warmup: usize, steps: usize, adamw_
         let median = ms[ms.len() / 2];
         format!("{what}: median {median:.2} ms (min {:.2}, max {:.2}, n={steps}), {:.1} TFLOP/s", ms[0], ms[ms.len() - 1], flop / median / 1e9)
     };
-    let per_layer = if adamw_per_layer { " per layer" } else { "" };
-    println!("train step at {resolution} px, batch 1, r = 128 (draws, forward, Min-SNR loss, backward, AdamW{per_layer}):");
+    let adamw = format!("AdamW{}{}", if adamw_per_layer { " per layer" } else { "" }, if adamw_8bit { ", 8-bit moments" } else { "" });
+    println!("train step at {resolution} px, batch 1, r = 128 (draws, forward, Min-SNR loss, backward, {adamw}):");
     println!("  {}", line("CUDA graph replay (as sdlora train runs)", &graphed));
     println!("  {}", line("eager launches, for comparison", &eager));
     println!("  peak device memory {:.2} GiB in use ({:.2} GiB held from the driver)", gib(peak), gib(reserved));

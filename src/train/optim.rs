@@ -1,13 +1,15 @@
 //! AdamW over every LoRA value (torch.optim.AdamW's formula, optional global-norm clipping), with
-//! f32 moments. On the GPU one fused launch updates the flat parameter buffer, with the step count
-//! and the learning rate read on the device (so the update can be a replayed CUDA graph); on the
-//! CPU the twin runs over the adapters' values gathered in the same order.
+//! f32 moments or, on the GPU, 8-bit ones (`--adamw-8bit`, ops::adamw8bit). On the GPU one fused
+//! launch updates the flat parameter buffer, with the step count and the learning rate read on the
+//! device (so the update can be a replayed CUDA graph); on the CPU the twin runs over the
+//! adapters' values gathered in the same order.
 
 use crate::model::layers::Dev;
 use crate::model::lora::{projections, LoraParams};
 use crate::model::unet::UNet2DConditionModel;
-use crate::model::layers::LayerUpdate;
+use crate::model::layers::{LayerMoments, LayerUpdate};
 use crate::ops::adamw::{adamw_step_cpu, AdamWConfig, AdamWSchedule, LrTable};
+use crate::ops::adamw8bit::{DeviceMoments8, Moments8};
 use crate::ops::philox::StepCounter;
 use crate::tensor::Tensor;
 use anyhow::{bail, ensure, Context, Result};
@@ -17,23 +19,40 @@ pub struct Optimizer {
     pub cfg: AdamWConfig,
     /// Optimizer steps taken (torch's `state["step"]`).
     pub step: u32,
-    m: Tensor,
-    v: Tensor,
+    moments: Moments,
     /// GPU: the step count (kept equal to `step`; `step + 1` with per-layer updates, which run
     /// inside the backward) and the rate of every step.
     device: Option<Arc<AdamWSchedule>>,
     per_layer: bool,
 }
 
+/// The first and second moments of every LoRA value.
+enum Moments {
+    F32 { m: Tensor, v: Tensor },
+    /// GPU only: one byte each, in blocks with f32 scales.
+    EightBit(DeviceMoments8),
+}
+
 impl Optimizer {
     /// `rates[t − 1]` is the learning rate of update t (on the GPU; the CPU takes it per update).
-    pub fn new(dev: Dev, params: &LoraParams, cfg: AdamWConfig, rates: &[f64]) -> Result<Optimizer> {
-        let zeros = || dev.master(Tensor::zeros(&[params.count]));
-        let device = match dev {
-            Dev::Cpu => None,
-            Dev::Gpu(g) => Some(Arc::new(AdamWSchedule { counter: StepCounter::new(g, 0)?, rates: LrTable::new(g, rates)?, cfg })),
+    /// `eight_bit`: 8-bit moments (GPU only).
+    pub fn new(dev: Dev, params: &LoraParams, cfg: AdamWConfig, rates: &[f64], eight_bit: bool) -> Result<Optimizer> {
+        let (device, moments) = match dev {
+            Dev::Cpu => {
+                ensure!(!eight_bit, "8-bit AdamW moments (--adamw-8bit) run on the GPU");
+                (None, Moments::F32 { m: Tensor::zeros(&[params.count]), v: Tensor::zeros(&[params.count]) })
+            }
+            Dev::Gpu(g) => {
+                let schedule = Arc::new(AdamWSchedule { counter: StepCounter::new(g, 0)?, rates: LrTable::new(g, rates)?, cfg });
+                let moments = if eight_bit {
+                    Moments::EightBit(DeviceMoments8::zeros(g, params.count)?)
+                } else {
+                    Moments::F32 { m: dev.master(Tensor::zeros(&[params.count]))?, v: dev.master(Tensor::zeros(&[params.count]))? }
+                };
+                (Some(schedule), moments)
+            }
         };
-        Ok(Optimizer { cfg, step: 0, m: zeros()?, v: zeros()?, device, per_layer: false })
+        Ok(Optimizer { cfg, step: 0, moments, device, per_layer: false })
     }
 
     /// Switches to AdamW per layer (GPU): every adapter gets its slices of the parameters, their
@@ -47,7 +66,11 @@ impl Optimizer {
             if let Some(a) = &mut linear.lora {
                 let n = a.a.numel() + a.b.numel();
                 let view = |t: &Tensor| t.gpu_view(offset, &[n]);
-                a.update = Some(LayerUpdate { params: view(p)?, params16: view(p16)?, m: view(&self.m)?, v: view(&self.v)?, schedule: schedule.clone() });
+                let moments = match &self.moments {
+                    Moments::F32 { m, v } => LayerMoments::F32 { m: view(m)?, v: view(v)? },
+                    Moments::EightBit(q) => LayerMoments::EightBit(q.view(offset, n).context("per-layer AdamW with 8-bit moments needs every adapter's size to be a multiple of 256 values")?),
+                };
+                a.update = Some(LayerUpdate { params: view(p)?, params16: view(p16)?, moments, schedule: schedule.clone() });
                 (a.grad_a, a.grad_b) = (Tensor::zeros(&[0]), Tensor::zeros(&[0]));
                 offset += n;
             }
@@ -77,7 +100,8 @@ impl Optimizer {
                 };
                 let mut p = gather(&|a| [&a.a, &a.b])?;
                 let g = gather(&|a| [&a.grad_a, &a.grad_b])?;
-                adamw_step_cpu(&mut p, &g, self.m.data_mut()?, self.v.data_mut()?, self.step, &cfg);
+                let Moments::F32 { m, v } = &mut self.moments else { bail!("8-bit AdamW moments run on the GPU") };
+                adamw_step_cpu(&mut p, &g, m.data_mut()?, v.data_mut()?, self.step, &cfg);
                 let mut at = 0;
                 for a in adapters.iter_mut() {
                     for t in [&mut a.a, &mut a.b] {
@@ -97,7 +121,10 @@ impl Optimizer {
                 }
                 let (p, grads) = (params.params.as_mut().context("GPU LoRA without a flat buffer")?, params.grads.as_mut().context("GPU LoRA without gradients")?);
                 schedule.counter.increment(g)?;
-                schedule.step(g, p, grads, &mut self.m, &mut self.v)?;
+                match &mut self.moments {
+                    Moments::F32 { m, v } => schedule.step(g, p, grads, m, v)?,
+                    Moments::EightBit(q) => schedule.step_8bit(g, p, grads, q)?,
+                }
                 grads.zero(Some(g))?;
                 params.refresh_copies(dev)?;
             }
@@ -105,23 +132,32 @@ impl Optimizer {
         Ok(())
     }
 
-    /// (m, v) on the host, for a checkpoint.
+    /// (m, v) on the host as f32, for a checkpoint (8-bit moments decoded).
     pub fn moments(&self, dev: Dev) -> Result<(Vec<f32>, Vec<f32>)> {
         let host = |t: &Tensor| match dev {
             Dev::Cpu => t.data().map(<[f32]>::to_vec),
             Dev::Gpu(g) => t.to_cpu(g)?.into_vec(),
         };
-        Ok((host(&self.m)?, host(&self.v)?))
+        match (&self.moments, dev) {
+            (Moments::F32 { m, v }, _) => Ok((host(m)?, host(v)?)),
+            (Moments::EightBit(q), Dev::Gpu(g)) => Ok(q.download(g)?.decode()),
+            (Moments::EightBit(_), Dev::Cpu) => bail!("8-bit AdamW moments live on the GPU"),
+        }
     }
 
-    /// Restores the moments and step count saved by a checkpoint.
+    /// Restores the moments and step count saved by a checkpoint (re-encoded with 8-bit moments).
     pub fn restore(&mut self, dev: Dev, step: u32, m: Vec<f32>, v: Vec<f32>) -> Result<()> {
-        ensure!(m.len() == self.m.numel() && v.len() == self.v.numel(), "optimizer state holds {} values, the LoRA {}", m.len(), self.m.numel());
-        let n = m.len();
-        self.m = dev.master(Tensor::from_vec(&[n], m)?)?;
-        self.v = dev.master(Tensor::from_vec(&[n], v)?)?;
-        self.step = step;
+        let n = match &self.moments {
+            Moments::F32 { m, .. } => m.numel(),
+            Moments::EightBit(q) => q.len(),
+        };
+        ensure!(m.len() == n && v.len() == n, "optimizer state holds {} values, the LoRA {n}", m.len());
         ensure!(!self.per_layer, "restore the optimizer state before switching to per-layer updates");
+        self.moments = match (&self.moments, dev) {
+            (Moments::EightBit(_), Dev::Gpu(g)) => Moments::EightBit(DeviceMoments8::upload(g, &Moments8::encode(&m, &v))?),
+            _ => Moments::F32 { m: dev.master(Tensor::from_vec(&[n], m)?)?, v: dev.master(Tensor::from_vec(&[n], v)?)? },
+        };
+        self.step = step;
         if let (Dev::Gpu(g), Some(schedule)) = (dev, &self.device) {
             schedule.counter.set(g, step)?;
         }

@@ -314,7 +314,7 @@ mod tests {
         let mut params = lora::attach(dev, &mut unet, &cfg.targets, 8, 8.0, LoraInit::KaimingUniform, cfg.seed).unwrap();
         let init = params.params.as_ref().unwrap().to_cpu(gpu).unwrap().into_vec().unwrap();
         let rates: Vec<f64> = (0..cfg.steps).map(|s| cfg.lr_at(s)).collect();
-        let mut optimizer = Optimizer::new(dev, &params, AdamWConfig { lr: cfg.lr, ..Default::default() }, &rates).unwrap();
+        let mut optimizer = Optimizer::new(dev, &params, AdamWConfig { lr: cfg.lr, ..Default::default() }, &rates, cfg.adamw_8bit).unwrap();
         if per_layer {
             optimizer.update_in_backward(dev, &mut unet, &mut params).unwrap();
             assert!(params.grads.is_none(), "per-layer updates free the flat gradients");
@@ -366,5 +366,21 @@ mod tests {
         let cfg = TrainConfig { resolution: 128, steps: 5, lr: 1e-3, seed, ..TrainConfig::default() };
         let (flat, per_layer) = (gpu_run(&gpu, &cfg, true, false), gpu_run(&gpu, &cfg, true, true));
         assert_same_training(&format!("per-layer vs flat AdamW, seed={seed}"), &per_layer, &flat);
+    }
+
+    /// 8-bit moments: per-layer updates match the flat 8-bit update, and 8-bit training stays close
+    /// to f32 training over the first steps.
+    #[test]
+    #[ignore = "needs a CUDA GPU"]
+    fn gpu_8bit_adamw_trains_like_f32_flat_and_per_layer() {
+        let gpu = Gpu::for_tests().expect("GPU test needs a CUDA device");
+        gpu.set_check_launches(false);
+        let seed = Rng::fresh_seed();
+        let cfg = TrainConfig { resolution: 128, steps: 5, lr: 1e-3, seed, ..TrainConfig::default() };
+        let f32_flat = gpu_run(&gpu, &cfg, true, false);
+        let cfg8 = TrainConfig { adamw_8bit: true, ..cfg };
+        let (flat, per_layer) = (gpu_run(&gpu, &cfg8, true, false), gpu_run(&gpu, &cfg8, true, true));
+        assert_same_training(&format!("8-bit per-layer vs flat AdamW, seed={seed}"), &per_layer, &flat);
+        assert_same_training(&format!("8-bit vs f32 AdamW, seed={seed}"), &flat, &f32_flat);
     }
 }

@@ -112,20 +112,15 @@ __device__ __forceinline__ float decode_level(int level, int lmax, float scale) 
   return __fmul_rn(ldexpf(level_value(l - 8 * e), e), scale);
 }
 
-__device__ float block_max(float v, float* sh) {
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+__device__ __forceinline__ float warp_max(float v) {
 #pragma unroll
   for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
-  if (lane == 0) sh[warp] = v;
-  __syncthreads();
-  float s = 0.f;
-  for (int w = 0; w < (int)(blockDim.x >> 5); ++w) s = fmaxf(s, sh[w]);
-  __syncthreads();
-  return s;
+  return v;
 }
 
-// One block of QBLOCK threads per group of QBLOCK values (grid-stride over groups).
-extern "C" __global__ void __launch_bounds__(QBLOCK) adamw_step_8bit(
+// One warp per group of QBLOCK values (8 per lane, vector loads), grid-stride over groups; the
+// groups' maxima are warp reductions (no block barrier in the loop).
+extern "C" __global__ void __launch_bounds__(256) adamw_step_8bit(
     float* __restrict__ p, const float* __restrict__ g, uint8_t* __restrict__ qm, uint8_t* __restrict__ qv,
     float2* __restrict__ scales, int64_t n, const uint32_t* __restrict__ step, const double* __restrict__ lr_table,
     int lr_len, double beta1, double beta2, float eps, double weight_decay, const float* __restrict__ part, int nparts,
@@ -145,29 +140,62 @@ extern "C" __global__ void __launch_bounds__(QBLOCK) adamw_step_8bit(
   const double bc1 = 1.0 - pow(beta1, t), bc2 = 1.0 - pow(beta2, t);
   const float step_size = (float)(lr / bc1), bc2_sqrt = (float)sqrt(bc2);
   const float w1 = (float)(1.0 - beta1), w2 = (float)(1.0 - beta2), b2 = (float)beta2;
+  const int lane = threadIdx.x & 31, warps = blockDim.x >> 5;
+  const bool aligned = ((reinterpret_cast<uintptr_t>(p) | reinterpret_cast<uintptr_t>(g)) & 15) == 0 &&
+                       ((reinterpret_cast<uintptr_t>(qm) | reinterpret_cast<uintptr_t>(qv)) & 7) == 0;
   const int64_t groups = (n + QBLOCK - 1) / QBLOCK;
-  for (int64_t grp = blockIdx.x; grp < groups; grp += gridDim.x) {
-    const int64_t i = grp * QBLOCK + threadIdx.x;
-    const bool valid = i < n;
+  for (int64_t grp = (int64_t)blockIdx.x * warps + (threadIdx.x >> 5); grp < groups; grp += (int64_t)gridDim.x * warps) {
+    const int64_t i0 = grp * QBLOCK + lane * 8;
+    // Vector accesses for whole, aligned 8-value runs (all but possibly the last group's tail).
+    const bool vec = i0 + 8 <= n && aligned;
     const float2 sc = scales[grp];
-    float mi = 0.f, vi = 0.f;
-    if (valid) {
-      const int cm = qm[i], cv = qv[i];
-      const float mag = decode_level(cm & 127, 127, sc.x);
-      mi = (cm & 128) ? -mag : mag;
-      vi = decode_level(cv, 255, sc.y);
-      const float gi = g[i] * clip;
-      mi = mi + w1 * (gi - mi);
-      vi = vi * b2 + w2 * gi * gi;
-      const float denom = sqrtf(vi) / bc2_sqrt + eps;
-      p[i] = p[i] * decay - step_size * (mi / denom);
+    float mi[8], vi[8], pi[8], gi[8];
+    uint8_t cm[8], cv[8];
+    if (vec) {
+      *reinterpret_cast<uint2*>(cm) = *reinterpret_cast<const uint2*>(qm + i0);
+      *reinterpret_cast<uint2*>(cv) = *reinterpret_cast<const uint2*>(qv + i0);
+      *reinterpret_cast<float4*>(pi) = *reinterpret_cast<const float4*>(p + i0);
+      *reinterpret_cast<float4*>(pi + 4) = *reinterpret_cast<const float4*>(p + i0 + 4);
+      *reinterpret_cast<float4*>(gi) = *reinterpret_cast<const float4*>(g + i0);
+      *reinterpret_cast<float4*>(gi + 4) = *reinterpret_cast<const float4*>(g + i0 + 4);
+    } else {
+#pragma unroll
+      for (int e = 0; e < 8; ++e) {
+        const bool ok = i0 + e < n;
+        cm[e] = ok ? qm[i0 + e] : 0, cv[e] = ok ? qv[i0 + e] : 0;
+        pi[e] = ok ? p[i0 + e] : 0.f, gi[e] = ok ? g[i0 + e] : 0.f;
+      }
     }
-    const float sm = block_max(fabsf(mi), sh), sv = block_max(vi, sh);
-    if (valid) {
-      const int lm = sm > 0.f ? encode_level(__fdiv_rn(fabsf(mi), sm), 127) : 0;
-      qm[i] = (uint8_t)((mi < 0.f && lm > 0 ? 128 : 0) | lm);
-      qv[i] = (uint8_t)(sv > 0.f ? encode_level(__fdiv_rn(vi, sv), 255) : 0);
+    float am = 0.f, av = 0.f;
+#pragma unroll
+    for (int e = 0; e < 8; ++e) {
+      const float mag = decode_level(cm[e] & 127, 127, sc.x);
+      float m = (cm[e] & 128) ? -mag : mag;
+      float v = decode_level(cv[e], 255, sc.y);
+      const float gc = gi[e] * clip;
+      m = m + w1 * (gc - m);
+      v = v * b2 + w2 * gc * gc;
+      const float denom = sqrtf(v) / bc2_sqrt + eps;
+      pi[e] = pi[e] * decay - step_size * (m / denom);
+      if (i0 + e >= n) m = v = 0.f;  // past the end: no effect on the maxima
+      mi[e] = m, vi[e] = v;
+      am = fmaxf(am, fabsf(m)), av = fmaxf(av, v);
     }
-    if (threadIdx.x == 0) scales[grp] = make_float2(sm, sv);
+    const float sm = warp_max(am), sv = warp_max(av);
+#pragma unroll
+    for (int e = 0; e < 8; ++e) {
+      const int lm = sm > 0.f ? encode_level(__fdiv_rn(fabsf(mi[e]), sm), 127) : 0;
+      cm[e] = (uint8_t)((mi[e] < 0.f && lm > 0 ? 128 : 0) | lm);
+      cv[e] = (uint8_t)(sv > 0.f ? encode_level(__fdiv_rn(vi[e], sv), 255) : 0);
+    }
+    if (vec) {
+      *reinterpret_cast<uint2*>(qm + i0) = *reinterpret_cast<const uint2*>(cm);
+      *reinterpret_cast<uint2*>(qv + i0) = *reinterpret_cast<const uint2*>(cv);
+      *reinterpret_cast<float4*>(p + i0) = *reinterpret_cast<const float4*>(pi);
+      *reinterpret_cast<float4*>(p + i0 + 4) = *reinterpret_cast<const float4*>(pi + 4);
+    } else {
+      for (int e = 0; e < 8 && i0 + e < n; ++e) qm[i0 + e] = cm[e], qv[i0 + e] = cv[e], p[i0 + e] = pi[e];
+    }
+    if (lane == 0) scales[grp] = make_float2(sm, sv);
   }
 }

@@ -16,7 +16,7 @@ use crate::cuda::{ArenaKind, DeviceBuffer, Gpu, KernelArg, LaunchConfig};
 use crate::tensor::{DType, Tensor};
 use anyhow::{ensure, Result};
 
-/// Values per quantization block (one GPU thread block each).
+/// Values per quantization block (one GPU warp each).
 pub const QBLOCK: usize = 256;
 const M_LMAX: i32 = 127;
 const V_LMAX: i32 = 255;
@@ -160,8 +160,9 @@ pub fn adamw_step_8bit(gpu: &Gpu, params: &mut Tensor, grads: &Tensor, moments: 
     let n = params.numel();
     ensure!(n == moments.n, "adamw_step_8bit: {n} parameters but moments for {}", moments.n);
     super::check_gpu("adamw_step_8bit", &[params, grads], DType::F32, n)?;
+    // One warp per block of values, 8 warps per thread block.
     let groups = n.div_ceil(QBLOCK);
-    let launch = LaunchConfig { grid_dim: (groups.min(super::adamw::MAX_BLOCKS) as u32, 1, 1), block_dim: (QBLOCK as u32, 1, 1), shared_mem_bytes: 0 };
+    let launch = LaunchConfig { grid_dim: (groups.div_ceil(8).min(super::adamw::MAX_BLOCKS) as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
     let part = super::adamw::grad_norm_partials(gpu, grads, cfg)?;
     let mut args = vec![
         KernelArg::Ptr(params.ptr()?), KernelArg::Ptr(grads.ptr()?), KernelArg::Ptr(moments.m.ptr()), KernelArg::Ptr(moments.v.ptr()), KernelArg::Ptr(moments.scales.ptr()), KernelArg::I64(n as i64),

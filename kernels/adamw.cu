@@ -10,6 +10,8 @@
 //   m ← m + (1 − β1)·(g − m)                 (torch's lerp for weights < 0.5)
 //   v ← v·β2 + (1 − β2)·g·g
 //   p ← p − step_size · m / (√v / bc2_sqrt + eps)
+//   p16 ← bf16(p), round to nearest even (when p16 != null: the copy the GEMMs read, written here
+//   instead of by a separate cast launch)
 //
 // adamw_grad_sq_partial: block b writes part[b] = Σ g² over its grid-stride share (f32, block tree).
 // adamw_step: every block re-reduces part[0..nparts) in the same fixed order (so all blocks get the
@@ -47,7 +49,7 @@ extern "C" __global__ void adamw_grad_sq_partial(const float* __restrict__ g, fl
 
 // lr, beta1, beta2, wd are f64 (Python floats in torch): the bias corrections, step size, the
 // (1 − β) lerp weights and decay = 1 − lr·wd are formed in f64 and rounded once.
-extern "C" __global__ void adamw_step(float* __restrict__ p, const float* __restrict__ g, float* __restrict__ m,
+extern "C" __global__ void adamw_step(float* __restrict__ p, bf16* __restrict__ p16, const float* __restrict__ g, float* __restrict__ m,
                                       float* __restrict__ v, int64_t n, const uint32_t* __restrict__ step,
                                       const double* __restrict__ lr_table, int lr_len, double beta1, double beta2,
                                       float eps, double weight_decay, const float* __restrict__ part, int nparts,
@@ -72,7 +74,9 @@ extern "C" __global__ void adamw_step(float* __restrict__ p, const float* __rest
     const float mi = m[i] + w1 * (gi - m[i]);
     const float vi = v[i] * b2 + w2 * gi * gi;
     const float denom = sqrtf(vi) / bc2_sqrt + eps;
-    p[i] = p[i] * decay - step_size * (mi / denom);
+    const float pi = p[i] * decay - step_size * (mi / denom);
+    p[i] = pi;
+    if (p16) p16[i] = __float2bfloat16_rn(pi);
     m[i] = mi;
     v[i] = vi;
   }
@@ -121,7 +125,7 @@ __device__ __forceinline__ float warp_max(float v) {
 // One warp per group of QBLOCK values (8 per lane, vector loads), grid-stride over groups; the
 // groups' maxima are warp reductions (no block barrier in the loop).
 extern "C" __global__ void __launch_bounds__(256) adamw_step_8bit(
-    float* __restrict__ p, const float* __restrict__ g, uint8_t* __restrict__ qm, uint8_t* __restrict__ qv,
+    float* __restrict__ p, bf16* __restrict__ p16, const float* __restrict__ g, uint8_t* __restrict__ qm, uint8_t* __restrict__ qv,
     float2* __restrict__ scales, int64_t n, const uint32_t* __restrict__ step, const double* __restrict__ lr_table,
     int lr_len, double beta1, double beta2, float eps, double weight_decay, const float* __restrict__ part, int nparts,
     float max_norm) {
@@ -141,7 +145,7 @@ extern "C" __global__ void __launch_bounds__(256) adamw_step_8bit(
   const float step_size = (float)(lr / bc1), bc2_sqrt = (float)sqrt(bc2);
   const float w1 = (float)(1.0 - beta1), w2 = (float)(1.0 - beta2), b2 = (float)beta2;
   const int lane = threadIdx.x & 31, warps = blockDim.x >> 5;
-  const bool aligned = ((reinterpret_cast<uintptr_t>(p) | reinterpret_cast<uintptr_t>(g)) & 15) == 0 &&
+  const bool aligned = ((reinterpret_cast<uintptr_t>(p) | reinterpret_cast<uintptr_t>(g) | reinterpret_cast<uintptr_t>(p16)) & 15) == 0 &&
                        ((reinterpret_cast<uintptr_t>(qm) | reinterpret_cast<uintptr_t>(qv)) & 7) == 0;
   const int64_t groups = (n + QBLOCK - 1) / QBLOCK;
   for (int64_t grp = (int64_t)blockIdx.x * warps + (threadIdx.x >> 5); grp < groups; grp += (int64_t)gridDim.x * warps) {
@@ -193,8 +197,18 @@ extern "C" __global__ void __launch_bounds__(256) adamw_step_8bit(
       *reinterpret_cast<uint2*>(qv + i0) = *reinterpret_cast<const uint2*>(cv);
       *reinterpret_cast<float4*>(p + i0) = *reinterpret_cast<const float4*>(pi);
       *reinterpret_cast<float4*>(p + i0 + 4) = *reinterpret_cast<const float4*>(pi + 4);
+      if (p16) {
+        uint4 packed;
+        __nv_bfloat162* h = reinterpret_cast<__nv_bfloat162*>(&packed);
+#pragma unroll
+        for (int q = 0; q < 4; ++q) h[q] = __floats2bfloat162_rn(pi[2 * q], pi[2 * q + 1]);
+        *reinterpret_cast<uint4*>(p16 + i0) = packed;
+      }
     } else {
-      for (int e = 0; e < 8 && i0 + e < n; ++e) qm[i0 + e] = cm[e], qv[i0 + e] = cv[e], p[i0 + e] = pi[e];
+      for (int e = 0; e < 8 && i0 + e < n; ++e) {
+        qm[i0 + e] = cm[e], qv[i0 + e] = cv[e], p[i0 + e] = pi[e];
+        if (p16) p16[i0 + e] = __float2bfloat16_rn(pi[e]);
+      }
     }
     if (lane == 0) scales[grp] = make_float2(sm, sv);
   }

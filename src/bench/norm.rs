@@ -199,9 +199,9 @@ pub fn bench(gpu: &Gpu) -> Result<Vec<BenchRow>> {
         let bytes = (7 * n * 4) as f64;
         let cfg = AdamWConfig::default();
         let lr = LrTable::constant(gpu, cfg.lr)?;
-        rows.push(row("adamw_step", format!("{n}"), bytes, time(gpu, || adamw_step(gpu, &mut p, &g, &mut m, &mut v, &counter, &lr, &cfg))?));
+        rows.push(row("adamw_step", format!("{n}"), bytes, time(gpu, || adamw_step(gpu, &mut p, None, &g, &mut m, &mut v, &counter, &lr, &cfg))?));
         let clip = AdamWConfig { max_grad_norm: Some(1.0), ..cfg };
-        rows.push(row("adamw_step_clip", format!("{n}"), bytes + (n * 4) as f64, time(gpu, || adamw_step(gpu, &mut p, &g, &mut m, &mut v, &counter, &lr, &clip))?));
+        rows.push(row("adamw_step_clip", format!("{n}"), bytes + (n * 4) as f64, time(gpu, || adamw_step(gpu, &mut p, None, &g, &mut m, &mut v, &counter, &lr, &clip))?));
     }
     Ok(rows)
 }

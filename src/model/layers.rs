@@ -77,8 +77,7 @@ pub(crate) fn with_last(shape: &[usize], last: usize) -> Vec<usize> {
 
 /// Trainable low-rank adapter of one Linear: Δy = scale·(x·Aᵀ)·Bᵀ, PEFT's `lora_A`/`lora_B`.
 /// `a`, `b` and the gradients are f32 on the model's device; on the GPU `a16`/`b16` are the bf16
-/// copies the GEMMs read: views into one flat buffer that a single cast refreshes after every
-/// update ([`crate::model::lora::LoraParams::refresh_copies`]).
+/// copies the GEMMs read: views into one flat buffer that the AdamW update rewrites.
 pub struct LoraAdapter {
     pub rank: usize,
     pub alpha: f32,
@@ -114,11 +113,11 @@ pub enum LayerMoments {
 
 impl LayerUpdate {
     fn apply(&mut self, gpu: &Gpu, grads: &Tensor) -> Result<()> {
+        let copy = Some(&mut self.params16);
         match &mut self.moments {
-            LayerMoments::F32 { m, v } => self.schedule.step(gpu, &mut self.params, grads, m, v)?,
-            LayerMoments::EightBit(q) => self.schedule.step_8bit(gpu, &mut self.params, grads, q)?,
+            LayerMoments::F32 { m, v } => self.schedule.step(gpu, &mut self.params, copy, grads, m, v),
+            LayerMoments::EightBit(q) => self.schedule.step_8bit(gpu, &mut self.params, copy, grads, q),
         }
-        crate::ops::elementwise::cast(gpu, &self.params, &mut self.params16)
     }
 }
 

@@ -31,19 +31,8 @@ pub struct LoraParams {
     pub params: Option<Tensor>,
     /// f32 [count], laid out like `params` (GPU only).
     pub grads: Option<Tensor>,
-    /// bf16 [count]: the copy of `params` the GEMMs read (GPU only).
+    /// bf16 [count]: the copy of `params` the GEMMs read, rewritten by each AdamW update (GPU only).
     pub params16: Option<Tensor>,
-}
-
-impl LoraParams {
-    /// Refreshes the bf16 copy from the f32 parameters: one cast for every adapter (GPU; a no-op
-    /// on the CPU, where the adapters are read directly).
-    pub fn refresh_copies(&mut self, dev: Dev) -> Result<()> {
-        if let (Dev::Gpu(g), Some(p), Some(p16)) = (dev, &self.params, &mut self.params16) {
-            crate::ops::elementwise::cast(g, p, p16)?;
-        }
-        Ok(())
-    }
 }
 
 /// Every attention projection of the UNet with its diffusers module path, in a fixed order.

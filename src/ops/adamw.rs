@@ -95,8 +95,8 @@ pub struct AdamWSchedule {
 
 impl AdamWSchedule {
     /// [`adamw_step`] at the schedule's current step.
-    pub fn step(&self, gpu: &Gpu, params: &mut Tensor, grads: &Tensor, m: &mut Tensor, v: &mut Tensor) -> Result<()> {
-        adamw_step(gpu, params, grads, m, v, &self.counter, &self.rates, &self.cfg)
+    pub fn step(&self, gpu: &Gpu, params: &mut Tensor, copy: Option<&mut Tensor>, grads: &Tensor, m: &mut Tensor, v: &mut Tensor) -> Result<()> {
+        adamw_step(gpu, params, copy, grads, m, v, &self.counter, &self.rates, &self.cfg)
     }
 }
 
@@ -124,16 +124,28 @@ pub(crate) fn step_args(counter: &StepCounter, lr: &LrTable, cfg: &AdamWConfig, 
     ]
 }
 
+/// The bf16 copy argument of the step kernels (0: none), checked against the parameters.
+pub(crate) fn copy_arg(what: &str, copy: Option<&mut Tensor>, n: usize) -> Result<KernelArg> {
+    Ok(KernelArg::Ptr(match copy {
+        Some(c) => {
+            check_gpu(what, &[c], DType::BF16, n)?;
+            c.ptr()?
+        }
+        None => 0,
+    }))
+}
+
 /// One AdamW step on the device: `params`, `grads`, `m`, `v` are f32 of one size; t = *counter
 /// (advance it before the step); the rate comes from `lr` (`cfg.lr` is not read). With `max_grad_norm` set, first reduces ‖g‖² into per-block
 /// partials (scratch) and scales g by min(1, max_norm/(‖g‖ + 1e-6)) inside the step (g unchanged).
+/// `copy` (bf16, same size): also receives the updated parameters, rounded.
 #[allow(clippy::too_many_arguments)]
-pub fn adamw_step(gpu: &Gpu, params: &mut Tensor, grads: &Tensor, m: &mut Tensor, v: &mut Tensor, counter: &StepCounter, lr: &LrTable, cfg: &AdamWConfig) -> Result<()> {
+pub fn adamw_step(gpu: &Gpu, params: &mut Tensor, copy: Option<&mut Tensor>, grads: &Tensor, m: &mut Tensor, v: &mut Tensor, counter: &StepCounter, lr: &LrTable, cfg: &AdamWConfig) -> Result<()> {
     let n = params.numel();
     ensure!(n > 0, "adamw_step: no parameters");
     check_gpu("adamw_step", &[params, grads, m, v], DType::F32, n)?;
     let part = grad_norm_partials(gpu, grads, cfg)?;
-    let mut args = vec![KernelArg::Ptr(params.ptr()?), KernelArg::Ptr(grads.ptr()?), KernelArg::Ptr(m.ptr()?), KernelArg::Ptr(v.ptr()?), KernelArg::I64(n as i64)];
+    let mut args = vec![KernelArg::Ptr(params.ptr()?), copy_arg("adamw_step copy", copy, n)?, KernelArg::Ptr(grads.ptr()?), KernelArg::Ptr(m.ptr()?), KernelArg::Ptr(v.ptr()?), KernelArg::I64(n as i64)];
     args.extend(step_args(counter, lr, cfg, part.as_ref()));
     gpu.launch(MODULE, "adamw_step", grid(n), &args)
 }
@@ -191,6 +203,7 @@ mod tests {
             let (mut p, mut m, mut v) = (rng.normal_vec(n, 0.02), vec![0f32; n], vec![0f32; n]);
             let up = |x: &[f32]| Tensor::from_vec(&[n], x.to_vec()).unwrap().to_gpu(&gpu, Persistent, DType::F32).unwrap();
             let (mut pd, mut md, mut vd) = (up(&p), up(&m), up(&v));
+            let mut copy = crate::testing::poisoned(&gpu, &[n], DType::BF16);
             let counter = StepCounter::new(&gpu, 0).unwrap();
             // A schedule: step 1 at cfg.lr, steps 2 and 3 (past the table's end) at its last rate.
             let rates = [cfg.lr, 0.37 * cfg.lr];
@@ -199,7 +212,7 @@ mod tests {
                 let g = rng.normal_vec(n, 1e-3);
                 let gd = up(&g);
                 counter.increment(&gpu).unwrap();
-                adamw_step(&gpu, &mut pd, &gd, &mut md, &mut vd, &counter, &lr, &cfg).unwrap();
+                adamw_step(&gpu, &mut pd, Some(&mut copy), &gd, &mut md, &mut vd, &counter, &lr, &cfg).unwrap();
                 adamw_step_cpu(&mut p, &g, &mut m, &mut v, t, &AdamWConfig { lr: rates[(t as usize).min(2) - 1], ..cfg });
             }
             for (what, dev, host) in [("p", &pd, &p), ("m", &md, &m), ("v", &vd, &v)] {
@@ -208,6 +221,9 @@ mod tests {
                 println!("adamw n={n} clip={clip:?} {what}: rel L2 {:.2e}, max abs {:.2e}", c.rel_l2, c.max_abs);
                 assert_close(&format!("adamw n={n} clip={clip:?} {what} seed={seed}"), &got, host, 1e-6);
             }
+            // The bf16 copy is the updated parameters rounded (the same rounding as a cast).
+            let p_gpu = pd.to_cpu(&gpu).unwrap().into_vec().unwrap();
+            assert_eq!(crate::testing::download(&gpu, &copy), crate::tensor::round_bf16(&p_gpu), "adamw n={n}: bf16 copy (seed {seed})");
         }
     }
 }

@@ -149,14 +149,16 @@ impl DeviceMoments8 {
 
 impl AdamWSchedule {
     /// [`adamw_step_8bit`] at the schedule's current step.
-    pub fn step_8bit(&self, gpu: &Gpu, params: &mut Tensor, grads: &Tensor, moments: &mut DeviceMoments8) -> Result<()> {
-        adamw_step_8bit(gpu, params, grads, moments, &self.counter, &self.rates, &self.cfg)
+    pub fn step_8bit(&self, gpu: &Gpu, params: &mut Tensor, copy: Option<&mut Tensor>, grads: &Tensor, moments: &mut DeviceMoments8) -> Result<()> {
+        adamw_step_8bit(gpu, params, copy, grads, moments, &self.counter, &self.rates, &self.cfg)
     }
 }
 
 /// One AdamW step with 8-bit moments on the device: as [`super::adamw::adamw_step`] (t from the
-/// counter, the rate from the table, optional gradient-norm clipping) with `moments` for m and v.
-pub fn adamw_step_8bit(gpu: &Gpu, params: &mut Tensor, grads: &Tensor, moments: &mut DeviceMoments8, counter: &StepCounter, lr: &LrTable, cfg: &AdamWConfig) -> Result<()> {
+/// counter, the rate from the table, optional gradient-norm clipping, optional bf16 `copy` of the
+/// updated parameters) with `moments` for m and v.
+#[allow(clippy::too_many_arguments)]
+pub fn adamw_step_8bit(gpu: &Gpu, params: &mut Tensor, copy: Option<&mut Tensor>, grads: &Tensor, moments: &mut DeviceMoments8, counter: &StepCounter, lr: &LrTable, cfg: &AdamWConfig) -> Result<()> {
     let n = params.numel();
     ensure!(n == moments.n, "adamw_step_8bit: {n} parameters but moments for {}", moments.n);
     super::check_gpu("adamw_step_8bit", &[params, grads], DType::F32, n)?;
@@ -165,7 +167,7 @@ pub fn adamw_step_8bit(gpu: &Gpu, params: &mut Tensor, grads: &Tensor, moments: 
     let launch = LaunchConfig { grid_dim: (groups.div_ceil(8).min(super::adamw::MAX_BLOCKS) as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
     let part = super::adamw::grad_norm_partials(gpu, grads, cfg)?;
     let mut args = vec![
-        KernelArg::Ptr(params.ptr()?), KernelArg::Ptr(grads.ptr()?), KernelArg::Ptr(moments.m.ptr()), KernelArg::Ptr(moments.v.ptr()), KernelArg::Ptr(moments.scales.ptr()), KernelArg::I64(n as i64),
+        KernelArg::Ptr(params.ptr()?), super::adamw::copy_arg("adamw_step_8bit copy", copy, n)?, KernelArg::Ptr(grads.ptr()?), KernelArg::Ptr(moments.m.ptr()), KernelArg::Ptr(moments.v.ptr()), KernelArg::Ptr(moments.scales.ptr()), KernelArg::I64(n as i64),
     ];
     args.extend(super::adamw::step_args(counter, lr, cfg, part.as_ref()));
     gpu.launch("adamw", "adamw_step_8bit", launch, &args)
@@ -257,17 +259,20 @@ mod tests {
             let mut host = Moments8::encode(&vec![0.0; n], &vec![0.0; n]);
             let mut pd = crate::testing::upload(&gpu, &[n], &p, DType::F32);
             let mut dev = DeviceMoments8::upload(&gpu, &host).unwrap();
+            let mut copy = crate::testing::poisoned(&gpu, &[n], DType::BF16);
             let counter = StepCounter::new(&gpu, 0).unwrap();
             let lr = LrTable::constant(&gpu, cfg.lr).unwrap();
             for t in 1..=3 {
                 let g = rng.normal_vec(n, 1e-2);
                 let gd = crate::testing::upload(&gpu, &[n], &g, DType::F32);
                 counter.increment(&gpu).unwrap();
-                adamw_step_8bit(&gpu, &mut pd, &gd, &mut dev, &counter, &lr, &cfg).unwrap();
+                adamw_step_8bit(&gpu, &mut pd, Some(&mut copy), &gd, &mut dev, &counter, &lr, &cfg).unwrap();
                 adamw_step_8bit_cpu(&mut p, &g, &mut host, t, &cfg);
             }
             let got = dev.download(&gpu).unwrap();
-            crate::tensor::assert_close(&format!("p n={n} seed={seed}"), &crate::testing::download(&gpu, &pd), &p, 1e-6);
+            let p_gpu = crate::testing::download(&gpu, &pd);
+            crate::tensor::assert_close(&format!("p n={n} seed={seed}"), &p_gpu, &p, 1e-6);
+            assert_eq!(crate::testing::download(&gpu, &copy), crate::tensor::round_bf16(&p_gpu), "bf16 copy n={n} (seed {seed})");
             let (gm, gv) = got.decode();
             let (hm, hv) = host.decode();
             crate::tensor::assert_close(&format!("m n={n} seed={seed}"), &gm, &hm, 1e-3);

@@ -120,13 +120,14 @@ impl Optimizer {
                     return schedule.counter.increment(g);
                 }
                 let (p, grads) = (params.params.as_mut().context("GPU LoRA without a flat buffer")?, params.grads.as_mut().context("GPU LoRA without gradients")?);
+                // The update also writes the bf16 copy the GEMMs read.
+                let copy = Some(params.params16.as_mut().context("GPU LoRA without its bf16 copy")?);
                 schedule.counter.increment(g)?;
                 match &mut self.moments {
-                    Moments::F32 { m, v } => schedule.step(g, p, grads, m, v)?,
-                    Moments::EightBit(q) => schedule.step_8bit(g, p, grads, q)?,
+                    Moments::F32 { m, v } => schedule.step(g, p, copy, grads, m, v)?,
+                    Moments::EightBit(q) => schedule.step_8bit(g, p, copy, grads, q)?,
                 }
                 grads.zero(Some(g))?;
-                params.refresh_copies(dev)?;
             }
         }
         Ok(())

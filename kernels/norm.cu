@@ -7,7 +7,7 @@
 //   h = γ_ch·x̂ + β_ch;  y = h, or silu(h) = h·σ(h) when `silu` != 0.
 //   Saved for the backward: stats [n, 32, 2] = (mean, rstd) in f32.
 //   Backward (input grad only, γ β frozen): dh = dy (or dy·σ(h)(1 + h(1 − σ(h))) with SiLU),
-//   d = dh·γ;  dx = rstd·(d − mean_g(d) − x̂·mean_g(d·x̂)).
+//   d = dh·γ;  dx = rstd·(d − mean_g(d) − x̂·mean_g(d·x̂)) (+ res, optional: a residual branch's gradient).
 //   σ(h) = 1/(1 + e^−h) with the fast __expf and a rounded reciprocal (≈ 1e-6 relative).
 //
 //   Tiling: the hw rows of a sample are cut into `chunks` chunks of `rpc` rows; a block of 256
@@ -31,7 +31,8 @@
 //   registers, more resident warps: the kernel is a latency chain, occupancy is its speed.
 //   with γ and β fetched together with x; exact two-pass statistics (mean, then Σ(x − mean)² from
 //   registers); y = x̂·γ + β; stats [rows, 2] = (mean, rstd).
-//   Backward: d = dy·γ; dx = rstd·(d − mean(d) − x̂·mean(d·x̂)).
+//   Backward: d = dy·γ; dx = rstd·(d − mean(d) − x̂·mean(d·x̂)) (+ res, optional: the gradient
+//   of the residual branch around the norm, added here instead of by a separate add).
 //   d = dy·γ is rounded once (__fmul_rn) so that the two passes see the same d: with zero variance
 //   (rstd = 1/√eps) a contracted fma would otherwise leave rstd·(rounding error) instead of 0.
 #include "pack.cuh"
@@ -252,7 +253,7 @@ __device__ void gn_bwd_stats(const T* __restrict__ x, const T* __restrict__ gamm
 template <typename T, int E>
 __device__ void gn_bwd_apply(const T* __restrict__ x, const T* __restrict__ gamma, const T* __restrict__ beta,
                              const float2* __restrict__ stats, const T* __restrict__ dy, const float2* __restrict__ part,
-                             T* __restrict__ dx, int hw, int c, int rpc, int chunks, int P, int silu) {
+                             const T* __restrict__ res, T* __restrict__ dx, int hw, int c, int rpc, int chunks, int P, int silu) {
   const GnThread th(c, P, E);
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int chunk = blockIdx.x, b = blockIdx.y;
@@ -295,6 +296,12 @@ __device__ void gn_bwd_apply(const T* __restrict__ x, const T* __restrict__ gamm
         float xhat;
         const float dd = gn_grad_in(v[i], d[i], g[i], be[i], st, silu, xhat);
         v[i] = st.y * (dd - mdd.x - xhat * mdd.y);
+      }
+      if (res) {
+        float r[E];
+        load_pack<T, E>(res + off + ch, r);
+#pragma unroll
+        for (int i = 0; i < E; ++i) v[i] += r[i];
       }
       store_pack<T, E>(dx + off + ch, v);
     }
@@ -424,18 +431,24 @@ __device__ __forceinline__ void ln_bwd_sums(const float (&u)[E], const float (&e
 }
 
 template <typename T, int E>
-__device__ __forceinline__ void ln_bwd_write(T* dxr, float (&u)[E], const float (&e)[E], const Pack<T, E>& gp, int k, float2 st,
-                                             float m1, float m2) {
+__device__ __forceinline__ void ln_bwd_write(T* dxr, const T* resr, float (&u)[E], const float (&e)[E], const Pack<T, E>& gp, int k,
+                                             float2 st, float m1, float m2) {
   float g[E];
   unpack<T, E>(gp, g);
 #pragma unroll
   for (int i = 0; i < E; ++i) u[i] = st.y * (__fmul_rn(e[i], g[i]) - m1 - (u[i] - st.x) * st.y * m2);
+  if (resr) {
+    float r[E];
+    load_pack<T, E>(resr + k * E, r);
+#pragma unroll
+    for (int i = 0; i < E; ++i) u[i] += r[i];
+  }
   store_pack<T, E>(dxr + k * E, u);
 }
 
 template <typename T, int E, int H>
 __device__ void ln_bwd(const T* __restrict__ x, const T* __restrict__ gamma, const float2* __restrict__ stats,
-                       const T* __restrict__ dy, T* __restrict__ dx, int rows, int c) {
+                       const T* __restrict__ dy, const T* __restrict__ res, T* __restrict__ dx, int rows, int c) {
   const int lane = threadIdx.x & 31;
   const int row = blockIdx.x * WARPS + (threadIdx.x >> 5);
   if (row >= rows) return;
@@ -469,6 +482,7 @@ __device__ void ln_bwd(const T* __restrict__ x, const T* __restrict__ gamma, con
   }
   const float m1 = warp_sum(a1) / (float)c, m2 = warp_sum(a2) / (float)c;
   T* dxr = dx + off;
+  const T* resr = res ? res + off : nullptr;
 #pragma unroll
   for (int j = 0; j < H; ++j)
     if (j * 32 + lane < nv) {
@@ -476,13 +490,13 @@ __device__ void ln_bwd(const T* __restrict__ x, const T* __restrict__ gamma, con
       opaque<T, E>(hx[j]), opaque<T, E>(hd[j]);
       unpack<T, E>(hx[j], u);
       unpack<T, E>(hd[j], e);
-      ln_bwd_write<T, E>(dxr, u, e, g[j], j * 32 + lane, st, m1, m2);
+      ln_bwd_write<T, E>(dxr, resr, u, e, g[j], j * 32 + lane, st, m1, m2);
     }
   for (int k = H * 32 + lane; k < nv; k += 32) {
     float u[E], e[E];
     load_pack<T, E>(xr + k * E, u);
     load_pack<T, E>(dyr + k * E, e);
-    ln_bwd_write<T, E>(dxr, u, e, load_raw<T, E>(gamma + k * E), k, st, m1, m2);
+    ln_bwd_write<T, E>(dxr, resr, u, e, load_raw<T, E>(gamma + k * E), k, st, m1, m2);
   }
 }
 
@@ -495,8 +509,8 @@ __device__ void ln_bwd(const T* __restrict__ x, const T* __restrict__ gamma, con
     ln_fwd<T, E, H>(x, gamma, beta, y, stats, rows, c, eps);                                                           \
   }                                                                                                                    \
   extern "C" __global__ void __launch_bounds__(256, (H) <= 2 ? 4 : (H) == 3 ? 3 : 2) layer_norm_bwd_##TN##_v##E##_h##H(                \
-      const T* x, const T* gamma, const float2* stats, const T* dy, T* dx, int rows, int c) {                          \
-    ln_bwd<T, E, H>(x, gamma, stats, dy, dx, rows, c);                                                                 \
+      const T* x, const T* gamma, const float2* stats, const T* dy, const T* res, T* dx, int rows, int c) {            \
+    ln_bwd<T, E, H>(x, gamma, stats, dy, res, dx, rows, c);                                                            \
   }
 #define NORM_KERNELS(TN, T, E)                                                                                          \
   extern "C" __global__ void __launch_bounds__(256) group_norm_fwd_stats_##TN##_v##E(                                 \
@@ -514,9 +528,9 @@ __device__ void ln_bwd(const T* __restrict__ x, const T* __restrict__ gamma, con
     gn_bwd_stats<T, E>(x, gamma, beta, stats, dy, part, hw, c, rpc, chunks, P, silu);                                \
   }                                                                                                                    \
   extern "C" __global__ void __launch_bounds__(256) group_norm_bwd_apply_##TN##_v##E(                                 \
-      const T* x, const T* gamma, const T* beta, const float2* stats, const T* dy, const float2* part, T* dx, int hw,  \
-      int c, int rpc, int chunks, int P, int silu) {                                                                   \
-    gn_bwd_apply<T, E>(x, gamma, beta, stats, dy, part, dx, hw, c, rpc, chunks, P, silu);                                \
+      const T* x, const T* gamma, const T* beta, const float2* stats, const T* dy, const float2* part, const T* res,    \
+      T* dx, int hw, int c, int rpc, int chunks, int P, int silu) {                                                    \
+    gn_bwd_apply<T, E>(x, gamma, beta, stats, dy, part, res, dx, hw, c, rpc, chunks, P, silu);                           \
   }                                                                                                                    \
   LN_KERNELS(TN, T, E, 1)                                                                                              \
   LN_KERNELS(TN, T, E, 2)                                                                                              \

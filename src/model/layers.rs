@@ -430,16 +430,18 @@ impl GroupNorm {
         }
     }
 
-    pub fn backward(&self, dev: Dev, x: &Tensor, stats: &NormStats, dy: &Tensor, silu: bool) -> Result<Tensor> {
+    /// dx, plus `residual` (the gradient of a residual branch around the norm) when given.
+    pub fn backward(&self, dev: Dev, x: &Tensor, stats: &NormStats, dy: &Tensor, silu: bool, residual: Option<&Tensor>) -> Result<Tensor> {
         let (n, hw, c) = Self::dims(x);
         match (dev, &stats.0) {
             (Dev::Cpu, _) => {
                 let dx = norm::group_norm_backward_cpu(cpu(x)?, n, hw, c, self.groups, cpu(&self.gamma)?, cpu(&self.beta)?, self.eps, silu, cpu(dy)?);
-                Tensor::from_vec(x.shape(), dx)
+                Tensor::from_vec(x.shape(), add_residual_cpu(dx, residual)?)
             }
             (Dev::Gpu(g), Some(stats)) => {
                 let mut dx = Dev::scratch(g, &[n, hw, c])?;
-                norm::group_norm_backward(g, &x.reshape(&[n, hw, c])?, &self.gamma, &self.beta, stats, silu, &dy.reshape(&[n, hw, c])?, &mut dx)?;
+                let residual = residual.map(|r| r.reshape(&[n, hw, c])).transpose()?;
+                norm::group_norm_backward(g, &x.reshape(&[n, hw, c])?, &self.gamma, &self.beta, stats, silu, &dy.reshape(&[n, hw, c])?, residual.as_ref(), &mut dx)?;
                 dx.reshape(x.shape())
             }
             (Dev::Gpu(_), None) => anyhow::bail!("group_norm backward: no statistics from a GPU forward"),
@@ -475,13 +477,17 @@ impl LayerNorm {
         }
     }
 
-    pub fn backward(&self, dev: Dev, x: &Tensor, stats: &NormStats, dy: &Tensor) -> Result<Tensor> {
+    /// dx, plus `residual` (the gradient of the residual branch around the norm) when given.
+    pub fn backward(&self, dev: Dev, x: &Tensor, stats: &NormStats, dy: &Tensor, residual: Option<&Tensor>) -> Result<Tensor> {
         let (r, c) = (rows(x), *x.shape().last().unwrap());
         match (dev, &stats.0) {
-            (Dev::Cpu, _) => Tensor::from_vec(x.shape(), norm::layer_norm_backward_cpu(cpu(x)?, r, c, cpu(&self.gamma)?, self.eps, cpu(dy)?)),
+            (Dev::Cpu, _) => {
+                let dx = norm::layer_norm_backward_cpu(cpu(x)?, r, c, cpu(&self.gamma)?, self.eps, cpu(dy)?);
+                Tensor::from_vec(x.shape(), add_residual_cpu(dx, residual)?)
+            }
             (Dev::Gpu(g), Some(stats)) => {
                 let mut dx = Dev::scratch(g, x.shape())?;
-                norm::layer_norm_backward(g, x, &self.gamma, stats, dy, &mut dx)?;
+                norm::layer_norm_backward(g, x, &self.gamma, stats, dy, residual, &mut dx)?;
                 Ok(dx)
             }
             (Dev::Gpu(_), None) => anyhow::bail!("layer_norm backward: no statistics from a GPU forward"),

@@ -1,7 +1,7 @@
 //! diffusers' ResnetBlock2D, Downsample2D and Upsample2D (models/resnet.py, models/downsampling.py,
 //! models/upsampling.py) on NHWC activations, forward and input-gradient backward.
 
-use super::functional::{add, add_channel_bias, upsample2x, upsample2x_backward};
+use super::functional::{add_channel_bias, upsample2x, upsample2x_backward};
 use super::layers::{Conv2d, Dev, GroupNorm, Linear, NormStats};
 use super::weights::Weights;
 use crate::tensor::Tensor;
@@ -61,14 +61,14 @@ impl ResnetBlock2D {
     pub fn backward(&mut self, dev: Dev<'_>, dy: &Tensor) -> Result<Tensor> {
         let ResnetSaved { x, h1, stats1, stats2 } = self.saved.take().context("ResnetBlock2D backward without a forward")?;
         let dg2 = self.conv2.backward(dev, h1.shape(), dy)?;
-        let dh1 = self.norm2.backward(dev, &h1, &stats2, &dg2, true)?;
+        let dh1 = self.norm2.backward(dev, &h1, &stats2, &dg2, true, None)?;
         let dg1 = self.conv1.backward(dev, x.shape(), &dh1)?;
-        let dx = self.norm1.backward(dev, &x, &stats1, &dg1, true)?;
         let d_short = match &self.conv_shortcut {
             Some(c) => c.backward(dev, x.shape(), dy)?,
             None => dy.clone(),
         };
-        add(dev, &dx, &d_short)
+        // The shortcut's gradient is added inside the GroupNorm backward.
+        self.norm1.backward(dev, &x, &stats1, &dg1, true, Some(&d_short))
     }
 
     pub fn saved_bytes(&self) -> usize {

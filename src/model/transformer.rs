@@ -126,11 +126,12 @@ impl BasicTransformerBlock {
         let d_act = self.ff_out.backward_input(dev, dt3)?;
         let d_hidden = geglu_backward(dev, &s.ff_hidden, &d_act)?;
         let dn3 = self.ff_proj.backward_input(dev, &d_hidden)?;
-        let dt2 = add(dev, dt3, &self.norm3.backward(dev, &s.t2, &s.stats[2], &dn3)?)?;
+        // Each residual branch's gradient is added inside the LayerNorm backward.
+        let dt2 = self.norm3.backward(dev, &s.t2, &s.stats[2], &dn3, Some(dt3))?;
         let dn2 = self.attn2.backward(dev, &s.attn2, &dt2, false)?;
-        let dt1 = add(dev, &dt2, &self.norm2.backward(dev, &s.t1, &s.stats[1], &dn2)?)?;
+        let dt1 = self.norm2.backward(dev, &s.t1, &s.stats[1], &dn2, Some(&dt2))?;
         let dn1 = self.attn1.backward(dev, &s.attn1, &dt1, true)?;
-        add(dev, &dt1, &self.norm1.backward(dev, &s.t0, &s.stats[0], &dn1)?)
+        self.norm1.backward(dev, &s.t0, &s.stats[0], &dn1, Some(&dt1))
     }
 }
 
@@ -205,7 +206,7 @@ impl Transformer2DModel {
         let dt = self.proj_out.backward_input(dev, &dy.reshape(&[s[0], s[1] * s[2], s[3]])?)?;
         let dt0 = self.block.backward(dev, &saved, &dt)?;
         let dg = self.proj_in.backward_input(dev, &dt0)?.reshape(s)?;
-        add(dev, dy, &self.norm.backward(dev, &x, &stats, &dg, false)?)
+        self.norm.backward(dev, &x, &stats, &dg, false, Some(dy))
     }
 
     /// Drops what the forward kept for the backward (inference).

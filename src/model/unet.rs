@@ -283,7 +283,7 @@ impl UNet2DConditionModel {
     pub fn backward(&mut self, dev: Dev, d_out: &Tensor) -> Result<()> {
         let (h, stats) = self.saved_out.take().context("UNet backward without a forward")?;
         let dg = self.conv_out.backward(dev, h.shape(), d_out)?;
-        let mut dh = self.conv_norm_out.backward(dev, &h, &stats, &dg, true)?;
+        let mut dh = self.conv_norm_out.backward(dev, &h, &stats, &dg, true, None)?;
 
         // Up path: each layer's input gradient splits into the running one and its skip's.
         let mut d_skips: Vec<Tensor> = Vec::new();

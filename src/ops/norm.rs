@@ -210,9 +210,10 @@ pub fn group_norm(gpu: &Gpu, x: &Tensor, gamma: &Tensor, beta: &Tensor, eps: f32
 }
 
 /// GroupNorm(32) input gradient: dx from x, the forward's `stats`, frozen γ, β and dy (same `silu`
-/// as the forward; with SiLU the pre-activation is recomputed from x and the stats).
+/// as the forward; with SiLU the pre-activation is recomputed from x and the stats), plus
+/// `residual` (same shape as x) when given: a residual branch's gradient, added in the same pass.
 #[allow(clippy::too_many_arguments)]
-pub fn group_norm_backward(gpu: &Gpu, x: &Tensor, gamma: &Tensor, beta: &Tensor, stats: &Tensor, silu: bool, dy: &Tensor, dx: &mut Tensor) -> Result<()> {
+pub fn group_norm_backward(gpu: &Gpu, x: &Tensor, gamma: &Tensor, beta: &Tensor, stats: &Tensor, silu: bool, dy: &Tensor, residual: Option<&Tensor>, dx: &mut Tensor) -> Result<()> {
     let (n, hw, c) = nhwc_dims(x)?;
     ensure!(c % GROUPS == 0 && hw > 0 && n > 0, "group_norm_backward: shape {:?} (c must be a multiple of {GROUPS})", x.shape());
     check_norm_operands("group_norm_backward", x, c, &[gamma, beta], &[dy, dx])?;
@@ -227,8 +228,15 @@ pub fn group_norm_backward(gpu: &Gpu, x: &Tensor, gamma: &Tensor, beta: &Tensor,
     args.push(KernelArg::Ptr(part.ptr()));
     args.extend(tail);
     gpu.launch(MODULE, kernel_name("group_norm_bwd_stats", x.dtype(), e), cfg, &args)?;
+    let res = match residual {
+        Some(r) => {
+            check_norm_operands("group_norm_backward residual", x, c, &[], &[r])?;
+            r.ptr()?
+        }
+        None => 0,
+    };
     let mut args = front.to_vec();
-    args.extend([KernelArg::Ptr(part.ptr()), KernelArg::Ptr(dx.ptr()?)]);
+    args.extend([KernelArg::Ptr(part.ptr()), KernelArg::Ptr(res), KernelArg::Ptr(dx.ptr()?)]);
     args.extend(tail);
     gpu.launch(MODULE, kernel_name("group_norm_bwd_apply", x.dtype(), e), cfg, &args)
 }
@@ -267,13 +275,22 @@ pub fn layer_norm(gpu: &Gpu, x: &Tensor, gamma: &Tensor, beta: &Tensor, eps: f32
     gpu.launch(MODULE, ln_kernel("layer_norm_fwd", c, x.dtype()), ln_config(rows), &args)
 }
 
-/// LayerNorm input gradient from x, the forward's `stats`, frozen γ and dy.
-pub fn layer_norm_backward(gpu: &Gpu, x: &Tensor, gamma: &Tensor, stats: &Tensor, dy: &Tensor, dx: &mut Tensor) -> Result<()> {
+/// LayerNorm input gradient from x, the forward's `stats`, frozen γ and dy, plus `residual` (same
+/// shape as x) when given: the residual branch's gradient, added in the same pass.
+pub fn layer_norm_backward(gpu: &Gpu, x: &Tensor, gamma: &Tensor, stats: &Tensor, dy: &Tensor, residual: Option<&Tensor>, dx: &mut Tensor) -> Result<()> {
     let (rows, c) = ln_dims(x)?;
     check_norm_operands("layer_norm_backward", x, c, &[gamma], &[dy, dx])?;
     super::check_gpu("layer_norm_backward stats", &[stats], DType::F32, rows * 2)?;
     let args = [
-        KernelArg::Ptr(x.ptr()?), KernelArg::Ptr(gamma.ptr()?), KernelArg::Ptr(stats.ptr()?), KernelArg::Ptr(dy.ptr()?), KernelArg::Ptr(dx.ptr()?),
+        KernelArg::Ptr(x.ptr()?), KernelArg::Ptr(gamma.ptr()?), KernelArg::Ptr(stats.ptr()?), KernelArg::Ptr(dy.ptr()?),
+        KernelArg::Ptr(match residual {
+            Some(r) => {
+                check_norm_operands("layer_norm_backward residual", x, c, &[], &[r])?;
+                r.ptr()?
+            }
+            None => 0,
+        }),
+        KernelArg::Ptr(dx.ptr()?),
         KernelArg::I32(rows as i32), KernelArg::I32(c as i32),
     ];
     gpu.launch(MODULE, ln_kernel("layer_norm_bwd", c, x.dtype()), ln_config(rows), &args)
@@ -410,14 +427,21 @@ mod tests {
         let (xd, gd, bd, dyd) = (upload(gpu, &shape, &x, dtype), upload(gpu, &[c], &gamma, dtype), upload(gpu, &[c], &beta, dtype), upload(gpu, &shape, &dy, dtype));
         let (mut y, mut stats, mut dx) = (poisoned(gpu, &shape, dtype), poisoned(gpu, &[n, GROUPS, 2], DType::F32), poisoned(gpu, &shape, dtype));
         group_norm(gpu, &xd, &gd, &bd, eps, silu, &mut y, &mut stats).unwrap();
-        group_norm_backward(gpu, &xd, &gd, &bd, &stats, silu, &dyd, &mut dx).unwrap();
+        group_norm_backward(gpu, &xd, &gd, &bd, &stats, silu, &dyd, None, &mut dx).unwrap();
+        // The same gradient with a residual branch's gradient added in the kernel.
+        let res = if dtype == DType::BF16 { round_bf16(&rng.normal_vec(n * hw * c, 1.0)) } else { rng.normal_vec(n * hw * c, 1.0) };
+        let mut dx_res = poisoned(gpu, &shape, dtype);
+        group_norm_backward(gpu, &xd, &gd, &bd, &stats, silu, &dyd, Some(&upload(gpu, &shape, &res, dtype)), &mut dx_res).unwrap();
         let what = |s: &str| format!("group norm {s} {dtype:?} n={n} hw={hw} c={c} silu={silu} eps={eps:e} seed={seed}");
         let (tol_fwd, tol_bwd) = tolerances(dtype);
         let want = group_norm_cpu(&x, n, hw, c, GROUPS, &gamma, &beta, eps);
         let want = if silu { silu_cpu(&want) } else { want };
         check(&what("forward"), &download(gpu, &y), &want, tol_fwd);
         check(&what("stats"), &download(gpu, &stats), &gn_stats_cpu(&x, n, hw, c, eps), 1e-5);
-        check(&what("backward"), &download(gpu, &dx), &group_norm_backward_cpu(&x, n, hw, c, GROUPS, &gamma, &beta, eps, silu, &dy), tol_bwd);
+        let want = group_norm_backward_cpu(&x, n, hw, c, GROUPS, &gamma, &beta, eps, silu, &dy);
+        check(&what("backward"), &download(gpu, &dx), &want, tol_bwd);
+        let want_res: Vec<f32> = want.iter().zip(&res).map(|(a, b)| a + b).collect();
+        check(&what("backward + residual"), &download(gpu, &dx_res), &want_res, tol_bwd);
     }
 
     #[test]
@@ -461,11 +485,18 @@ mod tests {
         let (xd, gd, bd, dyd) = (upload(gpu, &shape, &x, dtype), upload(gpu, &[c], &gamma, dtype), upload(gpu, &[c], &beta, dtype), upload(gpu, &shape, &dy, dtype));
         let (mut y, mut stats, mut dx) = (poisoned(gpu, &shape, dtype), poisoned(gpu, &[rows, 2], DType::F32), poisoned(gpu, &shape, dtype));
         layer_norm(gpu, &xd, &gd, &bd, eps, &mut y, &mut stats).unwrap();
-        layer_norm_backward(gpu, &xd, &gd, &stats, &dyd, &mut dx).unwrap();
+        layer_norm_backward(gpu, &xd, &gd, &stats, &dyd, None, &mut dx).unwrap();
+        // The same gradient with a residual branch's gradient added in the kernel.
+        let res = if dtype == DType::BF16 { round_bf16(&rng.normal_vec(rows * c, 1.0)) } else { rng.normal_vec(rows * c, 1.0) };
+        let mut dx_res = poisoned(gpu, &shape, dtype);
+        layer_norm_backward(gpu, &xd, &gd, &stats, &dyd, Some(&upload(gpu, &shape, &res, dtype)), &mut dx_res).unwrap();
         let what = |s: &str| format!("layer norm {s} {dtype:?} rows={rows} c={c} seed={seed}");
         let (tol_fwd, tol_bwd) = tolerances(dtype);
         check(&what("forward"), &download(gpu, &y), &layer_norm_cpu(&x, rows, c, &gamma, &beta, eps), tol_fwd);
-        check(&what("backward"), &download(gpu, &dx), &layer_norm_backward_cpu(&x, rows, c, &gamma, eps, &dy), tol_bwd);
+        let want = layer_norm_backward_cpu(&x, rows, c, &gamma, eps, &dy);
+        check(&what("backward"), &download(gpu, &dx), &want, tol_bwd);
+        let want_res: Vec<f32> = want.iter().zip(&res).map(|(a, b)| a + b).collect();
+        check(&what("backward + residual"), &download(gpu, &dx_res), &want_res, tol_bwd);
     }
 
     #[test]

@@ -228,8 +228,30 @@ impl Linear {
     /// when `want_dx`. The LoRA down-projection u = s·x·Aᵀ is the one the last forward saved when
     /// that forward read this same `x`, else it is recomputed.
     pub fn backward(&mut self, dev: Dev, x: &Tensor, dy: &Tensor, want_dx: bool) -> Result<Option<Tensor>> {
+        self.backward_into(dev, x, dy, want_dx, None)
+    }
+
+    /// [`Linear::backward`] returning `into` + dx: on the GPU the GEMM's epilogue adds dx to
+    /// `into` in place (no separate add).
+    pub fn backward_adding(&mut self, dev: Dev, x: &Tensor, dy: &Tensor, into: Tensor) -> Result<Tensor> {
+        self.backward_into(dev, x, dy, true, Some(into))?.ok_or_else(|| anyhow::anyhow!("backward_adding: no input gradient"))
+    }
+
+    fn backward_into(&mut self, dev: Dev, x: &Tensor, dy: &Tensor, want_dx: bool, into: Option<Tensor>) -> Result<Option<Tensor>> {
+        if let (Dev::Cpu, Some(acc)) = (dev, &into) {
+            let dx = self.backward_into(dev, x, dy, true, None)?.ok_or_else(|| anyhow::anyhow!("no input gradient"))?;
+            let shape = dx.shape().to_vec();
+            return Tensor::from_vec(&shape, add_residual_cpu(dx.into_vec()?, Some(acc))?).map(Some);
+        }
         let Some(l) = &mut self.lora else {
-            return if want_dx { self.backward_input(dev, dy).map(Some) } else { Ok(None) };
+            return match (want_dx, into, dev) {
+                (false, _, _) => Ok(None),
+                (true, Some(mut acc), Dev::Gpu(g)) => {
+                    gemm::linear_input_grad(g, dy, &self.w, true, &mut acc)?;
+                    Ok(Some(acc))
+                }
+                (true, _, _) => self.backward_input(dev, dy).map(Some),
+            };
         };
         let (m, shape) = (rows(dy), with_last(dy.shape(), self.in_f));
         match dev {
@@ -242,7 +264,15 @@ impl Linear {
             }
             Dev::Gpu(gpu) => {
                 let saved = l.saved_u.take().filter(|(_, ptr, shape)| x.ptr().ok() == Some(*ptr) && x.shape() == shape.as_slice());
-                let (mut vs, mut dx) = (Dev::scratch(gpu, &[m, l.rank])?, Dev::scratch(gpu, &shape)?);
+                let dx_accumulate = into.is_some();
+                let mut vs = Dev::scratch(gpu, &[m, l.rank])?;
+                let mut dx = match into {
+                    Some(acc) => {
+                        ensure!(acc.shape() == shape.as_slice(), "backward_adding: {:?} cannot take a gradient of shape {shape:?}", acc.shape());
+                        acc
+                    }
+                    None => Dev::scratch(gpu, &shape)?,
+                };
                 // With per-layer AdamW this adapter's gradients live only until its update below.
                 let layer_grads = match &l.update {
                     Some(_) => Some(Tensor::empty_gpu(gpu, ArenaKind::Scratch, &[l.a.numel() + l.b.numel()], DType::F32)?),
@@ -263,7 +293,7 @@ impl Linear {
                         }
                     };
                     let out = lora::LoraBackwardOut { dx: &mut dx, da: &mut grad_a, db: &mut grad_b, vs: &mut vs };
-                    lora::lora_backward(gpu, &ll, x, &us, dy, out, false, layer_grads.is_none())
+                    lora::lora_backward(gpu, &ll, x, &us, dy, out, dx_accumulate, layer_grads.is_none())
                 })();
                 match (&mut l.update, &layer_grads) {
                     (Some(update), Some(grads)) => {

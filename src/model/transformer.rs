@@ -5,7 +5,7 @@
 //! The backward recomputes nothing by default; with `checkpoint` set, a Transformer2DModel keeps
 //! only its input after the forward and reruns it inside the backward (less memory, more time).
 
-use super::functional::{add, attention, attention_backward, geglu, geglu_backward};
+use super::functional::{attention, attention_backward, geglu, geglu_backward};
 use super::layers::{Dev, GroupNorm, LayerNorm, Linear, NormStats};
 use super::resnet::bytes;
 use super::weights::Weights;
@@ -60,13 +60,15 @@ impl Attention {
     fn backward(&mut self, dev: Dev, s: &AttentionSaved, dy: &Tensor, self_attention: bool) -> Result<Tensor> {
         let d_o = self.to_out.backward(dev, &s.o, dy, true)?.unwrap();
         let (dq, dk, dv) = attention_backward(dev, &s.q, &s.k, &s.v, &s.o, s.lse.as_ref(), &d_o, self.heads)?;
-        let mut dx = self.to_q.backward(dev, &s.x, &dq, true)?.unwrap();
-        let dk_x = self.to_k.backward(dev, &s.context, &dk, self_attention)?;
-        let dv_x = self.to_v.backward(dev, &s.context, &dv, self_attention)?;
-        if let (Some(a), Some(b)) = (dk_x, dv_x) {
-            dx = add(dev, &add(dev, &dx, &a)?, &b)?;
+        let dx = self.to_q.backward(dev, &s.x, &dq, true)?.unwrap();
+        if !self_attention {
+            self.to_k.backward(dev, &s.context, &dk, false)?;
+            self.to_v.backward(dev, &s.context, &dv, false)?;
+            return Ok(dx);
         }
-        Ok(dx)
+        // k and v came from x too: their input gradients are added to dx in the GEMM epilogues.
+        let dx = self.to_k.backward_adding(dev, &s.context, &dk, dx)?;
+        self.to_v.backward_adding(dev, &s.context, &dv, dx)
     }
 
     /// The four projections with their diffusers names.

@@ -307,21 +307,26 @@ mod tests {
             let mut y = poisoned(&gpu, &[m, out_f], y_type);
             lora_forward(&gpu, &l, &xd, &mut us, None, &mut y).unwrap();
             let mut vs = poisoned(&gpu, &[m, r], DType::BF16);
-            let mut dx = poisoned(&gpu, &[m, in_f], y_type);
+            // Accumulating runs add dx to earlier contents too (Linear::backward_adding).
+            let old_dx = rand_bf16(&mut rng, m * in_f, 1.0);
+            let mut dx = if accumulate { upload(&gpu, &[m, in_f], &old_dx, y_type) } else { poisoned(&gpu, &[m, in_f], y_type) };
             let (mut da, mut db) = if accumulate {
                 (upload(&gpu, &[r, in_f], &old_da, DType::F32), upload(&gpu, &[out_f, r], &old_db, DType::F32))
             } else {
                 (poisoned(&gpu, &[r, in_f], DType::F32), poisoned(&gpu, &[out_f, r], DType::F32))
             };
             let out = LoraBackwardOut { dx: &mut dx, da: &mut da, db: &mut db, vs: &mut vs };
-            lora_backward(&gpu, &l, &xd, &us, &dyd, out, false, accumulate).unwrap();
+            lora_backward(&gpu, &l, &xd, &us, &dyd, out, accumulate, accumulate).unwrap();
 
             let rows = sample_rows(&mut rng, m);
             let sub = LoraShape { m: rows.len(), ..s };
             let (xs, dys) = (gather_rows(&x, in_f, &rows), gather_rows(&dy, out_f, &rows));
             let y_ref = lora_forward_cpu(&xs, &w, Some(&bias), &a, &b, scale, &sub);
             assert_close(&format!("y {what}"), &gather_rows(&download(&gpu, &y), out_f, &rows), &y_ref, 1e-2);
-            let dx_ref = lora_backward_cpu(&xs, &w, &a, &b, scale, &dys, &sub).dx;
+            let mut dx_ref = lora_backward_cpu(&xs, &w, &a, &b, scale, &dys, &sub).dx;
+            if accumulate {
+                dx_ref.iter_mut().zip(gather_rows(&old_dx, in_f, &rows)).for_each(|(d, o)| *d += o);
+            }
             assert_close(&format!("dx {what}"), &gather_rows(&download(&gpu, &dx), in_f, &rows), &dx_ref, 1e-2);
             // The factor gradients reduce over all M rows: full twins.
             let u = linear_cpu(&x, m, in_f, &a, r, None);

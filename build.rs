@@ -51,7 +51,8 @@ fn main() {
                 writeln!(generated, "    ({stem:?}, include_str!({:?})),", ptx.display().to_string()).unwrap();
             }
             writeln!(generated, "];").unwrap();
-            println!("cargo:warning=compiled {} kernel file(s) to compute_{arch} PTX with {}", cu_files.len(), nvcc.display());
+            let hopper = cu_files.iter().filter(|p| p.file_stem().is_some_and(|s| s.to_string_lossy().ends_with("_sm90"))).count();
+            println!("cargo:warning=compiled {} kernel file(s) to compute_{arch} PTX and {hopper} to compute_90a with {}", cu_files.len() - hopper, nvcc.display());
         }
         None => {
             let msg = "nvcc not found (looked at $NVCC, $CUDA_HOME/bin, $CUDA_PATH/bin, PATH, ~/.cache/sdlora/cuda-13.0); \

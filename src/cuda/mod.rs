@@ -137,7 +137,7 @@ impl Gpu {
         let m = self
             .ctx
             .load_module((*src).into())
-            .map_err(|e| anyhow!("the driver could not load kernels/{name}.cu's PTX ({}): {e}", ptx::ARCH))?;
+            .map_err(|e| anyhow!("the driver could not load kernels/{name}.cu's PTX ({}): {e}", if name.ends_with("_sm90") { "compute_90a" } else { ptx::ARCH }))?;
         self.modules.borrow_mut().insert(name, m.clone());
         Ok(m)
     }

@@ -70,26 +70,26 @@ pub(crate) fn supports(gpu: &Gpu, call: &GemmCall) -> Result<bool> {
     Ok(segs_ok && (call.layouts == Layouts::Kk || call.n.is_multiple_of(8)))
 }
 
-/// A tile's relative throughput per SM when every SM is busy (measured on the H100:
-/// benches/RESULTS.md, rows `linear_sm90_tile*`).
+/// A tile's relative throughput per SM when the GPU is full (fitted to the forced-tile rows
+/// `linear_sm90_tile*` of benches/RESULTS.md, H100).
 fn tile_rate(tile: (usize, usize)) -> f64 {
     match tile {
         (128, 128) => 1.0,
-        (128, 64) => 0.8,
+        (128, 64) => 0.7,
         _ => 0.9,
     }
 }
 
-/// The tile the launcher picks: least estimated time counting whole waves over the SMs at each
-/// tile's occupancy (as `gemm::pick_tile` does for the sm_80 tiles).
+/// The tile the launcher picks: least estimated time = output tiles per SM (rounded up: the
+/// busiest SM sets the time) × tile area / rate. Co-resident blocks share an SM's throughput, so
+/// blocks per SM only enter through the rate.
 pub(crate) fn pick_tile(gpu: &Gpu, m: usize, n: usize) -> Result<(usize, usize)> {
     let sms = gpu.stream().context().attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)? as usize;
     let cost = |tile: (usize, usize)| {
-        let per_sm = tile_config(tile).2;
-        let waves = (m.div_ceil(tile.0) * n.div_ceil(tile.1)).div_ceil(sms * per_sm);
-        (waves * per_sm * tile.0 * tile.1) as f64 / tile_rate(tile)
+        let per_sm = (m.div_ceil(tile.0) * n.div_ceil(tile.1)).div_ceil(sms);
+        (per_sm * tile.0 * tile.1) as f64 / tile_rate(tile)
     };
-    Ok(SM90_TILES.into_iter().min_by(|a, b| cost(*a).total_cmp(&cost(*b))).unwrap_or(SM90_TILES[0]))
+    Ok(SM90_TILES.into_iter().min_by(|a, b| cost(*a).total_cmp(&cost(*b))).unwrap_or(SM90_TILES[2]))
 }
 
 /// Launches `call` on the sm90 kernel of `tile` (the launcher's choice when `None`). The caller has

@@ -21,7 +21,8 @@
 // Design. One block computes a BM × BN tile of C with WG_M × WG_N warpgroups (128 threads each);
 // each warpgroup owns a 64 × WN sub-tile and issues wgmma.mma_async.m64nWNk16 (bf16 in, f32
 // accumulators in registers: WN/2 per thread). Tiles (see GEMM_SM90_TILES): 256×128 and 128×256
-// (4 warpgroups, 1 block per SM), 128×128 (2 warpgroups, 2 blocks per SM), 128×64 (3 per SM).
+// (4 warpgroups, 1 block per SM), 128×128 (2 warpgroups, 2 blocks per SM), 128×64 (3 per SM), 64×64
+// (1 warpgroup, 3 per SM).
 // Both operands are read by wgmma straight from shared memory through matrix descriptors, in the
 // 128-byte swizzle:
 //   A tile [BM][64] and (kk) B tile [BN][64]: K-major, one 128-byte row per m (n), 16-byte chunk c
@@ -313,7 +314,8 @@ __device__ __forceinline__ void gemm_sm90_body(const bf16* a1, int64_t lda1, con
   GEMM_SM90_KERNEL(256, 128, 4, 1, 128, 4, 1, 1, LB, BKM, OUT, OUTT)     \
   GEMM_SM90_KERNEL(128, 256, 2, 2, 128, 4, 1, 1, LB, BKM, OUT, OUTT)     \
   GEMM_SM90_KERNEL(128, 128, 2, 1, 128, 3, 0, 2, LB, BKM, OUT, OUTT)     \
-  GEMM_SM90_KERNEL(128, 64, 2, 1, 64, 3, 0, 3, LB, BKM, OUT, OUTT)
+  GEMM_SM90_KERNEL(128, 64, 2, 1, 64, 3, 0, 3, LB, BKM, OUT, OUTT)      \
+  GEMM_SM90_KERNEL(64, 64, 1, 1, 64, 4, 1, 3, LB, BKM, OUT, OUTT)
 
 GEMM_SM90_TILES(k, true, bf16, bf16)
 GEMM_SM90_TILES(k, true, f32, float)

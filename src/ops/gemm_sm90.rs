@@ -17,7 +17,7 @@ const MODULE: &str = "gemm_sm90";
 const BK: usize = 64;
 
 /// Block tiles (BM, BN) of the sm90 kernels.
-pub(crate) const SM90_TILES: [(usize, usize); 4] = [(256, 128), (128, 256), (128, 128), (128, 64)];
+pub(crate) const SM90_TILES: [(usize, usize); 5] = [(256, 128), (128, 256), (128, 128), (128, 64), (64, 64)];
 
 /// (threads, pipeline stages, blocks per SM) of a tile: must match GEMM_SM90_TILES in
 /// kernels/gemm_sm90.cu.
@@ -25,7 +25,8 @@ fn tile_config(tile: (usize, usize)) -> (u32, usize, usize) {
     match tile {
         (256, 128) | (128, 256) => (512, 4, 1),
         (128, 128) => (256, 3, 2),
-        _ => (256, 3, 3),
+        (128, 64) => (256, 3, 3),
+        _ => (128, 4, 3),
     }
 }
 
@@ -54,6 +55,10 @@ fn kernel_name(tile: (usize, usize), layouts: Layouts, out: DType) -> Result<&'s
         ((128, 64), Layouts::Kk, DType::F32) => "gemm_sm90_128x64_kk_f32",
         ((128, 64), Layouts::Kn, DType::BF16) => "gemm_sm90_128x64_kn_bf16",
         ((128, 64), Layouts::Kn, DType::F32) => "gemm_sm90_128x64_kn_f32",
+        ((64, 64), Layouts::Kk, DType::BF16) => "gemm_sm90_64x64_kk_bf16",
+        ((64, 64), Layouts::Kk, DType::F32) => "gemm_sm90_64x64_kk_f32",
+        ((64, 64), Layouts::Kn, DType::BF16) => "gemm_sm90_64x64_kn_bf16",
+        ((64, 64), Layouts::Kn, DType::F32) => "gemm_sm90_64x64_kn_f32",
         _ => bail!("gemm_sm90: no kernel for tile {tile:?}, layouts {layouts:?}, output {out:?}"),
     })
 }
@@ -76,6 +81,7 @@ fn tile_rate(tile: (usize, usize)) -> f64 {
     match tile {
         (128, 128) => 1.0,
         (128, 64) => 0.7,
+        (64, 64) => 0.8,
         _ => 0.9,
     }
 }

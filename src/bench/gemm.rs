@@ -6,10 +6,12 @@
 //! (u dropped after the forward and recomputed in the backward: one more x·Aᵀ GEMM, M·r·2 bytes
 //! less to keep), and the weight gradients dA, dB alone with split-K through f32 atomics
 //! (`lora_grads_atomic`) or a workspace and one reduction (`lora_grads_workspace`, the one used).
+//! On a Hopper GPU, `linear_sm90_tile*` / `linear_input_grad_sm90_tile*` force each wgmma tile.
 //! benches/torch_gemm.py times the same shapes with cuBLAS through PyTorch.
 
 use super::{BenchRow, Timing};
 use crate::cuda::{ArenaKind::Persistent, Gpu, KernelArg, LaunchConfig};
+use crate::ops::gemm_sm90;
 use crate::ops::gemm::{self, AtB, GemmCall, Layouts, Segment, SplitK, WeightGradSplit, TILES};
 use crate::ops::lora::{self, LoraBackwardOut, LoraLinear};
 use crate::tensor::{DType, Tensor};
@@ -120,6 +122,8 @@ pub fn bench(gpu: &Gpu) -> Result<Vec<BenchRow>> {
             let kernel = format!("linear_tile{}x{}", tile.0, tile.1);
             rows.push(BenchRow { kernel, shape: shape.clone(), rate: tflops(flop, &t), unit: "TFLOP/s", timing: t });
         }
+        let call = GemmCall { layouts: Layouts::Kk, m, n, seg1: Segment { a: x.ptr()?, lda: k, b: w.ptr()?, ldb: k, k }, seg2: Segment::default(), c: y.ptr()?, ldc: n, out: DType::BF16, bias: None, residual: None, alpha: 1.0, split: SplitK::None };
+        rows.extend(bench_sm90(gpu, "linear", &shape, flop, &call)?);
         let dy = buf(gpu, &[m, n], DType::BF16)?;
         let mut dx = buf(gpu, &[m, k], DType::BF16)?;
         let t = time_queued(gpu, REPS, || gemm::linear_input_grad(gpu, &dy, &w, false, &mut dx))?;
@@ -143,9 +147,26 @@ pub fn bench(gpu: &Gpu) -> Result<Vec<BenchRow>> {
             let kernel = format!("linear_input_grad_tile{}x{}", tile.0, tile.1);
             rows.push(BenchRow { kernel, shape: shape.clone(), rate: tflops(flop, &t), unit: "TFLOP/s", timing: t });
         }
+        let call = GemmCall { layouts: Layouts::Kn, m, n: k, seg1: Segment { a: dy.ptr()?, lda: n, b: w.ptr()?, ldb: k, k: n }, seg2: Segment::default(), c: dx.ptr()?, ldc: k, out: DType::BF16, bias: None, residual: None, alpha: 1.0, split: SplitK::None };
+        rows.extend(bench_sm90(gpu, "linear_input_grad", &shape, flop, &call)?);
     }
     for (m, k, n) in LORA_SHAPES {
         rows.extend(bench_lora(gpu, m, k, n, LORA_RANK)?);
+    }
+    Ok(rows)
+}
+
+/// Rows `<what>_sm90_tile<BM>x<BN>`: the Hopper wgmma kernels (ops::gemm_sm90), each tile forced
+/// (none on other GPUs; the row `<what>` is the launcher's choice, which takes them on a Hopper).
+fn bench_sm90(gpu: &Gpu, what: &str, shape: &str, flop: f64, call: &GemmCall) -> Result<Vec<BenchRow>> {
+    let mut rows = Vec::new();
+    if !gemm_sm90::supports(gpu, call)? {
+        return Ok(rows);
+    }
+    for tile in gemm_sm90::SM90_TILES {
+        let t = time_queued(gpu, REPS, || gemm_sm90::gemm_sm90(gpu, call, Some(tile)))?;
+        let kernel = format!("{what}_sm90_tile{}x{}", tile.0, tile.1);
+        rows.push(BenchRow { kernel, shape: shape.into(), rate: tflops(flop, &t), unit: "TFLOP/s", timing: t });
     }
     Ok(rows)
 }

@@ -220,7 +220,8 @@ pub(crate) fn pick_tile(gpu: &Gpu, m: usize, n: usize) -> Result<(usize, usize)>
 /// Launches one GEMM with the launcher's tile choice. A GEMM whose output tiles fill at most half
 /// of the SMs and whose K is deep (≥ 16 K tiles) is split along K: the slices' f32 partial sums go to a
 /// workspace from the **scratch arena**, and `gemm_splitk_finish_*` adds them up with the bias
-/// and the residual (two launches instead of one K loop of 16+ tiles per block).
+/// and the residual (two launches instead of one K loop of 16+ tiles per block). Other calls run on
+/// the wgmma kernels of `ops::gemm_sm90` where the GPU is a Hopper and the operands allow it.
 pub(crate) fn gemm(gpu: &Gpu, call: &GemmCall) -> Result<()> {
     let tile = pick_tile(gpu, call.m, call.n)?;
     let blocks = call.m.div_ceil(tile.0) * call.n.div_ceil(tile.1);
@@ -229,6 +230,9 @@ pub(crate) fn gemm(gpu: &Gpu, call: &GemmCall) -> Result<()> {
         if slices > 1 {
             return gemm_split_finish(gpu, call, tile, slices);
         }
+    }
+    if super::gemm_sm90::supports(gpu, call)? {
+        return super::gemm_sm90::gemm_sm90(gpu, call, None);
     }
     gemm_with_tile(gpu, call, tile)
 }

@@ -6,6 +6,7 @@ pub mod attention;
 pub mod conv;
 pub mod elementwise;
 pub mod gemm;
+pub mod gemm_sm90;
 pub mod norm;
 pub mod activation;
 pub mod layout;

@@ -1,0 +1,323 @@
+// Hopper (sm_90a) bf16 GEMM on wgmma: the same contract as kernels/gemm.cu's gemm_*_kk_* / gemm_*_kn_*
+// kernels, for the H100. CPU twins: src/ops/gemm.rs `linear_cpu` (layout kk) and
+// `linear_input_grad_cpu` (layout kn), and src/ops/lora.rs for the two-segment (LoRA concat-K) form.
+// Launcher and dispatch: src/ops/gemm_sm90.rs (called from `gemm` in src/ops/gemm.rs on Hopper only).
+//
+//   C[m, n] = alpha · Σ_k A(m, k) · B(n, k)  (+ bias[n])  (+ R[m, n])          0 ≤ m < M, 0 ≤ n < N
+//
+// K runs over two segments read from two pointer pairs (K = K1 + K2; K2 = 0 turns the second off):
+// the fused LoRA forward [x | s·u]·[W | B]ᵀ and its input gradient [dy | s·v]·[W ; A] need no copy.
+// Layouts (row-major storage, `ld` = elements between rows):
+//   A "k": A(m, k) = A[m·lda + k]                     (activations [M, K])
+//   B "k": B(n, k) = B[n·ldb + k]  (layout kk)        (a PyTorch weight [out, in]: y = x·Wᵀ)
+//   B "n": B(n, k) = B[k·ldb + n]  (layout kn)        (W itself: dx = dy·W)
+// Epilogue: C = alpha·acc + bias[n] (bf16, optional) + R[m·ldr + n] (type of C, optional; R may be C
+// itself: each element is read and then written by the same thread). C is bf16 or f32.
+// Requirements (checked by the launcher, which otherwise keeps the sm_80 kernels): A and B 16-byte
+// aligned with leading dimensions and K1, K2 multiples of 8 elements (and N a multiple of 8 for
+// layout kn). Any M and N otherwise; C, R and bias of any alignment (unaligned ones take a scalar
+// epilogue).
+//
+// Design. One block computes a BM × BN tile of C with WG_M × WG_N warpgroups (128 threads each);
+// each warpgroup owns a 64 × WN sub-tile and issues wgmma.mma_async.m64nWNk16 (bf16 in, f32
+// accumulators in registers: WN/2 per thread). Tiles (see GEMM_SM90_TILES): 256×128 and 128×256
+// (4 warpgroups, 1 block per SM), 128×128 (2 warpgroups, 2 blocks per SM), 128×64 (3 per SM), 64×64
+// (1 warpgroup, 3 per SM).
+// Both operands are read by wgmma straight from shared memory through matrix descriptors, in the
+// 128-byte swizzle:
+//   A tile [BM][64] and (kk) B tile [BN][64]: K-major, one 128-byte row per m (n), 16-byte chunk c
+//     of row r stored at chunk c ^ (r mod 8); 8-row groups 1024 B apart (descriptor SBO = 1024; LBO
+//     unused); the four k16 steps of a 64-deep stage start 32 bytes apart.
+//   (kn) B tile: MN-major, BN/64 column blocks of [64 k][64 n] (8 KiB each), 128 bytes of n per k
+//     row, chunk c of row k at c ^ (k mod 8); descriptor LBO = 8192 (next 64 n), SBO = 1024 (next 8
+//     k); the k16 steps start 2048 bytes apart; the instruction's transpose-B flag set.
+// Every tile base is 1024-byte aligned (the swizzle is a function of the address bits 4-9).
+// Pipeline: STAGES stages of (A, B) tiles filled by cp.async.cg (16 B, zero-fill past M, N, K), all
+// threads loading; cp.async groups and one __syncthreads per K tile order the stages. Per K
+// tile kt: wait for tile kt's copies; barrier; issue the copies of tile kt + AHEAD into the stage
+// freed by tile kt − 1 − INFLIGHT; fence.proxy.async (the cp.async writes are generic-proxy writes,
+// wgmma reads through the async proxy); wgmma.fence; four wgmmas; commit; wgmma.wait_group INFLIGHT
+// (INFLIGHT = 1: tile kt's wgmmas run on while the next barrier and copies issue). AHEAD = STAGES −
+// 1 − INFLIGHT tiles are in flight. No warp specialization, no mbarriers: with two or three blocks
+// per SM (128×128: 3 stages, 96 KiB; 128×64: 72 KiB) one block's epilogue overlaps another's main
+// loop, which is what the short K loops of SD1.5 (K = 320: five 64-deep tiles) need most.
+// Epilogue: the accumulators go through shared memory (an f32 [BM][BN] tile, 8-column groups XOR-
+// swizzled by row, conflict-free) so that C, R and bias move as coalesced 16-byte row segments.
+#include "common.cuh"
+#include "mma.cuh"
+
+namespace {
+
+constexpr int BK = 64;  // K depth of a stage: one 128-byte swizzled row
+
+__device__ __forceinline__ void cp_async16(uint32_t dst, const void* src, bool valid) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(valid ? 16 : 0));
+}
+
+// A wgmma shared-memory matrix descriptor, 128-byte swizzle: start address, leading and stride
+// byte offsets (all in 16-byte units), swizzle mode 1 in bits 62-63.
+__device__ __forceinline__ uint64_t smem_desc(uint32_t addr, uint32_t lbo, uint32_t sbo) {
+  return (uint64_t)((addr & 0x3FFFF) >> 4) | ((uint64_t)(lbo >> 4) << 16) | ((uint64_t)(sbo >> 4) << 32) | (1ull << 62);
+}
+
+__device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
+__device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
+template <int N>
+__device__ __forceinline__ void wgmma_wait() { asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory"); }
+__device__ __forceinline__ void fence_proxy_async() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
+
+// Keeps the compiler from moving reads or writes of the accumulators across a wgmma wait.
+template <int R>
+__device__ __forceinline__ void fence_acc(float (&d)[R]) {
+#pragma unroll
+  for (int i = 0; i < R; ++i) asm volatile("" : "+f"(d[i])::"memory");
+}
+
+// D[64×128] += A[64×16]·B[16×128] (one warpgroup; 64 accumulators per thread).
+template <int TRANS_B>
+__device__ __forceinline__ void wgmma_m64n128(float (&d)[64], uint64_t desc_a, uint64_t desc_b) {
+  asm volatile(
+      "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 {"
+      "%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,"
+      "%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31,"
+      "%32,%33,%34,%35,%36,%37,%38,%39,%40,%41,%42,%43,%44,%45,%46,%47,"
+      "%48,%49,%50,%51,%52,%53,%54,%55,%56,%57,%58,%59,%60,%61,%62,%63"
+      "}, %64, %65, 1, 1, 1, 0, %66;\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
+        "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
+        "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
+        "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]),
+        "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]),
+        "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]),
+        "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),
+        "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
+      : "l"(desc_a), "l"(desc_b), "n"(TRANS_B));
+}
+
+// D[64×64] += A[64×16]·B[16×64] (one warpgroup; 32 accumulators per thread).
+template <int TRANS_B>
+__device__ __forceinline__ void wgmma_m64n64(float (&d)[32], uint64_t desc_a, uint64_t desc_b) {
+  asm volatile(
+      "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {"
+      "%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,"
+      "%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31"
+      "}, %32, %33, 1, 1, 1, 0, %34;\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
+        "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
+        "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
+        "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
+      : "l"(desc_a), "l"(desc_b), "n"(TRANS_B));
+}
+
+template <int WN, int TRANS_B>
+__device__ __forceinline__ void wgmma_tile(float (&d)[WN / 2], uint64_t desc_a, uint64_t desc_b) {
+  static_assert(WN == 128 || WN == 64, "warpgroup tile width");
+  if constexpr (WN == 128) wgmma_m64n128<TRANS_B>(d, desc_a, desc_b);
+  else wgmma_m64n64<TRANS_B>(d, desc_a, desc_b);
+}
+
+// One K-major tile [ROWS][64] (rows rows0.., k = k0..k0+63 of a segment of depth kseg) into the
+// swizzled tile at shared address `tile`. Rows ≥ extent and k ≥ kseg are zero-filled.
+template <int ROWS, int THREADS>
+__device__ __forceinline__ void load_k_major(uint32_t tile, const bf16* p, int64_t ld, int rows0, int extent, int k0, int kseg) {
+  constexpr int ROW_STEP = THREADS / 8, ITERS = ROWS / ROW_STEP;  // 8 chunks of 16 B per row
+  static_assert(ROWS % ROW_STEP == 0 && ROW_STEP % 8 == 0, "a thread's rows must share their swizzle");
+  const int chunk = threadIdx.x % 8, row = threadIdx.x / 8;
+  const int k = k0 + chunk * 8;
+  const bool k_ok = k < kseg;
+  const uint32_t dst = tile + row * 128 + ((chunk ^ (row & 7)) << 4);
+  const bf16* src = p + (int64_t)(rows0 + row) * ld + k;
+#pragma unroll
+  for (int i = 0; i < ITERS; ++i) {
+    const bool valid = k_ok && rows0 + row + i * ROW_STEP < extent;
+    cp_async16(dst + i * ROW_STEP * 128, valid ? src + i * ROW_STEP * ld : p, valid);
+  }
+}
+
+// One N-major B tile (B(n, k) = B[k·ld + n], n = n0..n0+COLS-1, k = k0..k0+63) into COLS/64 column
+// blocks of [64 k][64 n], swizzled. n ≥ extent and k ≥ kseg are zero-filled.
+template <int COLS, int THREADS>
+__device__ __forceinline__ void load_n_major(uint32_t tile, const bf16* p, int64_t ld, int n0, int extent, int k0, int kseg) {
+  constexpr int ROW_CHUNKS = COLS / 8, K_STEP = THREADS / ROW_CHUNKS, ITERS = BK / K_STEP;
+  static_assert(THREADS % ROW_CHUNKS == 0 && K_STEP % 8 == 0 && BK % K_STEP == 0, "a thread's k rows must share their swizzle");
+  const int c = threadIdx.x % ROW_CHUNKS, kr = threadIdx.x / ROW_CHUNKS;
+  const int n = n0 + c * 8;
+  const bool n_ok = n < extent;
+  const uint32_t dst = tile + (c / 8) * (BK * 128) + kr * 128 + (((c % 8) ^ (kr & 7)) << 4);
+  const bf16* src = p + (int64_t)(k0 + kr) * ld + n;
+#pragma unroll
+  for (int i = 0; i < ITERS; ++i) {
+    const bool valid = n_ok && k0 + kr + i * K_STEP < kseg;
+    cp_async16(dst + i * K_STEP * 128, valid ? src + i * K_STEP * ld : p, valid);
+  }
+}
+
+// Adds 8 bf16 values (one 16-byte load) to v.
+__device__ __forceinline__ void add_bf16x8(float (&v)[8], const bf16* p) {
+  const uint4 raw = *reinterpret_cast<const uint4*>(p);
+  const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&raw);
+#pragma unroll
+  for (int q = 0; q < 4; ++q) {
+    const float2 f = __bfloat1622float2(h[q]);
+    v[2 * q] += f.x;
+    v[2 * q + 1] += f.y;
+  }
+}
+
+// Epilogue of 8 columns n..n+7 of one row: 16-byte loads and stores (`fast`), else element by
+// element up to N (out of line: the right edge and unaligned operands).
+template <typename OutT>
+__device__ __forceinline__ void store8(OutT* crow, const OutT* rrow, const bf16* bias, int n, float (&v)[8]) {
+  if (bias) add_bf16x8(v, bias + n);
+  if constexpr (sizeof(OutT) == 4) {
+    if (rrow) {
+      const float4 r0 = *reinterpret_cast<const float4*>(rrow + n), r1 = *reinterpret_cast<const float4*>(rrow + n + 4);
+      v[0] += r0.x, v[1] += r0.y, v[2] += r0.z, v[3] += r0.w, v[4] += r1.x, v[5] += r1.y, v[6] += r1.z, v[7] += r1.w;
+    }
+    *reinterpret_cast<float4*>(crow + n) = make_float4(v[0], v[1], v[2], v[3]);
+    *reinterpret_cast<float4*>(crow + n + 4) = make_float4(v[4], v[5], v[6], v[7]);
+  } else {
+    if (rrow) add_bf16x8(v, reinterpret_cast<const bf16*>(rrow) + n);
+    uint4 out;
+    __nv_bfloat162* h = reinterpret_cast<__nv_bfloat162*>(&out);
+#pragma unroll
+    for (int q = 0; q < 4; ++q) h[q] = __floats2bfloat162_rn(v[2 * q], v[2 * q + 1]);
+    *reinterpret_cast<uint4*>(crow + n) = out;
+  }
+}
+template <typename OutT>
+__device__ __noinline__ void store8_checked(OutT* crow, const OutT* rrow, const bf16* bias, int n, int N, const float* v) {
+  for (int e = 0; e < 8 && n + e < N; ++e) {
+    float out = v[e];
+    if (bias) out += __bfloat162float(bias[n + e]);
+    if (rrow) out += to_f32(rrow[n + e]);
+    crow[n + e] = from_f32<OutT>(out);
+  }
+}
+
+// The kernel body (see the header): WG_M × WG_N warpgroups, each computing 64 × WN of the
+// (64·WG_M) × (WN·WG_N) block tile. B_K_MAJOR: layout kk, else kn.
+template <int WG_M, int WG_N, int WN, int STAGES, int INFLIGHT, bool B_K_MAJOR, typename OutT>
+__device__ __forceinline__ void gemm_sm90_body(const bf16* a1, int64_t lda1, const bf16* b1, int64_t ldb1, int k1, const bf16* a2,
+                                               int64_t lda2, const bf16* b2, int64_t ldb2, int k2, OutT* c, int64_t ldc,
+                                               const bf16* bias, const OutT* r, int64_t ldr, int M, int N, float alpha) {
+  constexpr int BM = 64 * WG_M, BN = WN * WG_N, THREADS = 128 * WG_M * WG_N;
+  constexpr int A_BYTES = BM * BK * 2, B_BYTES = BN * BK * 2, STAGE_BYTES = A_BYTES + B_BYTES;
+  constexpr int AHEAD = STAGES - 1 - INFLIGHT;
+  static_assert(AHEAD >= 1 && (INFLIGHT == 0 || INFLIGHT == 1), "pipeline depth");
+  static_assert(B_K_MAJOR || WN % 64 == 0, "an n-major B tile is made of 64-wide column blocks");
+  extern __shared__ uint8_t smem_raw[];
+  // The launcher adds 1 KiB so the stages can start at a 1024-byte boundary (the swizzle atom).
+  const uint32_t raw = smem_addr(smem_raw);
+  const uint32_t base = (raw + 1023) & ~1023u;
+  float* cs = reinterpret_cast<float*>(smem_raw + (base - raw));
+
+  const int m0 = blockIdx.y * BM, n0 = blockIdx.x * BN;
+  const int wg = threadIdx.x / 128, wm = wg % WG_M, wn = wg / WG_M;
+  const int tiles1 = (k1 + BK - 1) / BK, ntiles = tiles1 + (k2 + BK - 1) / BK;
+  auto load_stage = [&](int stage, int t) {
+    const bool second = t >= tiles1;
+    const int k0 = (second ? t - tiles1 : t) * BK, kseg = second ? k2 : k1;
+    const uint32_t sa = base + stage * STAGE_BYTES;
+    load_k_major<BM, THREADS>(sa, second ? a2 : a1, second ? lda2 : lda1, m0, M, k0, kseg);
+    if constexpr (B_K_MAJOR) load_k_major<BN, THREADS>(sa + A_BYTES, second ? b2 : b1, second ? ldb2 : ldb1, n0, N, k0, kseg);
+    else load_n_major<BN, THREADS>(sa + A_BYTES, second ? b2 : b1, second ? ldb2 : ldb1, n0, N, k0, kseg);
+  };
+  // This warpgroup's A rows and B columns within a stage: K-major tiles hold one 128-byte row per
+  // m (n); the n-major B tile holds 8 KiB per 64 columns.
+  const uint32_t a_off = wm * 64 * 128, b_off = B_K_MAJOR ? wn * WN * 128 : wn * (WN / 64) * BK * 128;
+
+  float acc[WN / 2];
+#pragma unroll
+  for (int i = 0; i < WN / 2; ++i) acc[i] = 0.0f;
+
+#pragma unroll
+  for (int s = 0; s < AHEAD; ++s) {
+    if (s < ntiles) load_stage(s, s);
+    cp_async_commit();
+  }
+#pragma unroll 1
+  for (int kt = 0; kt < ntiles; ++kt) {
+    // Tile kt has landed for every thread; every warpgroup is past the wait that retired the
+    // wgmmas of tile kt - 1 - INFLIGHT, whose stage the copies below refill.
+    cp_async_wait<AHEAD - 1>();
+    __syncthreads();
+    const int next = kt + AHEAD;
+    if (next < ntiles) load_stage(next % STAGES, next);
+    cp_async_commit();
+    fence_proxy_async();
+    const uint32_t sa = base + (kt % STAGES) * STAGE_BYTES + a_off, sb = base + (kt % STAGES) * STAGE_BYTES + A_BYTES + b_off;
+    wgmma_fence();
+#pragma unroll
+    for (int ks = 0; ks < BK / 16; ++ks) {
+      const uint64_t da = smem_desc(sa + ks * 32, 16, 1024);
+      const uint64_t db = B_K_MAJOR ? smem_desc(sb + ks * 32, 16, 1024) : smem_desc(sb + ks * 16 * 128, BK * 128, 1024);
+      wgmma_tile<WN, B_K_MAJOR ? 0 : 1>(acc, da, db);
+    }
+    wgmma_commit();
+    wgmma_wait<INFLIGHT>();
+    fence_acc(acc);
+  }
+  wgmma_wait<0>();
+  fence_acc(acc);
+  cp_async_wait<0>();
+  __syncthreads();  // every warpgroup is done with the stages: the C tile reuses them
+
+  // Accumulator (row, col) of thread t of the warpgroup, register 4j + 2h + e (tile coordinates):
+  // row = 64·wm + 16·(t/32) + (t%32)/4 + 8h, col = WN·wn + 8j + 2·(t%4) + e.
+  auto c_at = [](int row, int col) { return row * BN + (col ^ ((row & 7) << 3)); };
+  {
+    const int t = threadIdx.x % 128;
+    const int row = wm * 64 + (t / 32) * 16 + (t % 32) / 4, col = wn * WN + 2 * (t % 4);
+#pragma unroll
+    for (int j = 0; j < WN / 8; ++j) {
+      *reinterpret_cast<float2*>(cs + c_at(row, col + 8 * j)) = make_float2(acc[4 * j], acc[4 * j + 1]);
+      *reinterpret_cast<float2*>(cs + c_at(row + 8, col + 8 * j)) = make_float2(acc[4 * j + 2], acc[4 * j + 3]);
+    }
+  }
+  __syncthreads();
+  auto aligned16 = [](const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15) == 0; };
+  const bool fast = aligned16(c) && ldc % 8 == 0 && (!r || (aligned16(r) && ldr % 8 == 0)) && (!bias || aligned16(bias));
+  constexpr int GROUPS = BN / 8;
+  for (int idx = threadIdx.x; idx < BM * GROUPS; idx += THREADS) {
+    const int row = idx / GROUPS, col = (idx % GROUPS) * 8;
+    const int m = m0 + row, n = n0 + col;
+    if (m >= M || n >= N) continue;
+    const float4 lo = *reinterpret_cast<const float4*>(cs + c_at(row, col));
+    const float4 hi = *reinterpret_cast<const float4*>(cs + c_at(row, col) + 4);
+    float v[8] = {alpha * lo.x, alpha * lo.y, alpha * lo.z, alpha * lo.w, alpha * hi.x, alpha * hi.y, alpha * hi.z, alpha * hi.w};
+    OutT* crow = c + (int64_t)m * ldc;
+    const OutT* rrow = r ? r + (int64_t)m * ldr : nullptr;
+    if (fast && n + 8 <= N) store8(crow, rrow, bias, n, v);
+    else store8_checked(crow, rrow, bias, n, N, v);
+  }
+}
+
+}  // namespace
+
+// gemm_sm90_<BM>x<BN>_<A><B>_<out>: tile, layouts (kk: y = x·Wᵀ; kn: dx = dy·W), output type.
+// src/ops/gemm_sm90.rs `tile_config` must agree on threads, stages and blocks per SM.
+#define GEMM_SM90_KERNEL(BM, BN, WGM, WGN, WN, ST, INF, MINB, LB, BKM, OUT, OUTT)                                          \
+  extern "C" __global__ void __launch_bounds__(128 * WGM * WGN, MINB) gemm_sm90_##BM##x##BN##_k##LB##_##OUT(              \
+      const bf16* a1, int64_t lda1, const bf16* b1, int64_t ldb1, int k1, const bf16* a2, int64_t lda2, const bf16* b2,     \
+      int64_t ldb2, int k2, OUTT* c, int64_t ldc, const bf16* bias, const OUTT* r, int64_t ldr, int M, int N, float alpha) { \
+    gemm_sm90_body<WGM, WGN, WN, ST, INF, BKM, OUTT>(a1, lda1, b1, ldb1, k1, a2, lda2, b2, ldb2, k2, c, ldc, bias, r, ldr, M, N, \
+                                                     alpha);                                                               \
+  }
+
+// (BM × BN: warpgroups M × N of 64 × WN, stages, wgmma groups in flight, blocks per SM)
+// 256×128 and 128×256: 4 warpgroups of 64×128, 4 stages of 48 KiB (192 KiB: one block per SM, the
+// least operand traffic per output); 128×128: 2 warpgroups of 64×128, 3 stages of 32 KiB (two
+// blocks per SM: one's epilogue overlaps the other's main loop); 128×64: 2 warpgroups of 64×64,
+// 3 stages of 24 KiB (three blocks per SM, for GEMMs with few output tiles).
+#define GEMM_SM90_TILES(LB, BKM, OUT, OUTT)                                \
+  GEMM_SM90_KERNEL(256, 128, 4, 1, 128, 4, 1, 1, LB, BKM, OUT, OUTT)     \
+  GEMM_SM90_KERNEL(128, 256, 2, 2, 128, 4, 1, 1, LB, BKM, OUT, OUTT)     \
+  GEMM_SM90_KERNEL(128, 128, 2, 1, 128, 3, 0, 2, LB, BKM, OUT, OUTT)     \
+  GEMM_SM90_KERNEL(128, 64, 2, 1, 64, 3, 0, 3, LB, BKM, OUT, OUTT)      \
+  GEMM_SM90_KERNEL(64, 64, 1, 1, 64, 4, 1, 3, LB, BKM, OUT, OUTT)
+
+GEMM_SM90_TILES(k, true, bf16, bf16)
+GEMM_SM90_TILES(k, true, f32, float)
+GEMM_SM90_TILES(n, false, bf16, bf16)
+GEMM_SM90_TILES(n, false, f32, float)

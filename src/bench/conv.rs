@@ -3,11 +3,13 @@
 //! events, so host launch cost overlaps GPU work (benches/torch_conv.py times cuDNN the same shapes
 //! inside a CUDA graph). Shape names: `b{batch}_{h}x{w}_{cin}->{cout}_k{k}s{stride}` with `+up`
 //! for the fused nearest-2× upsample (h, w are then the conv's input size after upsampling) and
-//! `cin=a+b` for the fused concat of the up blocks.
+//! `cin=a+b` for the fused concat of the up blocks. On a Hopper GPU, `conv_*_sm90` rows time the
+//! wgmma kernels (src/ops/conv_sm90.rs) on every shape they take, next to the dispatched rows.
 
 use super::{time_gpu, BenchRow, Timing};
 use crate::cuda::{ArenaKind::Persistent, Gpu};
 use crate::ops::conv::{conv2d, conv2d_backward_input, Conv2dShape, ConvSource};
+use crate::ops::conv_sm90;
 use crate::tensor::{DType, Tensor};
 use anyhow::Result;
 
@@ -79,7 +81,20 @@ pub fn bench(gpu: &Gpu) -> Result<Vec<BenchRow>> {
             })
         })?;
         let bwd = per_call(bwd);
-        rows.push(BenchRow { kernel: "conv_bwd_input".into(), shape: name, rate: s.flops() / bwd.median_ms / 1e9, unit: "TFLOP/s", timing: bwd });
+        rows.push(BenchRow { kernel: "conv_bwd_input".into(), shape: name.clone(), rate: s.flops() / bwd.median_ms / 1e9, unit: "TFLOP/s", timing: bwd });
+        // The Hopper wgmma kernels forced wherever they take the shape, whatever the dispatch picks.
+        let skip_opt = (c2 > 0).then_some(&skip);
+        if let Some(t) = conv_sm90::candidate(gpu, &s, c1, c2, up, false)? {
+            let src = ConvSource { x: &x, skip: skip_opt, upsample2x: up };
+            let f = per_call(time_gpu(gpu, 2, 15, || (0..INNER).try_for_each(|_| conv_sm90::conv2d(gpu, &t, src, &s, &w, Some(&bias), None, &mut y)))?);
+            rows.push(BenchRow { kernel: "conv_fwd_sm90".into(), shape: name.clone(), rate: s.flops() / f.median_ms / 1e9, unit: "TFLOP/s", timing: f });
+        }
+        if let Some(t) = conv_sm90::candidate(gpu, &s, c1, c2, up, true)? {
+            let b = per_call(time_gpu(gpu, 2, 15, || {
+                (0..INNER).try_for_each(|_| conv_sm90::conv2d_backward_input(gpu, &t, &y, &s, &w, &mut x, (c2 > 0).then_some(&mut skip)))
+            })?);
+            rows.push(BenchRow { kernel: "conv_bwd_input_sm90".into(), shape: name, rate: s.flops() / b.median_ms / 1e9, unit: "TFLOP/s", timing: b });
+        }
     }
     Ok(rows)
 }

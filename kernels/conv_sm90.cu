@@ -95,14 +95,15 @@ template <int TRANS_B> __device__ __forceinline__ void wgmma_m64n160k16(float (&
 template <int WGS, bool BWD, int STAGES>
 __device__ __forceinline__ void conv3x3_wgmma(const Geom g, const bf16* __restrict__ x1, const bf16* __restrict__ x2,
                                               const bf16* __restrict__ w, const bf16* __restrict__ bias,
-                                              const bf16* __restrict__ res, bf16* __restrict__ y1, bf16* __restrict__ y2) {
+                                              const bf16* __restrict__ res, bf16* __restrict__ y1, bf16* __restrict__ y2,
+                                              float* __restrict__ ws, int splits) {
   static_assert(STAGES >= 3, "one stage computing, one draining, at least one loading");
   constexpr int BM = 64 * WGS, THREADS = 128 * WGS;
   constexpr int A_BYTES = BM * BK * 2, STAGE_BYTES = A_BYTES + BN * BK * 2;
   constexpr int ROWS_PER_PASS = THREADS / 8;        // 8 chunks of 16 B per 128-byte row
   constexpr int A_PER = BM / ROWS_PER_PASS;         // A chunks per thread per stage (4)
-  constexpr int B_PER = BN * 8 / THREADS;           // B chunks per thread per stage (10 or 5)
-  static_assert(BN * 8 % THREADS == 0 && STAGE_BYTES % 1024 == 0, "tile shape");
+  constexpr int B_PER = BN * 8 / THREADS;           // forward B chunks per thread per stage (10 or 5)
+  static_assert(BN * 8 % THREADS == 0 && BK % (THREADS / 4) == 0 && STAGE_BYTES % 1024 == 0, "tile shape");
 
   extern __shared__ unsigned char smem_raw[];
   const uint32_t smem0 = (smem_addr(smem_raw) + 1023) & ~1023u;  // launcher adds 1 KiB of slack
@@ -110,8 +111,11 @@ __device__ __forceinline__ void conv3x3_wgmma(const Geom g, const bf16* __restri
   const int n0 = blockIdx.x * BN, m0 = blockIdx.y * BM;
   const int HW = g.H * g.W, M = g.batch * HW;
   const int red = BWD ? g.Cout : g.Cin;  // channels reduced per tap
-  const int KT = 9 * red / BK;
+  const int N = BWD ? g.Cin : g.Cout;
   const int64_t K = 9 * (int64_t)red;
+  // Split-K: blockIdx.z sums k-tiles [kt0, kt1) of the 9·red / 64.
+  const int KT_all = 9 * red / BK, split = blockIdx.z;
+  const int kt0 = KT_all * split / splits, KT = KT_all * (split + 1) / splits - kt0;
 
   // This thread's A rows (pixels) and chunk: rows tid/8 + j·ROWS_PER_PASS, chunk tid % 8, all
   // with the same swizzle key (ROWS_PER_PASS is a multiple of 8): one destination offset.
@@ -126,7 +130,13 @@ __device__ __forceinline__ void conv3x3_wgmma(const Geom g, const bf16* __restri
     a_w[j] = hw % g.W;
   }
 
-  int l_tap = 0, l_ch0 = 0;  // the next k-tile to load: tap (r·3 + c) and first reduced channel
+  // Input-gradient B: n-block jb (32 columns) of k-rows b_kr + p·KR_PASS, chunk b_cc: one
+  // destination offset per thread (the swizzle key (kr / 2) mod 4 does not change with p).
+  constexpr int KR_PASS = THREADS / 4;
+  const int b_kr = tid >> 2, b_cc = tid & 3;
+  const uint32_t b_dst = b_kr * 64 + ((b_cc ^ ((b_kr >> 1) & 3)) << 4);
+
+  int l_tap = kt0 * BK / red, l_ch0 = kt0 * BK % red;  // the next k-tile to load: tap (r·3 + c), first reduced channel
   auto load_tile = [&](int stage) {
     const uint32_t sA = smem0 + stage * STAGE_BYTES, sB = sA + A_BYTES;
     const int r = l_tap / 3, c = l_tap % 3;
@@ -145,13 +155,13 @@ __device__ __forceinline__ void conv3x3_wgmma(const Geom g, const bf16* __restri
       const bf16* src = w + (int64_t)(n0 + row0) * K + l_tap * g.Cin + l_ch0 + chunk * 8;
 #pragma unroll
       for (int j = 0; j < B_PER; ++j) cp_async16(sB + row_dst + j * ROWS_PER_PASS * 128, src + j * ROWS_PER_PASS * K, true);
-    } else {  // k-row kr = co − l_ch0 of tap l_tap: w[co, tap, n0 .. n0 + 159], 20 chunks
+    } else {  // k-row kr = co − l_ch0 of tap l_tap: w[co, tap, n0 + 32·jb + 8·b_cc ..]
+      const bf16* src = w + ((int64_t)(l_ch0 + b_kr) * 9 + l_tap) * g.Cin + n0 + b_cc * 8;
+      const int64_t pass = (int64_t)KR_PASS * 9 * g.Cin;
 #pragma unroll
-      for (int j = 0; j < B_PER; ++j) {
-        const int i = tid + j * THREADS, kr = i / 20, q = i % 20;
-        const bf16* src = w + ((int64_t)(l_ch0 + kr) * 9 + l_tap) * g.Cin + n0 + q * 8;
-        cp_async16(sB + (q >> 2) * 4096 + kr * 64 + (((q & 3) ^ ((kr >> 1) & 3)) << 4), src, true);
-      }
+      for (int jb = 0; jb < BN / 32; ++jb)
+#pragma unroll
+        for (int p = 0; p < BK / KR_PASS; ++p) cp_async16(sB + b_dst + jb * 4096 + p * KR_PASS * 64, src + p * pass + jb * 32, true);
     }
     l_ch0 += BK;
     if (l_ch0 == red) { l_ch0 = 0; ++l_tap; }
@@ -201,6 +211,10 @@ __device__ __forceinline__ void conv3x3_wgmma(const Geom g, const bf16* __restri
     for (int j = 0; j < BN / 8; ++j) {
       const int col = n0 + j * 8 + (lane % 4) * 2;
       float v0 = acc[4 * j + 2 * half], v1 = acc[4 * j + 2 * half + 1];
+      if (splits > 1) {  // f32 partial sums; conv2d_splitk_reduce_bf16 (kernels/conv.cu) finishes
+        *reinterpret_cast<float2*>(ws + ((int64_t)split * M + m) * N + col) = make_float2(v0, v1);
+        continue;
+      }
       bf16* dst;
       if (!BWD) {
         if (bias) { v0 += to_f32(bias[col]); v1 += to_f32(bias[col + 1]); }
@@ -219,18 +233,20 @@ __device__ __forceinline__ void conv3x3_wgmma(const Geom g, const bf16* __restri
 
 }  // namespace
 
-// Entry points: grid (N / 160, ⌈M / BM⌉), 128·WGS threads, dynamic shared memory
+// Entry points: grid (N / 160, ⌈M / BM⌉, splits), 128·WGS threads, dynamic shared memory
 // STAGES·(BM + 160)·128 + 1024 bytes. Names: conv3x3_{fwd,bwd_input}_sm90_{BM}x160_s{STAGES}.
+// splits > 1: each CTA writes the f32 partial sums of its K slice to ws [splits, M, N] (no bias,
+// residual), and conv2d_splitk_reduce_bf16 (kernels/conv.cu) adds them up and finishes.
 #define CONV_SM90(WGS, STAGES, BM_)                                                                                   \
   extern "C" __global__ void __launch_bounds__(128 * WGS, 1)                                                         \
       conv3x3_fwd_sm90_##BM_##x160_s##STAGES(const bf16* x1, const bf16* x2, const bf16* w, const bf16* bias,       \
-                                             const bf16* res, bf16* y, int batch, int H, int W, int C1, int C2, int Cout) { \
-    conv3x3_wgmma<WGS, false, STAGES>(Geom{batch, H, W, C1, C2, C1 + C2, Cout}, x1, x2, w, bias, res, y, nullptr);  \
+                                             const bf16* res, bf16* y, float* ws, int splits, int batch, int H, int W, int C1, int C2, int Cout) { \
+    conv3x3_wgmma<WGS, false, STAGES>(Geom{batch, H, W, C1, C2, C1 + C2, Cout}, x1, x2, w, bias, res, y, nullptr, ws, splits); \
   }                                                                                                                   \
   extern "C" __global__ void __launch_bounds__(128 * WGS, 1)                                                         \
-      conv3x3_bwd_input_sm90_##BM_##x160_s##STAGES(const bf16* dy, const bf16* w, bf16* dx1, bf16* dx2, int batch, \
-                                                   int H, int W, int C1, int C2, int Cout) {                          \
-    conv3x3_wgmma<WGS, true, STAGES>(Geom{batch, H, W, C1, C2, C1 + C2, Cout}, dy, nullptr, w, nullptr, nullptr, dx1, dx2); \
+      conv3x3_bwd_input_sm90_##BM_##x160_s##STAGES(const bf16* dy, const bf16* w, bf16* dx1, bf16* dx2, float* ws,   \
+                                                   int splits, int batch, int H, int W, int C1, int C2, int Cout) {   \
+    conv3x3_wgmma<WGS, true, STAGES>(Geom{batch, H, W, C1, C2, C1 + C2, Cout}, dy, nullptr, w, nullptr, nullptr, dx1, dx2, ws, splits); \
   }
 
 CONV_SM90(1, 4, 64)   // two CTAs per SM (113 KiB each)

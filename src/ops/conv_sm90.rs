@@ -10,7 +10,7 @@
 //! forces one tile wherever the shape is supported (for benchmarking the choice).
 
 use super::conv::{Conv2dShape, ConvSource};
-use crate::cuda::{Gpu, KernelArg, LaunchConfig};
+use crate::cuda::{ArenaKind, Gpu, KernelArg, LaunchConfig};
 use crate::tensor::Tensor;
 use anyhow::{ensure, Result};
 use cudarc::driver::sys::CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES;
@@ -62,6 +62,18 @@ pub fn supports(s: &Conv2dShape, c1: usize, c2: usize, upsample2x: bool, backwar
     conv && small && channels
 }
 
+/// How a conv runs on the sm90 kernels: the tile and the number of K slices (split-K: f32 partial
+/// sums in a scratch workspace, added up by kernels/conv.cu's conv2d_splitk_reduce_bf16).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Plan {
+    pub tile: Tile,
+    pub splits: usize,
+}
+
+/// At most this many K slices, each at least this many 64-deep k-tiles.
+const MAX_SPLITS: usize = 16;
+const MIN_KTILES_PER_SPLIT: usize = 6;
+
 /// The tile for an M × N GEMM (M = output pixels): 64-row tiles while they make at most one wave
 /// of CTAs, else 128-row tiles while those do, else 64-row tiles two per SM.
 pub fn tile_for(m: usize, n: usize) -> Tile {
@@ -76,20 +88,38 @@ pub fn tile_for(m: usize, n: usize) -> Tile {
     TILES.iter().find(|(n, _)| *n == name).unwrap().1
 }
 
-/// The tile the conv launchers use on this GPU, or None for the sm_80 kernels: Hopper, a
-/// [`supports`]ed shape, and enough CTAs (at least half a wave of 64-row tiles) that the
-/// unsplit wgmma kernel beats the sm_80 one with its split-K.
-pub fn choose(gpu: &Gpu, s: &Conv2dShape, c1: usize, c2: usize, upsample2x: bool, backward: bool) -> Result<Option<Tile>> {
+/// Tile `t` for an M × N GEMM over `ktiles` k-tiles, split along K up to about one wave of CTAs
+/// when it has fewer than three quarters of one.
+pub fn plan_with(t: Tile, m: usize, n: usize, ktiles: usize) -> Plan {
+    let ctas = m.div_ceil(t.bm) * n.div_ceil(BN);
+    let splits = if 4 * ctas >= 3 * SMS { 1 } else { (SMS / ctas).min(MAX_SPLITS).min(ktiles / MIN_KTILES_PER_SPLIT).max(1) };
+    Plan { tile: t, splits }
+}
+
+/// The plan for a conv of `s` (backward: its input gradient) with [`tile_for`]'s tile.
+pub fn plan_for(s: &Conv2dShape, backward: bool) -> Plan {
+    let (m, n, red) = if backward { (s.batch * s.height * s.width, s.in_ch, s.out_ch) } else { (s.batch * s.height * s.width, s.out_ch, s.in_ch) };
+    plan_with(tile_for(m, n), m, n, 9 * red / 64)
+}
+
+/// The plan the conv launchers use on this GPU, or None for the sm_80 kernels: Hopper and a
+/// [`supports`]ed shape.
+pub fn choose(gpu: &Gpu, s: &Conv2dShape, c1: usize, c2: usize, upsample2x: bool, backward: bool) -> Result<Option<Plan>> {
     pick(gpu, s, c1, c2, upsample2x, backward, false)
 }
 
-/// The tile the sm90 kernels would use for this conv at any size (benchmarks): Hopper and a
+/// The plan the sm90 kernels would use for this conv at any size (benchmarks): Hopper and a
 /// [`supports`]ed shape.
-pub fn candidate(gpu: &Gpu, s: &Conv2dShape, c1: usize, c2: usize, upsample2x: bool, backward: bool) -> Result<Option<Tile>> {
+pub fn candidate(gpu: &Gpu, s: &Conv2dShape, c1: usize, c2: usize, upsample2x: bool, backward: bool) -> Result<Option<Plan>> {
     pick(gpu, s, c1, c2, upsample2x, backward, true)
 }
 
-fn pick(gpu: &Gpu, s: &Conv2dShape, c1: usize, c2: usize, upsample2x: bool, backward: bool, any_size: bool) -> Result<Option<Tile>> {
+/// Where the sm90 plan measured faster than the sm_80 kernels (benches/RESULTS.md).
+fn sm90_wins(_p: &Plan) -> bool {
+    true
+}
+
+fn pick(gpu: &Gpu, s: &Conv2dShape, c1: usize, c2: usize, upsample2x: bool, backward: bool, any_size: bool) -> Result<Option<Plan>> {
     static FORCED: std::sync::OnceLock<Option<Option<Tile>>> = std::sync::OnceLock::new();
     let forced = *FORCED.get_or_init(|| {
         let v = std::env::var("SDLORA_CONV_SM90_TILE").ok()?;
@@ -98,53 +128,67 @@ fn pick(gpu: &Gpu, s: &Conv2dShape, c1: usize, c2: usize, upsample2x: bool, back
     if forced == Some(None) || !supports(s, c1, c2, upsample2x, backward) || !gpu.is_hopper()? {
         return Ok(None);
     }
-    let (m, n) = (s.batch * s.height * s.width, if backward { s.in_ch } else { s.out_ch });
+    let p = plan_for(s, backward);
     if let Some(Some(t)) = forced {
-        return Ok(Some(t));
+        let (m, n, red) = if backward { (s.batch * s.height * s.width, s.in_ch, s.out_ch) } else { (s.batch * s.height * s.width, s.out_ch, s.in_ch) };
+        return Ok(Some(plan_with(t, m, n, 9 * red / 64)));
     }
-    Ok((any_size || m.div_ceil(64) * n / BN >= SMS / 2).then(|| tile_for(m, n)))
+    Ok((any_size || sm90_wins(&p)).then_some(p))
 }
 
-fn launch(gpu: &Gpu, t: &Tile, kernel: &'static str, m: usize, n: usize, args: &[KernelArg]) -> Result<()> {
+/// Launches `kernel` (`head`: its arguments before the workspace) for an M × N GEMM with plan
+/// `p`; when split, then the reduction of kernels/conv.cu: out = Σ partials + bias + residual,
+/// columns < c1 to `y1`, the rest to `y2`.
+#[allow(clippy::too_many_arguments)]
+fn launch(gpu: &Gpu, p: &Plan, kernel: &'static str, m: usize, n: usize, head: &[KernelArg], geom: [KernelArg; 6], c1: usize, finish: [u64; 4]) -> Result<()> {
     ensure!(gpu.is_hopper()?, "{kernel}: sm_90a kernels need a Hopper GPU");
+    ensure!(p.splits >= 1 && p.splits <= 9 * 2560 / 64, "{kernel}: bad split count {}", p.splits);
+    let t = &p.tile;
     let smem = t.smem() as u32;
     gpu.function(MODULE, kernel)?.set_attribute(CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, smem as i32)?;
-    let cfg = LaunchConfig { grid_dim: ((n / BN) as u32, m.div_ceil(t.bm) as u32, 1), block_dim: (t.threads(), 1, 1), shared_mem_bytes: smem };
-    gpu.launch(MODULE, kernel, cfg, args)
+    let cfg = LaunchConfig { grid_dim: ((n / BN) as u32, m.div_ceil(t.bm) as u32, p.splits as u32), block_dim: (t.threads(), 1, 1), shared_mem_bytes: smem };
+    let ws = if p.splits > 1 { Some(gpu.alloc(ArenaKind::Scratch, p.splits * m * n * 4)?) } else { None };
+    let mut args = head.to_vec();
+    args.extend([KernelArg::Ptr(ws.as_ref().map_or(0, |b| b.ptr())), KernelArg::I32(p.splits as i32)]);
+    args.extend(geom);
+    gpu.launch(MODULE, kernel, cfg, &args)?;
+    if let Some(ws) = ws {
+        let pairs = m * n / 2;
+        let cfg = LaunchConfig { grid_dim: (pairs.div_ceil(256).min(65_536) as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+        let [bias, res, y1, y2] = finish.map(KernelArg::Ptr);
+        let args = [KernelArg::Ptr(ws.ptr()), KernelArg::I32(p.splits as i32), KernelArg::I64(m as i64), KernelArg::I32(n as i32), KernelArg::I32(c1 as i32), bias, res, y1, y2];
+        gpu.launch("conv", "conv2d_splitk_reduce_bf16", cfg, &args)?;
+    }
+    Ok(())
 }
 
 fn geometry_args(s: &Conv2dShape, c1: usize, c2: usize) -> [KernelArg; 6] {
     [s.batch, s.height, s.width, c1, c2, s.out_ch].map(|v| KernelArg::I32(v as i32))
 }
 
-/// y = conv3×3(src) + bias (+ residual) with tile `t`. Operands as in `ops::conv::conv2d`, which
+/// y = conv3×3(src) + bias (+ residual) with plan `p`. Operands as in `ops::conv::conv2d`, which
 /// checks their shapes and dtypes before calling this (tests call it directly to cover every tile).
-pub fn conv2d(gpu: &Gpu, t: &Tile, src: ConvSource, s: &Conv2dShape, w: &Tensor, bias: Option<&Tensor>, residual: Option<&Tensor>, y: &mut Tensor) -> Result<()> {
+pub fn conv2d(gpu: &Gpu, p: &Plan, src: ConvSource, s: &Conv2dShape, w: &Tensor, bias: Option<&Tensor>, residual: Option<&Tensor>, y: &mut Tensor) -> Result<()> {
     let (c1, c2) = (src.x.shape()[3], src.skip.map_or(0, |k| k.shape()[3]));
     ensure!(supports(s, c1, c2, src.upsample2x, false), "conv2d sm90: unsupported {s:?} (c1 {c1}, c2 {c2}, upsample {})", src.upsample2x);
     ensure!(y.numel() == s.batch * s.height * s.width * s.out_ch, "conv2d sm90: output {:?} does not match {s:?}", y.shape());
     let opt = |t: Option<&Tensor>| t.map_or(Ok(0), |t| t.ptr());
-    let mut args = vec![
-        KernelArg::Ptr(src.x.ptr()?),
-        KernelArg::Ptr(opt(src.skip)?),
-        KernelArg::Ptr(w.ptr()?),
-        KernelArg::Ptr(opt(bias)?),
-        KernelArg::Ptr(opt(residual)?),
-        KernelArg::Ptr(y.ptr()?),
-    ];
-    args.extend(geometry_args(s, c1, c2));
-    launch(gpu, t, t.fwd, s.batch * s.height * s.width, s.out_ch, &args)
+    let (bias, res, yp) = (opt(bias)?, opt(residual)?, y.ptr()?);
+    let head = [KernelArg::Ptr(src.x.ptr()?), KernelArg::Ptr(opt(src.skip)?), KernelArg::Ptr(w.ptr()?), KernelArg::Ptr(bias), KernelArg::Ptr(res), KernelArg::Ptr(yp)];
+    let m = s.batch * s.height * s.width;
+    launch(gpu, p, p.tile.fwd, m, s.out_ch, &head, geometry_args(s, c1, c2), s.out_ch, [bias, res, yp, 0])
 }
 
-/// dx (and dskip) of [`conv2d`] from dy with tile `t`. Operands as in
+/// dx (and dskip) of [`conv2d`] from dy with plan `p`. Operands as in
 /// `ops::conv::conv2d_backward_input`, which checks them before calling this.
-pub fn conv2d_backward_input(gpu: &Gpu, t: &Tile, dy: &Tensor, s: &Conv2dShape, w: &Tensor, dx: &mut Tensor, dskip: Option<&mut Tensor>) -> Result<()> {
+pub fn conv2d_backward_input(gpu: &Gpu, p: &Plan, dy: &Tensor, s: &Conv2dShape, w: &Tensor, dx: &mut Tensor, dskip: Option<&mut Tensor>) -> Result<()> {
     let (c1, c2) = (dx.shape()[3], dskip.as_ref().map_or(0, |k| k.shape()[3]));
     ensure!(supports(s, c1, c2, false, true), "conv2d_backward_input sm90: unsupported {s:?} (c1 {c1}, c2 {c2})");
     ensure!(dy.numel() == s.batch * s.height * s.width * s.out_ch, "conv2d_backward_input sm90: dy {:?} does not match {s:?}", dy.shape());
-    let mut args = vec![KernelArg::Ptr(dy.ptr()?), KernelArg::Ptr(w.ptr()?), KernelArg::Ptr(dx.ptr()?), KernelArg::Ptr(dskip.map_or(Ok(0), |t| t.ptr())?)];
-    args.extend(geometry_args(s, c1, c2));
-    launch(gpu, t, t.bwd, s.batch * s.height * s.width, s.in_ch, &args)
+    let (dxp, dsp) = (dx.ptr()?, dskip.map_or(Ok(0), |t| t.ptr())?);
+    let head = [KernelArg::Ptr(dy.ptr()?), KernelArg::Ptr(w.ptr()?), KernelArg::Ptr(dxp), KernelArg::Ptr(dsp)];
+    let m = s.batch * s.height * s.width;
+    launch(gpu, p, p.tile.bwd, m, s.in_ch, &head, geometry_args(s, c1, c2), c1, [0, 0, dxp, dsp])
 }
 
 #[cfg(test)]

@@ -86,6 +86,11 @@ fn shape_rules_and_tile_choice() {
     assert_eq!(tile_for(4096, 320).bm, 64);
     assert_eq!(tile_for(8192, 320), TILES[3].1);
     assert_eq!(tile_for(32768, 320), TILES[0].1);
+    // 8×8 latents, 1280 → 1280: 8 CTAs of 64 rows, split in 16 (180 k-tiles: 11 or 12 each).
+    let p = plan_for(&shape3(1, 8, 8, 1280, 1280), false);
+    assert_eq!((p.tile.bm, p.splits), (64, 16));
+    assert_eq!(plan_for(&shape3(1, 64, 64, 320, 320), true).splits, 1);
+    assert_eq!(plan_for(&shape3(1, 32, 32, 640, 640), true).splits, 2);
 }
 
 // ---------------------------------------------------------------- GPU tests
@@ -157,7 +162,7 @@ fn all_finite(what: &str, v: &[f32]) {
 }
 
 /// Forward of `c` with tile `t` (None: through ops::conv's dispatch) against the twin.
-fn check_forward(gpu: &Gpu, c: &Case, t: Option<&Tile>) {
+fn check_forward(gpu: &Gpu, c: &Case, t: Option<&Plan>) {
     let s = c.conv();
     if t.is_some() && !supports(&s, c.c1, c.c2, false, false) {
         return;
@@ -200,7 +205,7 @@ fn check_forward(gpu: &Gpu, c: &Case, t: Option<&Tile>) {
 }
 
 /// Input gradient of `c` with tile `t` (None: through ops::conv's dispatch) against the twin.
-fn check_backward(gpu: &Gpu, c: &Case, t: Option<&Tile>) {
+fn check_backward(gpu: &Gpu, c: &Case, t: Option<&Plan>) {
     let s = c.conv();
     if t.is_some() && !supports(&s, c.c1, c.c2, false, true) {
         return;
@@ -244,29 +249,30 @@ fn hopper() -> Option<Gpu> {
     }
 }
 
-/// Every tile at the 4096-token shapes and the odd sizes, both directions.
+/// Every tile, unsplit and split in 3, at the 4096-token shapes and the odd sizes, both directions.
 #[test]
 #[ignore = "needs a CUDA GPU"]
 fn gpu_conv_sm90_every_tile() {
     let Some(gpu) = hopper() else { return };
     for (_, t) in &TILES {
         for c in SD15[..4].iter().chain(ODD) {
-            check_forward(&gpu, c, Some(t));
-            check_backward(&gpu, c, Some(t));
+            for splits in [1, 3] {
+                check_forward(&gpu, c, Some(&Plan { tile: *t, splits }));
+                check_backward(&gpu, c, Some(&Plan { tile: *t, splits }));
+            }
         }
     }
 }
 
-/// Every SD1.5 shape with the tile the launcher would pick for its size.
+/// Every SD1.5 shape with the plan (tile, split-K) the launcher picks for its size.
 #[test]
 #[ignore = "needs a CUDA GPU"]
 fn gpu_conv_sm90_sd15_shapes() {
     let Some(gpu) = hopper() else { return };
     for c in SD15 {
         let s = c.conv();
-        let m = s.batch * s.height * s.width;
-        check_forward(&gpu, c, Some(&tile_for(m, s.out_ch)));
-        check_backward(&gpu, c, Some(&tile_for(m, s.in_ch)));
+        check_forward(&gpu, c, Some(&plan_for(&s, false)));
+        check_backward(&gpu, c, Some(&plan_for(&s, true)));
     }
 }
 

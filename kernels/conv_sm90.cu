@@ -52,8 +52,11 @@ struct Geom {
   int batch, H, W, C1, C2, Cin, Cout;
 };
 
-__device__ __forceinline__ void cp_async16(uint32_t dst, const void* src, bool valid) {
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(valid ? 16 : 0));
+// src-size 0: the 16 bytes are zero-filled. CA: cached in L1 too (the activations, re-read by the
+// next taps), else L2 only (the weights).
+template <bool CA> __device__ __forceinline__ void cp_async16(uint32_t dst, const void* src, bool valid) {
+  if (CA) asm volatile("cp.async.ca.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(valid ? 16 : 0));
+  else asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(valid ? 16 : 0));
 }
 
 // Matrix descriptors (PTX ISA "Matrix Descriptor Format"): start address, LBO and SBO in 16-byte
@@ -96,7 +99,7 @@ template <int WGS, bool BWD, int STAGES>
 __device__ __forceinline__ void conv3x3_wgmma(const Geom g, const bf16* __restrict__ x1, const bf16* __restrict__ x2,
                                               const bf16* __restrict__ w, const bf16* __restrict__ bias,
                                               const bf16* __restrict__ res, bf16* __restrict__ y1, bf16* __restrict__ y2,
-                                              float* __restrict__ ws, int splits) {
+                                              float* __restrict__ ws, int splits, int tap_inner) {
   static_assert(STAGES >= 3, "one stage computing, one draining, at least one loading");
   constexpr int BM = 64 * WGS, THREADS = 128 * WGS;
   constexpr int A_BYTES = BM * BK * 2, STAGE_BYTES = A_BYTES + BN * BK * 2;
@@ -136,7 +139,10 @@ __device__ __forceinline__ void conv3x3_wgmma(const Geom g, const bf16* __restri
   const int b_kr = tid >> 2, b_cc = tid & 3;
   const uint32_t b_dst = b_kr * 64 + ((b_cc ^ ((b_kr >> 1) & 3)) << 4);
 
-  int l_tap = kt0 * BK / red, l_ch0 = kt0 * BK % red;  // the next k-tile to load: tap (r·3 + c), first reduced channel
+  // The next k-tile to load: tap (r·3 + c) and first reduced channel. K is summed either tap by
+  // tap (tap_inner = 0) or 64-channel block by block with the 9 taps inner (1: consecutive k-tiles
+  // re-read the same pixels' channels, one tap over, from L1).
+  int l_tap = tap_inner ? kt0 % 9 : kt0 * BK / red, l_ch0 = tap_inner ? kt0 / 9 * BK : kt0 * BK % red;
   auto load_tile = [&](int stage) {
     const uint32_t sA = smem0 + stage * STAGE_BYTES, sB = sA + A_BYTES;
     const int r = l_tap / 3, c = l_tap % 3;
@@ -149,22 +155,26 @@ __device__ __forceinline__ void conv3x3_wgmma(const Geom g, const bf16* __restri
       const int hh = a_h[j] + dh, ww = a_w[j] + dw;
       const bool ok = (unsigned)hh < (unsigned)g.H && (unsigned)ww < (unsigned)g.W;
       const bf16* src = ok ? base + (int64_t)(a_m[j] + dh * g.W + dw) * cstride + coff + chunk * 8 : x1;
-      cp_async16(sA + row_dst + j * ROWS_PER_PASS * 128, src, ok);
+      cp_async16<true>(sA + row_dst + j * ROWS_PER_PASS * 128, src, ok);
     }
     if (!BWD) {  // rows n0 + row of w viewed as [Cout][K], k from l_tap·Cin + l_ch0
       const bf16* src = w + (int64_t)(n0 + row0) * K + l_tap * g.Cin + l_ch0 + chunk * 8;
 #pragma unroll
-      for (int j = 0; j < B_PER; ++j) cp_async16(sB + row_dst + j * ROWS_PER_PASS * 128, src + j * ROWS_PER_PASS * K, true);
+      for (int j = 0; j < B_PER; ++j) cp_async16<false>(sB + row_dst + j * ROWS_PER_PASS * 128, src + j * ROWS_PER_PASS * K, true);
     } else {  // k-row kr = co − l_ch0 of tap l_tap: w[co, tap, n0 + 32·jb + 8·b_cc ..]
       const bf16* src = w + ((int64_t)(l_ch0 + b_kr) * 9 + l_tap) * g.Cin + n0 + b_cc * 8;
       const int64_t pass = (int64_t)KR_PASS * 9 * g.Cin;
 #pragma unroll
       for (int jb = 0; jb < BN / 32; ++jb)
 #pragma unroll
-        for (int p = 0; p < BK / KR_PASS; ++p) cp_async16(sB + b_dst + jb * 4096 + p * KR_PASS * 64, src + p * pass + jb * 32, true);
+        for (int p = 0; p < BK / KR_PASS; ++p) cp_async16<false>(sB + b_dst + jb * 4096 + p * KR_PASS * 64, src + p * pass + jb * 32, true);
     }
-    l_ch0 += BK;
-    if (l_ch0 == red) { l_ch0 = 0; ++l_tap; }
+    if (tap_inner) {
+      if (++l_tap == 9) { l_tap = 0; l_ch0 += BK; }
+    } else if ((l_ch0 += BK) == red) {
+      l_ch0 = 0;
+      ++l_tap;
+    }
   };
 
   float acc[80];
@@ -240,16 +250,15 @@ __device__ __forceinline__ void conv3x3_wgmma(const Geom g, const bf16* __restri
 #define CONV_SM90(WGS, STAGES, BM_)                                                                                   \
   extern "C" __global__ void __launch_bounds__(128 * WGS, 1)                                                         \
       conv3x3_fwd_sm90_##BM_##x160_s##STAGES(const bf16* x1, const bf16* x2, const bf16* w, const bf16* bias,       \
-                                             const bf16* res, bf16* y, float* ws, int splits, int batch, int H, int W, int C1, int C2, int Cout) { \
-    conv3x3_wgmma<WGS, false, STAGES>(Geom{batch, H, W, C1, C2, C1 + C2, Cout}, x1, x2, w, bias, res, y, nullptr, ws, splits); \
+                                             const bf16* res, bf16* y, float* ws, int splits, int tap_inner, int batch, int H, int W, int C1, int C2, int Cout) { \
+    conv3x3_wgmma<WGS, false, STAGES>(Geom{batch, H, W, C1, C2, C1 + C2, Cout}, x1, x2, w, bias, res, y, nullptr, ws, splits, tap_inner); \
   }                                                                                                                   \
   extern "C" __global__ void __launch_bounds__(128 * WGS, 1)                                                         \
       conv3x3_bwd_input_sm90_##BM_##x160_s##STAGES(const bf16* dy, const bf16* w, bf16* dx1, bf16* dx2, float* ws,   \
-                                                   int splits, int batch, int H, int W, int C1, int C2, int Cout) {   \
-    conv3x3_wgmma<WGS, true, STAGES>(Geom{batch, H, W, C1, C2, C1 + C2, Cout}, dy, nullptr, w, nullptr, nullptr, dx1, dx2, ws, splits); \
+                                                   int splits, int tap_inner, int batch, int H, int W, int C1, int C2, int Cout) {   \
+    conv3x3_wgmma<WGS, true, STAGES>(Geom{batch, H, W, C1, C2, C1 + C2, Cout}, dy, nullptr, w, nullptr, nullptr, dx1, dx2, ws, splits, tap_inner); \
   }
 
 CONV_SM90(1, 4, 64)   // two CTAs per SM (113 KiB each)
 CONV_SM90(1, 6, 64)   // one CTA per SM, deeper prefetch
-CONV_SM90(2, 4, 128)  // two warpgroups share the B tile (145 KiB)
-CONV_SM90(2, 5, 128)
+CONV_SM90(2, 5, 128)  // two warpgroups share the B tile (181 KiB)

@@ -6,13 +6,14 @@
 //! Everything else (other GPUs, 1×1, stride 2, the fused upsample, conv_in / conv_out) stays on
 //! kernels/conv.cu. CPU twins: `conv2d_cpu`, `conv2d_backward_input_cpu` (ops::conv).
 //!
-//! `SDLORA_CONV_SM90_TILE=off|64x160_s4|64x160_s6|128x160_s4|128x160_s5` turns the path off or
-//! forces one tile wherever the shape is supported (for benchmarking the choice).
+//! `SDLORA_CONV_SM90_TILE=off|64x160_s6|128x160_s5|64x160_s4[:splits]` turns the path off or
+//! forces one tile (and split-K factor) wherever the shape is supported (benchmarking the choice).
 
 use super::conv::{Conv2dShape, ConvSource};
 use crate::cuda::{ArenaKind, Gpu, KernelArg, LaunchConfig};
 use crate::tensor::Tensor;
 use anyhow::{ensure, Result};
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use cudarc::driver::sys::CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES;
 
 const MODULE: &str = "conv_sm90";
@@ -30,12 +31,15 @@ pub struct Tile {
     bwd: &'static str,
 }
 
-/// Every compiled tile, by name suffix.
-pub const TILES: [(&str, Tile); 4] = [
-    ("64x160_s4", Tile { bm: 64, stages: 4, fwd: "conv3x3_fwd_sm90_64x160_s4", bwd: "conv3x3_bwd_input_sm90_64x160_s4" }),
-    ("64x160_s6", Tile { bm: 64, stages: 6, fwd: "conv3x3_fwd_sm90_64x160_s6", bwd: "conv3x3_bwd_input_sm90_64x160_s6" }),
-    ("128x160_s4", Tile { bm: 128, stages: 4, fwd: "conv3x3_fwd_sm90_128x160_s4", bwd: "conv3x3_bwd_input_sm90_128x160_s4" }),
-    ("128x160_s5", Tile { bm: 128, stages: 5, fwd: "conv3x3_fwd_sm90_128x160_s5", bwd: "conv3x3_bwd_input_sm90_128x160_s5" }),
+/// Every compiled tile, by name suffix, with its cost model for [`plan_for`]: the time of one
+/// 64-deep k-tile of one CTA in units of a 64-row CTA's alone on its SM, and CTAs per SM. From the
+/// H100 sweep (benches/RESULTS.md, "Hopper wgmma convolutions"): 128-row tiles do twice the work
+/// per k-tile in 1.65× the time (they read B once for two warpgroups); two 64-row CTAs per SM
+/// (4 stages) share it.
+pub const TILES: [(&str, Tile, f64, usize); 3] = [
+    ("64x160_s6", Tile { bm: 64, stages: 6, fwd: "conv3x3_fwd_sm90_64x160_s6", bwd: "conv3x3_bwd_input_sm90_64x160_s6" }, 1.0, 1),
+    ("128x160_s5", Tile { bm: 128, stages: 5, fwd: "conv3x3_fwd_sm90_128x160_s5", bwd: "conv3x3_bwd_input_sm90_128x160_s5" }, 1.65, 1),
+    ("64x160_s4", Tile { bm: 64, stages: 4, fwd: "conv3x3_fwd_sm90_64x160_s4", bwd: "conv3x3_bwd_input_sm90_64x160_s4" }, 2.0, 2),
 ];
 
 impl Tile {
@@ -73,67 +77,72 @@ pub struct Plan {
 /// At most this many K slices, each at least this many 64-deep k-tiles.
 const MAX_SPLITS: usize = 16;
 const MIN_KTILES_PER_SPLIT: usize = 6;
+/// Split-K's extra cost in the units of [`TILES`]: a fixed part (the reduction launch and its
+/// tail) and one per MB of partial sums written and read back.
+const SPLIT_FIXED: f64 = 7.0;
+const SPLIT_PER_MB: f64 = 0.9;
 
-/// The tile for an M × N GEMM (M = output pixels): 64-row tiles while they make at most one wave
-/// of CTAs, else 128-row tiles while those do, else 64-row tiles two per SM.
-pub fn tile_for(m: usize, n: usize) -> Tile {
-    let ctas = |bm: usize| m.div_ceil(bm) * n.div_ceil(BN);
-    let name = if ctas(64) <= SMS {
-        "64x160_s6"
-    } else if ctas(128) <= SMS {
-        "128x160_s5"
-    } else {
-        "64x160_s4"
-    };
-    TILES.iter().find(|(n, _)| *n == name).unwrap().1
+/// (M, N, k-tiles) of the GEMM of `s` (backward: of its input gradient).
+fn gemm_dims(s: &Conv2dShape, backward: bool) -> (usize, usize, usize) {
+    let (n, red) = if backward { (s.in_ch, s.out_ch) } else { (s.out_ch, s.in_ch) };
+    (s.batch * s.height * s.width, n, 9 * red / 64)
 }
 
-/// Tile `t` for an M × N GEMM over `ktiles` k-tiles, split along K up to about one wave of CTAs
-/// when it has fewer than three quarters of one.
-pub fn plan_with(t: Tile, m: usize, n: usize, ktiles: usize) -> Plan {
-    let ctas = m.div_ceil(t.bm) * n.div_ceil(BN);
-    let splits = if 4 * ctas >= 3 * SMS { 1 } else { (SMS / ctas).min(MAX_SPLITS).min(ktiles / MIN_KTILES_PER_SPLIT).max(1) };
-    Plan { tile: t, splits }
+/// The cheapest (tile, split) for an M × N GEMM over `ktiles` k-tiles among `tiles` (entries of
+/// [`TILES`]), by the model: waves of CTAs × k-tiles per CTA × the tile's unit cost, plus the
+/// split's reduction.
+fn cheapest(m: usize, n: usize, ktiles: usize, tiles: &[(&str, Tile, f64, usize)]) -> Plan {
+    let mut best: Option<(f64, Plan)> = None;
+    for &(_, tile, unit, per_sm) in tiles {
+        let ctas = m.div_ceil(tile.bm) * n.div_ceil(BN);
+        for splits in (1..=MAX_SPLITS).take_while(|&k| k == 1 || ktiles / k >= MIN_KTILES_PER_SPLIT) {
+            let waves = (ctas * splits).div_ceil(per_sm * SMS);
+            let mut cost = (waves * ktiles.div_ceil(splits)) as f64 * unit;
+            if splits > 1 {
+                cost += SPLIT_FIXED + SPLIT_PER_MB * ((splits * 8 + 2) * m * n) as f64 / 1e6;
+            }
+            if best.is_none_or(|(c, _)| cost < c) {
+                best = Some((cost, Plan { tile, splits }));
+            }
+        }
+    }
+    best.expect("at least one tile").1
 }
 
-/// The plan for a conv of `s` (backward: its input gradient) with [`tile_for`]'s tile.
+/// The plan for the conv `s` (backward: its input gradient) the launchers use.
 pub fn plan_for(s: &Conv2dShape, backward: bool) -> Plan {
-    let (m, n, red) = if backward { (s.batch * s.height * s.width, s.in_ch, s.out_ch) } else { (s.batch * s.height * s.width, s.out_ch, s.in_ch) };
-    plan_with(tile_for(m, n), m, n, 9 * red / 64)
+    let (m, n, ktiles) = gemm_dims(s, backward);
+    cheapest(m, n, ktiles, &TILES)
+}
+
+static ENABLED: AtomicBool = AtomicBool::new(true);
+
+/// Turns the sm90 path on or off for this process (the benchmark times the sm_80 kernels at the
+/// same shapes).
+pub fn set_enabled(on: bool) {
+    ENABLED.store(on, Relaxed);
 }
 
 /// The plan the conv launchers use on this GPU, or None for the sm_80 kernels: Hopper and a
-/// [`supports`]ed shape.
+/// [`supports`]ed shape (where the sm90 kernels measured faster at every SD1.5 shape).
+/// `SDLORA_CONV_SM90_TILE=<tile>[:<splits>]` forces a tile (and split), `off` the sm_80 kernels.
 pub fn choose(gpu: &Gpu, s: &Conv2dShape, c1: usize, c2: usize, upsample2x: bool, backward: bool) -> Result<Option<Plan>> {
-    pick(gpu, s, c1, c2, upsample2x, backward, false)
-}
-
-/// The plan the sm90 kernels would use for this conv at any size (benchmarks): Hopper and a
-/// [`supports`]ed shape.
-pub fn candidate(gpu: &Gpu, s: &Conv2dShape, c1: usize, c2: usize, upsample2x: bool, backward: bool) -> Result<Option<Plan>> {
-    pick(gpu, s, c1, c2, upsample2x, backward, true)
-}
-
-/// Where the sm90 plan measured faster than the sm_80 kernels (benches/RESULTS.md).
-fn sm90_wins(_p: &Plan) -> bool {
-    true
-}
-
-fn pick(gpu: &Gpu, s: &Conv2dShape, c1: usize, c2: usize, upsample2x: bool, backward: bool, any_size: bool) -> Result<Option<Plan>> {
-    static FORCED: std::sync::OnceLock<Option<Option<Tile>>> = std::sync::OnceLock::new();
+    type Forced = Option<Option<(usize, Option<usize>)>>; // None: not set; Some(None): off
+    static FORCED: std::sync::OnceLock<Forced> = std::sync::OnceLock::new();
     let forced = *FORCED.get_or_init(|| {
         let v = std::env::var("SDLORA_CONV_SM90_TILE").ok()?;
-        Some(TILES.iter().find(|(n, _)| v == *n).map(|t| t.1))
+        let (name, splits) = v.split_once(':').map_or((v.as_str(), None), |(a, b)| (a, b.parse().ok()));
+        Some(TILES.iter().position(|t| t.0 == name).map(|i| (i, splits)))
     });
-    if forced == Some(None) || !supports(s, c1, c2, upsample2x, backward) || !gpu.is_hopper()? {
+    if forced == Some(None) || !ENABLED.load(Relaxed) || !supports(s, c1, c2, upsample2x, backward) || !gpu.is_hopper()? {
         return Ok(None);
     }
-    let p = plan_for(s, backward);
-    if let Some(Some(t)) = forced {
-        let (m, n, red) = if backward { (s.batch * s.height * s.width, s.in_ch, s.out_ch) } else { (s.batch * s.height * s.width, s.out_ch, s.in_ch) };
-        return Ok(Some(plan_with(t, m, n, 9 * red / 64)));
-    }
-    Ok((any_size || sm90_wins(&p)).then_some(p))
+    let (m, n, ktiles) = gemm_dims(s, backward);
+    Ok(Some(match forced {
+        Some(Some((i, Some(splits)))) => Plan { tile: TILES[i].1, splits },
+        Some(Some((i, None))) => cheapest(m, n, ktiles, &TILES[i..=i]),
+        _ => cheapest(m, n, ktiles, &TILES),
+    }))
 }
 
 /// Launches `kernel` (`head`: its arguments before the workspace) for an M × N GEMM with plan
@@ -149,7 +158,9 @@ fn launch(gpu: &Gpu, p: &Plan, kernel: &'static str, m: usize, n: usize, head: &
     let cfg = LaunchConfig { grid_dim: ((n / BN) as u32, m.div_ceil(t.bm) as u32, p.splits as u32), block_dim: (t.threads(), 1, 1), shared_mem_bytes: smem };
     let ws = if p.splits > 1 { Some(gpu.alloc(ArenaKind::Scratch, p.splits * m * n * 4)?) } else { None };
     let mut args = head.to_vec();
-    args.extend([KernelArg::Ptr(ws.as_ref().map_or(0, |b| b.ptr())), KernelArg::I32(p.splits as i32)]);
+    static TAP_INNER: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    let tap_inner = *TAP_INNER.get_or_init(|| std::env::var("SDLORA_CONV_SM90_ORDER").map_or(true, |v| v != "0"));
+    args.extend([KernelArg::Ptr(ws.as_ref().map_or(0, |b| b.ptr())), KernelArg::I32(p.splits as i32), KernelArg::I32(tap_inner as i32)]);
     args.extend(geom);
     gpu.launch(MODULE, kernel, cfg, &args)?;
     if let Some(ws) = ws {
@@ -168,6 +179,7 @@ fn geometry_args(s: &Conv2dShape, c1: usize, c2: usize) -> [KernelArg; 6] {
 
 /// y = conv3×3(src) + bias (+ residual) with plan `p`. Operands as in `ops::conv::conv2d`, which
 /// checks their shapes and dtypes before calling this (tests call it directly to cover every tile).
+#[allow(clippy::too_many_arguments)]
 pub fn conv2d(gpu: &Gpu, p: &Plan, src: ConvSource, s: &Conv2dShape, w: &Tensor, bias: Option<&Tensor>, residual: Option<&Tensor>, y: &mut Tensor) -> Result<()> {
     let (c1, c2) = (src.x.shape()[3], src.skip.map_or(0, |k| k.shape()[3]));
     ensure!(supports(s, c1, c2, src.upsample2x, false), "conv2d sm90: unsupported {s:?} (c1 {c1}, c2 {c2}, upsample {})", src.upsample2x);

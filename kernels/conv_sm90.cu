@@ -25,8 +25,11 @@
 //
 // Design: a CTA computes a BM × 160 tile of the output, BM = 64·WGS with WGS warpgroups (1 or 2),
 // each warpgroup one m64n160 accumulator (80 f32 registers per thread). K advances in 64-deep
-// k-tiles through a STAGES-deep ring of shared-memory stages. Every thread gathers with cp.async
-// (16-byte chunks, zero-fill outside the image) into the layouts wgmma reads directly:
+// k-tiles (one tap × 64 channels; channel blocks outer, the 9 taps inner) through a STAGES-deep
+// ring of shared-memory stages; split-K over blockIdx.z for small GEMMs (f32 partial sums, then
+// kernels/conv.cu's conv2d_splitk_reduce_bf16). Every thread gathers with cp.async (16-byte
+// chunks, zero-fill outside the image; activations through L1, weights L2 only) into the layouts
+// wgmma reads directly:
 //  * A (BM rows × 64 k) and forward B (160 rows × 64 k): K-major, 128-byte rows, 128-byte
 //    swizzle (16-byte chunk c of row r at chunk c ^ (r mod 8)); descriptor SBO = 1024 B (8 rows),
 //    LBO unused; the k16 steps advance the start address by 32 B.
@@ -99,7 +102,7 @@ template <int WGS, bool BWD, int STAGES>
 __device__ __forceinline__ void conv3x3_wgmma(const Geom g, const bf16* __restrict__ x1, const bf16* __restrict__ x2,
                                               const bf16* __restrict__ w, const bf16* __restrict__ bias,
                                               const bf16* __restrict__ res, bf16* __restrict__ y1, bf16* __restrict__ y2,
-                                              float* __restrict__ ws, int splits, int tap_inner) {
+                                              float* __restrict__ ws, int splits) {
   static_assert(STAGES >= 3, "one stage computing, one draining, at least one loading");
   constexpr int BM = 64 * WGS, THREADS = 128 * WGS;
   constexpr int A_BYTES = BM * BK * 2, STAGE_BYTES = A_BYTES + BN * BK * 2;
@@ -139,10 +142,10 @@ __device__ __forceinline__ void conv3x3_wgmma(const Geom g, const bf16* __restri
   const int b_kr = tid >> 2, b_cc = tid & 3;
   const uint32_t b_dst = b_kr * 64 + ((b_cc ^ ((b_kr >> 1) & 3)) << 4);
 
-  // The next k-tile to load: tap (r·3 + c) and first reduced channel. K is summed either tap by
-  // tap (tap_inner = 0) or 64-channel block by block with the 9 taps inner (1: consecutive k-tiles
-  // re-read the same pixels' channels, one tap over, from L1).
-  int l_tap = tap_inner ? kt0 % 9 : kt0 * BK / red, l_ch0 = tap_inner ? kt0 / 9 * BK : kt0 * BK % red;
+  // The next k-tile to load: tap (r·3 + c) and first reduced channel. k-tiles run 64-channel
+  // block by block with the 9 taps inner (k-tile i: block i / 9, tap i mod 9), so consecutive
+  // k-tiles gather the same channels one pixel over (L1 hits for the A gathers).
+  int l_tap = kt0 % 9, l_ch0 = kt0 / 9 * BK;
   auto load_tile = [&](int stage) {
     const uint32_t sA = smem0 + stage * STAGE_BYTES, sB = sA + A_BYTES;
     const int r = l_tap / 3, c = l_tap % 3;
@@ -169,12 +172,7 @@ __device__ __forceinline__ void conv3x3_wgmma(const Geom g, const bf16* __restri
 #pragma unroll
         for (int p = 0; p < BK / KR_PASS; ++p) cp_async16<false>(sB + b_dst + jb * 4096 + p * KR_PASS * 64, src + p * pass + jb * 32, true);
     }
-    if (tap_inner) {
-      if (++l_tap == 9) { l_tap = 0; l_ch0 += BK; }
-    } else if ((l_ch0 += BK) == red) {
-      l_ch0 = 0;
-      ++l_tap;
-    }
+    if (++l_tap == 9) { l_tap = 0; l_ch0 += BK; }
   };
 
   float acc[80];
@@ -250,13 +248,13 @@ __device__ __forceinline__ void conv3x3_wgmma(const Geom g, const bf16* __restri
 #define CONV_SM90(WGS, STAGES, BM_)                                                                                   \
   extern "C" __global__ void __launch_bounds__(128 * WGS, 1)                                                         \
       conv3x3_fwd_sm90_##BM_##x160_s##STAGES(const bf16* x1, const bf16* x2, const bf16* w, const bf16* bias,       \
-                                             const bf16* res, bf16* y, float* ws, int splits, int tap_inner, int batch, int H, int W, int C1, int C2, int Cout) { \
-    conv3x3_wgmma<WGS, false, STAGES>(Geom{batch, H, W, C1, C2, C1 + C2, Cout}, x1, x2, w, bias, res, y, nullptr, ws, splits, tap_inner); \
+                                             const bf16* res, bf16* y, float* ws, int splits, int batch, int H, int W, int C1, int C2, int Cout) { \
+    conv3x3_wgmma<WGS, false, STAGES>(Geom{batch, H, W, C1, C2, C1 + C2, Cout}, x1, x2, w, bias, res, y, nullptr, ws, splits);  \
   }                                                                                                                   \
   extern "C" __global__ void __launch_bounds__(128 * WGS, 1)                                                         \
       conv3x3_bwd_input_sm90_##BM_##x160_s##STAGES(const bf16* dy, const bf16* w, bf16* dx1, bf16* dx2, float* ws,   \
-                                                   int splits, int tap_inner, int batch, int H, int W, int C1, int C2, int Cout) {   \
-    conv3x3_wgmma<WGS, true, STAGES>(Geom{batch, H, W, C1, C2, C1 + C2, Cout}, dy, nullptr, w, nullptr, nullptr, dx1, dx2, ws, splits, tap_inner); \
+                                                   int splits, int batch, int H, int W, int C1, int C2, int Cout) {   \
+    conv3x3_wgmma<WGS, true, STAGES>(Geom{batch, H, W, C1, C2, C1 + C2, Cout}, dy, nullptr, w, nullptr, nullptr, dx1, dx2, ws, splits); \
   }
 
 CONV_SM90(1, 4, 64)   // two CTAs per SM (113 KiB each)

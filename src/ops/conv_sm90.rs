@@ -32,14 +32,14 @@ pub struct Tile {
 }
 
 /// Every compiled tile, by name suffix, with its cost model for [`plan_for`]: the time of one
-/// 64-deep k-tile of one CTA in units of a 64-row CTA's alone on its SM, and CTAs per SM. From the
-/// H100 sweep (benches/RESULTS.md, "Hopper wgmma convolutions"): 128-row tiles do twice the work
-/// per k-tile in 1.65× the time (they read B once for two warpgroups); two 64-row CTAs per SM
-/// (4 stages) share it.
+/// 64-deep k-tile of one CTA in units of a 64-row CTA's alone on its SM (about 0.5 µs), and CTAs
+/// per SM. Fitted to the H100 sweeps (benches/RESULTS.md, "Hopper wgmma convolutions"): 128-row
+/// tiles do twice the work per k-tile in 1.45× the time (two warpgroups share the B tile); two
+/// 64-row CTAs sharing an SM (4 stages) take 1.65× as long each.
 pub const TILES: [(&str, Tile, f64, usize); 3] = [
     ("64x160_s6", Tile { bm: 64, stages: 6, fwd: "conv3x3_fwd_sm90_64x160_s6", bwd: "conv3x3_bwd_input_sm90_64x160_s6" }, 1.0, 1),
-    ("128x160_s5", Tile { bm: 128, stages: 5, fwd: "conv3x3_fwd_sm90_128x160_s5", bwd: "conv3x3_bwd_input_sm90_128x160_s5" }, 1.65, 1),
-    ("64x160_s4", Tile { bm: 64, stages: 4, fwd: "conv3x3_fwd_sm90_64x160_s4", bwd: "conv3x3_bwd_input_sm90_64x160_s4" }, 2.0, 2),
+    ("128x160_s5", Tile { bm: 128, stages: 5, fwd: "conv3x3_fwd_sm90_128x160_s5", bwd: "conv3x3_bwd_input_sm90_128x160_s5" }, 1.45, 1),
+    ("64x160_s4", Tile { bm: 64, stages: 4, fwd: "conv3x3_fwd_sm90_64x160_s4", bwd: "conv3x3_bwd_input_sm90_64x160_s4" }, 1.65, 2),
 ];
 
 impl Tile {
@@ -79,8 +79,8 @@ const MAX_SPLITS: usize = 16;
 const MIN_KTILES_PER_SPLIT: usize = 6;
 /// Split-K's extra cost in the units of [`TILES`]: a fixed part (the reduction launch and its
 /// tail) and one per MB of partial sums written and read back.
-const SPLIT_FIXED: f64 = 7.0;
-const SPLIT_PER_MB: f64 = 0.9;
+const SPLIT_FIXED: f64 = 4.0;
+const SPLIT_PER_MB: f64 = 0.6;
 
 /// (M, N, k-tiles) of the GEMM of `s` (backward: of its input gradient).
 fn gemm_dims(s: &Conv2dShape, backward: bool) -> (usize, usize, usize) {
@@ -158,9 +158,7 @@ fn launch(gpu: &Gpu, p: &Plan, kernel: &'static str, m: usize, n: usize, head: &
     let cfg = LaunchConfig { grid_dim: ((n / BN) as u32, m.div_ceil(t.bm) as u32, p.splits as u32), block_dim: (t.threads(), 1, 1), shared_mem_bytes: smem };
     let ws = if p.splits > 1 { Some(gpu.alloc(ArenaKind::Scratch, p.splits * m * n * 4)?) } else { None };
     let mut args = head.to_vec();
-    static TAP_INNER: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    let tap_inner = *TAP_INNER.get_or_init(|| std::env::var("SDLORA_CONV_SM90_ORDER").map_or(true, |v| v != "0"));
-    args.extend([KernelArg::Ptr(ws.as_ref().map_or(0, |b| b.ptr())), KernelArg::I32(p.splits as i32), KernelArg::I32(tap_inner as i32)]);
+    args.extend([KernelArg::Ptr(ws.as_ref().map_or(0, |b| b.ptr())), KernelArg::I32(p.splits as i32)]);
     args.extend(geom);
     gpu.launch(MODULE, kernel, cfg, &args)?;
     if let Some(ws) = ws {

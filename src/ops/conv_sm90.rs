@@ -1,8 +1,9 @@
 //! Hopper path of the 3×3 stride-1 convolutions (kernels/conv_sm90.cu: wgmma implicit GEMM,
 //! forward with bias + residual and the skip concat, and the input gradient). `ops::conv`'s
 //! launchers call [`choose`] after their own shape checks and hand the conv over when it returns a
-//! tile: on a Hopper GPU (`Gpu::is_hopper`), for shapes the kernel takes ([`supports`]) and where it
-//! measured faster than the sm_80 kernels (benches/RESULTS.md, "Hopper wgmma convolutions").
+//! plan (tile and split-K, [`plan_for`]): on a Hopper GPU (`Gpu::is_hopper`), for every shape the
+//! kernels take ([`supports`]): at each SD1.5 one the wgmma kernels measured faster than the
+//! sm_80 ones (benches/RESULTS.md, "Hopper wgmma convolutions").
 //! Everything else (other GPUs, 1×1, stride 2, the fused upsample, conv_in / conv_out) stays on
 //! kernels/conv.cu. CPU twins: `conv2d_cpu`, `conv2d_backward_input_cpu` (ops::conv).
 //!
@@ -13,8 +14,8 @@ use super::conv::{Conv2dShape, ConvSource};
 use crate::cuda::{ArenaKind, Gpu, KernelArg, LaunchConfig};
 use crate::tensor::Tensor;
 use anyhow::{ensure, Result};
-use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use cudarc::driver::sys::CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES;
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 
 const MODULE: &str = "conv_sm90";
 /// Output columns per CTA (the wgmma N); must match kernels/conv_sm90.cu.
@@ -151,7 +152,7 @@ pub fn choose(gpu: &Gpu, s: &Conv2dShape, c1: usize, c2: usize, upsample2x: bool
 #[allow(clippy::too_many_arguments)]
 fn launch(gpu: &Gpu, p: &Plan, kernel: &'static str, m: usize, n: usize, head: &[KernelArg], geom: [KernelArg; 6], c1: usize, finish: [u64; 4]) -> Result<()> {
     ensure!(gpu.is_hopper()?, "{kernel}: sm_90a kernels need a Hopper GPU");
-    ensure!(p.splits >= 1 && p.splits <= 9 * 2560 / 64, "{kernel}: bad split count {}", p.splits);
+    ensure!((1..=MAX_SPLITS).contains(&p.splits), "{kernel}: split count {} not in 1..={MAX_SPLITS}", p.splits);
     let t = &p.tile;
     let smem = t.smem() as u32;
     gpu.function(MODULE, kernel)?.set_attribute(CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, smem as i32)?;

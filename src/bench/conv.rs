@@ -3,11 +3,14 @@
 //! events, so host launch cost overlaps GPU work (benches/torch_conv.py times cuDNN the same shapes
 //! inside a CUDA graph). Shape names: `b{batch}_{h}x{w}_{cin}->{cout}_k{k}s{stride}` with `+up`
 //! for the fused nearest-2× upsample (h, w are then the conv's input size after upsampling) and
-//! `cin=a+b` for the fused concat of the up blocks.
+//! `cin=a+b` for the fused concat of the up blocks. On a Hopper GPU the plain rows run the wgmma
+//! kernels (src/ops/conv_sm90.rs) where they take the shape, and `conv_*_sm80` rows time the sm_80
+//! kernels at those shapes too.
 
 use super::{time_gpu, BenchRow, Timing};
 use crate::cuda::{ArenaKind::Persistent, Gpu};
 use crate::ops::conv::{conv2d, conv2d_backward_input, Conv2dShape, ConvSource};
+use crate::ops::conv_sm90;
 use crate::tensor::{DType, Tensor};
 use anyhow::Result;
 
@@ -65,21 +68,25 @@ pub fn bench(gpu: &Gpu) -> Result<Vec<BenchRow>> {
         }
         let name = shape_name(b, hw, c1, c2, cout, k, st, up);
         let per_call = |t: Timing| Timing { median_ms: t.median_ms / INNER as f64, min_ms: t.min_ms / INNER as f64, max_ms: t.max_ms / INNER as f64, reps: t.reps };
-        let fwd = time_gpu(gpu, 2, 15, || {
-            let src = ConvSource { x: &x, skip: (c2 > 0).then_some(&skip), upsample2x: up };
-            (0..INNER).try_for_each(|_| {
-                conv2d(gpu, src, &s, &w, Some(&bias), None, &mut y)
-            })
-        })?;
-        let fwd = per_call(fwd);
-        rows.push(BenchRow { kernel: "conv_fwd".into(), shape: name.clone(), rate: s.flops() / fwd.median_ms / 1e9, unit: "TFLOP/s", timing: fwd });
-        let bwd = time_gpu(gpu, 2, 15, || {
-            (0..INNER).try_for_each(|_| {
-                conv2d_backward_input(gpu, &y, &s, &w, up, &mut x, (c2 > 0).then_some(&mut skip))
-            })
-        })?;
-        let bwd = per_call(bwd);
-        rows.push(BenchRow { kernel: "conv_bwd_input".into(), shape: name, rate: s.flops() / bwd.median_ms / 1e9, unit: "TFLOP/s", timing: bwd });
+        // On a Hopper GPU the dispatched rows run the wgmma kernels where they take the shape; the
+        // `_sm80` rows time the sm_80 kernels there too, with the sm90 path switched off.
+        let sm90 = conv_sm90::choose(gpu, &s, c1, c2, up, false)?.is_some() || conv_sm90::choose(gpu, &s, c1, c2, up, true)?.is_some();
+        for (suffix, on) in [("", true), ("_sm80", false)] {
+            if !on && !sm90 {
+                continue;
+            }
+            conv_sm90::set_enabled(on);
+            let fwd = time_gpu(gpu, 2, 15, || {
+                let src = ConvSource { x: &x, skip: (c2 > 0).then_some(&skip), upsample2x: up };
+                (0..INNER).try_for_each(|_| conv2d(gpu, src, &s, &w, Some(&bias), None, &mut y))
+            });
+            let bwd = time_gpu(gpu, 2, 15, || (0..INNER).try_for_each(|_| conv2d_backward_input(gpu, &y, &s, &w, up, &mut x, (c2 > 0).then_some(&mut skip))));
+            conv_sm90::set_enabled(true);
+            for (kernel, t) in [("conv_fwd", fwd?), ("conv_bwd_input", bwd?)] {
+                let t = per_call(t);
+                rows.push(BenchRow { kernel: format!("{kernel}{suffix}"), shape: name.clone(), rate: s.flops() / t.median_ms / 1e9, unit: "TFLOP/s", timing: t });
+            }
+        }
     }
     Ok(rows)
 }

@@ -335,6 +335,9 @@ pub fn conv2d(
     if let Some(r) = residual {
         check_gpu(what, &[r], DType::BF16, y.numel())?;
     }
+    if let Some(t) = super::conv_sm90::choose(gpu, s, g.c1, g.c2, src.upsample2x, false)? {
+        return super::conv_sm90::conv2d(gpu, &t, src, s, w, bias, residual, y);
+    }
     let vec = g.c1 % 8 == 0 && g.c2 % 8 == 0 && s.in_ch.is_multiple_of(BK) && (g.c2 == 0 || g.c1 % BK == 0);
     let m = s.batch * ho * wo;
     let ktiles = (s.kernel * s.kernel * s.in_ch).div_ceil(BK);
@@ -370,6 +373,12 @@ pub fn conv2d_backward_input(
     check_gpu(what, &[dy], DType::BF16, s.batch * ho * wo * s.out_ch)?;
     check_gpu(what, &[w], DType::BF16, s.out_ch * s.kernel * s.kernel * s.in_ch)?;
     check_gpu(what, &[dx], DType::BF16, dx.numel())?;
+    if let Some(t) = super::conv_sm90::choose(gpu, s, g.c1, g.c2, upsample2x, true)? {
+        if let Some(sk) = dskip.as_deref() {
+            check_gpu(what, &[sk], DType::BF16, sk.numel())?;
+        }
+        return super::conv_sm90::conv2d_backward_input(gpu, &t, dy, s, w, dx, dskip);
+    }
     let dskip_ptr = match dskip {
         Some(t) => {
             check_gpu(what, &[t], DType::BF16, t.numel())?;

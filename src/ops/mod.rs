@@ -4,6 +4,7 @@
 
 pub mod attention;
 pub mod conv;
+pub mod conv_sm90;
 pub mod elementwise;
 pub mod gemm;
 pub mod gemm_sm90;

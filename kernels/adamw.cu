@@ -47,6 +47,43 @@ extern "C" __global__ void adamw_grad_sq_partial(const float* __restrict__ g, fl
   if (threadIdx.x == 0) part[blockIdx.x] = s;
 }
 
+// The scalars of the step *step, shared by both step kernels: the clip factor (every block
+// re-reduces part[0..nparts) in the same order), the rate from the table, the decay, the bias
+// corrections and the lerp weights (f64, rounded once).
+struct StepScalars {
+  float clip, decay, step_size, bc2_sqrt, w1, w2, b2, eps;
+};
+
+__device__ __forceinline__ StepScalars step_scalars(const uint32_t* step, const double* lr_table, int lr_len, double beta1,
+                                                    double beta2, float eps, double weight_decay, const float* part,
+                                                    int nparts, float max_norm, float* sh) {
+  StepScalars k;
+  k.clip = 1.f;
+  if (part != nullptr) {
+    float acc = 0.f;
+    for (int j = threadIdx.x; j < nparts; j += blockDim.x) acc += part[j];
+    const float norm = sqrtf(block_sum(acc, sh));
+    k.clip = fminf(1.f, max_norm / (norm + 1e-6f));
+  }
+  const uint32_t ti = *step;
+  const double lr = lr_table[(ti < (uint32_t)lr_len ? ti : (uint32_t)lr_len) - 1];
+  k.decay = (float)(1.0 - lr * weight_decay);
+  const double t = (double)ti;
+  const double bc1 = 1.0 - pow(beta1, t), bc2 = 1.0 - pow(beta2, t);
+  k.step_size = (float)(lr / bc1), k.bc2_sqrt = (float)sqrt(bc2);
+  k.w1 = (float)(1.0 - beta1), k.w2 = (float)(1.0 - beta2), k.b2 = (float)beta2, k.eps = eps;
+  return k;
+}
+
+// One value's AdamW update in torch's order of f32 operations: m, v and p updated in place.
+__device__ __forceinline__ void adamw_value(float& p, float& m, float& v, float g, const StepScalars& k) {
+  const float gi = g * k.clip;
+  m = m + k.w1 * (gi - m);
+  v = v * k.b2 + k.w2 * gi * gi;
+  const float denom = sqrtf(v) / k.bc2_sqrt + k.eps;
+  p = p * k.decay - k.step_size * (m / denom);
+}
+
 // lr, beta1, beta2, wd are f64 (Python floats in torch): the bias corrections, step size, the
 // (1 − β) lerp weights and decay = 1 − lr·wd are formed in f64 and rounded once.
 extern "C" __global__ void adamw_step(float* __restrict__ p, bf16* __restrict__ p16, const float* __restrict__ g, float* __restrict__ m,
@@ -55,26 +92,10 @@ extern "C" __global__ void adamw_step(float* __restrict__ p, bf16* __restrict__ 
                                       float eps, double weight_decay, const float* __restrict__ part, int nparts,
                                       float max_norm) {
   __shared__ float sh[32];
-  float clip = 1.f;
-  if (part != nullptr) {
-    float acc = 0.f;
-    for (int k = threadIdx.x; k < nparts; k += blockDim.x) acc += part[k];
-    const float norm = sqrtf(block_sum(acc, sh));
-    clip = fminf(1.f, max_norm / (norm + 1e-6f));
-  }
-  const uint32_t ti = *step;
-  const double lr = lr_table[(ti < (uint32_t)lr_len ? ti : (uint32_t)lr_len) - 1];
-  const float decay = (float)(1.0 - lr * weight_decay);
-  const double t = (double)ti;
-  const double bc1 = 1.0 - pow(beta1, t), bc2 = 1.0 - pow(beta2, t);
-  const float step_size = (float)(lr / bc1), bc2_sqrt = (float)sqrt(bc2);
-  const float w1 = (float)(1.0 - beta1), w2 = (float)(1.0 - beta2), b2 = (float)beta2;
+  const StepScalars k = step_scalars(step, lr_table, lr_len, beta1, beta2, eps, weight_decay, part, nparts, max_norm, sh);
   FOR_EACH_INDEX(i, n) {
-    const float gi = g[i] * clip;
-    const float mi = m[i] + w1 * (gi - m[i]);
-    const float vi = v[i] * b2 + w2 * gi * gi;
-    const float denom = sqrtf(vi) / bc2_sqrt + eps;
-    const float pi = p[i] * decay - step_size * (mi / denom);
+    float pi = p[i], mi = m[i], vi = v[i];
+    adamw_value(pi, mi, vi, g[i], k);
     p[i] = pi;
     if (p16) p16[i] = __float2bfloat16_rn(pi);
     m[i] = mi;
@@ -130,20 +151,7 @@ extern "C" __global__ void __launch_bounds__(256) adamw_step_8bit(
     int lr_len, double beta1, double beta2, float eps, double weight_decay, const float* __restrict__ part, int nparts,
     float max_norm) {
   __shared__ float sh[32];
-  float clip = 1.f;
-  if (part != nullptr) {
-    float acc = 0.f;
-    for (int k = threadIdx.x; k < nparts; k += blockDim.x) acc += part[k];
-    const float norm = sqrtf(block_sum(acc, sh));
-    clip = fminf(1.f, max_norm / (norm + 1e-6f));
-  }
-  const uint32_t ti = *step;
-  const double lr = lr_table[(ti < (uint32_t)lr_len ? ti : (uint32_t)lr_len) - 1];
-  const float decay = (float)(1.0 - lr * weight_decay);
-  const double t = (double)ti;
-  const double bc1 = 1.0 - pow(beta1, t), bc2 = 1.0 - pow(beta2, t);
-  const float step_size = (float)(lr / bc1), bc2_sqrt = (float)sqrt(bc2);
-  const float w1 = (float)(1.0 - beta1), w2 = (float)(1.0 - beta2), b2 = (float)beta2;
+  const StepScalars k = step_scalars(step, lr_table, lr_len, beta1, beta2, eps, weight_decay, part, nparts, max_norm, sh);
   const int lane = threadIdx.x & 31, warps = blockDim.x >> 5;
   const bool aligned = ((reinterpret_cast<uintptr_t>(p) | reinterpret_cast<uintptr_t>(g) | reinterpret_cast<uintptr_t>(p16)) & 15) == 0 &&
                        ((reinterpret_cast<uintptr_t>(qm) | reinterpret_cast<uintptr_t>(qv)) & 7) == 0;
@@ -176,11 +184,7 @@ extern "C" __global__ void __launch_bounds__(256) adamw_step_8bit(
       const float mag = decode_level(cm[e] & 127, 127, sc.x);
       float m = (cm[e] & 128) ? -mag : mag;
       float v = decode_level(cv[e], 255, sc.y);
-      const float gc = gi[e] * clip;
-      m = m + w1 * (gc - m);
-      v = v * b2 + w2 * gc * gc;
-      const float denom = sqrtf(v) / bc2_sqrt + eps;
-      pi[e] = pi[e] * decay - step_size * (m / denom);
+      adamw_value(pi[e], m, v, gi[e], k);
       if (i0 + e >= n) m = v = 0.f;  // past the end: no effect on the maxima
       mi[e] = m, vi[e] = v;
       am = fmaxf(am, fabsf(m)), av = fmaxf(av, v);

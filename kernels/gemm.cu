@@ -35,6 +35,7 @@
 // any M, N, K work.
 #include "common.cuh"
 #include "mma.cuh"
+#include "epilogue.cuh"
 
 namespace {
 
@@ -139,39 +140,13 @@ __device__ __noinline__ void store8_checked(OutT* crow, const OutT* rrow, const 
   }
 }
 
-// Adds 8 bf16 values (one 16-byte load) to v.
-__device__ __forceinline__ void add_bf16x8(float (&v)[8], const bf16* p) {
-  const uint4 raw = *reinterpret_cast<const uint4*>(p);
-  const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&raw);
-#pragma unroll
-  for (int q = 0; q < 4; ++q) {
-    const float2 f = __bfloat1622float2(h[q]);
-    v[2 * q] += f.x;
-    v[2 * q + 1] += f.y;
-  }
-}
-
-// Epilogue, fast path: 8 columns n.. of one row with 16-byte loads and stores.
+// Epilogue, fast path: 8 columns n.. of one row from the staged accumulators, with 16-byte loads
+// and stores (kernels/epilogue.cuh).
 template <typename OutT>
 __device__ __forceinline__ void store8(OutT* crow, const OutT* rrow, const bf16* bias, int n, const float* src, float alpha) {
   const float4 lo = *reinterpret_cast<const float4*>(src), hi = *reinterpret_cast<const float4*>(src + 4);
   float v[8] = {alpha * lo.x, alpha * lo.y, alpha * lo.z, alpha * lo.w, alpha * hi.x, alpha * hi.y, alpha * hi.z, alpha * hi.w};
-  if (bias) add_bf16x8(v, bias + n);
-  if constexpr (sizeof(OutT) == 4) {
-    if (rrow) {
-      const float4 r0 = *reinterpret_cast<const float4*>(rrow + n), r1 = *reinterpret_cast<const float4*>(rrow + n + 4);
-      v[0] += r0.x, v[1] += r0.y, v[2] += r0.z, v[3] += r0.w, v[4] += r1.x, v[5] += r1.y, v[6] += r1.z, v[7] += r1.w;
-    }
-    *reinterpret_cast<float4*>(crow + n) = make_float4(v[0], v[1], v[2], v[3]);
-    *reinterpret_cast<float4*>(crow + n + 4) = make_float4(v[4], v[5], v[6], v[7]);
-  } else {
-    if (rrow) add_bf16x8(v, reinterpret_cast<const bf16*>(rrow) + n);
-    uint4 out;
-    __nv_bfloat162* h = reinterpret_cast<__nv_bfloat162*>(&out);
-#pragma unroll
-    for (int q = 0; q < 4; ++q) h[q] = __floats2bfloat162_rn(v[2 * q], v[2 * q + 1]);
-    *reinterpret_cast<uint4*>(crow + n) = out;
-  }
+  store8_values(crow, rrow, bias, n, v);
 }
 
 // Epilogue of one tile: C = alpha·acc (+ bias) (+ R), or the split-K partial sums. The fragments

@@ -45,6 +45,7 @@
 // swizzled by row, conflict-free) so that C, R and bias move as coalesced 16-byte row segments.
 #include "common.cuh"
 #include "mma.cuh"
+#include "epilogue.cuh"
 
 namespace {
 
@@ -152,39 +153,7 @@ __device__ __forceinline__ void load_n_major(uint32_t tile, const bf16* p, int64
   }
 }
 
-// Adds 8 bf16 values (one 16-byte load) to v.
-__device__ __forceinline__ void add_bf16x8(float (&v)[8], const bf16* p) {
-  const uint4 raw = *reinterpret_cast<const uint4*>(p);
-  const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&raw);
-#pragma unroll
-  for (int q = 0; q < 4; ++q) {
-    const float2 f = __bfloat1622float2(h[q]);
-    v[2 * q] += f.x;
-    v[2 * q + 1] += f.y;
-  }
-}
-
-// Epilogue of 8 columns n..n+7 of one row: 16-byte loads and stores (`fast`), else element by
-// element up to N (out of line: the right edge and unaligned operands).
-template <typename OutT>
-__device__ __forceinline__ void store8(OutT* crow, const OutT* rrow, const bf16* bias, int n, float (&v)[8]) {
-  if (bias) add_bf16x8(v, bias + n);
-  if constexpr (sizeof(OutT) == 4) {
-    if (rrow) {
-      const float4 r0 = *reinterpret_cast<const float4*>(rrow + n), r1 = *reinterpret_cast<const float4*>(rrow + n + 4);
-      v[0] += r0.x, v[1] += r0.y, v[2] += r0.z, v[3] += r0.w, v[4] += r1.x, v[5] += r1.y, v[6] += r1.z, v[7] += r1.w;
-    }
-    *reinterpret_cast<float4*>(crow + n) = make_float4(v[0], v[1], v[2], v[3]);
-    *reinterpret_cast<float4*>(crow + n + 4) = make_float4(v[4], v[5], v[6], v[7]);
-  } else {
-    if (rrow) add_bf16x8(v, reinterpret_cast<const bf16*>(rrow) + n);
-    uint4 out;
-    __nv_bfloat162* h = reinterpret_cast<__nv_bfloat162*>(&out);
-#pragma unroll
-    for (int q = 0; q < 4; ++q) h[q] = __floats2bfloat162_rn(v[2 * q], v[2 * q + 1]);
-    *reinterpret_cast<uint4*>(crow + n) = out;
-  }
-}
+// The epilogue's slow path (out of line): element by element up to N (right edge, unaligned rows).
 template <typename OutT>
 __device__ __noinline__ void store8_checked(OutT* crow, const OutT* rrow, const bf16* bias, int n, int N, const float* v) {
   for (int e = 0; e < 8 && n + e < N; ++e) {
@@ -288,7 +257,7 @@ __device__ __forceinline__ void gemm_sm90_body(const bf16* a1, int64_t lda1, con
     float v[8] = {alpha * lo.x, alpha * lo.y, alpha * lo.z, alpha * lo.w, alpha * hi.x, alpha * hi.y, alpha * hi.z, alpha * hi.w};
     OutT* crow = c + (int64_t)m * ldc;
     const OutT* rrow = r ? r + (int64_t)m * ldr : nullptr;
-    if (fast && n + 8 <= N) store8(crow, rrow, bias, n, v);
+    if (fast && n + 8 <= N) store8_values(crow, rrow, bias, n, v);
     else store8_checked(crow, rrow, bias, n, N, v);
   }
 }

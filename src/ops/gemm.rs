@@ -127,6 +127,34 @@ pub(crate) struct GemmCall {
     pub split: SplitK,
 }
 
+impl GemmCall {
+    /// The arguments every GEMM kernel starts with (both segments, C at `c`, bias, R, M, N, alpha).
+    pub(crate) fn kernel_args(&self, c: u64) -> Result<Vec<KernelArg>> {
+        let (s1, s2) = (self.seg1, self.seg2);
+        let (r, ldr) = self.residual.unwrap_or((0, 0));
+        Ok(vec![
+            KernelArg::Ptr(s1.a),
+            KernelArg::I64(s1.lda as i64),
+            KernelArg::Ptr(s1.b),
+            KernelArg::I64(s1.ldb as i64),
+            KernelArg::I32(i32_of(s1.k)?),
+            KernelArg::Ptr(s2.a),
+            KernelArg::I64(s2.lda as i64),
+            KernelArg::Ptr(s2.b),
+            KernelArg::I64(s2.ldb as i64),
+            KernelArg::I32(i32_of(s2.k)?),
+            KernelArg::Ptr(c),
+            KernelArg::I64(self.ldc as i64),
+            KernelArg::Ptr(self.bias.unwrap_or(0)),
+            KernelArg::Ptr(r),
+            KernelArg::I64(ldr as i64),
+            KernelArg::I32(i32_of(self.m)?),
+            KernelArg::I32(i32_of(self.n)?),
+            KernelArg::F32(self.alpha),
+        ])
+    }
+}
+
 /// How the K loop of a GEMM is split over blocks (f32 C without bias or residual only). The slice
 /// count must come from [`k_slices`] (every slice gets at least one K tile).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -320,30 +348,8 @@ pub(crate) fn gemm_with_tile(gpu: &Gpu, call: &GemmCall, tile: (usize, usize)) -
         block_dim: (shape.threads, 1, 1),
         shared_mem_bytes: smem,
     };
-    let (s1, s2) = (call.seg1, call.seg2);
-    let (r, ldr) = call.residual.unwrap_or((0, 0));
-    let args = [
-        KernelArg::Ptr(s1.a),
-        KernelArg::I64(s1.lda as i64),
-        KernelArg::Ptr(s1.b),
-        KernelArg::I64(s1.ldb as i64),
-        KernelArg::I32(i32_of(s1.k)?),
-        KernelArg::Ptr(s2.a),
-        KernelArg::I64(s2.lda as i64),
-        KernelArg::Ptr(s2.b),
-        KernelArg::I64(s2.ldb as i64),
-        KernelArg::I32(i32_of(s2.k)?),
-        KernelArg::Ptr(c),
-        KernelArg::I64(call.ldc as i64),
-        KernelArg::Ptr(call.bias.unwrap_or(0)),
-        KernelArg::Ptr(r),
-        KernelArg::I64(ldr as i64),
-        KernelArg::I32(i32_of(call.m)?),
-        KernelArg::I32(i32_of(call.n)?),
-        KernelArg::F32(call.alpha),
-        KernelArg::I32(i32_of(tiles_per_split)?),
-        KernelArg::I64(split_stride as i64),
-    ];
+    let mut args = call.kernel_args(c)?;
+    args.extend([KernelArg::I32(i32_of(tiles_per_split)?), KernelArg::I64(split_stride as i64)]);
     gpu.launch(MODULE, name, cfg, &args)
 }
 

@@ -8,7 +8,7 @@
 //! `linear_input_grad_cpu` in `ops::gemm`.
 
 use super::gemm::{GemmCall, Layouts, SplitK};
-use crate::cuda::{Gpu, KernelArg, LaunchConfig};
+use crate::cuda::{Gpu, LaunchConfig};
 use crate::tensor::DType;
 use anyhow::{bail, ensure, Context, Result};
 use cudarc::driver::sys::{CUdevice_attribute, CUfunction_attribute};
@@ -115,29 +115,7 @@ pub(crate) fn gemm_sm90(gpu: &Gpu, call: &GemmCall, tile: Option<(usize, usize)>
         .set_attribute(CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, smem as i32)
         .context("gemm_sm90: cannot raise the dynamic shared memory limit")?;
     let cfg = LaunchConfig { grid_dim: (call.n.div_ceil(tile.1) as u32, call.m.div_ceil(tile.0) as u32, 1), block_dim: (tile_config(tile).0, 1, 1), shared_mem_bytes: smem };
-    let i32_of = |v: usize| i32::try_from(v).map_err(|_| anyhow::anyhow!("gemm_sm90: dimension {v} does not fit in i32"));
-    let (s1, s2) = (call.seg1, call.seg2);
-    let (r, ldr) = call.residual.unwrap_or((0, 0));
-    let args = [
-        KernelArg::Ptr(s1.a),
-        KernelArg::I64(s1.lda as i64),
-        KernelArg::Ptr(s1.b),
-        KernelArg::I64(s1.ldb as i64),
-        KernelArg::I32(i32_of(s1.k)?),
-        KernelArg::Ptr(s2.a),
-        KernelArg::I64(s2.lda as i64),
-        KernelArg::Ptr(s2.b),
-        KernelArg::I64(s2.ldb as i64),
-        KernelArg::I32(i32_of(s2.k)?),
-        KernelArg::Ptr(call.c),
-        KernelArg::I64(call.ldc as i64),
-        KernelArg::Ptr(call.bias.unwrap_or(0)),
-        KernelArg::Ptr(r),
-        KernelArg::I64(ldr as i64),
-        KernelArg::I32(i32_of(call.m)?),
-        KernelArg::I32(i32_of(call.n)?),
-        KernelArg::F32(call.alpha),
-    ];
+    let args = call.kernel_args(call.c)?;
     gpu.launch(MODULE, name, cfg, &args)
 }
 

@@ -107,13 +107,13 @@ extern "C" __global__ void adamw_step(float* __restrict__ p, bf16* __restrict__ 
 
 // 2^((k + 0.5)/8) and 2^(k/8), k = 0..7, as f32 (the twin holds the same constants).
 __device__ __forceinline__ float level_threshold(int k) {
-  const float t[8] = {1.0442737340927124f, 1.1387885808944702f, 1.2418577671051025f, 1.3542555570602417f,
-                      1.4768261909484863f, 1.610490322113037f,  1.7562521696090698f, 1.9152065515518188f};
+  const float t[8] = {1.0442737f, 1.1387886f, 1.2418578f, 1.3542556f,
+                      1.4768262f, 1.6104903f,  1.7562522f, 1.9152066f};
   return t[k];
 }
 __device__ __forceinline__ float level_value(int k) {
-  const float v[8] = {1.0f, 1.0905077457427979f, 1.1892070770263672f, 1.2968395948410034f,
-                      1.4142135381698608f, 1.5422108173370361f, 1.6817928552627563f, 1.8340080976486206f};
+  const float v[8] = {1.0f, 1.0905077f, 1.1892071f, 1.2968396f,
+                      1.4142135f, 1.5422108f, 1.6817929f, 1.8340081f};
   return v[k];
 }
 

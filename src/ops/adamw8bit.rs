@@ -21,9 +21,9 @@ pub const QBLOCK: usize = 256;
 const M_LMAX: i32 = 127;
 const V_LMAX: i32 = 255;
 /// 2^((k + 0.5)/8): the level boundaries within an octave (same f32 constants as the kernel).
-const THRESHOLDS: [f32; 8] = [1.0442737340927124, 1.1387885808944702, 1.2418577671051025, 1.3542555570602417, 1.4768261909484863, 1.610490322113037, 1.7562521696090698, 1.9152065515518188];
+const THRESHOLDS: [f32; 8] = [1.0442737, 1.1387886, 1.2418578, 1.3542556, 1.4768262, 1.6104903, 1.7562522, 1.9152066];
 /// 2^(k/8): the levels within an octave.
-const LEVELS: [f32; 8] = [1.0, 1.0905077457427979, 1.1892070770263672, 1.2968395948410034, 1.4142135381698608, 1.5422108173370361, 1.6817928552627563, 1.8340080976486206];
+const LEVELS: [f32; 8] = [1.0, 1.0905077, 1.1892071, 1.2968396, std::f32::consts::SQRT_2, 1.5422108, 1.6817929, 1.8340081];
 
 /// The level of x ∈ [0, 1] on the scale whose top level `lmax` is 1 (0: below the lowest level).
 pub fn encode_level(x: f32, lmax: i32) -> i32 {
@@ -133,14 +133,14 @@ impl DeviceMoments8 {
     }
 
     /// Values covered.
-    pub fn len(&self) -> usize {
+    pub fn values(&self) -> usize {
         self.n
     }
 
     /// The moments of values [offset, offset + n): a view sharing these buffers. `offset` must start
     /// a block, and the view must end at a block boundary or at the end.
     pub fn view(&self, offset: usize, n: usize) -> Result<DeviceMoments8> {
-        ensure!(offset % QBLOCK == 0 && (n % QBLOCK == 0 || offset + n == self.n) && offset + n <= self.n,
+        ensure!(offset.is_multiple_of(QBLOCK) && (n.is_multiple_of(QBLOCK) || offset + n == self.n) && offset + n <= self.n,
             "8-bit moments: values {offset}..{} do not fall on {QBLOCK}-value blocks (of {})", offset + n, self.n);
         let slice = |b: &DeviceBuffer, at: usize, len: usize| b.slice(at, len).ok_or_else(|| anyhow::anyhow!("8-bit moments: view out of range"));
         Ok(DeviceMoments8 { n, m: slice(&self.m, offset, n)?, v: slice(&self.v, offset, n)?, scales: slice(&self.scales, offset / QBLOCK * 8, n.div_ceil(QBLOCK) * 8)? })
@@ -180,6 +180,10 @@ mod tests {
 
     #[test]
     fn levels_round_trip_within_the_log_step() {
+        for k in 0..8 {
+            assert_eq!(THRESHOLDS[k], 2f64.powf((k as f64 + 0.5) / 8.0) as f32, "threshold {k}");
+            assert_eq!(LEVELS[k], 2f64.powf(k as f64 / 8.0) as f32, "level {k}");
+        }
         assert_eq!(encode_level(0.0, 127), 0);
         assert_eq!(encode_level(1.0, 127), 127);
         assert_eq!(decode_level(127, 127, 3.0), 3.0);

@@ -150,7 +150,7 @@ impl Optimizer {
     pub fn restore(&mut self, dev: Dev, step: u32, m: Vec<f32>, v: Vec<f32>) -> Result<()> {
         let n = match &self.moments {
             Moments::F32 { m, .. } => m.numel(),
-            Moments::EightBit(q) => q.len(),
+            Moments::EightBit(q) => q.values(),
         };
         ensure!(m.len() == n && v.len() == n, "optimizer state holds {} values, the LoRA {n}", m.len());
         ensure!(!self.per_layer, "restore the optimizer state before switching to per-layer updates");

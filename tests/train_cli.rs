@@ -79,4 +79,15 @@ fn bad_input_is_one_clear_error() {
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(!o.status.success());
     assert!(err.contains("/nonexistent/model") && err.starts_with("error: "), "{err}");
+    // GPU-only options on the CPU: one line naming the flag, before any output is written.
+    for flag in ["--adamw-8bit", "--adamw-per-layer"] {
+        let out = temp(flag.trim_start_matches('-'));
+        let o = Command::new(std::env::var("SDLORA_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_sdlora").into()))
+            .args(["train", "--cpu", "--model", "tests/fixtures/tiny-sd", "--data", "data/cheburashka", "--out", out.to_str().unwrap(), flag])
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(!o.status.success() && err.starts_with("error: ") && err.contains(flag), "{flag}: {err}");
+        assert!(!out.exists(), "{flag}: the failed run left {}", out.display());
+    }
 }

@@ -53,6 +53,10 @@ pub struct Summary {
 /// checkpoint; with `dump`, also writes `step_0/` and every step's inputs (for benches/train_reference.py).
 pub fn run(cfg: &TrainConfig, gpu: Option<&Gpu>, resume: Option<&Path>, dump: Option<&Path>) -> Result<Summary> {
     cfg.validate()?;
+    if gpu.is_none() {
+        ensure!(!cfg.adamw_per_layer, "--adamw-per-layer runs on the GPU (this run is on the CPU)");
+        ensure!(!cfg.adamw_8bit, "--adamw-8bit runs on the GPU (this run is on the CPU)");
+    }
     let dev = gpu.map_or(Dev::Cpu, Dev::Gpu);
     if let (Some(g), Some(limit)) = (gpu, &cfg.vram_limit) {
         g.set_vram_limit(Some(config::parse_bytes(limit)?));
@@ -121,8 +125,6 @@ pub fn run(cfg: &TrainConfig, gpu: Option<&Gpu>, resume: Option<&Path>, dump: Op
         if cfg.adamw_per_layer {
             optimizer.update_in_backward(dev, &mut unet, &mut params)?;
         }
-    } else if cfg.adamw_per_layer {
-        bail!("--adamw-per-layer runs on the GPU");
     }
     let mut log = outputs.event_writer()?;
     let progress = outputs::progress_bar(start_step, cfg.steps);

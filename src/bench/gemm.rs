@@ -103,51 +103,23 @@ pub fn bench(gpu: &Gpu) -> Result<Vec<BenchRow>> {
         let shape = format!("{m}x{k}->{n}");
         let t = time_queued(gpu, REPS, || gemm::linear(gpu, &x, &w, None, None, &mut y))?;
         rows.push(BenchRow { kernel: "linear".into(), shape: shape.clone(), rate: tflops(flop, &t), unit: "TFLOP/s", timing: t });
+        let call = GemmCall { layouts: Layouts::Kk, m, n, seg1: Segment { a: x.ptr()?, lda: k, b: w.ptr()?, ldb: k, k }, seg2: Segment::default(), c: y.ptr()?, ldc: n, out: DType::BF16, bias: None, residual: None, alpha: 1.0, split: SplitK::None };
         for tile in TILES {
-            let call = GemmCall {
-                layouts: Layouts::Kk,
-                m,
-                n,
-                seg1: Segment { a: x.ptr()?, lda: k, b: w.ptr()?, ldb: k, k },
-                seg2: Segment::default(),
-                c: y.ptr()?,
-                ldc: n,
-                out: DType::BF16,
-                bias: None,
-                residual: None,
-                alpha: 1.0,
-                split: SplitK::None,
-            };
             let t = time_queued(gpu, REPS, || gemm::gemm_with_tile(gpu, &call, tile))?;
             let kernel = format!("linear_tile{}x{}", tile.0, tile.1);
             rows.push(BenchRow { kernel, shape: shape.clone(), rate: tflops(flop, &t), unit: "TFLOP/s", timing: t });
         }
-        let call = GemmCall { layouts: Layouts::Kk, m, n, seg1: Segment { a: x.ptr()?, lda: k, b: w.ptr()?, ldb: k, k }, seg2: Segment::default(), c: y.ptr()?, ldc: n, out: DType::BF16, bias: None, residual: None, alpha: 1.0, split: SplitK::None };
         rows.extend(bench_sm90(gpu, "linear", &shape, flop, &call)?);
         let dy = buf(gpu, &[m, n], DType::BF16)?;
         let mut dx = buf(gpu, &[m, k], DType::BF16)?;
         let t = time_queued(gpu, REPS, || gemm::linear_input_grad(gpu, &dy, &w, false, &mut dx))?;
         rows.push(BenchRow { kernel: "linear_input_grad".into(), shape: shape.clone(), rate: tflops(flop, &t), unit: "TFLOP/s", timing: t });
+        let call = GemmCall { layouts: Layouts::Kn, m, n: k, seg1: Segment { a: dy.ptr()?, lda: n, b: w.ptr()?, ldb: k, k: n }, seg2: Segment::default(), c: dx.ptr()?, ldc: k, out: DType::BF16, bias: None, residual: None, alpha: 1.0, split: SplitK::None };
         for tile in TILES {
-            let call = GemmCall {
-                layouts: Layouts::Kn,
-                m,
-                n: k,
-                seg1: Segment { a: dy.ptr()?, lda: n, b: w.ptr()?, ldb: k, k: n },
-                seg2: Segment::default(),
-                c: dx.ptr()?,
-                ldc: k,
-                out: DType::BF16,
-                bias: None,
-                residual: None,
-                alpha: 1.0,
-                split: SplitK::None,
-            };
             let t = time_queued(gpu, REPS, || gemm::gemm_with_tile(gpu, &call, tile))?;
             let kernel = format!("linear_input_grad_tile{}x{}", tile.0, tile.1);
             rows.push(BenchRow { kernel, shape: shape.clone(), rate: tflops(flop, &t), unit: "TFLOP/s", timing: t });
         }
-        let call = GemmCall { layouts: Layouts::Kn, m, n: k, seg1: Segment { a: dy.ptr()?, lda: n, b: w.ptr()?, ldb: k, k: n }, seg2: Segment::default(), c: dx.ptr()?, ldc: k, out: DType::BF16, bias: None, residual: None, alpha: 1.0, split: SplitK::None };
         rows.extend(bench_sm90(gpu, "linear_input_grad", &shape, flop, &call)?);
     }
     for (m, k, n) in LORA_SHAPES {

@@ -239,12 +239,7 @@ impl Arenas {
     pub fn stats(&self, kind: ArenaKind) -> ArenaStats {
         match kind {
             ArenaKind::Persistent => {
-                let live: usize = self
-                    .persistent
-                    .iter()
-                    .filter_map(|w| w.upgrade())
-                    .map(|b| b.len())
-                    .sum();
+                let live = self.persistent_live();
                 ArenaStats {
                     in_use: live,
                     reserved: live,
@@ -277,15 +272,15 @@ impl Arenas {
         }
     }
 
+    /// Bytes of the persistent buffers still alive.
+    fn persistent_live(&self) -> usize {
+        self.persistent.iter().filter_map(|w| w.upgrade()).map(|b| b.len()).sum()
+    }
+
     /// Forgets persistent buffers that have been freed.
     fn refresh_persistent(&mut self) {
         self.persistent.retain(|w| w.strong_count() > 0);
-        let live: usize = self
-            .persistent
-            .iter()
-            .filter_map(|w| w.upgrade())
-            .map(|b| b.len())
-            .sum();
+        let live = self.persistent_live();
         self.persistent_stats.in_use = live;
         self.persistent_stats.reserved = live;
     }

@@ -86,8 +86,7 @@ impl StepCounter {
     }
     pub fn get(&self, gpu: &Gpu) -> Result<u32> {
         let mut host = [0u32];
-        unsafe { cudarc::driver::result::memcpy_dtoh_async(&mut host, self.buf.ptr(), gpu.stream().cu_stream()) }.context("counter download failed")?;
-        gpu.synchronize()?;
+        gpu.download(&self.buf, &mut host).context("counter download failed")?;
         Ok(host[0])
     }
     /// Enqueues `counter += 1` on the device.

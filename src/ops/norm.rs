@@ -217,6 +217,7 @@ pub fn group_norm_backward(gpu: &Gpu, x: &Tensor, gamma: &Tensor, beta: &Tensor,
     let (n, hw, c) = nhwc_dims(x)?;
     ensure!(c % GROUPS == 0 && hw > 0 && n > 0, "group_norm_backward: shape {:?} (c must be a multiple of {GROUPS})", x.shape());
     check_norm_operands("group_norm_backward", x, c, &[gamma, beta], &[dy, dx])?;
+    check_norm_operands("group_norm_backward residual", x, c, &[], residual.as_slice())?;
     super::check_gpu("group_norm_backward stats", &[stats], DType::F32, n * GROUPS * 2)?;
     let (rpc, chunks) = gn_tiling(n, hw);
     let part = gpu.alloc(ArenaKind::Scratch, n * chunks * GROUPS * 8)?;
@@ -228,15 +229,8 @@ pub fn group_norm_backward(gpu: &Gpu, x: &Tensor, gamma: &Tensor, beta: &Tensor,
     args.push(KernelArg::Ptr(part.ptr()));
     args.extend(tail);
     gpu.launch(MODULE, kernel_name("group_norm_bwd_stats", x.dtype(), e), cfg, &args)?;
-    let res = match residual {
-        Some(r) => {
-            check_norm_operands("group_norm_backward residual", x, c, &[], &[r])?;
-            r.ptr()?
-        }
-        None => 0,
-    };
     let mut args = front.to_vec();
-    args.extend([KernelArg::Ptr(part.ptr()), KernelArg::Ptr(res), KernelArg::Ptr(dx.ptr()?)]);
+    args.extend([KernelArg::Ptr(part.ptr()), KernelArg::Ptr(residual.map_or(Ok(0), Tensor::ptr)?), KernelArg::Ptr(dx.ptr()?)]);
     args.extend(tail);
     gpu.launch(MODULE, kernel_name("group_norm_bwd_apply", x.dtype(), e), cfg, &args)
 }
@@ -280,16 +274,11 @@ pub fn layer_norm(gpu: &Gpu, x: &Tensor, gamma: &Tensor, beta: &Tensor, eps: f32
 pub fn layer_norm_backward(gpu: &Gpu, x: &Tensor, gamma: &Tensor, stats: &Tensor, dy: &Tensor, residual: Option<&Tensor>, dx: &mut Tensor) -> Result<()> {
     let (rows, c) = ln_dims(x)?;
     check_norm_operands("layer_norm_backward", x, c, &[gamma], &[dy, dx])?;
+    check_norm_operands("layer_norm_backward residual", x, c, &[], residual.as_slice())?;
     super::check_gpu("layer_norm_backward stats", &[stats], DType::F32, rows * 2)?;
     let args = [
         KernelArg::Ptr(x.ptr()?), KernelArg::Ptr(gamma.ptr()?), KernelArg::Ptr(stats.ptr()?), KernelArg::Ptr(dy.ptr()?),
-        KernelArg::Ptr(match residual {
-            Some(r) => {
-                check_norm_operands("layer_norm_backward residual", x, c, &[], &[r])?;
-                r.ptr()?
-            }
-            None => 0,
-        }),
+        KernelArg::Ptr(residual.map_or(Ok(0), Tensor::ptr)?),
         KernelArg::Ptr(dx.ptr()?),
         KernelArg::I32(rows as i32), KernelArg::I32(c as i32),
     ];

@@ -23,7 +23,7 @@
 // input gradient) a multiple of BN = 160 — every SD1.5 3×3 stride-1 conv but conv_in / conv_out
 // (320, 640, 960, 1280, 1920, 2560 all are). M is arbitrary (rows past M load zeros, store nothing).
 //
-// Design: a CTA computes a BM × 160 tile of the output, BM = 64·WGS with WGS warpgroups (1 or 2),
+// Design: a CTA computes a BM × 160 tile of the output, BM = 64·WGS with WGS warpgroups (1, 2 or 3),
 // each warpgroup one m64n160 accumulator (80 f32 registers per thread). K advances in 64-deep
 // k-tiles (one tap × 64 channels; channel blocks outer, the 9 taps inner) through a STAGES-deep
 // ring of shared-memory stages; split-K over blockIdx.z for small GEMMs (f32 partial sums, then
@@ -105,11 +105,15 @@ __device__ __forceinline__ void conv3x3_wgmma(const Geom g, const bf16* __restri
                                               float* __restrict__ ws, int splits) {
   static_assert(STAGES >= 3, "one stage computing, one draining, at least one loading");
   constexpr int BM = 64 * WGS, THREADS = 128 * WGS;
+  // The B tile (1280 chunks of 16 B) is loaded by the first B_THREADS threads: all of them for 1 or
+  // 2 warpgroups, the first two of 3 (1280 chunks do not split evenly over 384 threads).
+  constexpr int B_THREADS = WGS == 3 ? 256 : THREADS;
   constexpr int A_BYTES = BM * BK * 2, STAGE_BYTES = A_BYTES + BN * BK * 2;
   constexpr int ROWS_PER_PASS = THREADS / 8;        // 8 chunks of 16 B per 128-byte row
   constexpr int A_PER = BM / ROWS_PER_PASS;         // A chunks per thread per stage (4)
-  constexpr int B_PER = BN * 8 / THREADS;           // forward B chunks per thread per stage (10 or 5)
-  static_assert(BN * 8 % THREADS == 0 && BK % (THREADS / 4) == 0 && STAGE_BYTES % 1024 == 0, "tile shape");
+  constexpr int B_ROWS_PER_PASS = B_THREADS / 8;
+  constexpr int B_PER = BN / B_ROWS_PER_PASS;       // forward B chunks per loading thread (10 or 5)
+  static_assert(BN % B_ROWS_PER_PASS == 0 && BK % (B_THREADS / 4) == 0 && STAGE_BYTES % 1024 == 0, "tile shape");
 
   extern __shared__ unsigned char smem_raw[];
   const uint32_t smem0 = (smem_addr(smem_raw) + 1023) & ~1023u;  // launcher adds 1 KiB of slack
@@ -136,9 +140,11 @@ __device__ __forceinline__ void conv3x3_wgmma(const Geom g, const bf16* __restri
     a_w[j] = hw % g.W;
   }
 
+  // Forward B: rows row0 + j·B_ROWS_PER_PASS, chunk `chunk` (destination row_dst + j·B_ROWS_PER_PASS·128).
   // Input-gradient B: n-block jb (32 columns) of k-rows b_kr + p·KR_PASS, chunk b_cc: one
   // destination offset per thread (the swizzle key (kr / 2) mod 4 does not change with p).
-  constexpr int KR_PASS = THREADS / 4;
+  const bool b_loader = B_THREADS == THREADS || tid < B_THREADS;
+  constexpr int KR_PASS = B_THREADS / 4;
   const int b_kr = tid >> 2, b_cc = tid & 3;
   const uint32_t b_dst = b_kr * 64 + ((b_cc ^ ((b_kr >> 1) & 3)) << 4);
 
@@ -160,11 +166,11 @@ __device__ __forceinline__ void conv3x3_wgmma(const Geom g, const bf16* __restri
       const bf16* src = ok ? base + (int64_t)(a_m[j] + dh * g.W + dw) * cstride + coff + chunk * 8 : x1;
       cp_async16<true>(sA + row_dst + j * ROWS_PER_PASS * 128, src, ok);
     }
-    if (!BWD) {  // rows n0 + row of w viewed as [Cout][K], k from l_tap·Cin + l_ch0
+    if (b_loader && !BWD) {  // rows n0 + row of w viewed as [Cout][K], k from l_tap·Cin + l_ch0
       const bf16* src = w + (int64_t)(n0 + row0) * K + l_tap * g.Cin + l_ch0 + chunk * 8;
 #pragma unroll
-      for (int j = 0; j < B_PER; ++j) cp_async16<false>(sB + row_dst + j * ROWS_PER_PASS * 128, src + j * ROWS_PER_PASS * K, true);
-    } else {  // k-row kr = co − l_ch0 of tap l_tap: w[co, tap, n0 + 32·jb + 8·b_cc ..]
+      for (int j = 0; j < B_PER; ++j) cp_async16<false>(sB + row_dst + j * B_ROWS_PER_PASS * 128, src + j * B_ROWS_PER_PASS * K, true);
+    } else if (b_loader) {  // k-row kr = co − l_ch0 of tap l_tap: w[co, tap, n0 + 32·jb + 8·b_cc ..]
       const bf16* src = w + ((int64_t)(l_ch0 + b_kr) * 9 + l_tap) * g.Cin + n0 + b_cc * 8;
       const int64_t pass = (int64_t)KR_PASS * 9 * g.Cin;
 #pragma unroll
@@ -260,3 +266,5 @@ __device__ __forceinline__ void conv3x3_wgmma(const Geom g, const bf16* __restri
 CONV_SM90(1, 4, 64)   // two CTAs per SM (113 KiB each)
 CONV_SM90(1, 6, 64)   // one CTA per SM, deeper prefetch
 CONV_SM90(2, 5, 128)  // two warpgroups share the B tile (181 KiB)
+CONV_SM90(3, 5, 192)  // three share it (221 KiB): N = 960 at 4096 pixels is 22 × 6 = 132 CTAs, one wave
+CONV_SM90(3, 4, 192)  // (177 KiB: more L1 left for the activation gathers)

@@ -7,7 +7,7 @@
 //! Everything else (other GPUs, 1×1, stride 2, the fused upsample, conv_in / conv_out) stays on
 //! kernels/conv.cu. CPU twins: `conv2d_cpu`, `conv2d_backward_input_cpu` (ops::conv).
 //!
-//! `SDLORA_CONV_SM90_TILE=off|64x160_s6|128x160_s5|64x160_s4[:splits]` turns the path off or
+//! `SDLORA_CONV_SM90_TILE=off|64x160_s6|128x160_s5|64x160_s4|192x160_s5[:splits]` turns the path off or
 //! forces one tile (and split-K factor) wherever the shape is supported (benchmarking the choice).
 
 use super::conv::{Conv2dShape, ConvSource};
@@ -36,11 +36,14 @@ pub struct Tile {
 /// 64-deep k-tile of one CTA in units of a 64-row CTA's alone on its SM (about 0.5 µs), and CTAs
 /// per SM. Fitted to the H100 sweeps (benches/RESULTS.md, "Hopper wgmma convolutions"): 128-row
 /// tiles do twice the work per k-tile in 1.45× the time (two warpgroups share the B tile); two
-/// 64-row CTAs sharing an SM (4 stages) take 1.65× as long each.
-pub const TILES: [(&str, Tile, f64, usize); 3] = [
+/// 64-row CTAs sharing an SM (4 stages) take 1.65× as long each; 192-row tiles (three warpgroups)
+/// 1.9×.
+pub const TILES: [(&str, Tile, f64, usize); 5] = [
     ("64x160_s6", Tile { bm: 64, stages: 6, fwd: "conv3x3_fwd_sm90_64x160_s6", bwd: "conv3x3_bwd_input_sm90_64x160_s6" }, 1.0, 1),
     ("128x160_s5", Tile { bm: 128, stages: 5, fwd: "conv3x3_fwd_sm90_128x160_s5", bwd: "conv3x3_bwd_input_sm90_128x160_s5" }, 1.45, 1),
     ("64x160_s4", Tile { bm: 64, stages: 4, fwd: "conv3x3_fwd_sm90_64x160_s4", bwd: "conv3x3_bwd_input_sm90_64x160_s4" }, 1.65, 2),
+    ("192x160_s5", Tile { bm: 192, stages: 5, fwd: "conv3x3_fwd_sm90_192x160_s5", bwd: "conv3x3_bwd_input_sm90_192x160_s5" }, 1.9, 1),
+    ("192x160_s4", Tile { bm: 192, stages: 4, fwd: "conv3x3_fwd_sm90_192x160_s4", bwd: "conv3x3_bwd_input_sm90_192x160_s4" }, 1.9, 1),
 ];
 
 impl Tile {

@@ -93,10 +93,11 @@ fn shape_rules_and_tile_choice() {
     assert_eq!(plan(shape3(1, 64, 64, 320, 320), true), (64, 6, 1));
     assert_eq!(plan(shape3(2, 64, 64, 320, 320), false).0, 128, "batch 2: 128 CTAs of 128 rows");
     assert_eq!(plan(shape3(1, 64, 64, 640, 320), true), (128, 5, 1), "N = 640: 128 CTAs of 128 rows");
+    assert_eq!(plan(shape3(1, 64, 64, 960, 320), true), (192, 5, 1), "N = 960: 132 CTAs of 192 rows, one wave");
     assert_eq!(plan(shape3(1, 16, 16, 1920, 1280), true), (128, 5, 5), "M = 256: 24 CTAs split in 5");
     assert_eq!(plan(shape3(1, 8, 8, 1280, 1280), false), (64, 6, 15), "M = 64: 8 CTAs split in 15 (180 k-tiles, 12 each)");
     assert_eq!(plan(shape3(1, 32, 32, 640, 640), true), (128, 5, 4), "M = 1024: 32 CTAs split in 4");
-    assert_eq!(plan(shape3(1, 64, 64, 640, 320), false), (128, 5, 2), "K = 5760: 64 CTAs split in 2");
+    assert_eq!(plan(shape3(1, 64, 64, 640, 320), false), (192, 5, 3), "K = 5760: 44 CTAs split in 3");
 }
 
 // ---------------------------------------------------------------- GPU tests

@@ -98,26 +98,32 @@ template <int TRANS_B> __device__ __forceinline__ void wgmma_m64n160k16(float (&
 }
 #undef ACC8
 
-template <int WGS, bool BWD, int STAGES>
+// LOAD: 0: every thread loads a share of every k-tile; 1 (WGS == STAGES − 2): k-tile kt is loaded
+// by warpgroup kt mod WGS alone, so when it waits for that tile it has no other copy in flight
+// (its proxy fence then orders only landed writes); 2: as 0 without the proxy fence (timing only).
+template <int WGS, bool BWD, int STAGES, int LOAD>
 __device__ __forceinline__ void conv3x3_wgmma(const Geom g, const bf16* __restrict__ x1, const bf16* __restrict__ x2,
                                               const bf16* __restrict__ w, const bf16* __restrict__ bias,
                                               const bf16* __restrict__ res, bf16* __restrict__ y1, bf16* __restrict__ y2,
                                               float* __restrict__ ws, int splits) {
   static_assert(STAGES >= 3, "one stage computing, one draining, at least one loading");
+  static_assert(LOAD != 1 || WGS == STAGES - 2, "rotating loaders: one k-tile in flight per warpgroup");
   constexpr int BM = 64 * WGS, THREADS = 128 * WGS;
-  // The B tile (1280 chunks of 16 B) is loaded by the first B_THREADS threads: all of them for 1 or
-  // 2 warpgroups, the first two of 3 (1280 chunks do not split evenly over 384 threads).
-  constexpr int B_THREADS = WGS == 3 ? 256 : THREADS;
+  // Threads that load a k-tile: all (LOAD 0, 2) or one warpgroup (LOAD 1). The B tile (1280 chunks
+  // of 16 B) is loaded by the first B_THREADS of them: all for 1 or 2 warpgroups, the first two of
+  // 3 (1280 chunks do not split evenly over 384 threads).
+  constexpr int LOADERS = LOAD == 1 ? 128 : THREADS;
+  constexpr int B_THREADS = LOADERS == 384 ? 256 : LOADERS;
   constexpr int A_BYTES = BM * BK * 2, STAGE_BYTES = A_BYTES + BN * BK * 2;
-  constexpr int ROWS_PER_PASS = THREADS / 8;        // 8 chunks of 16 B per 128-byte row
-  constexpr int A_PER = BM / ROWS_PER_PASS;         // A chunks per thread per stage (4)
+  constexpr int ROWS_PER_PASS = LOADERS / 8;        // 8 chunks of 16 B per 128-byte row
+  constexpr int A_PER = BM / ROWS_PER_PASS;         // A chunks per thread per stage (4; 12 for LOAD 1)
   constexpr int B_ROWS_PER_PASS = B_THREADS / 8;
   constexpr int B_PER = BN / B_ROWS_PER_PASS;       // forward B chunks per loading thread (10 or 5)
   static_assert(BN % B_ROWS_PER_PASS == 0 && BK % (B_THREADS / 4) == 0 && STAGE_BYTES % 1024 == 0, "tile shape");
 
   extern __shared__ unsigned char smem_raw[];
   const uint32_t smem0 = (smem_addr(smem_raw) + 1023) & ~1023u;  // launcher adds 1 KiB of slack
-  const int tid = threadIdx.x;
+  const int tid = threadIdx.x, lt = tid % LOADERS;  // lt: index among a k-tile's loaders
   const int n0 = blockIdx.x * BN, m0 = blockIdx.y * BM;
   const int HW = g.H * g.W, M = g.batch * HW;
   const int red = BWD ? g.Cout : g.Cin;  // channels reduced per tap
@@ -129,31 +135,30 @@ __device__ __forceinline__ void conv3x3_wgmma(const Geom g, const bf16* __restri
 
   // This thread's A rows (pixels) and chunk: rows tid/8 + j·ROWS_PER_PASS, chunk tid % 8, all
   // with the same swizzle key (ROWS_PER_PASS is a multiple of 8): one destination offset.
-  const int chunk = tid & 7, row0 = tid >> 3;
+  const int chunk = lt & 7, row0 = lt >> 3;
   const uint32_t row_dst = row0 * 128 + ((chunk ^ (row0 & 7)) << 4);
-  int a_m[A_PER], a_h[A_PER], a_w[A_PER];
+  int a_m[A_PER], a_hw[A_PER];  // pixel index; (h << 16) | w
 #pragma unroll
   for (int j = 0; j < A_PER; ++j) {
     int m = m0 + row0 + j * ROWS_PER_PASS, hw = m % HW;
     a_m[j] = m;
-    a_h[j] = m < M ? hw / g.W : -(1 << 20);  // past M: never inside the image
-    a_w[j] = hw % g.W;
+    a_hw[j] = ((m < M ? hw / g.W : -(1 << 14)) << 16) | (hw % g.W);  // past M: never inside the image
   }
 
   // Forward B: rows row0 + j·B_ROWS_PER_PASS, chunk `chunk` (destination row_dst + j·B_ROWS_PER_PASS·128).
   // Input-gradient B: n-block jb (32 columns) of k-rows b_kr + p·KR_PASS, chunk b_cc: one
   // destination offset per thread (the swizzle key (kr / 2) mod 4 does not change with p).
-  const bool b_loader = B_THREADS == THREADS || tid < B_THREADS;
+  const bool b_loader = B_THREADS == LOADERS || lt < B_THREADS;
   constexpr int KR_PASS = B_THREADS / 4;
-  const int b_kr = tid >> 2, b_cc = tid & 3;
+  const int b_kr = lt >> 2, b_cc = lt & 3;
   const uint32_t b_dst = b_kr * 64 + ((b_cc ^ ((b_kr >> 1) & 3)) << 4);
 
   // The next k-tile to load: tap (r·3 + c) and first reduced channel. k-tiles run 64-channel
   // block by block with the 9 taps inner (k-tile i: block i / 9, tap i mod 9), so consecutive
   // k-tiles gather the same channels one pixel over (L1 hits for the A gathers).
-  int l_tap = kt0 % 9, l_ch0 = kt0 / 9 * BK;
-  auto load_tile = [&](int stage) {
-    const uint32_t sA = smem0 + stage * STAGE_BYTES, sB = sA + A_BYTES;
+  auto load_tile = [&](int i) {  // k-tile i of this CTA's slice
+    const int l_tap = (kt0 + i) % 9, l_ch0 = (kt0 + i) / 9 * BK;
+    const uint32_t sA = smem0 + (i % STAGES) * STAGE_BYTES, sB = sA + A_BYTES;
     const int r = l_tap / 3, c = l_tap % 3;
     const int dh = BWD ? 1 - r : r - 1, dw = BWD ? 1 - c : c - 1;
     const bf16* base = x1;
@@ -161,7 +166,7 @@ __device__ __forceinline__ void conv3x3_wgmma(const Geom g, const bf16* __restri
     if (!BWD && l_ch0 >= g.C1) { base = x2; cstride = g.C2; coff = l_ch0 - g.C1; }
 #pragma unroll
     for (int j = 0; j < A_PER; ++j) {
-      const int hh = a_h[j] + dh, ww = a_w[j] + dw;
+      const int hh = (a_hw[j] >> 16) + dh, ww = (a_hw[j] & 0xFFFF) + dw;
       const bool ok = (unsigned)hh < (unsigned)g.H && (unsigned)ww < (unsigned)g.W;
       const bf16* src = ok ? base + (int64_t)(a_m[j] + dh * g.W + dw) * cstride + coff + chunk * 8 : x1;
       cp_async16<true>(sA + row_dst + j * ROWS_PER_PASS * 128, src, ok);
@@ -178,7 +183,6 @@ __device__ __forceinline__ void conv3x3_wgmma(const Geom g, const bf16* __restri
 #pragma unroll
         for (int p = 0; p < BK / KR_PASS; ++p) cp_async16<false>(sB + b_dst + jb * 4096 + p * KR_PASS * 64, src + p * pass + jb * 32, true);
     }
-    if (++l_tap == 9) { l_tap = 0; l_ch0 += BK; }
   };
 
   float acc[80];
@@ -186,15 +190,23 @@ __device__ __forceinline__ void conv3x3_wgmma(const Geom g, const bf16* __restri
   for (int i = 0; i < 80; ++i) acc[i] = 0.f;
   fence_acc(acc);
 
+  const int wg = tid / 128;
+  const auto loads = [&](int i) { return LOAD != 1 || i % WGS == wg; };  // this thread loads k-tile i
 #pragma unroll
   for (int s = 0; s < STAGES - 2; ++s) {
-    if (s < KT) load_tile(s);
+    if (s < KT && loads(s)) load_tile(s);
     cp_async_commit();
   }
-  const int wg = tid / 128;
   for (int kt = 0; kt < KT; ++kt) {
-    cp_async_wait<STAGES - 3>();  // this thread's chunks of k-tile kt landed
-    fence_proxy_async();
+    if (LOAD == 1) {  // only kt's loaders wait (their one group in flight) and fence
+      if (loads(kt)) {
+        cp_async_wait<0>();
+        fence_proxy_async();
+      }
+    } else {
+      cp_async_wait<STAGES - 3>();  // this thread's chunks of k-tile kt landed
+      if (LOAD == 0) fence_proxy_async();
+    }
     __syncthreads();              // everyone's landed; every warpgroup is done with k-tile kt − 2
     const uint32_t sA = smem0 + (kt % STAGES) * STAGE_BYTES, sB = sA + A_BYTES;
     wgmma_fence();
@@ -207,7 +219,7 @@ __device__ __forceinline__ void conv3x3_wgmma(const Geom g, const bf16* __restri
     wgmma_commit();
     wgmma_wait<1>();
     const int next = kt + STAGES - 2;
-    if (next < KT) load_tile(next % STAGES);
+    if (next < KT && loads(next)) load_tile(next);
     cp_async_commit();
   }
   wgmma_wait<0>();
@@ -251,20 +263,24 @@ __device__ __forceinline__ void conv3x3_wgmma(const Geom g, const bf16* __restri
 // STAGES·(BM + 160)·128 + 1024 bytes. Names: conv3x3_{fwd,bwd_input}_sm90_{BM}x160_s{STAGES}.
 // splits > 1: each CTA writes the f32 partial sums of its K slice to ws [splits, M, N] (no bias,
 // residual), and conv2d_splitk_reduce_bf16 (kernels/conv.cu) adds them up and finishes.
-#define CONV_SM90(WGS, STAGES, BM_)                                                                                   \
+#define CONV_SM90(WGS, STAGES, BM_, LOAD, SUFFIX)                                                                     \
   extern "C" __global__ void __launch_bounds__(128 * WGS, 1)                                                         \
-      conv3x3_fwd_sm90_##BM_##x160_s##STAGES(const bf16* x1, const bf16* x2, const bf16* w, const bf16* bias,       \
+      conv3x3_fwd_sm90_##BM_##x160_s##STAGES##SUFFIX(const bf16* x1, const bf16* x2, const bf16* w, const bf16* bias,       \
                                              const bf16* res, bf16* y, float* ws, int splits, int batch, int H, int W, int C1, int C2, int Cout) { \
-    conv3x3_wgmma<WGS, false, STAGES>(Geom{batch, H, W, C1, C2, C1 + C2, Cout}, x1, x2, w, bias, res, y, nullptr, ws, splits);  \
+    conv3x3_wgmma<WGS, false, STAGES, LOAD>(Geom{batch, H, W, C1, C2, C1 + C2, Cout}, x1, x2, w, bias, res, y, nullptr, ws, splits);  \
   }                                                                                                                   \
   extern "C" __global__ void __launch_bounds__(128 * WGS, 1)                                                         \
-      conv3x3_bwd_input_sm90_##BM_##x160_s##STAGES(const bf16* dy, const bf16* w, bf16* dx1, bf16* dx2, float* ws,   \
+      conv3x3_bwd_input_sm90_##BM_##x160_s##STAGES##SUFFIX(const bf16* dy, const bf16* w, bf16* dx1, bf16* dx2, float* ws,   \
                                                    int splits, int batch, int H, int W, int C1, int C2, int Cout) {   \
-    conv3x3_wgmma<WGS, true, STAGES>(Geom{batch, H, W, C1, C2, C1 + C2, Cout}, dy, nullptr, w, nullptr, nullptr, dx1, dx2, ws, splits); \
+    conv3x3_wgmma<WGS, true, STAGES, LOAD>(Geom{batch, H, W, C1, C2, C1 + C2, Cout}, dy, nullptr, w, nullptr, nullptr, dx1, dx2, ws, splits); \
   }
 
-CONV_SM90(1, 4, 64)   // two CTAs per SM (113 KiB each)
-CONV_SM90(1, 6, 64)   // one CTA per SM, deeper prefetch
-CONV_SM90(2, 5, 128)  // two warpgroups share the B tile (181 KiB)
-CONV_SM90(3, 5, 192)  // three share it (221 KiB): N = 960 at 4096 pixels is 22 × 6 = 132 CTAs, one wave
-CONV_SM90(3, 4, 192)  // (177 KiB: more L1 left for the activation gathers)
+CONV_SM90(1, 4, 64, 0, )   // two CTAs per SM (113 KiB each)
+CONV_SM90(1, 6, 64, 0, )   // one CTA per SM, deeper prefetch
+CONV_SM90(2, 5, 128, 0, )  // two warpgroups share the B tile (181 KiB)
+CONV_SM90(3, 5, 192, 0, )  // three share it (221 KiB): N = 960 at 4096 pixels is 22 × 6 = 132 CTAs, one wave
+CONV_SM90(3, 4, 192, 0, )  // (177 KiB: more L1 left for the activation gathers)
+CONV_SM90(2, 4, 128, 1, r) // rotating loaders
+CONV_SM90(3, 5, 192, 1, r)
+CONV_SM90(2, 5, 128, 2, nf) // no proxy fence: timing only
+CONV_SM90(3, 5, 192, 2, nf)

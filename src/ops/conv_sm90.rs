@@ -38,12 +38,16 @@ pub struct Tile {
 /// tiles do twice the work per k-tile in 1.45× the time (two warpgroups share the B tile); two
 /// 64-row CTAs sharing an SM (4 stages) take 1.65× as long each; 192-row tiles (three warpgroups)
 /// 1.9×.
-pub const TILES: [(&str, Tile, f64, usize); 5] = [
+pub const TILES: [(&str, Tile, f64, usize); 9] = [
     ("64x160_s6", Tile { bm: 64, stages: 6, fwd: "conv3x3_fwd_sm90_64x160_s6", bwd: "conv3x3_bwd_input_sm90_64x160_s6" }, 1.0, 1),
     ("128x160_s5", Tile { bm: 128, stages: 5, fwd: "conv3x3_fwd_sm90_128x160_s5", bwd: "conv3x3_bwd_input_sm90_128x160_s5" }, 1.45, 1),
     ("64x160_s4", Tile { bm: 64, stages: 4, fwd: "conv3x3_fwd_sm90_64x160_s4", bwd: "conv3x3_bwd_input_sm90_64x160_s4" }, 1.65, 2),
     ("192x160_s5", Tile { bm: 192, stages: 5, fwd: "conv3x3_fwd_sm90_192x160_s5", bwd: "conv3x3_bwd_input_sm90_192x160_s5" }, 1.9, 1),
     ("192x160_s4", Tile { bm: 192, stages: 4, fwd: "conv3x3_fwd_sm90_192x160_s4", bwd: "conv3x3_bwd_input_sm90_192x160_s4" }, 1.9, 1),
+    ("128x160_s4r", Tile { bm: 128, stages: 4, fwd: "conv3x3_fwd_sm90_128x160_s4r", bwd: "conv3x3_bwd_input_sm90_128x160_s4r" }, 1.45, 1),
+    ("192x160_s5r", Tile { bm: 192, stages: 5, fwd: "conv3x3_fwd_sm90_192x160_s5r", bwd: "conv3x3_bwd_input_sm90_192x160_s5r" }, 1.9, 1),
+    ("128x160_s5nf", Tile { bm: 128, stages: 5, fwd: "conv3x3_fwd_sm90_128x160_s5nf", bwd: "conv3x3_bwd_input_sm90_128x160_s5nf" }, 1.45, 1),
+    ("192x160_s5nf", Tile { bm: 192, stages: 5, fwd: "conv3x3_fwd_sm90_192x160_s5nf", bwd: "conv3x3_bwd_input_sm90_192x160_s5nf" }, 1.9, 1),
 ];
 
 impl Tile {

@@ -1,7 +1,7 @@
 // Hopper (sm_90a) implicit-GEMM 3×3 convolutions, stride 1, pad 1, on NHWC bf16 activations:
 // forward with bias + residual (optionally reading the up blocks' concat [x1 | x2] from two
-// tensors) and the input gradient, with wgmma.mma_async (m64n160k16, bf16 → f32) on operands in
-// shared memory. Compiled for compute_90a only (build.rs: kernels/*_sm90.cu); launched by
+// tensors, or x through a fused nearest-2× upsample) and the input gradient, with wgmma.mma_async
+// (m64n160k16, bf16 → f32) on operands in shared memory. Compiled for compute_90a only (build.rs: kernels/*_sm90.cu); launched by
 // src/ops/conv_sm90.rs when Gpu::is_hopper(). The sm_80 kernels (kernels/conv.cu) stay for
 // every other GPU and every other shape. CPU twins: src/ops/conv.rs conv2d_cpu,
 // conv2d_backward_input_cpu (the GPU tests compare against their per-pixel forms).
@@ -17,6 +17,10 @@
 //   GEMM: M = pixels, N = Cin, K = 9·Cout ordered (tap, co); A gathered from dy the same way
 //   (opposite shift); B[k = (tap, co), n = ci] = w[co, tap, ci]: N contiguous ("MN-major"),
 //   which wgmma reads transposed (imm-trans-b = 1). Columns ci < C1 go to dx1, the rest to dx2.
+// Fused upsample (the UNet's upsamplers; no concat): the conv reads X[n, i, j] = x[n, i/2, j/2]
+// (H × W: the conv's size, x is H/2 × W/2); its input gradient sums the 2×2 sub-pixels, as one
+// GEMM over M = x's pixels and K = (sub-pixel, tap, co), 36·Cout: A[(n, h, w), (a·2 + b, tap, co)]
+// = dy[n, 2h + a + 1 − r, 2w + b + 1 − c, co], B = w as above (the same rows for each sub-pixel).
 //
 // Requirements (checked by the launcher): Cin and C1 multiples of 64 (forward: a 64-deep k-tile
 // lies in one tap and one tensor), Cout a multiple of 64 (input gradient), N (Cout forward, Cin
@@ -98,77 +102,80 @@ template <int TRANS_B> __device__ __forceinline__ void wgmma_m64n160k16(float (&
 }
 #undef ACC8
 
-// LOAD: 0: every thread loads a share of every k-tile; 1 (WGS == STAGES − 2): k-tile kt is loaded
-// by warpgroup kt mod WGS alone, so when it waits for that tile it has no other copy in flight
-// (its proxy fence then orders only landed writes); 2: as 0 without the proxy fence (timing only).
-template <int WGS, bool BWD, int STAGES, int LOAD>
+template <int WGS, bool BWD, bool UP, int STAGES>
 __device__ __forceinline__ void conv3x3_wgmma(const Geom g, const bf16* __restrict__ x1, const bf16* __restrict__ x2,
                                               const bf16* __restrict__ w, const bf16* __restrict__ bias,
                                               const bf16* __restrict__ res, bf16* __restrict__ y1, bf16* __restrict__ y2,
                                               float* __restrict__ ws, int splits) {
   static_assert(STAGES >= 3, "one stage computing, one draining, at least one loading");
-  static_assert(LOAD != 1 || WGS == STAGES - 2, "rotating loaders: one k-tile in flight per warpgroup");
   constexpr int BM = 64 * WGS, THREADS = 128 * WGS;
-  // Threads that load a k-tile: all (LOAD 0, 2) or one warpgroup (LOAD 1). The B tile (1280 chunks
-  // of 16 B) is loaded by the first B_THREADS of them: all for 1 or 2 warpgroups, the first two of
-  // 3 (1280 chunks do not split evenly over 384 threads).
-  constexpr int LOADERS = LOAD == 1 ? 128 : THREADS;
-  constexpr int B_THREADS = LOADERS == 384 ? 256 : LOADERS;
+  // The B tile (1280 chunks of 16 B) is loaded by the first B_THREADS threads: all of them for 1 or
+  // 2 warpgroups, the first two of 3 (1280 chunks do not split evenly over 384 threads).
+  constexpr int B_THREADS = WGS == 3 ? 256 : THREADS;
   constexpr int A_BYTES = BM * BK * 2, STAGE_BYTES = A_BYTES + BN * BK * 2;
-  constexpr int ROWS_PER_PASS = LOADERS / 8;        // 8 chunks of 16 B per 128-byte row
-  constexpr int A_PER = BM / ROWS_PER_PASS;         // A chunks per thread per stage (4; 12 for LOAD 1)
+  constexpr int ROWS_PER_PASS = THREADS / 8;        // 8 chunks of 16 B per 128-byte row
+  constexpr int A_PER = BM / ROWS_PER_PASS;         // A chunks per thread per stage (4)
+  // Taps per channel block: 9, or 36 for the input gradient through the upsample (2×2 sub-pixels).
+  constexpr int TAPS = UP && BWD ? 36 : 9;
   constexpr int B_ROWS_PER_PASS = B_THREADS / 8;
   constexpr int B_PER = BN / B_ROWS_PER_PASS;       // forward B chunks per loading thread (10 or 5)
   static_assert(BN % B_ROWS_PER_PASS == 0 && BK % (B_THREADS / 4) == 0 && STAGE_BYTES % 1024 == 0, "tile shape");
 
   extern __shared__ unsigned char smem_raw[];
   const uint32_t smem0 = (smem_addr(smem_raw) + 1023) & ~1023u;  // launcher adds 1 KiB of slack
-  const int tid = threadIdx.x, lt = tid % LOADERS;  // lt: index among a k-tile's loaders
+  const int tid = threadIdx.x;
   const int n0 = blockIdx.x * BN, m0 = blockIdx.y * BM;
-  const int HW = g.H * g.W, M = g.batch * HW;
+  // GEMM rows: pixels of the conv's output, or of x for the input gradient through the upsample.
+  const int RW = UP && BWD ? g.W / 2 : g.W, RHW = (UP && BWD ? g.H / 2 : g.H) * RW, M = g.batch * RHW;
   const int red = BWD ? g.Cout : g.Cin;  // channels reduced per tap
   const int N = BWD ? g.Cin : g.Cout;
   const int64_t K = 9 * (int64_t)red;
-  // Split-K: blockIdx.z sums k-tiles [kt0, kt1) of the 9·red / 64.
-  const int KT_all = 9 * red / BK, split = blockIdx.z;
+  // Split-K: blockIdx.z sums k-tiles [kt0, kt1) of the TAPS·red / 64.
+  const int KT_all = TAPS * red / BK, split = blockIdx.z;
   const int kt0 = KT_all * split / splits, KT = KT_all * (split + 1) / splits - kt0;
 
   // This thread's A rows (pixels) and chunk: rows tid/8 + j·ROWS_PER_PASS, chunk tid % 8, all
-  // with the same swizzle key (ROWS_PER_PASS is a multiple of 8): one destination offset.
-  const int chunk = lt & 7, row0 = lt >> 3;
+  // with the same swizzle key (ROWS_PER_PASS is a multiple of 8): one destination offset. Per row:
+  // the first pixel of its image in the gathered tensor (x at H/2 × W/2 for the upsampled forward,
+  // else H × W) and its coordinates in the row grid.
+  const int chunk = tid & 7, row0 = tid >> 3;
   const uint32_t row_dst = row0 * 128 + ((chunk ^ (row0 & 7)) << 4);
-  int a_m[A_PER], a_hw[A_PER];  // pixel index; (h << 16) | w
+  const int src_hw = UP && !BWD ? g.H * g.W / 4 : g.H * g.W;
+  int a_img[A_PER], a_hw[A_PER];  // image's first source pixel; (h << 16) | w
 #pragma unroll
   for (int j = 0; j < A_PER; ++j) {
-    int m = m0 + row0 + j * ROWS_PER_PASS, hw = m % HW;
-    a_m[j] = m;
-    a_hw[j] = ((m < M ? hw / g.W : -(1 << 14)) << 16) | (hw % g.W);  // past M: never inside the image
+    const int m = m0 + row0 + j * ROWS_PER_PASS, hw = m % RHW;
+    a_img[j] = m / RHW * src_hw;
+    a_hw[j] = ((m < M ? hw / RW : -(1 << 14)) << 16) | (hw % RW);  // past M: never inside the image
   }
 
   // Forward B: rows row0 + j·B_ROWS_PER_PASS, chunk `chunk` (destination row_dst + j·B_ROWS_PER_PASS·128).
   // Input-gradient B: n-block jb (32 columns) of k-rows b_kr + p·KR_PASS, chunk b_cc: one
   // destination offset per thread (the swizzle key (kr / 2) mod 4 does not change with p).
-  const bool b_loader = B_THREADS == LOADERS || lt < B_THREADS;
+  const bool b_loader = B_THREADS == THREADS || tid < B_THREADS;
   constexpr int KR_PASS = B_THREADS / 4;
-  const int b_kr = lt >> 2, b_cc = lt & 3;
+  const int b_kr = tid >> 2, b_cc = tid & 3;
   const uint32_t b_dst = b_kr * 64 + ((b_cc ^ ((b_kr >> 1) & 3)) << 4);
 
-  // The next k-tile to load: tap (r·3 + c) and first reduced channel. k-tiles run 64-channel
-  // block by block with the 9 taps inner (k-tile i: block i / 9, tap i mod 9), so consecutive
-  // k-tiles gather the same channels one pixel over (L1 hits for the A gathers).
-  auto load_tile = [&](int i) {  // k-tile i of this CTA's slice
-    const int l_tap = (kt0 + i) % 9, l_ch0 = (kt0 + i) / 9 * BK;
+  // K-tile i of this CTA's slice: tap (r·3 + c) (and sub-pixel) and first reduced channel. k-tiles
+  // run 64-channel block by block with the taps inner (block i / TAPS, tap i mod 9, sub-pixel
+  // i mod TAPS / 9), so consecutive k-tiles gather the same channels one pixel over (L1 hits).
+  auto load_tile = [&](int i) {
+    const int t = (kt0 + i) % TAPS, l_tap = t % 9, l_ch0 = (kt0 + i) / TAPS * BK;
     const uint32_t sA = smem0 + (i % STAGES) * STAGE_BYTES, sB = sA + A_BYTES;
     const int r = l_tap / 3, c = l_tap % 3;
     const int dh = BWD ? 1 - r : r - 1, dw = BWD ? 1 - c : c - 1;
+    const int sub_h = t / 18, sub_w = t / 9 % 2;  // input gradient through the upsample: row (2h + sub_h, 2w + sub_w)
     const bf16* base = x1;
     int cstride = BWD ? g.Cout : g.C1, coff = l_ch0;
     if (!BWD && l_ch0 >= g.C1) { base = x2; cstride = g.C2; coff = l_ch0 - g.C1; }
 #pragma unroll
     for (int j = 0; j < A_PER; ++j) {
-      const int hh = (a_hw[j] >> 16) + dh, ww = (a_hw[j] & 0xFFFF) + dw;
+      const int y = a_hw[j] >> 16, x = a_hw[j] & 0xFFFF;
+      const int hh = UP && BWD ? 2 * y + sub_h + dh : y + dh, ww = UP && BWD ? 2 * x + sub_w + dw : x + dw;
       const bool ok = (unsigned)hh < (unsigned)g.H && (unsigned)ww < (unsigned)g.W;
-      const bf16* src = ok ? base + (int64_t)(a_m[j] + dh * g.W + dw) * cstride + coff + chunk * 8 : x1;
+      const int pix = a_img[j] + (UP && !BWD ? (hh >> 1) * (g.W >> 1) + (ww >> 1) : hh * g.W + ww);
+      const bf16* src = ok ? base + (int64_t)pix * cstride + coff + chunk * 8 : x1;
       cp_async16<true>(sA + row_dst + j * ROWS_PER_PASS * 128, src, ok);
     }
     if (b_loader && !BWD) {  // rows n0 + row of w viewed as [Cout][K], k from l_tap·Cin + l_ch0
@@ -191,22 +198,14 @@ __device__ __forceinline__ void conv3x3_wgmma(const Geom g, const bf16* __restri
   fence_acc(acc);
 
   const int wg = tid / 128;
-  const auto loads = [&](int i) { return LOAD != 1 || i % WGS == wg; };  // this thread loads k-tile i
 #pragma unroll
   for (int s = 0; s < STAGES - 2; ++s) {
-    if (s < KT && loads(s)) load_tile(s);
+    if (s < KT) load_tile(s);
     cp_async_commit();
   }
   for (int kt = 0; kt < KT; ++kt) {
-    if (LOAD == 1) {  // only kt's loaders wait (their one group in flight) and fence
-      if (loads(kt)) {
-        cp_async_wait<0>();
-        fence_proxy_async();
-      }
-    } else {
-      cp_async_wait<STAGES - 3>();  // this thread's chunks of k-tile kt landed
-      if (LOAD == 0) fence_proxy_async();
-    }
+    cp_async_wait<STAGES - 3>();  // this thread's chunks of k-tile kt landed
+    fence_proxy_async();
     __syncthreads();              // everyone's landed; every warpgroup is done with k-tile kt − 2
     const uint32_t sA = smem0 + (kt % STAGES) * STAGE_BYTES, sB = sA + A_BYTES;
     wgmma_fence();
@@ -219,7 +218,7 @@ __device__ __forceinline__ void conv3x3_wgmma(const Geom g, const bf16* __restri
     wgmma_commit();
     wgmma_wait<1>();
     const int next = kt + STAGES - 2;
-    if (next < KT && loads(next)) load_tile(next);
+    if (next < KT) load_tile(next);
     cp_async_commit();
   }
   wgmma_wait<0>();
@@ -260,27 +259,26 @@ __device__ __forceinline__ void conv3x3_wgmma(const Geom g, const bf16* __restri
 }  // namespace
 
 // Entry points: grid (N / 160, ⌈M / BM⌉, splits), 128·WGS threads, dynamic shared memory
-// STAGES·(BM + 160)·128 + 1024 bytes. Names: conv3x3_{fwd,bwd_input}_sm90_{BM}x160_s{STAGES}.
-// splits > 1: each CTA writes the f32 partial sums of its K slice to ws [splits, M, N] (no bias,
-// residual), and conv2d_splitk_reduce_bf16 (kernels/conv.cu) adds them up and finishes.
-#define CONV_SM90(WGS, STAGES, BM_, LOAD, SUFFIX)                                                                     \
+// STAGES·(BM + 160)·128 + 1024 bytes. Names: conv3x3_{fwd,bwd_input}[_up]_sm90_{BM}x160_s{STAGES};
+// `_up`: x is read through the nearest-2× upsample (H, W: the conv's size, x is H/2 × W/2; no skip
+// concat), forward y[p] at H × W; input gradient dx[n, h, w] = Σ_{a,b ∈ {0,1}} dX[n, 2h + a, 2w + b]
+// as one GEMM over K = 4 · 9 · Cout (M = x's pixels). splits > 1: each CTA writes the f32 partial
+// sums of its K slice to ws [splits, M, N] (no bias, residual), and conv2d_splitk_reduce_bf16
+// (kernels/conv.cu) adds them up and finishes.
+#define CONV_SM90_DIR(WGS, STAGES, BM_, UP, SUF)                                                                     \
   extern "C" __global__ void __launch_bounds__(128 * WGS, 1)                                                         \
-      conv3x3_fwd_sm90_##BM_##x160_s##STAGES##SUFFIX(const bf16* x1, const bf16* x2, const bf16* w, const bf16* bias,       \
-                                             const bf16* res, bf16* y, float* ws, int splits, int batch, int H, int W, int C1, int C2, int Cout) { \
-    conv3x3_wgmma<WGS, false, STAGES, LOAD>(Geom{batch, H, W, C1, C2, C1 + C2, Cout}, x1, x2, w, bias, res, y, nullptr, ws, splits);  \
+      conv3x3_fwd##SUF##_sm90_##BM_##x160_s##STAGES(const bf16* x1, const bf16* x2, const bf16* w, const bf16* bias, \
+                                                    const bf16* res, bf16* y, float* ws, int splits, int batch, int H, int W, int C1, int C2, int Cout) { \
+    conv3x3_wgmma<WGS, false, UP, STAGES>(Geom{batch, H, W, C1, C2, C1 + C2, Cout}, x1, x2, w, bias, res, y, nullptr, ws, splits); \
   }                                                                                                                   \
   extern "C" __global__ void __launch_bounds__(128 * WGS, 1)                                                         \
-      conv3x3_bwd_input_sm90_##BM_##x160_s##STAGES##SUFFIX(const bf16* dy, const bf16* w, bf16* dx1, bf16* dx2, float* ws,   \
-                                                   int splits, int batch, int H, int W, int C1, int C2, int Cout) {   \
-    conv3x3_wgmma<WGS, true, STAGES, LOAD>(Geom{batch, H, W, C1, C2, C1 + C2, Cout}, dy, nullptr, w, nullptr, nullptr, dx1, dx2, ws, splits); \
+      conv3x3_bwd_input##SUF##_sm90_##BM_##x160_s##STAGES(const bf16* dy, const bf16* w, bf16* dx1, bf16* dx2, float* ws, \
+                                                          int splits, int batch, int H, int W, int C1, int C2, int Cout) { \
+    conv3x3_wgmma<WGS, true, UP, STAGES>(Geom{batch, H, W, C1, C2, C1 + C2, Cout}, dy, nullptr, w, nullptr, nullptr, dx1, dx2, ws, splits); \
   }
+#define CONV_SM90(WGS, STAGES, BM_) CONV_SM90_DIR(WGS, STAGES, BM_, false, ) CONV_SM90_DIR(WGS, STAGES, BM_, true, _up)
 
-CONV_SM90(1, 4, 64, 0, )   // two CTAs per SM (113 KiB each)
-CONV_SM90(1, 6, 64, 0, )   // one CTA per SM, deeper prefetch
-CONV_SM90(2, 5, 128, 0, )  // two warpgroups share the B tile (181 KiB)
-CONV_SM90(3, 5, 192, 0, )  // three share it (221 KiB): N = 960 at 4096 pixels is 22 × 6 = 132 CTAs, one wave
-CONV_SM90(3, 4, 192, 0, )  // (177 KiB: more L1 left for the activation gathers)
-CONV_SM90(2, 4, 128, 1, r) // rotating loaders
-CONV_SM90(3, 5, 192, 1, r)
-CONV_SM90(2, 5, 128, 2, nf) // no proxy fence: timing only
-CONV_SM90(3, 5, 192, 2, nf)
+CONV_SM90(1, 4, 64)   // two CTAs per SM (113 KiB each)
+CONV_SM90(1, 6, 64)   // one CTA per SM, deeper prefetch
+CONV_SM90(2, 5, 128)  // two warpgroups share the B tile (181 KiB)
+CONV_SM90(3, 5, 192)  // three share it (221 KiB): N = 960 at 4096 pixels is 22 × 6 = 132 CTAs, one wave

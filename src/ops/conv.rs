@@ -377,7 +377,7 @@ pub fn conv2d_backward_input(
         if let Some(sk) = dskip.as_deref() {
             check_gpu(what, &[sk], DType::BF16, sk.numel())?;
         }
-        return super::conv_sm90::conv2d_backward_input(gpu, &t, dy, s, w, dx, dskip);
+        return super::conv_sm90::conv2d_backward_input(gpu, &t, dy, s, w, upsample2x, dx, dskip);
     }
     let dskip_ptr = match dskip {
         Some(t) => {

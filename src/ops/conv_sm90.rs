@@ -1,10 +1,11 @@
 //! Hopper path of the 3×3 stride-1 convolutions (kernels/conv_sm90.cu: wgmma implicit GEMM,
-//! forward with bias + residual and the skip concat, and the input gradient). `ops::conv`'s
+//! forward with bias + residual, the skip concat or the fused nearest-2× upsample, and the input
+//! gradient). `ops::conv`'s
 //! launchers call [`choose`] after their own shape checks and hand the conv over when it returns a
 //! plan (tile and split-K, [`plan_for`]): on a Hopper GPU (`Gpu::is_hopper`), for every shape the
 //! kernels take ([`supports`]): at each SD1.5 one the wgmma kernels measured faster than the
 //! sm_80 ones (benches/RESULTS.md, "Hopper wgmma convolutions").
-//! Everything else (other GPUs, 1×1, stride 2, the fused upsample, conv_in / conv_out) stays on
+//! Everything else (other GPUs, 1×1, stride 2, conv_in / conv_out) stays on
 //! kernels/conv.cu. CPU twins: `conv2d_cpu`, `conv2d_backward_input_cpu` (ops::conv).
 //!
 //! `SDLORA_CONV_SM90_TILE=off|64x160_s6|128x160_s5|64x160_s4|192x160_s5[:splits]` turns the path off or
@@ -23,31 +24,42 @@ const BN: usize = 160;
 /// Streaming multiprocessors of an H100 SXM.
 const SMS: usize = 132;
 
-/// A CTA tile of the sm90 kernels: `bm` × 160 outputs, `stages` pipeline stages.
+/// A CTA tile of the sm90 kernels: `bm` × 160 outputs, `stages` pipeline stages; its kernels
+/// (forward, input gradient, and both through the fused upsample).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Tile {
     pub bm: usize,
     pub stages: usize,
     fwd: &'static str,
     bwd: &'static str,
+    fwd_up: &'static str,
+    bwd_up: &'static str,
+}
+
+macro_rules! tile {
+    ($bm:literal, $stages:literal) => {
+        Tile {
+            bm: $bm,
+            stages: $stages,
+            fwd: concat!("conv3x3_fwd_sm90_", $bm, "x160_s", $stages),
+            bwd: concat!("conv3x3_bwd_input_sm90_", $bm, "x160_s", $stages),
+            fwd_up: concat!("conv3x3_fwd_up_sm90_", $bm, "x160_s", $stages),
+            bwd_up: concat!("conv3x3_bwd_input_up_sm90_", $bm, "x160_s", $stages),
+        }
+    };
 }
 
 /// Every compiled tile, by name suffix, with its cost model for [`plan_for`]: the time of one
-/// 64-deep k-tile of one CTA in units of a 64-row CTA's alone on its SM (about 0.5 µs), and CTAs
-/// per SM. Fitted to the H100 sweeps (benches/RESULTS.md, "Hopper wgmma convolutions"): 128-row
-/// tiles do twice the work per k-tile in 1.45× the time (two warpgroups share the B tile); two
-/// 64-row CTAs sharing an SM (4 stages) take 1.65× as long each; 192-row tiles (three warpgroups)
-/// 1.9×.
-pub const TILES: [(&str, Tile, f64, usize); 9] = [
-    ("64x160_s6", Tile { bm: 64, stages: 6, fwd: "conv3x3_fwd_sm90_64x160_s6", bwd: "conv3x3_bwd_input_sm90_64x160_s6" }, 1.0, 1),
-    ("128x160_s5", Tile { bm: 128, stages: 5, fwd: "conv3x3_fwd_sm90_128x160_s5", bwd: "conv3x3_bwd_input_sm90_128x160_s5" }, 1.45, 1),
-    ("64x160_s4", Tile { bm: 64, stages: 4, fwd: "conv3x3_fwd_sm90_64x160_s4", bwd: "conv3x3_bwd_input_sm90_64x160_s4" }, 1.65, 2),
-    ("192x160_s5", Tile { bm: 192, stages: 5, fwd: "conv3x3_fwd_sm90_192x160_s5", bwd: "conv3x3_bwd_input_sm90_192x160_s5" }, 1.9, 1),
-    ("192x160_s4", Tile { bm: 192, stages: 4, fwd: "conv3x3_fwd_sm90_192x160_s4", bwd: "conv3x3_bwd_input_sm90_192x160_s4" }, 1.9, 1),
-    ("128x160_s4r", Tile { bm: 128, stages: 4, fwd: "conv3x3_fwd_sm90_128x160_s4r", bwd: "conv3x3_bwd_input_sm90_128x160_s4r" }, 1.45, 1),
-    ("192x160_s5r", Tile { bm: 192, stages: 5, fwd: "conv3x3_fwd_sm90_192x160_s5r", bwd: "conv3x3_bwd_input_sm90_192x160_s5r" }, 1.9, 1),
-    ("128x160_s5nf", Tile { bm: 128, stages: 5, fwd: "conv3x3_fwd_sm90_128x160_s5nf", bwd: "conv3x3_bwd_input_sm90_128x160_s5nf" }, 1.45, 1),
-    ("192x160_s5nf", Tile { bm: 192, stages: 5, fwd: "conv3x3_fwd_sm90_192x160_s5nf", bwd: "conv3x3_bwd_input_sm90_192x160_s5nf" }, 1.9, 1),
+/// 64-deep k-tile of one CTA in units of a 64-row CTA's alone on its SM (about 0.6 µs), and CTAs
+/// per SM. Fitted to the H100 sweeps (benches/RESULTS.md, "Hopper wgmma convolutions" and "Hopper
+/// conv round 2"): 128-row tiles do twice the work per k-tile in 1.45× the time (two warpgroups
+/// share the B tile); two 64-row CTAs sharing an SM (4 stages) take 1.65× as long each; 192-row
+/// tiles (three warpgroups) 1.9×.
+pub const TILES: [(&str, Tile, f64, usize); 4] = [
+    ("64x160_s6", tile!(64, 6), 1.0, 1),
+    ("128x160_s5", tile!(128, 5), 1.45, 1),
+    ("64x160_s4", tile!(64, 4), 1.65, 2),
+    ("192x160_s5", tile!(192, 5), 1.9, 1),
 ];
 
 impl Tile {
@@ -59,12 +71,14 @@ impl Tile {
     }
 }
 
-/// Whether the sm90 kernels compute this conv: 3×3, stride 1, pad 1, no fused upsample; input
-/// channels `c1 + c2` with c1 and the total multiples of 64 (forward) or c1, c2 even (input
-/// gradient); the reduced channel count (in forward, out for the gradient) a multiple of 64 and
-/// the GEMM's N (out forward, in for the gradient) a multiple of 160.
+/// Whether the sm90 kernels compute this conv: 3×3, stride 1, pad 1; the fused upsample only
+/// without a skip concat (and an even conv size); input channels `c1 + c2` with c1 and the total
+/// multiples of 64 (forward) or c1, c2 even (input gradient); the reduced channel count (in
+/// forward, out for the gradient) a multiple of 64 and the GEMM's N (out forward, in for the
+/// gradient) a multiple of 160.
 pub fn supports(s: &Conv2dShape, c1: usize, c2: usize, upsample2x: bool, backward: bool) -> bool {
-    let conv = s.kernel == 3 && s.stride == 1 && s.pad == 1 && !upsample2x && c1 + c2 == s.in_ch;
+    let up_ok = !upsample2x || (c2 == 0 && s.height.is_multiple_of(2) && s.width.is_multiple_of(2));
+    let conv = s.kernel == 3 && s.stride == 1 && s.pad == 1 && up_ok && c1 + c2 == s.in_ch;
     let small = s.batch * s.height * s.width * s.in_ch.max(s.out_ch) < i32::MAX as usize;
     let channels = if backward {
         s.out_ch.is_multiple_of(64) && s.in_ch.is_multiple_of(BN) && c1.is_multiple_of(2) && c2.is_multiple_of(2)
@@ -90,10 +104,16 @@ const MIN_KTILES_PER_SPLIT: usize = 6;
 const SPLIT_FIXED: f64 = 4.0;
 const SPLIT_PER_MB: f64 = 0.6;
 
-/// (M, N, k-tiles) of the GEMM of `s` (backward: of its input gradient).
-fn gemm_dims(s: &Conv2dShape, backward: bool) -> (usize, usize, usize) {
-    let (n, red) = if backward { (s.in_ch, s.out_ch) } else { (s.out_ch, s.in_ch) };
-    (s.batch * s.height * s.width, n, 9 * red / 64)
+/// (M, N, k-tiles) of the GEMM of `s` (backward: of its input gradient; `up`: through the fused
+/// upsample, whose input gradient has x's pixels as rows and 4 sub-pixels × 9 taps).
+fn gemm_dims(s: &Conv2dShape, backward: bool, up: bool) -> (usize, usize, usize) {
+    let pixels = s.batch * s.height * s.width;
+    if backward {
+        let sub = if up { 4 } else { 1 };
+        (pixels / sub, s.in_ch, sub * 9 * s.out_ch / 64)
+    } else {
+        (pixels, s.out_ch, 9 * s.in_ch / 64)
+    }
 }
 
 /// The cheapest (tile, split) for an M × N GEMM over `ktiles` k-tiles among `tiles` (entries of
@@ -117,9 +137,10 @@ fn cheapest(m: usize, n: usize, ktiles: usize, tiles: &[(&str, Tile, f64, usize)
     best.expect("at least one tile").1
 }
 
-/// The plan for the conv `s` (backward: its input gradient) the launchers use.
-pub fn plan_for(s: &Conv2dShape, backward: bool) -> Plan {
-    let (m, n, ktiles) = gemm_dims(s, backward);
+/// The plan for the conv `s` (backward: its input gradient; `up`: through the fused upsample) the
+/// launchers use.
+pub fn plan_for(s: &Conv2dShape, backward: bool, up: bool) -> Plan {
+    let (m, n, ktiles) = gemm_dims(s, backward, up);
     cheapest(m, n, ktiles, &TILES)
 }
 
@@ -145,7 +166,7 @@ pub fn choose(gpu: &Gpu, s: &Conv2dShape, c1: usize, c2: usize, upsample2x: bool
     if forced == Some(None) || !ENABLED.load(Relaxed) || !supports(s, c1, c2, upsample2x, backward) || !gpu.is_hopper()? {
         return Ok(None);
     }
-    let (m, n, ktiles) = gemm_dims(s, backward);
+    let (m, n, ktiles) = gemm_dims(s, backward, upsample2x);
     Ok(Some(match forced {
         Some(Some((i, Some(splits)))) => Plan { tile: TILES[i].1, splits },
         Some(Some((i, None))) => cheapest(m, n, ktiles, &TILES[i..=i]),
@@ -193,20 +214,25 @@ pub fn conv2d(gpu: &Gpu, p: &Plan, src: ConvSource, s: &Conv2dShape, w: &Tensor,
     let opt = |t: Option<&Tensor>| t.map_or(Ok(0), |t| t.ptr());
     let (bias, res, yp) = (opt(bias)?, opt(residual)?, y.ptr()?);
     let head = [KernelArg::Ptr(src.x.ptr()?), KernelArg::Ptr(opt(src.skip)?), KernelArg::Ptr(w.ptr()?), KernelArg::Ptr(bias), KernelArg::Ptr(res), KernelArg::Ptr(yp)];
-    let m = s.batch * s.height * s.width;
-    launch(gpu, p, p.tile.fwd, m, s.out_ch, &head, geometry_args(s, c1, c2), s.out_ch, [bias, res, yp, 0])
+    let (m, _, _) = gemm_dims(s, false, src.upsample2x);
+    let kernel = if src.upsample2x { p.tile.fwd_up } else { p.tile.fwd };
+    launch(gpu, p, kernel, m, s.out_ch, &head, geometry_args(s, c1, c2), s.out_ch, [bias, res, yp, 0])
 }
 
-/// dx (and dskip) of [`conv2d`] from dy with plan `p`. Operands as in
-/// `ops::conv::conv2d_backward_input`, which checks them before calling this.
-pub fn conv2d_backward_input(gpu: &Gpu, p: &Plan, dy: &Tensor, s: &Conv2dShape, w: &Tensor, dx: &mut Tensor, dskip: Option<&mut Tensor>) -> Result<()> {
+/// dx (and dskip) of [`conv2d`] from dy with plan `p` (`upsample2x`: of the conv through the fused
+/// upsample; dx has x's size). Operands as in `ops::conv::conv2d_backward_input`, which checks them
+/// before calling this.
+#[allow(clippy::too_many_arguments)]
+pub fn conv2d_backward_input(gpu: &Gpu, p: &Plan, dy: &Tensor, s: &Conv2dShape, w: &Tensor, upsample2x: bool, dx: &mut Tensor, dskip: Option<&mut Tensor>) -> Result<()> {
     let (c1, c2) = (dx.shape()[3], dskip.as_ref().map_or(0, |k| k.shape()[3]));
-    ensure!(supports(s, c1, c2, false, true), "conv2d_backward_input sm90: unsupported {s:?} (c1 {c1}, c2 {c2})");
+    ensure!(supports(s, c1, c2, upsample2x, true), "conv2d_backward_input sm90: unsupported {s:?} (c1 {c1}, c2 {c2}, upsample {upsample2x})");
     ensure!(dy.numel() == s.batch * s.height * s.width * s.out_ch, "conv2d_backward_input sm90: dy {:?} does not match {s:?}", dy.shape());
+    let (m, _, _) = gemm_dims(s, true, upsample2x);
+    ensure!(dx.numel() == m * c1, "conv2d_backward_input sm90: dx {:?} does not match {s:?} (upsample {upsample2x})", dx.shape());
     let (dxp, dsp) = (dx.ptr()?, dskip.map_or(Ok(0), |t| t.ptr())?);
     let head = [KernelArg::Ptr(dy.ptr()?), KernelArg::Ptr(w.ptr()?), KernelArg::Ptr(dxp), KernelArg::Ptr(dsp)];
-    let m = s.batch * s.height * s.width;
-    launch(gpu, p, p.tile.bwd, m, s.in_ch, &head, geometry_args(s, c1, c2), c1, [0, 0, dxp, dsp])
+    let kernel = if upsample2x { p.tile.bwd_up } else { p.tile.bwd };
+    launch(gpu, p, kernel, m, s.in_ch, &head, geometry_args(s, c1, c2), c1, [0, 0, dxp, dsp])
 }
 
 #[cfg(test)]

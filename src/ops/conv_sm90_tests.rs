@@ -76,7 +76,9 @@ fn sampled_twins_match_the_conv_twins() {
 fn shape_rules_and_tile_choice() {
     let s = shape3(1, 64, 64, 960, 320);
     assert!(supports(&s, 640, 320, false, false) && supports(&s, 640, 320, false, true));
-    assert!(!supports(&s, 640, 320, true, false), "fused upsample");
+    assert!(!supports(&s, 640, 320, true, false), "fused upsample with a skip concat");
+    assert!(supports(&shape3(1, 64, 64, 640, 640), 640, 0, true, false) && supports(&shape3(1, 64, 64, 640, 640), 640, 0, true, true), "fused upsample");
+    assert!(!supports(&shape3(1, 63, 64, 640, 640), 640, 0, true, true), "upsampled size odd");
     assert!(!supports(&Conv2dShape { stride: 2, ..s }, 640, 320, false, false), "stride 2");
     assert!(!supports(&Conv2dShape { kernel: 1, pad: 0, ..s }, 640, 320, false, false), "1×1");
     assert!(!supports(&shape3(1, 64, 64, 4, 320), 4, 0, false, false), "conv_in");
@@ -86,7 +88,7 @@ fn shape_rules_and_tile_choice() {
     // The plans the sweeps found best or within a few % of it (benches/RESULTS.md): (tile rows,
     // stages, splits).
     let plan = |s: Conv2dShape, bwd: bool| {
-        let p = plan_for(&s, bwd);
+        let p = plan_for(&s, bwd, false);
         (p.tile.bm, p.tile.stages, p.splits)
     };
     assert_eq!(plan(shape3(1, 64, 64, 320, 320), false), (64, 6, 1), "64 × 2 CTAs, one wave");
@@ -96,13 +98,15 @@ fn shape_rules_and_tile_choice() {
     assert_eq!(plan(shape3(1, 64, 64, 960, 320), true), (192, 5, 1), "N = 960: 132 CTAs of 192 rows, one wave");
     assert_eq!(plan(shape3(1, 16, 16, 1920, 1280), true), (128, 5, 5), "M = 256: 24 CTAs split in 5");
     assert_eq!(plan(shape3(1, 8, 8, 1280, 1280), false), (64, 6, 15), "M = 64: 8 CTAs split in 15 (180 k-tiles, 12 each)");
+    assert_eq!(gemm_dims(&shape3(2, 64, 64, 640, 320), true, true), (2 * 32 * 32, 640, 4 * 9 * 320 / 64), "upsample input gradient: x's pixels, 36 taps");
     assert_eq!(plan(shape3(1, 32, 32, 640, 640), true), (128, 5, 4), "M = 1024: 32 CTAs split in 4");
     assert_eq!(plan(shape3(1, 64, 64, 640, 320), false), (192, 5, 3), "K = 5760: 44 CTAs split in 3");
 }
 
 // ---------------------------------------------------------------- GPU tests
 
-/// x [batch, h, w, c1] (+ skip [.., c2]) → [batch, h, w, cout]; `res`: with a residual.
+/// x [batch, h, w, c1] (+ skip [.., c2]) → [batch, h, w, cout]; `res`: with a residual; `up`: x is
+/// [batch, h/2, w/2, c1], read through the fused nearest-2× upsample.
 #[derive(Clone, Copy, Debug)]
 struct Case {
     batch: usize,
@@ -112,9 +116,13 @@ struct Case {
     c2: usize,
     cout: usize,
     res: bool,
+    up: bool,
 }
 const fn sq(batch: usize, hw: usize, c1: usize, c2: usize, cout: usize, res: bool) -> Case {
-    Case { batch, h: hw, w: hw, c1, c2, cout, res }
+    Case { batch, h: hw, w: hw, c1, c2, cout, res, up: false }
+}
+const fn sq_up(batch: usize, hw: usize, c: usize, res: bool) -> Case {
+    Case { batch, h: hw, w: hw, c1: c, c2: 0, cout: c, res, up: true }
 }
 
 /// Every 3×3 stride-1 conv of the SD1.5 UNet the kernels take (512 px, batch 1 and 2).
@@ -134,18 +142,43 @@ const SD15: &[Case] = &[
     sq(2, 16, 1280, 640, 1280, false),
     sq(2, 8, 1280, 0, 1280, true),
     sq(1, 8, 1280, 1280, 1280, false),
+    sq_up(1, 64, 640, false),
+    sq_up(2, 32, 1280, true),
+    sq_up(2, 16, 1280, false),
 ];
-/// Pixel counts that are not multiples of the tile (105, 1517, 198), a skip split at 96.
+/// The 4096-token upsampler conv (every tile runs it).
+const UP64: usize = 15;
+/// Pixel counts that are not multiples of the tile (105, 1517, 198; upsampled 2·5·7 → 2·10·14), a
+/// skip split at 96.
 const ODD: &[Case] = &[
-    Case { batch: 3, h: 7, w: 5, c1: 64, c2: 256, cout: 320, res: true },
-    Case { batch: 1, h: 37, w: 41, c1: 192, c2: 128, cout: 320, res: false },
-    Case { batch: 2, h: 9, w: 11, c1: 96, c2: 64, cout: 128, res: false }, // input gradient only
+    Case { batch: 3, h: 7, w: 5, c1: 64, c2: 256, cout: 320, res: true, up: false },
+    Case { batch: 1, h: 37, w: 41, c1: 192, c2: 128, cout: 320, res: false, up: false },
+    Case { batch: 2, h: 9, w: 11, c1: 96, c2: 64, cout: 128, res: false, up: false }, // input gradient only
+    Case { batch: 2, h: 10, w: 14, c1: 320, c2: 0, cout: 320, res: true, up: true },
 ];
 
 impl Case {
     fn conv(&self) -> Conv2dShape {
         shape3(self.batch, self.h, self.w, self.c1 + self.c2, self.cout)
     }
+    /// x's image size: [batch, h, w] or, through the upsample, [batch, h/2, w/2].
+    fn x_img(&self) -> [usize; 3] {
+        let d = if self.up { 2 } else { 1 };
+        [self.batch, self.h / d, self.w / d]
+    }
+}
+
+/// The nearest-2× upsample of x [batch, h, w, c] (CPU).
+fn upsample(x: &[f32], [b, h, w]: [usize; 3], c: usize) -> Vec<f32> {
+    let mut out = Vec::with_capacity(x.len() * 4);
+    for n in 0..b {
+        for i in 0..2 * h {
+            for j in 0..2 * w {
+                out.extend_from_slice(&x[((n * h + i / 2) * w + j / 2) * c..][..c]);
+            }
+        }
+    }
+    out
 }
 
 /// Corners, edges and random pixels (every pixel when the twin is cheap).
@@ -171,24 +204,26 @@ fn all_finite(what: &str, v: &[f32]) {
 /// Forward of `c` with tile `t` (None: through ops::conv's dispatch) against the twin.
 fn check_forward(gpu: &Gpu, c: &Case, t: Option<&Plan>) {
     let s = c.conv();
-    if t.is_some() && !supports(&s, c.c1, c.c2, false, false) {
+    if t.is_some() && !supports(&s, c.c1, c.c2, c.up, false) {
         return;
     }
     let seed = Rng::fresh_seed();
     let mut rng = Rng::new(seed);
     let px = s.batch * s.height * s.width;
-    let x1 = round_bf16(&rng.normal_vec(px * c.c1, 1.0));
+    let xi = c.x_img();
+    let x1_small = round_bf16(&rng.normal_vec(xi.iter().product::<usize>() * c.c1, 1.0));
+    let x1 = if c.up { upsample(&x1_small, xi, c.c1) } else { x1_small.clone() };
     let x2 = round_bf16(&rng.normal_vec(px * c.c2, 1.0));
     let w = round_bf16(&rng.normal_vec(s.out_ch * 9 * s.in_ch, 1.0 / (9.0 * s.in_ch as f32).sqrt()));
     let b = round_bf16(&rng.normal_vec(s.out_ch, 1.0));
     let r = round_bf16(&rng.normal_vec(px * s.out_ch, 1.0));
     let img = [c.batch, c.h, c.w];
-    let x1g = upload(gpu, &[img[0], img[1], img[2], c.c1], &x1, DType::BF16);
+    let x1g = upload(gpu, &[xi[0], xi[1], xi[2], c.c1], &x1_small, DType::BF16);
     let x2g = (c.c2 > 0).then(|| upload(gpu, &[img[0], img[1], img[2], c.c2], &x2, DType::BF16));
     let wg = upload(gpu, &[s.out_ch, 3, 3, s.in_ch], &w, DType::BF16);
     let (bg, rg) = (upload(gpu, &[s.out_ch], &b, DType::BF16), upload(gpu, &[img[0], img[1], img[2], s.out_ch], &r, DType::BF16));
     let mut y = poisoned(gpu, &[img[0], img[1], img[2], s.out_ch], DType::BF16);
-    let src = ConvSource { x: &x1g, skip: x2g.as_ref(), upsample2x: false };
+    let src = ConvSource { x: &x1g, skip: x2g.as_ref(), upsample2x: c.up };
     let res = c.res.then_some(&rg);
     match t {
         Some(t) => conv2d(gpu, t, src, &s, &wg, Some(&bg), res, &mut y).unwrap(),
@@ -214,7 +249,7 @@ fn check_forward(gpu: &Gpu, c: &Case, t: Option<&Plan>) {
 /// Input gradient of `c` with tile `t` (None: through ops::conv's dispatch) against the twin.
 fn check_backward(gpu: &Gpu, c: &Case, t: Option<&Plan>) {
     let s = c.conv();
-    if t.is_some() && !supports(&s, c.c1, c.c2, false, true) {
+    if t.is_some() && !supports(&s, c.c1, c.c2, c.up, true) {
         return;
     }
     let seed = Rng::fresh_seed();
@@ -224,19 +259,35 @@ fn check_backward(gpu: &Gpu, c: &Case, t: Option<&Plan>) {
     let w = round_bf16(&rng.normal_vec(s.out_ch * 9 * s.in_ch, 1.0 / (9.0 * s.in_ch as f32).sqrt()));
     let img = [c.batch, c.h, c.w];
     let (dyg, wg) = (upload(gpu, &[img[0], img[1], img[2], s.out_ch], &dy, DType::BF16), upload(gpu, &[s.out_ch, 3, 3, s.in_ch], &w, DType::BF16));
-    let mut dx1 = poisoned(gpu, &[img[0], img[1], img[2], c.c1], DType::BF16);
+    let xi = c.x_img();
+    let mut dx1 = poisoned(gpu, &[xi[0], xi[1], xi[2], c.c1], DType::BF16);
     let mut dx2 = poisoned(gpu, &[img[0], img[1], img[2], c.c2.max(1)], DType::BF16);
     let dskip = (c.c2 > 0).then_some(&mut dx2);
     match t {
-        Some(t) => conv2d_backward_input(gpu, t, &dyg, &s, &wg, &mut dx1, dskip).unwrap(),
-        None => crate::ops::conv::conv2d_backward_input(gpu, &dyg, &s, &wg, false, &mut dx1, dskip).unwrap(),
+        Some(t) => conv2d_backward_input(gpu, t, &dyg, &s, &wg, c.up, &mut dx1, dskip).unwrap(),
+        None => crate::ops::conv::conv2d_backward_input(gpu, &dyg, &s, &wg, c.up, &mut dx1, dskip).unwrap(),
     }
     let got1 = dx1.to_cpu(gpu).unwrap().into_vec().unwrap();
     let got2 = dx2.to_cpu(gpu).unwrap().into_vec().unwrap();
     let what = format!("sm90 conv2d_backward_input {c:?} tile {t:?} seed={seed}");
     all_finite(&format!("{what} dx"), &got1);
-    let pixels = sample_pixels(&mut rng, &s);
-    let want: Vec<Vec<f32>> = pixels.iter().map(|&p| bwd_pixel(&dy, &s, &w, p)).collect();
+    // Sampled pixels of x; through the upsample, x's gradient at (n, i, j) sums dX's 2×2 sub-pixels.
+    let pixels = sample_pixels(&mut rng, &Conv2dShape { batch: xi[0], height: xi[1], width: xi[2], ..s });
+    let want: Vec<Vec<f32>> = pixels
+        .iter()
+        .map(|&p| {
+            if !c.up {
+                return bwd_pixel(&dy, &s, &w, p);
+            }
+            let (n, i, j) = (p / (xi[1] * xi[2]), p / xi[2] % xi[1], p % xi[2]);
+            let mut v = vec![0f32; s.in_ch];
+            for (a, b) in [(0, 0), (0, 1), (1, 0), (1, 1)] {
+                let q = (n * s.height + 2 * i + a) * s.width + 2 * j + b;
+                v.iter_mut().zip(bwd_pixel(&dy, &s, &w, q)).for_each(|(x, g)| *x += g);
+            }
+            v
+        })
+        .collect();
     let want1: Vec<f32> = want.iter().flat_map(|v| v[..c.c1].iter().copied()).collect();
     assert_close(&format!("{what} dx ({} pixels)", pixels.len()), &rows(&got1, &pixels, c.c1), &want1, 1e-2);
     if c.c2 > 0 {
@@ -262,7 +313,7 @@ fn hopper() -> Option<Gpu> {
 fn gpu_conv_sm90_every_tile() {
     let Some(gpu) = hopper() else { return };
     for (_, t, _, _) in &TILES {
-        for c in SD15[..4].iter().chain(ODD) {
+        for c in SD15[..4].iter().chain([&SD15[UP64]]).chain(ODD) {
             for splits in [1, 3] {
                 check_forward(&gpu, c, Some(&Plan { tile: *t, splits }));
                 check_backward(&gpu, c, Some(&Plan { tile: *t, splits }));
@@ -278,8 +329,8 @@ fn gpu_conv_sm90_sd15_shapes() {
     let Some(gpu) = hopper() else { return };
     for c in SD15 {
         let s = c.conv();
-        check_forward(&gpu, c, Some(&plan_for(&s, false)));
-        check_backward(&gpu, c, Some(&plan_for(&s, true)));
+        check_forward(&gpu, c, Some(&plan_for(&s, false, c.up)));
+        check_backward(&gpu, c, Some(&plan_for(&s, true, c.up)));
     }
 }
 
@@ -290,10 +341,10 @@ fn gpu_conv_sm90_sd15_shapes() {
 fn gpu_conv_sm90_dispatch() {
     let gpu = Gpu::for_tests().expect("GPU test needs a CUDA device");
     let on = gpu.is_hopper().unwrap() && std::env::var("SDLORA_CONV_SM90_TILE").map_or(true, |v| v != "off");
-    for c in &SD15[..4] {
+    for c in SD15[..4].iter().chain([&SD15[UP64]]) {
         let s = c.conv();
         for bwd in [false, true] {
-            let chosen = choose(&gpu, &s, c.c1, c.c2, false, bwd).unwrap();
+            let chosen = choose(&gpu, &s, c.c1, c.c2, c.up, bwd).unwrap();
             assert_eq!(chosen.is_some(), on, "{c:?} backward={bwd}: sm90 chosen {chosen:?} on a GPU with is_hopper={on}");
         }
         check_forward(&gpu, c, None);

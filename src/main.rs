@@ -111,8 +111,9 @@ struct TrainArgs {
     /// Checkpoint format [default: diffusers].
     #[arg(long, value_enum)]
     save_format: Option<sdlora::train::config::SaveFormat>,
-    /// Device memory budget, e.g. 8G or 4G: before the first step the memory plan chooses which
-    /// transformers recompute their activations in the backward so the step fits; allocations
+    /// Device memory budget, e.g. 8G or 4G: before the first step the memory plan chooses what each
+    /// transformer keeps for the backward (everything, all but its feed-forward hidden states, or
+    /// only its input, the rest recomputed) so the step fits at the least recompute; allocations
     /// beyond it stop the run with the numbers [default: the GPU's free memory, for the plan].
     #[arg(long)]
     vram_limit: Option<String>,

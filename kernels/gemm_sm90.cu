@@ -110,10 +110,44 @@ __device__ __forceinline__ void wgmma_m64n64(float (&d)[32], uint64_t desc_a, ui
       : "l"(desc_a), "l"(desc_b), "n"(TRANS_B));
 }
 
+// D[64×256] += A[64×16]·B[16×256] (one warpgroup; 128 accumulators per thread).
+template <int TRANS_B>
+__device__ __forceinline__ void wgmma_m64n256(float (&d)[128], uint64_t desc_a, uint64_t desc_b) {
+  asm volatile(
+      "wgmma.mma_async.sync.aligned.m64n256k16.f32.bf16.bf16 {"
+      "%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,"
+      "%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31,"
+      "%32,%33,%34,%35,%36,%37,%38,%39,%40,%41,%42,%43,%44,%45,%46,%47,"
+      "%48,%49,%50,%51,%52,%53,%54,%55,%56,%57,%58,%59,%60,%61,%62,%63,"
+      "%64,%65,%66,%67,%68,%69,%70,%71,%72,%73,%74,%75,%76,%77,%78,%79,"
+      "%80,%81,%82,%83,%84,%85,%86,%87,%88,%89,%90,%91,%92,%93,%94,%95,"
+      "%96,%97,%98,%99,%100,%101,%102,%103,%104,%105,%106,%107,%108,%109,%110,%111,"
+      "%112,%113,%114,%115,%116,%117,%118,%119,%120,%121,%122,%123,%124,%125,%126,%127"
+      "}, %128, %129, 1, 1, 1, 0, %130;\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
+        "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
+        "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
+        "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]),
+        "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]),
+        "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]),
+        "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),
+        "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63]),
+        "+f"(d[64]), "+f"(d[65]), "+f"(d[66]), "+f"(d[67]), "+f"(d[68]), "+f"(d[69]), "+f"(d[70]), "+f"(d[71]),
+        "+f"(d[72]), "+f"(d[73]), "+f"(d[74]), "+f"(d[75]), "+f"(d[76]), "+f"(d[77]), "+f"(d[78]), "+f"(d[79]),
+        "+f"(d[80]), "+f"(d[81]), "+f"(d[82]), "+f"(d[83]), "+f"(d[84]), "+f"(d[85]), "+f"(d[86]), "+f"(d[87]),
+        "+f"(d[88]), "+f"(d[89]), "+f"(d[90]), "+f"(d[91]), "+f"(d[92]), "+f"(d[93]), "+f"(d[94]), "+f"(d[95]),
+        "+f"(d[96]), "+f"(d[97]), "+f"(d[98]), "+f"(d[99]), "+f"(d[100]), "+f"(d[101]), "+f"(d[102]), "+f"(d[103]),
+        "+f"(d[104]), "+f"(d[105]), "+f"(d[106]), "+f"(d[107]), "+f"(d[108]), "+f"(d[109]), "+f"(d[110]), "+f"(d[111]),
+        "+f"(d[112]), "+f"(d[113]), "+f"(d[114]), "+f"(d[115]), "+f"(d[116]), "+f"(d[117]), "+f"(d[118]), "+f"(d[119]),
+        "+f"(d[120]), "+f"(d[121]), "+f"(d[122]), "+f"(d[123]), "+f"(d[124]), "+f"(d[125]), "+f"(d[126]), "+f"(d[127])
+      : "l"(desc_a), "l"(desc_b), "n"(TRANS_B));
+}
+
 template <int WN, int TRANS_B>
 __device__ __forceinline__ void wgmma_tile(float (&d)[WN / 2], uint64_t desc_a, uint64_t desc_b) {
-  static_assert(WN == 128 || WN == 64, "warpgroup tile width");
-  if constexpr (WN == 128) wgmma_m64n128<TRANS_B>(d, desc_a, desc_b);
+  static_assert(WN == 256 || WN == 128 || WN == 64, "warpgroup tile width");
+  if constexpr (WN == 256) wgmma_m64n256<TRANS_B>(d, desc_a, desc_b);
+  else if constexpr (WN == 128) wgmma_m64n128<TRANS_B>(d, desc_a, desc_b);
   else wgmma_m64n64<TRANS_B>(d, desc_a, desc_b);
 }
 
@@ -161,6 +195,44 @@ __device__ __noinline__ void store8_checked(OutT* crow, const OutT* rrow, const 
     if (bias) out += __bfloat162float(bias[n + e]);
     if (rrow) out += to_f32(rrow[n + e]);
     crow[n + e] = from_f32<OutT>(out);
+  }
+}
+
+// The epilogue of a BM × BN block tile: each warpgroup (wm, wn) puts its 64 × WN accumulators
+// into the f32 tile `cs` (8-column groups XOR-swizzled by row: conflict-free), `sync()` (a barrier
+// over the THREADS storing threads, tid = 0..THREADS-1), then C = alpha·acc + bias + R goes out in
+// coalesced 16-byte row pieces (scalar stores at the right edge and for unaligned C, R or bias).
+// The caller has made sure nobody reads `cs`'s memory any more (it reuses the pipeline stages).
+template <int BM, int BN, int WN, int THREADS, typename OutT, typename Sync>
+__device__ __forceinline__ void store_tile(float* cs, const float (&acc)[WN / 2], int wm, int wn, int tid, Sync sync, OutT* c, int64_t ldc,
+                                           const bf16* bias, const OutT* r, int64_t ldr, int m0, int n0, int M, int N, float alpha) {
+  // Accumulator (row, col) of thread t of the warpgroup, register 4j + 2h + e (tile coordinates):
+  // row = 64·wm + 16·(t/32) + (t%32)/4 + 8h, col = WN·wn + 8j + 2·(t%4) + e.
+  auto c_at = [](int row, int col) { return row * BN + (col ^ ((row & 7) << 3)); };
+  {
+    const int t = tid % 128;
+    const int row = wm * 64 + (t / 32) * 16 + (t % 32) / 4, col = wn * WN + 2 * (t % 4);
+#pragma unroll
+    for (int j = 0; j < WN / 8; ++j) {
+      *reinterpret_cast<float2*>(cs + c_at(row, col + 8 * j)) = make_float2(acc[4 * j], acc[4 * j + 1]);
+      *reinterpret_cast<float2*>(cs + c_at(row + 8, col + 8 * j)) = make_float2(acc[4 * j + 2], acc[4 * j + 3]);
+    }
+  }
+  sync();
+  auto aligned16 = [](const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15) == 0; };
+  const bool fast = aligned16(c) && ldc % 8 == 0 && (!r || (aligned16(r) && ldr % 8 == 0)) && (!bias || aligned16(bias));
+  constexpr int GROUPS = BN / 8;
+  for (int idx = tid; idx < BM * GROUPS; idx += THREADS) {
+    const int row = idx / GROUPS, col = (idx % GROUPS) * 8;
+    const int m = m0 + row, n = n0 + col;
+    if (m >= M || n >= N) continue;
+    const float4 lo = *reinterpret_cast<const float4*>(cs + c_at(row, col));
+    const float4 hi = *reinterpret_cast<const float4*>(cs + c_at(row, col) + 4);
+    float v[8] = {alpha * lo.x, alpha * lo.y, alpha * lo.z, alpha * lo.w, alpha * hi.x, alpha * hi.y, alpha * hi.z, alpha * hi.w};
+    OutT* crow = c + (int64_t)m * ldc;
+    const OutT* rrow = r ? r + (int64_t)m * ldr : nullptr;
+    if (fast && n + 8 <= N) store8_values(crow, rrow, bias, n, v);
+    else store8_checked(crow, rrow, bias, n, N, v);
   }
 }
 
@@ -232,34 +304,169 @@ __device__ __forceinline__ void gemm_sm90_body(const bf16* a1, int64_t lda1, con
   cp_async_wait<0>();
   __syncthreads();  // every warpgroup is done with the stages: the C tile reuses them
 
-  // Accumulator (row, col) of thread t of the warpgroup, register 4j + 2h + e (tile coordinates):
-  // row = 64·wm + 16·(t/32) + (t%32)/4 + 8h, col = WN·wn + 8j + 2·(t%4) + e.
-  auto c_at = [](int row, int col) { return row * BN + (col ^ ((row & 7) << 3)); };
-  {
-    const int t = threadIdx.x % 128;
-    const int row = wm * 64 + (t / 32) * 16 + (t % 32) / 4, col = wn * WN + 2 * (t % 4);
-#pragma unroll
-    for (int j = 0; j < WN / 8; ++j) {
-      *reinterpret_cast<float2*>(cs + c_at(row, col + 8 * j)) = make_float2(acc[4 * j], acc[4 * j + 1]);
-      *reinterpret_cast<float2*>(cs + c_at(row + 8, col + 8 * j)) = make_float2(acc[4 * j + 2], acc[4 * j + 3]);
+  store_tile<BM, BN, WN, THREADS>(cs, acc, wm, wn, threadIdx.x, [] { __syncthreads(); }, c, ldc, bias, r, ldr, m0, n0, M, N, alpha);
+}
+
+// ---- TMA-fed, warp-specialized kernels (gemm_sm90_tma_*) -------------------------------------
+// A 128-byte CUtensorMap made on the host by cuTensorMapEncodeTiled (src/ops/gemm_sm90.rs
+// `tensor_map`), passed by value as a __grid_constant__ kernel parameter.
+struct alignas(64) TmaDesc {
+  uint64_t opaque[16];
+};
+
+__device__ __forceinline__ void mbar_init(uint32_t bar, uint32_t count) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(count) : "memory");
+}
+// The producer's arrival on a full barrier, announcing the bytes the stage's copies will deliver.
+__device__ __forceinline__ void mbar_arrive_expect_tx(uint32_t bar, uint32_t bytes) {
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(bar), "r"(bytes) : "memory");
+}
+// Waits until the phase of parity `parity` of the barrier has completed.
+__device__ __forceinline__ void mbar_wait(uint32_t bar, uint32_t parity) {
+  uint32_t done = 0;
+  while (!done) {
+    asm volatile("{\n .reg .pred p;\n mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n selp.u32 %0, 1, 0, p;\n}\n"
+                 : "=r"(done)
+                 : "r"(bar), "r"(parity)
+                 : "memory");
+  }
+}
+// Arrives on the barrier at shared address `bar` of this CTA (cluster size 1) or at the same offset
+// in CTA `cta` of the cluster.
+__device__ __forceinline__ void mbar_arrive(uint32_t bar) {
+  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(bar) : "memory");
+}
+__device__ __forceinline__ void mbar_arrive_cluster(uint32_t bar, uint32_t cta) {
+  asm volatile("{\n .reg .b32 ra;\n mapa.shared::cluster.u32 ra, %0, %1;\n mbarrier.arrive.release.cluster.shared::cluster.b64 _, [ra];\n}\n" ::"r"(bar),
+               "r"(cta)
+               : "memory");
+}
+__device__ __forceinline__ uint32_t cluster_ctarank() {
+  uint32_t r;
+  asm volatile("mov.u32 %0, %%cluster_ctarank;\n" : "=r"(r));
+  return r;
+}
+__device__ __forceinline__ void cluster_sync() {
+  asm volatile("barrier.cluster.arrive.release;\nbarrier.cluster.wait.acquire;\n" ::: "memory");
+}
+// Barrier 1 over the 256 consumer threads (barrier 0 is __syncthreads, which the producer warp
+// would have to join).
+__device__ __forceinline__ void consumers_sync() { asm volatile("bar.sync 1, 256;\n" ::: "memory"); }
+
+// One 2-D box of a tensor map at coordinates (c0 innermost, c1) into shared memory at `dst`; its
+// bytes complete the transaction count of barrier `bar`. With a multicast mask the box lands at
+// the same offset in every CTA of the mask, each CTA's barrier at `bar`'s offset counting it.
+__device__ __forceinline__ void tma_load(uint32_t dst, const TmaDesc* map, int c0, int c1, uint32_t bar) {
+  asm volatile("cp.async.bulk.tensor.2d.shared::cluster.global.tile.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3}], [%4];\n" ::"r"(dst),
+               "l"(reinterpret_cast<uint64_t>(map)), "r"(c0), "r"(c1), "r"(bar)
+               : "memory");
+}
+__device__ __forceinline__ void tma_load_multicast(uint32_t dst, const TmaDesc* map, int c0, int c1, uint32_t bar, uint16_t mask) {
+  asm volatile(
+      "cp.async.bulk.tensor.2d.shared::cluster.global.tile.mbarrier::complete_tx::bytes.multicast::cluster [%0], [%1, {%2, %3}], [%4], %5;\n" ::"r"(
+          dst),
+      "l"(reinterpret_cast<uint64_t>(map)), "r"(c0), "r"(c1), "r"(bar), "h"(mask)
+      : "memory");
+}
+
+// The TMA kernel body: a 128 × BN tile per CTA, 288 threads: warps 0-7 are two consumer
+// warpgroups (64 × BN each, wgmma m64nBNk16 from the stages), warp 8 the producer (one lane issues
+// every TMA copy). Stage s has a full barrier (1 producer arrival + the stage's bytes) and an
+// empty barrier (one arrival per consumer warp of every CTA that reads what this CTA's producer
+// writes: 8·CM). Producer, k tile kt: wait empty[s] (parity of the previous round), expect the
+// stage's bytes on full[s], copy A [128 m][64 k] and its part of B. Consumers: wait full[s], four
+// wgmmas, keep one wgmma group in flight, then release the stage of tile kt − 1.
+// CM = 2: a cluster of two CTAs along M (same n0) shares the B tile: CTA rank q copies part q of B
+// (rows or 64-column blocks) and multicasts it to both; each consumer warp releases a stage in
+// both CTAs (its peer's producer writes into it too). Cluster barriers after the barrier init and
+// before exit keep remote arrivals and copies within the peer's lifetime.
+template <int BN, int STAGES, int CM, bool B_K_MAJOR, typename OutT>
+__device__ __forceinline__ void gemm_sm90_tma_body(const TmaDesc& ta1, const TmaDesc& tb1, const TmaDesc& ta2, const TmaDesc& tb2, int k1, int k2,
+                                                   OutT* c, int64_t ldc, const bf16* bias, const OutT* r, int64_t ldr, int M, int N,
+                                                   float alpha) {
+  constexpr int BM = 128, A_BYTES = BM * BK * 2, B_BYTES = BN * BK * 2, STAGE_BYTES = A_BYTES + B_BYTES;
+  static_assert(BN == 128 || BN == 256, "tile width");
+  static_assert(CM == 1 || CM == 2, "cluster size");
+  __shared__ alignas(8) uint64_t full_bar[STAGES], empty_bar[STAGES];
+  extern __shared__ uint8_t smem_raw[];
+  const uint32_t raw = smem_addr(smem_raw);
+  const uint32_t base = (raw + 1023) & ~1023u;  // the launcher adds 1 KiB
+  float* cs = reinterpret_cast<float*>(smem_raw + (base - raw));
+  const uint32_t full0 = smem_addr(full_bar), empty0 = smem_addr(empty_bar);
+
+  const int m0 = blockIdx.x * BM, n0 = blockIdx.y * BN;
+  const int tiles1 = (k1 + BK - 1) / BK, ntiles = tiles1 + (k2 + BK - 1) / BK;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  if (threadIdx.x == 0) {
+    for (int s = 0; s < STAGES; ++s) {
+      mbar_init(full0 + 8 * s, 1);
+      mbar_init(empty0 + 8 * s, 8 * CM);
     }
+    asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
   }
-  __syncthreads();
-  auto aligned16 = [](const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15) == 0; };
-  const bool fast = aligned16(c) && ldc % 8 == 0 && (!r || (aligned16(r) && ldr % 8 == 0)) && (!bias || aligned16(bias));
-  constexpr int GROUPS = BN / 8;
-  for (int idx = threadIdx.x; idx < BM * GROUPS; idx += THREADS) {
-    const int row = idx / GROUPS, col = (idx % GROUPS) * 8;
-    const int m = m0 + row, n = n0 + col;
-    if (m >= M || n >= N) continue;
-    const float4 lo = *reinterpret_cast<const float4*>(cs + c_at(row, col));
-    const float4 hi = *reinterpret_cast<const float4*>(cs + c_at(row, col) + 4);
-    float v[8] = {alpha * lo.x, alpha * lo.y, alpha * lo.z, alpha * lo.w, alpha * hi.x, alpha * hi.y, alpha * hi.z, alpha * hi.w};
-    OutT* crow = c + (int64_t)m * ldc;
-    const OutT* rrow = r ? r + (int64_t)m * ldr : nullptr;
-    if (fast && n + 8 <= N) store8_values(crow, rrow, bias, n, v);
-    else store8_checked(crow, rrow, bias, n, N, v);
+  if constexpr (CM == 1) __syncthreads();
+  else cluster_sync();
+
+  if (warp == 8) {
+    if (lane == 0) {
+      const uint32_t rank = CM == 1 ? 0 : cluster_ctarank();
+      for (int kt = 0; kt < ntiles; ++kt) {
+        const int s = kt % STAGES;
+        mbar_wait(empty0 + 8 * s, ((kt / STAGES) & 1) ^ 1);
+        const bool second = kt >= tiles1;
+        const int k0 = (second ? kt - tiles1 : kt) * BK;
+        const TmaDesc* ta = second ? &ta2 : &ta1;
+        const TmaDesc* tb = second ? &tb2 : &tb1;
+        const uint32_t full = full0 + 8 * s, sa = base + s * STAGE_BYTES, sb = sa + A_BYTES;
+        mbar_arrive_expect_tx(full, STAGE_BYTES);
+        tma_load(sa, ta, k0, m0, full);
+        // B part q: rows n0 + q·BN/CM.. (K-major box [BN/CM n][64 k]) or the 64-wide column blocks
+        // q·BN/(64·CM).. (n-major boxes [64 k][64 n], 8 KiB apart).
+        constexpr int PART = B_BYTES / CM, BLOCKS = BN / 64 / CM;
+        for (int j = 0; j < (B_K_MAJOR ? 1 : BLOCKS); ++j) {
+          const uint32_t dst = sb + rank * PART + j * (BK * 128);
+          const int c0 = B_K_MAJOR ? k0 : n0 + (rank * BLOCKS + j) * 64, c1 = B_K_MAJOR ? n0 + rank * (BN / CM) : k0;
+          if constexpr (CM == 1) tma_load(dst, tb, c0, c1, full);
+          else tma_load_multicast(dst, tb, c0, c1, full, (uint16_t)((1 << CM) - 1));
+        }
+      }
+    }
+  } else {
+    const int wg = warp / 4;
+    float acc[BN / 2];
+#pragma unroll
+    for (int i = 0; i < BN / 2; ++i) acc[i] = 0.0f;
+#pragma unroll 1
+    for (int kt = 0; kt < ntiles; ++kt) {
+      const int s = kt % STAGES;
+      mbar_wait(full0 + 8 * s, (kt / STAGES) & 1);
+      const uint32_t sa = base + s * STAGE_BYTES + wg * 64 * 128, sb = base + s * STAGE_BYTES + A_BYTES;
+      wgmma_fence();
+#pragma unroll
+      for (int ks = 0; ks < BK / 16; ++ks) {
+        const uint64_t da = smem_desc(sa + ks * 32, 16, 1024);
+        const uint64_t db = B_K_MAJOR ? smem_desc(sb + ks * 32, 16, 1024) : smem_desc(sb + ks * 16 * 128, BK * 128, 1024);
+        wgmma_tile<BN, B_K_MAJOR ? 0 : 1>(acc, da, db);
+      }
+      wgmma_commit();
+      wgmma_wait<1>();
+      fence_acc(acc);
+      // Tile kt − 1's wgmmas are done: its stage may be refilled.
+      if (kt > 0 && lane == 0) {
+        const uint32_t empty = empty0 + 8 * ((kt - 1) % STAGES);
+        if constexpr (CM == 1) mbar_arrive(empty);
+        else
+          for (int q = 0; q < CM; ++q) mbar_arrive_cluster(empty, q);
+      }
+    }
+    wgmma_wait<0>();
+    fence_acc(acc);
+    // Every copy has landed (each full barrier was waited on) and both warpgroups are done reading
+    // the stages: the C tile reuses them.
+    consumers_sync();
+    store_tile<BM, BN, BN, 256>(cs, acc, wg, 0, threadIdx.x, [] { consumers_sync(); }, c, ldc, bias, r, ldr, m0, n0, M, N, alpha);
   }
+  if constexpr (CM > 1) cluster_sync();
 }
 
 }  // namespace
@@ -290,3 +497,30 @@ GEMM_SM90_TILES(k, true, bf16, bf16)
 GEMM_SM90_TILES(k, true, f32, float)
 GEMM_SM90_TILES(n, false, bf16, bf16)
 GEMM_SM90_TILES(n, false, f32, float)
+
+// gemm_sm90_tma_128x<BN>_s<STAGES>_c<CM>_k<B>_<out>: the TMA kernels (grid x = M tiles rounded up
+// to a multiple of CM, y = N tiles; 288 threads). src/ops/gemm_sm90.rs `VARIANTS` must agree.
+#define GEMM_SM90_TMA_KERNEL(BN, ST, CM, MINB, CLUSTER, LB, BKM, OUT, OUTT)                                                     \
+  extern "C" __global__ void __launch_bounds__(288, MINB) CLUSTER gemm_sm90_tma_128x##BN##_s##ST##_c##CM##_k##LB##_##OUT(        \
+      const __grid_constant__ TmaDesc ta1, const __grid_constant__ TmaDesc tb1, const __grid_constant__ TmaDesc ta2,            \
+      const __grid_constant__ TmaDesc tb2, int k1, int k2, OUTT* c, int64_t ldc, const bf16* bias, const OUTT* r, int64_t ldr,  \
+      int M, int N, float alpha) {                                                                                              \
+    gemm_sm90_tma_body<BN, ST, CM, BKM, OUTT>(ta1, tb1, ta2, tb2, k1, k2, c, ldc, bias, r, ldr, M, N, alpha);                 \
+  }
+#define CLUSTER_1
+#define CLUSTER_2 __cluster_dims__(2, 1, 1)
+
+// (BN, stages, cluster size, blocks per SM): 128×128 with 4 stages (128 KiB, one CTA per SM) or 3
+// (96 KiB, two per SM), alone or in pairs sharing B; 128×256 (48 KiB stages, 128 accumulators per
+// consumer thread) with 4 stages in pairs.
+#define GEMM_SM90_TMA_TILES(LB, BKM, OUT, OUTT)                                  \
+  GEMM_SM90_TMA_KERNEL(128, 4, 1, 1, CLUSTER_1, LB, BKM, OUT, OUTT)             \
+  GEMM_SM90_TMA_KERNEL(128, 3, 1, 2, CLUSTER_1, LB, BKM, OUT, OUTT)             \
+  GEMM_SM90_TMA_KERNEL(128, 4, 2, 1, CLUSTER_2, LB, BKM, OUT, OUTT)             \
+  GEMM_SM90_TMA_KERNEL(128, 3, 2, 2, CLUSTER_2, LB, BKM, OUT, OUTT)             \
+  GEMM_SM90_TMA_KERNEL(256, 4, 2, 1, CLUSTER_2, LB, BKM, OUT, OUTT)
+
+GEMM_SM90_TMA_TILES(k, true, bf16, bf16)
+GEMM_SM90_TMA_TILES(k, true, f32, float)
+GEMM_SM90_TMA_TILES(n, false, bf16, bf16)
+GEMM_SM90_TMA_TILES(n, false, f32, float)

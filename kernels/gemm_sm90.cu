@@ -337,7 +337,7 @@ __device__ __forceinline__ void mbar_arrive(uint32_t bar) {
   asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(bar) : "memory");
 }
 __device__ __forceinline__ void mbar_arrive_cluster(uint32_t bar, uint32_t cta) {
-  asm volatile("{\n .reg .b32 ra;\n mapa.shared::cluster.u32 ra, %0, %1;\n mbarrier.arrive.release.cluster.shared::cluster.b64 _, [ra];\n}\n" ::"r"(bar),
+  asm volatile("{\n .reg .b32 ra;\n mapa.shared::cluster.u32 ra, %0, %1;\n mbarrier.arrive.shared::cluster.b64 _, [ra];\n}\n" ::"r"(bar),
                "r"(cta)
                : "memory");
 }
@@ -369,18 +369,23 @@ __device__ __forceinline__ void tma_load_multicast(uint32_t dst, const TmaDesc* 
       : "memory");
 }
 
-// The TMA kernel body: a 128 × BN tile per CTA, 288 threads: warps 0-7 are two consumer
-// warpgroups (64 × BN each, wgmma m64nBNk16 from the stages), warp 8 the producer (one lane issues
-// every TMA copy). Stage s has a full barrier (1 producer arrival + the stage's bytes) and an
-// empty barrier (one arrival per consumer warp of every CTA that reads what this CTA's producer
-// writes: 8·CM). Producer, k tile kt: wait empty[s] (parity of the previous round), expect the
-// stage's bytes on full[s], copy A [128 m][64 k] and its part of B. Consumers: wait full[s], four
-// wgmmas, keep one wgmma group in flight, then release the stage of tile kt − 1.
+// The TMA kernel body: 128 × BN output tiles, 288 threads: warps 0-7 are two consumer warpgroups
+// (64 × BN each, wgmma m64nBNk16 from the stages), warp 8 the producer (one lane issues every TMA
+// copy). Stage s has a full barrier (1 producer arrival + the stage's bytes) and an empty barrier
+// (one arrival per consumer warp of every CTA that reads what this CTA's producer writes: 8·CM).
+// Producer, k tile i (counted over all of the CTA's output tiles): wait empty[s] (parity of the
+// previous round), expect the stage's bytes on full[s], copy A [128 m][64 k] and its part of B.
+// Consumers: wait full[s], four wgmmas, keep one wgmma group in flight, release the stage of the
+// tile before; after a tile's last k tile, wait for all wgmmas, release, run the epilogue.
+// Output tiles: units of CM M-tiles × 1 N-tile (M tiles first); cluster u takes units u, u + G, …
+// (G clusters in the grid). PERSIST: G ≈ the SM count and the C tile has its own shared memory,
+// so the producer loads the next tile's stages while the consumers run the epilogue; otherwise one
+// unit per cluster and the C tile reuses the stages.
 // CM = 2: a cluster of two CTAs along M (same n0) shares the B tile: CTA rank q copies part q of B
 // (rows or 64-column blocks) and multicasts it to both; each consumer warp releases a stage in
 // both CTAs (its peer's producer writes into it too). Cluster barriers after the barrier init and
 // before exit keep remote arrivals and copies within the peer's lifetime.
-template <int BN, int STAGES, int CM, bool B_K_MAJOR, typename OutT>
+template <int BN, int STAGES, int CM, bool PERSIST, bool B_K_MAJOR, typename OutT>
 __device__ __forceinline__ void gemm_sm90_tma_body(const TmaDesc& ta1, const TmaDesc& tb1, const TmaDesc& ta2, const TmaDesc& tb2, int k1, int k2,
                                                    OutT* c, int64_t ldc, const bf16* bias, const OutT* r, int64_t ldr, int M, int N,
                                                    float alpha) {
@@ -391,12 +396,13 @@ __device__ __forceinline__ void gemm_sm90_tma_body(const TmaDesc& ta1, const Tma
   extern __shared__ uint8_t smem_raw[];
   const uint32_t raw = smem_addr(smem_raw);
   const uint32_t base = (raw + 1023) & ~1023u;  // the launcher adds 1 KiB
-  float* cs = reinterpret_cast<float*>(smem_raw + (base - raw));
+  float* cs = reinterpret_cast<float*>(smem_raw + (base - raw) + (PERSIST ? STAGES * STAGE_BYTES : 0));
   const uint32_t full0 = smem_addr(full_bar), empty0 = smem_addr(empty_bar);
 
-  const int m0 = blockIdx.x * BM, n0 = blockIdx.y * BN;
+  const int mpairs = (M + BM * CM - 1) / (BM * CM), units = mpairs * ((N + BN - 1) / BN);
   const int tiles1 = (k1 + BK - 1) / BK, ntiles = tiles1 + (k2 + BK - 1) / BK;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const uint32_t rank = CM == 1 ? 0 : cluster_ctarank();
   if (threadIdx.x == 0) {
     for (int s = 0; s < STAGES; ++s) {
       mbar_init(full0 + 8 * s, 1);
@@ -409,62 +415,78 @@ __device__ __forceinline__ void gemm_sm90_tma_body(const TmaDesc& ta1, const Tma
 
   if (warp == 8) {
     if (lane == 0) {
-      const uint32_t rank = CM == 1 ? 0 : cluster_ctarank();
-      for (int kt = 0; kt < ntiles; ++kt) {
-        const int s = kt % STAGES;
-        mbar_wait(empty0 + 8 * s, ((kt / STAGES) & 1) ^ 1);
-        const bool second = kt >= tiles1;
-        const int k0 = (second ? kt - tiles1 : kt) * BK;
-        const TmaDesc* ta = second ? &ta2 : &ta1;
-        const TmaDesc* tb = second ? &tb2 : &tb1;
-        const uint32_t full = full0 + 8 * s, sa = base + s * STAGE_BYTES, sb = sa + A_BYTES;
-        mbar_arrive_expect_tx(full, STAGE_BYTES);
-        tma_load(sa, ta, k0, m0, full);
-        // B part q: rows n0 + q·BN/CM.. (K-major box [BN/CM n][64 k]) or the 64-wide column blocks
-        // q·BN/(64·CM).. (n-major boxes [64 k][64 n], 8 KiB apart).
-        constexpr int PART = B_BYTES / CM, BLOCKS = BN / 64 / CM;
-        for (int j = 0; j < (B_K_MAJOR ? 1 : BLOCKS); ++j) {
-          const uint32_t dst = sb + rank * PART + j * (BK * 128);
-          const int c0 = B_K_MAJOR ? k0 : n0 + (rank * BLOCKS + j) * 64, c1 = B_K_MAJOR ? n0 + rank * (BN / CM) : k0;
-          if constexpr (CM == 1) tma_load(dst, tb, c0, c1, full);
-          else tma_load_multicast(dst, tb, c0, c1, full, (uint16_t)((1 << CM) - 1));
+      int i = 0;
+      for (int u = blockIdx.x / CM; u < units; u += gridDim.x / CM) {
+        const int m0 = ((u % mpairs) * CM + rank) * BM, n0 = (u / mpairs) * BN;
+        for (int kt = 0; kt < ntiles; ++kt, ++i) {
+          const int s = i % STAGES;
+          mbar_wait(empty0 + 8 * s, ((i / STAGES) & 1) ^ 1);
+          const bool second = kt >= tiles1;
+          const int k0 = (second ? kt - tiles1 : kt) * BK;
+          const TmaDesc* ta = second ? &ta2 : &ta1;
+          const TmaDesc* tb = second ? &tb2 : &tb1;
+          const uint32_t full = full0 + 8 * s, sa = base + s * STAGE_BYTES, sb = sa + A_BYTES;
+          mbar_arrive_expect_tx(full, STAGE_BYTES);
+          tma_load(sa, ta, k0, m0, full);
+          // B part q: rows n0 + q·BN/CM.. (K-major box [BN/CM n][64 k]) or the 64-wide column
+          // blocks q·BN/(64·CM).. (n-major boxes [64 k][64 n], 8 KiB apart).
+          constexpr int PART = B_BYTES / CM, BLOCKS = BN / 64 / CM;
+          for (int j = 0; j < (B_K_MAJOR ? 1 : BLOCKS); ++j) {
+            const uint32_t dst = sb + rank * PART + j * (BK * 128);
+            const int c0 = B_K_MAJOR ? k0 : n0 + (rank * BLOCKS + j) * 64, c1 = B_K_MAJOR ? n0 + rank * (BN / CM) : k0;
+            if constexpr (CM == 1) tma_load(dst, tb, c0, c1, full);
+            else tma_load_multicast(dst, tb, c0, c1, full, (uint16_t)((1 << CM) - 1));
+          }
         }
       }
     }
   } else {
     const int wg = warp / 4;
-    float acc[BN / 2];
+    // A consumer warp is done with stage s: one arrival on its empty barrier in every CTA whose
+    // producer writes into it.
+    auto release = [&](int s) {
+      if (lane != 0) return;
+      if constexpr (CM == 1) mbar_arrive(empty0 + 8 * s);
+      else
+        for (int q = 0; q < CM; ++q) mbar_arrive_cluster(empty0 + 8 * s, q);
+    };
+    int i = 0;
+    auto unit = [&](int u) {
+      float acc[BN / 2];
 #pragma unroll
-    for (int i = 0; i < BN / 2; ++i) acc[i] = 0.0f;
+      for (int j = 0; j < BN / 2; ++j) acc[j] = 0.0f;
+      const int first = i;
 #pragma unroll 1
-    for (int kt = 0; kt < ntiles; ++kt) {
-      const int s = kt % STAGES;
-      mbar_wait(full0 + 8 * s, (kt / STAGES) & 1);
-      const uint32_t sa = base + s * STAGE_BYTES + wg * 64 * 128, sb = base + s * STAGE_BYTES + A_BYTES;
-      wgmma_fence();
+      for (; i < first + ntiles; ++i) {
+        const int s = i % STAGES;
+        mbar_wait(full0 + 8 * s, (i / STAGES) & 1);
+        const uint32_t sa = base + s * STAGE_BYTES + wg * 64 * 128, sb = base + s * STAGE_BYTES + A_BYTES;
+        wgmma_fence();
 #pragma unroll
-      for (int ks = 0; ks < BK / 16; ++ks) {
-        const uint64_t da = smem_desc(sa + ks * 32, 16, 1024);
-        const uint64_t db = B_K_MAJOR ? smem_desc(sb + ks * 32, 16, 1024) : smem_desc(sb + ks * 16 * 128, BK * 128, 1024);
-        wgmma_tile<BN, B_K_MAJOR ? 0 : 1>(acc, da, db);
+        for (int ks = 0; ks < BK / 16; ++ks) {
+          const uint64_t da = smem_desc(sa + ks * 32, 16, 1024);
+          const uint64_t db = B_K_MAJOR ? smem_desc(sb + ks * 32, 16, 1024) : smem_desc(sb + ks * 16 * 128, BK * 128, 1024);
+          wgmma_tile<BN, B_K_MAJOR ? 0 : 1>(acc, da, db);
+        }
+        wgmma_commit();
+        wgmma_wait<1>();
+        fence_acc(acc);
+        if (i > first) release((i - 1) % STAGES);  // k tile i − 1's wgmmas are done
       }
-      wgmma_commit();
-      wgmma_wait<1>();
+      wgmma_wait<0>();
       fence_acc(acc);
-      // Tile kt − 1's wgmmas are done: its stage may be refilled.
-      if (kt > 0 && lane == 0) {
-        const uint32_t empty = empty0 + 8 * ((kt - 1) % STAGES);
-        if constexpr (CM == 1) mbar_arrive(empty);
-        else
-          for (int q = 0; q < CM; ++q) mbar_arrive_cluster(empty, q);
-      }
-    }
-    wgmma_wait<0>();
-    fence_acc(acc);
-    // Every copy has landed (each full barrier was waited on) and both warpgroups are done reading
-    // the stages: the C tile reuses them.
-    consumers_sync();
-    store_tile<BM, BN, BN, 256>(cs, acc, wg, 0, threadIdx.x, [] { consumers_sync(); }, c, ldc, bias, r, ldr, m0, n0, M, N, alpha);
+      release((i - 1) % STAGES);
+      // Both warpgroups are done with the previous C tile (PERSIST) or with the stages, whose
+      // copies have all landed (each full barrier was waited on): the C tile may be written.
+      consumers_sync();
+      const int m0 = ((u % mpairs) * CM + rank) * BM, n0 = (u / mpairs) * BN;
+      store_tile<BM, BN, BN, 256>(cs, acc, wg, 0, threadIdx.x, [] { consumers_sync(); }, c, ldc, bias, r, ldr, m0, n0, M, N, alpha);
+    };
+    // (Not one loop for both: loop-invariant epilogue values hoisted out of it cost registers.)
+    if constexpr (PERSIST)
+      for (int u = blockIdx.x / CM; u < units; u += gridDim.x / CM) unit(u);
+    else if (blockIdx.x / CM < units)
+      unit(blockIdx.x / CM);
   }
   if constexpr (CM > 1) cluster_sync();
 }
@@ -498,27 +520,28 @@ GEMM_SM90_TILES(k, true, f32, float)
 GEMM_SM90_TILES(n, false, bf16, bf16)
 GEMM_SM90_TILES(n, false, f32, float)
 
-// gemm_sm90_tma_128x<BN>_s<STAGES>_c<CM>_k<B>_<out>: the TMA kernels (grid x = M tiles rounded up
-// to a multiple of CM, y = N tiles; 288 threads). src/ops/gemm_sm90.rs `VARIANTS` must agree.
-#define GEMM_SM90_TMA_KERNEL(BN, ST, CM, MINB, CLUSTER, LB, BKM, OUT, OUTT)                                                     \
-  extern "C" __global__ void __launch_bounds__(288, MINB) CLUSTER gemm_sm90_tma_128x##BN##_s##ST##_c##CM##_k##LB##_##OUT(        \
+// gemm_sm90_tma_128x<BN>_s<STAGES>_c<CM>[_p]_k<B>_<out>: the TMA kernels (1-D grid of whole
+// clusters; 288 threads; _p: persistent). src/ops/gemm_sm90.rs `SM90_TILES` must agree.
+#define GEMM_SM90_TMA_KERNEL(BN, ST, CM, P, PS, MINB, CLUSTER, LB, BKM, OUT, OUTT)                                             \
+  extern "C" __global__ void __launch_bounds__(288, MINB) CLUSTER gemm_sm90_tma_128x##BN##_s##ST##_c##CM##PS##_k##LB##_##OUT(   \
       const __grid_constant__ TmaDesc ta1, const __grid_constant__ TmaDesc tb1, const __grid_constant__ TmaDesc ta2,            \
       const __grid_constant__ TmaDesc tb2, int k1, int k2, OUTT* c, int64_t ldc, const bf16* bias, const OUTT* r, int64_t ldr,  \
       int M, int N, float alpha) {                                                                                              \
-    gemm_sm90_tma_body<BN, ST, CM, BKM, OUTT>(ta1, tb1, ta2, tb2, k1, k2, c, ldc, bias, r, ldr, M, N, alpha);                 \
+    gemm_sm90_tma_body<BN, ST, CM, P, BKM, OUTT>(ta1, tb1, ta2, tb2, k1, k2, c, ldc, bias, r, ldr, M, N, alpha);              \
   }
 #define CLUSTER_1
 #define CLUSTER_2 __cluster_dims__(2, 1, 1)
 
-// (BN, stages, cluster size, blocks per SM): 128×128 with 4 stages (128 KiB, one CTA per SM) or 3
-// (96 KiB, two per SM), alone or in pairs sharing B; 128×256 (48 KiB stages, 128 accumulators per
-// consumer thread) with 4 stages in pairs.
-#define GEMM_SM90_TMA_TILES(LB, BKM, OUT, OUTT)                                  \
-  GEMM_SM90_TMA_KERNEL(128, 4, 1, 1, CLUSTER_1, LB, BKM, OUT, OUTT)             \
-  GEMM_SM90_TMA_KERNEL(128, 3, 1, 2, CLUSTER_1, LB, BKM, OUT, OUTT)             \
-  GEMM_SM90_TMA_KERNEL(128, 4, 2, 1, CLUSTER_2, LB, BKM, OUT, OUTT)             \
-  GEMM_SM90_TMA_KERNEL(128, 3, 2, 2, CLUSTER_2, LB, BKM, OUT, OUTT)             \
-  GEMM_SM90_TMA_KERNEL(256, 4, 2, 1, CLUSTER_2, LB, BKM, OUT, OUTT)
+// (BN, stages, cluster size, persistent, blocks per SM): 128×128 with 4 stages (128 KiB, one CTA
+// per SM) or 3 (96 KiB, two per SM), alone or in pairs sharing B, and persistent with its own
+// 64 KiB C tile; 128×256 (48 KiB stages, 128 accumulators per consumer thread) in pairs.
+#define GEMM_SM90_TMA_TILES(LB, BKM, OUT, OUTT)                                       \
+  GEMM_SM90_TMA_KERNEL(128, 4, 1, false, , 1, CLUSTER_1, LB, BKM, OUT, OUTT)         \
+  GEMM_SM90_TMA_KERNEL(128, 3, 1, false, , 2, CLUSTER_1, LB, BKM, OUT, OUTT)         \
+  GEMM_SM90_TMA_KERNEL(128, 4, 2, false, , 1, CLUSTER_2, LB, BKM, OUT, OUTT)         \
+  GEMM_SM90_TMA_KERNEL(256, 4, 2, false, , 1, CLUSTER_2, LB, BKM, OUT, OUTT)         \
+  GEMM_SM90_TMA_KERNEL(128, 4, 1, true, _p, 1, CLUSTER_1, LB, BKM, OUT, OUTT)        \
+  GEMM_SM90_TMA_KERNEL(128, 4, 2, true, _p, 1, CLUSTER_2, LB, BKM, OUT, OUTT)
 
 GEMM_SM90_TMA_TILES(k, true, bf16, bf16)
 GEMM_SM90_TMA_TILES(k, true, f32, float)

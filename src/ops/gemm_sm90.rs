@@ -25,11 +25,17 @@ pub(crate) struct Sm90Tile {
     /// `None`: the cp.async kernels (all threads load, one barrier per K tile); `Some(c)`: the TMA
     /// kernels (a producer warp, mbarrier stages) in clusters of `c` CTAs along M sharing B.
     pub tma_cluster: Option<usize>,
+    /// TMA kernels only: one CTA per SM loops over the output tiles (the C tile has its own
+    /// shared memory, so the next tile's loads overlap the epilogue).
+    persistent: bool,
     threads: u32,
     stages: usize,
-    /// Relative throughput per SM when the GPU is full (fitted to the forced-tile rows
-    /// `linear_sm90_*` of benches/RESULTS.md, H100); co-resident blocks only enter through it.
-    rate: f64,
+    /// Blocks per SM (shared memory, registers); 1 for persistent kernels.
+    per_sm: usize,
+    /// The launcher's time model (µs, fitted to the forced-kernel rows `linear*_sm90_*` of
+    /// benches/RESULTS.md, H100): each round of output tiles (every SM busy with `per_sm` of them;
+    /// a persistent CTA's next tile) costs `k_tiles · cost.0 + cost.1`.
+    cost: (f64, f64),
     /// Kernel names for layouts kk/kn × C bf16/f32.
     names: [&'static str; 4],
 }
@@ -40,33 +46,35 @@ macro_rules! names {
     };
 }
 
-const fn sync_tile(bm: usize, bn: usize, threads: u32, stages: usize, rate: f64, names: [&'static str; 4]) -> Sm90Tile {
-    Sm90Tile { bm, bn, tma_cluster: None, threads, stages, rate, names }
+const fn sync_tile(bm: usize, bn: usize, threads: u32, stages: usize, per_sm: usize, cost: (f64, f64), names: [&'static str; 4]) -> Sm90Tile {
+    Sm90Tile { bm, bn, tma_cluster: None, persistent: false, threads, stages, per_sm, cost, names }
 }
 
-const fn tma_tile(bn: usize, stages: usize, cluster: usize, rate: f64, names: [&'static str; 4]) -> Sm90Tile {
-    Sm90Tile { bm: 128, bn, tma_cluster: Some(cluster), threads: 288, stages, rate, names }
+const fn tma_tile(bn: usize, stages: usize, cluster: usize, persistent: bool, per_sm: usize, cost: (f64, f64), names: [&'static str; 4]) -> Sm90Tile {
+    Sm90Tile { bm: 128, bn, tma_cluster: Some(cluster), persistent, threads: 288, stages, per_sm, cost, names }
 }
 
 /// Every sm90 kernel family.
-pub(crate) const SM90_TILES: [Sm90Tile; 10] = [
-    sync_tile(256, 128, 512, 4, 0.9, names!("gemm_sm90_256x128")),
-    sync_tile(128, 256, 512, 4, 0.9, names!("gemm_sm90_128x256")),
-    sync_tile(128, 128, 256, 3, 1.0, names!("gemm_sm90_128x128")),
-    sync_tile(128, 64, 256, 3, 0.7, names!("gemm_sm90_128x64")),
-    sync_tile(64, 64, 128, 4, 0.8, names!("gemm_sm90_64x64")),
-    tma_tile(128, 4, 1, 1.05, names!("gemm_sm90_tma_128x128_s4_c1")),
-    tma_tile(128, 3, 1, 1.05, names!("gemm_sm90_tma_128x128_s3_c1")),
-    tma_tile(128, 4, 2, 1.1, names!("gemm_sm90_tma_128x128_s4_c2")),
-    tma_tile(128, 3, 2, 1.1, names!("gemm_sm90_tma_128x128_s3_c2")),
-    tma_tile(256, 4, 2, 1.1, names!("gemm_sm90_tma_128x256_s4_c2")),
+pub(crate) const SM90_TILES: [Sm90Tile; 11] = [
+    sync_tile(256, 128, 512, 4, 1, (0.93, 8.3), names!("gemm_sm90_256x128")),
+    sync_tile(128, 256, 512, 4, 1, (0.96, 8.1), names!("gemm_sm90_128x256")),
+    sync_tile(128, 128, 256, 3, 2, (0.67, 7.5), names!("gemm_sm90_128x128")),
+    sync_tile(128, 64, 256, 3, 3, (0.61, 6.4), names!("gemm_sm90_128x64")),
+    sync_tile(64, 64, 128, 4, 3, (0.50, 3.7), names!("gemm_sm90_64x64")),
+    tma_tile(128, 4, 1, false, 1, (0.36, 5.5), names!("gemm_sm90_tma_128x128_s4_c1")),
+    tma_tile(128, 3, 1, false, 2, (0.33, 8.4), names!("gemm_sm90_tma_128x128_s3_c1")),
+    tma_tile(128, 4, 2, false, 1, (1.0, 20.0), names!("gemm_sm90_tma_128x128_s4_c2")),
+    tma_tile(256, 4, 2, false, 1, (1.0, 20.0), names!("gemm_sm90_tma_128x256_s4_c2")),
+    tma_tile(128, 4, 1, true, 1, (0.33, 3.0), names!("gemm_sm90_tma_128x128_s4_c1_p")),
+    tma_tile(128, 4, 2, true, 1, (1.0, 20.0), names!("gemm_sm90_tma_128x128_s4_c2_p")),
 ];
 
 impl Sm90Tile {
     /// Dynamic shared memory: the stages (or the f32 C tile of the epilogue, which reuses them),
     /// plus 1 KiB to align the stages to the 1024-byte swizzle atom.
     fn smem(&self) -> usize {
-        (self.stages * (self.bm + self.bn) * BK * 2).max(self.bm * self.bn * 4) + 1024
+        let (stages, c_tile) = (self.stages * (self.bm + self.bn) * BK * 2, self.bm * self.bn * 4);
+        if self.persistent { stages + c_tile + 1024 } else { stages.max(c_tile) + 1024 }
     }
 
     fn kernel_name(&self, layouts: Layouts, out: DType) -> Result<&'static str> {
@@ -79,16 +87,17 @@ impl Sm90Tile {
         })
     }
 
-    /// The blocks of the grid along M and N (M rounded up to whole clusters).
-    fn grid(&self, m: usize, n: usize) -> (usize, usize) {
-        (m.div_ceil(self.bm).next_multiple_of(self.tma_cluster.unwrap_or(1)), n.div_ceil(self.bn))
+    /// Output tiles of an m × n GEMM (M rounded up to whole clusters).
+    fn tiles(&self, m: usize, n: usize) -> usize {
+        m.div_ceil(self.bm).next_multiple_of(self.tma_cluster.unwrap_or(1)) * n.div_ceil(self.bn)
     }
 
-    /// A name for benchmark rows and messages: `tile128x128` (cp.async), `tma128x128_s4_c2`.
+    /// A name for benchmark rows and messages: `tile128x128` (cp.async), `tma128x128_s4_c2`,
+    /// `tma128x128_s4_c1_p` (persistent).
     pub(crate) fn label(&self) -> String {
         match self.tma_cluster {
             None => format!("tile{}x{}", self.bm, self.bn),
-            Some(c) => format!("tma{}x{}_s{}_c{c}", self.bm, self.bn, self.stages),
+            Some(c) => format!("tma{}x{}_s{}_c{c}{}", self.bm, self.bn, self.stages, if self.persistent { "_p" } else { "" }),
         }
     }
 }
@@ -105,15 +114,16 @@ pub(crate) fn supports(gpu: &Gpu, call: &GemmCall) -> Result<bool> {
     Ok(segs_ok && (call.layouts == Layouts::Kk || call.n.is_multiple_of(8)))
 }
 
-/// The tile the launcher picks: least estimated time = output tiles per SM (rounded up: the
-/// busiest SM sets the time) × tile area / rate.
-pub(crate) fn pick_tile(gpu: &Gpu, m: usize, n: usize) -> Result<Sm90Tile> {
-    let sms = gpu.stream().context().attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)? as usize;
-    let cost = |t: &Sm90Tile| {
-        let (gm, gn) = t.grid(m, n);
-        ((gm * gn).div_ceil(sms) * t.bm * t.bn) as f64 / t.rate
-    };
-    Ok(SM90_TILES.into_iter().min_by(|a, b| cost(a).total_cmp(&cost(b))).unwrap_or(SM90_TILES[2]))
+/// The tile the launcher picks for an m × n GEMM of `k_tiles` 64-deep K tiles: the least modelled
+/// time (see `Sm90Tile::cost`), counting whole rounds (the busiest SM sets the time).
+pub(crate) fn pick_tile(gpu: &Gpu, m: usize, n: usize, k_tiles: usize) -> Result<Sm90Tile> {
+    let sms = sm_count(gpu)?;
+    let time = |t: &Sm90Tile| t.tiles(m, n).div_ceil(sms * t.per_sm) as f64 * (k_tiles as f64 * t.cost.0 + t.cost.1);
+    Ok(SM90_TILES.into_iter().min_by(|a, b| time(a).total_cmp(&time(b))).unwrap_or(SM90_TILES[2]))
+}
+
+fn sm_count(gpu: &Gpu) -> Result<usize> {
+    Ok(gpu.stream().context().attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)? as usize)
 }
 
 /// A 2-D bf16 tensor map for the TMA kernels: `outer` rows of `inner` elements, `ld` elements
@@ -189,26 +199,58 @@ pub(crate) fn gemm_sm90(gpu: &Gpu, call: &GemmCall, tile: Option<Sm90Tile>) -> R
     }
     let tile = match tile {
         Some(t) => t,
-        None => pick_tile(gpu, call.m, call.n)?,
+        None => pick_tile(gpu, call.m, call.n, call.seg1.k.div_ceil(BK) + call.seg2.k.div_ceil(BK))?,
     };
     let name = tile.kernel_name(call.layouts, call.out)?;
     let smem = tile.smem() as u32;
     gpu.function(MODULE, name)?
         .set_attribute(CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, smem as i32)
         .context("gemm_sm90: cannot raise the dynamic shared memory limit")?;
-    let (gm, gn) = tile.grid(call.m, call.n);
     let block_dim = (tile.threads, 1, 1);
     match tile.tma_cluster {
         None => {
-            let cfg = LaunchConfig { grid_dim: (gn as u32, gm as u32, 1), block_dim, shared_mem_bytes: smem };
-            gpu.launch(MODULE, name, cfg, &call.kernel_args(call.c)?)
+            let grid_dim = (call.n.div_ceil(tile.bn) as u32, call.m.div_ceil(tile.bm) as u32, 1);
+            gpu.launch(MODULE, name, LaunchConfig { grid_dim, block_dim, shared_mem_bytes: smem }, &call.kernel_args(call.c)?)
         }
-        // The cluster shape is compiled into the kernel (__cluster_dims__): an ordinary launch.
+        // A 1-D grid of whole clusters (the cluster shape is compiled into the kernel with
+        // __cluster_dims__: an ordinary launch): one per tile, or for a persistent kernel as many
+        // as fit on the GPU at once.
         Some(cluster) => {
-            let cfg = LaunchConfig { grid_dim: (gm as u32, gn as u32, 1), block_dim, shared_mem_bytes: smem };
+            let mut ctas = tile.tiles(call.m, call.n);
+            if tile.persistent {
+                // One CTA per SM (the shared memory allows no second); clusters as placed.
+                let fit = if cluster == 1 { sm_count(gpu)? } else { cluster * max_active_clusters(gpu, name, cluster, block_dim, smem)? };
+                ctas = ctas.min(fit);
+            }
+            let cfg = LaunchConfig { grid_dim: (ctas as u32, 1, 1), block_dim, shared_mem_bytes: smem };
             gpu.launch(MODULE, name, cfg, &tma_args(call, &tile, cluster)?)
         }
     }
+}
+
+/// How many clusters of `kernel` (cluster size compiled in) can run on the GPU at once.
+fn max_active_clusters(gpu: &Gpu, kernel: &'static str, cluster: usize, block_dim: (u32, u32, u32), smem: u32) -> Result<usize> {
+    use cudarc::driver::sys;
+    let f = gpu.function(MODULE, kernel)?;
+    let config = sys::CUlaunchConfig {
+        gridDimX: 1024 * cluster as u32,
+        gridDimY: 1,
+        gridDimZ: 1,
+        blockDimX: block_dim.0,
+        blockDimY: block_dim.1,
+        blockDimZ: block_dim.2,
+        sharedMemBytes: smem,
+        hStream: gpu.stream().cu_stream(),
+        attrs: std::ptr::null_mut(),
+        numAttrs: 0,
+    };
+    let mut clusters = 0i32;
+    // SAFETY: `config` and `clusters` outlive the call; `f` is a loaded kernel.
+    unsafe { sys::cuOccupancyMaxActiveClusters(&mut clusters, f.cu_function(), &config) }
+        .result()
+        .with_context(|| format!("gemm_sm90: cuOccupancyMaxActiveClusters failed for {kernel}"))?;
+    ensure!(clusters > 0, "gemm_sm90: {kernel} fits no cluster on this GPU");
+    Ok(clusters as usize)
 }
 
 #[cfg(test)]

@@ -18,11 +18,15 @@
 // layout kn). Any M and N otherwise; C, R and bias of any alignment (unaligned ones take a scalar
 // epilogue).
 //
-// Design. One block computes a BM × BN tile of C with WG_M × WG_N warpgroups (128 threads each);
-// each warpgroup owns a 64 × WN sub-tile and issues wgmma.mma_async.m64nWNk16 (bf16 in, f32
-// accumulators in registers: WN/2 per thread). Tiles (see GEMM_SM90_TILES): 256×128 and 128×256
-// (4 warpgroups, 1 block per SM), 128×128 (2 warpgroups, 2 blocks per SM), 128×64 (3 per SM), 64×64
-// (1 warpgroup, 3 per SM).
+// Design. Two kernel families (src/ops/gemm_sm90.rs picks one per call with a fitted time model):
+//  * gemm_sm90_<BM>x<BN>_*: cp.async pipeline, every thread loads (below). One block computes a
+//    BM × BN tile of C with WG_M × WG_N warpgroups (128 threads each); each warpgroup owns a 64 × WN
+//    sub-tile and issues wgmma.mma_async.m64nWNk16 (bf16 in, f32 accumulators in registers: WN/2
+//    per thread). Tiles (GEMM_SM90_TILES): 128×128 (2 warpgroups, 2 blocks per SM), 64×64 (1
+//    warpgroup, 3 per SM).
+//  * gemm_sm90_tma_<BM>x128_*: TMA loads, a producer warp and two or four consumer warpgroups
+//    synchronized by mbarriers (see gemm_sm90_tma_body); 128×128 with 2 blocks per SM or
+//    persistent (one per SM), 256×128 with one block per SM.
 // Both operands are read by wgmma straight from shared memory through matrix descriptors, in the
 // 128-byte swizzle:
 //   A tile [BM][64] and (kk) B tile [BN][64]: K-major, one 128-byte row per m (n), 16-byte chunk c
@@ -32,15 +36,15 @@
 //     row, chunk c of row k at c ^ (k mod 8); descriptor LBO = 8192 (next 64 n), SBO = 1024 (next 8
 //     k); the k16 steps start 2048 bytes apart; the instruction's transpose-B flag set.
 // Every tile base is 1024-byte aligned (the swizzle is a function of the address bits 4-9).
-// Pipeline: STAGES stages of (A, B) tiles filled by cp.async.cg (16 B, zero-fill past M, N, K), all
+// Pipeline (cp.async kernels): STAGES stages of (A, B) tiles filled by cp.async.cg (16 B, zero-fill past M, N, K), all
 // threads loading; cp.async groups and one __syncthreads per K tile order the stages. Per K
 // tile kt: wait for tile kt's copies; barrier; issue the copies of tile kt + AHEAD into the stage
 // freed by tile kt − 1 − INFLIGHT; fence.proxy.async (the cp.async writes are generic-proxy writes,
 // wgmma reads through the async proxy); wgmma.fence; four wgmmas; commit; wgmma.wait_group INFLIGHT
 // (INFLIGHT = 1: tile kt's wgmmas run on while the next barrier and copies issue). AHEAD = STAGES −
 // 1 − INFLIGHT tiles are in flight. No warp specialization, no mbarriers: with two or three blocks
-// per SM (128×128: 3 stages, 96 KiB; 128×64: 72 KiB) one block's epilogue overlaps another's main
-// loop, which is what the short K loops of SD1.5 (K = 320: five 64-deep tiles) need most.
+// per SM (128×128: 3 stages, 96 KiB) one block's epilogue overlaps another's main loop, which is
+// what the short K loops of SD1.5 (K = 320: five 64-deep tiles) need most.
 // Epilogue: the accumulators go through shared memory (an f32 [BM][BN] tile, 8-column groups XOR-
 // swizzled by row, conflict-free) so that C, R and bias move as coalesced 16-byte row segments.
 #include "common.cuh"
@@ -110,44 +114,10 @@ __device__ __forceinline__ void wgmma_m64n64(float (&d)[32], uint64_t desc_a, ui
       : "l"(desc_a), "l"(desc_b), "n"(TRANS_B));
 }
 
-// D[64×256] += A[64×16]·B[16×256] (one warpgroup; 128 accumulators per thread).
-template <int TRANS_B>
-__device__ __forceinline__ void wgmma_m64n256(float (&d)[128], uint64_t desc_a, uint64_t desc_b) {
-  asm volatile(
-      "wgmma.mma_async.sync.aligned.m64n256k16.f32.bf16.bf16 {"
-      "%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,"
-      "%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31,"
-      "%32,%33,%34,%35,%36,%37,%38,%39,%40,%41,%42,%43,%44,%45,%46,%47,"
-      "%48,%49,%50,%51,%52,%53,%54,%55,%56,%57,%58,%59,%60,%61,%62,%63,"
-      "%64,%65,%66,%67,%68,%69,%70,%71,%72,%73,%74,%75,%76,%77,%78,%79,"
-      "%80,%81,%82,%83,%84,%85,%86,%87,%88,%89,%90,%91,%92,%93,%94,%95,"
-      "%96,%97,%98,%99,%100,%101,%102,%103,%104,%105,%106,%107,%108,%109,%110,%111,"
-      "%112,%113,%114,%115,%116,%117,%118,%119,%120,%121,%122,%123,%124,%125,%126,%127"
-      "}, %128, %129, 1, 1, 1, 0, %130;\n"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
-        "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
-        "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
-        "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]),
-        "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]),
-        "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]),
-        "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),
-        "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63]),
-        "+f"(d[64]), "+f"(d[65]), "+f"(d[66]), "+f"(d[67]), "+f"(d[68]), "+f"(d[69]), "+f"(d[70]), "+f"(d[71]),
-        "+f"(d[72]), "+f"(d[73]), "+f"(d[74]), "+f"(d[75]), "+f"(d[76]), "+f"(d[77]), "+f"(d[78]), "+f"(d[79]),
-        "+f"(d[80]), "+f"(d[81]), "+f"(d[82]), "+f"(d[83]), "+f"(d[84]), "+f"(d[85]), "+f"(d[86]), "+f"(d[87]),
-        "+f"(d[88]), "+f"(d[89]), "+f"(d[90]), "+f"(d[91]), "+f"(d[92]), "+f"(d[93]), "+f"(d[94]), "+f"(d[95]),
-        "+f"(d[96]), "+f"(d[97]), "+f"(d[98]), "+f"(d[99]), "+f"(d[100]), "+f"(d[101]), "+f"(d[102]), "+f"(d[103]),
-        "+f"(d[104]), "+f"(d[105]), "+f"(d[106]), "+f"(d[107]), "+f"(d[108]), "+f"(d[109]), "+f"(d[110]), "+f"(d[111]),
-        "+f"(d[112]), "+f"(d[113]), "+f"(d[114]), "+f"(d[115]), "+f"(d[116]), "+f"(d[117]), "+f"(d[118]), "+f"(d[119]),
-        "+f"(d[120]), "+f"(d[121]), "+f"(d[122]), "+f"(d[123]), "+f"(d[124]), "+f"(d[125]), "+f"(d[126]), "+f"(d[127])
-      : "l"(desc_a), "l"(desc_b), "n"(TRANS_B));
-}
-
 template <int WN, int TRANS_B>
 __device__ __forceinline__ void wgmma_tile(float (&d)[WN / 2], uint64_t desc_a, uint64_t desc_b) {
-  static_assert(WN == 256 || WN == 128 || WN == 64, "warpgroup tile width");
-  if constexpr (WN == 256) wgmma_m64n256<TRANS_B>(d, desc_a, desc_b);
-  else if constexpr (WN == 128) wgmma_m64n128<TRANS_B>(d, desc_a, desc_b);
+  static_assert(WN == 128 || WN == 64, "warpgroup tile width");
+  if constexpr (WN == 128) wgmma_m64n128<TRANS_B>(d, desc_a, desc_b);
   else wgmma_m64n64<TRANS_B>(d, desc_a, desc_b);
 }
 
@@ -331,67 +301,45 @@ __device__ __forceinline__ void mbar_wait(uint32_t bar, uint32_t parity) {
                  : "memory");
   }
 }
-// Arrives on the barrier at shared address `bar` of this CTA (cluster size 1) or at the same offset
-// in CTA `cta` of the cluster.
+// Arrives on the barrier at shared address `bar`.
 __device__ __forceinline__ void mbar_arrive(uint32_t bar) {
   asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(bar) : "memory");
 }
-__device__ __forceinline__ void mbar_arrive_cluster(uint32_t bar, uint32_t cta) {
-  asm volatile("{\n .reg .b32 ra;\n mapa.shared::cluster.u32 ra, %0, %1;\n mbarrier.arrive.shared::cluster.b64 _, [ra];\n}\n" ::"r"(bar),
-               "r"(cta)
-               : "memory");
+// Barrier 1 over the THREADS consumer threads (barrier 0 is __syncthreads, which the producer
+// warp would have to join).
+template <int THREADS>
+__device__ __forceinline__ void consumers_sync() {
+  asm volatile("bar.sync 1, %0;\n" ::"n"(THREADS) : "memory");
 }
-__device__ __forceinline__ uint32_t cluster_ctarank() {
-  uint32_t r;
-  asm volatile("mov.u32 %0, %%cluster_ctarank;\n" : "=r"(r));
-  return r;
-}
-__device__ __forceinline__ void cluster_sync() {
-  asm volatile("barrier.cluster.arrive.release;\nbarrier.cluster.wait.acquire;\n" ::: "memory");
-}
-// Barrier 1 over the 256 consumer threads (barrier 0 is __syncthreads, which the producer warp
-// would have to join).
-__device__ __forceinline__ void consumers_sync() { asm volatile("bar.sync 1, 256;\n" ::: "memory"); }
 
 // One 2-D box of a tensor map at coordinates (c0 innermost, c1) into shared memory at `dst`; its
-// bytes complete the transaction count of barrier `bar`. With a multicast mask the box lands at
-// the same offset in every CTA of the mask, each CTA's barrier at `bar`'s offset counting it.
+// bytes complete the transaction count of barrier `bar`.
 __device__ __forceinline__ void tma_load(uint32_t dst, const TmaDesc* map, int c0, int c1, uint32_t bar) {
   asm volatile("cp.async.bulk.tensor.2d.shared::cluster.global.tile.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3}], [%4];\n" ::"r"(dst),
                "l"(reinterpret_cast<uint64_t>(map)), "r"(c0), "r"(c1), "r"(bar)
                : "memory");
 }
-__device__ __forceinline__ void tma_load_multicast(uint32_t dst, const TmaDesc* map, int c0, int c1, uint32_t bar, uint16_t mask) {
-  asm volatile(
-      "cp.async.bulk.tensor.2d.shared::cluster.global.tile.mbarrier::complete_tx::bytes.multicast::cluster [%0], [%1, {%2, %3}], [%4], %5;\n" ::"r"(
-          dst),
-      "l"(reinterpret_cast<uint64_t>(map)), "r"(c0), "r"(c1), "r"(bar), "h"(mask)
-      : "memory");
-}
 
-// The TMA kernel body: 128 × BN output tiles, 288 threads: warps 0-7 are two consumer warpgroups
-// (64 × BN each, wgmma m64nBNk16 from the stages), warp 8 the producer (one lane issues every TMA
-// copy). Stage s has a full barrier (1 producer arrival + the stage's bytes) and an empty barrier
-// (one arrival per consumer warp of every CTA that reads what this CTA's producer writes: 8·CM).
-// Producer, k tile i (counted over all of the CTA's output tiles): wait empty[s] (parity of the
-// previous round), expect the stage's bytes on full[s], copy A [128 m][64 k] and its part of B.
+// The TMA kernel body: (64·WGS) × 128 output tiles, 128·WGS + 32 threads: warps 0..4·WGS-1 are WGS
+// consumer warpgroups (64 × 128 each, wgmma m64n128k16 from the stages), the last warp is the
+// producer (one lane issues every TMA copy). Stage s has a full barrier (1 producer arrival + the
+// stage's bytes) and an empty barrier (one arrival per consumer warp: 4·WGS). Producer, k tile i
+// (counted over all of the CTA's output tiles): wait empty[s] (parity of the previous round),
+// expect the stage's bytes on full[s], copy A [BM m][64 k] and B ([128 n][64 k], or two
+// [64 k][64 n] column blocks for kn).
 // Consumers: wait full[s], four wgmmas, keep one wgmma group in flight, release the stage of the
-// tile before; after a tile's last k tile, wait for all wgmmas, release, run the epilogue.
-// Output tiles: units of CM M-tiles × 1 N-tile (M tiles first); cluster u takes units u, u + G, …
-// (G clusters in the grid). PERSIST: G ≈ the SM count and the C tile has its own shared memory,
-// so the producer loads the next tile's stages while the consumers run the epilogue; otherwise one
-// unit per cluster and the C tile reuses the stages.
-// CM = 2: a cluster of two CTAs along M (same n0) shares the B tile: CTA rank q copies part q of B
-// (rows or 64-column blocks) and multicasts it to both; each consumer warp releases a stage in
-// both CTAs (its peer's producer writes into it too). Cluster barriers after the barrier init and
-// before exit keep remote arrivals and copies within the peer's lifetime.
-template <int BN, int STAGES, int CM, bool PERSIST, bool B_K_MAJOR, typename OutT>
+// k tile before; after a tile's last k tile, wait for all wgmmas, release, run the epilogue.
+// Output tiles in M-first order; CTA b takes tiles b, b + G, … (G CTAs in the grid). PERSIST: G ≤
+// the SM count and the C tile has its own shared memory, so the producer loads the next tile's
+// stages while the consumers run the epilogue; otherwise one tile per CTA and the C tile reuses
+// the stages.
+// (Tried: clusters of two CTAs along M with B multicast to both — half the L2 reads of B — were
+// slower at every SD1.5 shape; see benches/RESULTS.md "Hopper GEMM round 2".)
+template <int WGS, int STAGES, bool PERSIST, bool B_K_MAJOR, typename OutT>
 __device__ __forceinline__ void gemm_sm90_tma_body(const TmaDesc& ta1, const TmaDesc& tb1, const TmaDesc& ta2, const TmaDesc& tb2, int k1, int k2,
                                                    OutT* c, int64_t ldc, const bf16* bias, const OutT* r, int64_t ldr, int M, int N,
                                                    float alpha) {
-  constexpr int BM = 128, A_BYTES = BM * BK * 2, B_BYTES = BN * BK * 2, STAGE_BYTES = A_BYTES + B_BYTES;
-  static_assert(BN == 128 || BN == 256, "tile width");
-  static_assert(CM == 1 || CM == 2, "cluster size");
+  constexpr int BM = 64 * WGS, BN = 128, CONSUMERS = 128 * WGS, A_BYTES = BM * BK * 2, B_BYTES = BN * BK * 2, STAGE_BYTES = A_BYTES + B_BYTES;
   __shared__ alignas(8) uint64_t full_bar[STAGES], empty_bar[STAGES];
   extern __shared__ uint8_t smem_raw[];
   const uint32_t raw = smem_addr(smem_raw);
@@ -399,25 +347,23 @@ __device__ __forceinline__ void gemm_sm90_tma_body(const TmaDesc& ta1, const Tma
   float* cs = reinterpret_cast<float*>(smem_raw + (base - raw) + (PERSIST ? STAGES * STAGE_BYTES : 0));
   const uint32_t full0 = smem_addr(full_bar), empty0 = smem_addr(empty_bar);
 
-  const int mpairs = (M + BM * CM - 1) / (BM * CM), units = mpairs * ((N + BN - 1) / BN);
+  const int mtiles = (M + BM - 1) / BM, tiles = mtiles * ((N + BN - 1) / BN);
   const int tiles1 = (k1 + BK - 1) / BK, ntiles = tiles1 + (k2 + BK - 1) / BK;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const uint32_t rank = CM == 1 ? 0 : cluster_ctarank();
   if (threadIdx.x == 0) {
     for (int s = 0; s < STAGES; ++s) {
       mbar_init(full0 + 8 * s, 1);
-      mbar_init(empty0 + 8 * s, 8 * CM);
+      mbar_init(empty0 + 8 * s, CONSUMERS / 32);
     }
-    asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+    asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");  // visible to the async proxy
   }
-  if constexpr (CM == 1) __syncthreads();
-  else cluster_sync();
+  __syncthreads();
 
-  if (warp == 8) {
+  if (warp == CONSUMERS / 32) {
     if (lane == 0) {
       int i = 0;
-      for (int u = blockIdx.x / CM; u < units; u += gridDim.x / CM) {
-        const int m0 = ((u % mpairs) * CM + rank) * BM, n0 = (u / mpairs) * BN;
+      for (int t = blockIdx.x; t < tiles; t += gridDim.x) {
+        const int m0 = (t % mtiles) * BM, n0 = (t / mtiles) * BN;
         for (int kt = 0; kt < ntiles; ++kt, ++i) {
           const int s = i % STAGES;
           mbar_wait(empty0 + 8 * s, ((i / STAGES) & 1) ^ 1);
@@ -428,30 +374,22 @@ __device__ __forceinline__ void gemm_sm90_tma_body(const TmaDesc& ta1, const Tma
           const uint32_t full = full0 + 8 * s, sa = base + s * STAGE_BYTES, sb = sa + A_BYTES;
           mbar_arrive_expect_tx(full, STAGE_BYTES);
           tma_load(sa, ta, k0, m0, full);
-          // B part q: rows n0 + q·BN/CM.. (K-major box [BN/CM n][64 k]) or the 64-wide column
-          // blocks q·BN/(64·CM).. (n-major boxes [64 k][64 n], 8 KiB apart).
-          constexpr int PART = B_BYTES / CM, BLOCKS = BN / 64 / CM;
-          for (int j = 0; j < (B_K_MAJOR ? 1 : BLOCKS); ++j) {
-            const uint32_t dst = sb + rank * PART + j * (BK * 128);
-            const int c0 = B_K_MAJOR ? k0 : n0 + (rank * BLOCKS + j) * 64, c1 = B_K_MAJOR ? n0 + rank * (BN / CM) : k0;
-            if constexpr (CM == 1) tma_load(dst, tb, c0, c1, full);
-            else tma_load_multicast(dst, tb, c0, c1, full, (uint16_t)((1 << CM) - 1));
+          if constexpr (B_K_MAJOR) {
+            tma_load(sb, tb, k0, n0, full);
+          } else {
+            tma_load(sb, tb, n0, k0, full);
+            tma_load(sb + BK * 128, tb, n0 + 64, k0, full);
           }
         }
       }
     }
   } else {
     const int wg = warp / 4;
-    // A consumer warp is done with stage s: one arrival on its empty barrier in every CTA whose
-    // producer writes into it.
-    auto release = [&](int s) {
-      if (lane != 0) return;
-      if constexpr (CM == 1) mbar_arrive(empty0 + 8 * s);
-      else
-        for (int q = 0; q < CM; ++q) mbar_arrive_cluster(empty0 + 8 * s, q);
+    auto release = [&](int s) {  // this warp is done with stage s
+      if (lane == 0) mbar_arrive(empty0 + 8 * s);
     };
     int i = 0;
-    auto unit = [&](int u) {
+    auto tile = [&](int t) {
       float acc[BN / 2];
 #pragma unroll
       for (int j = 0; j < BN / 2; ++j) acc[j] = 0.0f;
@@ -478,17 +416,17 @@ __device__ __forceinline__ void gemm_sm90_tma_body(const TmaDesc& ta1, const Tma
       release((i - 1) % STAGES);
       // Both warpgroups are done with the previous C tile (PERSIST) or with the stages, whose
       // copies have all landed (each full barrier was waited on): the C tile may be written.
-      consumers_sync();
-      const int m0 = ((u % mpairs) * CM + rank) * BM, n0 = (u / mpairs) * BN;
-      store_tile<BM, BN, BN, 256>(cs, acc, wg, 0, threadIdx.x, [] { consumers_sync(); }, c, ldc, bias, r, ldr, m0, n0, M, N, alpha);
+      consumers_sync<CONSUMERS>();
+      const int m0 = (t % mtiles) * BM, n0 = (t / mtiles) * BN;
+      store_tile<BM, BN, BN, CONSUMERS>(cs, acc, wg, 0, threadIdx.x, [] { consumers_sync<CONSUMERS>(); }, c, ldc, bias, r, ldr, m0, n0, M, N,
+                                        alpha);
     };
     // (Not one loop for both: loop-invariant epilogue values hoisted out of it cost registers.)
     if constexpr (PERSIST)
-      for (int u = blockIdx.x / CM; u < units; u += gridDim.x / CM) unit(u);
-    else if (blockIdx.x / CM < units)
-      unit(blockIdx.x / CM);
+      for (int t = blockIdx.x; t < tiles; t += gridDim.x) tile(t);
+    else if (blockIdx.x < tiles)
+      tile(blockIdx.x);
   }
-  if constexpr (CM > 1) cluster_sync();
 }
 
 }  // namespace
@@ -504,15 +442,11 @@ __device__ __forceinline__ void gemm_sm90_tma_body(const TmaDesc& ta1, const Tma
   }
 
 // (BM × BN: warpgroups M × N of 64 × WN, stages, wgmma groups in flight, blocks per SM)
-// 256×128 and 128×256: 4 warpgroups of 64×128, 4 stages of 48 KiB (192 KiB: one block per SM, the
-// least operand traffic per output); 128×128: 2 warpgroups of 64×128, 3 stages of 32 KiB (two
-// blocks per SM: one's epilogue overlaps the other's main loop); 128×64: 2 warpgroups of 64×64,
-// 3 stages of 24 KiB (three blocks per SM, for GEMMs with few output tiles).
+// 128×128: 2 warpgroups of 64×128, 3 stages of 32 KiB (two blocks per SM: one's epilogue overlaps
+// the other's main loop); 64×64: 1 warpgroup, 4 stages of 16 KiB (three per SM, for GEMMs with few
+// output tiles). (256×128, 128×256 and 128×64 were dropped in round 2: never the fastest.)
 #define GEMM_SM90_TILES(LB, BKM, OUT, OUTT)                                \
-  GEMM_SM90_KERNEL(256, 128, 4, 1, 128, 4, 1, 1, LB, BKM, OUT, OUTT)     \
-  GEMM_SM90_KERNEL(128, 256, 2, 2, 128, 4, 1, 1, LB, BKM, OUT, OUTT)     \
   GEMM_SM90_KERNEL(128, 128, 2, 1, 128, 3, 0, 2, LB, BKM, OUT, OUTT)     \
-  GEMM_SM90_KERNEL(128, 64, 2, 1, 64, 3, 0, 3, LB, BKM, OUT, OUTT)      \
   GEMM_SM90_KERNEL(64, 64, 1, 1, 64, 4, 1, 3, LB, BKM, OUT, OUTT)
 
 GEMM_SM90_TILES(k, true, bf16, bf16)
@@ -520,28 +454,25 @@ GEMM_SM90_TILES(k, true, f32, float)
 GEMM_SM90_TILES(n, false, bf16, bf16)
 GEMM_SM90_TILES(n, false, f32, float)
 
-// gemm_sm90_tma_128x<BN>_s<STAGES>_c<CM>[_p]_k<B>_<out>: the TMA kernels (1-D grid of whole
-// clusters; 288 threads; _p: persistent). src/ops/gemm_sm90.rs `SM90_TILES` must agree.
-#define GEMM_SM90_TMA_KERNEL(BN, ST, CM, P, PS, MINB, CLUSTER, LB, BKM, OUT, OUTT)                                             \
-  extern "C" __global__ void __launch_bounds__(288, MINB) CLUSTER gemm_sm90_tma_128x##BN##_s##ST##_c##CM##PS##_k##LB##_##OUT(   \
+// gemm_sm90_tma_<BM>x128_s<STAGES>[_p]_k<B>_<out>: the TMA kernels (1-D grid, 128·WGS + 32
+// threads; _p: persistent). src/ops/gemm_sm90.rs `SM90_TILES` must agree on the tile, stages,
+// persistence, threads and blocks per SM.
+#define GEMM_SM90_TMA_KERNEL(WGS, BM, ST, P, PS, MINB, LB, BKM, OUT, OUTT)                                                     \
+  extern "C" __global__ void __launch_bounds__(128 * WGS + 32, MINB) gemm_sm90_tma_##BM##x128_s##ST##PS##_k##LB##_##OUT(      \
       const __grid_constant__ TmaDesc ta1, const __grid_constant__ TmaDesc tb1, const __grid_constant__ TmaDesc ta2,            \
       const __grid_constant__ TmaDesc tb2, int k1, int k2, OUTT* c, int64_t ldc, const bf16* bias, const OUTT* r, int64_t ldr,  \
       int M, int N, float alpha) {                                                                                              \
-    gemm_sm90_tma_body<BN, ST, CM, P, BKM, OUTT>(ta1, tb1, ta2, tb2, k1, k2, c, ldc, bias, r, ldr, M, N, alpha);              \
+    gemm_sm90_tma_body<WGS, ST, P, BKM, OUTT>(ta1, tb1, ta2, tb2, k1, k2, c, ldc, bias, r, ldr, M, N, alpha);                 \
   }
-#define CLUSTER_1
-#define CLUSTER_2 __cluster_dims__(2, 1, 1)
 
-// (BN, stages, cluster size, persistent, blocks per SM): 128×128 with 4 stages (128 KiB, one CTA
-// per SM) or 3 (96 KiB, two per SM), alone or in pairs sharing B, and persistent with its own
-// 64 KiB C tile; 128×256 (48 KiB stages, 128 accumulators per consumer thread) in pairs.
-#define GEMM_SM90_TMA_TILES(LB, BKM, OUT, OUTT)                                       \
-  GEMM_SM90_TMA_KERNEL(128, 4, 1, false, , 1, CLUSTER_1, LB, BKM, OUT, OUTT)         \
-  GEMM_SM90_TMA_KERNEL(128, 3, 1, false, , 2, CLUSTER_1, LB, BKM, OUT, OUTT)         \
-  GEMM_SM90_TMA_KERNEL(128, 4, 2, false, , 1, CLUSTER_2, LB, BKM, OUT, OUTT)         \
-  GEMM_SM90_TMA_KERNEL(256, 4, 2, false, , 1, CLUSTER_2, LB, BKM, OUT, OUTT)         \
-  GEMM_SM90_TMA_KERNEL(128, 4, 1, true, _p, 1, CLUSTER_1, LB, BKM, OUT, OUTT)        \
-  GEMM_SM90_TMA_KERNEL(128, 4, 2, true, _p, 1, CLUSTER_2, LB, BKM, OUT, OUTT)
+// (consumer warpgroups, BM, stages, persistent, blocks per SM): 128×128 with 3 stages (96 KiB),
+// two CTAs per SM, one tile each; 128×128 with 4 stages (128 KiB) + the 64 KiB C tile, one
+// persistent CTA per SM; 256×128 with 4 stages of 48 KiB (a quarter less operand traffic per
+// output than 128×128), one tile each.
+#define GEMM_SM90_TMA_TILES(LB, BKM, OUT, OUTT)                      \
+  GEMM_SM90_TMA_KERNEL(2, 128, 3, false, , 2, LB, BKM, OUT, OUTT)   \
+  GEMM_SM90_TMA_KERNEL(2, 128, 4, true, _p, 1, LB, BKM, OUT, OUTT)  \
+  GEMM_SM90_TMA_KERNEL(4, 256, 4, false, , 1, LB, BKM, OUT, OUTT)
 
 GEMM_SM90_TMA_TILES(k, true, bf16, bf16)
 GEMM_SM90_TMA_TILES(k, true, f32, float)

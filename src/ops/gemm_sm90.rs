@@ -34,9 +34,8 @@ pub(crate) struct Sm90Tile {
     per_sm: usize,
     /// The launcher's time model (µs, fitted to the forced-kernel rows `linear*_sm90_*` of
     /// benches/RESULTS.md "Hopper GEMM round 2", H100): `rounds · (k_tiles · a + b) + c`, a round
-    /// being one output tile on each of `per_sm` blocks of every SM. `None`: not measured yet, the
-    /// launcher never picks it (tests and benchmarks force it).
-    cost: Option<(f64, f64, f64)>,
+    /// being one output tile on each of `per_sm` blocks of every SM.
+    cost: (f64, f64, f64),
     /// Kernel names for layouts kk/kn × C bf16/f32.
     names: [&'static str; 4],
 }
@@ -48,12 +47,11 @@ macro_rules! names {
 }
 
 /// Every sm90 kernel family.
-pub(crate) const SM90_TILES: [Sm90Tile; 5] = [
-    Sm90Tile { bm: 128, bn: 128, tma: false, persistent: false, threads: 256, stages: 3, per_sm: 2, cost: Some((0.681, 7.677, -0.427)), names: names!("gemm_sm90_128x128") },
-    Sm90Tile { bm: 64, bn: 64, tma: false, persistent: false, threads: 128, stages: 4, per_sm: 3, cost: Some((0.480, 3.261, 1.082)), names: names!("gemm_sm90_64x64") },
-    Sm90Tile { bm: 128, bn: 128, tma: true, persistent: false, threads: 288, stages: 3, per_sm: 2, cost: Some((0.375, 11.062, -3.440)), names: names!("gemm_sm90_tma_128x128_s3") },
-    Sm90Tile { bm: 128, bn: 128, tma: true, persistent: true, threads: 288, stages: 4, per_sm: 1, cost: Some((0.334, 3.878, 3.466)), names: names!("gemm_sm90_tma_128x128_s4_p") },
-    Sm90Tile { bm: 256, bn: 128, tma: true, persistent: false, threads: 544, stages: 4, per_sm: 1, cost: None, names: names!("gemm_sm90_tma_256x128_s4") },
+pub(crate) const SM90_TILES: [Sm90Tile; 4] = [
+    Sm90Tile { bm: 128, bn: 128, tma: false, persistent: false, threads: 256, stages: 3, per_sm: 2, cost: (0.681, 7.677, -0.427), names: names!("gemm_sm90_128x128") },
+    Sm90Tile { bm: 64, bn: 64, tma: false, persistent: false, threads: 128, stages: 4, per_sm: 3, cost: (0.480, 3.261, 1.082), names: names!("gemm_sm90_64x64") },
+    Sm90Tile { bm: 128, bn: 128, tma: true, persistent: false, threads: 288, stages: 3, per_sm: 2, cost: (0.375, 11.062, -3.440), names: names!("gemm_sm90_tma_128x128_s3") },
+    Sm90Tile { bm: 128, bn: 128, tma: true, persistent: true, threads: 288, stages: 4, per_sm: 1, cost: (0.334, 3.878, 3.466), names: names!("gemm_sm90_tma_128x128_s4_p") },
 ];
 
 impl Sm90Tile {
@@ -105,9 +103,11 @@ pub(crate) fn supports(gpu: &Gpu, call: &GemmCall) -> Result<bool> {
 /// time (see `Sm90Tile::cost`), counting whole rounds (the busiest SM sets the time).
 pub(crate) fn pick_tile(gpu: &Gpu, m: usize, n: usize, k_tiles: usize) -> Result<Sm90Tile> {
     let sms = sm_count(gpu)?;
-    let time = |t: &Sm90Tile, (a, b, c): (f64, f64, f64)| t.tiles(m, n).div_ceil(sms * t.per_sm) as f64 * (k_tiles as f64 * a + b) + c;
-    let modelled = SM90_TILES.into_iter().filter_map(|t| Some((time(&t, t.cost?), t)));
-    Ok(modelled.min_by(|x, y| x.0.total_cmp(&y.0)).map_or(SM90_TILES[0], |(_, t)| t))
+    let time = |t: &Sm90Tile| {
+        let (a, b, c) = t.cost;
+        t.tiles(m, n).div_ceil(sms * t.per_sm) as f64 * (k_tiles as f64 * a + b) + c
+    };
+    Ok(SM90_TILES.into_iter().min_by(|x, y| time(x).total_cmp(&time(y))).unwrap_or(SM90_TILES[0]))
 }
 
 fn sm_count(gpu: &Gpu) -> Result<usize> {
@@ -388,7 +388,7 @@ mod tests {
             let want = linear_input_grad_cpu(&gather_rows(&dy, n, &rows), rows.len(), n, &w, k);
             assert_close(&format!("dx {m}x{n}->{k} seed={seed}"), &gather_rows(&download(&gpu, &dx), k, &rows), &want, 1e-2);
         }
-        for tile in SM90_TILES.iter().filter(|t| t.cost.is_some() && (t.tma || t.bm == 64)) {
+        for tile in SM90_TILES.iter().filter(|t| t.tma || t.bm == 64) {
             assert!(picked.contains(&tile.label()), "{} never dispatched; picked {picked:?}", tile.label());
         }
     }

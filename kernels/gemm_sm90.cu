@@ -18,11 +18,15 @@
 // layout kn). Any M and N otherwise; C, R and bias of any alignment (unaligned ones take a scalar
 // epilogue).
 //
-// Design. One block computes a BM × BN tile of C with WG_M × WG_N warpgroups (128 threads each);
-// each warpgroup owns a 64 × WN sub-tile and issues wgmma.mma_async.m64nWNk16 (bf16 in, f32
-// accumulators in registers: WN/2 per thread). Tiles (see GEMM_SM90_TILES): 256×128 and 128×256
-// (4 warpgroups, 1 block per SM), 128×128 (2 warpgroups, 2 blocks per SM), 128×64 (3 per SM), 64×64
-// (1 warpgroup, 3 per SM).
+// Design. Two kernel families (src/ops/gemm_sm90.rs picks one per call with a fitted time model):
+//  * gemm_sm90_<BM>x<BN>_*: cp.async pipeline, every thread loads (below). One block computes a
+//    BM × BN tile of C with WG_M × WG_N warpgroups (128 threads each); each warpgroup owns a 64 × WN
+//    sub-tile and issues wgmma.mma_async.m64nWNk16 (bf16 in, f32 accumulators in registers: WN/2
+//    per thread). Tiles (GEMM_SM90_TILES): 128×128 (2 warpgroups, 2 blocks per SM), 64×64 (1
+//    warpgroup, 3 per SM).
+//  * gemm_sm90_tma_128x128_*: TMA loads, a producer warp and two consumer warpgroups synchronized
+//    by mbarriers (see gemm_sm90_tma_body; it also takes four warpgroups for 256 × 128); 2 blocks
+//    per SM, or persistent (one per SM).
 // Both operands are read by wgmma straight from shared memory through matrix descriptors, in the
 // 128-byte swizzle:
 //   A tile [BM][64] and (kk) B tile [BN][64]: K-major, one 128-byte row per m (n), 16-byte chunk c
@@ -32,15 +36,15 @@
 //     row, chunk c of row k at c ^ (k mod 8); descriptor LBO = 8192 (next 64 n), SBO = 1024 (next 8
 //     k); the k16 steps start 2048 bytes apart; the instruction's transpose-B flag set.
 // Every tile base is 1024-byte aligned (the swizzle is a function of the address bits 4-9).
-// Pipeline: STAGES stages of (A, B) tiles filled by cp.async.cg (16 B, zero-fill past M, N, K), all
+// Pipeline (cp.async kernels): STAGES stages of (A, B) tiles filled by cp.async.cg (16 B, zero-fill past M, N, K), all
 // threads loading; cp.async groups and one __syncthreads per K tile order the stages. Per K
 // tile kt: wait for tile kt's copies; barrier; issue the copies of tile kt + AHEAD into the stage
 // freed by tile kt − 1 − INFLIGHT; fence.proxy.async (the cp.async writes are generic-proxy writes,
 // wgmma reads through the async proxy); wgmma.fence; four wgmmas; commit; wgmma.wait_group INFLIGHT
 // (INFLIGHT = 1: tile kt's wgmmas run on while the next barrier and copies issue). AHEAD = STAGES −
 // 1 − INFLIGHT tiles are in flight. No warp specialization, no mbarriers: with two or three blocks
-// per SM (128×128: 3 stages, 96 KiB; 128×64: 72 KiB) one block's epilogue overlaps another's main
-// loop, which is what the short K loops of SD1.5 (K = 320: five 64-deep tiles) need most.
+// per SM (128×128: 3 stages, 96 KiB) one block's epilogue overlaps another's main loop, which is
+// what the short K loops of SD1.5 (K = 320: five 64-deep tiles) need most.
 // Epilogue: the accumulators go through shared memory (an f32 [BM][BN] tile, 8-column groups XOR-
 // swizzled by row, conflict-free) so that C, R and bias move as coalesced 16-byte row segments.
 #include "common.cuh"
@@ -164,6 +168,44 @@ __device__ __noinline__ void store8_checked(OutT* crow, const OutT* rrow, const 
   }
 }
 
+// The epilogue of a BM × BN block tile: each warpgroup (wm, wn) puts its 64 × WN accumulators
+// into the f32 tile `cs` (8-column groups XOR-swizzled by row: conflict-free), `sync()` (a barrier
+// over the THREADS storing threads, tid = 0..THREADS-1), then C = alpha·acc + bias + R goes out in
+// coalesced 16-byte row pieces (scalar stores at the right edge and for unaligned C, R or bias).
+// The caller has made sure nobody reads `cs`'s memory any more (it reuses the pipeline stages).
+template <int BM, int BN, int WN, int THREADS, typename OutT, typename Sync>
+__device__ __forceinline__ void store_tile(float* cs, const float (&acc)[WN / 2], int wm, int wn, int tid, Sync sync, OutT* c, int64_t ldc,
+                                           const bf16* bias, const OutT* r, int64_t ldr, int m0, int n0, int M, int N, float alpha) {
+  // Accumulator (row, col) of thread t of the warpgroup, register 4j + 2h + e (tile coordinates):
+  // row = 64·wm + 16·(t/32) + (t%32)/4 + 8h, col = WN·wn + 8j + 2·(t%4) + e.
+  auto c_at = [](int row, int col) { return row * BN + (col ^ ((row & 7) << 3)); };
+  {
+    const int t = tid % 128;
+    const int row = wm * 64 + (t / 32) * 16 + (t % 32) / 4, col = wn * WN + 2 * (t % 4);
+#pragma unroll
+    for (int j = 0; j < WN / 8; ++j) {
+      *reinterpret_cast<float2*>(cs + c_at(row, col + 8 * j)) = make_float2(acc[4 * j], acc[4 * j + 1]);
+      *reinterpret_cast<float2*>(cs + c_at(row + 8, col + 8 * j)) = make_float2(acc[4 * j + 2], acc[4 * j + 3]);
+    }
+  }
+  sync();
+  auto aligned16 = [](const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15) == 0; };
+  const bool fast = aligned16(c) && ldc % 8 == 0 && (!r || (aligned16(r) && ldr % 8 == 0)) && (!bias || aligned16(bias));
+  constexpr int GROUPS = BN / 8;
+  for (int idx = tid; idx < BM * GROUPS; idx += THREADS) {
+    const int row = idx / GROUPS, col = (idx % GROUPS) * 8;
+    const int m = m0 + row, n = n0 + col;
+    if (m >= M || n >= N) continue;
+    const float4 lo = *reinterpret_cast<const float4*>(cs + c_at(row, col));
+    const float4 hi = *reinterpret_cast<const float4*>(cs + c_at(row, col) + 4);
+    float v[8] = {alpha * lo.x, alpha * lo.y, alpha * lo.z, alpha * lo.w, alpha * hi.x, alpha * hi.y, alpha * hi.z, alpha * hi.w};
+    OutT* crow = c + (int64_t)m * ldc;
+    const OutT* rrow = r ? r + (int64_t)m * ldr : nullptr;
+    if (fast && n + 8 <= N) store8_values(crow, rrow, bias, n, v);
+    else store8_checked(crow, rrow, bias, n, N, v);
+  }
+}
+
 // The kernel body (see the header): WG_M × WG_N warpgroups, each computing 64 × WN of the
 // (64·WG_M) × (WN·WG_N) block tile. B_K_MAJOR: layout kk, else kn.
 template <int WG_M, int WG_N, int WN, int STAGES, int INFLIGHT, bool B_K_MAJOR, typename OutT>
@@ -232,33 +274,158 @@ __device__ __forceinline__ void gemm_sm90_body(const bf16* a1, int64_t lda1, con
   cp_async_wait<0>();
   __syncthreads();  // every warpgroup is done with the stages: the C tile reuses them
 
-  // Accumulator (row, col) of thread t of the warpgroup, register 4j + 2h + e (tile coordinates):
-  // row = 64·wm + 16·(t/32) + (t%32)/4 + 8h, col = WN·wn + 8j + 2·(t%4) + e.
-  auto c_at = [](int row, int col) { return row * BN + (col ^ ((row & 7) << 3)); };
-  {
-    const int t = threadIdx.x % 128;
-    const int row = wm * 64 + (t / 32) * 16 + (t % 32) / 4, col = wn * WN + 2 * (t % 4);
-#pragma unroll
-    for (int j = 0; j < WN / 8; ++j) {
-      *reinterpret_cast<float2*>(cs + c_at(row, col + 8 * j)) = make_float2(acc[4 * j], acc[4 * j + 1]);
-      *reinterpret_cast<float2*>(cs + c_at(row + 8, col + 8 * j)) = make_float2(acc[4 * j + 2], acc[4 * j + 3]);
+  store_tile<BM, BN, WN, THREADS>(cs, acc, wm, wn, threadIdx.x, [] { __syncthreads(); }, c, ldc, bias, r, ldr, m0, n0, M, N, alpha);
+}
+
+// ---- TMA-fed, warp-specialized kernels (gemm_sm90_tma_*) -------------------------------------
+// A 128-byte CUtensorMap made on the host by cuTensorMapEncodeTiled (src/ops/gemm_sm90.rs
+// `tensor_map`), passed by value as a __grid_constant__ kernel parameter.
+struct alignas(64) TmaDesc {
+  uint64_t opaque[16];
+};
+
+__device__ __forceinline__ void mbar_init(uint32_t bar, uint32_t count) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(count) : "memory");
+}
+// The producer's arrival on a full barrier, announcing the bytes the stage's copies will deliver.
+__device__ __forceinline__ void mbar_arrive_expect_tx(uint32_t bar, uint32_t bytes) {
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(bar), "r"(bytes) : "memory");
+}
+// Waits until the phase of parity `parity` of the barrier has completed.
+__device__ __forceinline__ void mbar_wait(uint32_t bar, uint32_t parity) {
+  uint32_t done = 0;
+  while (!done) {
+    asm volatile("{\n .reg .pred p;\n mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n selp.u32 %0, 1, 0, p;\n}\n"
+                 : "=r"(done)
+                 : "r"(bar), "r"(parity)
+                 : "memory");
+  }
+}
+// Arrives on the barrier at shared address `bar`.
+__device__ __forceinline__ void mbar_arrive(uint32_t bar) {
+  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(bar) : "memory");
+}
+// Barrier 1 over the THREADS consumer threads (barrier 0 is __syncthreads, which the producer
+// warp would have to join).
+template <int THREADS>
+__device__ __forceinline__ void consumers_sync() {
+  asm volatile("bar.sync 1, %0;\n" ::"n"(THREADS) : "memory");
+}
+
+// One 2-D box of a tensor map at coordinates (c0 innermost, c1) into shared memory at `dst`; its
+// bytes complete the transaction count of barrier `bar`.
+__device__ __forceinline__ void tma_load(uint32_t dst, const TmaDesc* map, int c0, int c1, uint32_t bar) {
+  asm volatile("cp.async.bulk.tensor.2d.shared::cluster.global.tile.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3}], [%4];\n" ::"r"(dst),
+               "l"(reinterpret_cast<uint64_t>(map)), "r"(c0), "r"(c1), "r"(bar)
+               : "memory");
+}
+
+// The TMA kernel body: (64·WGS) × 128 output tiles, 128·WGS + 32 threads: warps 0..4·WGS-1 are WGS
+// consumer warpgroups (64 × 128 each, wgmma m64n128k16 from the stages), the last warp is the
+// producer (one lane issues every TMA copy). Stage s has a full barrier (1 producer arrival + the
+// stage's bytes) and an empty barrier (one arrival per consumer warp: 4·WGS). Producer, k tile i
+// (counted over all of the CTA's output tiles): wait empty[s] (parity of the previous round),
+// expect the stage's bytes on full[s], copy A [BM m][64 k] and B ([128 n][64 k], or two
+// [64 k][64 n] column blocks for kn).
+// Consumers: wait full[s], four wgmmas, keep one wgmma group in flight, release the stage of the
+// k tile before; after a tile's last k tile, wait for all wgmmas, release, run the epilogue.
+// Output tiles in M-first order; CTA b takes tiles b, b + G, … (G CTAs in the grid). PERSIST: G ≤
+// the SM count and the C tile has its own shared memory, so the producer loads the next tile's
+// stages while the consumers run the epilogue; otherwise one tile per CTA and the C tile reuses
+// the stages.
+// (Tried: clusters of two CTAs along M with B multicast to both — half the L2 reads of B — were
+// slower at every SD1.5 shape; see benches/RESULTS.md "Hopper GEMM round 2".)
+template <int WGS, int STAGES, bool PERSIST, bool B_K_MAJOR, typename OutT>
+__device__ __forceinline__ void gemm_sm90_tma_body(const TmaDesc& ta1, const TmaDesc& tb1, const TmaDesc& ta2, const TmaDesc& tb2, int k1, int k2,
+                                                   OutT* c, int64_t ldc, const bf16* bias, const OutT* r, int64_t ldr, int M, int N,
+                                                   float alpha) {
+  constexpr int BM = 64 * WGS, BN = 128, CONSUMERS = 128 * WGS, A_BYTES = BM * BK * 2, B_BYTES = BN * BK * 2, STAGE_BYTES = A_BYTES + B_BYTES;
+  __shared__ alignas(8) uint64_t full_bar[STAGES], empty_bar[STAGES];
+  extern __shared__ uint8_t smem_raw[];
+  const uint32_t raw = smem_addr(smem_raw);
+  const uint32_t base = (raw + 1023) & ~1023u;  // the launcher adds 1 KiB
+  float* cs = reinterpret_cast<float*>(smem_raw + (base - raw) + (PERSIST ? STAGES * STAGE_BYTES : 0));
+  const uint32_t full0 = smem_addr(full_bar), empty0 = smem_addr(empty_bar);
+
+  const int mtiles = (M + BM - 1) / BM, tiles = mtiles * ((N + BN - 1) / BN);
+  const int tiles1 = (k1 + BK - 1) / BK, ntiles = tiles1 + (k2 + BK - 1) / BK;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  if (threadIdx.x == 0) {
+    for (int s = 0; s < STAGES; ++s) {
+      mbar_init(full0 + 8 * s, 1);
+      mbar_init(empty0 + 8 * s, CONSUMERS / 32);
     }
+    asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");  // visible to the async proxy
   }
   __syncthreads();
-  auto aligned16 = [](const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15) == 0; };
-  const bool fast = aligned16(c) && ldc % 8 == 0 && (!r || (aligned16(r) && ldr % 8 == 0)) && (!bias || aligned16(bias));
-  constexpr int GROUPS = BN / 8;
-  for (int idx = threadIdx.x; idx < BM * GROUPS; idx += THREADS) {
-    const int row = idx / GROUPS, col = (idx % GROUPS) * 8;
-    const int m = m0 + row, n = n0 + col;
-    if (m >= M || n >= N) continue;
-    const float4 lo = *reinterpret_cast<const float4*>(cs + c_at(row, col));
-    const float4 hi = *reinterpret_cast<const float4*>(cs + c_at(row, col) + 4);
-    float v[8] = {alpha * lo.x, alpha * lo.y, alpha * lo.z, alpha * lo.w, alpha * hi.x, alpha * hi.y, alpha * hi.z, alpha * hi.w};
-    OutT* crow = c + (int64_t)m * ldc;
-    const OutT* rrow = r ? r + (int64_t)m * ldr : nullptr;
-    if (fast && n + 8 <= N) store8_values(crow, rrow, bias, n, v);
-    else store8_checked(crow, rrow, bias, n, N, v);
+
+  if (warp == CONSUMERS / 32) {
+    if (lane == 0) {
+      int i = 0;
+      for (int t = blockIdx.x; t < tiles; t += gridDim.x) {
+        const int m0 = (t % mtiles) * BM, n0 = (t / mtiles) * BN;
+        for (int kt = 0; kt < ntiles; ++kt, ++i) {
+          const int s = i % STAGES;
+          mbar_wait(empty0 + 8 * s, ((i / STAGES) & 1) ^ 1);
+          const bool second = kt >= tiles1;
+          const int k0 = (second ? kt - tiles1 : kt) * BK;
+          const TmaDesc* ta = second ? &ta2 : &ta1;
+          const TmaDesc* tb = second ? &tb2 : &tb1;
+          const uint32_t full = full0 + 8 * s, sa = base + s * STAGE_BYTES, sb = sa + A_BYTES;
+          mbar_arrive_expect_tx(full, STAGE_BYTES);
+          tma_load(sa, ta, k0, m0, full);
+          if constexpr (B_K_MAJOR) {
+            tma_load(sb, tb, k0, n0, full);
+          } else {
+            tma_load(sb, tb, n0, k0, full);
+            tma_load(sb + BK * 128, tb, n0 + 64, k0, full);
+          }
+        }
+      }
+    }
+  } else {
+    const int wg = warp / 4;
+    auto release = [&](int s) {  // this warp is done with stage s
+      if (lane == 0) mbar_arrive(empty0 + 8 * s);
+    };
+    int i = 0;
+    auto tile = [&](int t) {
+      float acc[BN / 2];
+#pragma unroll
+      for (int j = 0; j < BN / 2; ++j) acc[j] = 0.0f;
+      const int first = i;
+#pragma unroll 1
+      for (; i < first + ntiles; ++i) {
+        const int s = i % STAGES;
+        mbar_wait(full0 + 8 * s, (i / STAGES) & 1);
+        const uint32_t sa = base + s * STAGE_BYTES + wg * 64 * 128, sb = base + s * STAGE_BYTES + A_BYTES;
+        wgmma_fence();
+#pragma unroll
+        for (int ks = 0; ks < BK / 16; ++ks) {
+          const uint64_t da = smem_desc(sa + ks * 32, 16, 1024);
+          const uint64_t db = B_K_MAJOR ? smem_desc(sb + ks * 32, 16, 1024) : smem_desc(sb + ks * 16 * 128, BK * 128, 1024);
+          wgmma_tile<BN, B_K_MAJOR ? 0 : 1>(acc, da, db);
+        }
+        wgmma_commit();
+        wgmma_wait<1>();
+        fence_acc(acc);
+        if (i > first) release((i - 1) % STAGES);  // k tile i − 1's wgmmas are done
+      }
+      wgmma_wait<0>();
+      fence_acc(acc);
+      release((i - 1) % STAGES);
+      // Both warpgroups are done with the previous C tile (PERSIST) or with the stages, whose
+      // copies have all landed (each full barrier was waited on): the C tile may be written.
+      consumers_sync<CONSUMERS>();
+      const int m0 = (t % mtiles) * BM, n0 = (t / mtiles) * BN;
+      store_tile<BM, BN, BN, CONSUMERS>(cs, acc, wg, 0, threadIdx.x, [] { consumers_sync<CONSUMERS>(); }, c, ldc, bias, r, ldr, m0, n0, M, N,
+                                        alpha);
+    };
+    // (Not one loop for both: loop-invariant epilogue values hoisted out of it cost registers.)
+    if constexpr (PERSIST)
+      for (int t = blockIdx.x; t < tiles; t += gridDim.x) tile(t);
+    else if (blockIdx.x < tiles)
+      tile(blockIdx.x);
   }
 }
 
@@ -275,18 +442,38 @@ __device__ __forceinline__ void gemm_sm90_body(const bf16* a1, int64_t lda1, con
   }
 
 // (BM × BN: warpgroups M × N of 64 × WN, stages, wgmma groups in flight, blocks per SM)
-// 256×128 and 128×256: 4 warpgroups of 64×128, 4 stages of 48 KiB (192 KiB: one block per SM, the
-// least operand traffic per output); 128×128: 2 warpgroups of 64×128, 3 stages of 32 KiB (two
-// blocks per SM: one's epilogue overlaps the other's main loop); 128×64: 2 warpgroups of 64×64,
-// 3 stages of 24 KiB (three blocks per SM, for GEMMs with few output tiles).
+// 128×128: 2 warpgroups of 64×128, 3 stages of 32 KiB (two blocks per SM: one's epilogue overlaps
+// the other's main loop); 64×64: 1 warpgroup, 4 stages of 16 KiB (three per SM, for GEMMs with few
+// output tiles). (256×128, 128×256 and 128×64 were dropped in round 2: never the fastest.)
 #define GEMM_SM90_TILES(LB, BKM, OUT, OUTT)                                \
-  GEMM_SM90_KERNEL(256, 128, 4, 1, 128, 4, 1, 1, LB, BKM, OUT, OUTT)     \
-  GEMM_SM90_KERNEL(128, 256, 2, 2, 128, 4, 1, 1, LB, BKM, OUT, OUTT)     \
   GEMM_SM90_KERNEL(128, 128, 2, 1, 128, 3, 0, 2, LB, BKM, OUT, OUTT)     \
-  GEMM_SM90_KERNEL(128, 64, 2, 1, 64, 3, 0, 3, LB, BKM, OUT, OUTT)      \
   GEMM_SM90_KERNEL(64, 64, 1, 1, 64, 4, 1, 3, LB, BKM, OUT, OUTT)
 
 GEMM_SM90_TILES(k, true, bf16, bf16)
 GEMM_SM90_TILES(k, true, f32, float)
 GEMM_SM90_TILES(n, false, bf16, bf16)
 GEMM_SM90_TILES(n, false, f32, float)
+
+// gemm_sm90_tma_<BM>x128_s<STAGES>[_p]_k<B>_<out>: the TMA kernels (1-D grid, 128·WGS + 32
+// threads; _p: persistent). src/ops/gemm_sm90.rs `SM90_TILES` must agree on the tile, stages,
+// persistence, threads and blocks per SM.
+#define GEMM_SM90_TMA_KERNEL(WGS, BM, ST, P, PS, MINB, LB, BKM, OUT, OUTT)                                                     \
+  extern "C" __global__ void __launch_bounds__(128 * WGS + 32, MINB) gemm_sm90_tma_##BM##x128_s##ST##PS##_k##LB##_##OUT(      \
+      const __grid_constant__ TmaDesc ta1, const __grid_constant__ TmaDesc tb1, const __grid_constant__ TmaDesc ta2,            \
+      const __grid_constant__ TmaDesc tb2, int k1, int k2, OUTT* c, int64_t ldc, const bf16* bias, const OUTT* r, int64_t ldr,  \
+      int M, int N, float alpha) {                                                                                              \
+    gemm_sm90_tma_body<WGS, ST, P, BKM, OUTT>(ta1, tb1, ta2, tb2, k1, k2, c, ldc, bias, r, ldr, M, N, alpha);                 \
+  }
+
+// (consumer warpgroups, BM, stages, persistent, blocks per SM): 128×128 with 3 stages (96 KiB),
+// two CTAs per SM, one tile each; 128×128 with 4 stages (128 KiB) + the 64 KiB C tile, one
+// persistent CTA per SM. (256×128 with four consumer warpgroups, 4 stages of 48 KiB, one tile per
+// CTA, was measured in round 2: fastest only at two shapes, by 2-4 %, so it is not built.)
+#define GEMM_SM90_TMA_TILES(LB, BKM, OUT, OUTT)                      \
+  GEMM_SM90_TMA_KERNEL(2, 128, 3, false, , 2, LB, BKM, OUT, OUTT)   \
+  GEMM_SM90_TMA_KERNEL(2, 128, 4, true, _p, 1, LB, BKM, OUT, OUTT)
+
+GEMM_SM90_TMA_TILES(k, true, bf16, bf16)
+GEMM_SM90_TMA_TILES(k, true, f32, float)
+GEMM_SM90_TMA_TILES(n, false, bf16, bf16)
+GEMM_SM90_TMA_TILES(n, false, f32, float)

@@ -10,20 +10,21 @@
 //   d = dh·γ;  dx = rstd·(d − mean_g(d) − x̂·mean_g(d·x̂)) (+ res, optional: a residual branch's gradient).
 //   σ(h) = 1/(1 + e^−h) with the fast __expf and a rounded reciprocal (≈ 1e-6 relative).
 //
-//   Tiling: the hw rows of a sample are cut into `chunks` chunks of `rpc` rows; a block of 256
-//   threads handles one (chunk, sample). Thread t = (tx, ty) with tx = t mod TX owns the P·E
-//   contiguous channels [tx·P·E, (tx+1)·P·E) of every row it visits (rows ty, ty + TY, ...; TX =
-//   c/(P·E), TY = ⌊256/TX⌋), read as P vectors of E elements, so consecutive threads read
-//   consecutive 16-byte pieces of a row. The launcher picks E, P so that a thread's channels touch at
-//   most two groups, g0 and g0 + 1 ("lo" and "hi"), with a per-vector split point. Two kernels per
-//   direction:
+//   Tiling: the hw rows of a sample are cut into `chunks` chunks of `rpc` rows; a block of TX·TY
+//   threads handles one (chunk, sample). Thread (tx, ty) owns the E channels [tx·E, (tx+1)·E) of
+//   every row it visits (rows ty, ty + TY, ...; TX = c/E, TY = ⌊512/TX⌋, at least 1), so consecutive
+//   threads read consecutive 16-byte pieces of a row; E ≤ c/32 (the launcher's widest), so a vector
+//   touches at most two groups, g0 and g0 + 1 ("lo" and "hi"), split at `nlo`. Each thread loads R
+//   rows before it uses any (R·16 bytes in flight per thread: the kernels are latency chains at
+//   these L2-resident sizes). Two kernels per direction:
 //     *_stats: per (sample, chunk, group) partials to `part` [n, chunks, 32, 2]: forward (mean, M2)
 //              of the chunk (sums shifted by the group's first value in the chunk: no cancellation),
 //              backward (Σd, Σd·x̂); threads' lo/hi sums meet in shared memory and are added per group
 //              in a fixed order (deterministic);
-//     *_apply: combine the partials of their sample (Chan's formula forward, sums backward; the 8
-//              warps split the chunks, then warp 0 merges), then write y (and stats) or dx for the
-//              chunk, whose rows are still in L2 from the stats pass.
+//     *_apply: load their first rows, then combine the partials of their sample (every warp loads a
+//              batch of chunks' partials at once, Chan's formula forward, sums backward, then warp 0
+//              merges the warps' results), so both loads are in flight together; then write y (and
+//              stats) or dx for the chunk, whose rows are still in L2 from the stats pass.
 //
 // LayerNorm over rows: x [rows, c], one warp per row holding H vectors of E elements per lane in
 //   registers (H = 1, 2, 3 or 5, the launcher's smallest with 32·H·E ≥ c: c = 320 bf16 holds 2,
@@ -37,279 +38,14 @@
 //   (rstd = 1/√eps) a contracted fma would otherwise leave rstd·(rounding error) instead of 0.
 #include "pack.cuh"
 
+#define WARPS 8  // LayerNorm: one warp per row, 8 rows per block
 #define GROUPS 32
-#define WARPS 8
-#define THREADS 256
+#define MAX_WARPS 32
 
 __device__ __forceinline__ float sigmoidf(float h) { return __frcp_rn(1.0f + __expf(-h)); }
 
-// Rows [r0, r1) of chunk `chunk`.
-__device__ __forceinline__ void chunk_rows(int chunk, int rpc, int hw, int& r0, int& r1) {
-  r0 = chunk * rpc;
-  r1 = min(r0 + rpc, hw);
-}
-
-// A thread's place in the (tx, ty) layout and its channels.
-struct GnThread {
-  int tx, ty, TX, TY, c0, g0, cpg, span;  // span = P·E channels from c0; g0 = group of c0
-  bool active;
-  __device__ GnThread(int c, int P, int E) {
-    cpg = c / GROUPS;
-    span = P * E;
-    TX = c / span;
-    TY = THREADS / TX;
-    tx = threadIdx.x % TX;
-    ty = threadIdx.x / TX;
-    active = ty < TY;
-    c0 = tx * span;
-    g0 = c0 / cpg;
-  }
-  // Elements of the vector starting at channel ch that belong to g0 (the rest belong to g0 + 1).
-  __device__ __forceinline__ int n_lo(int ch, int E) const { return max(0, min(E, (g0 + 1) * cpg - ch)); }
-  __device__ __forceinline__ int g_hi() const { return min(g0 + 1, GROUPS - 1); }
-};
-
-// Adds the per-thread (lo, hi) pairs of every thread into one pair per group, in a fixed order.
-// Every thread calls it; returns group `threadIdx.x`'s sums in threads 0..31.
-__device__ float2 gn_block_reduce(const GnThread& th, float2 lo, float2 hi) {
-  __shared__ float2 sh[THREADS][2];
-  sh[threadIdx.x][0] = th.active ? lo : make_float2(0.f, 0.f);
-  sh[threadIdx.x][1] = th.active ? hi : make_float2(0.f, 0.f);
-  __syncthreads();
-  float2 acc = make_float2(0.f, 0.f);
-  if (threadIdx.x < GROUPS) {
-    const int g = threadIdx.x;
-    const int tx_first = (g * th.cpg) / th.span, tx_last = ((g + 1) * th.cpg - 1) / th.span;
-    for (int ty = 0; ty < th.TY; ++ty)
-      for (int tx = tx_first; tx <= tx_last; ++tx) {
-        const int side = (tx * th.span) / th.cpg == g ? 0 : 1;
-        const float2 v = sh[ty * th.TX + tx][side];
-        acc.x += v.x, acc.y += v.y;
-      }
-  }
-  return acc;
-}
-
 // ---------------------------------------------------------------------------------------------
-// GroupNorm forward
-// ---------------------------------------------------------------------------------------------
-template <typename T, int E>
-__device__ void gn_fwd_stats(const T* __restrict__ x, float2* __restrict__ part, int hw, int c, int rpc, int chunks, int P) {
-  const GnThread th(c, P, E);
-  const int chunk = blockIdx.x, b = blockIdx.y;
-  int r0, r1;
-  chunk_rows(chunk, rpc, hw, r0, r1);
-  const T* xs = x + (int64_t)b * hw * c;
-  // Shift of group g: its first value in the chunk (the same for every thread of the block).
-  const float shift_lo = to_f32(xs[(int64_t)r0 * c + th.g0 * th.cpg]), shift_hi = to_f32(xs[(int64_t)r0 * c + th.g_hi() * th.cpg]);
-  float2 lo = make_float2(0.f, 0.f), hi = make_float2(0.f, 0.f);
-  if (th.active) {
-    for (int r = r0 + th.ty; r < r1; r += th.TY) {
-      const T* row = xs + (int64_t)r * c;
-      for (int p = 0; p < P; ++p) {
-        const int ch = th.c0 + p * E, nlo = th.n_lo(ch, E);
-        float v[E];
-        load_pack<T, E>(row + ch, v);
-#pragma unroll
-        for (int i = 0; i < E; ++i) {
-          if (i < nlo) {
-            const float d = v[i] - shift_lo;
-            lo.x += d, lo.y = fmaf(d, d, lo.y);
-          } else {
-            const float d = v[i] - shift_hi;
-            hi.x += d, hi.y = fmaf(d, d, hi.y);
-          }
-        }
-      }
-    }
-  }
-  const float2 s = gn_block_reduce(th, lo, hi);
-  if (threadIdx.x < GROUPS) {
-    const int g = threadIdx.x;
-    const float count = (float)((r1 - r0) * th.cpg), m = s.x / count;
-    const float shift = to_f32(xs[(int64_t)r0 * c + g * th.cpg]);
-    part[((int64_t)b * chunks + chunk) * GROUPS + g] = make_float2(shift + m, fmaxf(s.y - s.x * m, 0.f));
-  }
-}
-
-// Chan et al.: merge (n_b, mean_b, M2_b) into (n, mean, M2).
-__device__ __forceinline__ void chan_merge(float& n, float& mean, float& m2, float nb, float meanb, float m2b) {
-  if (nb == 0.f) return;
-  const float tot = n + nb, delta = meanb - mean, f = nb / tot;
-  mean = fmaf(delta, f, mean);
-  m2 = m2 + m2b + delta * delta * n * f;
-  n = tot;
-}
-
-// Fills sh_stats[g] = (mean, rstd) of sample b from the stats partials; block-wide, ends synced.
-__device__ void gn_combine_fwd(const float2* __restrict__ part, int b, int hw, int cpg, int rpc, int chunks, float eps,
-                               float2* sh_stats) {
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  __shared__ float sh[WARPS][GROUPS][3];
-  float n = 0.f, mean = 0.f, m2 = 0.f;
-  for (int k = warp; k < chunks; k += WARPS) {
-    int r0, r1;
-    chunk_rows(k, rpc, hw, r0, r1);
-    const float2 p = part[((int64_t)b * chunks + k) * GROUPS + lane];
-    chan_merge(n, mean, m2, (float)((r1 - r0) * cpg), p.x, p.y);
-  }
-  sh[warp][lane][0] = n, sh[warp][lane][1] = mean, sh[warp][lane][2] = m2;
-  __syncthreads();
-  if (warp == 0) {
-    n = 0.f, mean = 0.f, m2 = 0.f;
-#pragma unroll
-    for (int w = 0; w < WARPS; ++w) chan_merge(n, mean, m2, sh[w][lane][0], sh[w][lane][1], sh[w][lane][2]);
-    sh_stats[lane] = make_float2(mean, rsqrtf(m2 / n + eps));
-  }
-  __syncthreads();
-}
-
-template <typename T, int E>
-__device__ void gn_fwd_apply(const T* __restrict__ x, const T* __restrict__ gamma, const T* __restrict__ beta,
-                             T* __restrict__ y, const float2* __restrict__ part, float2* __restrict__ stats, int hw, int c,
-                             int rpc, int chunks, int P, float eps, int silu) {
-  const GnThread th(c, P, E);
-  const int chunk = blockIdx.x, b = blockIdx.y;
-  __shared__ float2 sh_stats[GROUPS];
-  gn_combine_fwd(part, b, hw, th.cpg, rpc, chunks, eps, sh_stats);
-  if (chunk == 0 && threadIdx.x < GROUPS) stats[b * GROUPS + threadIdx.x] = sh_stats[threadIdx.x];
-  if (!th.active) return;
-  const float2 st_lo = sh_stats[th.g0], st_hi = sh_stats[th.g_hi()];
-  int r0, r1;
-  chunk_rows(chunk, rpc, hw, r0, r1);
-  const int64_t base = (int64_t)b * hw * c;
-  for (int r = r0 + th.ty; r < r1; r += th.TY) {
-    const int64_t off = base + (int64_t)r * c;
-    for (int p = 0; p < P; ++p) {
-      const int ch = th.c0 + p * E, nlo = th.n_lo(ch, E);
-      float v[E], g[E], be[E];
-      load_pack<T, E>(x + off + ch, v);
-      load_pack<T, E>(gamma + ch, g);
-      load_pack<T, E>(beta + ch, be);
-#pragma unroll
-      for (int i = 0; i < E; ++i) {
-        const float2 st = i < nlo ? st_lo : st_hi;
-        const float h = fmaf((v[i] - st.x) * st.y, g[i], be[i]);
-        v[i] = silu ? h * sigmoidf(h) : h;
-      }
-      store_pack<T, E>(y + off + ch, v);
-    }
-  }
-}
-
-// ---------------------------------------------------------------------------------------------
-// GroupNorm backward (input gradient)
-// ---------------------------------------------------------------------------------------------
-// d = dh·γ for one element (rounded once, see the LayerNorm note), and x̂.
-__device__ __forceinline__ float gn_grad_in(float xv, float dyv, float g, float be, float2 st, int silu, float& xhat) {
-  xhat = (xv - st.x) * st.y;
-  float dh = dyv;
-  if (silu) {
-    const float h = fmaf(xhat, g, be), s = sigmoidf(h);
-    dh = dyv * s * (1.f + h * (1.f - s));
-  }
-  return __fmul_rn(dh, g);
-}
-
-template <typename T, int E>
-__device__ void gn_bwd_stats(const T* __restrict__ x, const T* __restrict__ gamma, const T* __restrict__ beta,
-                             const float2* __restrict__ stats, const T* __restrict__ dy, float2* __restrict__ part, int hw,
-                             int c, int rpc, int chunks, int P, int silu) {
-  const GnThread th(c, P, E);
-  const int chunk = blockIdx.x, b = blockIdx.y;
-  const float2 st_lo = stats[b * GROUPS + th.g0], st_hi = stats[b * GROUPS + th.g_hi()];
-  int r0, r1;
-  chunk_rows(chunk, rpc, hw, r0, r1);
-  const int64_t base = (int64_t)b * hw * c;
-  float2 lo = make_float2(0.f, 0.f), hi = make_float2(0.f, 0.f);
-  if (th.active) {
-    for (int r = r0 + th.ty; r < r1; r += th.TY) {
-      const int64_t off = base + (int64_t)r * c;
-      for (int p = 0; p < P; ++p) {
-        const int ch = th.c0 + p * E, nlo = th.n_lo(ch, E);
-        float v[E], d[E], g[E], be[E];
-        load_pack<T, E>(x + off + ch, v);
-        load_pack<T, E>(dy + off + ch, d);
-        load_pack<T, E>(gamma + ch, g);
-        load_pack<T, E>(beta + ch, be);
-#pragma unroll
-        for (int i = 0; i < E; ++i) {
-          float xhat;
-          if (i < nlo) {
-            const float dd = gn_grad_in(v[i], d[i], g[i], be[i], st_lo, silu, xhat);
-            lo.x += dd, lo.y = fmaf(dd, xhat, lo.y);
-          } else {
-            const float dd = gn_grad_in(v[i], d[i], g[i], be[i], st_hi, silu, xhat);
-            hi.x += dd, hi.y = fmaf(dd, xhat, hi.y);
-          }
-        }
-      }
-    }
-  }
-  const float2 s = gn_block_reduce(th, lo, hi);
-  if (threadIdx.x < GROUPS) part[((int64_t)b * chunks + chunk) * GROUPS + threadIdx.x] = s;
-}
-
-template <typename T, int E>
-__device__ void gn_bwd_apply(const T* __restrict__ x, const T* __restrict__ gamma, const T* __restrict__ beta,
-                             const float2* __restrict__ stats, const T* __restrict__ dy, const float2* __restrict__ part,
-                             const T* __restrict__ res, T* __restrict__ dx, int hw, int c, int rpc, int chunks, int P, int silu) {
-  const GnThread th(c, P, E);
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  const int chunk = blockIdx.x, b = blockIdx.y;
-  __shared__ float sh[WARPS][GROUPS][2];
-  __shared__ float2 sums[GROUPS];
-  float a1 = 0.f, a2 = 0.f;
-  for (int k = warp; k < chunks; k += WARPS) {
-    const float2 p = part[((int64_t)b * chunks + k) * GROUPS + lane];
-    a1 += p.x, a2 += p.y;
-  }
-  sh[warp][lane][0] = a1, sh[warp][lane][1] = a2;
-  __syncthreads();
-  if (warp == 0) {
-    a1 = 0.f, a2 = 0.f;
-#pragma unroll
-    for (int w = 0; w < WARPS; ++w) a1 += sh[w][lane][0], a2 += sh[w][lane][1];
-    const float inv_n = 1.f / (float)(hw * th.cpg);
-    sums[lane] = make_float2(a1 * inv_n, a2 * inv_n);  // (mean(d), mean(d·x̂)) of group `lane`
-  }
-  __syncthreads();
-  if (!th.active) return;
-  const float2 m_lo = sums[th.g0], m_hi = sums[th.g_hi()];
-  const float2 st_lo = stats[b * GROUPS + th.g0], st_hi = stats[b * GROUPS + th.g_hi()];
-  int r0, r1;
-  chunk_rows(chunk, rpc, hw, r0, r1);
-  const int64_t base = (int64_t)b * hw * c;
-  for (int r = r0 + th.ty; r < r1; r += th.TY) {
-    const int64_t off = base + (int64_t)r * c;
-    for (int p = 0; p < P; ++p) {
-      const int ch = th.c0 + p * E, nlo = th.n_lo(ch, E);
-      float v[E], d[E], g[E], be[E];
-      load_pack<T, E>(x + off + ch, v);
-      load_pack<T, E>(dy + off + ch, d);
-      load_pack<T, E>(gamma + ch, g);
-      load_pack<T, E>(beta + ch, be);
-#pragma unroll
-      for (int i = 0; i < E; ++i) {
-        const bool is_lo = i < nlo;
-        const float2 st = is_lo ? st_lo : st_hi, mdd = is_lo ? m_lo : m_hi;
-        float xhat;
-        const float dd = gn_grad_in(v[i], d[i], g[i], be[i], st, silu, xhat);
-        v[i] = st.y * (dd - mdd.x - xhat * mdd.y);
-      }
-      if (res) {
-        float r[E];
-        load_pack<T, E>(res + off + ch, r);
-#pragma unroll
-        for (int i = 0; i < E; ++i) v[i] += r[i];
-      }
-      store_pack<T, E>(dx + off + ch, v);
-    }
-  }
-}
-
-// ---------------------------------------------------------------------------------------------
-// Vector helpers for LayerNorm
+// Vector helpers
 // ---------------------------------------------------------------------------------------------
 template <typename T, int E>
 __device__ __forceinline__ Pack<T, E> load_raw(const T* p) { return *reinterpret_cast<const Pack<T, E>*>(p); }
@@ -334,6 +70,306 @@ __device__ __forceinline__ void opaque(Pack<T, E>& pk) {
   }
 }
 
+// ---------------------------------------------------------------------------------------------
+// GroupNorm: the thread layout, row batches, the block reduction and the partials' combination
+// ---------------------------------------------------------------------------------------------
+// Rows [r0, r1) of chunk `chunk`.
+__device__ __forceinline__ void chunk_rows(int chunk, int rpc, int hw, int& r0, int& r1) {
+  r0 = chunk * rpc;
+  r1 = min(r0 + rpc, hw);
+}
+
+// A thread's place: TX = c/E threads cover a row, one vector of E channels each; the block's
+// TY = blockDim.x / TX thread rows step through the chunk's rows.
+struct GnThread {
+  int tx, ty, TX, TY, c0, g0, cpg, nlo;  // nlo = elements of the vector in group g0 (the rest: g0 + 1)
+  __device__ GnThread(int c, int E) {
+    cpg = c / GROUPS;
+    TX = c / E;
+    TY = blockDim.x / TX;
+    tx = threadIdx.x % TX;
+    ty = threadIdx.x / TX;
+    c0 = tx * E;
+    g0 = c0 / cpg;
+    nlo = min(E, (g0 + 1) * cpg - c0);
+  }
+  __device__ __forceinline__ int g_hi() const { return min(g0 + 1, GROUPS - 1); }
+};
+
+// Issues the loads of rows r, r + TY, ..., r + (R − 1)·TY (those below r1) of this thread's vector:
+// all R are in flight before any is used.
+template <typename T, int E, int R>
+__device__ __forceinline__ void load_rows(const T* __restrict__ p, int c, int r, int TY, int r1, Pack<T, E> (&v)[R]) {
+#pragma unroll
+  for (int j = 0; j < R; ++j)
+    if (r + j * TY < r1) v[j] = load_raw<T, E>(p + (int64_t)(r + j * TY) * c);
+}
+
+// Adds the per-thread (lo, hi) pairs of every thread into one pair per group, in a fixed order.
+// Every thread calls it; returns group `threadIdx.x`'s sums in threads 0..31.
+template <int E>
+__device__ float2 gn_block_reduce(const GnThread& th, float2 lo, float2 hi) {
+  __shared__ float2 sh[MAX_WARPS * 32][2];
+  sh[threadIdx.x][0] = lo;
+  sh[threadIdx.x][1] = hi;
+  __syncthreads();
+  float2 acc = make_float2(0.f, 0.f);
+  if (threadIdx.x < GROUPS) {
+    const int g = threadIdx.x, tx_first = (g * th.cpg) / E, tx_last = ((g + 1) * th.cpg - 1) / E;
+    for (int ty = 0; ty < th.TY; ++ty)
+      for (int tx = tx_first; tx <= tx_last; ++tx) {
+        const float2 v = sh[ty * th.TX + tx][(tx * E) / th.cpg == g ? 0 : 1];
+        acc.x += v.x, acc.y += v.y;
+      }
+  }
+  return acc;
+}
+
+// Chan et al.: merge (n_b, mean_b, M2_b) into (n, mean, M2).
+__device__ __forceinline__ void chan_merge(float& n, float& mean, float& m2, float nb, float meanb, float m2b) {
+  if (nb == 0.f) return;
+  const float tot = n + nb, delta = meanb - mean, f = nb / tot;
+  mean = fmaf(delta, f, mean);
+  m2 = m2 + m2b + delta * delta * n * f;
+  n = tot;
+}
+
+// Combines the chunk partials of sample b into sh_out[g] for every group g; block-wide, ends synced.
+// Warp w's lane g takes chunks w, w + W, ... (W = full warps of the block), loading PART_BATCH of
+// them before merging any; warp 0 then merges the W results. Fixed order: deterministic.
+// Forward (FWD): partials are (mean, M2) of the chunk, merged by Chan's formula; out = (mean, rstd).
+// Backward: partials are (Σd, Σd·x̂), summed; out = (mean(d), mean(d·x̂)).
+#define PART_BATCH 8
+template <bool FWD>
+__device__ void gn_combine(const float2* __restrict__ part, int b, int hw, int cpg, int rpc, int chunks, float eps, float2* sh_out) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, W = blockDim.x >> 5;
+  __shared__ float sh[MAX_WARPS][GROUPS][3];
+  if (warp < W) {
+    float n = 0.f, a1 = 0.f, a2 = 0.f;  // forward: count, mean, M2; backward: -, Σd, Σd·x̂
+    for (int k0 = warp; k0 < chunks; k0 += PART_BATCH * W) {
+      float2 p[PART_BATCH];
+#pragma unroll
+      for (int i = 0; i < PART_BATCH; ++i)
+        if (k0 + i * W < chunks) p[i] = part[((int64_t)b * chunks + k0 + i * W) * GROUPS + lane];
+#pragma unroll
+      for (int i = 0; i < PART_BATCH; ++i) {
+        const int k = k0 + i * W;
+        if (k >= chunks) break;
+        if (FWD) {
+          int r0, r1;
+          chunk_rows(k, rpc, hw, r0, r1);
+          chan_merge(n, a1, a2, (float)((r1 - r0) * cpg), p[i].x, p[i].y);
+        } else {
+          a1 += p[i].x, a2 += p[i].y;
+        }
+      }
+    }
+    sh[warp][lane][0] = n, sh[warp][lane][1] = a1, sh[warp][lane][2] = a2;
+  }
+  __syncthreads();
+  if (warp == 0) {
+    float n = 0.f, a1 = 0.f, a2 = 0.f;
+    for (int w = 0; w < W; ++w) {
+      if (FWD) {
+        chan_merge(n, a1, a2, sh[w][lane][0], sh[w][lane][1], sh[w][lane][2]);
+      } else {
+        a1 += sh[w][lane][1], a2 += sh[w][lane][2];
+      }
+    }
+    const float inv_n = 1.f / (float)(hw * cpg);
+    sh_out[lane] = FWD ? make_float2(a1, rsqrtf(a2 / n + eps)) : make_float2(a1 * inv_n, a2 * inv_n);
+  }
+  __syncthreads();
+}
+
+// ---------------------------------------------------------------------------------------------
+// GroupNorm forward
+// ---------------------------------------------------------------------------------------------
+template <typename T, int E, int R>
+__device__ void gn_fwd_stats(const T* __restrict__ x, float2* __restrict__ part, int hw, int c, int rpc, int chunks) {
+  const GnThread th(c, E);
+  const int chunk = blockIdx.x, b = blockIdx.y;
+  int r0, r1;
+  chunk_rows(chunk, rpc, hw, r0, r1);
+  const T* xs = x + (int64_t)b * hw * c;
+  // Shift of group g: its first value in the chunk (the same for every thread of the block).
+  const float shift_lo = to_f32(xs[(int64_t)r0 * c + th.g0 * th.cpg]), shift_hi = to_f32(xs[(int64_t)r0 * c + th.g_hi() * th.cpg]);
+  float2 lo = make_float2(0.f, 0.f), hi = make_float2(0.f, 0.f);
+  for (int r = r0 + th.ty; r < r1; r += R * th.TY) {
+    Pack<T, E> pk[R];
+    load_rows<T, E, R>(xs + th.c0, c, r, th.TY, r1, pk);
+#pragma unroll
+    for (int j = 0; j < R; ++j) {
+      if (r + j * th.TY >= r1) break;
+      float v[E];
+      unpack<T, E>(pk[j], v);
+#pragma unroll
+      for (int i = 0; i < E; ++i) {
+        if (i < th.nlo) {
+          const float d = v[i] - shift_lo;
+          lo.x += d, lo.y = fmaf(d, d, lo.y);
+        } else {
+          const float d = v[i] - shift_hi;
+          hi.x += d, hi.y = fmaf(d, d, hi.y);
+        }
+      }
+    }
+  }
+  const float2 s = gn_block_reduce<E>(th, lo, hi);
+  if (threadIdx.x < GROUPS) {
+    const int g = threadIdx.x;
+    const float count = (float)((r1 - r0) * th.cpg), m = s.x / count;
+    const float shift = to_f32(xs[(int64_t)r0 * c + g * th.cpg]);
+    part[((int64_t)b * chunks + chunk) * GROUPS + g] = make_float2(shift + m, fmaxf(s.y - s.x * m, 0.f));
+  }
+}
+
+template <typename T, int E, int R>
+__device__ void gn_fwd_apply(const T* __restrict__ x, const T* __restrict__ gamma, const T* __restrict__ beta,
+                             T* __restrict__ y, const float2* __restrict__ part, float2* __restrict__ stats, int hw, int c,
+                             int rpc, int chunks, float eps, int silu) {
+  const GnThread th(c, E);
+  const int chunk = blockIdx.x, b = blockIdx.y;
+  int r0, r1;
+  chunk_rows(chunk, rpc, hw, r0, r1);
+  const int64_t base = (int64_t)b * hw * c + th.c0;
+  float g[E], be[E];
+  load_pack<T, E>(gamma + th.c0, g);
+  load_pack<T, E>(beta + th.c0, be);
+  // The first rows are loaded before the statistics are combined: both latencies overlap.
+  Pack<T, E> pk[R];
+  int r = r0 + th.ty;
+  load_rows<T, E, R>(x + base, c, r, th.TY, r1, pk);
+  __shared__ float2 sh_stats[GROUPS];
+  gn_combine<true>(part, b, hw, th.cpg, rpc, chunks, eps, sh_stats);
+  if (chunk == 0 && threadIdx.x < GROUPS) stats[b * GROUPS + threadIdx.x] = sh_stats[threadIdx.x];
+  const float2 st_lo = sh_stats[th.g0], st_hi = sh_stats[th.g_hi()];
+  while (r < r1) {
+#pragma unroll
+    for (int j = 0; j < R; ++j) {
+      const int rj = r + j * th.TY;
+      if (rj >= r1) break;
+      float v[E];
+      unpack<T, E>(pk[j], v);
+#pragma unroll
+      for (int i = 0; i < E; ++i) {
+        const float2 st = i < th.nlo ? st_lo : st_hi;
+        const float h = fmaf((v[i] - st.x) * st.y, g[i], be[i]);
+        v[i] = silu ? h * sigmoidf(h) : h;
+      }
+      store_pack<T, E>(y + base + (int64_t)rj * c, v);
+    }
+    r += R * th.TY;
+    load_rows<T, E, R>(x + base, c, r, th.TY, r1, pk);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// GroupNorm backward (input gradient)
+// ---------------------------------------------------------------------------------------------
+// d = dh·γ for one element (rounded once, see the LayerNorm note), and x̂.
+__device__ __forceinline__ float gn_grad_in(float xv, float dyv, float g, float be, float2 st, int silu, float& xhat) {
+  xhat = (xv - st.x) * st.y;
+  float dh = dyv;
+  if (silu) {
+    const float h = fmaf(xhat, g, be), s = sigmoidf(h);
+    dh = dyv * s * (1.f + h * (1.f - s));
+  }
+  return __fmul_rn(dh, g);
+}
+
+template <typename T, int E, int R>
+__device__ void gn_bwd_stats(const T* __restrict__ x, const T* __restrict__ gamma, const T* __restrict__ beta,
+                             const float2* __restrict__ stats, const T* __restrict__ dy, float2* __restrict__ part, int hw,
+                             int c, int rpc, int chunks, int silu) {
+  const GnThread th(c, E);
+  const int chunk = blockIdx.x, b = blockIdx.y;
+  int r0, r1;
+  chunk_rows(chunk, rpc, hw, r0, r1);
+  const int64_t base = (int64_t)b * hw * c + th.c0;
+  const float2 st_lo = stats[b * GROUPS + th.g0], st_hi = stats[b * GROUPS + th.g_hi()];
+  float g[E], be[E];
+  load_pack<T, E>(gamma + th.c0, g);
+  load_pack<T, E>(beta + th.c0, be);
+  float2 lo = make_float2(0.f, 0.f), hi = make_float2(0.f, 0.f);
+  for (int r = r0 + th.ty; r < r1; r += R * th.TY) {
+    Pack<T, E> px[R], pd[R];
+    load_rows<T, E, R>(x + base, c, r, th.TY, r1, px);
+    load_rows<T, E, R>(dy + base, c, r, th.TY, r1, pd);
+#pragma unroll
+    for (int j = 0; j < R; ++j) {
+      if (r + j * th.TY >= r1) break;
+      float v[E], d[E];
+      unpack<T, E>(px[j], v);
+      unpack<T, E>(pd[j], d);
+#pragma unroll
+      for (int i = 0; i < E; ++i) {
+        float xhat;
+        if (i < th.nlo) {
+          const float dd = gn_grad_in(v[i], d[i], g[i], be[i], st_lo, silu, xhat);
+          lo.x += dd, lo.y = fmaf(dd, xhat, lo.y);
+        } else {
+          const float dd = gn_grad_in(v[i], d[i], g[i], be[i], st_hi, silu, xhat);
+          hi.x += dd, hi.y = fmaf(dd, xhat, hi.y);
+        }
+      }
+    }
+  }
+  const float2 s = gn_block_reduce<E>(th, lo, hi);
+  if (threadIdx.x < GROUPS) part[((int64_t)b * chunks + chunk) * GROUPS + threadIdx.x] = s;
+}
+
+template <typename T, int E, int R>
+__device__ void gn_bwd_apply(const T* __restrict__ x, const T* __restrict__ gamma, const T* __restrict__ beta,
+                             const float2* __restrict__ stats, const T* __restrict__ dy, const float2* __restrict__ part,
+                             const T* __restrict__ res, T* __restrict__ dx, int hw, int c, int rpc, int chunks, int silu) {
+  const GnThread th(c, E);
+  const int chunk = blockIdx.x, b = blockIdx.y;
+  int r0, r1;
+  chunk_rows(chunk, rpc, hw, r0, r1);
+  const int64_t base = (int64_t)b * hw * c + th.c0;
+  const float2 st_lo = stats[b * GROUPS + th.g0], st_hi = stats[b * GROUPS + th.g_hi()];
+  float g[E], be[E];
+  load_pack<T, E>(gamma + th.c0, g);
+  load_pack<T, E>(beta + th.c0, be);
+  // The first rows are loaded before the sums are combined: both latencies overlap.
+  Pack<T, E> px[R], pd[R], pr[R];
+  int r = r0 + th.ty;
+  load_rows<T, E, R>(x + base, c, r, th.TY, r1, px);
+  load_rows<T, E, R>(dy + base, c, r, th.TY, r1, pd);
+  if (res) load_rows<T, E, R>(res + base, c, r, th.TY, r1, pr);
+  __shared__ float2 sums[GROUPS];
+  gn_combine<false>(part, b, hw, th.cpg, rpc, chunks, 0.f, sums);
+  const float2 m_lo = sums[th.g0], m_hi = sums[th.g_hi()];
+  while (r < r1) {
+#pragma unroll
+    for (int j = 0; j < R; ++j) {
+      const int rj = r + j * th.TY;
+      if (rj >= r1) break;
+      float v[E], d[E];
+      unpack<T, E>(px[j], v);
+      unpack<T, E>(pd[j], d);
+#pragma unroll
+      for (int i = 0; i < E; ++i) {
+        const bool is_lo = i < th.nlo;
+        const float2 st = is_lo ? st_lo : st_hi, mdd = is_lo ? m_lo : m_hi;
+        float xhat;
+        const float dd = gn_grad_in(v[i], d[i], g[i], be[i], st, silu, xhat);
+        v[i] = st.y * (dd - mdd.x - xhat * mdd.y);
+      }
+      if (res) {
+        unpack<T, E>(pr[j], d);
+#pragma unroll
+        for (int i = 0; i < E; ++i) v[i] += d[i];
+      }
+      store_pack<T, E>(dx + base + (int64_t)rj * c, v);
+    }
+    r += R * th.TY;
+    load_rows<T, E, R>(x + base, c, r, th.TY, r1, px);
+    load_rows<T, E, R>(dy + base, c, r, th.TY, r1, pd);
+    if (res) load_rows<T, E, R>(res + base, c, r, th.TY, r1, pr);
+  }
+}
 // ---------------------------------------------------------------------------------------------
 // LayerNorm: lane `lane` of a row's warp owns vectors j·32 + lane (j = 0, 1, ...) of the row;
 // the first H stay in registers, later ones (rows wider than 32·H·E) are read again.
@@ -500,9 +536,11 @@ __device__ void ln_bwd(const T* __restrict__ x, const T* __restrict__ gamma, con
   }
 }
 
-// Entry points: <op>_<type>_v<E>, E = elements per vector load (the launcher picks the widest that
-// divides the channels a lane reads: cpg for GroupNorm, c for LayerNorm); LayerNorm's also carry
-// _h<H>, the vectors per lane held in registers (blocks of 256 per SM: 4 for H ≤ 2, 3 for H = 3, 2 for 5).
+// Entry points: <op>_<type>_v<E>, E = elements per vector load. GroupNorm: the launcher picks the
+// widest 16-byte vector with E ≤ c/32, or 8 f32 (two 16-byte loads) where c/E would exceed 512;
+// blocks of up to 512 threads, R = 2 rows loaded at a time (more would spill at 128 registers).
+// LayerNorm's carry _h<H>, the vectors per lane held in registers (blocks of 256 per SM: 4 for
+// H ≤ 2, 3 for H = 3, 2 for 5).
 #define LN_KERNELS(TN, T, E, H)                                                                                         \
   extern "C" __global__ void __launch_bounds__(256, (H) <= 2 ? 4 : (H) == 3 ? 3 : 2) layer_norm_fwd_##TN##_v##E##_h##H(                \
       const T* x, const T* gamma, const T* beta, T* y, float2* stats, int rows, int c, float eps) {                    \
@@ -512,26 +550,29 @@ __device__ void ln_bwd(const T* __restrict__ x, const T* __restrict__ gamma, con
       const T* x, const T* gamma, const float2* stats, const T* dy, const T* res, T* dx, int rows, int c) {            \
     ln_bwd<T, E, H>(x, gamma, stats, dy, res, dx, rows, c);                                                            \
   }
-#define NORM_KERNELS(TN, T, E)                                                                                          \
-  extern "C" __global__ void __launch_bounds__(256) group_norm_fwd_stats_##TN##_v##E(                                 \
-      const T* x, float2* part, int hw, int c, int rpc, int chunks, int P) {                                           \
-    gn_fwd_stats<T, E>(x, part, hw, c, rpc, chunks, P);                                                                 \
+#define GN_KERNELS(TN, T, E, SUFFIX, THREADS, R)                                                                        \
+  extern "C" __global__ void __launch_bounds__(THREADS) group_norm_fwd_stats_##TN##_v##E##SUFFIX(                      \
+      const T* x, float2* part, int hw, int c, int rpc, int chunks) {                                                  \
+    gn_fwd_stats<T, E, R>(x, part, hw, c, rpc, chunks);                                                                \
   }                                                                                                                    \
-  extern "C" __global__ void __launch_bounds__(256) group_norm_fwd_apply_##TN##_v##E(                                 \
+  extern "C" __global__ void __launch_bounds__(THREADS) group_norm_fwd_apply_##TN##_v##E##SUFFIX(                      \
       const T* x, const T* gamma, const T* beta, T* y, const float2* part, float2* stats, int hw, int c, int rpc,     \
-      int chunks, int P, float eps, int silu) {                                                                        \
-    gn_fwd_apply<T, E>(x, gamma, beta, y, part, stats, hw, c, rpc, chunks, P, eps, silu);                                \
+      int chunks, float eps, int silu) {                                                                               \
+    gn_fwd_apply<T, E, R>(x, gamma, beta, y, part, stats, hw, c, rpc, chunks, eps, silu);                              \
   }                                                                                                                    \
-  extern "C" __global__ void __launch_bounds__(256) group_norm_bwd_stats_##TN##_v##E(                                 \
+  extern "C" __global__ void __launch_bounds__(THREADS) group_norm_bwd_stats_##TN##_v##E##SUFFIX(                      \
       const T* x, const T* gamma, const T* beta, const float2* stats, const T* dy, float2* part, int hw, int c,       \
-      int rpc, int chunks, int P, int silu) {                                                                          \
-    gn_bwd_stats<T, E>(x, gamma, beta, stats, dy, part, hw, c, rpc, chunks, P, silu);                                \
+      int rpc, int chunks, int silu) {                                                                                 \
+    gn_bwd_stats<T, E, R>(x, gamma, beta, stats, dy, part, hw, c, rpc, chunks, silu);                                  \
   }                                                                                                                    \
-  extern "C" __global__ void __launch_bounds__(256) group_norm_bwd_apply_##TN##_v##E(                                 \
+  extern "C" __global__ void __launch_bounds__(THREADS) group_norm_bwd_apply_##TN##_v##E##SUFFIX(                      \
       const T* x, const T* gamma, const T* beta, const float2* stats, const T* dy, const float2* part, const T* res,    \
-      T* dx, int hw, int c, int rpc, int chunks, int P, int silu) {                                                    \
-    gn_bwd_apply<T, E>(x, gamma, beta, stats, dy, part, res, dx, hw, c, rpc, chunks, P, silu);                           \
-  }                                                                                                                    \
+      T* dx, int hw, int c, int rpc, int chunks, int silu) {                                                           \
+    gn_bwd_apply<T, E, R>(x, gamma, beta, stats, dy, part, res, dx, hw, c, rpc, chunks, silu);                         \
+  }
+#define GN_VARIANTS(TN, T, E) GN_KERNELS(TN, T, E, , 512, 2)
+#define NORM_KERNELS(TN, T, E)                                                                                          \
+  GN_VARIANTS(TN, T, E)                                                                                                \
   LN_KERNELS(TN, T, E, 1)                                                                                              \
   LN_KERNELS(TN, T, E, 2)                                                                                              \
   LN_KERNELS(TN, T, E, 3)                                                                                              \
@@ -540,6 +581,7 @@ __device__ void ln_bwd(const T* __restrict__ x, const T* __restrict__ gamma, con
 NORM_KERNELS(f32, float, 1)
 NORM_KERNELS(f32, float, 2)
 NORM_KERNELS(f32, float, 4)
+GN_VARIANTS(f32, float, 8)
 NORM_KERNELS(bf16, bf16, 1)
 NORM_KERNELS(bf16, bf16, 2)
 NORM_KERNELS(bf16, bf16, 4)

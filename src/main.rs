@@ -111,8 +111,9 @@ struct TrainArgs {
     /// Checkpoint format [default: diffusers].
     #[arg(long, value_enum)]
     save_format: Option<sdlora::train::config::SaveFormat>,
-    /// Device memory budget, e.g. 8G or 4G: before the first step the memory plan chooses which
-    /// transformers recompute their activations in the backward so the step fits; allocations
+    /// Device memory budget, e.g. 8G or 4G: before the first step the memory plan chooses what each
+    /// transformer keeps for the backward (everything, all but its feed-forward hidden states, or
+    /// only its input, the rest recomputed) so the step fits at the least recompute; allocations
     /// beyond it stop the run with the numbers [default: the GPU's free memory, for the plan].
     #[arg(long)]
     vram_limit: Option<String>,
@@ -196,6 +197,10 @@ enum BenchWhat {
         /// 8-bit AdamW moments (as `train --adamw-8bit`).
         #[arg(long)]
         adamw_8bit: bool,
+        /// Fit the step into this much device memory (e.g. 2G, 4G) by recomputing transformer
+        /// activations in the backward, planned as `train --vram-limit` does.
+        #[arg(long, value_name = "SIZE")]
+        vram_limit: Option<String>,
     },
     /// Check one UNet LoRA forward + backward at full SD1.5 size against PyTorch and time it.
     ///
@@ -246,8 +251,9 @@ fn run(cli: Cli) -> Result<()> {
             let gpu = Gpu::new(0)?;
             sdlora::bench::run_kernel_benches(&gpu, &filter)
         }
-        Command::Bench(BenchArgs { what: BenchWhat::Train { resolution, steps, adamw_per_layer, adamw_8bit } }) => {
-            sdlora::train::benchmark(&Gpu::new(0)?, resolution, 3, steps, adamw_per_layer, adamw_8bit)
+        Command::Bench(BenchArgs { what: BenchWhat::Train { resolution, steps, adamw_per_layer, adamw_8bit, vram_limit } }) => {
+            let opts = sdlora::train::BenchOptions { resolution, warmup: 3, steps, adamw_per_layer, adamw_8bit, vram_limit };
+            sdlora::train::benchmark(&Gpu::new(0)?, &opts)
         }
         Command::Bench(BenchArgs { what: BenchWhat::Unet { reference, iters, checkpoint } }) => {
             sdlora::bench::unet::run(&Gpu::new(0)?, &reference, iters, checkpoint)

@@ -6,7 +6,7 @@
 //! (u dropped after the forward and recomputed in the backward: one more x·Aᵀ GEMM, M·r·2 bytes
 //! less to keep), and the weight gradients dA, dB alone with split-K through f32 atomics
 //! (`lora_grads_atomic`) or a workspace and one reduction (`lora_grads_workspace`, the one used).
-//! On a Hopper GPU, `linear_sm90_tile*` / `linear_input_grad_sm90_tile*` force each wgmma tile.
+//! On a Hopper GPU, `linear_sm90_*` / `linear_input_grad_sm90_*` force each wgmma kernel and tile.
 //! benches/torch_gemm.py times the same shapes with cuBLAS through PyTorch.
 
 use super::{BenchRow, Timing};
@@ -128,7 +128,8 @@ pub fn bench(gpu: &Gpu) -> Result<Vec<BenchRow>> {
     Ok(rows)
 }
 
-/// Rows `<what>_sm90_tile<BM>x<BN>`: the Hopper wgmma kernels (ops::gemm_sm90), each tile forced
+/// Rows `<what>_sm90_tile<BM>x<BN>` (cp.async kernels) and `<what>_sm90_tma<BM>x<BN>_s<stages>[_p]`
+/// (TMA kernels): the Hopper wgmma kernels (ops::gemm_sm90), each forced
 /// (none on other GPUs; the row `<what>` is the launcher's choice, which takes them on a Hopper).
 fn bench_sm90(gpu: &Gpu, what: &str, shape: &str, flop: f64, call: &GemmCall) -> Result<Vec<BenchRow>> {
     let mut rows = Vec::new();
@@ -137,7 +138,7 @@ fn bench_sm90(gpu: &Gpu, what: &str, shape: &str, flop: f64, call: &GemmCall) ->
     }
     for tile in gemm_sm90::SM90_TILES {
         let t = time_queued(gpu, REPS, || gemm_sm90::gemm_sm90(gpu, call, Some(tile)))?;
-        let kernel = format!("{what}_sm90_tile{}x{}", tile.0, tile.1);
+        let kernel = format!("{what}_sm90_{}", tile.label());
         rows.push(BenchRow { kernel, shape: shape.into(), rate: tflops(flop, &t), unit: "TFLOP/s", timing: t });
     }
     Ok(rows)

@@ -6,6 +6,7 @@ use super::{time_gpu, Timing};
 use crate::cuda::{ArenaKind, Gpu};
 use crate::model::layers::Dev;
 use crate::model::lora;
+use crate::model::transformer::Keep;
 use crate::model::unet::{UNet2DConditionModel, UNetConfig};
 use crate::model::weights::{Component, ModelSource, SafetensorsFile};
 use crate::ops::diffusion::{mse_min_snr_backward_cpu, mse_min_snr_cpu};
@@ -44,7 +45,7 @@ pub fn run(gpu: &Gpu, reference: &Path, iters: usize, checkpoint: bool) -> Resul
     lora::load(dev, &mut unet, &crate::checkpoint::load_lora(&lora_file)?.weights)?;
     for (_, l) in unet.layers_mut() {
         if let Some(t) = &mut l.attention {
-            t.checkpoint = checkpoint;
+            t.keep = if checkpoint { Keep::Input } else { Keep::All };
         }
     }
     let weights_bytes = gpu.arena_stats(ArenaKind::Persistent).in_use;

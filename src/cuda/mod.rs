@@ -156,6 +156,7 @@ impl Gpu {
                 KernelArg::I32(v) => builder.arg(v),
                 KernelArg::U32(v) => builder.arg(v),
                 KernelArg::F32(v) => builder.arg(v),
+                KernelArg::TensorMap(v) => builder.arg(v),
             };
         }
         let profiling = self.profiler.borrow().is_some();
@@ -296,6 +297,9 @@ pub enum KernelArg {
     I32(i32),
     U32(u32),
     F32(f32),
+    /// A 128-byte `CUtensorMap` (from `cuTensorMapEncodeTiled`) passed by value: the kernel
+    /// parameter is a 64-byte-aligned `const __grid_constant__` struct of 16 u64.
+    TensorMap([u64; 16]),
 }
 
 fn launch_error(module: &str, kernel: &str, cfg: &LaunchConfig, e: DriverError) -> anyhow::Error {

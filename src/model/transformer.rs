@@ -2,8 +2,10 @@
 //! and FeedForward(GEGLU) (models/transformers/transformer_2d.py, models/attention.py), on token-major
 //! activations [n, h·w, c] that share their memory layout with NHWC [n, h, w, c].
 //!
-//! The backward recomputes nothing by default; with `checkpoint` set, a Transformer2DModel keeps
-//! only its input after the forward and reruns it inside the backward (less memory, more time).
+//! What a Transformer2DModel keeps from its forward for its backward is its [`Keep`] setting: every
+//! activation (the default), all but the feed-forward's hidden states (recomputed in the backward
+//! by one LayerNorm and one GEMM), or only its input (the backward reruns the forward: activation
+//! checkpointing). The memory plan (train::memory) chooses per transformer.
 
 use super::functional::{attention, attention_backward, geglu, geglu_backward};
 use super::layers::{Dev, GroupNorm, LayerNorm, Linear, NormStats};
@@ -96,7 +98,10 @@ struct BlockSaved {
     stats: [NormStats; 3],
     attn1: AttentionSaved,
     attn2: AttentionSaved,
-    ff_hidden: Tensor,
+    /// The feed-forward's hidden states (GEGLU input, tokens × 8c), unless the backward recomputes them.
+    ff_hidden: Option<Tensor>,
+    /// Their size, kept or not.
+    ff_hidden_bytes: usize,
 }
 
 impl BasicTransformerBlock {
@@ -113,7 +118,8 @@ impl BasicTransformerBlock {
         })
     }
 
-    fn forward(&self, dev: Dev, t0: &Tensor, context: &Tensor) -> Result<(Tensor, BlockSaved)> {
+    /// `keep_ff`: keep the feed-forward's hidden states for the backward (else it recomputes them).
+    fn forward(&self, dev: Dev, t0: &Tensor, context: &Tensor, keep_ff: bool) -> Result<(Tensor, BlockSaved)> {
         let (n1, s1) = self.norm1.forward(dev, t0)?;
         let (t1, attn1) = self.attn1.forward(dev, &n1, &n1, t0)?;
         let (n2, s2) = self.norm2.forward(dev, &t1)?;
@@ -121,12 +127,18 @@ impl BasicTransformerBlock {
         let (n3, s3) = self.norm3.forward(dev, &t2)?;
         let ff_hidden = self.ff_proj.forward(dev, &n3)?;
         let t3 = self.ff_out.forward_add(dev, &geglu(dev, &ff_hidden)?, Some(&t2))?;
-        Ok((t3, BlockSaved { t0: t0.clone(), t1, t2, stats: [s1, s2, s3], attn1, attn2, ff_hidden }))
+        let ff_hidden_bytes = bytes(&ff_hidden);
+        let ff_hidden = keep_ff.then_some(ff_hidden);
+        Ok((t3, BlockSaved { t0: t0.clone(), t1, t2, stats: [s1, s2, s3], attn1, attn2, ff_hidden, ff_hidden_bytes }))
     }
 
     fn backward(&mut self, dev: Dev, s: &BlockSaved, dt3: &Tensor) -> Result<Tensor> {
+        let ff_hidden = match &s.ff_hidden {
+            Some(h) => h.clone(),
+            None => self.ff_proj.forward(dev, &self.norm3.forward(dev, &s.t2)?.0)?,
+        };
         let d_act = self.ff_out.backward_input(dev, dt3)?;
-        let d_hidden = geglu_backward(dev, &s.ff_hidden, &d_act)?;
+        let d_hidden = geglu_backward(dev, &ff_hidden, &d_act)?;
         let dn3 = self.ff_proj.backward_input(dev, &d_hidden)?;
         // Each residual branch's gradient is added inside the LayerNorm backward.
         let dt2 = self.norm3.backward(dev, &s.t2, &s.stats[2], &dn3, Some(dt3))?;
@@ -137,19 +149,34 @@ impl BasicTransformerBlock {
     }
 }
 
+/// What a [`Transformer2DModel`] keeps from its forward for its backward.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Keep {
+    /// Every activation the backward needs.
+    All,
+    /// All but the feed-forward's hidden states (tokens × 8c bf16, the largest single activation),
+    /// which the backward recomputes from the saved input of norm3: one LayerNorm and one GEMM.
+    AllButFeedForward,
+    /// Only the input: the backward reruns the whole forward (activation checkpointing).
+    Input,
+}
+
 /// GN → proj_in (1×1) → BasicTransformerBlock → proj_out (1×1) → + input.
 pub struct Transformer2DModel {
     norm: GroupNorm,
     proj_in: Linear,
     pub block: BasicTransformerBlock,
     proj_out: Linear,
-    /// Keep only the input after the forward; recompute the rest in the backward.
-    pub checkpoint: bool,
-    /// Bytes of the activations a backward needs beyond the input (measured at the last forward
-    /// or recompute): what `checkpoint` saves.
+    pub keep: Keep,
+    /// Bytes of the activations a backward needs beyond the input, feed-forward hidden states
+    /// included (measured at the last forward or recompute): what `Keep::Input` saves.
     pub activation_bytes: usize,
-    /// Forward FLOPs of the last input: what `checkpoint` costs (run again in the backward).
+    /// Of those, the feed-forward hidden states: what `Keep::AllButFeedForward` saves.
+    pub ff_hidden_bytes: usize,
+    /// Forward FLOPs of the last input: what `Keep::Input` costs (run again in the backward).
     pub forward_flops: f64,
+    /// FLOPs of the feed-forward's first GEMM: what `Keep::AllButFeedForward` costs.
+    pub ff_flops: f64,
     input: Option<(Tensor, Tensor)>,
     saved: Option<(NormStats, BlockSaved)>,
 }
@@ -163,9 +190,11 @@ impl Transformer2DModel {
                 proj_in: Linear::load(dev, w, &p("proj_in"), ch, ch, true, true)?,
                 block: BasicTransformerBlock::load(dev, w, &p("transformer_blocks.0"), ch, context_dim, heads)?,
                 proj_out: Linear::load(dev, w, &p("proj_out"), ch, ch, true, true)?,
-                checkpoint: false,
+                keep: Keep::All,
                 activation_bytes: 0,
+                ff_hidden_bytes: 0,
                 forward_flops: 0.0,
+                ff_flops: 0.0,
                 input: None,
                 saved: None,
             })
@@ -175,21 +204,27 @@ impl Transformer2DModel {
 
     /// x NHWC [n, h, w, c]; context [n, 77, context_dim].
     pub fn forward(&mut self, dev: Dev, x: &Tensor, context: &Tensor) -> Result<Tensor> {
-        let (out, saved) = self.run(dev, x, context)?;
-        self.activation_bytes = block_saved_bytes(&saved.1);
+        let (out, saved) = self.run(dev, x, context, self.keep == Keep::All)?;
+        self.note_sizes(&saved.1);
         // Linears 20·c² per token (proj_in/out 2, attn1 4, attn2 q/o 2, GEGLU 8 + 4), self-attention 4·L·c.
         let (tokens, c) = ((x.numel() / x.shape()[3]) as f64, x.shape()[3] as f64);
         self.forward_flops = 2.0 * tokens * 20.0 * c * c + 4.0 * tokens * (x.shape()[1] * x.shape()[2]) as f64 * c;
+        self.ff_flops = 2.0 * tokens * 8.0 * c * c;
         self.input = Some((x.clone(), context.clone()));
-        self.saved = if self.checkpoint { None } else { Some(saved) };
+        self.saved = if self.keep == Keep::Input { None } else { Some(saved) };
         Ok(out)
     }
 
-    fn run(&self, dev: Dev, x: &Tensor, context: &Tensor) -> Result<(Tensor, (NormStats, BlockSaved))> {
+    fn note_sizes(&mut self, saved: &BlockSaved) {
+        self.ff_hidden_bytes = saved.ff_hidden_bytes;
+        self.activation_bytes = block_saved_bytes(saved) + if saved.ff_hidden.is_some() { 0 } else { saved.ff_hidden_bytes };
+    }
+
+    fn run(&self, dev: Dev, x: &Tensor, context: &Tensor, keep_ff: bool) -> Result<(Tensor, (NormStats, BlockSaved))> {
         let s = x.shape();
         let (g, stats) = self.norm.forward(dev, x, false)?;
         let tokens = self.proj_in.forward(dev, &g)?.reshape(&[s[0], s[1] * s[2], s[3]])?;
-        let (t, saved) = self.block.forward(dev, &tokens, context)?;
+        let (t, saved) = self.block.forward(dev, &tokens, context, keep_ff)?;
         let out = self.proj_out.forward_add(dev, &t, Some(&x.reshape(t.shape())?))?.reshape(s)?;
         Ok((out, (stats, saved)))
     }
@@ -199,8 +234,8 @@ impl Transformer2DModel {
         let (stats, saved) = match self.saved.take() {
             Some(s) => s,
             None => {
-                let recomputed = self.run(dev, &x, &context)?.1;
-                self.activation_bytes = block_saved_bytes(&recomputed.1);
+                let recomputed = self.run(dev, &x, &context, true)?.1;
+                self.note_sizes(&recomputed.1);
                 recomputed
             }
         };
@@ -220,7 +255,7 @@ impl Transformer2DModel {
         }
     }
 
-    /// Bytes kept between forward and backward (the input alone when checkpointing).
+    /// Bytes kept between forward and backward (the input alone with `Keep::Input`).
     pub fn saved_bytes(&self) -> usize {
         let input = self.input.as_ref().map_or(0, |(x, _)| bytes(x));
         input + self.saved.as_ref().map_or(0, |(_, s)| block_saved_bytes(s))
@@ -229,5 +264,5 @@ impl Transformer2DModel {
 
 fn block_saved_bytes(s: &BlockSaved) -> usize {
     let a = |a: &AttentionSaved| bytes(&a.x) + bytes(&a.q) + bytes(&a.k) + bytes(&a.v) + bytes(&a.o);
-    bytes(&s.t0) + bytes(&s.t1) + bytes(&s.t2) + a(&s.attn1) + a(&s.attn2) + bytes(&s.ff_hidden)
+    bytes(&s.t0) + bytes(&s.t1) + bytes(&s.t2) + a(&s.attn1) + a(&s.attn2) + s.ff_hidden.as_ref().map_or(0, bytes)
 }

@@ -4,6 +4,7 @@
 
 use super::layers::Dev;
 use super::lora;
+use super::transformer::Keep;
 use super::unet::{UNet2DConditionModel, UNetConfig};
 use super::weights::{Component, ModelSource, SafetensorsFile};
 use crate::checkpoint::load_lora;
@@ -146,3 +147,29 @@ fn unet_lora_gradients_match_finite_differences() {
     }
 }
 
+
+/// Keeping fewer activations (the feed-forward hidden states recomputed, or the whole transformer
+/// rerun in the backward) holds fewer bytes between forward and backward and gives bit-identical
+/// LoRA gradients.
+#[test]
+fn recomputing_transformer_activations_changes_no_gradient() {
+    let f = Fixture::open();
+    let mut unet = tiny_unet();
+    with_fixture_lora(&mut unet);
+    let mut run = |keep: Keep| {
+        unet.layers_mut().filter_map(|(_, l)| l.attention.as_mut()).for_each(|t| t.keep = keep);
+        let (_, d_pred) = loss_and_grad(&mut unet, &f);
+        let held: usize = unet.layers_mut().filter_map(|(_, l)| l.attention.as_ref()).map(|t| t.saved_bytes()).sum();
+        unet.backward(Dev::Cpu, &d_pred).unwrap();
+        let grads: Vec<f32> = lora::gradients(Dev::Cpu, &mut unet).unwrap().into_iter().flat_map(|(_, a, b)| a.into_iter().chain(b)).collect();
+        lora::zero_gradients(Dev::Cpu, &mut unet).unwrap();
+        (held, grads)
+    };
+    let (all, grads_all) = run(Keep::All);
+    let (but_ff, grads_but_ff) = run(Keep::AllButFeedForward);
+    let (input, grads_input) = run(Keep::Input);
+    assert!(all > but_ff && but_ff > input, "held bytes: all {all}, all but the feed-forward {but_ff}, input {input}");
+    assert!(grads_all.iter().any(|&g| g != 0.0));
+    assert!(grads_all == grads_but_ff, "recomputing the feed-forward hidden states changed the gradients");
+    assert!(grads_all == grads_input, "rerunning the transformers changed the gradients");
+}

@@ -1,5 +1,5 @@
-//! The Hopper GEMM path (kernels/gemm_sm90.cu: wgmma from 128-byte-swizzled shared memory, cp.async
-//! pipeline): the same `C = α·Σ_k A(m,k)·B(n,k) + bias + R` contract as kernels/gemm.cu for the
+//! The Hopper GEMM path (kernels/gemm_sm90.cu: wgmma from 128-byte-swizzled shared memory fed by a
+//! cp.async pipeline or by TMA with a producer warp and mbarriers): the same `C = α·Σ_k A(m,k)·B(n,k) + bias + R` contract as kernels/gemm.cu for the
 //! layouts `Kk` (y = x·Wᵀ) and `Kn` (dx = dy·W), both K segments, bf16 or f32 C.
 //!
 //! [`crate::ops::gemm::gemm`] sends a call here when [`supports`] says yes (a compute capability 9.0
@@ -7,8 +7,8 @@
 //! along K (small M); every other GPU keeps the sm_80 kernels. CPU twins: `linear_cpu` and
 //! `linear_input_grad_cpu` in `ops::gemm`.
 
-use super::gemm::{GemmCall, Layouts, SplitK};
-use crate::cuda::{Gpu, LaunchConfig};
+use super::gemm::{GemmCall, Layouts, Segment, SplitK};
+use crate::cuda::{Gpu, KernelArg, LaunchConfig};
 use crate::tensor::DType;
 use anyhow::{bail, ensure, Context, Result};
 use cudarc::driver::sys::{CUdevice_attribute, CUfunction_attribute};
@@ -16,51 +16,75 @@ use cudarc::driver::sys::{CUdevice_attribute, CUfunction_attribute};
 const MODULE: &str = "gemm_sm90";
 const BK: usize = 64;
 
-/// Block tiles (BM, BN) of the sm90 kernels.
-pub(crate) const SM90_TILES: [(usize, usize); 5] = [(256, 128), (128, 256), (128, 128), (128, 64), (64, 64)];
+/// One kernel family of the sm90 path with its block tile (kernels/gemm_sm90.cu; the threads,
+/// stages and blocks per SM must match its GEMM_SM90_TILES / GEMM_SM90_TMA_TILES).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub(crate) struct Sm90Tile {
+    pub bm: usize,
+    pub bn: usize,
+    /// The TMA kernels (a producer warp, mbarrier stages), else the cp.async ones (every thread
+    /// loads, one barrier per K tile).
+    tma: bool,
+    /// TMA kernels only: at most one CTA per SM, looping over the output tiles (the C tile has its
+    /// own shared memory, so the next tile's loads overlap the epilogue).
+    persistent: bool,
+    threads: u32,
+    stages: usize,
+    /// Blocks per SM (shared memory, registers).
+    per_sm: usize,
+    /// The launcher's time model (µs, fitted to the forced-kernel rows `linear*_sm90_*` of
+    /// benches/RESULTS.md "Hopper GEMM round 2", H100): `rounds · (k_tiles · a + b) + c`, a round
+    /// being one output tile on each of `per_sm` blocks of every SM.
+    cost: (f64, f64, f64),
+    /// Kernel names for layouts kk/kn × C bf16/f32.
+    names: [&'static str; 4],
+}
 
-/// (threads, pipeline stages, blocks per SM) of a tile: must match GEMM_SM90_TILES in
-/// kernels/gemm_sm90.cu.
-fn tile_config(tile: (usize, usize)) -> (u32, usize, usize) {
-    match tile {
-        (256, 128) | (128, 256) => (512, 4, 1),
-        (128, 128) => (256, 3, 2),
-        (128, 64) => (256, 3, 3),
-        _ => (128, 4, 3),
+macro_rules! names {
+    ($p:literal) => {
+        [concat!($p, "_kk_bf16"), concat!($p, "_kk_f32"), concat!($p, "_kn_bf16"), concat!($p, "_kn_f32")]
+    };
+}
+
+/// Every sm90 kernel family.
+pub(crate) const SM90_TILES: [Sm90Tile; 4] = [
+    Sm90Tile { bm: 128, bn: 128, tma: false, persistent: false, threads: 256, stages: 3, per_sm: 2, cost: (0.681, 7.677, -0.427), names: names!("gemm_sm90_128x128") },
+    Sm90Tile { bm: 64, bn: 64, tma: false, persistent: false, threads: 128, stages: 4, per_sm: 3, cost: (0.480, 3.261, 1.082), names: names!("gemm_sm90_64x64") },
+    Sm90Tile { bm: 128, bn: 128, tma: true, persistent: false, threads: 288, stages: 3, per_sm: 2, cost: (0.375, 11.062, -3.440), names: names!("gemm_sm90_tma_128x128_s3") },
+    Sm90Tile { bm: 128, bn: 128, tma: true, persistent: true, threads: 288, stages: 4, per_sm: 1, cost: (0.334, 3.878, 3.466), names: names!("gemm_sm90_tma_128x128_s4_p") },
+];
+
+impl Sm90Tile {
+    /// Dynamic shared memory: the stages and the f32 C tile of the epilogue (which reuses the
+    /// stages unless persistent), plus 1 KiB to align the stages to the 1024-byte swizzle atom.
+    fn smem(&self) -> usize {
+        let (stages, c_tile) = (self.stages * (self.bm + self.bn) * BK * 2, self.bm * self.bn * 4);
+        if self.persistent { stages + c_tile + 1024 } else { stages.max(c_tile) + 1024 }
     }
-}
 
-/// Dynamic shared memory of a tile: its stages (or the f32 C tile of the epilogue, which reuses
-/// them), plus 1 KiB to align the stages to the 1024-byte swizzle atom.
-fn tile_smem(tile: (usize, usize)) -> usize {
-    let (_, stages, _) = tile_config(tile);
-    (stages * (tile.0 + tile.1) * BK * 2).max(tile.0 * tile.1 * 4) + 1024
-}
+    fn kernel_name(&self, layouts: Layouts, out: DType) -> Result<&'static str> {
+        Ok(match (layouts, out) {
+            (Layouts::Kk, DType::BF16) => self.names[0],
+            (Layouts::Kk, DType::F32) => self.names[1],
+            (Layouts::Kn, DType::BF16) => self.names[2],
+            (Layouts::Kn, DType::F32) => self.names[3],
+            _ => bail!("gemm_sm90: no kernel for layouts {layouts:?}"),
+        })
+    }
 
-fn kernel_name(tile: (usize, usize), layouts: Layouts, out: DType) -> Result<&'static str> {
-    Ok(match (tile, layouts, out) {
-        ((256, 128), Layouts::Kk, DType::BF16) => "gemm_sm90_256x128_kk_bf16",
-        ((256, 128), Layouts::Kk, DType::F32) => "gemm_sm90_256x128_kk_f32",
-        ((256, 128), Layouts::Kn, DType::BF16) => "gemm_sm90_256x128_kn_bf16",
-        ((256, 128), Layouts::Kn, DType::F32) => "gemm_sm90_256x128_kn_f32",
-        ((128, 256), Layouts::Kk, DType::BF16) => "gemm_sm90_128x256_kk_bf16",
-        ((128, 256), Layouts::Kk, DType::F32) => "gemm_sm90_128x256_kk_f32",
-        ((128, 256), Layouts::Kn, DType::BF16) => "gemm_sm90_128x256_kn_bf16",
-        ((128, 256), Layouts::Kn, DType::F32) => "gemm_sm90_128x256_kn_f32",
-        ((128, 128), Layouts::Kk, DType::BF16) => "gemm_sm90_128x128_kk_bf16",
-        ((128, 128), Layouts::Kk, DType::F32) => "gemm_sm90_128x128_kk_f32",
-        ((128, 128), Layouts::Kn, DType::BF16) => "gemm_sm90_128x128_kn_bf16",
-        ((128, 128), Layouts::Kn, DType::F32) => "gemm_sm90_128x128_kn_f32",
-        ((128, 64), Layouts::Kk, DType::BF16) => "gemm_sm90_128x64_kk_bf16",
-        ((128, 64), Layouts::Kk, DType::F32) => "gemm_sm90_128x64_kk_f32",
-        ((128, 64), Layouts::Kn, DType::BF16) => "gemm_sm90_128x64_kn_bf16",
-        ((128, 64), Layouts::Kn, DType::F32) => "gemm_sm90_128x64_kn_f32",
-        ((64, 64), Layouts::Kk, DType::BF16) => "gemm_sm90_64x64_kk_bf16",
-        ((64, 64), Layouts::Kk, DType::F32) => "gemm_sm90_64x64_kk_f32",
-        ((64, 64), Layouts::Kn, DType::BF16) => "gemm_sm90_64x64_kn_bf16",
-        ((64, 64), Layouts::Kn, DType::F32) => "gemm_sm90_64x64_kn_f32",
-        _ => bail!("gemm_sm90: no kernel for tile {tile:?}, layouts {layouts:?}, output {out:?}"),
-    })
+    /// Output tiles of an m × n GEMM.
+    fn tiles(&self, m: usize, n: usize) -> usize {
+        m.div_ceil(self.bm) * n.div_ceil(self.bn)
+    }
+
+    /// A name for benchmark rows and messages: `tile128x128` (cp.async), `tma128x128_s3`,
+    /// `tma128x128_s4_p` (persistent).
+    pub(crate) fn label(&self) -> String {
+        match (self.tma, self.persistent) {
+            (false, _) => format!("tile{}x{}", self.bm, self.bn),
+            (true, p) => format!("tma{}x{}_s{}{}", self.bm, self.bn, self.stages, if p { "_p" } else { "" }),
+        }
+    }
 }
 
 /// Whether the sm90 kernels can run `call` on this GPU: Hopper (and `SDLORA_SM90` not 0), layout
@@ -75,55 +99,118 @@ pub(crate) fn supports(gpu: &Gpu, call: &GemmCall) -> Result<bool> {
     Ok(segs_ok && (call.layouts == Layouts::Kk || call.n.is_multiple_of(8)))
 }
 
-/// A tile's relative throughput per SM when the GPU is full (fitted to the forced-tile rows
-/// `linear_sm90_tile*` of benches/RESULTS.md, H100).
-fn tile_rate(tile: (usize, usize)) -> f64 {
-    match tile {
-        (128, 128) => 1.0,
-        (128, 64) => 0.7,
-        (64, 64) => 0.8,
-        _ => 0.9,
-    }
+/// The tile the launcher picks for an m × n GEMM of `k_tiles` 64-deep K tiles: the least modelled
+/// time (see `Sm90Tile::cost`), counting whole rounds (the busiest SM sets the time).
+pub(crate) fn pick_tile(gpu: &Gpu, m: usize, n: usize, k_tiles: usize) -> Result<Sm90Tile> {
+    let sms = sm_count(gpu)?;
+    let time = |t: &Sm90Tile| {
+        let (a, b, c) = t.cost;
+        t.tiles(m, n).div_ceil(sms * t.per_sm) as f64 * (k_tiles as f64 * a + b) + c
+    };
+    Ok(SM90_TILES.into_iter().min_by(|x, y| time(x).total_cmp(&time(y))).unwrap_or(SM90_TILES[0]))
 }
 
-/// The tile the launcher picks: least estimated time = output tiles per SM (rounded up: the
-/// busiest SM sets the time) × tile area / rate. Co-resident blocks share an SM's throughput, so
-/// blocks per SM only enter through the rate.
-pub(crate) fn pick_tile(gpu: &Gpu, m: usize, n: usize) -> Result<(usize, usize)> {
-    let sms = gpu.stream().context().attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)? as usize;
-    let cost = |tile: (usize, usize)| {
-        let per_sm = (m.div_ceil(tile.0) * n.div_ceil(tile.1)).div_ceil(sms);
-        (per_sm * tile.0 * tile.1) as f64 / tile_rate(tile)
+fn sm_count(gpu: &Gpu) -> Result<usize> {
+    Ok(gpu.stream().context().attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)? as usize)
+}
+
+/// A 2-D bf16 tensor map for the TMA kernels: `outer` rows of `inner` elements, `ld` elements
+/// apart, read in boxes of `box_outer` × `box_inner` (64 elements = one 128-byte swizzled row) with
+/// the 128-byte swizzle; reads past `inner` or `outer` fill zeros.
+fn tensor_map(ptr: u64, inner: usize, outer: usize, ld: usize, box_inner: u32, box_outer: u32) -> Result<[u64; 16]> {
+    use cudarc::driver::sys::{self, CUtensorMapDataType, CUtensorMapFloatOOBfill, CUtensorMapInterleave, CUtensorMapL2promotion, CUtensorMapSwizzle};
+    let dims = [inner as u64, outer as u64];
+    let strides = [(ld * 2) as u64];
+    let (boxes, steps) = ([box_inner, box_outer], [1u32, 1]);
+    let mut map = std::mem::MaybeUninit::<sys::CUtensorMap>::zeroed();
+    // SAFETY: every array holds `rank` (strides: rank − 1) entries; the map is written in place.
+    unsafe {
+        sys::cuTensorMapEncodeTiled(
+            map.as_mut_ptr(),
+            CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_BFLOAT16,
+            2,
+            ptr as *mut std::ffi::c_void,
+            dims.as_ptr(),
+            strides.as_ptr(),
+            boxes.as_ptr(),
+            steps.as_ptr(),
+            CUtensorMapInterleave::CU_TENSOR_MAP_INTERLEAVE_NONE,
+            CUtensorMapSwizzle::CU_TENSOR_MAP_SWIZZLE_128B,
+            CUtensorMapL2promotion::CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+            CUtensorMapFloatOOBfill::CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE,
+        )
+    }
+    .result()
+    .with_context(|| format!("gemm_sm90: cuTensorMapEncodeTiled refused {outer}x{inner} (ld {ld}) at {ptr:#x}, box {box_outer}x{box_inner}"))?;
+    // SAFETY: initialized by the successful call above.
+    Ok(unsafe { map.assume_init() }.opaque)
+}
+
+/// The arguments of a TMA kernel: tensor maps of A1, B1, A2, B2 (segment 1's again when segment 2
+/// is empty), K1, K2, then C, ldc, bias, R, ldr, M, N, alpha.
+fn tma_args(call: &GemmCall, tile: &Sm90Tile) -> Result<Vec<KernelArg>> {
+    let maps = |s: &Segment| -> Result<[KernelArg; 2]> {
+        let a = tensor_map(s.a, s.k, call.m, s.lda, BK as u32, tile.bm as u32)?;
+        let b = match call.layouts {
+            Layouts::Kk => tensor_map(s.b, s.k, call.n, s.ldb, BK as u32, tile.bn as u32)?,
+            _ => tensor_map(s.b, call.n, s.k, s.ldb, 64, BK as u32)?,
+        };
+        Ok([KernelArg::TensorMap(a), KernelArg::TensorMap(b)])
     };
-    Ok(SM90_TILES.into_iter().min_by(|a, b| cost(*a).total_cmp(&cost(*b))).unwrap_or(SM90_TILES[2]))
+    let first = maps(&call.seg1)?;
+    let second = if call.seg2.k == 0 { first } else { maps(&call.seg2)? };
+    let (r, ldr) = call.residual.unwrap_or((0, 0));
+    let mut args = Vec::with_capacity(14);
+    args.extend(first);
+    args.extend(second);
+    args.extend([
+        KernelArg::I32(i32::try_from(call.seg1.k)?),
+        KernelArg::I32(i32::try_from(call.seg2.k)?),
+        KernelArg::Ptr(call.c),
+        KernelArg::I64(call.ldc as i64),
+        KernelArg::Ptr(call.bias.unwrap_or(0)),
+        KernelArg::Ptr(r),
+        KernelArg::I64(ldr as i64),
+        KernelArg::I32(i32::try_from(call.m)?),
+        KernelArg::I32(i32::try_from(call.n)?),
+        KernelArg::F32(call.alpha),
+    ]);
+    Ok(args)
 }
 
 /// Launches `call` on the sm90 kernel of `tile` (the launcher's choice when `None`). The caller has
 /// checked [`supports`].
-pub(crate) fn gemm_sm90(gpu: &Gpu, call: &GemmCall, tile: Option<(usize, usize)>) -> Result<()> {
+pub(crate) fn gemm_sm90(gpu: &Gpu, call: &GemmCall, tile: Option<Sm90Tile>) -> Result<()> {
     ensure!(supports(gpu, call)?, "gemm_sm90: call not supported here (needs a Hopper GPU, layout Kk/Kn, no split, 16-byte operands): {call:?}");
     if call.m == 0 || call.n == 0 {
         return Ok(());
     }
     let tile = match tile {
         Some(t) => t,
-        None => pick_tile(gpu, call.m, call.n)?,
+        None => pick_tile(gpu, call.m, call.n, call.seg1.k.div_ceil(BK) + call.seg2.k.div_ceil(BK))?,
     };
-    let name = kernel_name(tile, call.layouts, call.out)?;
-    let smem = tile_smem(tile) as u32;
+    let name = tile.kernel_name(call.layouts, call.out)?;
+    let smem = tile.smem() as u32;
     gpu.function(MODULE, name)?
         .set_attribute(CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, smem as i32)
         .context("gemm_sm90: cannot raise the dynamic shared memory limit")?;
-    let cfg = LaunchConfig { grid_dim: (call.n.div_ceil(tile.1) as u32, call.m.div_ceil(tile.0) as u32, 1), block_dim: (tile_config(tile).0, 1, 1), shared_mem_bytes: smem };
-    let args = call.kernel_args(call.c)?;
-    gpu.launch(MODULE, name, cfg, &args)
+    let block_dim = (tile.threads, 1, 1);
+    if tile.tma {
+        // A 1-D grid: one CTA per output tile, or for the persistent kernel at most one per SM.
+        let ctas = if tile.persistent { tile.tiles(call.m, call.n).min(sm_count(gpu)?) } else { tile.tiles(call.m, call.n) };
+        let cfg = LaunchConfig { grid_dim: (ctas as u32, 1, 1), block_dim, shared_mem_bytes: smem };
+        gpu.launch(MODULE, name, cfg, &tma_args(call, &tile)?)
+    } else {
+        let grid_dim = (call.n.div_ceil(tile.bn) as u32, call.m.div_ceil(tile.bm) as u32, 1);
+        gpu.launch(MODULE, name, LaunchConfig { grid_dim, block_dim, shared_mem_bytes: smem }, &call.kernel_args(call.c)?)
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::ops::gemm::tests::{download, gather_rows, poisoned, rand_bf16, sample_rows, sd15_linear_shapes, upload};
-    use crate::ops::gemm::{linear, linear_cpu, linear_input_grad, linear_input_grad_cpu, Segment};
+    use crate::ops::gemm::{linear, linear_cpu, linear_input_grad, linear_input_grad_cpu};
     use crate::rng::Rng;
     use crate::tensor::{assert_close, Tensor};
 
@@ -176,7 +263,7 @@ mod tests {
 
     /// Runs `p` on `tile` into a fresh C of type `out`: C = alpha·Σ + bias (when `with_bias`) + R
     /// (when `with_residual`: R is C itself, pre-filled), and compares the sampled rows to the twin.
-    fn check(gpu: &Gpu, p: &Problem, tile: (usize, usize), out: DType, with_bias: bool, with_residual: bool, what: &str) {
+    fn check(gpu: &Gpu, p: &Problem, tile: Sm90Tile, out: DType, with_bias: bool, with_residual: bool, what: &str) {
         let (m, n) = (p.m, p.n);
         let (alpha, bias, old) = (0.75, &p.bias, &p.old);
         let bias_d = upload(gpu, &[n], bias, DType::BF16);
@@ -204,7 +291,7 @@ mod tests {
                 want[i * n + j] += if with_bias { bias[j] } else { 0.0 } + if with_residual { old[row * n + j] } else { 0.0 };
             }
         }
-        let what = format!("{what} tile {tile:?} {out:?} bias={with_bias} residual=C:{with_residual}");
+        let what = format!("{what} {} {out:?} bias={with_bias} residual=C:{with_residual}", tile.label());
         assert_close(&what, &gather_rows(&got, n, &p.rows), &want, 1e-2);
         assert_eq!(got.iter().filter(|v| !v.is_finite()).count(), 0, "{what}: unwritten outputs");
     }
@@ -273,6 +360,8 @@ mod tests {
         if !hopper(&gpu) {
             return;
         }
+        // The time model's picks at these shapes include both TMA kernels and the 64×64 one.
+        let mut picked = Vec::new();
         for (m, k, n) in [(4096, 320, 2560), (8192, 1280, 320), (4096, 320, 320)] {
             let seed = Rng::fresh_seed();
             let mut rng = Rng::new(seed);
@@ -286,14 +375,22 @@ mod tests {
             let dyd = upload(&gpu, &[m, n], &download(&gpu, &y), DType::BF16);
             linear_input_grad(&gpu, &dyd, &wd, false, &mut dx).unwrap();
             let kernels: Vec<&str> = gpu.stop_profiling().unwrap().iter().map(|t| t.name).collect();
-            let sm90 = kernels.iter().filter(|k| k.starts_with("gemm_sm90_")).count();
-            assert_eq!(sm90, 2, "{m}x{k}->{n}: expected the forward and dx on sm90 kernels, ran {kernels:?}");
+            let (fwd, bwd) = (pick_tile(&gpu, m, n, k.div_ceil(BK)).unwrap(), pick_tile(&gpu, m, k, n.div_ceil(BK)).unwrap());
+            let mut want = vec![fwd.kernel_name(Layouts::Kk, DType::BF16).unwrap(), bwd.kernel_name(Layouts::Kn, DType::F32).unwrap()];
+            let mut ran = kernels.clone();
+            want.sort();
+            ran.sort();
+            assert_eq!(ran, want, "{m}x{k}->{n}: expected the forward and dx on the launcher's sm90 kernels");
+            picked.extend([fwd.label(), bwd.label()]);
             let rows = sample_rows(&mut rng, m);
             let want = linear_cpu(&gather_rows(&x, k, &rows), rows.len(), k, &w, n, None);
             assert_close(&format!("linear {m}x{k}->{n} seed={seed}"), &gather_rows(&download(&gpu, &y), n, &rows), &want, 1e-2);
             let dy = download(&gpu, &y);
             let want = linear_input_grad_cpu(&gather_rows(&dy, n, &rows), rows.len(), n, &w, k);
             assert_close(&format!("dx {m}x{n}->{k} seed={seed}"), &gather_rows(&download(&gpu, &dx), k, &rows), &want, 1e-2);
+        }
+        for tile in SM90_TILES.iter().filter(|t| t.tma || t.bm == 64) {
+            assert!(picked.contains(&tile.label()), "{} never dispatched; picked {picked:?}", tile.label());
         }
     }
 }

@@ -144,35 +144,33 @@ fn nhwc_dims(x: &Tensor) -> Result<(usize, usize, usize)> {
     Ok((s[0], s[1..s.len() - 1].iter().product(), s[s.len() - 1]))
 }
 
-/// Rows per chunk and chunk count for `hw` rows per sample: about 512 blocks in all, at least one
-/// row per warp, at most 128 chunks per sample (the apply kernels merge every chunk's partials).
-fn gn_tiling(n: usize, hw: usize) -> (usize, usize) {
-    let target = 512usize.div_ceil(n).clamp(1, 128);
-    let rpc = hw.div_ceil(target).max(WARPS);
+/// Rows per chunk and chunk count for `hw` rows per sample, with `ty` thread rows per block: about
+/// 128 blocks of up to 512 threads in all (one wave on a 132-SM H100; measured against 256 blocks,
+/// which is slower for 2 samples and no faster for one), more where a thread would read over 8 rows;
+/// at most 128 chunks per sample (every apply block reads all its sample's chunk partials).
+fn gn_tiling(n: usize, hw: usize, ty: usize) -> (usize, usize) {
+    let want = hw.div_ceil(8 * ty).max(128usize.div_ceil(n)).clamp(1, 128);
+    let rpc = hw.div_ceil(want.min(hw.div_ceil(ty)));
     (rpc, hw.div_ceil(rpc))
 }
 
-/// (E, P) for GroupNorm over c channels: each thread reads P vectors of E elements (E·size ≤ 16 B)
-/// per row, so at most 256 threads cover a row, and its P·E channels touch at most two groups (P·E ≤
-/// c/32, or dividing it). Widest E first, then the P that keeps the most of the 256 threads busy.
-fn gn_vectorization(c: usize, dtype: DType) -> (usize, usize) {
+/// The GroupNorm launch shape for c channels: E (elements per vector: the widest 16-byte vector with
+/// E ≤ c/32, so that a vector touches at most two groups; 8 f32 where a row would otherwise need more
+/// than 512 vectors), TX = c/E threads per row and TY thread rows per block (at most 512 threads).
+fn gn_layout(c: usize, dtype: DType) -> Result<(usize, usize, usize)> {
     let cpg = c / GROUPS;
-    for e in [8, 4, 2, 1] {
-        if e * dtype.size() > 16 || !c.is_multiple_of(e) {
-            continue;
-        }
-        let nv = c / e;
-        let busy = |p: usize| { let tx = nv / p; tx * (256 / tx) };
-        let ok = |p: usize| nv.is_multiple_of(p) && nv / p <= 256 && (e * p <= cpg || cpg.is_multiple_of(e * p));
-        if let Some(p) = (1..=nv).filter(|&p| ok(p)).max_by_key(|&p| (busy(p), std::cmp::Reverse(p))) {
-            return (e, p);
-        }
+    let fits = |e: usize| e <= cpg && c.is_multiple_of(e);
+    let mut e = [8, 4, 2, 1].into_iter().find(|&e| e * dtype.size() <= 16 && fits(e)).unwrap_or(1);
+    if c / e > 512 && fits(8) {
+        e = 8;
     }
-    unreachable!("E = 1, P = c/32 always fits")
+    let tx = c / e;
+    ensure!(tx <= 512, "group norm: {c} channels of {dtype:?} need {tx} vectors per row (at most 512 supported)");
+    Ok((e, tx, (512 / tx).max(1)))
 }
 
-fn gn_config(n: usize, chunks: usize) -> LaunchConfig {
-    LaunchConfig { grid_dim: (chunks as u32, n as u32, 1), block_dim: ((WARPS * 32) as u32, 1, 1), shared_mem_bytes: 0 }
+fn gn_config(n: usize, chunks: usize, threads: usize) -> LaunchConfig {
+    LaunchConfig { grid_dim: (chunks as u32, n as u32, 1), block_dim: (threads as u32, 1, 1), shared_mem_bytes: 0 }
 }
 
 fn check_norm_operands(what: &str, x: &Tensor, c: usize, per_channel: &[&Tensor], others: &[&Tensor]) -> Result<()> {
@@ -194,11 +192,11 @@ pub fn group_norm(gpu: &Gpu, x: &Tensor, gamma: &Tensor, beta: &Tensor, eps: f32
     ensure!(c % GROUPS == 0 && hw > 0 && n > 0, "group_norm: shape {:?} (c must be a multiple of {GROUPS})", x.shape());
     check_norm_operands("group_norm", x, c, &[gamma, beta], &[y])?;
     super::check_gpu("group_norm stats", &[stats], DType::F32, n * GROUPS * 2)?;
-    let (rpc, chunks) = gn_tiling(n, hw);
+    let (e, tx, ty) = gn_layout(c, x.dtype())?;
+    let (rpc, chunks) = gn_tiling(n, hw, ty);
     let part = gpu.alloc(ArenaKind::Scratch, n * chunks * GROUPS * 8)?;
-    let (e, p) = gn_vectorization(c, x.dtype());
-    let dims = [KernelArg::I32(hw as i32), KernelArg::I32(c as i32), KernelArg::I32(rpc as i32), KernelArg::I32(chunks as i32), KernelArg::I32(p as i32)];
-    let cfg = gn_config(n, chunks);
+    let dims = [KernelArg::I32(hw as i32), KernelArg::I32(c as i32), KernelArg::I32(rpc as i32), KernelArg::I32(chunks as i32)];
+    let cfg = gn_config(n, chunks, tx * ty);
     let mut args = vec![KernelArg::Ptr(x.ptr()?), KernelArg::Ptr(part.ptr())];
     args.extend(dims);
     gpu.launch(MODULE, kernel_name("group_norm_fwd_stats", x.dtype(), e), cfg, &args)?;
@@ -219,12 +217,12 @@ pub fn group_norm_backward(gpu: &Gpu, x: &Tensor, gamma: &Tensor, beta: &Tensor,
     check_norm_operands("group_norm_backward", x, c, &[gamma, beta], &[dy, dx])?;
     check_norm_operands("group_norm_backward residual", x, c, &[], residual.as_slice())?;
     super::check_gpu("group_norm_backward stats", &[stats], DType::F32, n * GROUPS * 2)?;
-    let (rpc, chunks) = gn_tiling(n, hw);
+    let (e, tx, ty) = gn_layout(c, x.dtype())?;
+    let (rpc, chunks) = gn_tiling(n, hw, ty);
     let part = gpu.alloc(ArenaKind::Scratch, n * chunks * GROUPS * 8)?;
-    let (e, p) = gn_vectorization(c, x.dtype());
-    let cfg = gn_config(n, chunks);
+    let cfg = gn_config(n, chunks, tx * ty);
     let front = [KernelArg::Ptr(x.ptr()?), KernelArg::Ptr(gamma.ptr()?), KernelArg::Ptr(beta.ptr()?), KernelArg::Ptr(stats.ptr()?), KernelArg::Ptr(dy.ptr()?)];
-    let tail = [KernelArg::I32(hw as i32), KernelArg::I32(c as i32), KernelArg::I32(rpc as i32), KernelArg::I32(chunks as i32), KernelArg::I32(p as i32), KernelArg::I32(silu as i32)];
+    let tail = [KernelArg::I32(hw as i32), KernelArg::I32(c as i32), KernelArg::I32(rpc as i32), KernelArg::I32(chunks as i32), KernelArg::I32(silu as i32)];
     let mut args = front.to_vec();
     args.push(KernelArg::Ptr(part.ptr()));
     args.extend(tail);
@@ -350,22 +348,29 @@ mod tests {
     #[test]
     fn tiling_covers_rows_with_bounded_chunks() {
         for n in [1, 2, 3] {
-            for hw in [1, 7, 64, 256, 1024, 4096, 9216] {
-                let (rpc, chunks) = gn_tiling(n, hw);
-                assert!(chunks <= 128 && rpc * chunks >= hw && rpc * (chunks - 1) < hw, "n={n} hw={hw}: {rpc}×{chunks}");
+            for ty in [1, 2, 6, 8] {
+                for hw in [1, 7, 64, 256, 1024, 4096, 9216] {
+                    let (rpc, chunks) = gn_tiling(n, hw, ty);
+                    assert!(chunks <= 128 && rpc * chunks >= hw && rpc * (chunks - 1) < hw, "n={n} ty={ty} hw={hw}: {rpc}×{chunks}");
+                }
             }
         }
+        // One 4096-row sample with 12 thread rows: 128 chunks, at most 3 rows per thread; two samples: 64 each.
+        assert_eq!(gn_tiling(1, 4096, 12), (32, 128));
+        assert_eq!(gn_tiling(2, 4096, 12), (64, 64));
         assert_eq!((vector_width(10, DType::BF16), vector_width(40, DType::BF16), vector_width(40, DType::F32), vector_width(3, DType::F32)), (2, 8, 4, 1));
-        for (c, dtype, want) in [(320, DType::BF16, (8, 1)), (1280, DType::BF16, (8, 5)), (2560, DType::BF16, (8, 5)), (2560, DType::F32, (4, 5)), (32, DType::BF16, (1, 1)), (96, DType::F32, (2, 1)), (128, DType::BF16, (4, 1))] {
-            assert_eq!(gn_vectorization(c, dtype), want, "c={c} {dtype:?}");
+        for (c, dtype, want) in [(320, DType::BF16, (8, 40, 12)), (1280, DType::BF16, (8, 160, 3)), (2560, DType::BF16, (8, 320, 1)), (2560, DType::F32, (8, 320, 1)), (1024, DType::F32, (4, 256, 2)), (32, DType::BF16, (1, 32, 16)), (96, DType::F32, (2, 48, 10)), (128, DType::BF16, (4, 32, 16))] {
+            assert_eq!(gn_layout(c, dtype).unwrap(), want, "c={c} {dtype:?}");
         }
-        // Every thread's channels span at most two groups, for every width the kernels accept.
+        // Every vector spans at most two groups and a block holds at most 512 threads, for every width
+        // the kernels accept; wider rows are refused with an error.
         for cpg in 1..=100 {
             for dtype in [DType::BF16, DType::F32] {
-                let (e, p) = gn_vectorization(32 * cpg, dtype);
-                assert!(32 * cpg / (e * p) <= 256 && (e * p <= cpg || cpg % (e * p) == 0), "cpg={cpg}: ({e}, {p})");
+                let (e, tx, ty) = gn_layout(32 * cpg, dtype).unwrap();
+                assert!(e <= cpg && tx * e == 32 * cpg && tx * ty <= 512 && tx * ty >= 32, "cpg={cpg}: ({e}, {tx}, {ty})");
             }
         }
+        assert!(gn_layout(32 * 1024, DType::BF16).is_err());
     }
 
     /// Per-(sample, group) (mean, rstd) in f64, to check the saved statistics.

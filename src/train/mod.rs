@@ -207,18 +207,36 @@ pub fn run(cfg: &TrainConfig, gpu: Option<&Gpu>, resume: Option<&Path>, dump: Op
 /// CUDA graphs as `sdlora train` runs them and, for comparison, eagerly (one launch per kernel);
 /// prints median ms/step, achieved TFLOP/s (1.88 TFLOP per 512 px step), peak device memory and a
 /// per-kernel table of one eager step.
-pub fn benchmark(gpu: &Gpu, resolution: u32, warmup: usize, steps: usize, adamw_per_layer: bool, adamw_8bit: bool) -> Result<()> {
+/// What `sdlora bench train` measures: image size, steps, and the memory options of `sdlora train`.
+pub struct BenchOptions {
+    pub resolution: u32,
+    pub warmup: usize,
+    pub steps: usize,
+    pub adamw_per_layer: bool,
+    pub adamw_8bit: bool,
+    /// `--vram-limit`: plan recomputation to fit (as `sdlora train` does) before timing.
+    pub vram_limit: Option<String>,
+}
+
+pub fn benchmark(gpu: &Gpu, opts: &BenchOptions) -> Result<()> {
+    let &BenchOptions { resolution, warmup, steps, adamw_per_layer, adamw_8bit, .. } = opts;
     let dev = Dev::Gpu(gpu);
     let cfg = TrainConfig { resolution, steps: 2 * (warmup + steps) + 2, ..TrainConfig::default() };
+    let budget = opts.vram_limit.as_deref().map(config::parse_bytes).transpose()?;
     let mut unet = UNet2DConditionModel::load(dev, &crate::model::weights::Weights::random(0), UNetConfig::sd15())?;
     let mut params = lora::attach(dev, &mut unet, &cfg.targets, cfg.rank, cfg.alpha, LoraInit::KaimingUniform, cfg.seed)?;
     let mut optimizer = Optimizer::new(dev, &params, AdamWConfig::default(), &[cfg.lr], adamw_8bit)?;
-    if adamw_per_layer {
-        optimizer.update_in_backward(dev, &mut unet, &mut params)?;
-    }
     let hw = resolution as usize / 8;
     let mut rng = Rng::new(1);
     let examples = vec![Example::random(&mut rng, hw)];
+    if let Some(budget) = budget {
+        gpu.set_vram_limit(Some(budget));
+        let mut stepper = Stepper::new(dev, &cfg, &examples, 0, 1)?;
+        println!("{}", memory::plan(gpu, &cfg, &mut unet, &mut stepper, &mut params, budget)?);
+    }
+    if adamw_per_layer {
+        optimizer.update_in_backward(dev, &mut unet, &mut params)?;
+    }
     gpu.reset_high_water();
     let mut time_steps = |stepper: &mut Stepper, first: usize| -> Result<Vec<f64>> {
         let mut ms = Vec::new();
@@ -251,6 +269,10 @@ pub fn benchmark(gpu: &Gpu, resolution: u32, warmup: usize, steps: usize, adamw_
         format!("{what}: median {median:.2} ms (min {:.2}, max {:.2}, n={steps}), {:.1} TFLOP/s", ms[0], ms[ms.len() - 1], flop / median / 1e9)
     };
     let adamw = format!("AdamW{}{}", if adamw_per_layer { " per layer" } else { "" }, if adamw_8bit { ", 8-bit moments" } else { "" });
+    let adamw = match &opts.vram_limit {
+        Some(limit) => format!("{adamw}; --vram-limit {limit}"),
+        None => adamw,
+    };
     println!("train step at {resolution} px, batch 1, r = 128 (draws, forward, Min-SNR loss, backward, {adamw}):");
     println!("  {}", line("CUDA graph replay (as sdlora train runs)", &graphed));
     println!("  {}", line("eager launches, for comparison", &eager));

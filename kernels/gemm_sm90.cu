@@ -121,6 +121,21 @@ __device__ __forceinline__ void wgmma_tile(float (&d)[WN / 2], uint64_t desc_a, 
   else wgmma_m64n64<TRANS_B>(d, desc_a, desc_b);
 }
 
+// One 64-deep k tile of a warpgroup's 64 × WN accumulators: the four k16 wgmmas on the A tile at
+// shared address sa and the B tile at sb (K-major for kk, MN-major for kn), fenced and committed as
+// one group.
+template <int WN, bool B_K_MAJOR>
+__device__ __forceinline__ void wgmma_k_tile(float (&acc)[WN / 2], uint32_t sa, uint32_t sb) {
+  wgmma_fence();
+#pragma unroll
+  for (int ks = 0; ks < BK / 16; ++ks) {
+    const uint64_t da = smem_desc(sa + ks * 32, 16, 1024);
+    const uint64_t db = B_K_MAJOR ? smem_desc(sb + ks * 32, 16, 1024) : smem_desc(sb + ks * 16 * 128, BK * 128, 1024);
+    wgmma_tile<WN, B_K_MAJOR ? 0 : 1>(acc, da, db);
+  }
+  wgmma_commit();
+}
+
 // One K-major tile [ROWS][64] (rows rows0.., k = k0..k0+63 of a segment of depth kseg) into the
 // swizzled tile at shared address `tile`. Rows ≥ extent and k ≥ kseg are zero-filled.
 template <int ROWS, int THREADS>
@@ -258,14 +273,7 @@ __device__ __forceinline__ void gemm_sm90_body(const bf16* a1, int64_t lda1, con
     cp_async_commit();
     fence_proxy_async();
     const uint32_t sa = base + (kt % STAGES) * STAGE_BYTES + a_off, sb = base + (kt % STAGES) * STAGE_BYTES + A_BYTES + b_off;
-    wgmma_fence();
-#pragma unroll
-    for (int ks = 0; ks < BK / 16; ++ks) {
-      const uint64_t da = smem_desc(sa + ks * 32, 16, 1024);
-      const uint64_t db = B_K_MAJOR ? smem_desc(sb + ks * 32, 16, 1024) : smem_desc(sb + ks * 16 * 128, BK * 128, 1024);
-      wgmma_tile<WN, B_K_MAJOR ? 0 : 1>(acc, da, db);
-    }
-    wgmma_commit();
+    wgmma_k_tile<WN, B_K_MAJOR>(acc, sa, sb);
     wgmma_wait<INFLIGHT>();
     fence_acc(acc);
   }
@@ -399,14 +407,7 @@ __device__ __forceinline__ void gemm_sm90_tma_body(const TmaDesc& ta1, const Tma
         const int s = i % STAGES;
         mbar_wait(full0 + 8 * s, (i / STAGES) & 1);
         const uint32_t sa = base + s * STAGE_BYTES + wg * 64 * 128, sb = base + s * STAGE_BYTES + A_BYTES;
-        wgmma_fence();
-#pragma unroll
-        for (int ks = 0; ks < BK / 16; ++ks) {
-          const uint64_t da = smem_desc(sa + ks * 32, 16, 1024);
-          const uint64_t db = B_K_MAJOR ? smem_desc(sb + ks * 32, 16, 1024) : smem_desc(sb + ks * 16 * 128, BK * 128, 1024);
-          wgmma_tile<BN, B_K_MAJOR ? 0 : 1>(acc, da, db);
-        }
-        wgmma_commit();
+        wgmma_k_tile<BN, B_K_MAJOR>(acc, sa, sb);
         wgmma_wait<1>();
         fence_acc(acc);
         if (i > first) release((i - 1) % STAGES);  // k tile i − 1's wgmmas are done

@@ -5,10 +5,12 @@
 //! missing driver, a missing GPU or a binary built without nvcc is a clear [`anyhow::Error`].
 
 mod arena;
+mod nvtx;
 mod profiler;
 
 pub use arena::{ArenaKind, ArenaStats, DeviceBuffer};
 pub use cudarc::driver::LaunchConfig;
+pub use nvtx::{nvtx_range, NvtxRange};
 pub use profiler::{KernelTiming, TimingTable};
 
 use anyhow::{anyhow, bail, ensure, Context, Result};
@@ -319,16 +321,6 @@ fn probe_driver() -> Result<()> {
         bail!("no CUDA driver found (libcuda could not be loaded): sdlora needs an NVIDIA GPU with its driver installed");
     }
     Ok(())
-}
-
-/// An NVTX range around a named region (a block, a step), shown by nsys. Ends when dropped.
-/// Free when the NVTX library is absent (then nothing is recorded).
-pub struct NvtxRange(#[allow(dead_code)] Option<cudarc::nvtx::safe::Range>);
-
-pub fn nvtx_range(name: &str) -> NvtxRange {
-    static PRESENT: OnceLock<bool> = OnceLock::new();
-    let present = *PRESENT.get_or_init(|| unsafe { cudarc::nvtx::sys::is_culib_present() });
-    NvtxRange(present.then(|| cudarc::nvtx::safe::scoped_range(name)))
 }
 
 /// Grid of `ceil(n / block)` blocks of `block` threads.

@@ -245,12 +245,21 @@ pub(crate) fn pick_tile(gpu: &Gpu, m: usize, n: usize) -> Result<(usize, usize)>
     Ok(best)
 }
 
-/// Launches one GEMM with the launcher's tile choice. A GEMM whose output tiles fill at most half
-/// of the SMs and whose K is deep (≥ 16 K tiles) is split along K: the slices' f32 partial sums go to a
-/// workspace from the **scratch arena**, and `gemm_splitk_finish_*` adds them up with the bias
-/// and the residual (two launches instead of one K loop of 16+ tiles per block). Other calls run on
-/// the wgmma kernels of `ops::gemm_sm90` where the GPU is a Hopper and the operands allow it.
+/// Launches one GEMM with the launcher's tile choice. On a Hopper, calls whose operands allow it run
+/// on the wgmma kernels (`ops::gemm_sm90_split::gemm`: split along K inside one launch when the time
+/// model says so, else `ops::gemm_sm90`); everything else takes [`gemm_sm80`].
 pub(crate) fn gemm(gpu: &Gpu, call: &GemmCall) -> Result<()> {
+    if super::gemm_sm90_split::supports(gpu, call)? {
+        return super::gemm_sm90_split::gemm(gpu, call);
+    }
+    gemm_sm80(gpu, call)
+}
+
+/// The sm_80 kernels with the launcher's tile choice. A GEMM whose output tiles fill at most half
+/// of the SMs and whose K is deep (≥ 16 K tiles) is split along K: the slices' f32 partial sums go
+/// to a workspace from the **scratch arena**, and `gemm_splitk_finish_*` adds them up with the bias
+/// and the residual (two launches instead of one K loop of 16+ tiles per block).
+pub(crate) fn gemm_sm80(gpu: &Gpu, call: &GemmCall) -> Result<()> {
     let tile = pick_tile(gpu, call.m, call.n)?;
     let blocks = call.m.div_ceil(tile.0) * call.n.div_ceil(tile.1);
     if call.split == SplitK::None && blocks > 0 && 2 * blocks <= sm_count(gpu)? && k_tiles(call, tile) >= 16 {
@@ -258,9 +267,6 @@ pub(crate) fn gemm(gpu: &Gpu, call: &GemmCall) -> Result<()> {
         if slices > 1 {
             return gemm_split_finish(gpu, call, tile, slices);
         }
-    }
-    if super::gemm_sm90::supports(gpu, call)? {
-        return super::gemm_sm90::gemm_sm90(gpu, call, None);
     }
     gemm_with_tile(gpu, call, tile)
 }
@@ -460,7 +466,7 @@ pub fn at_b(gpu: &Gpu, a: &Tensor, b: &Tensor, alpha: f32, accumulate: bool, c: 
 /// [`at_b`] on raw operands (pointer, leading dimension), for callers holding scratch buffers.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn at_b_raw(gpu: &Gpu, a: (u64, usize), b: (u64, usize), m: usize, p: usize, q: usize, alpha: f32, accumulate: bool, c: &Tensor) -> Result<()> {
-    at_b_many(gpu, &[AtB { a, b, m, p, q, alpha, c: c.ptr()? }], accumulate, WeightGradSplit::Workspace)
+    at_b_many(gpu, &[AtB { a, b, m, p, q, alpha, c: c.ptr()? }], accumulate, WeightGradSplit::InKernel)
 }
 
 /// One weight-gradient product c[p×q] (f32) = alpha·a[m×p]ᵀ·b[m×q] on raw operands (pointer,
@@ -479,34 +485,55 @@ pub(crate) struct AtB {
 /// How [`at_b_many`] adds up the K slices of a split product.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum WeightGradSplit {
-    /// f32 atomics into C.
+    /// sm_80 kernels, f32 atomics into C.
     Atomic,
-    /// Partial sums in a scratch workspace, then one reduction launch for every split product.
+    /// sm_80 kernels, partial sums in a scratch workspace, then one reduction launch for every
+    /// split product.
     Workspace,
+    /// On a Hopper, the wgmma kernels with the deterministic in-kernel reduction
+    /// (`ops::gemm_sm90_split`): one launch per product; elsewhere, or for operands they cannot
+    /// load, `Workspace`.
+    InKernel,
 }
 
 /// Several weight-gradient products (added to c when `accumulate`): each split along its token
-/// axis when its output alone cannot fill the GPU; with `WeightGradSplit::Workspace`, one
-/// reduction launch finishes them all (the LoRA backward's dA and dB: three launches in all).
+/// axis when its output alone cannot fill the GPU. With `WeightGradSplit::Workspace`, one
+/// reduction launch finishes them all (the LoRA backward's dA and dB: three launches in all); with
+/// `InKernel` on a Hopper, one launch per product and no reduction launch.
 pub(crate) fn at_b_many(gpu: &Gpu, problems: &[AtB], accumulate: bool, how: WeightGradSplit) -> Result<()> {
+    let call_of = |pr: &AtB| GemmCall {
+        layouts: Layouts::Mn,
+        m: pr.p,
+        n: pr.q,
+        seg1: Segment { a: pr.a.0, lda: pr.a.1, b: pr.b.0, ldb: pr.b.1, k: pr.m },
+        seg2: Segment::default(),
+        c: pr.c,
+        ldc: pr.q,
+        out: DType::F32,
+        bias: None,
+        residual: accumulate.then_some((pr.c, pr.q)),
+        alpha: pr.alpha,
+        split: SplitK::None,
+    };
+    if how == WeightGradSplit::InKernel {
+        let calls: Vec<GemmCall> = problems.iter().map(call_of).collect();
+        let mut on_sm90 = true;
+        for call in &calls {
+            on_sm90 &= super::gemm_sm90_split::supports(gpu, call)?;
+        }
+        if on_sm90 {
+            for call in &calls {
+                let (tile, slices) = super::gemm_sm90_split::plan(gpu, call)?;
+                super::gemm_sm90_split::launch(gpu, call, tile, slices)?;
+            }
+            return Ok(());
+        }
+    }
     // (workspace, slices, p·q, c); the workspace handles live until the reductions are queued.
     let mut pending: Vec<(u64, usize, usize, u64)> = Vec::new();
     let mut workspaces = Vec::new();
     for pr in problems {
-        let mut call = GemmCall {
-            layouts: Layouts::Mn,
-            m: pr.p,
-            n: pr.q,
-            seg1: Segment { a: pr.a.0, lda: pr.a.1, b: pr.b.0, ldb: pr.b.1, k: pr.m },
-            seg2: Segment::default(),
-            c: pr.c,
-            ldc: pr.q,
-            out: DType::F32,
-            bias: None,
-            residual: None,
-            alpha: pr.alpha,
-            split: SplitK::None,
-        };
+        let mut call = GemmCall { residual: None, ..call_of(pr) };
         let tile = pick_tile(gpu, pr.p, pr.q)?;
         let slices = k_slices(gpu, &call, tile)?;
         if slices == 1 {

@@ -247,25 +247,31 @@ struct SplitArgs {
 };
 
 // The split-K epilogue, deterministic and without a second launch: every slice stores its partial
-// tile (no alpha) to the workspace, fences, and counts itself in (atom.acq_rel.gpu); the last slice
-// to arrive resets the counter, sums the S partials in slice order 0, 1, …, S−1 (the same float
-// operations whichever slice is last) and runs the ordinary epilogue on the sum.
+// tile (no alpha) to the workspace and, after a block barrier, thread 0 counts the block in with
+// atom.acq_rel.gpu (release: the block's stores, ordered before it by the barrier, are visible to
+// whoever acquires the count; acquire: the last slice sees every other slice's stores). The last
+// slice to arrive resets the counter, sums the S partials in slice order 0, 1, …, S−1 (the same
+// float operations whichever slice is last) and runs the ordinary epilogue on the sum. Its loads
+// are batched (PER float4 per thread, four slices at a time) so that the sum costs about S/4 L2
+// round trips.
 template <int BM, int BN, int WN, int THREADS, typename OutT>
 __device__ __forceinline__ void store_tile_split(float* cs, const float (&acc)[WN / 2], int wm, int wn, const SplitArgs& split, OutT* c,
                                                  int64_t ldc, const bf16* bias, const OutT* r, int64_t ldr, int m0, int n0, int M, int N,
                                                  float alpha) {
   __shared__ unsigned is_last;
-  constexpr int V = BM * BN / 4;  // float4s of a tile
+  constexpr int V = BM * BN / 4, PER = V / THREADS, GROUP = 4;  // float4s of a tile, per thread, slices per batch
+  static_assert(V % THREADS == 0, "whole float4s per thread");
   const int tid = threadIdx.x, slices = gridDim.z;
   const unsigned tile = blockIdx.y * gridDim.x + blockIdx.x;
+  auto cs_at = [&](int j) {  // the float4 j of this thread in the staged tile
+    const int i = tid + j * THREADS, row = i / (BN / 4), col = (i % (BN / 4)) * 4;
+    return reinterpret_cast<float4*>(cs + c_at<BN>(row, col));
+  };
   stage_acc<BN, WN>(cs, acc, wm, wn, tid);
   __syncthreads();
   float4* parts = reinterpret_cast<float4*>(split.ws) + (int64_t)tile * slices * V;
-  for (int i = tid; i < V; i += THREADS) {
-    const int row = i / (BN / 4), col = (i % (BN / 4)) * 4;
-    __stcg(parts + (int64_t)blockIdx.z * V + i, *reinterpret_cast<const float4*>(cs + c_at<BN>(row, col)));
-  }
-  __threadfence();
+#pragma unroll
+  for (int j = 0; j < PER; ++j) __stcg(parts + (int64_t)blockIdx.z * V + tid + j * THREADS, *cs_at(j));
   __syncthreads();
   if (tid == 0) {
     unsigned before;
@@ -275,16 +281,23 @@ __device__ __forceinline__ void store_tile_split(float* cs, const float (&acc)[W
   }
   __syncthreads();
   if (!is_last) return;
-  __threadfence();
-  for (int i = tid; i < V; i += THREADS) {
-    const int row = i / (BN / 4), col = (i % (BN / 4)) * 4;
-    float4 s = __ldcg(parts + i);
-    for (int z = 1; z < slices; ++z) {
-      const float4 v = __ldcg(parts + (int64_t)z * V + i);
-      s.x += v.x, s.y += v.y, s.z += v.z, s.w += v.w;
-    }
-    *reinterpret_cast<float4*>(cs + c_at<BN>(row, col)) = s;
+  float4 sum[PER];
+#pragma unroll
+  for (int j = 0; j < PER; ++j) sum[j] = __ldcg(parts + tid + j * THREADS);
+  for (int z0 = 1; z0 < slices; z0 += GROUP) {
+    float4 v[GROUP][PER];
+#pragma unroll
+    for (int g = 0; g < GROUP; ++g)
+#pragma unroll
+      for (int j = 0; j < PER; ++j) v[g][j] = z0 + g < slices ? __ldcg(parts + (int64_t)(z0 + g) * V + tid + j * THREADS) : make_float4(0, 0, 0, 0);
+#pragma unroll
+    for (int g = 0; g < GROUP; ++g)
+#pragma unroll
+      for (int j = 0; j < PER; ++j)
+        if (z0 + g < slices) sum[j].x += v[g][j].x, sum[j].y += v[g][j].y, sum[j].z += v[g][j].z, sum[j].w += v[g][j].w;
   }
+#pragma unroll
+  for (int j = 0; j < PER; ++j) *cs_at(j) = sum[j];
   __syncthreads();
   store_staged<BM, BN, THREADS>(cs, tid, c, ldc, bias, r, ldr, m0, n0, M, N, alpha);
 }
@@ -543,9 +556,10 @@ __device__ __forceinline__ void gemm_sm90_tma_body(const TmaDesc& ta1, const Tma
 #define GEMM_SM90_TILES(LB, BKM, OUT, OUTT)                                \
   GEMM_SM90_KERNEL(128, 128, 2, 1, 128, 3, 0, 2, LB, BKM, OUT, OUTT)     \
   GEMM_SM90_KERNEL(64, 64, 1, 1, 64, 4, 1, 3, LB, BKM, OUT, OUTT)
-#define GEMM_SM90_SPLIT_TILES(LA, AKM, LB, BKM, OUT, OUTT)                                \
-  GEMM_SM90_SPLIT_KERNEL(128, 128, 2, 1, 128, 3, 0, 2, LA, AKM, LB, BKM, OUT, OUTT)     \
-  GEMM_SM90_SPLIT_KERNEL(64, 64, 1, 1, 64, 4, 1, 3, LA, AKM, LB, BKM, OUT, OUTT)
+// Split kernels: 64×64 only (the 128×128 tile lost at every split shape, benches/RESULTS.md "Weight
+// gradients and split-K on wgmma"), 6 stages of 16 KiB (four K tiles in flight: the short K loops
+// of a slice are latency-bound), two blocks per SM.
+#define GEMM_SM90_SPLIT_TILES(LA, AKM, LB, BKM, OUT, OUTT) GEMM_SM90_SPLIT_KERNEL(64, 64, 1, 1, 64, 6, 1, 2, LA, AKM, LB, BKM, OUT, OUTT)
 
 GEMM_SM90_TILES(k, true, bf16, bf16)
 GEMM_SM90_TILES(k, true, f32, float)

@@ -257,11 +257,11 @@ const SPLIT_SHAPES: [(Layouts, usize, usize, usize); 17] = [
 ];
 
 /// Slice counts of the sweep rows.
-const SWEEP_SLICES: [usize; 8] = [1, 2, 4, 6, 8, 16, 32, 64];
+const SWEEP_SLICES: [usize; 10] = [1, 2, 3, 4, 6, 8, 12, 16, 32, 64];
 
 /// Family `gemm_split`: rows `wgrad_old` (sm_80 kernels, workspace + reduction), `wgrad_sm90`
 /// (the launcher's tile and slices) and `wgrad_<tile>_s<S>` per weight-gradient shape; `split_old`
-/// (`gemm_sm80`: sm_80 split + finish, or one sm_80 launch), `split_sm90_plain` (the unsplit sm90
+/// (`gemm_before_split_kernels`: sm_80 split + finish, or the plain sm90 kernels), `split_sm90_plain` (the unsplit sm90
 /// kernels), `split_sm90` (the launcher: `gemm`) and `split_<tile>_s<S>` per split shape.
 pub fn bench_split(gpu: &Gpu) -> Result<Vec<BenchRow>> {
     let mut rows = Vec::new();
@@ -299,7 +299,7 @@ pub fn bench_split(gpu: &Gpu) -> Result<Vec<BenchRow>> {
         let call = GemmCall { layouts, m, n, seg1: Segment { a: x.ptr()?, lda: k, b: w.ptr()?, ldb, k }, seg2: Segment::default(), c: y.ptr()?, ldc: n, out: DType::BF16, bias: None, residual: None, alpha: 1.0, split: SplitK::None };
         let (shape, flop) = (format!("{}{m}x{k}->{n}", if layouts == Layouts::Kk { "kk " } else { "kn " }), 2.0 * (m * k * n) as f64);
         let paths: [(&str, &dyn Fn() -> Result<()>); 3] = [
-            ("split_old", &|| gemm::gemm_sm80(gpu, &call)),
+            ("split_old", &|| gemm::gemm_before_split_kernels(gpu, &call)),
             ("split_sm90_plain", &|| gemm_sm90::gemm_sm90(gpu, &call, None)),
             ("split_sm90", &|| gemm::gemm(gpu, &call)),
         ];

@@ -246,20 +246,22 @@ pub(crate) fn pick_tile(gpu: &Gpu, m: usize, n: usize) -> Result<(usize, usize)>
 }
 
 /// Launches one GEMM with the launcher's tile choice. On a Hopper, calls whose operands allow it run
-/// on the wgmma kernels (`ops::gemm_sm90_split::gemm`: split along K inside one launch when the time
-/// model says so, else `ops::gemm_sm90`); everything else takes [`gemm_sm80`].
+/// on the wgmma kernels (`ops::gemm_sm90_split::gemm`: small outputs with a deep K split along K
+/// inside one launch, else `ops::gemm_sm90`); everything else takes [`gemm_before_split_kernels`].
 pub(crate) fn gemm(gpu: &Gpu, call: &GemmCall) -> Result<()> {
-    if super::gemm_sm90_split::supports(gpu, call)? {
+    if super::gemm_sm90_split::enabled_for(call.layouts) && super::gemm_sm90_split::supports(gpu, call)? {
         return super::gemm_sm90_split::gemm(gpu, call);
     }
-    gemm_sm80(gpu, call)
+    gemm_before_split_kernels(gpu, call)
 }
 
-/// The sm_80 kernels with the launcher's tile choice. A GEMM whose output tiles fill at most half
-/// of the SMs and whose K is deep (≥ 16 K tiles) is split along K: the slices' f32 partial sums go
-/// to a workspace from the **scratch arena**, and `gemm_splitk_finish_*` adds them up with the bias
-/// and the residual (two launches instead of one K loop of 16+ tiles per block).
-pub(crate) fn gemm_sm80(gpu: &Gpu, call: &GemmCall) -> Result<()> {
+/// The dispatch without the sm90 split kernels (all GPUs before them; on a Hopper with
+/// `SDLORA_SM90_SPLIT=0`). A GEMM whose output tiles fill at most half of the SMs and whose K is
+/// deep (≥ 16 K tiles) is split along K on the sm_80 kernels: the slices' f32 partial sums go to a
+/// workspace from the **scratch arena**, and `gemm_splitk_finish_*` adds them up with the bias and
+/// the residual (two launches instead of one K loop of 16+ tiles per block). Other calls run on the
+/// wgmma kernels of `ops::gemm_sm90` where the GPU is a Hopper and the operands allow it.
+pub(crate) fn gemm_before_split_kernels(gpu: &Gpu, call: &GemmCall) -> Result<()> {
     let tile = pick_tile(gpu, call.m, call.n)?;
     let blocks = call.m.div_ceil(tile.0) * call.n.div_ceil(tile.1);
     if call.split == SplitK::None && blocks > 0 && 2 * blocks <= sm_count(gpu)? && k_tiles(call, tile) >= 16 {
@@ -267,6 +269,9 @@ pub(crate) fn gemm_sm80(gpu: &Gpu, call: &GemmCall) -> Result<()> {
         if slices > 1 {
             return gemm_split_finish(gpu, call, tile, slices);
         }
+    }
+    if super::gemm_sm90::supports(gpu, call)? {
+        return super::gemm_sm90::gemm_sm90(gpu, call, None);
     }
     gemm_with_tile(gpu, call, tile)
 }
@@ -491,8 +496,8 @@ pub(crate) enum WeightGradSplit {
     /// split product.
     Workspace,
     /// On a Hopper, the wgmma kernels with the deterministic in-kernel reduction
-    /// (`ops::gemm_sm90_split`): one launch per product; elsewhere, or for operands they cannot
-    /// load, `Workspace`.
+    /// (`ops::gemm_sm90_split`): one launch per product; elsewhere, for operands they cannot load,
+    /// or with `SDLORA_SM90_SPLIT=0` / `=gemm`, `Workspace`.
     InKernel,
 }
 
@@ -515,7 +520,7 @@ pub(crate) fn at_b_many(gpu: &Gpu, problems: &[AtB], accumulate: bool, how: Weig
         alpha: pr.alpha,
         split: SplitK::None,
     };
-    if how == WeightGradSplit::InKernel {
+    if how == WeightGradSplit::InKernel && super::gemm_sm90_split::enabled_for(Layouts::Mn) {
         let calls: Vec<GemmCall> = problems.iter().map(call_of).collect();
         let mut on_sm90 = true;
         for call in &calls {

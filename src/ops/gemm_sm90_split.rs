@@ -48,10 +48,20 @@ macro_rules! split_names {
     };
 }
 
-pub(crate) const SPLIT_TILES: [SplitTile; 2] = [
-    SplitTile { bm: 128, bn: 128, threads: 256, stages: 3, per_sm: 2, cost: (0.681, 7.677, 2.0, 0.3), names: split_names!("gemm_sm90_128x128") },
-    SplitTile { bm: 64, bn: 64, threads: 128, stages: 4, per_sm: 3, cost: (0.480, 3.261, 1.5, 0.1), names: split_names!("gemm_sm90_64x64") },
-];
+/// The split kernels' tiles (64×64 only: 128×128 lost at every shape of the first sweep).
+pub(crate) const SPLIT_TILES: [SplitTile; 1] = [SplitTile { bm: 64, bn: 64, threads: 128, stages: 6, per_sm: 2, cost: (0.2, 4.4, 2.0, 0.2), names: split_names!("gemm_sm90_64x64") }];
+
+/// Whether calls of `layouts` may take the split kernels: `SDLORA_SM90_SPLIT` = `0` turns them off
+/// (the sm_80 split-K and weight-gradient paths, as before them), `wgrad` keeps them for `Mn`
+/// only, `gemm` for `Kk`/`Kn` only; anything else (or unset) for all.
+pub(crate) fn enabled_for(layouts: Layouts) -> bool {
+    match std::env::var("SDLORA_SM90_SPLIT").as_deref() {
+        Ok("0") => false,
+        Ok("wgrad") => layouts == Layouts::Mn,
+        Ok("gemm") => layouts != Layouts::Mn,
+        _ => true,
+    }
+}
 
 impl SplitTile {
     /// Dynamic shared memory: the stages or the f32 C tile that reuses them, plus 1 KiB to align
@@ -121,8 +131,8 @@ fn sm_count(gpu: &Gpu) -> Result<usize> {
     Ok(gpu.stream().context().attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)? as usize)
 }
 
-/// The launcher's (tile, slices) for `call`: the least modelled time over both tiles and every
-/// slice count up to one K tile per slice (`SplitTile::cost`).
+/// The launcher's (tile, slices) for `call`: the least modelled time over the tiles and every
+/// slice count up to one K tile per slice (at most 64; `SplitTile::cost`).
 pub(crate) fn plan(gpu: &Gpu, call: &GemmCall) -> Result<(SplitTile, usize)> {
     let (sms, kt) = (sm_count(gpu)?, k_tiles(call));
     let mut best = (SPLIT_TILES[0], 1, f64::INFINITY);
@@ -145,16 +155,14 @@ const SPLIT_MAX_TILES_PER_SM: f64 = 1.0;
 const SPLIT_MIN_K_TILES: usize = 8;
 
 /// A call on the Hopper path: `Mn` always on the split kernels (the launcher's slices, maybe one);
-/// `Kk`/`Kn` split when the output is small and K deep (see SPLIT_MAX_TILES_PER_SM) and the time
-/// model picks more than one slice, else on the plain sm90 kernels (`gemm_sm90::gemm_sm90`, its
-/// own tile choice). The caller has checked [`supports`].
+/// `Kk`/`Kn` on the split kernels (with the time model's slice count, maybe one) when the output
+/// is small and K deep (see SPLIT_MAX_TILES_PER_SM), else on the plain sm90 kernels
+/// (`gemm_sm90::gemm_sm90`, its own tile choice). The caller has checked [`supports`].
 pub(crate) fn gemm(gpu: &Gpu, call: &GemmCall) -> Result<()> {
-    let small = SPLIT_TILES[1].tiles(call.m, call.n) as f64 <= SPLIT_MAX_TILES_PER_SM * sm_count(gpu)? as f64 && k_tiles(call) >= SPLIT_MIN_K_TILES;
+    let small = SPLIT_TILES[0].tiles(call.m, call.n) as f64 <= SPLIT_MAX_TILES_PER_SM * sm_count(gpu)? as f64 && k_tiles(call) >= SPLIT_MIN_K_TILES;
     if call.layouts == Layouts::Mn || small {
         let (tile, slices) = plan(gpu, call)?;
-        if slices > 1 || call.layouts == Layouts::Mn {
-            return launch(gpu, call, tile, slices);
-        }
+        return launch(gpu, call, tile, slices);
     }
     super::gemm_sm90::gemm_sm90(gpu, call, None)
 }

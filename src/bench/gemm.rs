@@ -7,7 +7,8 @@
 //! less to keep), and the weight gradients dA, dB alone with split-K through f32 atomics
 //! (`lora_grads_atomic`) or a workspace and one reduction (`lora_grads_workspace`, the one used).
 //! On a Hopper GPU, `linear_sm90_*` / `linear_input_grad_sm90_*` force each wgmma kernel and tile,
-//! and `lora_grads_sm90` is the weight gradients on the wgmma kernels with in-kernel split-K.
+//! and `lora_grads_sm90` is the weight gradients on the wgmma kernels with in-kernel split-K
+//! (`at_b_many_sm90`, forced: the step's default keeps `lora_grads_workspace`).
 //! Family `gemm_split` ([`bench_split`]): the weight gradients and the small-M deep-K GEMMs of the
 //! training step, old path vs the sm90 split kernels (launcher's choice and each tile × slices).
 //! benches/torch_gemm.py times the same shapes with cuBLAS through PyTorch.
@@ -200,7 +201,7 @@ fn bench_lora(gpu: &Gpu, m: usize, in_f: usize, out_f: usize, r: usize) -> Resul
     let grads_with = |how| gemm::at_b_many(gpu, &grads, true, how);
     let t_grads_atomic = time_queued(gpu, REPS, || grads_with(WeightGradSplit::Atomic))?;
     let t_grads_ws = time_queued(gpu, REPS, || grads_with(WeightGradSplit::Workspace))?;
-    let t_grads_sm90 = time_queued(gpu, REPS, || grads_with(WeightGradSplit::InKernel))?;
+    let t_grads_sm90 = time_queued(gpu, REPS, || gemm::at_b_many_sm90(gpu, &grads, true).map(|_| ()))?;
     let grad_flop = 2.0 * mf * (o * rf + rf * i);
     let row = |kernel: &str, flop: f64, t: Timing| BenchRow { kernel: kernel.into(), shape: shape.clone(), rate: tflops(flop, &t), unit: "TFLOP/s", timing: t };
     Ok(vec![
@@ -260,7 +261,7 @@ const SPLIT_SHAPES: [(Layouts, usize, usize, usize); 17] = [
 const SWEEP_SLICES: [usize; 10] = [1, 2, 3, 4, 6, 8, 12, 16, 32, 64];
 
 /// Family `gemm_split`: rows `wgrad_old` (sm_80 kernels, workspace + reduction), `wgrad_sm90`
-/// (the launcher's tile and slices) and `wgrad_<tile>_s<S>` per weight-gradient shape; `split_old`
+/// (`at_b_many_sm90`: the launcher's tile and slices) and `wgrad_<tile>_s<S>` per weight-gradient shape; `split_old`
 /// (`gemm_before_split_kernels`: sm_80 split + finish, or the plain sm90 kernels), `split_sm90_plain` (the unsplit sm90
 /// kernels), `split_sm90` (the launcher: `gemm`) and `split_<tile>_s<S>` per split shape.
 pub fn bench_split(gpu: &Gpu) -> Result<Vec<BenchRow>> {
@@ -284,8 +285,12 @@ pub fn bench_split(gpu: &Gpu) -> Result<Vec<BenchRow>> {
         let (a, b, c) = (buf(gpu, &[m, p], DType::BF16)?, buf(gpu, &[m, q], DType::BF16)?, buf(gpu, &[p, q], DType::F32)?);
         let pr = AtB { a: (a.ptr()?, p), b: (b.ptr()?, q), m, p, q, alpha: 1.0, c: c.ptr()? };
         let (shape, flop) = (format!("{m}: {p}x{q}"), 2.0 * (m * p * q) as f64);
-        for (what, how) in [("wgrad_old", WeightGradSplit::Workspace), ("wgrad_sm90", WeightGradSplit::InKernel)] {
-            let t = time_queued(gpu, REPS, || gemm::at_b_many(gpu, &[pr], true, how))?;
+        let paths: [(&str, &dyn Fn() -> Result<()>); 2] = [
+            ("wgrad_old", &|| gemm::at_b_many(gpu, &[pr], true, WeightGradSplit::Workspace)),
+            ("wgrad_sm90", &|| gemm::at_b_many_sm90(gpu, &[pr], true).map(|_| ())),
+        ];
+        for (what, f) in paths {
+            let t = time_queued(gpu, REPS, f)?;
             rows.push(BenchRow { kernel: what.into(), shape: shape.clone(), rate: tflops(flop, &t), unit: "TFLOP/s", timing: t });
         }
         let call = GemmCall { layouts: Layouts::Mn, m: p, n: q, seg1: Segment { a: pr.a.0, lda: p, b: pr.b.0, ldb: q, k: m }, seg2: Segment::default(), c: pr.c, ldc: q, out: DType::F32, bias: None, residual: Some((pr.c, q)), alpha: 1.0, split: SplitK::None };

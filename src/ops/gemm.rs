@@ -495,18 +495,15 @@ pub(crate) enum WeightGradSplit {
     /// sm_80 kernels, partial sums in a scratch workspace, then one reduction launch for every
     /// split product.
     Workspace,
-    /// On a Hopper, the wgmma kernels with the deterministic in-kernel reduction
-    /// (`ops::gemm_sm90_split`): one launch per product; elsewhere, for operands they cannot load,
-    /// or with `SDLORA_SM90_SPLIT=0` / `=gemm`, `Workspace`.
+    /// On a Hopper with `SDLORA_SM90_SPLIT=all` or `=wgrad`, [`at_b_many_sm90`]; otherwise (the
+    /// default: the step measured faster so), elsewhere or for operands those kernels cannot load,
+    /// `Workspace`.
     InKernel,
 }
 
-/// Several weight-gradient products (added to c when `accumulate`): each split along its token
-/// axis when its output alone cannot fill the GPU. With `WeightGradSplit::Workspace`, one
-/// reduction launch finishes them all (the LoRA backward's dA and dB: three launches in all); with
-/// `InKernel` on a Hopper, one launch per product and no reduction launch.
-pub(crate) fn at_b_many(gpu: &Gpu, problems: &[AtB], accumulate: bool, how: WeightGradSplit) -> Result<()> {
-    let call_of = |pr: &AtB| GemmCall {
+/// The weight-gradient product `pr` as a layout-Mn GEMM call (C = alpha·aᵀ·b, + C when `accumulate`).
+fn at_b_call(pr: &AtB, accumulate: bool) -> GemmCall {
+    GemmCall {
         layouts: Layouts::Mn,
         m: pr.p,
         n: pr.q,
@@ -519,26 +516,39 @@ pub(crate) fn at_b_many(gpu: &Gpu, problems: &[AtB], accumulate: bool, how: Weig
         residual: accumulate.then_some((pr.c, pr.q)),
         alpha: pr.alpha,
         split: SplitK::None,
-    };
-    if how == WeightGradSplit::InKernel && super::gemm_sm90_split::enabled_for(Layouts::Mn) {
-        let calls: Vec<GemmCall> = problems.iter().map(call_of).collect();
-        let mut on_sm90 = true;
-        for call in &calls {
-            on_sm90 &= super::gemm_sm90_split::supports(gpu, call)?;
+    }
+}
+
+/// [`at_b_many`] on the Hopper wgmma split kernels (`ops::gemm_sm90_split`, one launch per product,
+/// the launcher's slice count, in-kernel reduction). Launches nothing and answers false when the
+/// GPU or an operand does not allow it.
+pub(crate) fn at_b_many_sm90(gpu: &Gpu, problems: &[AtB], accumulate: bool) -> Result<bool> {
+    let calls: Vec<GemmCall> = problems.iter().map(|pr| at_b_call(pr, accumulate)).collect();
+    for call in &calls {
+        if !super::gemm_sm90_split::supports(gpu, call)? {
+            return Ok(false);
         }
-        if on_sm90 {
-            for call in &calls {
-                let (tile, slices) = super::gemm_sm90_split::plan(gpu, call)?;
-                super::gemm_sm90_split::launch(gpu, call, tile, slices)?;
-            }
-            return Ok(());
-        }
+    }
+    for call in &calls {
+        let (tile, slices) = super::gemm_sm90_split::plan(gpu, call)?;
+        super::gemm_sm90_split::launch(gpu, call, tile, slices)?;
+    }
+    Ok(true)
+}
+
+/// Several weight-gradient products (added to c when `accumulate`): each split along its token
+/// axis when its output alone cannot fill the GPU. With `WeightGradSplit::Workspace`, one
+/// reduction launch finishes them all (the LoRA backward's dA and dB: three launches in all); with
+/// `InKernel` where enabled, one launch per product and no reduction launch.
+pub(crate) fn at_b_many(gpu: &Gpu, problems: &[AtB], accumulate: bool, how: WeightGradSplit) -> Result<()> {
+    if how == WeightGradSplit::InKernel && super::gemm_sm90_split::enabled_for(Layouts::Mn) && at_b_many_sm90(gpu, problems, accumulate)? {
+        return Ok(());
     }
     // (workspace, slices, p·q, c); the workspace handles live until the reductions are queued.
     let mut pending: Vec<(u64, usize, usize, u64)> = Vec::new();
     let mut workspaces = Vec::new();
     for pr in problems {
-        let mut call = GemmCall { residual: None, ..call_of(pr) };
+        let mut call = at_b_call(pr, false);
         let tile = pick_tile(gpu, pr.p, pr.q)?;
         let slices = k_slices(gpu, &call, tile)?;
         if slices == 1 {

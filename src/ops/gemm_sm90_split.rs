@@ -9,8 +9,9 @@
 //!
 //! The counters live in a small persistent buffer per stream, zeroed once (outside any CUDA-graph
 //! capture) and zero again after every launch, so captured graphs replay without a memset.
-//! [`crate::ops::gemm::gemm`] sends Hopper calls here ([`gemm`]: split when the time model says so,
-//! else the plain sm90 kernels); [`crate::ops::gemm::at_b_many`] its weight gradients ([`launch`]).
+//! [`crate::ops::gemm::gemm`] sends Hopper calls here ([`gemm`]: small outputs with a deep K on the
+//! split kernels, else the plain sm90 kernels); [`crate::ops::gemm::at_b_many_sm90`] the weight
+//! gradients ([`launch`]), which by default keep the sm_80 path (see [`enabled_for`]).
 //! CPU twins: `linear_cpu`, `linear_input_grad_cpu`, `at_b_cpu` in `ops::gemm`.
 
 use super::gemm::{GemmCall, Layouts, SplitK};
@@ -51,15 +52,18 @@ macro_rules! split_names {
 /// The split kernels' tiles (64×64 only: 128×128 lost at every shape of the first sweep).
 pub(crate) const SPLIT_TILES: [SplitTile; 1] = [SplitTile { bm: 64, bn: 64, threads: 128, stages: 6, per_sm: 2, cost: (0.2, 4.4, 2.0, 0.2), names: split_names!("gemm_sm90_64x64") }];
 
-/// Whether calls of `layouts` may take the split kernels: `SDLORA_SM90_SPLIT` = `0` turns them off
-/// (the sm_80 split-K and weight-gradient paths, as before them), `wgrad` keeps them for `Mn`
-/// only, `gemm` for `Kk`/`Kn` only; anything else (or unset) for all.
+/// Whether calls of `layouts` take the split kernels by default: `Kk`/`Kn` yes, the weight
+/// gradients (`Mn`) no — the training step measured 16.98 ms with the split kernels for Kk/Kn only,
+/// 17.23 ms with them for all three layouts, 17.99 ms with none (benches/RESULTS.md "Weight
+/// gradients and split-K on wgmma"). `SDLORA_SM90_SPLIT` overrides: `0` none (the sm_80 split-K
+/// and weight-gradient paths, as before these kernels), `wgrad` Mn only, `all` every layout,
+/// `gemm` the default.
 pub(crate) fn enabled_for(layouts: Layouts) -> bool {
     match std::env::var("SDLORA_SM90_SPLIT").as_deref() {
         Ok("0") => false,
         Ok("wgrad") => layouts == Layouts::Mn,
-        Ok("gemm") => layouts != Layouts::Mn,
-        _ => true,
+        Ok("all") => true,
+        _ => layouts != Layouts::Mn,
     }
 }
 

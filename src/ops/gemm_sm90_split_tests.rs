@@ -5,7 +5,7 @@
 
 use super::*;
 use crate::ops::gemm::tests::{download, gather_rows, poisoned, rand_bf16, sample_rows, upload};
-use crate::ops::gemm::{at_b_cpu, at_b_many, linear, linear_cpu, linear_input_grad_cpu, AtB, Segment, WeightGradSplit};
+use crate::ops::gemm::{at_b_cpu, at_b_many, at_b_many_sm90, linear, linear_cpu, linear_input_grad_cpu, AtB, Segment, WeightGradSplit};
 use crate::rng::Rng;
 use crate::tensor::{assert_close, Tensor};
 
@@ -246,19 +246,15 @@ fn gpu_sm90_split_is_deterministic_and_resets_its_counters() {
 
 #[test]
 #[ignore = "needs a CUDA GPU"]
-fn gpu_dispatch_takes_sm90_split_on_hopper() {
+fn gpu_dispatch_takes_sm90_split_where_enabled_on_hopper() {
     let gpu = Gpu::for_tests().expect("GPU test needs a CUDA device");
     if !hopper(&gpu) {
         return;
     }
     let seed = Rng::fresh_seed();
     let mut rng = Rng::new(seed);
-    // A small-M deep-K linear: one split launch, no finish kernel (unless SDLORA_SM90_SPLIT turns
-    // the split kernels off for it: then this test has nothing to check).
-    if !enabled_for(Layouts::Kk) || !enabled_for(Layouts::Mn) {
-        eprintln!("skipped: SDLORA_SM90_SPLIT={:?}", std::env::var("SDLORA_SM90_SPLIT"));
-        return;
-    }
+    // A small-M deep-K linear: one split launch, no finish kernel (the sm_80 split + finish when
+    // SDLORA_SM90_SPLIT turns the split kernels off for it).
     let (m, k, n) = (64, 5120, 1280);
     let x = rand_bf16(&mut rng, m * k, 1.0);
     let w = rand_bf16(&mut rng, n * k, 1.0 / (k as f32).sqrt());
@@ -266,26 +262,38 @@ fn gpu_dispatch_takes_sm90_split_on_hopper() {
     let mut y = poisoned(&gpu, &[m, n], DType::BF16);
     gpu.start_profiling();
     linear(&gpu, &xd, &wd, None, None, &mut y).unwrap();
+    // (The profiler adds up the launches of each kernel.)
     let kernels: Vec<(&str, usize)> = gpu.stop_profiling().unwrap().iter().map(|t| (t.name, t.calls)).collect();
-    assert!(kernels.len() == 1 && kernels[0].1 == 1 && kernels[0].0.starts_with("gemm_sm90_") && kernels[0].0.ends_with("_kk_bf16_split"), "linear {m}x{k}->{n}: ran {kernels:?}");
+    let split = kernels.len() == 1 && kernels[0].1 == 1 && kernels[0].0.starts_with("gemm_sm90_") && kernels[0].0.ends_with("_kk_bf16_split");
+    assert_eq!(split, enabled_for(Layouts::Kk), "linear {m}x{k}->{n}: ran {kernels:?}");
     let want = linear_cpu(&x, m, k, &w, n, None);
     assert_close(&format!("linear {m}x{k}->{n} seed={seed}"), &download(&gpu, &y), &want, 1e-2);
-    // A LoRA backward's dA and dB: two mn launches, no reduction kernel.
+    // A LoRA backward's dA and dB: on the split kernels two mn launches and no reduction kernel;
+    // through at_b_many, the split kernels only where SDLORA_SM90_SPLIT enables them (not by
+    // default), else the sm_80 workspace path.
     let (tokens, d, r) = (4096, 320, 128);
     let (dy, us) = (rand_bf16(&mut rng, tokens * d, 1.0), rand_bf16(&mut rng, tokens * r, 1.0));
     let (dyd, usd) = (upload(&gpu, &[tokens, d], &dy, DType::BF16), upload(&gpu, &[tokens, r], &us, DType::BF16));
-    let db = poisoned(&gpu, &[d, r], DType::F32);
-    let da = poisoned(&gpu, &[r, d], DType::F32);
-    let problems = [
-        AtB { a: (dyd.ptr().unwrap(), d), b: (usd.ptr().unwrap(), r), m: tokens, p: d, q: r, alpha: 1.0, c: db.ptr().unwrap() },
-        AtB { a: (usd.ptr().unwrap(), r), b: (dyd.ptr().unwrap(), d), m: tokens, p: r, q: d, alpha: 0.5, c: da.ptr().unwrap() },
-    ];
-    gpu.start_profiling();
-    at_b_many(&gpu, &problems, false, WeightGradSplit::InKernel).unwrap();
-    // (The profiler adds up the launches of each kernel.)
-    let kernels: Vec<(&str, usize)> = gpu.stop_profiling().unwrap().iter().map(|t| (t.name, t.calls)).collect();
-    assert!(kernels.iter().map(|k| k.1).sum::<usize>() == 2 && kernels.iter().all(|k| k.0.starts_with("gemm_sm90_") && k.0.ends_with("_mn_f32_split")), "at_b_many: ran {kernels:?}");
-    assert_close(&format!("dB seed={seed}"), &download(&gpu, &db), &at_b_cpu(&dy, tokens, d, &us, r), 1e-3);
-    let want: Vec<f32> = at_b_cpu(&us, tokens, r, &dy, d).iter().map(|v| 0.5 * v).collect();
-    assert_close(&format!("dA seed={seed}"), &download(&gpu, &da), &want, 1e-3);
+    let want_db = at_b_cpu(&dy, tokens, d, &us, r);
+    let want_da: Vec<f32> = at_b_cpu(&us, tokens, r, &dy, d).iter().map(|v| 0.5 * v).collect();
+    for forced in [true, false] {
+        let db = poisoned(&gpu, &[d, r], DType::F32);
+        let da = poisoned(&gpu, &[r, d], DType::F32);
+        let problems = [
+            AtB { a: (dyd.ptr().unwrap(), d), b: (usd.ptr().unwrap(), r), m: tokens, p: d, q: r, alpha: 1.0, c: db.ptr().unwrap() },
+            AtB { a: (usd.ptr().unwrap(), r), b: (dyd.ptr().unwrap(), d), m: tokens, p: r, q: d, alpha: 0.5, c: da.ptr().unwrap() },
+        ];
+        gpu.start_profiling();
+        if forced {
+            assert!(at_b_many_sm90(&gpu, &problems, false).unwrap(), "at_b_many_sm90 declined the LoRA shapes");
+        } else {
+            at_b_many(&gpu, &problems, false, WeightGradSplit::InKernel).unwrap();
+        }
+        let kernels: Vec<(&str, usize)> = gpu.stop_profiling().unwrap().iter().map(|t| (t.name, t.calls)).collect();
+        let on_sm90 = kernels.iter().map(|k| k.1).sum::<usize>() == 2 && kernels.iter().all(|k| k.0.starts_with("gemm_sm90_") && k.0.ends_with("_mn_f32_split"));
+        let no_sm90 = kernels.iter().all(|k| !k.0.contains("sm90"));
+        assert!(if forced || enabled_for(Layouts::Mn) { on_sm90 } else { no_sm90 }, "at_b_many (forced sm90: {forced}): ran {kernels:?}");
+        assert_close(&format!("dB forced={forced} seed={seed}"), &download(&gpu, &db), &want_db, 1e-3);
+        assert_close(&format!("dA forced={forced} seed={seed}"), &download(&gpu, &da), &want_da, 1e-3);
+    }
 }

@@ -8,8 +8,8 @@
 //!   dx = [dy | v_s]·[W ; A]      (one GEMM over K = out + r)
 //!   dB = dyᵀ·u_s = s·dyᵀ·(x·Aᵀ)   dA = v_sᵀ·x = s·(dy·B)ᵀ·x      (f32, added to the existing grads)
 //! Five launches per backward (dA and dB split along the tokens into a scratch workspace, one
-//! reduction for both; four on a Hopper, whose wgmma kernels reduce the slices in-kernel), two per
-//! forward; any rank 1..=256 (ranks that are not multiples of 8
+//! reduction for both; four on a Hopper with `SDLORA_SM90_SPLIT=all`, whose wgmma kernels reduce
+//! the slices in-kernel), two per forward; any rank 1..=256 (ranks that are not multiples of 8
 //! take the kernel's scalar load path), any scale. in and out must be multiples of 8.
 //!
 //! CPU twins: [`lora_forward_cpu`], [`lora_backward_cpu`] (f32, naive, unfused).

@@ -35,9 +35,11 @@ pub(crate) struct SplitTile {
     threads: u32,
     stages: usize,
     per_sm: usize,
-    /// Time model (µs), fitted to the `split_*` rows of benches/RESULTS.md "Weight gradients and
-    /// split-K on wgmma" (H100): `waves · (k_tiles_per_slice · a + b) + (S > 1: c + d·S)`, a wave
-    /// being one block on each of `per_sm` blocks of every SM.
+    /// Time model (µs): `waves · (k_tiles_per_slice · a + b) + (S > 1: c + d·S)`, a wave being one
+    /// block on each of `per_sm` blocks of every SM; a, b from the unsplit rows of the first sweep
+    /// of benches/RESULTS.md "Weight gradients and split-K on wgmma" (H100), c, d the reduction's
+    /// cost; checked against the second sweep (its picks are within 0.3 µs of the best forced slice
+    /// count at every Kk/Kn split shape of the step).
     cost: (f64, f64, f64, f64),
     /// Kernel names for kk bf16/f32, kn bf16/f32, mn f32.
     names: [&'static str; 5],

@@ -78,8 +78,9 @@ __device__ __forceinline__ void fence_acc(float (&d)[R]) {
   for (int i = 0; i < R; ++i) asm volatile("" : "+f"(d[i])::"memory");
 }
 
-// D[64×128] += A[64×16]·B[16×128] (one warpgroup; 64 accumulators per thread).
-template <int TRANS_B>
+// D[64×128] += A[64×16]·B[16×128] (one warpgroup; 64 accumulators per thread). TRANS_A / TRANS_B:
+// the operand's shared tile is MN-major (else K-major).
+template <int TRANS_A, int TRANS_B>
 __device__ __forceinline__ void wgmma_m64n128(float (&d)[64], uint64_t desc_a, uint64_t desc_b) {
   asm volatile(
       "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 {"
@@ -87,7 +88,7 @@ __device__ __forceinline__ void wgmma_m64n128(float (&d)[64], uint64_t desc_a, u
       "%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31,"
       "%32,%33,%34,%35,%36,%37,%38,%39,%40,%41,%42,%43,%44,%45,%46,%47,"
       "%48,%49,%50,%51,%52,%53,%54,%55,%56,%57,%58,%59,%60,%61,%62,%63"
-      "}, %64, %65, 1, 1, 1, 0, %66;\n"
+      "}, %64, %65, 1, 1, 1, %66, %67;\n"
       : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
         "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
         "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
@@ -96,42 +97,42 @@ __device__ __forceinline__ void wgmma_m64n128(float (&d)[64], uint64_t desc_a, u
         "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]),
         "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),
         "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
-      : "l"(desc_a), "l"(desc_b), "n"(TRANS_B));
+      : "l"(desc_a), "l"(desc_b), "n"(TRANS_A), "n"(TRANS_B));
 }
 
 // D[64×64] += A[64×16]·B[16×64] (one warpgroup; 32 accumulators per thread).
-template <int TRANS_B>
+template <int TRANS_A, int TRANS_B>
 __device__ __forceinline__ void wgmma_m64n64(float (&d)[32], uint64_t desc_a, uint64_t desc_b) {
   asm volatile(
       "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {"
       "%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,"
       "%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31"
-      "}, %32, %33, 1, 1, 1, 0, %34;\n"
+      "}, %32, %33, 1, 1, 1, %34, %35;\n"
       : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
         "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
         "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
         "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
-      : "l"(desc_a), "l"(desc_b), "n"(TRANS_B));
+      : "l"(desc_a), "l"(desc_b), "n"(TRANS_A), "n"(TRANS_B));
 }
 
-template <int WN, int TRANS_B>
+template <int WN, int TRANS_A, int TRANS_B>
 __device__ __forceinline__ void wgmma_tile(float (&d)[WN / 2], uint64_t desc_a, uint64_t desc_b) {
   static_assert(WN == 128 || WN == 64, "warpgroup tile width");
-  if constexpr (WN == 128) wgmma_m64n128<TRANS_B>(d, desc_a, desc_b);
-  else wgmma_m64n64<TRANS_B>(d, desc_a, desc_b);
+  if constexpr (WN == 128) wgmma_m64n128<TRANS_A, TRANS_B>(d, desc_a, desc_b);
+  else wgmma_m64n64<TRANS_A, TRANS_B>(d, desc_a, desc_b);
 }
 
 // One 64-deep k tile of a warpgroup's 64 × WN accumulators: the four k16 wgmmas on the A tile at
-// shared address sa and the B tile at sb (K-major for kk, MN-major for kn), fenced and committed as
-// one group.
-template <int WN, bool B_K_MAJOR>
+// shared address sa (K-major, or for layout mn MN-major: one [64 k][64 m] column block) and the B
+// tile at sb (K-major for kk, MN-major for kn and mn), fenced and committed as one group.
+template <int WN, bool B_K_MAJOR, bool A_K_MAJOR = true>
 __device__ __forceinline__ void wgmma_k_tile(float (&acc)[WN / 2], uint32_t sa, uint32_t sb) {
   wgmma_fence();
 #pragma unroll
   for (int ks = 0; ks < BK / 16; ++ks) {
-    const uint64_t da = smem_desc(sa + ks * 32, 16, 1024);
+    const uint64_t da = A_K_MAJOR ? smem_desc(sa + ks * 32, 16, 1024) : smem_desc(sa + ks * 16 * 128, BK * 128, 1024);
     const uint64_t db = B_K_MAJOR ? smem_desc(sb + ks * 32, 16, 1024) : smem_desc(sb + ks * 16 * 128, BK * 128, 1024);
-    wgmma_tile<WN, B_K_MAJOR ? 0 : 1>(acc, da, db);
+    wgmma_tile<WN, A_K_MAJOR ? 0 : 1, B_K_MAJOR ? 0 : 1>(acc, da, db);
   }
   wgmma_commit();
 }
@@ -183,27 +184,31 @@ __device__ __noinline__ void store8_checked(OutT* crow, const OutT* rrow, const 
   }
 }
 
-// The epilogue of a BM × BN block tile: each warpgroup (wm, wn) puts its 64 × WN accumulators
-// into the f32 tile `cs` (8-column groups XOR-swizzled by row: conflict-free), `sync()` (a barrier
-// over the THREADS storing threads, tid = 0..THREADS-1), then C = alpha·acc + bias + R goes out in
-// coalesced 16-byte row pieces (scalar stores at the right edge and for unaligned C, R or bias).
-// The caller has made sure nobody reads `cs`'s memory any more (it reuses the pipeline stages).
-template <int BM, int BN, int WN, int THREADS, typename OutT, typename Sync>
-__device__ __forceinline__ void store_tile(float* cs, const float (&acc)[WN / 2], int wm, int wn, int tid, Sync sync, OutT* c, int64_t ldc,
-                                           const bf16* bias, const OutT* r, int64_t ldr, int m0, int n0, int M, int N, float alpha) {
+// The f32 C tile of the epilogue: [BM][BN], 8-column groups XOR-swizzled by row (conflict-free).
+template <int BN>
+__device__ __forceinline__ int c_at(int row, int col) {
+  return row * BN + (col ^ ((row & 7) << 3));
+}
+
+// Each warpgroup (wm, wn) puts its 64 × WN accumulators into the f32 tile `cs`.
+template <int BN, int WN>
+__device__ __forceinline__ void stage_acc(float* cs, const float (&acc)[WN / 2], int wm, int wn, int tid) {
   // Accumulator (row, col) of thread t of the warpgroup, register 4j + 2h + e (tile coordinates):
   // row = 64·wm + 16·(t/32) + (t%32)/4 + 8h, col = WN·wn + 8j + 2·(t%4) + e.
-  auto c_at = [](int row, int col) { return row * BN + (col ^ ((row & 7) << 3)); };
-  {
-    const int t = tid % 128;
-    const int row = wm * 64 + (t / 32) * 16 + (t % 32) / 4, col = wn * WN + 2 * (t % 4);
+  const int t = tid % 128;
+  const int row = wm * 64 + (t / 32) * 16 + (t % 32) / 4, col = wn * WN + 2 * (t % 4);
 #pragma unroll
-    for (int j = 0; j < WN / 8; ++j) {
-      *reinterpret_cast<float2*>(cs + c_at(row, col + 8 * j)) = make_float2(acc[4 * j], acc[4 * j + 1]);
-      *reinterpret_cast<float2*>(cs + c_at(row + 8, col + 8 * j)) = make_float2(acc[4 * j + 2], acc[4 * j + 3]);
-    }
+  for (int j = 0; j < WN / 8; ++j) {
+    *reinterpret_cast<float2*>(cs + c_at<BN>(row, col + 8 * j)) = make_float2(acc[4 * j], acc[4 * j + 1]);
+    *reinterpret_cast<float2*>(cs + c_at<BN>(row + 8, col + 8 * j)) = make_float2(acc[4 * j + 2], acc[4 * j + 3]);
   }
-  sync();
+}
+
+// C = alpha·cs + bias + R for the BM × BN tile at (m0, n0), read from the staged f32 tile `cs`, in
+// coalesced 16-byte row pieces (scalar stores at the right edge and for unaligned C, R or bias).
+template <int BM, int BN, int THREADS, typename OutT>
+__device__ __forceinline__ void store_staged(const float* cs, int tid, OutT* c, int64_t ldc, const bf16* bias, const OutT* r, int64_t ldr, int m0,
+                                             int n0, int M, int N, float alpha) {
   auto aligned16 = [](const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15) == 0; };
   const bool fast = aligned16(c) && ldc % 8 == 0 && (!r || (aligned16(r) && ldr % 8 == 0)) && (!bias || aligned16(bias));
   constexpr int GROUPS = BN / 8;
@@ -211,8 +216,8 @@ __device__ __forceinline__ void store_tile(float* cs, const float (&acc)[WN / 2]
     const int row = idx / GROUPS, col = (idx % GROUPS) * 8;
     const int m = m0 + row, n = n0 + col;
     if (m >= M || n >= N) continue;
-    const float4 lo = *reinterpret_cast<const float4*>(cs + c_at(row, col));
-    const float4 hi = *reinterpret_cast<const float4*>(cs + c_at(row, col) + 4);
+    const float4 lo = *reinterpret_cast<const float4*>(cs + c_at<BN>(row, col));
+    const float4 hi = *reinterpret_cast<const float4*>(cs + c_at<BN>(row, col) + 4);
     float v[8] = {alpha * lo.x, alpha * lo.y, alpha * lo.z, alpha * lo.w, alpha * hi.x, alpha * hi.y, alpha * hi.z, alpha * hi.w};
     OutT* crow = c + (int64_t)m * ldc;
     const OutT* rrow = r ? r + (int64_t)m * ldr : nullptr;
@@ -221,12 +226,91 @@ __device__ __forceinline__ void store_tile(float* cs, const float (&acc)[WN / 2]
   }
 }
 
+// The epilogue of a BM × BN block tile: the accumulators into `cs`, `sync()` (a barrier over the
+// THREADS storing threads, tid = 0..THREADS-1), then C = alpha·acc + bias + R (store_staged).
+// The caller has made sure nobody reads `cs`'s memory any more (it reuses the pipeline stages).
+template <int BM, int BN, int WN, int THREADS, typename OutT, typename Sync>
+__device__ __forceinline__ void store_tile(float* cs, const float (&acc)[WN / 2], int wm, int wn, int tid, Sync sync, OutT* c, int64_t ldc,
+                                           const bf16* bias, const OutT* r, int64_t ldr, int m0, int n0, int M, int N, float alpha) {
+  stage_acc<BN, WN>(cs, acc, wm, wn, tid);
+  sync();
+  store_staged<BM, BN, THREADS>(cs, tid, c, ldc, bias, r, ldr, m0, n0, M, N, alpha);
+}
+
+// Split-K (gridDim.z = S slices of the K tiles, blockIdx.z = this block's): the workspace holds
+// one f32 [BM][BN] partial tile per (output tile, slice), at ws + ((tile·S + slice)·BM·BN), and
+// `counters` one arrival count per output tile (zero between launches).
+struct SplitArgs {
+  int tiles_per_slice;  // K tiles per slice (the last slice may get fewer, never none)
+  float* ws;
+  unsigned* counters;
+};
+
+// The split-K epilogue, deterministic and without a second launch: every slice stores its partial
+// tile (no alpha) to the workspace and, after a block barrier, thread 0 counts the block in with
+// atom.acq_rel.gpu (release: the block's stores, ordered before it by the barrier, are visible to
+// whoever acquires the count; acquire: the last slice sees every other slice's stores). The last
+// slice to arrive resets the counter, sums the S partials in slice order 0, 1, …, S−1 (the same
+// float operations whichever slice is last) and runs the ordinary epilogue on the sum. Its loads
+// are batched (PER float4 per thread, four slices at a time) so that the sum costs about S/4 L2
+// round trips.
+template <int BM, int BN, int WN, int THREADS, typename OutT>
+__device__ __forceinline__ void store_tile_split(float* cs, const float (&acc)[WN / 2], int wm, int wn, const SplitArgs& split, OutT* c,
+                                                 int64_t ldc, const bf16* bias, const OutT* r, int64_t ldr, int m0, int n0, int M, int N,
+                                                 float alpha) {
+  __shared__ unsigned is_last;
+  constexpr int V = BM * BN / 4, PER = V / THREADS, GROUP = 4;  // float4s of a tile, per thread, slices per batch
+  static_assert(V % THREADS == 0, "whole float4s per thread");
+  const int tid = threadIdx.x, slices = gridDim.z;
+  const unsigned tile = blockIdx.y * gridDim.x + blockIdx.x;
+  auto cs_at = [&](int j) {  // the float4 j of this thread in the staged tile
+    const int i = tid + j * THREADS, row = i / (BN / 4), col = (i % (BN / 4)) * 4;
+    return reinterpret_cast<float4*>(cs + c_at<BN>(row, col));
+  };
+  stage_acc<BN, WN>(cs, acc, wm, wn, tid);
+  __syncthreads();
+  float4* parts = reinterpret_cast<float4*>(split.ws) + (int64_t)tile * slices * V;
+#pragma unroll
+  for (int j = 0; j < PER; ++j) __stcg(parts + (int64_t)blockIdx.z * V + tid + j * THREADS, *cs_at(j));
+  __syncthreads();
+  if (tid == 0) {
+    unsigned before;
+    asm volatile("atom.acq_rel.gpu.global.add.u32 %0, [%1], 1;\n" : "=r"(before) : "l"(split.counters + tile) : "memory");
+    is_last = before == (unsigned)slices - 1;
+    if (is_last) split.counters[tile] = 0;  // every slice has arrived: ready for the next launch
+  }
+  __syncthreads();
+  if (!is_last) return;
+  float4 sum[PER];
+#pragma unroll
+  for (int j = 0; j < PER; ++j) sum[j] = __ldcg(parts + tid + j * THREADS);
+  for (int z0 = 1; z0 < slices; z0 += GROUP) {
+    float4 v[GROUP][PER];
+#pragma unroll
+    for (int g = 0; g < GROUP; ++g)
+#pragma unroll
+      for (int j = 0; j < PER; ++j) v[g][j] = z0 + g < slices ? __ldcg(parts + (int64_t)(z0 + g) * V + tid + j * THREADS) : make_float4(0, 0, 0, 0);
+#pragma unroll
+    for (int g = 0; g < GROUP; ++g)
+#pragma unroll
+      for (int j = 0; j < PER; ++j)
+        if (z0 + g < slices) sum[j].x += v[g][j].x, sum[j].y += v[g][j].y, sum[j].z += v[g][j].z, sum[j].w += v[g][j].w;
+  }
+#pragma unroll
+  for (int j = 0; j < PER; ++j) *cs_at(j) = sum[j];
+  __syncthreads();
+  store_staged<BM, BN, THREADS>(cs, tid, c, ldc, bias, r, ldr, m0, n0, M, N, alpha);
+}
+
 // The kernel body (see the header): WG_M × WG_N warpgroups, each computing 64 × WN of the
-// (64·WG_M) × (WN·WG_N) block tile. B_K_MAJOR: layout kk, else kn.
-template <int WG_M, int WG_N, int WN, int STAGES, int INFLIGHT, bool B_K_MAJOR, typename OutT>
+// (64·WG_M) × (WN·WG_N) block tile. A_K_MAJOR: A(m, k) = A[m·lda + k], else (layout mn)
+// A[k·lda + m]; B_K_MAJOR: layout kk, else B(n, k) = B[k·ldb + n]. SPLIT: the block runs K tiles
+// [z·tiles_per_slice, (z+1)·tiles_per_slice) of slice z = blockIdx.z and, when gridDim.z > 1, ends
+// with store_tile_split.
+template <int WG_M, int WG_N, int WN, int STAGES, int INFLIGHT, bool A_K_MAJOR, bool B_K_MAJOR, bool SPLIT, typename OutT>
 __device__ __forceinline__ void gemm_sm90_body(const bf16* a1, int64_t lda1, const bf16* b1, int64_t ldb1, int k1, const bf16* a2,
                                                int64_t lda2, const bf16* b2, int64_t ldb2, int k2, OutT* c, int64_t ldc,
-                                               const bf16* bias, const OutT* r, int64_t ldr, int M, int N, float alpha) {
+                                               const bf16* bias, const OutT* r, int64_t ldr, int M, int N, float alpha, SplitArgs split) {
   constexpr int BM = 64 * WG_M, BN = WN * WG_N, THREADS = 128 * WG_M * WG_N;
   constexpr int A_BYTES = BM * BK * 2, B_BYTES = BN * BK * 2, STAGE_BYTES = A_BYTES + B_BYTES;
   constexpr int AHEAD = STAGES - 1 - INFLIGHT;
@@ -241,17 +325,21 @@ __device__ __forceinline__ void gemm_sm90_body(const bf16* a1, int64_t lda1, con
   const int m0 = blockIdx.y * BM, n0 = blockIdx.x * BN;
   const int wg = threadIdx.x / 128, wm = wg % WG_M, wn = wg / WG_M;
   const int tiles1 = (k1 + BK - 1) / BK, ntiles = tiles1 + (k2 + BK - 1) / BK;
+  // This block's K tiles [t0, t0 + count).
+  const int t0 = SPLIT ? blockIdx.z * split.tiles_per_slice : 0;
+  const int count = SPLIT ? min(ntiles - t0, split.tiles_per_slice) : ntiles;
   auto load_stage = [&](int stage, int t) {
     const bool second = t >= tiles1;
     const int k0 = (second ? t - tiles1 : t) * BK, kseg = second ? k2 : k1;
     const uint32_t sa = base + stage * STAGE_BYTES;
-    load_k_major<BM, THREADS>(sa, second ? a2 : a1, second ? lda2 : lda1, m0, M, k0, kseg);
+    if constexpr (A_K_MAJOR) load_k_major<BM, THREADS>(sa, second ? a2 : a1, second ? lda2 : lda1, m0, M, k0, kseg);
+    else load_n_major<BM, THREADS>(sa, second ? a2 : a1, second ? lda2 : lda1, m0, M, k0, kseg);
     if constexpr (B_K_MAJOR) load_k_major<BN, THREADS>(sa + A_BYTES, second ? b2 : b1, second ? ldb2 : ldb1, n0, N, k0, kseg);
     else load_n_major<BN, THREADS>(sa + A_BYTES, second ? b2 : b1, second ? ldb2 : ldb1, n0, N, k0, kseg);
   };
   // This warpgroup's A rows and B columns within a stage: K-major tiles hold one 128-byte row per
-  // m (n); the n-major B tile holds 8 KiB per 64 columns.
-  const uint32_t a_off = wm * 64 * 128, b_off = B_K_MAJOR ? wn * WN * 128 : wn * (WN / 64) * BK * 128;
+  // m (n); the MN-major tiles hold 8 KiB per 64 rows (columns).
+  const uint32_t a_off = A_K_MAJOR ? wm * 64 * 128 : wm * BK * 128, b_off = B_K_MAJOR ? wn * WN * 128 : wn * (WN / 64) * BK * 128;
 
   float acc[WN / 2];
 #pragma unroll
@@ -259,21 +347,21 @@ __device__ __forceinline__ void gemm_sm90_body(const bf16* a1, int64_t lda1, con
 
 #pragma unroll
   for (int s = 0; s < AHEAD; ++s) {
-    if (s < ntiles) load_stage(s, s);
+    if (s < count) load_stage(s, t0 + s);
     cp_async_commit();
   }
 #pragma unroll 1
-  for (int kt = 0; kt < ntiles; ++kt) {
+  for (int kt = 0; kt < count; ++kt) {
     // Tile kt has landed for every thread; every warpgroup is past the wait that retired the
     // wgmmas of tile kt - 1 - INFLIGHT, whose stage the copies below refill.
     cp_async_wait<AHEAD - 1>();
     __syncthreads();
     const int next = kt + AHEAD;
-    if (next < ntiles) load_stage(next % STAGES, next);
+    if (next < count) load_stage(next % STAGES, t0 + next);
     cp_async_commit();
     fence_proxy_async();
     const uint32_t sa = base + (kt % STAGES) * STAGE_BYTES + a_off, sb = base + (kt % STAGES) * STAGE_BYTES + A_BYTES + b_off;
-    wgmma_k_tile<WN, B_K_MAJOR>(acc, sa, sb);
+    wgmma_k_tile<WN, B_K_MAJOR, A_K_MAJOR>(acc, sa, sb);
     wgmma_wait<INFLIGHT>();
     fence_acc(acc);
   }
@@ -282,6 +370,12 @@ __device__ __forceinline__ void gemm_sm90_body(const bf16* a1, int64_t lda1, con
   cp_async_wait<0>();
   __syncthreads();  // every warpgroup is done with the stages: the C tile reuses them
 
+  if constexpr (SPLIT) {
+    if (gridDim.z > 1) {
+      store_tile_split<BM, BN, WN, THREADS>(cs, acc, wm, wn, split, c, ldc, bias, r, ldr, m0, n0, M, N, alpha);
+      return;
+    }
+  }
   store_tile<BM, BN, WN, THREADS>(cs, acc, wm, wn, threadIdx.x, [] { __syncthreads(); }, c, ldc, bias, r, ldr, m0, n0, M, N, alpha);
 }
 
@@ -438,8 +532,21 @@ __device__ __forceinline__ void gemm_sm90_tma_body(const TmaDesc& ta1, const Tma
   extern "C" __global__ void __launch_bounds__(128 * WGM * WGN, MINB) gemm_sm90_##BM##x##BN##_k##LB##_##OUT(              \
       const bf16* a1, int64_t lda1, const bf16* b1, int64_t ldb1, int k1, const bf16* a2, int64_t lda2, const bf16* b2,     \
       int64_t ldb2, int k2, OUTT* c, int64_t ldc, const bf16* bias, const OUTT* r, int64_t ldr, int M, int N, float alpha) { \
-    gemm_sm90_body<WGM, WGN, WN, ST, INF, BKM, OUTT>(a1, lda1, b1, ldb1, k1, a2, lda2, b2, ldb2, k2, c, ldc, bias, r, ldr, M, N, \
-                                                     alpha);                                                               \
+    gemm_sm90_body<WGM, WGN, WN, ST, INF, true, BKM, false, OUTT>(a1, lda1, b1, ldb1, k1, a2, lda2, b2, ldb2, k2, c, ldc, bias, r, \
+                                                                  ldr, M, N, alpha, SplitArgs{});                          \
+  }
+
+// gemm_sm90_<BM>x<BN>_<A><B>_<out>_split: the same with split-K (grid z = slices; see
+// store_tile_split) and layout mn (A(m, k) = A[k·lda + m]: the weight gradients aᵀ·b). Three more
+// arguments: K tiles per slice, the f32 workspace, the per-output-tile counters.
+// src/ops/gemm_sm90_split.rs `SPLIT_TILES` must agree on threads, stages and blocks per SM.
+#define GEMM_SM90_SPLIT_KERNEL(BM, BN, WGM, WGN, WN, ST, INF, MINB, LA, AKM, LB, BKM, OUT, OUTT)                              \
+  extern "C" __global__ void __launch_bounds__(128 * WGM * WGN, MINB) gemm_sm90_##BM##x##BN##_##LA##LB##_##OUT##_split(      \
+      const bf16* a1, int64_t lda1, const bf16* b1, int64_t ldb1, int k1, const bf16* a2, int64_t lda2, const bf16* b2,       \
+      int64_t ldb2, int k2, OUTT* c, int64_t ldc, const bf16* bias, const OUTT* r, int64_t ldr, int M, int N, float alpha,    \
+      int tiles_per_slice, float* ws, unsigned* counters) {                                                                  \
+    gemm_sm90_body<WGM, WGN, WN, ST, INF, AKM, BKM, true, OUTT>(a1, lda1, b1, ldb1, k1, a2, lda2, b2, ldb2, k2, c, ldc, bias, r,  \
+                                                                ldr, M, N, alpha, SplitArgs{tiles_per_slice, ws, counters});  \
   }
 
 // (BM × BN: warpgroups M × N of 64 × WN, stages, wgmma groups in flight, blocks per SM)
@@ -449,11 +556,20 @@ __device__ __forceinline__ void gemm_sm90_tma_body(const TmaDesc& ta1, const Tma
 #define GEMM_SM90_TILES(LB, BKM, OUT, OUTT)                                \
   GEMM_SM90_KERNEL(128, 128, 2, 1, 128, 3, 0, 2, LB, BKM, OUT, OUTT)     \
   GEMM_SM90_KERNEL(64, 64, 1, 1, 64, 4, 1, 3, LB, BKM, OUT, OUTT)
+// Split kernels: 64×64 only (the 128×128 tile lost at every split shape, benches/RESULTS.md "Weight
+// gradients and split-K on wgmma"), 6 stages of 16 KiB (four K tiles in flight: the short K loops
+// of a slice are latency-bound), two blocks per SM.
+#define GEMM_SM90_SPLIT_TILES(LA, AKM, LB, BKM, OUT, OUTT) GEMM_SM90_SPLIT_KERNEL(64, 64, 1, 1, 64, 6, 1, 2, LA, AKM, LB, BKM, OUT, OUTT)
 
 GEMM_SM90_TILES(k, true, bf16, bf16)
 GEMM_SM90_TILES(k, true, f32, float)
 GEMM_SM90_TILES(n, false, bf16, bf16)
 GEMM_SM90_TILES(n, false, f32, float)
+GEMM_SM90_SPLIT_TILES(k, true, k, true, bf16, bf16)
+GEMM_SM90_SPLIT_TILES(k, true, k, true, f32, float)
+GEMM_SM90_SPLIT_TILES(k, true, n, false, bf16, bf16)
+GEMM_SM90_SPLIT_TILES(k, true, n, false, f32, float)
+GEMM_SM90_SPLIT_TILES(m, false, n, false, f32, float)
 
 // gemm_sm90_tma_<BM>x128_s<STAGES>[_p]_k<B>_<out>: the TMA kernels (1-D grid, 128·WGS + 32
 // threads; _p: persistent). src/ops/gemm_sm90.rs `SM90_TILES` must agree on the tile, stages,

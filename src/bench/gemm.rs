@@ -6,12 +6,16 @@
 //! (u dropped after the forward and recomputed in the backward: one more x·Aᵀ GEMM, M·r·2 bytes
 //! less to keep), and the weight gradients dA, dB alone with split-K through f32 atomics
 //! (`lora_grads_atomic`) or a workspace and one reduction (`lora_grads_workspace`, the one used).
-//! On a Hopper GPU, `linear_sm90_*` / `linear_input_grad_sm90_*` force each wgmma kernel and tile.
+//! On a Hopper GPU, `linear_sm90_*` / `linear_input_grad_sm90_*` force each wgmma kernel and tile,
+//! and `lora_grads_sm90` is the weight gradients on the wgmma kernels with in-kernel split-K
+//! (`at_b_many_sm90`, forced: the step's default keeps `lora_grads_workspace`).
+//! Family `gemm_split` ([`bench_split`]): the weight gradients and the small-M deep-K GEMMs of the
+//! training step, old path vs the sm90 split kernels (launcher's choice and each tile × slices).
 //! benches/torch_gemm.py times the same shapes with cuBLAS through PyTorch.
 
 use super::{BenchRow, Timing};
 use crate::cuda::{ArenaKind::Persistent, Gpu, KernelArg, LaunchConfig};
-use crate::ops::gemm_sm90;
+use crate::ops::{gemm_sm90, gemm_sm90_split};
 use crate::ops::gemm::{self, AtB, GemmCall, Layouts, Segment, SplitK, WeightGradSplit, TILES};
 use crate::ops::lora::{self, LoraBackwardOut, LoraLinear};
 use crate::tensor::{DType, Tensor};
@@ -197,6 +201,7 @@ fn bench_lora(gpu: &Gpu, m: usize, in_f: usize, out_f: usize, r: usize) -> Resul
     let grads_with = |how| gemm::at_b_many(gpu, &grads, true, how);
     let t_grads_atomic = time_queued(gpu, REPS, || grads_with(WeightGradSplit::Atomic))?;
     let t_grads_ws = time_queued(gpu, REPS, || grads_with(WeightGradSplit::Workspace))?;
+    let t_grads_sm90 = time_queued(gpu, REPS, || gemm::at_b_many_sm90(gpu, &grads, true).map(|_| ()))?;
     let grad_flop = 2.0 * mf * (o * rf + rf * i);
     let row = |kernel: &str, flop: f64, t: Timing| BenchRow { kernel: kernel.into(), shape: shape.clone(), rate: tflops(flop, &t), unit: "TFLOP/s", timing: t };
     Ok(vec![
@@ -206,5 +211,108 @@ fn bench_lora(gpu: &Gpu, m: usize, in_f: usize, out_f: usize, r: usize) -> Resul
         row("lora_fwd_bwd_recompute", fwd + bwd + down, t_recompute),
         row("lora_grads_atomic", grad_flop, t_grads_atomic),
         row("lora_grads_workspace", grad_flop, t_grads_ws),
+        row("lora_grads_sm90", grad_flop, t_grads_sm90),
     ])
+}
+
+/// (tokens, p, q) of the LoRA weight gradients of one 512 px step (r = 128, batch 1): dB [d, r] and
+/// dA [r, d] at each level, and the cross-attention to_k/to_v's dA [r, 768] on the 77 context tokens.
+const WGRAD_SHAPES: [(usize, usize, usize); 14] = [
+    (4096, 320, 128),
+    (4096, 128, 320),
+    (1024, 640, 128),
+    (1024, 128, 640),
+    (256, 1280, 128),
+    (256, 128, 1280),
+    (64, 1280, 128),
+    (64, 128, 1280),
+    (77, 320, 128),
+    (77, 640, 128),
+    (77, 1280, 128),
+    (77, 128, 768),
+    (8192, 320, 128),
+    (8192, 128, 320),
+];
+
+/// (layouts, m, k, n) of the small-M deep-K GEMMs the step splits (time embedding, 8×8 and 16×16
+/// levels, the 77-token context, u = x·Aᵀ and v = dy·B at r = 128), and four larger outputs that
+/// decide where splitting stops paying.
+const SPLIT_SHAPES: [(Layouts, usize, usize, usize); 17] = [
+    (Layouts::Kk, 1, 1280, 1280),
+    (Layouts::Kk, 1, 1280, 320),
+    (Layouts::Kk, 64, 1280, 1280),
+    (Layouts::Kk, 64, 5120, 1280),
+    (Layouts::Kk, 77, 768, 320),
+    (Layouts::Kk, 77, 768, 1280),
+    (Layouts::Kk, 1024, 640, 128),
+    (Layouts::Kk, 256, 1280, 128),
+    (Layouts::Kn, 64, 1280, 1280),
+    (Layouts::Kn, 64, 10240, 1280),
+    (Layouts::Kn, 1024, 640, 128),
+    (Layouts::Kn, 256, 1280, 128),
+    (Layouts::Kn, 64, 1280, 128),
+    (Layouts::Kk, 256, 1280, 1280),
+    (Layouts::Kk, 256, 5120, 1280),
+    (Layouts::Kn, 256, 10240, 1280),
+    (Layouts::Kk, 512, 5120, 1280),
+];
+
+/// Slice counts of the sweep rows.
+const SWEEP_SLICES: [usize; 10] = [1, 2, 3, 4, 6, 8, 12, 16, 32, 64];
+
+/// Family `gemm_split`: rows `wgrad_old` (sm_80 kernels, workspace + reduction), `wgrad_sm90`
+/// (`at_b_many_sm90`: the launcher's tile and slices) and `wgrad_<tile>_s<S>` per weight-gradient shape; `split_old`
+/// (`gemm_before_split_kernels`: sm_80 split + finish, or the plain sm90 kernels), `split_sm90_plain` (the unsplit sm90
+/// kernels), `split_sm90` (the launcher: `gemm`) and `split_<tile>_s<S>` per split shape.
+pub fn bench_split(gpu: &Gpu) -> Result<Vec<BenchRow>> {
+    let mut rows = Vec::new();
+    if !gpu.is_hopper()? {
+        return Ok(rows);
+    }
+    let sweep = |rows: &mut Vec<BenchRow>, what: &str, shape: &str, flop: f64, call: &GemmCall| -> Result<()> {
+        let kt = gemm_sm90_split::k_tiles(call);
+        for tile in gemm_sm90_split::SPLIT_TILES {
+            let mut counts: Vec<usize> = SWEEP_SLICES.iter().map(|&s| gemm_sm90_split::even_slices(kt, s)).collect();
+            counts.dedup();
+            for s in counts {
+                let t = time_queued(gpu, REPS, || gemm_sm90_split::launch(gpu, call, tile, s))?;
+                rows.push(BenchRow { kernel: format!("{what}_{}_s{s}", tile.label()), shape: shape.into(), rate: tflops(flop, &t), unit: "TFLOP/s", timing: t });
+            }
+        }
+        Ok(())
+    };
+    for (m, p, q) in WGRAD_SHAPES {
+        let (a, b, c) = (buf(gpu, &[m, p], DType::BF16)?, buf(gpu, &[m, q], DType::BF16)?, buf(gpu, &[p, q], DType::F32)?);
+        let pr = AtB { a: (a.ptr()?, p), b: (b.ptr()?, q), m, p, q, alpha: 1.0, c: c.ptr()? };
+        let (shape, flop) = (format!("{m}: {p}x{q}"), 2.0 * (m * p * q) as f64);
+        let paths: [(&str, &dyn Fn() -> Result<()>); 2] = [
+            ("wgrad_old", &|| gemm::at_b_many(gpu, &[pr], true, WeightGradSplit::Workspace)),
+            ("wgrad_sm90", &|| gemm::at_b_many_sm90(gpu, &[pr], true).map(|_| ())),
+        ];
+        for (what, f) in paths {
+            let t = time_queued(gpu, REPS, f)?;
+            rows.push(BenchRow { kernel: what.into(), shape: shape.clone(), rate: tflops(flop, &t), unit: "TFLOP/s", timing: t });
+        }
+        let call = GemmCall { layouts: Layouts::Mn, m: p, n: q, seg1: Segment { a: pr.a.0, lda: p, b: pr.b.0, ldb: q, k: m }, seg2: Segment::default(), c: pr.c, ldc: q, out: DType::F32, bias: None, residual: Some((pr.c, q)), alpha: 1.0, split: SplitK::None };
+        sweep(&mut rows, "wgrad", &shape, flop, &call)?;
+    }
+    for (layouts, m, k, n) in SPLIT_SHAPES {
+        let x = buf(gpu, &[m, k], DType::BF16)?;
+        let w = buf(gpu, &[n, k], DType::BF16)?;
+        let y = buf(gpu, &[m, n], DType::BF16)?;
+        let ldb = if layouts == Layouts::Kk { k } else { n };
+        let call = GemmCall { layouts, m, n, seg1: Segment { a: x.ptr()?, lda: k, b: w.ptr()?, ldb, k }, seg2: Segment::default(), c: y.ptr()?, ldc: n, out: DType::BF16, bias: None, residual: None, alpha: 1.0, split: SplitK::None };
+        let (shape, flop) = (format!("{}{m}x{k}->{n}", if layouts == Layouts::Kk { "kk " } else { "kn " }), 2.0 * (m * k * n) as f64);
+        let paths: [(&str, &dyn Fn() -> Result<()>); 3] = [
+            ("split_old", &|| gemm::gemm_before_split_kernels(gpu, &call)),
+            ("split_sm90_plain", &|| gemm_sm90::gemm_sm90(gpu, &call, None)),
+            ("split_sm90", &|| gemm::gemm(gpu, &call)),
+        ];
+        for (what, f) in paths {
+            let t = time_queued(gpu, REPS, f)?;
+            rows.push(BenchRow { kernel: what.into(), shape: shape.clone(), rate: tflops(flop, &t), unit: "TFLOP/s", timing: t });
+        }
+        sweep(&mut rows, "split", &shape, flop, &call)?;
+    }
+    Ok(rows)
 }

@@ -245,12 +245,23 @@ pub(crate) fn pick_tile(gpu: &Gpu, m: usize, n: usize) -> Result<(usize, usize)>
     Ok(best)
 }
 
-/// Launches one GEMM with the launcher's tile choice. A GEMM whose output tiles fill at most half
-/// of the SMs and whose K is deep (≥ 16 K tiles) is split along K: the slices' f32 partial sums go to a
-/// workspace from the **scratch arena**, and `gemm_splitk_finish_*` adds them up with the bias
-/// and the residual (two launches instead of one K loop of 16+ tiles per block). Other calls run on
-/// the wgmma kernels of `ops::gemm_sm90` where the GPU is a Hopper and the operands allow it.
+/// Launches one GEMM with the launcher's tile choice. On a Hopper, calls whose operands allow it run
+/// on the wgmma kernels (`ops::gemm_sm90_split::gemm`: small outputs with a deep K split along K
+/// inside one launch, else `ops::gemm_sm90`); everything else takes [`gemm_before_split_kernels`].
 pub(crate) fn gemm(gpu: &Gpu, call: &GemmCall) -> Result<()> {
+    if super::gemm_sm90_split::enabled_for(call.layouts) && super::gemm_sm90_split::supports(gpu, call)? {
+        return super::gemm_sm90_split::gemm(gpu, call);
+    }
+    gemm_before_split_kernels(gpu, call)
+}
+
+/// The dispatch without the sm90 split kernels (all GPUs before them; on a Hopper with
+/// `SDLORA_SM90_SPLIT=0`). A GEMM whose output tiles fill at most half of the SMs and whose K is
+/// deep (≥ 16 K tiles) is split along K on the sm_80 kernels: the slices' f32 partial sums go to a
+/// workspace from the **scratch arena**, and `gemm_splitk_finish_*` adds them up with the bias and
+/// the residual (two launches instead of one K loop of 16+ tiles per block). Other calls run on the
+/// wgmma kernels of `ops::gemm_sm90` where the GPU is a Hopper and the operands allow it.
+pub(crate) fn gemm_before_split_kernels(gpu: &Gpu, call: &GemmCall) -> Result<()> {
     let tile = pick_tile(gpu, call.m, call.n)?;
     let blocks = call.m.div_ceil(tile.0) * call.n.div_ceil(tile.1);
     if call.split == SplitK::None && blocks > 0 && 2 * blocks <= sm_count(gpu)? && k_tiles(call, tile) >= 16 {
@@ -460,7 +471,7 @@ pub fn at_b(gpu: &Gpu, a: &Tensor, b: &Tensor, alpha: f32, accumulate: bool, c: 
 /// [`at_b`] on raw operands (pointer, leading dimension), for callers holding scratch buffers.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn at_b_raw(gpu: &Gpu, a: (u64, usize), b: (u64, usize), m: usize, p: usize, q: usize, alpha: f32, accumulate: bool, c: &Tensor) -> Result<()> {
-    at_b_many(gpu, &[AtB { a, b, m, p, q, alpha, c: c.ptr()? }], accumulate, WeightGradSplit::Workspace)
+    at_b_many(gpu, &[AtB { a, b, m, p, q, alpha, c: c.ptr()? }], accumulate, WeightGradSplit::InKernel)
 }
 
 /// One weight-gradient product c[p×q] (f32) = alpha·a[m×p]ᵀ·b[m×q] on raw operands (pointer,
@@ -479,34 +490,65 @@ pub(crate) struct AtB {
 /// How [`at_b_many`] adds up the K slices of a split product.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum WeightGradSplit {
-    /// f32 atomics into C.
+    /// sm_80 kernels, f32 atomics into C.
     Atomic,
-    /// Partial sums in a scratch workspace, then one reduction launch for every split product.
+    /// sm_80 kernels, partial sums in a scratch workspace, then one reduction launch for every
+    /// split product.
     Workspace,
+    /// On a Hopper with `SDLORA_SM90_SPLIT=all` or `=wgrad`, [`at_b_many_sm90`]; otherwise (the
+    /// default: the step measured faster so), elsewhere or for operands those kernels cannot load,
+    /// `Workspace`.
+    InKernel,
+}
+
+/// The weight-gradient product `pr` as a layout-Mn GEMM call (C = alpha·aᵀ·b, + C when `accumulate`).
+fn at_b_call(pr: &AtB, accumulate: bool) -> GemmCall {
+    GemmCall {
+        layouts: Layouts::Mn,
+        m: pr.p,
+        n: pr.q,
+        seg1: Segment { a: pr.a.0, lda: pr.a.1, b: pr.b.0, ldb: pr.b.1, k: pr.m },
+        seg2: Segment::default(),
+        c: pr.c,
+        ldc: pr.q,
+        out: DType::F32,
+        bias: None,
+        residual: accumulate.then_some((pr.c, pr.q)),
+        alpha: pr.alpha,
+        split: SplitK::None,
+    }
+}
+
+/// [`at_b_many`] on the Hopper wgmma split kernels (`ops::gemm_sm90_split`, one launch per product,
+/// the launcher's slice count, in-kernel reduction). Launches nothing and answers false when the
+/// GPU or an operand does not allow it.
+pub(crate) fn at_b_many_sm90(gpu: &Gpu, problems: &[AtB], accumulate: bool) -> Result<bool> {
+    let calls: Vec<GemmCall> = problems.iter().map(|pr| at_b_call(pr, accumulate)).collect();
+    for call in &calls {
+        if !super::gemm_sm90_split::supports(gpu, call)? {
+            return Ok(false);
+        }
+    }
+    for call in &calls {
+        let (tile, slices) = super::gemm_sm90_split::plan(gpu, call)?;
+        super::gemm_sm90_split::launch(gpu, call, tile, slices)?;
+    }
+    Ok(true)
 }
 
 /// Several weight-gradient products (added to c when `accumulate`): each split along its token
-/// axis when its output alone cannot fill the GPU; with `WeightGradSplit::Workspace`, one
-/// reduction launch finishes them all (the LoRA backward's dA and dB: three launches in all).
+/// axis when its output alone cannot fill the GPU. With `WeightGradSplit::Workspace`, one
+/// reduction launch finishes them all (the LoRA backward's dA and dB: three launches in all); with
+/// `InKernel` where enabled, one launch per product and no reduction launch.
 pub(crate) fn at_b_many(gpu: &Gpu, problems: &[AtB], accumulate: bool, how: WeightGradSplit) -> Result<()> {
+    if how == WeightGradSplit::InKernel && super::gemm_sm90_split::enabled_for(Layouts::Mn) && at_b_many_sm90(gpu, problems, accumulate)? {
+        return Ok(());
+    }
     // (workspace, slices, p·q, c); the workspace handles live until the reductions are queued.
     let mut pending: Vec<(u64, usize, usize, u64)> = Vec::new();
     let mut workspaces = Vec::new();
     for pr in problems {
-        let mut call = GemmCall {
-            layouts: Layouts::Mn,
-            m: pr.p,
-            n: pr.q,
-            seg1: Segment { a: pr.a.0, lda: pr.a.1, b: pr.b.0, ldb: pr.b.1, k: pr.m },
-            seg2: Segment::default(),
-            c: pr.c,
-            ldc: pr.q,
-            out: DType::F32,
-            bias: None,
-            residual: None,
-            alpha: pr.alpha,
-            split: SplitK::None,
-        };
+        let mut call = at_b_call(pr, false);
         let tile = pick_tile(gpu, pr.p, pr.q)?;
         let slices = k_slices(gpu, &call, tile)?;
         if slices == 1 {

@@ -8,7 +8,8 @@
 //!   dx = [dy | v_s]·[W ; A]      (one GEMM over K = out + r)
 //!   dB = dyᵀ·u_s = s·dyᵀ·(x·Aᵀ)   dA = v_sᵀ·x = s·(dy·B)ᵀ·x      (f32, added to the existing grads)
 //! Five launches per backward (dA and dB split along the tokens into a scratch workspace, one
-//! reduction for both), two per forward; any rank 1..=256 (ranks that are not multiples of 8
+//! reduction for both; four on a Hopper with `SDLORA_SM90_SPLIT=all`, whose wgmma kernels reduce
+//! the slices in-kernel), two per forward; any rank 1..=256 (ranks that are not multiples of 8
 //! take the kernel's scalar load path), any scale. in and out must be multiples of 8.
 //!
 //! CPU twins: [`lora_forward_cpu`], [`lora_backward_cpu`] (f32, naive, unfused).
@@ -222,7 +223,7 @@ pub fn lora_backward(gpu: &Gpu, l: &LoraLinear, x: &Tensor, us: &Tensor, dy: &Te
     // dB = dyᵀ·u_s, dA = v_sᵀ·x: split along the tokens, one reduction for both.
     let db_p = AtB { a: (dy_p, out_f), b: (us_p, r), m, p: out_f, q: r, alpha: 1.0, c: db.ptr()? };
     let da_p = AtB { a: (vs_p, r), b: (x_p, in_f), m, p: r, q: in_f, alpha: 1.0, c: da.ptr()? };
-    at_b_many(gpu, &[db_p, da_p], grad_accumulate, WeightGradSplit::Workspace)
+    at_b_many(gpu, &[db_p, da_p], grad_accumulate, WeightGradSplit::InKernel)
 }
 
 #[cfg(test)]

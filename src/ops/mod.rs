@@ -8,6 +8,7 @@ pub mod conv_sm90;
 pub mod elementwise;
 pub mod gemm;
 pub mod gemm_sm90;
+pub mod gemm_sm90_split;
 pub mod norm;
 pub mod activation;
 pub mod layout;

@@ -1,0 +1,231 @@
+//! Split-K and the weight-gradient layout on the Hopper wgmma kernels (kernels/gemm_sm90.cu,
+//! `gemm_sm90_<BM>x<BN>_<layouts>_<out>_split`): `C = α·Σ_k A(m,k)·B(n,k) + bias + R` for the layouts
+//! `Kk` (y = x·Wᵀ), `Kn` (dx = dy·W) and `Mn` (c = α·aᵀ·b, the LoRA weight gradients: both operands
+//! with the token axis as rows, read MN-major by wgmma), with the K loop split over `S` blocks
+//! per output tile and **no reduction launch**: each slice stores its f32 partial tile to a
+//! scratch workspace and counts itself in on a per-output-tile counter; the last slice to arrive
+//! sums the S partials in slice order (deterministic: the same bits whichever slice is last), runs
+//! the ordinary epilogue (alpha, bias, residual, bf16/f32 C) and puts the counter back to 0.
+//!
+//! The counters live in a small persistent buffer per stream, zeroed once (outside any CUDA-graph
+//! capture) and zero again after every launch, so captured graphs replay without a memset.
+//! [`crate::ops::gemm::gemm`] sends Hopper calls here ([`gemm`]: small outputs with a deep K on the
+//! split kernels, else the plain sm90 kernels); [`crate::ops::gemm::at_b_many_sm90`] the weight
+//! gradients ([`launch`]), which by default keep the sm_80 path (see [`enabled_for`]).
+//! CPU twins: `linear_cpu`, `linear_input_grad_cpu`, `at_b_cpu` in `ops::gemm`.
+
+use super::gemm::{GemmCall, Layouts, SplitK};
+use crate::cuda::{ArenaKind, DeviceBuffer, Gpu, KernelArg, LaunchConfig};
+use crate::tensor::DType;
+use anyhow::{bail, ensure, Context, Result};
+use cudarc::driver::sys::{CUdevice_attribute, CUfunction_attribute, CUstreamCaptureStatus};
+use std::cell::RefCell;
+
+const MODULE: &str = "gemm_sm90";
+const BK: usize = 64;
+/// Output tiles one split launch may have (one u32 counter each).
+const MAX_TILES: usize = 4096;
+
+/// A block tile of the split kernels (kernels/gemm_sm90.cu GEMM_SM90_SPLIT_TILES: threads, stages,
+/// blocks per SM must agree).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub(crate) struct SplitTile {
+    pub bm: usize,
+    pub bn: usize,
+    threads: u32,
+    stages: usize,
+    per_sm: usize,
+    /// Time model (µs): `waves · (k_tiles_per_slice · a + b) + (S > 1: c + d·S)`, a wave being one
+    /// block on each of `per_sm` blocks of every SM; a, b from the unsplit rows of the first sweep
+    /// of benches/RESULTS.md "Weight gradients and split-K on wgmma" (H100), c, d the reduction's
+    /// cost; checked against the second sweep (its picks are within 0.3 µs of the best forced slice
+    /// count at every Kk/Kn split shape of the step).
+    cost: (f64, f64, f64, f64),
+    /// Kernel names for kk bf16/f32, kn bf16/f32, mn f32.
+    names: [&'static str; 5],
+}
+
+macro_rules! split_names {
+    ($p:literal) => {
+        [concat!($p, "_kk_bf16_split"), concat!($p, "_kk_f32_split"), concat!($p, "_kn_bf16_split"), concat!($p, "_kn_f32_split"), concat!($p, "_mn_f32_split")]
+    };
+}
+
+/// The split kernels' tiles (64×64 only: 128×128 lost at every shape of the first sweep).
+pub(crate) const SPLIT_TILES: [SplitTile; 1] = [SplitTile { bm: 64, bn: 64, threads: 128, stages: 6, per_sm: 2, cost: (0.2, 4.4, 2.0, 0.2), names: split_names!("gemm_sm90_64x64") }];
+
+/// Whether calls of `layouts` take the split kernels by default: `Kk`/`Kn` yes, the weight
+/// gradients (`Mn`) no — the training step measured 16.98 ms with the split kernels for Kk/Kn only,
+/// 17.23 ms with them for all three layouts, 17.99 ms with none (benches/RESULTS.md "Weight
+/// gradients and split-K on wgmma"). `SDLORA_SM90_SPLIT` overrides: `0` none (the sm_80 split-K
+/// and weight-gradient paths, as before these kernels), `wgrad` Mn only, `all` every layout,
+/// `gemm` the default.
+pub(crate) fn enabled_for(layouts: Layouts) -> bool {
+    match std::env::var("SDLORA_SM90_SPLIT").as_deref() {
+        Ok("0") => false,
+        Ok("wgrad") => layouts == Layouts::Mn,
+        Ok("all") => true,
+        _ => layouts != Layouts::Mn,
+    }
+}
+
+impl SplitTile {
+    /// Dynamic shared memory: the stages or the f32 C tile that reuses them, plus 1 KiB to align
+    /// the stages to the 1024-byte swizzle atom.
+    fn smem(&self) -> usize {
+        (self.stages * (self.bm + self.bn) * BK * 2).max(self.bm * self.bn * 4) + 1024
+    }
+
+    fn kernel_name(&self, layouts: Layouts, out: DType) -> Result<&'static str> {
+        Ok(match (layouts, out) {
+            (Layouts::Kk, DType::BF16) => self.names[0],
+            (Layouts::Kk, DType::F32) => self.names[1],
+            (Layouts::Kn, DType::BF16) => self.names[2],
+            (Layouts::Kn, DType::F32) => self.names[3],
+            (Layouts::Mn, DType::F32) => self.names[4],
+            _ => bail!("gemm_sm90_split: no kernel for layouts {layouts:?} with {out:?} output"),
+        })
+    }
+
+    fn tiles(&self, m: usize, n: usize) -> usize {
+        m.div_ceil(self.bm) * n.div_ceil(self.bn)
+    }
+
+    pub(crate) fn label(&self) -> String {
+        format!("{}x{}", self.bm, self.bn)
+    }
+
+    /// Modelled µs of an m × n GEMM of `k_tiles` K tiles in `slices` slices.
+    fn time(&self, sms: usize, m: usize, n: usize, k_tiles: usize, slices: usize) -> f64 {
+        let (a, b, c, d) = self.cost;
+        let per_slice = k_tiles.div_ceil(slices);
+        let waves = (self.tiles(m, n) * slices).div_ceil(sms * self.per_sm);
+        waves as f64 * (per_slice as f64 * a + b) + if slices > 1 { c + d * slices as f64 } else { 0.0 }
+    }
+}
+
+/// K tiles (64 deep) of a call over both segments.
+pub(crate) fn k_tiles(call: &GemmCall) -> usize {
+    call.seg1.k.div_ceil(BK) + call.seg2.k.div_ceil(BK)
+}
+
+/// Slices that leave none empty: `want` rounded so that every slice gets ⌈k_tiles / want⌉ tiles.
+pub(crate) fn even_slices(k_tiles: usize, want: usize) -> usize {
+    let per = k_tiles.div_ceil(want.clamp(1, k_tiles.max(1))).max(1);
+    k_tiles.div_ceil(per).max(1)
+}
+
+/// Whether the split kernels can run `call` here: a Hopper (`SDLORA_SM90` not 0), no split of the
+/// caller's own, layouts `Kk`/`Kn` as the plain sm90 kernels take them, or `Mn` with an f32 C and
+/// both operands' rows (along m and n) 16-byte loadable: pointers 16-byte aligned, leading
+/// dimensions, M and N multiples of 8 (K, the token count, is free).
+pub(crate) fn supports(gpu: &Gpu, call: &GemmCall) -> Result<bool> {
+    if call.split != SplitK::None || !gpu.is_hopper()? {
+        return Ok(false);
+    }
+    match call.layouts {
+        Layouts::Kk | Layouts::Kn => super::gemm_sm90::supports(gpu, call),
+        Layouts::Mn => {
+            let vec = |p: u64, ld: usize| p.is_multiple_of(16) && ld.is_multiple_of(8);
+            let segs_ok = [call.seg1, call.seg2].iter().all(|s| s.k == 0 || (vec(s.a, s.lda) && vec(s.b, s.ldb)));
+            Ok(segs_ok && call.out == DType::F32 && call.m.is_multiple_of(8) && call.n.is_multiple_of(8))
+        }
+    }
+}
+
+fn sm_count(gpu: &Gpu) -> Result<usize> {
+    Ok(gpu.stream().context().attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)? as usize)
+}
+
+/// The launcher's (tile, slices) for `call`: the least modelled time over the tiles and every
+/// slice count up to one K tile per slice (at most 64; `SplitTile::cost`).
+pub(crate) fn plan(gpu: &Gpu, call: &GemmCall) -> Result<(SplitTile, usize)> {
+    let (sms, kt) = (sm_count(gpu)?, k_tiles(call));
+    let mut best = (SPLIT_TILES[0], 1, f64::INFINITY);
+    for tile in SPLIT_TILES {
+        let max = if tile.tiles(call.m, call.n) > MAX_TILES { 1 } else { kt.clamp(1, 64) };
+        for want in 1..=max {
+            let s = even_slices(kt, want);
+            let t = tile.time(sms, call.m, call.n, kt, s);
+            if t < best.2 {
+                best = (tile, s, t);
+            }
+        }
+    }
+    Ok((best.0, best.1))
+}
+
+/// Split candidates among the Kk/Kn calls: at most this many 64×64 output tiles per SM …
+const SPLIT_MAX_TILES_PER_SM: f64 = 1.0;
+/// … and at least this many K tiles (larger outputs or shallower K run unsplit).
+const SPLIT_MIN_K_TILES: usize = 8;
+
+/// A call on the Hopper path: `Mn` always on the split kernels (the launcher's slices, maybe one);
+/// `Kk`/`Kn` on the split kernels (with the time model's slice count, maybe one) when the output
+/// is small and K deep (see SPLIT_MAX_TILES_PER_SM), else on the plain sm90 kernels
+/// (`gemm_sm90::gemm_sm90`, its own tile choice). The caller has checked [`supports`].
+pub(crate) fn gemm(gpu: &Gpu, call: &GemmCall) -> Result<()> {
+    let small = SPLIT_TILES[0].tiles(call.m, call.n) as f64 <= SPLIT_MAX_TILES_PER_SM * sm_count(gpu)? as f64 && k_tiles(call) >= SPLIT_MIN_K_TILES;
+    if call.layouts == Layouts::Mn || small {
+        let (tile, slices) = plan(gpu, call)?;
+        return launch(gpu, call, tile, slices);
+    }
+    super::gemm_sm90::gemm_sm90(gpu, call, None)
+}
+
+thread_local! {
+    /// (stream handle, zeroed counters) per stream driven from this thread; the buffer keeps the
+    /// stream (and so its handle) alive.
+    static COUNTERS: RefCell<Vec<(usize, DeviceBuffer)>> = const { RefCell::new(Vec::new()) };
+}
+
+/// The split kernels' per-output-tile counters for `gpu`'s stream: MAX_TILES u32 zeros, made on
+/// first use (which must not be inside a CUDA-graph capture: run captured work once eagerly first,
+/// as `Gpu::capture` asks anyway).
+fn counters(gpu: &Gpu) -> Result<u64> {
+    let key = gpu.stream().cu_stream() as usize;
+    if let Some(p) = COUNTERS.with_borrow(|v| v.iter().find(|(k, _)| *k == key).map(|(_, b)| b.ptr())) {
+        return Ok(p);
+    }
+    let status = gpu.stream().capture_status().context("gemm_sm90_split: cannot query the stream's capture status")?;
+    ensure!(status == CUstreamCaptureStatus::CU_STREAM_CAPTURE_STATUS_NONE, "gemm_sm90_split: first split-K GEMM inside a CUDA-graph capture: run the work once uncaptured first");
+    let buf = gpu.alloc(ArenaKind::Persistent, MAX_TILES * 4)?;
+    // SAFETY: the buffer holds MAX_TILES·4 bytes; stream-ordered before every kernel that uses it.
+    unsafe { cudarc::driver::result::memset_d8_async(buf.ptr(), 0, MAX_TILES * 4, gpu.stream().cu_stream()) }.context("gemm_sm90_split: memset failed")?;
+    let ptr = buf.ptr();
+    COUNTERS.with_borrow_mut(|v| v.push((key, buf)));
+    Ok(ptr)
+}
+
+/// Launches `call` on the split kernel of `tile` with `slices` K slices (1: no workspace, the
+/// plain epilogue; the slice count must come from [`even_slices`]). The caller has checked
+/// [`supports`].
+pub(crate) fn launch(gpu: &Gpu, call: &GemmCall, tile: SplitTile, slices: usize) -> Result<()> {
+    ensure!(supports(gpu, call)?, "gemm_sm90_split: call not supported here (needs a Hopper GPU and 16-byte operands): {call:?}");
+    if call.m == 0 || call.n == 0 {
+        return Ok(());
+    }
+    let kt = k_tiles(call);
+    let per_slice = kt.div_ceil(slices.max(1)).max(1);
+    ensure!(slices >= 1 && kt.max(1).div_ceil(per_slice) == slices, "gemm_sm90_split: {slices} slices of {kt} K tiles leave some empty: use even_slices");
+    let tiles = tile.tiles(call.m, call.n);
+    ensure!(slices == 1 || tiles <= MAX_TILES, "gemm_sm90_split: {tiles} output tiles, more than the {MAX_TILES} counters");
+    let name = tile.kernel_name(call.layouts, call.out)?;
+    let smem = tile.smem() as u32;
+    gpu.function(MODULE, name)?
+        .set_attribute(CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, smem as i32)
+        .context("gemm_sm90_split: cannot raise the dynamic shared memory limit")?;
+    // The workspace handle lives until the launch is queued (stream order keeps it safe after).
+    let ws = if slices > 1 { Some(gpu.alloc(ArenaKind::Scratch, tiles * slices * tile.bm * tile.bn * 4)?) } else { None };
+    let counters = if slices > 1 { counters(gpu)? } else { 0 };
+    let mut args = call.kernel_args(call.c)?;
+    args.extend([KernelArg::I32(i32::try_from(per_slice)?), KernelArg::Ptr(ws.as_ref().map_or(0, |b| b.ptr())), KernelArg::Ptr(counters)]);
+    let grid_dim = (call.n.div_ceil(tile.bn) as u32, call.m.div_ceil(tile.bm) as u32, slices as u32);
+    gpu.launch(MODULE, name, LaunchConfig { grid_dim, block_dim: (tile.threads, 1, 1), shared_mem_bytes: smem }, &args)?;
+    drop(ws);
+    Ok(())
+}
+
+#[cfg(test)]
+#[path = "gemm_sm90_split_tests.rs"]
+mod tests;

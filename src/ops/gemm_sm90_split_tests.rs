@@ -1,0 +1,299 @@
+//! GPU tests of src/ops/gemm_sm90_split.rs against the CPU twins (`at_b_cpu`, `linear_cpu`,
+//! `linear_input_grad_cpu`): every SD1.5 LoRA weight-gradient shape and the split-K shapes of
+//! `gemm()`, each tile and several slice counts (one, the launcher's, one K tile per slice, a short
+//! last slice), accumulate on/off into poisoned C, odd sizes, determinism, and the dispatch.
+
+use super::*;
+use crate::ops::gemm::tests::{download, gather_rows, poisoned, rand_bf16, sample_rows, upload};
+use crate::ops::gemm::{at_b_cpu, at_b_many, at_b_many_sm90, linear, linear_cpu, linear_input_grad_cpu, AtB, Segment, WeightGradSplit};
+use crate::rng::Rng;
+use crate::tensor::{assert_close, Tensor};
+
+/// One problem on the GPU with the twin of its sampled C rows (Σ over both segments, before alpha
+/// and the epilogue). Storage: Kk A [m, k], B [n, k]; Kn A [m, k], B [k, n]; Mn A [k, m], B [k, n]
+/// (k = tokens).
+struct Problem {
+    layouts: Layouts,
+    m: usize,
+    n: usize,
+    seg1: Segment,
+    seg2: Segment,
+    rows: Vec<usize>,
+    want: Vec<f32>,
+    bias: Vec<f32>,
+    old: Vec<f32>,
+    _bufs: Vec<Tensor>,
+}
+
+fn problem(gpu: &Gpu, rng: &mut Rng, layouts: Layouts, m: usize, k1: usize, n: usize, k2: usize) -> Problem {
+    let rows = sample_rows(rng, m);
+    let mut want = vec![0f32; rows.len() * n];
+    let mut bufs = Vec::new();
+    let mut segs = Vec::new();
+    for k in [k1, k2] {
+        let kb = k.max(1);
+        let (a, b) = (rand_bf16(rng, m * kb, 1.0), rand_bf16(rng, n * kb, 1.0 / (kb as f32).sqrt()));
+        if k > 0 {
+            let part = match layouts {
+                Layouts::Kk => linear_cpu(&gather_rows(&a, k, &rows), rows.len(), k, &b, n, None),
+                Layouts::Kn => linear_input_grad_cpu(&gather_rows(&a, k, &rows), rows.len(), k, &b, n),
+                Layouts::Mn => {
+                    let cols: Vec<f32> = (0..k).flat_map(|t| rows.iter().map(move |&i| (t, i))).map(|(t, i)| a[t * m + i]).collect();
+                    at_b_cpu(&cols, k, rows.len(), &b, n)
+                }
+            };
+            want.iter_mut().zip(part).for_each(|(w, p)| *w += p);
+        }
+        let (a_shape, lda) = if layouts == Layouts::Mn { ([kb, m], m) } else { ([m, kb], kb) };
+        let (b_shape, ldb) = if layouts == Layouts::Kk { ([n, kb], kb) } else { ([kb, n], n) };
+        let (ad, bd) = (upload(gpu, &a_shape, &a, DType::BF16), upload(gpu, &b_shape, &b, DType::BF16));
+        segs.push(Segment { a: ad.ptr().unwrap(), lda, b: bd.ptr().unwrap(), ldb, k });
+        bufs.extend([ad, bd]);
+    }
+    let (bias, old) = (rand_bf16(rng, n, 0.5), rand_bf16(rng, m * n, 4.0));
+    Problem { layouts, m, n, seg1: segs[0], seg2: segs[1], rows, want, bias, old, _bufs: bufs }
+}
+
+/// Runs `p` on `tile` with `slices` K slices into a fresh C of type `out` (poisoned, or holding
+/// `old` when `accumulate`: R = C), compares the sampled rows with the twin and returns all of C.
+#[allow(clippy::too_many_arguments)]
+fn check(gpu: &Gpu, p: &Problem, tile: SplitTile, slices: usize, out: DType, with_bias: bool, accumulate: bool, what: &str) -> Vec<f32> {
+    let (m, n, alpha) = (p.m, p.n, 0.75);
+    let bias_d = upload(gpu, &[n], &p.bias, DType::BF16);
+    let c = if accumulate { upload(gpu, &[m, n], &p.old, out) } else { poisoned(gpu, &[m, n], out) };
+    let cp = c.ptr().unwrap();
+    let call = GemmCall {
+        layouts: p.layouts,
+        m,
+        n,
+        seg1: p.seg1,
+        seg2: p.seg2,
+        c: cp,
+        ldc: n,
+        out,
+        bias: with_bias.then(|| bias_d.ptr().unwrap()),
+        residual: accumulate.then_some((cp, n)),
+        alpha,
+        split: SplitK::None,
+    };
+    launch(gpu, &call, tile, slices).unwrap();
+    let got = download(gpu, &c);
+    let mut want: Vec<f32> = p.want.iter().map(|v| alpha * v).collect();
+    for (i, &row) in p.rows.iter().enumerate() {
+        for j in 0..n {
+            want[i * n + j] += if with_bias { p.bias[j] } else { 0.0 } + if accumulate { p.old[row * n + j] } else { 0.0 };
+        }
+    }
+    let what = format!("{what} tile {} slices {slices} {out:?} bias={with_bias} accumulate={accumulate}", tile.label());
+    let tol = if out == DType::F32 { 1e-3 } else { 1e-2 };
+    assert_close(&what, &gather_rows(&got, n, &p.rows), &want, tol);
+    assert_eq!(got.iter().filter(|v| !v.is_finite()).count(), 0, "{what}: unwritten outputs");
+    got
+}
+
+/// Slice counts tried: one, the launcher's, one K tile per slice (at most 64 slices), and three.
+fn slice_counts(gpu: &Gpu, p: &Problem, out: DType) -> Vec<usize> {
+    let call = GemmCall { layouts: p.layouts, m: p.m, n: p.n, seg1: p.seg1, seg2: p.seg2, c: 0, ldc: p.n, out, bias: None, residual: None, alpha: 1.0, split: SplitK::None };
+    let kt = k_tiles(&call);
+    let mut v = vec![1, plan(gpu, &call).unwrap().1, even_slices(kt, 64), even_slices(kt, 3)];
+    v.sort();
+    v.dedup();
+    v
+}
+
+fn hopper(gpu: &Gpu) -> bool {
+    let yes = gpu.is_hopper().unwrap();
+    if !yes {
+        eprintln!("skipped: not a Hopper GPU (or SDLORA_SM90=0)");
+    }
+    yes
+}
+
+/// (tokens, p, q) of every LoRA weight gradient of SD1.5 at 512 px, r = 128, batch 1 and 2: dB
+/// [out, r] and dA [r, in] of the self-attention projections (in = out = the level's width) and
+/// of the cross-attention to_k/to_v (77 context tokens, in = 768).
+fn wgrad_shapes() -> Vec<(usize, usize, usize)> {
+    let mut v = Vec::new();
+    for batch in [1, 2] {
+        for (tokens, d) in [(4096, 320), (1024, 640), (256, 1280), (64, 1280)] {
+            v.extend([(tokens * batch, d, 128), (tokens * batch, 128, d)]);
+        }
+        for d in [320, 640, 1280] {
+            v.extend([(77 * batch, d, 128), (77 * batch, 128, 768)]);
+        }
+    }
+    v
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn gpu_sm90_split_weight_gradients_match_twin_at_sd15_shapes() {
+    let gpu = Gpu::for_tests().expect("GPU test needs a CUDA device");
+    if !hopper(&gpu) {
+        return;
+    }
+    for (tokens, p, q) in wgrad_shapes() {
+        let seed = Rng::fresh_seed();
+        let mut rng = Rng::new(seed);
+        let pr = problem(&gpu, &mut rng, Layouts::Mn, p, tokens, q, 0);
+        for tile in SPLIT_TILES {
+            for (i, slices) in slice_counts(&gpu, &pr, DType::F32).into_iter().enumerate() {
+                let what = format!("mn {tokens}: {p}x{q} seed={seed}");
+                check(&gpu, &pr, tile, slices, DType::F32, false, i % 2 == 0, &what);
+                check(&gpu, &pr, tile, slices, DType::F32, true, i % 2 == 1, &what);
+            }
+        }
+    }
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn gpu_sm90_split_k_matches_twins_at_gemm_split_shapes() {
+    let gpu = Gpu::for_tests().expect("GPU test needs a CUDA device");
+    if !hopper(&gpu) {
+        return;
+    }
+    // (layouts, m, k1, n, k2): the small-M deep-K calls of the training step (time embedding, the
+    // 8×8 and 16×16 levels, the 77-token context, u = x·Aᵀ and v = dy·B at r = 128, the fused LoRA
+    // forward [x | u]·[W | B]ᵀ and input gradient [dy | v]·[W ; A]).
+    let shapes = [
+        (Layouts::Kk, 1, 1280, 1280, 0),
+        (Layouts::Kk, 2, 1280, 320, 0),
+        (Layouts::Kk, 64, 1280, 1280, 128),
+        (Layouts::Kk, 64, 5120, 1280, 0),
+        (Layouts::Kk, 77, 768, 320, 128),
+        (Layouts::Kk, 154, 768, 1280, 0),
+        (Layouts::Kk, 1024, 640, 128, 0),
+        (Layouts::Kk, 256, 1280, 128, 0),
+        (Layouts::Kk, 128, 1280, 1280, 128),
+        (Layouts::Kn, 64, 1280, 1280, 128),
+        (Layouts::Kn, 64, 10240, 1280, 0),
+        (Layouts::Kn, 1024, 640, 128, 0),
+        (Layouts::Kn, 256, 1280, 128, 0),
+        (Layouts::Kn, 128, 5120, 1280, 0),
+        (Layouts::Kn, 512, 1280, 1280, 128),
+    ];
+    for (layouts, m, k1, n, k2) in shapes {
+        let seed = Rng::fresh_seed();
+        let mut rng = Rng::new(seed);
+        let pr = problem(&gpu, &mut rng, layouts, m, k1, n, k2);
+        let what = format!("{layouts:?} {m}x{k1}(+{k2})->{n} seed={seed}");
+        for tile in SPLIT_TILES {
+            for slices in slice_counts(&gpu, &pr, DType::BF16) {
+                check(&gpu, &pr, tile, slices, DType::BF16, true, true, &what);
+                check(&gpu, &pr, tile, slices, DType::F32, false, false, &what);
+            }
+        }
+    }
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn gpu_sm90_split_handles_odd_sizes() {
+    let gpu = Gpu::for_tests().expect("GPU test needs a CUDA device");
+    if !hopper(&gpu) {
+        return;
+    }
+    let seed = Rng::fresh_seed();
+    let mut rng = Rng::new(seed);
+    // M, N not multiples of the tile, K not of 64 (a partial last K tile), slice counts that leave
+    // a short last slice (7 K tiles in 2 or 3 slices), a segment boundary inside a slice.
+    for (layouts, m, k1, n, k2) in [(Layouts::Mn, 200, 400, 136, 0), (Layouts::Mn, 8, 1, 8, 0), (Layouts::Kk, 7, 1000, 19, 24), (Layouts::Kn, 5, 2056, 136, 8)] {
+        let pr = problem(&gpu, &mut rng, layouts, m, k1, n, k2);
+        let kt = k1.div_ceil(BK) + k2.div_ceil(BK);
+        let outs: &[DType] = if layouts == Layouts::Mn { &[DType::F32] } else { &[DType::BF16, DType::F32] };
+        let mut counts = vec![1, even_slices(kt, 2), even_slices(kt, 3), even_slices(kt, kt)];
+        counts.dedup();
+        for tile in SPLIT_TILES {
+            for &slices in &counts {
+                for &out in outs {
+                    for accumulate in [false, true] {
+                        check(&gpu, &pr, tile, slices, out, true, accumulate, &format!("{layouts:?} {m}x{k1}(+{k2})->{n} seed={seed}"));
+                    }
+                }
+            }
+        }
+    }
+    // Rows along m or n not 16-byte loadable: the split kernels decline (the sm_80 path keeps it).
+    let pr = problem(&gpu, &mut rng, Layouts::Mn, 13, 64, 320, 0);
+    let call = GemmCall { layouts: Layouts::Mn, m: 13, n: 320, seg1: pr.seg1, seg2: pr.seg2, c: 0, ldc: 320, out: DType::F32, bias: None, residual: None, alpha: 1.0, split: SplitK::None };
+    assert!(!supports(&gpu, &call).unwrap(), "p = 13 must not take the sm90 path");
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn gpu_sm90_split_is_deterministic_and_resets_its_counters() {
+    let gpu = Gpu::for_tests().expect("GPU test needs a CUDA device");
+    if !hopper(&gpu) {
+        return;
+    }
+    let seed = Rng::fresh_seed();
+    let mut rng = Rng::new(seed);
+    let wgrad = problem(&gpu, &mut rng, Layouts::Mn, 128, 8192, 320, 0);
+    let linear_p = problem(&gpu, &mut rng, Layouts::Kk, 64, 5120, 1280, 0);
+    for tile in SPLIT_TILES {
+        let what = format!("determinism seed={seed}");
+        let first = check(&gpu, &wgrad, tile, 32, DType::F32, false, false, &what);
+        let first_kk = check(&gpu, &linear_p, tile, 20, DType::BF16, true, false, &what);
+        // Same calls again (the counters were reset by the last slices) after other split calls.
+        let again_kk = check(&gpu, &linear_p, tile, 20, DType::BF16, true, false, &what);
+        let again = check(&gpu, &wgrad, tile, 32, DType::F32, false, false, &what);
+        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<u32>>();
+        assert!(bits(&first) == bits(&again), "{what}: mn tile {} not bit-identical across runs", tile.label());
+        assert!(bits(&first_kk) == bits(&again_kk), "{what}: kk tile {} not bit-identical across runs", tile.label());
+    }
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn gpu_dispatch_takes_sm90_split_where_enabled_on_hopper() {
+    let gpu = Gpu::for_tests().expect("GPU test needs a CUDA device");
+    if !hopper(&gpu) {
+        return;
+    }
+    let seed = Rng::fresh_seed();
+    let mut rng = Rng::new(seed);
+    // A small-M deep-K linear: one split launch, no finish kernel (the sm_80 split + finish when
+    // SDLORA_SM90_SPLIT turns the split kernels off for it).
+    let (m, k, n) = (64, 5120, 1280);
+    let x = rand_bf16(&mut rng, m * k, 1.0);
+    let w = rand_bf16(&mut rng, n * k, 1.0 / (k as f32).sqrt());
+    let (xd, wd) = (upload(&gpu, &[m, k], &x, DType::BF16), upload(&gpu, &[n, k], &w, DType::BF16));
+    let mut y = poisoned(&gpu, &[m, n], DType::BF16);
+    gpu.start_profiling();
+    linear(&gpu, &xd, &wd, None, None, &mut y).unwrap();
+    // (The profiler adds up the launches of each kernel.)
+    let kernels: Vec<(&str, usize)> = gpu.stop_profiling().unwrap().iter().map(|t| (t.name, t.calls)).collect();
+    let split = kernels.len() == 1 && kernels[0].1 == 1 && kernels[0].0.starts_with("gemm_sm90_") && kernels[0].0.ends_with("_kk_bf16_split");
+    assert_eq!(split, enabled_for(Layouts::Kk), "linear {m}x{k}->{n}: ran {kernels:?}");
+    let want = linear_cpu(&x, m, k, &w, n, None);
+    assert_close(&format!("linear {m}x{k}->{n} seed={seed}"), &download(&gpu, &y), &want, 1e-2);
+    // A LoRA backward's dA and dB: on the split kernels two mn launches and no reduction kernel;
+    // through at_b_many, the split kernels only where SDLORA_SM90_SPLIT enables them (not by
+    // default), else the sm_80 workspace path.
+    let (tokens, d, r) = (4096, 320, 128);
+    let (dy, us) = (rand_bf16(&mut rng, tokens * d, 1.0), rand_bf16(&mut rng, tokens * r, 1.0));
+    let (dyd, usd) = (upload(&gpu, &[tokens, d], &dy, DType::BF16), upload(&gpu, &[tokens, r], &us, DType::BF16));
+    let want_db = at_b_cpu(&dy, tokens, d, &us, r);
+    let want_da: Vec<f32> = at_b_cpu(&us, tokens, r, &dy, d).iter().map(|v| 0.5 * v).collect();
+    for forced in [true, false] {
+        let db = poisoned(&gpu, &[d, r], DType::F32);
+        let da = poisoned(&gpu, &[r, d], DType::F32);
+        let problems = [
+            AtB { a: (dyd.ptr().unwrap(), d), b: (usd.ptr().unwrap(), r), m: tokens, p: d, q: r, alpha: 1.0, c: db.ptr().unwrap() },
+            AtB { a: (usd.ptr().unwrap(), r), b: (dyd.ptr().unwrap(), d), m: tokens, p: r, q: d, alpha: 0.5, c: da.ptr().unwrap() },
+        ];
+        gpu.start_profiling();
+        if forced {
+            assert!(at_b_many_sm90(&gpu, &problems, false).unwrap(), "at_b_many_sm90 declined the LoRA shapes");
+        } else {
+            at_b_many(&gpu, &problems, false, WeightGradSplit::InKernel).unwrap();
+        }
+        let kernels: Vec<(&str, usize)> = gpu.stop_profiling().unwrap().iter().map(|t| (t.name, t.calls)).collect();
+        let on_sm90 = kernels.iter().map(|k| k.1).sum::<usize>() == 2 && kernels.iter().all(|k| k.0.starts_with("gemm_sm90_") && k.0.ends_with("_mn_f32_split"));
+        let no_sm90 = kernels.iter().all(|k| !k.0.contains("sm90"));
+        assert!(if forced || enabled_for(Layouts::Mn) { on_sm90 } else { no_sm90 }, "at_b_many (forced sm90: {forced}): ran {kernels:?}");
+        assert_close(&format!("dB forced={forced} seed={seed}"), &download(&gpu, &db), &want_db, 1e-3);
+        assert_close(&format!("dA forced={forced} seed={seed}"), &download(&gpu, &da), &want_da, 1e-3);
+    }
+}

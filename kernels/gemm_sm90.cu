@@ -193,7 +193,12 @@ __device__ __forceinline__ void store_tile(float* cs, const float (&acc)[WN / 2]
                                            const bf16* bias, const OutT* r, int64_t ldr, int m0, int n0, int M, int N, float alpha) {
   // Accumulator (row, col) of thread t of the warpgroup, register 4j + 2h + e (tile coordinates):
   // row = 64·wm + 16·(t/32) + (t%32)/4 + 8h, col = WN·wn + 8j + 2·(t%4) + e.
-  auto c_at = [](int row, int col) { return row * BN + (col ^ ((row & 7) << 3)); };
+  // (A tile 32 columns past a multiple of 64, e.g. BN = 160, swizzles its last 32 by row mod 4.)
+  static_assert(BN % 64 == 0 || BN % 64 == 32, "the C tile's swizzle works on 64- or 32-column blocks");
+  auto c_at = [](int row, int col) {
+    const int mask = (BN % 64 == 0 || col < BN / 64 * 64) ? 7 : 3;
+    return row * BN + (col ^ ((row & mask) << 3));
+  };
   {
     const int t = tid % 128;
     const int row = wm * 64 + (t / 32) * 16 + (t % 32) / 4, col = wn * WN + 2 * (t % 4);
@@ -313,11 +318,15 @@ __device__ __forceinline__ void mbar_wait(uint32_t bar, uint32_t parity) {
 __device__ __forceinline__ void mbar_arrive(uint32_t bar) {
   asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(bar) : "memory");
 }
-// Barrier 1 over the THREADS consumer threads (barrier 0 is __syncthreads, which the producer
-// warp would have to join).
+// Named barriers (0 is __syncthreads, which the producer warp would have to join): wait on barrier
+// `id` until THREADS threads have arrived or waited on it; arrive without waiting.
 template <int THREADS>
-__device__ __forceinline__ void consumers_sync() {
-  asm volatile("bar.sync 1, %0;\n" ::"n"(THREADS) : "memory");
+__device__ __forceinline__ void named_sync(int id) {
+  asm volatile("bar.sync %0, %1;\n" ::"r"(id), "n"(THREADS) : "memory");
+}
+template <int THREADS>
+__device__ __forceinline__ void named_arrive(int id) {
+  asm volatile("bar.arrive %0, %1;\n" ::"r"(id), "n"(THREADS) : "memory");
 }
 
 // One 2-D box of a tensor map at coordinates (c0 innermost, c1) into shared memory at `dst`; its
@@ -328,31 +337,107 @@ __device__ __forceinline__ void tma_load(uint32_t dst, const TmaDesc* map, int c
                : "memory");
 }
 
-// The TMA kernel body: (64·WGS) × 128 output tiles, 128·WGS + 32 threads: warps 0..4·WGS-1 are WGS
-// consumer warpgroups (64 × 128 each, wgmma m64n128k16 from the stages), the last warp is the
-// producer (one lane issues every TMA copy). Stage s has a full barrier (1 producer arrival + the
-// stage's bytes) and an empty barrier (one arrival per consumer warp: 4·WGS). Producer, k tile i
-// (counted over all of the CTA's output tiles): wait empty[s] (parity of the previous round),
-// expect the stage's bytes on full[s], copy A [BM m][64 k] and B ([128 n][64 k], or two
-// [64 k][64 n] column blocks for kn).
-// Consumers: wait full[s], four wgmmas, keep one wgmma group in flight, release the stage of the
-// k tile before; after a tile's last k tile, wait for all wgmmas, release, run the epilogue.
-// Output tiles in M-first order; CTA b takes tiles b, b + G, … (G CTAs in the grid). PERSIST: G ≤
-// the SM count and the C tile has its own shared memory, so the producer loads the next tile's
-// stages while the consumers run the epilogue; otherwise one tile per CTA and the C tile reuses
-// the stages.
+// D[64×160] += A[64×16]·B[16×160] (one warpgroup; 80 accumulators per thread).
+template <int TRANS_B>
+__device__ __forceinline__ void wgmma_m64n160(float (&d)[80], uint64_t desc_a, uint64_t desc_b) {
+  asm volatile(
+      "wgmma.mma_async.sync.aligned.m64n160k16.f32.bf16.bf16 {"
+      "%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,%16,%17,%18,%19,"
+      "%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31,%32,%33,%34,%35,%36,%37,%38,%39,"
+      "%40,%41,%42,%43,%44,%45,%46,%47,%48,%49,%50,%51,%52,%53,%54,%55,%56,%57,%58,%59,"
+      "%60,%61,%62,%63,%64,%65,%66,%67,%68,%69,%70,%71,%72,%73,%74,%75,%76,%77,%78,%79"
+      "}, %80, %81, 1, 1, 1, 0, %82;\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
+        "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
+        "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
+        "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]),
+        "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]),
+        "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]),
+        "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),
+        "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63]),
+        "+f"(d[64]), "+f"(d[65]), "+f"(d[66]), "+f"(d[67]), "+f"(d[68]), "+f"(d[69]), "+f"(d[70]), "+f"(d[71]),
+        "+f"(d[72]), "+f"(d[73]), "+f"(d[74]), "+f"(d[75]), "+f"(d[76]), "+f"(d[77]), "+f"(d[78]), "+f"(d[79])
+      : "l"(desc_a), "l"(desc_b), "n"(TRANS_B));
+}
+
+// A wgmma descriptor in the 64-byte swizzle (mode 2): the n-major B tiles of width 160, made of
+// [64 k][32 n] boxes (64-byte rows, 16-byte chunk c of row k at c ^ ((k / 2) mod 4)).
+__device__ __forceinline__ uint64_t smem_desc_sw64(uint32_t addr, uint32_t lbo, uint32_t sbo) {
+  return (uint64_t)((addr & 0x3FFFF) >> 4) | ((uint64_t)(lbo >> 4) << 16) | ((uint64_t)(sbo >> 4) << 32) | (2ull << 62);
+}
+
+// The B tile of a TMA stage, BN n × 64 k. Layout kk: K-major [BN][64], one box, 128-byte swizzle.
+// Layout kn: BN / NBOX n-major boxes [64 k][NBOX n] side by side: NBOX = 64 in the 128-byte swizzle
+// (BN a multiple of 64), else 32 in the 64-byte swizzle (the tensor map says which).
+template <int BN>
+struct TmaBTile {
+  static_assert(BN == 128 || BN == 160, "TMA tile widths");
+  static constexpr int NBOX = BN % 64 == 0 ? 64 : 32, BOXES = BN / NBOX, BOX_BYTES = BK * NBOX * 2;
+};
+
+// One 64-deep k tile for a warpgroup's MB row blocks of 64 × BN (A rows 64·mb.., 8 KiB apart in
+// the stage): four k16 steps of MB wgmmas m64nBNk16 on the A tile at sa and the B tile at sb,
+// fenced and committed as one group.
+template <int MB, int BN, bool B_K_MAJOR>
+__device__ __forceinline__ void tma_k_tile(float (&acc)[MB][BN / 2], uint32_t sa, uint32_t sb) {
+  wgmma_fence();
+#pragma unroll
+  for (int ks = 0; ks < BK / 16; ++ks) {
+    uint64_t db;
+    if constexpr (B_K_MAJOR) db = smem_desc(sb + ks * 32, 16, 1024);
+    else if constexpr (TmaBTile<BN>::NBOX == 64) db = smem_desc(sb + ks * 16 * 128, TmaBTile<BN>::BOX_BYTES, 1024);
+    else db = smem_desc_sw64(sb + ks * 16 * 64, TmaBTile<BN>::BOX_BYTES, 512);
+#pragma unroll
+    for (int mb = 0; mb < MB; ++mb) {
+      const uint64_t da = smem_desc(sa + mb * 64 * 128 + ks * 32, 16, 1024);
+      if constexpr (BN == 160) wgmma_m64n160<B_K_MAJOR ? 0 : 1>(acc[mb], da, db);
+      else wgmma_m64n128<B_K_MAJOR ? 0 : 1>(acc[mb], da, db);
+    }
+  }
+  wgmma_commit();
+}
+
+// Schedules of the TMA kernel body.
+enum TmaSched {
+  kOneTile = 0,   // one output tile per CTA; the C tile reuses the stages
+  kPersist = 1,   // persistent: both consumer warpgroups on each tile (64 rows each); C tile of its own
+  kPingPong = 2,  // persistent: the consumer warpgroups take alternate tiles (all 128 rows each)
+};
+
+// The TMA kernel body: (64·WGS) × BN output tiles, 128·WGS + 32 threads: warps 0..4·WGS-1 are WGS
+// consumer warpgroups, the last warp is the producer (one lane issues every TMA copy). Stage s has
+// a full barrier (1 producer arrival + the stage's bytes) and an empty barrier (one arrival per
+// warp of the stage's consumers). Producer, k tile i (counted over all of the CTA's output tiles):
+// wait empty[s] (parity of the previous round), expect the stage's bytes on full[s], copy A [BM
+// m][64 k] and B (TmaBTile). Consumers: wait full[s], wgmmas, keep one wgmma group in flight,
+// release the stage of the k tile before; after a tile's last k tile, wait for all wgmmas, release,
+// run the epilogue (store_tile, through shared memory).
+// Output tiles in M-first order; CTA b takes tiles b, b + G, … (G CTAs in the grid).
+//  * kOneTile: one tile per CTA (G = tiles), the C tile in the stages' memory.
+//  * kPersist: G ≤ the SM count; each warpgroup computes 64 × BN of every tile; the C tile has
+//    its own shared memory, so the producer loads the next tile's stages during the epilogue.
+//  * kPingPong (WGS = 2): G ≤ the SM count; warpgroup w takes the CTA's tiles w, w + 2, …, all
+//    128 rows (two m64 wgmmas per k16 step, 2·BN/2 accumulators per thread), so one warpgroup's
+//    epilogue runs under the other's wgmmas. The main loops alternate: a warpgroup starts one only
+//    after the other has issued all of its tile's wgmmas (named barriers 4 and 5), which also keeps
+//    every full-barrier wait within one phase of the barrier (waits in stage order). Each warpgroup
+//    stages its C tile in its own [64][BN] f32 buffer, 64 rows at a time (named barrier 2 + w).
 // (Tried: clusters of two CTAs along M with B multicast to both — half the L2 reads of B — were
 // slower at every SD1.5 shape; see benches/RESULTS.md "Hopper GEMM round 2".)
-template <int WGS, int STAGES, bool PERSIST, bool B_K_MAJOR, typename OutT>
+template <int WGS, int BN, int STAGES, int SCHED, bool B_K_MAJOR, typename OutT, bool PRODUCER_WG = false>
 __device__ __forceinline__ void gemm_sm90_tma_body(const TmaDesc& ta1, const TmaDesc& tb1, const TmaDesc& ta2, const TmaDesc& tb2, int k1, int k2,
                                                    OutT* c, int64_t ldc, const bf16* bias, const OutT* r, int64_t ldr, int M, int N,
                                                    float alpha) {
-  constexpr int BM = 64 * WGS, BN = 128, CONSUMERS = 128 * WGS, A_BYTES = BM * BK * 2, B_BYTES = BN * BK * 2, STAGE_BYTES = A_BYTES + B_BYTES;
+  static_assert(SCHED != kPingPong || WGS == 2, "ping-pong: two consumer warpgroups");
+  constexpr int BM = 64 * WGS, CONSUMERS = 128 * WGS, A_BYTES = BM * BK * 2, B_BYTES = BN * BK * 2, STAGE_BYTES = A_BYTES + B_BYTES;
+  // Warps that release each stage: all consumer warps, or (ping-pong) those of one warpgroup.
+  constexpr int RELEASERS = SCHED == kPingPong ? 4 : CONSUMERS / 32;
+  using BT = TmaBTile<BN>;
   __shared__ alignas(8) uint64_t full_bar[STAGES], empty_bar[STAGES];
   extern __shared__ uint8_t smem_raw[];
   const uint32_t raw = smem_addr(smem_raw);
   const uint32_t base = (raw + 1023) & ~1023u;  // the launcher adds 1 KiB
-  float* cs = reinterpret_cast<float*>(smem_raw + (base - raw) + (PERSIST ? STAGES * STAGE_BYTES : 0));
+  float* cs = reinterpret_cast<float*>(smem_raw + (base - raw) + (SCHED == kOneTile ? 0 : STAGES * STAGE_BYTES));
   const uint32_t full0 = smem_addr(full_bar), empty0 = smem_addr(empty_bar);
 
   const int mtiles = (M + BM - 1) / BM, tiles = mtiles * ((N + BN - 1) / BN);
@@ -361,14 +446,15 @@ __device__ __forceinline__ void gemm_sm90_tma_body(const TmaDesc& ta1, const Tma
   if (threadIdx.x == 0) {
     for (int s = 0; s < STAGES; ++s) {
       mbar_init(full0 + 8 * s, 1);
-      mbar_init(empty0 + 8 * s, CONSUMERS / 32);
+      mbar_init(empty0 + 8 * s, RELEASERS);
     }
     asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");  // visible to the async proxy
   }
   __syncthreads();
 
-  if (warp == CONSUMERS / 32) {
-    if (lane == 0) {
+  if (warp >= CONSUMERS / 32) {
+    if constexpr (PRODUCER_WG) asm volatile("setmaxnreg.dec.sync.aligned.u32 40;\n" ::: "memory");
+    if (warp == CONSUMERS / 32 && lane == 0) {
       int i = 0;
       for (int t = blockIdx.x; t < tiles; t += gridDim.x) {
         const int m0 = (t % mtiles) * BM, n0 = (t / mtiles) * BN;
@@ -385,48 +471,82 @@ __device__ __forceinline__ void gemm_sm90_tma_body(const TmaDesc& ta1, const Tma
           if constexpr (B_K_MAJOR) {
             tma_load(sb, tb, k0, n0, full);
           } else {
-            tma_load(sb, tb, n0, k0, full);
-            tma_load(sb + BK * 128, tb, n0 + 64, k0, full);
+#pragma unroll
+            for (int j = 0; j < BT::BOXES; ++j) tma_load(sb + j * BT::BOX_BYTES, tb, n0 + j * BT::NBOX, k0, full);
           }
         }
       }
     }
   } else {
+    if constexpr (PRODUCER_WG) asm volatile("setmaxnreg.inc.sync.aligned.u32 232;\n" ::: "memory");
     const int wg = warp / 4;
     auto release = [&](int s) {  // this warp is done with stage s
       if (lane == 0) mbar_arrive(empty0 + 8 * s);
     };
-    int i = 0;
-    auto tile = [&](int t) {
-      float acc[BN / 2];
+    // MB row blocks of 64 × BN per warpgroup, from A rows a_row0.. of each stage; k tiles first..
+    // first + ntiles − 1 (global count). Returns with every wgmma done and every stage released;
+    // `issued` runs once the last k tile's wgmmas are issued.
+    auto main_loop = [&](auto& acc, int a_row0, int first, auto issued) {
+      constexpr int MB = sizeof(acc) / sizeof(acc[0]);
 #pragma unroll
-      for (int j = 0; j < BN / 2; ++j) acc[j] = 0.0f;
-      const int first = i;
+      for (int mb = 0; mb < MB; ++mb)
+#pragma unroll
+        for (int j = 0; j < BN / 2; ++j) acc[mb][j] = 0.0f;
 #pragma unroll 1
-      for (; i < first + ntiles; ++i) {
+      for (int i = first; i < first + ntiles; ++i) {
         const int s = i % STAGES;
         mbar_wait(full0 + 8 * s, (i / STAGES) & 1);
-        const uint32_t sa = base + s * STAGE_BYTES + wg * 64 * 128, sb = base + s * STAGE_BYTES + A_BYTES;
-        wgmma_k_tile<BN, B_K_MAJOR>(acc, sa, sb);
+        const uint32_t sa = base + s * STAGE_BYTES + a_row0 * 128, sb = base + s * STAGE_BYTES + A_BYTES;
+        tma_k_tile<MB, BN, B_K_MAJOR>(acc, sa, sb);
         wgmma_wait<1>();
-        fence_acc(acc);
+#pragma unroll
+        for (int mb = 0; mb < MB; ++mb) fence_acc(acc[mb]);
         if (i > first) release((i - 1) % STAGES);  // k tile i − 1's wgmmas are done
       }
+      issued();
       wgmma_wait<0>();
-      fence_acc(acc);
-      release((i - 1) % STAGES);
-      // Both warpgroups are done with the previous C tile (PERSIST) or with the stages, whose
-      // copies have all landed (each full barrier was waited on): the C tile may be written.
-      consumers_sync<CONSUMERS>();
-      const int m0 = (t % mtiles) * BM, n0 = (t / mtiles) * BN;
-      store_tile<BM, BN, BN, CONSUMERS>(cs, acc, wg, 0, threadIdx.x, [] { consumers_sync<CONSUMERS>(); }, c, ldc, bias, r, ldr, m0, n0, M, N,
-                                        alpha);
+#pragma unroll
+      for (int mb = 0; mb < MB; ++mb) fence_acc(acc[mb]);
+      release((first + ntiles - 1) % STAGES);
     };
-    // (Not one loop for both: loop-invariant epilogue values hoisted out of it cost registers.)
-    if constexpr (PERSIST)
-      for (int t = blockIdx.x; t < tiles; t += gridDim.x) tile(t);
-    else if (blockIdx.x < tiles)
-      tile(blockIdx.x);
+    if constexpr (SCHED == kPingPong) {
+      const int tid = threadIdx.x % 128;
+      float* cw = cs + wg * 64 * BN;
+      auto sync_wg = [wg] { named_sync<128>(2 + wg); };
+      const int my_tiles = (tiles - blockIdx.x + gridDim.x - 1) / gridDim.x;
+#pragma unroll 1
+      for (int q = wg; q < my_tiles; q += 2) {
+        if (q > 0) named_sync<256>(4 + wg);  // the other warpgroup has issued tile q − 1
+        float acc[2][BN / 2];
+        main_loop(acc, 0, q * ntiles, [&] {
+          if (q + 1 < my_tiles) named_arrive<256>(4 + (wg ^ 1));
+        });
+        const int t = blockIdx.x + q * gridDim.x, m0 = (t % mtiles) * BM, n0 = (t / mtiles) * BN;
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          sync_wg();  // this warpgroup's reads of its C buffer are done
+          store_tile<64, BN, BN, 128>(cw, acc[h], 0, 0, tid, sync_wg, c, ldc, bias, r, ldr, m0 + 64 * h, n0, M, N, alpha);
+        }
+      }
+    } else {
+      int i = 0;
+      auto tile = [&](int t) {
+        float acc[1][BN / 2];
+        main_loop(acc, wg * 64, i, [] {});
+        i += ntiles;
+        // Both warpgroups are done with the previous C tile (kPersist) or with the stages, whose
+        // copies have all landed (each full barrier was waited on): the C tile may be written.
+        named_sync<CONSUMERS>(1);
+        const int m0 = (t % mtiles) * BM, n0 = (t / mtiles) * BN;
+        store_tile<BM, BN, BN, CONSUMERS>(cs, acc[0], wg, 0, threadIdx.x, [] { named_sync<CONSUMERS>(1); }, c, ldc, bias, r, ldr, m0, n0, M,
+                                          N, alpha);
+      };
+      // (Not one loop for both: loop-invariant epilogue values hoisted out of it cost registers.)
+      if constexpr (SCHED == kPersist)
+        for (int t = blockIdx.x; t < tiles; t += gridDim.x) tile(t);
+      else if (blockIdx.x < tiles)
+        tile(blockIdx.x);
+    }
   }
 }
 
@@ -455,24 +575,28 @@ GEMM_SM90_TILES(k, true, f32, float)
 GEMM_SM90_TILES(n, false, bf16, bf16)
 GEMM_SM90_TILES(n, false, f32, float)
 
-// gemm_sm90_tma_<BM>x128_s<STAGES>[_p]_k<B>_<out>: the TMA kernels (1-D grid, 128·WGS + 32
-// threads; _p: persistent). src/ops/gemm_sm90.rs `SM90_TILES` must agree on the tile, stages,
-// persistence, threads and blocks per SM.
-#define GEMM_SM90_TMA_KERNEL(WGS, BM, ST, P, PS, MINB, LB, BKM, OUT, OUTT)                                                     \
-  extern "C" __global__ void __launch_bounds__(128 * WGS + 32, MINB) gemm_sm90_tma_##BM##x128_s##ST##PS##_k##LB##_##OUT(      \
+// gemm_sm90_tma_128x<BN>_s<STAGES>[_p|_pp]_k<B>_<out>: the TMA kernels (1-D grid, 288 threads;
+// _p: persistent, _pp: persistent ping-pong). src/ops/gemm_sm90.rs `SM90_TILES` must agree on the
+// tile, stages, schedule, threads and blocks per SM.
+#define GEMM_SM90_TMA_KERNEL(BN, ST, SCHED, SUFFIX, PWG, MINB, LB, BKM, OUT, OUTT)                                           \
+  extern "C" __global__ void __launch_bounds__(PWG ? 384 : 288, MINB) gemm_sm90_tma_128x##BN##_s##ST##SUFFIX##_k##LB##_##OUT(             \
       const __grid_constant__ TmaDesc ta1, const __grid_constant__ TmaDesc tb1, const __grid_constant__ TmaDesc ta2,            \
       const __grid_constant__ TmaDesc tb2, int k1, int k2, OUTT* c, int64_t ldc, const bf16* bias, const OUTT* r, int64_t ldr,  \
       int M, int N, float alpha) {                                                                                              \
-    gemm_sm90_tma_body<WGS, ST, P, BKM, OUTT>(ta1, tb1, ta2, tb2, k1, k2, c, ldc, bias, r, ldr, M, N, alpha);                 \
+    gemm_sm90_tma_body<2, BN, ST, SCHED, BKM, OUTT, PWG>(ta1, tb1, ta2, tb2, k1, k2, c, ldc, bias, r, ldr, M, N, alpha);           \
   }
 
-// (consumer warpgroups, BM, stages, persistent, blocks per SM): 128×128 with 3 stages (96 KiB),
-// two CTAs per SM, one tile each; 128×128 with 4 stages (128 KiB) + the 64 KiB C tile, one
-// persistent CTA per SM. (256×128 with four consumer warpgroups, 4 stages of 48 KiB, one tile per
-// CTA, was measured in round 2: fastest only at two shapes, by 2-4 %, so it is not built.)
-#define GEMM_SM90_TMA_TILES(LB, BKM, OUT, OUTT)                      \
-  GEMM_SM90_TMA_KERNEL(2, 128, 3, false, , 2, LB, BKM, OUT, OUTT)   \
-  GEMM_SM90_TMA_KERNEL(2, 128, 4, true, _p, 1, LB, BKM, OUT, OUTT)
+// (BN, stages, schedule, blocks per SM), all 128 rows × BN with two consumer warpgroups:
+// 128×128, 3 stages (96 KiB), two CTAs per SM, one tile each; 128×128 persistent, 4 stages (128 KiB)
+// + the 64 KiB C tile; 128×160 persistent, 4 stages (144 KiB) + 80 KiB; ping-pong 128×128, 5 stages
+// (160 KiB) + 2 × 32 KiB; ping-pong 128×160, 4 stages + 2 × 40 KiB. (256×128 with four consumer
+// warpgroups, one tile per CTA, was measured in round 2: fastest only at two shapes, by 2-4 %.)
+#define GEMM_SM90_TMA_TILES(LB, BKM, OUT, OUTT)                             \
+  GEMM_SM90_TMA_KERNEL(128, 3, kOneTile, , false, 2, LB, BKM, OUT, OUTT)          \
+  GEMM_SM90_TMA_KERNEL(128, 4, kPersist, _p, false, 1, LB, BKM, OUT, OUTT)        \
+  GEMM_SM90_TMA_KERNEL(160, 4, kPersist, _p, false, 1, LB, BKM, OUT, OUTT)        \
+  GEMM_SM90_TMA_KERNEL(128, 5, kPingPong, _pp, false, 1, LB, BKM, OUT, OUTT)      \
+  GEMM_SM90_TMA_KERNEL(160, 4, kPingPong, _pp, true, 1, LB, BKM, OUT, OUTT)
 
 GEMM_SM90_TMA_TILES(k, true, bf16, bf16)
 GEMM_SM90_TMA_TILES(k, true, f32, float)

@@ -28,6 +28,9 @@ pub(crate) struct Sm90Tile {
     /// TMA kernels only: at most one CTA per SM, looping over the output tiles (the C tile has its
     /// own shared memory, so the next tile's loads overlap the epilogue).
     persistent: bool,
+    /// Persistent TMA kernels only: ping-pong, the two consumer warpgroups take alternate tiles
+    /// (one's epilogue under the other's wgmmas); its C memory is two [64][bn] f32 buffers.
+    pingpong: bool,
     threads: u32,
     stages: usize,
     /// Blocks per SM (shared memory, registers).
@@ -47,16 +50,21 @@ macro_rules! names {
 }
 
 /// Every sm90 kernel family.
-pub(crate) const SM90_TILES: [Sm90Tile; 4] = [
-    Sm90Tile { bm: 128, bn: 128, tma: false, persistent: false, threads: 256, stages: 3, per_sm: 2, cost: (0.681, 7.677, -0.427), names: names!("gemm_sm90_128x128") },
-    Sm90Tile { bm: 64, bn: 64, tma: false, persistent: false, threads: 128, stages: 4, per_sm: 3, cost: (0.480, 3.261, 1.082), names: names!("gemm_sm90_64x64") },
-    Sm90Tile { bm: 128, bn: 128, tma: true, persistent: false, threads: 288, stages: 3, per_sm: 2, cost: (0.375, 11.062, -3.440), names: names!("gemm_sm90_tma_128x128_s3") },
-    Sm90Tile { bm: 128, bn: 128, tma: true, persistent: true, threads: 288, stages: 4, per_sm: 1, cost: (0.334, 3.878, 3.466), names: names!("gemm_sm90_tma_128x128_s4_p") },
+pub(crate) const SM90_TILES: [Sm90Tile; 7] = [
+    Sm90Tile { bm: 128, bn: 128, tma: false, persistent: false, pingpong: false, threads: 256, stages: 3, per_sm: 2, cost: (0.681, 7.677, -0.427), names: names!("gemm_sm90_128x128") },
+    Sm90Tile { bm: 64, bn: 64, tma: false, persistent: false, pingpong: false, threads: 128, stages: 4, per_sm: 3, cost: (0.480, 3.261, 1.082), names: names!("gemm_sm90_64x64") },
+    Sm90Tile { bm: 128, bn: 128, tma: true, persistent: false, pingpong: false, threads: 288, stages: 3, per_sm: 2, cost: (0.375, 11.062, -3.440), names: names!("gemm_sm90_tma_128x128_s3") },
+    Sm90Tile { bm: 128, bn: 128, tma: true, persistent: true, pingpong: false, threads: 288, stages: 4, per_sm: 1, cost: (0.334, 3.878, 3.466), names: names!("gemm_sm90_tma_128x128_s4_p") },
+    Sm90Tile { bm: 128, bn: 160, tma: true, persistent: true, pingpong: false, threads: 288, stages: 4, per_sm: 1, cost: (0.0, 1e6, 0.0), names: names!("gemm_sm90_tma_128x160_s4_p") },
+    Sm90Tile { bm: 128, bn: 128, tma: true, persistent: true, pingpong: true, threads: 288, stages: 5, per_sm: 1, cost: (0.0, 1e6, 0.0), names: names!("gemm_sm90_tma_128x128_s5_pp") },
+    // A whole producer warpgroup (it gives registers to the consumers: 160 accumulators each).
+    Sm90Tile { bm: 128, bn: 160, tma: true, persistent: true, pingpong: true, threads: 384, stages: 4, per_sm: 1, cost: (0.0, 1e6, 0.0), names: names!("gemm_sm90_tma_128x160_s4_pp") },
 ];
 
 impl Sm90Tile {
     /// Dynamic shared memory: the stages and the f32 C tile of the epilogue (which reuses the
-    /// stages unless persistent), plus 1 KiB to align the stages to the 1024-byte swizzle atom.
+    /// stages unless persistent; ping-pong: two [64][bn] halves, the same bytes), plus 1 KiB to
+    /// align the stages to the 1024-byte swizzle atom.
     fn smem(&self) -> usize {
         let (stages, c_tile) = (self.stages * (self.bm + self.bn) * BK * 2, self.bm * self.bn * 4);
         if self.persistent { stages + c_tile + 1024 } else { stages.max(c_tile) + 1024 }
@@ -78,11 +86,11 @@ impl Sm90Tile {
     }
 
     /// A name for benchmark rows and messages: `tile128x128` (cp.async), `tma128x128_s3`,
-    /// `tma128x128_s4_p` (persistent).
+    /// `tma128x128_s4_p` (persistent), `tma128x128_s5_pp` (persistent ping-pong).
     pub(crate) fn label(&self) -> String {
-        match (self.tma, self.persistent) {
-            (false, _) => format!("tile{}x{}", self.bm, self.bn),
-            (true, p) => format!("tma{}x{}_s{}{}", self.bm, self.bn, self.stages, if p { "_p" } else { "" }),
+        match (self.tma, self.persistent, self.pingpong) {
+            (false, ..) => format!("tile{}x{}", self.bm, self.bn),
+            (true, p, pp) => format!("tma{}x{}_s{}{}", self.bm, self.bn, self.stages, if pp { "_pp" } else if p { "_p" } else { "" }),
         }
     }
 }
@@ -115,13 +123,18 @@ fn sm_count(gpu: &Gpu) -> Result<usize> {
 }
 
 /// A 2-D bf16 tensor map for the TMA kernels: `outer` rows of `inner` elements, `ld` elements
-/// apart, read in boxes of `box_outer` × `box_inner` (64 elements = one 128-byte swizzled row) with
-/// the 128-byte swizzle; reads past `inner` or `outer` fill zeros.
+/// apart, read in boxes of `box_outer` × `box_inner` with the 128-byte swizzle when `box_inner` is
+/// 64 (one 128-byte row), the 64-byte swizzle when it is 32; reads past `inner` or `outer` fill zeros.
 fn tensor_map(ptr: u64, inner: usize, outer: usize, ld: usize, box_inner: u32, box_outer: u32) -> Result<[u64; 16]> {
     use cudarc::driver::sys::{self, CUtensorMapDataType, CUtensorMapFloatOOBfill, CUtensorMapInterleave, CUtensorMapL2promotion, CUtensorMapSwizzle};
     let dims = [inner as u64, outer as u64];
     let strides = [(ld * 2) as u64];
     let (boxes, steps) = ([box_inner, box_outer], [1u32, 1]);
+    let swizzle = match box_inner {
+        64 => CUtensorMapSwizzle::CU_TENSOR_MAP_SWIZZLE_128B,
+        32 => CUtensorMapSwizzle::CU_TENSOR_MAP_SWIZZLE_64B,
+        _ => bail!("gemm_sm90: no swizzle for a {box_inner}-element TMA box row"),
+    };
     let mut map = std::mem::MaybeUninit::<sys::CUtensorMap>::zeroed();
     // SAFETY: every array holds `rank` (strides: rank − 1) entries; the map is written in place.
     unsafe {
@@ -135,7 +148,7 @@ fn tensor_map(ptr: u64, inner: usize, outer: usize, ld: usize, box_inner: u32, b
             boxes.as_ptr(),
             steps.as_ptr(),
             CUtensorMapInterleave::CU_TENSOR_MAP_INTERLEAVE_NONE,
-            CUtensorMapSwizzle::CU_TENSOR_MAP_SWIZZLE_128B,
+            swizzle,
             CUtensorMapL2promotion::CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
             CUtensorMapFloatOOBfill::CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE,
         )
@@ -147,13 +160,14 @@ fn tensor_map(ptr: u64, inner: usize, outer: usize, ld: usize, box_inner: u32, b
 }
 
 /// The arguments of a TMA kernel: tensor maps of A1, B1, A2, B2 (segment 1's again when segment 2
-/// is empty), K1, K2, then C, ldc, bias, R, ldr, M, N, alpha.
+/// is empty), K1, K2, then C, ldc, bias, R, ldr, M, N, alpha. Layout kn reads B in [64 k][64 n]
+/// boxes, or [64 k][32 n] (64-byte swizzle) when the tile width is not a multiple of 64.
 fn tma_args(call: &GemmCall, tile: &Sm90Tile) -> Result<Vec<KernelArg>> {
     let maps = |s: &Segment| -> Result<[KernelArg; 2]> {
         let a = tensor_map(s.a, s.k, call.m, s.lda, BK as u32, tile.bm as u32)?;
         let b = match call.layouts {
             Layouts::Kk => tensor_map(s.b, s.k, call.n, s.ldb, BK as u32, tile.bn as u32)?,
-            _ => tensor_map(s.b, call.n, s.k, s.ldb, 64, BK as u32)?,
+            _ => tensor_map(s.b, call.n, s.k, s.ldb, if tile.bn % 64 == 0 { 64 } else { 32 }, BK as u32)?,
         };
         Ok([KernelArg::TensorMap(a), KernelArg::TensorMap(b)])
     };

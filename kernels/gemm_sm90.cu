@@ -397,6 +397,107 @@ __device__ __forceinline__ void tma_k_tile(float (&acc)[MB][BN / 2], uint32_t sa
   wgmma_commit();
 }
 
+// The C tile's TMA store (the default epilogue of the TMA kernels): each consumer thread writes
+// alpha·acc + bias + R for its accumulator fragment (C's type) into a shared-memory tile laid out as
+// the store's boxes, and one thread copies the tile to C with cp.async.bulk.tensor (rows and columns
+// past M, N are not written). Boxes of CB columns × ROWS rows side by side: 128-byte rows in the
+// 128-byte swizzle, or, when BN·sizeof(OutT) is not a multiple of 128 (bf16, BN = 160), 64-byte rows
+// in the 64-byte swizzle (which also spreads the fragment's 4-byte stores over all banks).
+template <int BN, typename OutT>
+struct TmaCTile {
+  static constexpr int ES = sizeof(OutT);
+  static constexpr bool SW128 = (BN * ES) % 128 == 0;
+  static constexpr int ROW_BYTES = SW128 ? 128 : 64, CB = ROW_BYTES / ES, BOXES = BN / CB;
+  static_assert(BN % CB == 0, "whole boxes");
+  // Shared address of element (row, col) in a buffer of ROWS rows at `buf` (1024-byte aligned).
+  template <int ROWS>
+  static __device__ __forceinline__ uint32_t at(uint32_t buf, int row, int col) {
+    const int byte = (col % CB) * ES, swz = SW128 ? (row & 7) : ((row >> 1) & 3);
+    return buf + (col / CB) * (ROWS * ROW_BYTES) + row * ROW_BYTES + ((((byte >> 4) ^ swz)) << 4) + (byte & 15);
+  }
+};
+
+__device__ __forceinline__ void tma_store(const TmaDesc* map, uint32_t src, int c0, int c1) {
+  asm volatile("cp.async.bulk.tensor.2d.global.shared::cta.bulk_group [%0, {%1, %2}], [%3];\n" ::"l"(reinterpret_cast<uint64_t>(map)), "r"(c0),
+               "r"(c1), "r"(src)
+               : "memory");
+}
+__device__ __forceinline__ void bulk_commit() { asm volatile("cp.async.bulk.commit_group;\n" ::: "memory"); }
+// Waits until this thread's bulk stores have read their shared memory (READ) or completed.
+template <bool READ>
+__device__ __forceinline__ void bulk_wait() {
+  if constexpr (READ) asm volatile("cp.async.bulk.wait_group.read 0;\n" ::: "memory");
+  else asm volatile("cp.async.bulk.wait_group 0;\n" ::: "memory");
+}
+
+// One warpgroup's 64 × BN accumulators (thread t = 0..127 of it) into rows row0..row0+63 of the C
+// staging buffer `buf` (ROWS rows, TmaCTile layout) as C = alpha·acc + bias[n] + R[m, n]; buffer row 0
+// is C row m0, column 0 is C column n0. Bias and R are read per fragment pair (vector loads when
+// their pairs are aligned), nothing past M or N.
+template <int BN, int ROWS, typename OutT>
+__device__ __forceinline__ void put_fragment(uint32_t buf, const float (&acc)[BN / 2], int row0, int t, const bf16* bias, const OutT* r,
+                                             int64_t ldr, int m0, int n0, int M, int N, float alpha) {
+  using CT = TmaCTile<BN, OutT>;
+  const bool bvec = (reinterpret_cast<uintptr_t>(bias) & 3) == 0;
+  const bool rvec = (reinterpret_cast<uintptr_t>(r) & (2 * sizeof(OutT) - 1)) == 0 && ldr % 2 == 0;
+  const int rbase = row0 + (t / 32) * 16 + (t % 32) / 4;
+#pragma unroll
+  for (int j = 0; j < BN / 8; ++j) {
+    const int col = 8 * j + 2 * (t % 4), n = n0 + col;
+    float b0 = 0.0f, b1 = 0.0f;
+    if (bias) {
+      if (bvec && n + 1 < N) {
+        const float2 b = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(bias + n));
+        b0 = b.x, b1 = b.y;
+      } else {
+        if (n < N) b0 = __bfloat162float(bias[n]);
+        if (n + 1 < N) b1 = __bfloat162float(bias[n + 1]);
+      }
+    }
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int row = rbase + 8 * h, m = m0 + row;
+      float v0 = alpha * acc[4 * j + 2 * h] + b0, v1 = alpha * acc[4 * j + 2 * h + 1] + b1;
+      if (r && m < M) {
+        const OutT* rr = r + (int64_t)m * ldr + n;
+        if (rvec && n + 1 < N) {
+          if constexpr (sizeof(OutT) == 4) {
+            const float2 x = *reinterpret_cast<const float2*>(rr);
+            v0 += x.x, v1 += x.y;
+          } else {
+            const float2 x = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(rr));
+            v0 += x.x, v1 += x.y;
+          }
+        } else {
+          if (n < N) v0 += to_f32(rr[0]);
+          if (n + 1 < N) v1 += to_f32(rr[1]);
+        }
+      }
+      const uint32_t dst = CT::template at<ROWS>(buf, row, col);
+      if constexpr (sizeof(OutT) == 4) {
+        asm volatile("st.shared.v2.f32 [%0], {%1, %2};\n" ::"r"(dst), "f"(v0), "f"(v1) : "memory");
+      } else {
+        const __nv_bfloat162 p = __floats2bfloat162_rn(v0, v1);
+        asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(dst), "r"(*reinterpret_cast<const uint32_t*>(&p)) : "memory");
+      }
+    }
+  }
+}
+
+// After every thread's put_fragment into `buf` (ROWS rows at C row m0): make the writes visible to
+// the async proxy, `sync` the writers, and thread `issuer` copies the boxes out.
+template <int BN, int ROWS, typename OutT, typename Sync>
+__device__ __forceinline__ void store_c_tma(const TmaDesc* tc, uint32_t buf, bool issuer, Sync sync, int m0, int n0) {
+  using CT = TmaCTile<BN, OutT>;
+  fence_proxy_async();
+  sync();
+  if (issuer) {
+#pragma unroll
+    for (int b = 0; b < CT::BOXES; ++b) tma_store(tc, buf + b * ROWS * CT::ROW_BYTES, n0 + b * CT::CB, m0);
+    bulk_commit();
+  }
+}
+
 // Schedules of the TMA kernel body.
 enum TmaSched {
   kOneTile = 0,   // one output tile per CTA; the C tile reuses the stages
@@ -425,9 +526,9 @@ enum TmaSched {
 // (Tried: clusters of two CTAs along M with B multicast to both — half the L2 reads of B — were
 // slower at every SD1.5 shape; see benches/RESULTS.md "Hopper GEMM round 2".)
 template <int WGS, int BN, int STAGES, int SCHED, bool B_K_MAJOR, typename OutT, bool PRODUCER_WG = false>
-__device__ __forceinline__ void gemm_sm90_tma_body(const TmaDesc& ta1, const TmaDesc& tb1, const TmaDesc& ta2, const TmaDesc& tb2, int k1, int k2,
-                                                   OutT* c, int64_t ldc, const bf16* bias, const OutT* r, int64_t ldr, int M, int N,
-                                                   float alpha) {
+__device__ __forceinline__ void gemm_sm90_tma_body(const TmaDesc& ta1, const TmaDesc& tb1, const TmaDesc& ta2, const TmaDesc& tb2, const TmaDesc& tc,
+                                                   int k1, int k2, int c_tma, OutT* c, int64_t ldc, const bf16* bias, const OutT* r,
+                                                   int64_t ldr, int M, int N, float alpha) {
   static_assert(SCHED != kPingPong || WGS == 2, "ping-pong: two consumer warpgroups");
   constexpr int BM = 64 * WGS, CONSUMERS = 128 * WGS, A_BYTES = BM * BK * 2, B_BYTES = BN * BK * 2, STAGE_BYTES = A_BYTES + B_BYTES;
   // Warps that release each stage: all consumer warps, or (ping-pong) those of one warpgroup.
@@ -522,30 +623,55 @@ __device__ __forceinline__ void gemm_sm90_tma_body(const TmaDesc& ta1, const Tma
           if (q + 1 < my_tiles) named_arrive<256>(4 + (wg ^ 1));
         });
         const int t = blockIdx.x + q * gridDim.x, m0 = (t % mtiles) * BM, n0 = (t / mtiles) * BN;
+        if (c_tma) {
+          // bf16: the whole 128 × BN tile in the buffer; f32: 64 rows at a time.
+          constexpr int ROWS = sizeof(OutT) == 2 ? 128 : 64;
+          const uint32_t buf = smem_addr(cw);
 #pragma unroll
-        for (int h = 0; h < 2; ++h) {
-          sync_wg();  // this warpgroup's reads of its C buffer are done
-          store_tile<64, BN, BN, 128>(cw, acc[h], 0, 0, tid, sync_wg, c, ldc, bias, r, ldr, m0 + 64 * h, n0, M, N, alpha);
+          for (int h = 0; h < 2; ++h) {
+            if (h == 0 || ROWS == 64) {
+              if (tid == 0) bulk_wait<true>();  // the last store out of the buffer has read it
+              sync_wg();
+            }
+            put_fragment<BN, ROWS, OutT>(buf, acc[h], ROWS == 128 ? 64 * h : 0, tid, bias, r, ldr, ROWS == 128 ? m0 : m0 + 64 * h, n0, M, N, alpha);
+            if (ROWS == 64 || h == 1) store_c_tma<BN, ROWS, OutT>(&tc, buf, tid == 0, sync_wg, ROWS == 128 ? m0 : m0 + 64 * h, n0);
+          }
+        } else {
+#pragma unroll
+          for (int h = 0; h < 2; ++h) {
+            sync_wg();  // this warpgroup's reads of its C buffer are done
+            store_tile<64, BN, BN, 128>(cw, acc[h], 0, 0, tid, sync_wg, c, ldc, bias, r, ldr, m0 + 64 * h, n0, M, N, alpha);
+          }
         }
       }
+      if (tid == 0) bulk_wait<false>();
     } else {
       int i = 0;
       auto tile = [&](int t) {
         float acc[1][BN / 2];
         main_loop(acc, wg * 64, i, [] {});
         i += ntiles;
-        // Both warpgroups are done with the previous C tile (kPersist) or with the stages, whose
-        // copies have all landed (each full barrier was waited on): the C tile may be written.
+        // Both warpgroups are done with the previous C tile (kPersist; the TMA store of it has
+        // read it) or with the stages, whose copies have all landed (each full barrier was waited
+        // on): the C tile may be written.
+        if (threadIdx.x == 0) bulk_wait<true>();
         named_sync<CONSUMERS>(1);
         const int m0 = (t % mtiles) * BM, n0 = (t / mtiles) * BN;
-        store_tile<BM, BN, BN, CONSUMERS>(cs, acc[0], wg, 0, threadIdx.x, [] { named_sync<CONSUMERS>(1); }, c, ldc, bias, r, ldr, m0, n0, M,
-                                          N, alpha);
+        auto sync = [] { named_sync<CONSUMERS>(1); };
+        if (c_tma) {
+          const uint32_t buf = smem_addr(cs);
+          put_fragment<BN, BM, OutT>(buf, acc[0], wg * 64, threadIdx.x % 128, bias, r, ldr, m0, n0, M, N, alpha);
+          store_c_tma<BN, BM, OutT>(&tc, buf, threadIdx.x == 0, sync, m0, n0);
+        } else {
+          store_tile<BM, BN, BN, CONSUMERS>(cs, acc[0], wg, 0, threadIdx.x, sync, c, ldc, bias, r, ldr, m0, n0, M, N, alpha);
+        }
       };
       // (Not one loop for both: loop-invariant epilogue values hoisted out of it cost registers.)
       if constexpr (SCHED == kPersist)
         for (int t = blockIdx.x; t < tiles; t += gridDim.x) tile(t);
       else if (blockIdx.x < tiles)
         tile(blockIdx.x);
+      if (threadIdx.x == 0) bulk_wait<false>();  // the shared memory stays until the store is done
     }
   }
 }
@@ -581,9 +707,9 @@ GEMM_SM90_TILES(n, false, f32, float)
 #define GEMM_SM90_TMA_KERNEL(BN, ST, SCHED, SUFFIX, PWG, MINB, LB, BKM, OUT, OUTT)                                           \
   extern "C" __global__ void __launch_bounds__(PWG ? 384 : 288, MINB) gemm_sm90_tma_128x##BN##_s##ST##SUFFIX##_k##LB##_##OUT(             \
       const __grid_constant__ TmaDesc ta1, const __grid_constant__ TmaDesc tb1, const __grid_constant__ TmaDesc ta2,            \
-      const __grid_constant__ TmaDesc tb2, int k1, int k2, OUTT* c, int64_t ldc, const bf16* bias, const OUTT* r, int64_t ldr,  \
-      int M, int N, float alpha) {                                                                                              \
-    gemm_sm90_tma_body<2, BN, ST, SCHED, BKM, OUTT, PWG>(ta1, tb1, ta2, tb2, k1, k2, c, ldc, bias, r, ldr, M, N, alpha);           \
+      const __grid_constant__ TmaDesc tb2, const __grid_constant__ TmaDesc tc, int k1, int k2, int c_tma, OUTT* c, int64_t ldc,  \
+      const bf16* bias, const OUTT* r, int64_t ldr, int M, int N, float alpha) {                                                \
+    gemm_sm90_tma_body<2, BN, ST, SCHED, BKM, OUTT, PWG>(ta1, tb1, ta2, tb2, tc, k1, k2, c_tma, c, ldc, bias, r, ldr, M, N, alpha); \
   }
 
 // (BN, stages, schedule, blocks per SM), all 128 rows × BN with two consumer warpgroups:
@@ -595,7 +721,7 @@ GEMM_SM90_TILES(n, false, f32, float)
   GEMM_SM90_TMA_KERNEL(128, 3, kOneTile, , false, 2, LB, BKM, OUT, OUTT)          \
   GEMM_SM90_TMA_KERNEL(128, 4, kPersist, _p, false, 1, LB, BKM, OUT, OUTT)        \
   GEMM_SM90_TMA_KERNEL(160, 4, kPersist, _p, false, 1, LB, BKM, OUT, OUTT)        \
-  GEMM_SM90_TMA_KERNEL(128, 5, kPingPong, _pp, false, 1, LB, BKM, OUT, OUTT)      \
+  GEMM_SM90_TMA_KERNEL(128, 5, kPingPong, _pp, true, 1, LB, BKM, OUT, OUTT)      \
   GEMM_SM90_TMA_KERNEL(160, 4, kPingPong, _pp, true, 1, LB, BKM, OUT, OUTT)
 
 GEMM_SM90_TMA_TILES(k, true, bf16, bf16)

@@ -16,8 +16,8 @@ use cudarc::driver::sys::{CUdevice_attribute, CUfunction_attribute};
 const MODULE: &str = "gemm_sm90";
 const BK: usize = 64;
 
-/// One kernel family of the sm90 path with its block tile (kernels/gemm_sm90.cu; the threads,
-/// stages and blocks per SM must match its GEMM_SM90_TILES / GEMM_SM90_TMA_TILES).
+/// One kernel family of the sm90 path with its block tile (kernels/gemm_sm90.cu; the threads and
+/// stages must match its GEMM_SM90_TILES / GEMM_SM90_TMA_TILES).
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub(crate) struct Sm90Tile {
     pub bm: usize,
@@ -33,10 +33,12 @@ pub(crate) struct Sm90Tile {
     pingpong: bool,
     threads: u32,
     stages: usize,
-    /// Blocks per SM (shared memory, registers).
+    /// Output tiles an SM runs at once as the time model counts them: the blocks per SM (shared
+    /// memory, registers) of the cp.async kernels; 1 for the TMA ones (the two co-resident blocks of
+    /// `tma128x128_s3` fit the measurements better counted that way).
     per_sm: usize,
     /// The launcher's time model (µs, fitted to the forced-kernel rows `linear*_sm90_*` of
-    /// benches/RESULTS.md "Hopper GEMM round 2", H100): `rounds · (k_tiles · a + b) + c`, a round
+    /// benches/RESULTS.md "Hopper GEMM round 3", H100): `rounds · (k_tiles · a + b) + c`, a round
     /// being one output tile on each of `per_sm` blocks of every SM.
     cost: (f64, f64, f64),
     /// Kernel names for layouts kk/kn × C bf16/f32.
@@ -49,16 +51,16 @@ macro_rules! names {
     };
 }
 
-/// Every sm90 kernel family.
+/// Every sm90 kernel family. (The ping-pong kernels have a whole producer warpgroup, which hands
+/// registers to the consumers: 128 or 160 accumulators per thread.)
 pub(crate) const SM90_TILES: [Sm90Tile; 7] = [
     Sm90Tile { bm: 128, bn: 128, tma: false, persistent: false, pingpong: false, threads: 256, stages: 3, per_sm: 2, cost: (0.681, 7.677, -0.427), names: names!("gemm_sm90_128x128") },
     Sm90Tile { bm: 64, bn: 64, tma: false, persistent: false, pingpong: false, threads: 128, stages: 4, per_sm: 3, cost: (0.480, 3.261, 1.082), names: names!("gemm_sm90_64x64") },
-    Sm90Tile { bm: 128, bn: 128, tma: true, persistent: false, pingpong: false, threads: 288, stages: 3, per_sm: 2, cost: (0.375, 11.062, -3.440), names: names!("gemm_sm90_tma_128x128_s3") },
-    Sm90Tile { bm: 128, bn: 128, tma: true, persistent: true, pingpong: false, threads: 288, stages: 4, per_sm: 1, cost: (0.334, 3.878, 3.466), names: names!("gemm_sm90_tma_128x128_s4_p") },
-    Sm90Tile { bm: 128, bn: 160, tma: true, persistent: true, pingpong: false, threads: 288, stages: 4, per_sm: 1, cost: (0.0, 1e6, 0.0), names: names!("gemm_sm90_tma_128x160_s4_p") },
-    Sm90Tile { bm: 128, bn: 128, tma: true, persistent: true, pingpong: true, threads: 288, stages: 5, per_sm: 1, cost: (0.0, 1e6, 0.0), names: names!("gemm_sm90_tma_128x128_s5_pp") },
-    // A whole producer warpgroup (it gives registers to the consumers: 160 accumulators each).
-    Sm90Tile { bm: 128, bn: 160, tma: true, persistent: true, pingpong: true, threads: 384, stages: 4, per_sm: 1, cost: (0.0, 1e6, 0.0), names: names!("gemm_sm90_tma_128x160_s4_pp") },
+    Sm90Tile { bm: 128, bn: 128, tma: true, persistent: false, pingpong: false, threads: 288, stages: 3, per_sm: 1, cost: (0.372, 3.878, 3.016), names: names!("gemm_sm90_tma_128x128_s3") },
+    Sm90Tile { bm: 128, bn: 128, tma: true, persistent: true, pingpong: false, threads: 288, stages: 4, per_sm: 1, cost: (0.331, 4.118, 3.175), names: names!("gemm_sm90_tma_128x128_s4_p") },
+    Sm90Tile { bm: 128, bn: 160, tma: true, persistent: true, pingpong: false, threads: 288, stages: 4, per_sm: 1, cost: (0.368, 5.592, 2.890), names: names!("gemm_sm90_tma_128x160_s4_p") },
+    Sm90Tile { bm: 128, bn: 128, tma: true, persistent: true, pingpong: true, threads: 384, stages: 5, per_sm: 1, cost: (0.343, 3.514, 4.102), names: names!("gemm_sm90_tma_128x128_s5_pp") },
+    Sm90Tile { bm: 128, bn: 160, tma: true, persistent: true, pingpong: true, threads: 384, stages: 4, per_sm: 1, cost: (0.346, 5.294, 3.656), names: names!("gemm_sm90_tma_128x160_s4_pp") },
 ];
 
 impl Sm90Tile {
@@ -122,25 +124,30 @@ fn sm_count(gpu: &Gpu) -> Result<usize> {
     Ok(gpu.stream().context().attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)? as usize)
 }
 
-/// A 2-D bf16 tensor map for the TMA kernels: `outer` rows of `inner` elements, `ld` elements
-/// apart, read in boxes of `box_outer` × `box_inner` with the 128-byte swizzle when `box_inner` is
-/// 64 (one 128-byte row), the 64-byte swizzle when it is 32; reads past `inner` or `outer` fill zeros.
-fn tensor_map(ptr: u64, inner: usize, outer: usize, ld: usize, box_inner: u32, box_outer: u32) -> Result<[u64; 16]> {
+/// A 2-D tensor map for the TMA kernels: `outer` rows of `inner` elements of `dtype`, `ld` elements
+/// apart, moved in boxes of `box_outer` × `box_inner` with the 128-byte swizzle when a box row is
+/// 128 bytes, the 64-byte swizzle when it is 64; loads past `inner` or `outer` fill zeros, stores
+/// there write nothing.
+fn tensor_map(ptr: u64, dtype: DType, inner: usize, outer: usize, ld: usize, box_inner: u32, box_outer: u32) -> Result<[u64; 16]> {
     use cudarc::driver::sys::{self, CUtensorMapDataType, CUtensorMapFloatOOBfill, CUtensorMapInterleave, CUtensorMapL2promotion, CUtensorMapSwizzle};
+    let (data_type, size) = match dtype {
+        DType::BF16 => (CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 2),
+        DType::F32 => (CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_FLOAT32, 4),
+    };
     let dims = [inner as u64, outer as u64];
-    let strides = [(ld * 2) as u64];
+    let strides = [(ld * size) as u64];
     let (boxes, steps) = ([box_inner, box_outer], [1u32, 1]);
-    let swizzle = match box_inner {
-        64 => CUtensorMapSwizzle::CU_TENSOR_MAP_SWIZZLE_128B,
-        32 => CUtensorMapSwizzle::CU_TENSOR_MAP_SWIZZLE_64B,
-        _ => bail!("gemm_sm90: no swizzle for a {box_inner}-element TMA box row"),
+    let swizzle = match box_inner as usize * size {
+        128 => CUtensorMapSwizzle::CU_TENSOR_MAP_SWIZZLE_128B,
+        64 => CUtensorMapSwizzle::CU_TENSOR_MAP_SWIZZLE_64B,
+        b => bail!("gemm_sm90: no swizzle for a {b}-byte TMA box row"),
     };
     let mut map = std::mem::MaybeUninit::<sys::CUtensorMap>::zeroed();
     // SAFETY: every array holds `rank` (strides: rank − 1) entries; the map is written in place.
     unsafe {
         sys::cuTensorMapEncodeTiled(
             map.as_mut_ptr(),
-            CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_BFLOAT16,
+            data_type,
             2,
             ptr as *mut std::ffi::c_void,
             dims.as_ptr(),
@@ -159,27 +166,46 @@ fn tensor_map(ptr: u64, inner: usize, outer: usize, ld: usize, box_inner: u32, b
     Ok(unsafe { map.assume_init() }.opaque)
 }
 
+/// The tensor map of C for the TMA store epilogue (kernels/gemm_sm90.cu `TmaCTile`): boxes of
+/// 128-byte rows, or 64-byte rows when the tile's row is not a multiple of 128 bytes, `rows` tall
+/// (the block tile; ping-pong: a warpgroup's buffer, 128 rows of bf16 or 64 of f32). None when C
+/// cannot be a TMA target (not 16-byte aligned, or rows not a multiple of 16 bytes apart): the
+/// kernel then stores through its shared-memory f32 tile with ordinary stores.
+fn c_map(call: &GemmCall, tile: &Sm90Tile) -> Result<Option<[u64; 16]>> {
+    let size = call.out.size();
+    if !call.c.is_multiple_of(16) || !(call.ldc * size).is_multiple_of(16) {
+        return Ok(None);
+    }
+    let row_bytes = if (tile.bn * size).is_multiple_of(128) { 128 } else { 64 };
+    let rows = if tile.pingpong { 256 / size } else { tile.bm };
+    Ok(Some(tensor_map(call.c, call.out, call.n, call.m, call.ldc, (row_bytes / size) as u32, rows as u32)?))
+}
+
 /// The arguments of a TMA kernel: tensor maps of A1, B1, A2, B2 (segment 1's again when segment 2
-/// is empty), K1, K2, then C, ldc, bias, R, ldr, M, N, alpha. Layout kn reads B in [64 k][64 n]
-/// boxes, or [64 k][32 n] (64-byte swizzle) when the tile width is not a multiple of 64.
+/// is empty) and C (`c_map`; A1's when there is none), K1, K2, whether to store C by TMA, then C,
+/// ldc, bias, R, ldr, M, N, alpha. Layout kn reads B in [64 k][64 n] boxes, or [64 k][32 n] (64-byte
+/// swizzle) when the tile width is not a multiple of 64.
 fn tma_args(call: &GemmCall, tile: &Sm90Tile) -> Result<Vec<KernelArg>> {
     let maps = |s: &Segment| -> Result<[KernelArg; 2]> {
-        let a = tensor_map(s.a, s.k, call.m, s.lda, BK as u32, tile.bm as u32)?;
+        let a = tensor_map(s.a, DType::BF16, s.k, call.m, s.lda, BK as u32, tile.bm as u32)?;
         let b = match call.layouts {
-            Layouts::Kk => tensor_map(s.b, s.k, call.n, s.ldb, BK as u32, tile.bn as u32)?,
-            _ => tensor_map(s.b, call.n, s.k, s.ldb, if tile.bn % 64 == 0 { 64 } else { 32 }, BK as u32)?,
+            Layouts::Kk => tensor_map(s.b, DType::BF16, s.k, call.n, s.ldb, BK as u32, tile.bn as u32)?,
+            _ => tensor_map(s.b, DType::BF16, call.n, s.k, s.ldb, if tile.bn % 64 == 0 { 64 } else { 32 }, BK as u32)?,
         };
         Ok([KernelArg::TensorMap(a), KernelArg::TensorMap(b)])
     };
     let first = maps(&call.seg1)?;
     let second = if call.seg2.k == 0 { first } else { maps(&call.seg2)? };
+    let c = c_map(call, tile)?;
     let (r, ldr) = call.residual.unwrap_or((0, 0));
-    let mut args = Vec::with_capacity(14);
+    let mut args = Vec::with_capacity(17);
     args.extend(first);
     args.extend(second);
+    args.push(c.map_or(first[0], KernelArg::TensorMap));
     args.extend([
         KernelArg::I32(i32::try_from(call.seg1.k)?),
         KernelArg::I32(i32::try_from(call.seg2.k)?),
+        KernelArg::I32(c.is_some() as i32),
         KernelArg::Ptr(call.c),
         KernelArg::I64(call.ldc as i64),
         KernelArg::Ptr(call.bias.unwrap_or(0)),
@@ -374,9 +400,9 @@ mod tests {
         if !hopper(&gpu) {
             return;
         }
-        // The time model's picks at these shapes include both TMA kernels and the 64×64 one.
+        // The time model's picks at these shapes include every TMA kernel it uses and the 64×64 one.
         let mut picked = Vec::new();
-        for (m, k, n) in [(4096, 320, 2560), (8192, 1280, 320), (4096, 320, 320)] {
+        for (m, k, n) in [(4096, 320, 2560), (8192, 1280, 320), (4096, 320, 320), (1024, 640, 5120)] {
             let seed = Rng::fresh_seed();
             let mut rng = Rng::new(seed);
             let x = rand_bf16(&mut rng, m * k, 1.0);
@@ -403,8 +429,8 @@ mod tests {
             let want = linear_input_grad_cpu(&gather_rows(&dy, n, &rows), rows.len(), n, &w, k);
             assert_close(&format!("dx {m}x{n}->{k} seed={seed}"), &gather_rows(&download(&gpu, &dx), k, &rows), &want, 1e-2);
         }
-        for tile in SM90_TILES.iter().filter(|t| t.tma || t.bm == 64) {
-            assert!(picked.contains(&tile.label()), "{} never dispatched; picked {picked:?}", tile.label());
+        for want in ["tma128x128_s4_p", "tma128x160_s4_p", "tma128x128_s5_pp", "tma128x160_s4_pp", "tile64x64"] {
+            assert!(picked.iter().any(|p| p == want), "{want} never dispatched; picked {picked:?}");
         }
     }
 }

@@ -24,12 +24,11 @@
 //    sub-tile and issues wgmma.mma_async.m64nWNk16 (bf16 in, f32 accumulators in registers: WN/2
 //    per thread). Tiles (GEMM_SM90_TILES): 128×128 (2 warpgroups, 2 blocks per SM), 64×64 (1
 //    warpgroup, 3 per SM).
-//  * gemm_sm90_tma_128x<128|160>_*: TMA loads, a producer warp (warpgroup) and two consumer
-//    warpgroups synchronized by mbarriers (see gemm_sm90_tma_body; it also takes four warpgroups for
-//    256 × 128); 2 blocks per SM, or persistent (one per SM), or persistent ping-pong; C stored by
-//    TMA from a shared-memory tile.
+//  * gemm_sm90_tma_128x128_*: TMA loads, a producer warp and two consumer warpgroups synchronized
+//    by mbarriers (see gemm_sm90_tma_body; it also takes four warpgroups for 256 × 128); 2 blocks
+//    per SM, or persistent (one per SM).
 // Both operands are read by wgmma straight from shared memory through matrix descriptors, in the
-// 128-byte swizzle (the TMA kernels' n-major B tiles 160 wide: the 64-byte swizzle, see TmaBTile):
+// 128-byte swizzle:
 //   A tile [BM][64] and (kk) B tile [BN][64]: K-major, one 128-byte row per m (n), 16-byte chunk c
 //     of row r stored at chunk c ^ (r mod 8); 8-row groups 1024 B apart (descriptor SBO = 1024; LBO
 //     unused); the four k16 steps of a 64-deep stage start 32 bytes apart.
@@ -367,14 +366,13 @@ __device__ __forceinline__ uint64_t smem_desc_sw64(uint32_t addr, uint32_t lbo, 
   return (uint64_t)((addr & 0x3FFFF) >> 4) | ((uint64_t)(lbo >> 4) << 16) | ((uint64_t)(sbo >> 4) << 32) | (2ull << 62);
 }
 
-// The B columns a consumer warpgroup multiplies with, BW n × 64 k, in a TMA stage. Layout kk:
-// K-major [BW][64] (128-byte swizzle). Layout kn: BW / NBOX n-major boxes [64 k][NBOX n] side by
-// side: NBOX = 64 in the 128-byte swizzle (BW a multiple of 64), else 32 in the 64-byte swizzle (the
-// tensor map says which). A stage holds one such tile, or two side by side (kSplitN).
-template <int BW>
+// The B tile of a TMA stage, BN n × 64 k. Layout kk: K-major [BN][64], one box, 128-byte swizzle.
+// Layout kn: BN / NBOX n-major boxes [64 k][NBOX n] side by side: NBOX = 64 in the 128-byte swizzle
+// (BN a multiple of 64), else 32 in the 64-byte swizzle (the tensor map says which).
+template <int BN>
 struct TmaBTile {
-  static_assert(BW == 128 || BW == 160, "TMA warpgroup tile widths");
-  static constexpr int NBOX = BW % 64 == 0 ? 64 : 32, BOX_BYTES = BK * NBOX * 2, BYTES = BW * BK * 2;
+  static_assert(BN == 128 || BN == 160, "TMA tile widths");
+  static constexpr int NBOX = BN % 64 == 0 ? 64 : 32, BOXES = BN / NBOX, BOX_BYTES = BK * NBOX * 2;
 };
 
 // One 64-deep k tile for a warpgroup's MB row blocks of 64 × BN (A rows 64·mb.., 8 KiB apart in
@@ -425,28 +423,27 @@ __device__ __forceinline__ void tma_store(const TmaDesc* map, uint32_t src, int 
                : "memory");
 }
 __device__ __forceinline__ void bulk_commit() { asm volatile("cp.async.bulk.commit_group;\n" ::: "memory"); }
-// Waits until at most PENDING of this thread's bulk store groups have yet to read their shared
-// memory (READ) or to complete.
-template <bool READ, int PENDING = 0>
+// Waits until this thread's bulk stores have read their shared memory (READ) or completed.
+template <bool READ>
 __device__ __forceinline__ void bulk_wait() {
-  if constexpr (READ) asm volatile("cp.async.bulk.wait_group.read %0;\n" ::"n"(PENDING) : "memory");
-  else asm volatile("cp.async.bulk.wait_group %0;\n" ::"n"(PENDING) : "memory");
+  if constexpr (READ) asm volatile("cp.async.bulk.wait_group.read 0;\n" ::: "memory");
+  else asm volatile("cp.async.bulk.wait_group 0;\n" ::: "memory");
 }
 
-// This thread's (t = 0..127 of its warpgroup) values of 8-column groups j0..j0+nj-1 of a warpgroup's
-// 64-row accumulator block, C = alpha·acc + bias[n] + R[m, n], handed to sink(row, col, v(col),
-// v(col + 1)) with (row, col) relative to C's (m0, n0), the block's first row at row0 and group j0 at
-// col 0. Bias and R are read per fragment pair (vector loads when their pairs are aligned), nothing
-// past M or N.
-template <int NACC, typename OutT, typename Sink>
-__device__ __forceinline__ void put_fragment(const float (&acc)[NACC], int j0, int nj, int row0, int t, const bf16* bias, const OutT* r,
-                                             int64_t ldr, int m0, int n0, int M, int N, float alpha, Sink sink) {
+// One warpgroup's 64 × BN accumulators (thread t = 0..127 of it) into rows row0..row0+63 of the C
+// staging buffer `buf` (ROWS rows, TmaCTile layout) as C = alpha·acc + bias[n] + R[m, n]; buffer row 0
+// is C row m0, column 0 is C column n0. Bias and R are read per fragment pair (vector loads when
+// their pairs are aligned), nothing past M or N.
+template <int BN, int ROWS, typename OutT>
+__device__ __forceinline__ void put_fragment(uint32_t buf, const float (&acc)[BN / 2], int row0, int t, const bf16* bias, const OutT* r,
+                                             int64_t ldr, int m0, int n0, int M, int N, float alpha) {
+  using CT = TmaCTile<BN, OutT>;
   const bool bvec = (reinterpret_cast<uintptr_t>(bias) & 3) == 0;
   const bool rvec = (reinterpret_cast<uintptr_t>(r) & (2 * sizeof(OutT) - 1)) == 0 && ldr % 2 == 0;
   const int rbase = row0 + (t / 32) * 16 + (t % 32) / 4;
 #pragma unroll
-  for (int jj = 0; jj < nj; ++jj) {
-    const int j = j0 + jj, col = 8 * jj + 2 * (t % 4), n = n0 + col;
+  for (int j = 0; j < BN / 8; ++j) {
+    const int col = 8 * j + 2 * (t % 4), n = n0 + col;
     float b0 = 0.0f, b1 = 0.0f;
     if (bias) {
       if (bvec && n + 1 < N) {
@@ -476,27 +473,19 @@ __device__ __forceinline__ void put_fragment(const float (&acc)[NACC], int j0, i
           if (n + 1 < N) v1 += to_f32(rr[1]);
         }
       }
-      sink(row, col, v0, v1);
+      const uint32_t dst = CT::template at<ROWS>(buf, row, col);
+      if constexpr (sizeof(OutT) == 4) {
+        asm volatile("st.shared.v2.f32 [%0], {%1, %2};\n" ::"r"(dst), "f"(v0), "f"(v1) : "memory");
+      } else {
+        const __nv_bfloat162 p = __floats2bfloat162_rn(v0, v1);
+        asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(dst), "r"(*reinterpret_cast<const uint32_t*>(&p)) : "memory");
+      }
     }
   }
 }
 
-// A sink for put_fragment: the pair into the C staging buffer `buf` (ROWS rows, TmaCTile<BW> layout).
-template <int BW, int ROWS, typename OutT>
-__device__ __forceinline__ auto smem_sink(uint32_t buf) {
-  return [buf](int row, int col, float v0, float v1) {
-    const uint32_t dst = TmaCTile<BW, OutT>::template at<ROWS>(buf, row, col);
-    if constexpr (sizeof(OutT) == 4) {
-      asm volatile("st.shared.v2.f32 [%0], {%1, %2};\n" ::"r"(dst), "f"(v0), "f"(v1) : "memory");
-    } else {
-      const __nv_bfloat162 p = __floats2bfloat162_rn(v0, v1);
-      asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(dst), "r"(*reinterpret_cast<const uint32_t*>(&p)) : "memory");
-    }
-  };
-}
-
-// After every thread's put_fragment into `buf` (ROWS rows × BN columns at C's (m0, n0)): make the
-// writes visible to the async proxy, `sync` the writers, and thread `issuer` copies the boxes out.
+// After every thread's put_fragment into `buf` (ROWS rows at C row m0): make the writes visible to
+// the async proxy, `sync` the writers, and thread `issuer` copies the boxes out.
 template <int BN, int ROWS, typename OutT, typename Sync>
 __device__ __forceinline__ void store_c_tma(const TmaDesc* tc, uint32_t buf, bool issuer, Sync sync, int m0, int n0) {
   using CT = TmaCTile<BN, OutT>;
@@ -514,7 +503,6 @@ enum TmaSched {
   kOneTile = 0,   // one output tile per CTA; the C tile reuses the stages
   kPersist = 1,   // persistent: both consumer warpgroups on each tile (64 rows each); C tile of its own
   kPingPong = 2,  // persistent: the consumer warpgroups take alternate tiles (all 128 rows each)
-  kSplitN = 3,    // persistent: both consumer warpgroups on each tile (all 128 rows, BN/2 columns each)
 };
 
 // The TMA kernel body: (64·WGS) × BN output tiles, 128·WGS + 32 threads: warps 0..4·WGS-1 are WGS
@@ -524,8 +512,7 @@ enum TmaSched {
 // wait empty[s] (parity of the previous round), expect the stage's bytes on full[s], copy A [BM
 // m][64 k] and B (TmaBTile). Consumers: wait full[s], wgmmas, keep one wgmma group in flight,
 // release the stage of the k tile before; after a tile's last k tile, wait for all wgmmas, release,
-// run the epilogue: C by TMA store from a shared tile (TmaCTile) when the launcher made C's tensor
-// map (c_tma), else store_tile through the f32 shared tile (kSplitN: straight from the fragments).
+// run the epilogue (store_tile, through shared memory).
 // Output tiles in M-first order; CTA b takes tiles b, b + G, … (G CTAs in the grid).
 //  * kOneTile: one tile per CTA (G = tiles), the C tile in the stages' memory.
 //  * kPersist: G ≤ the SM count; each warpgroup computes 64 × BN of every tile; the C tile has
@@ -536,23 +523,17 @@ enum TmaSched {
 //    after the other has issued all of its tile's wgmmas (named barriers 4 and 5), which also keeps
 //    every full-barrier wait within one phase of the barrier (waits in stage order). Each warpgroup
 //    stages its C tile in its own [64][BN] f32 buffer, 64 rows at a time (named barrier 2 + w).
-//  * kSplitN (WGS = 2, BN = 320): G ≤ the SM count; warpgroup w computes all 128 rows × columns
-//    w·BN/2.. of every tile (two m64n160 per k16 step), so a stage's B tile is two TmaBTile<160>
-//    side by side. No room for a C tile: each warpgroup stores its 128 × 160 by TMA in boxes of
-//    8 KiB (TmaCTile<32>: 128 rows of bf16 or 64 of f32), through two 8 KiB buffers in turn (named
-//    barrier 2 + w). (cuBLAS's kernel at 4096×320→2560 is a 320×128 tile of this kind.)
 // (Tried: clusters of two CTAs along M with B multicast to both — half the L2 reads of B — were
 // slower at every SD1.5 shape; see benches/RESULTS.md "Hopper GEMM round 2".)
 template <int WGS, int BN, int STAGES, int SCHED, bool B_K_MAJOR, typename OutT, bool PRODUCER_WG = false>
 __device__ __forceinline__ void gemm_sm90_tma_body(const TmaDesc& ta1, const TmaDesc& tb1, const TmaDesc& ta2, const TmaDesc& tb2, const TmaDesc& tc,
                                                    int k1, int k2, int c_tma, OutT* c, int64_t ldc, const bf16* bias, const OutT* r,
                                                    int64_t ldr, int M, int N, float alpha) {
-  static_assert((SCHED != kPingPong && SCHED != kSplitN) || WGS == 2, "ping-pong, split-N: two consumer warpgroups");
+  static_assert(SCHED != kPingPong || WGS == 2, "ping-pong: two consumer warpgroups");
   constexpr int BM = 64 * WGS, CONSUMERS = 128 * WGS, A_BYTES = BM * BK * 2, B_BYTES = BN * BK * 2, STAGE_BYTES = A_BYTES + B_BYTES;
-  constexpr int BW = SCHED == kSplitN ? BN / 2 : BN;  // a consumer warpgroup's columns
   // Warps that release each stage: all consumer warps, or (ping-pong) those of one warpgroup.
   constexpr int RELEASERS = SCHED == kPingPong ? 4 : CONSUMERS / 32;
-  using BT = TmaBTile<BW>;
+  using BT = TmaBTile<BN>;
   __shared__ alignas(8) uint64_t full_bar[STAGES], empty_bar[STAGES];
   extern __shared__ uint8_t smem_raw[];
   const uint32_t raw = smem_addr(smem_raw);
@@ -589,11 +570,10 @@ __device__ __forceinline__ void gemm_sm90_tma_body(const TmaDesc& ta1, const Tma
           mbar_arrive_expect_tx(full, STAGE_BYTES);
           tma_load(sa, ta, k0, m0, full);
           if constexpr (B_K_MAJOR) {
-#pragma unroll
-            for (int j = 0; j < BN / BW; ++j) tma_load(sb + j * BT::BYTES, tb, k0, n0 + j * BW, full);
+            tma_load(sb, tb, k0, n0, full);
           } else {
 #pragma unroll
-            for (int j = 0; j < BN / BT::NBOX; ++j) tma_load(sb + j * BT::BOX_BYTES, tb, n0 + j * BT::NBOX, k0, full);
+            for (int j = 0; j < BT::BOXES; ++j) tma_load(sb + j * BT::BOX_BYTES, tb, n0 + j * BT::NBOX, k0, full);
           }
         }
       }
@@ -604,10 +584,10 @@ __device__ __forceinline__ void gemm_sm90_tma_body(const TmaDesc& ta1, const Tma
     auto release = [&](int s) {  // this warp is done with stage s
       if (lane == 0) mbar_arrive(empty0 + 8 * s);
     };
-    // MB row blocks of 64 × BW per warpgroup, from A rows a_row0.. and B columns b_col0.. of each
-    // stage; k tiles first.. first + ntiles − 1 (global count). Returns with every wgmma done and
-    // every stage released; `issued` runs once the last k tile's wgmmas are issued.
-    auto main_loop = [&](auto& acc, int a_row0, int b_col0, int first, auto issued) {
+    // MB row blocks of 64 × BN per warpgroup, from A rows a_row0.. of each stage; k tiles first..
+    // first + ntiles − 1 (global count). Returns with every wgmma done and every stage released;
+    // `issued` runs once the last k tile's wgmmas are issued.
+    auto main_loop = [&](auto& acc, int a_row0, int first, auto issued) {
       constexpr int MB = sizeof(acc) / sizeof(acc[0]);
 #pragma unroll
       for (int mb = 0; mb < MB; ++mb)
@@ -617,9 +597,8 @@ __device__ __forceinline__ void gemm_sm90_tma_body(const TmaDesc& ta1, const Tma
       for (int i = first; i < first + ntiles; ++i) {
         const int s = i % STAGES;
         mbar_wait(full0 + 8 * s, (i / STAGES) & 1);
-        const uint32_t sa = base + s * STAGE_BYTES + a_row0 * 128;
-        const uint32_t sb = base + s * STAGE_BYTES + A_BYTES + (B_K_MAJOR ? b_col0 * 128 : b_col0 / BT::NBOX * BT::BOX_BYTES);
-        tma_k_tile<MB, BW, B_K_MAJOR>(acc, sa, sb);
+        const uint32_t sa = base + s * STAGE_BYTES + a_row0 * 128, sb = base + s * STAGE_BYTES + A_BYTES;
+        tma_k_tile<MB, BN, B_K_MAJOR>(acc, sa, sb);
         wgmma_wait<1>();
 #pragma unroll
         for (int mb = 0; mb < MB; ++mb) fence_acc(acc[mb]);
@@ -640,7 +619,7 @@ __device__ __forceinline__ void gemm_sm90_tma_body(const TmaDesc& ta1, const Tma
       for (int q = wg; q < my_tiles; q += 2) {
         if (q > 0) named_sync<256>(4 + wg);  // the other warpgroup has issued tile q − 1
         float acc[2][BN / 2];
-        main_loop(acc, 0, 0, q * ntiles, [&] {
+        main_loop(acc, 0, q * ntiles, [&] {
           if (q + 1 < my_tiles) named_arrive<256>(4 + (wg ^ 1));
         });
         const int t = blockIdx.x + q * gridDim.x, m0 = (t % mtiles) * BM, n0 = (t / mtiles) * BN;
@@ -654,8 +633,7 @@ __device__ __forceinline__ void gemm_sm90_tma_body(const TmaDesc& ta1, const Tma
               if (tid == 0) bulk_wait<true>();  // the last store out of the buffer has read it
               sync_wg();
             }
-            put_fragment(acc[h], 0, BN / 8, ROWS == 128 ? 64 * h : 0, tid, bias, r, ldr, ROWS == 128 ? m0 : m0 + 64 * h, n0, M, N, alpha,
-                         smem_sink<BN, ROWS, OutT>(buf));
+            put_fragment<BN, ROWS, OutT>(buf, acc[h], ROWS == 128 ? 64 * h : 0, tid, bias, r, ldr, ROWS == 128 ? m0 : m0 + 64 * h, n0, M, N, alpha);
             if (ROWS == 64 || h == 1) store_c_tma<BN, ROWS, OutT>(&tc, buf, tid == 0, sync_wg, ROWS == 128 ? m0 : m0 + 64 * h, n0);
           }
         } else {
@@ -667,50 +645,11 @@ __device__ __forceinline__ void gemm_sm90_tma_body(const TmaDesc& ta1, const Tma
         }
       }
       if (tid == 0) bulk_wait<false>();
-    } else if constexpr (SCHED == kSplitN) {
-      const int tid = threadIdx.x % 128;
-      auto sync_wg = [wg] { named_sync<128>(2 + wg); };
-      using CT = TmaCTile<32, OutT>;
-      constexpr int CR = 8192 / CT::ROW_BYTES;  // rows of a store box: 128 (bf16) or 64 (f32)
-      const uint32_t bufs = smem_addr(cs) + wg * 2 * 8192;
-      int boxes = 0, i = 0;
-#pragma unroll 1
-      for (int t = blockIdx.x; t < tiles; t += gridDim.x) {
-        float acc[2][BW / 2];
-        main_loop(acc, 0, wg * BW, i, [] {});
-        i += ntiles;
-        const int m0 = (t % mtiles) * BM, n0 = (t / mtiles) * BN + wg * BW;
-        if (c_tma) {
-#pragma unroll
-          for (int bx = 0; bx < (BM / CR) * (BW / 32); ++bx) {
-            const int r0 = bx / (BW / 32) * CR, c8 = bx % (BW / 32) * 4;  // box rows r0.., 8-column groups c8..
-            const uint32_t buf = bufs + (boxes++ & 1) * 8192;
-            if (tid == 0) bulk_wait<true, 1>();  // the store that used this buffer before has read it
-            sync_wg();
-#pragma unroll
-            for (int mb = 0; mb < 2; ++mb)
-              if (64 * mb >= r0 && 64 * mb < r0 + CR)
-                put_fragment(acc[mb], c8, 4, 64 * mb - r0, tid, bias, r, ldr, m0 + r0, n0 + 8 * c8, M, N, alpha, smem_sink<32, CR, OutT>(buf));
-            store_c_tma<32, CR, OutT>(&tc, buf, tid == 0, sync_wg, m0 + r0, n0 + 8 * c8);
-          }
-        } else {
-          auto direct = [&](int row, int col, float v0, float v1) {  // C unaligned: pairs straight out
-            const int m = m0 + row, n = n0 + col;
-            if (m >= M) return;
-            OutT* p = c + (int64_t)m * ldc + n;
-            if (n < N) p[0] = from_f32<OutT>(v0);
-            if (n + 1 < N) p[1] = from_f32<OutT>(v1);
-          };
-#pragma unroll
-          for (int mb = 0; mb < 2; ++mb) put_fragment(acc[mb], 0, BW / 8, 64 * mb, tid, bias, r, ldr, m0, n0, M, N, alpha, direct);
-        }
-      }
-      if (tid == 0) bulk_wait<false>();
     } else {
       int i = 0;
       auto tile = [&](int t) {
         float acc[1][BN / 2];
-        main_loop(acc, wg * 64, 0, i, [] {});
+        main_loop(acc, wg * 64, i, [] {});
         i += ntiles;
         // Both warpgroups are done with the previous C tile (kPersist; the TMA store of it has
         // read it) or with the stages, whose copies have all landed (each full barrier was waited
@@ -721,7 +660,7 @@ __device__ __forceinline__ void gemm_sm90_tma_body(const TmaDesc& ta1, const Tma
         auto sync = [] { named_sync<CONSUMERS>(1); };
         if (c_tma) {
           const uint32_t buf = smem_addr(cs);
-          put_fragment(acc[0], 0, BN / 8, wg * 64, threadIdx.x % 128, bias, r, ldr, m0, n0, M, N, alpha, smem_sink<BN, BM, OutT>(buf));
+          put_fragment<BN, BM, OutT>(buf, acc[0], wg * 64, threadIdx.x % 128, bias, r, ldr, m0, n0, M, N, alpha);
           store_c_tma<BN, BM, OutT>(&tc, buf, threadIdx.x == 0, sync, m0, n0);
         } else {
           store_tile<BM, BN, BN, CONSUMERS>(cs, acc[0], wg, 0, threadIdx.x, sync, c, ldc, bias, r, ldr, m0, n0, M, N, alpha);
@@ -762,10 +701,9 @@ GEMM_SM90_TILES(k, true, f32, float)
 GEMM_SM90_TILES(n, false, bf16, bf16)
 GEMM_SM90_TILES(n, false, f32, float)
 
-// gemm_sm90_tma_128x<BN>_s<STAGES>[_p|_pp|_sn]_k<B>_<out>: the TMA kernels (1-D grid; _p:
-// persistent, _pp: persistent ping-pong, _sn: persistent split-N; 288 threads, or 384 with a
-// producer warpgroup that hands registers to the consumers). src/ops/gemm_sm90.rs `SM90_TILES` must
-// agree on the tile, stages, schedule and threads.
+// gemm_sm90_tma_128x<BN>_s<STAGES>[_p|_pp]_k<B>_<out>: the TMA kernels (1-D grid, 288 threads;
+// _p: persistent, _pp: persistent ping-pong). src/ops/gemm_sm90.rs `SM90_TILES` must agree on the
+// tile, stages, schedule, threads and blocks per SM.
 #define GEMM_SM90_TMA_KERNEL(BN, ST, SCHED, SUFFIX, PWG, MINB, LB, BKM, OUT, OUTT)                                           \
   extern "C" __global__ void __launch_bounds__(PWG ? 384 : 288, MINB) gemm_sm90_tma_128x##BN##_s##ST##SUFFIX##_k##LB##_##OUT(             \
       const __grid_constant__ TmaDesc ta1, const __grid_constant__ TmaDesc tb1, const __grid_constant__ TmaDesc ta2,            \
@@ -774,20 +712,17 @@ GEMM_SM90_TILES(n, false, f32, float)
     gemm_sm90_tma_body<2, BN, ST, SCHED, BKM, OUTT, PWG>(ta1, tb1, ta2, tb2, tc, k1, k2, c_tma, c, ldc, bias, r, ldr, M, N, alpha); \
   }
 
-// (BN, stages, schedule, producer warpgroup, blocks per SM), all 128 rows × BN with two consumer
-// warpgroups:
+// (BN, stages, schedule, blocks per SM), all 128 rows × BN with two consumer warpgroups:
 // 128×128, 3 stages (96 KiB), two CTAs per SM, one tile each; 128×128 persistent, 4 stages (128 KiB)
 // + the 64 KiB C tile; 128×160 persistent, 4 stages (144 KiB) + 80 KiB; ping-pong 128×128, 5 stages
-// (160 KiB) + 2 × 32 KiB; ping-pong 128×160, 4 stages + 2 × 40 KiB; split-N 128×320, 3 stages of
-// 56 KiB + 4 × 8 KiB. (256×128 with four consumer warpgroups, one tile per CTA, was measured in
-// round 2: fastest only at two shapes, by 2-4 %.)
+// (160 KiB) + 2 × 32 KiB; ping-pong 128×160, 4 stages + 2 × 40 KiB. (256×128 with four consumer
+// warpgroups, one tile per CTA, was measured in round 2: fastest only at two shapes, by 2-4 %.)
 #define GEMM_SM90_TMA_TILES(LB, BKM, OUT, OUTT)                             \
   GEMM_SM90_TMA_KERNEL(128, 3, kOneTile, , false, 2, LB, BKM, OUT, OUTT)          \
   GEMM_SM90_TMA_KERNEL(128, 4, kPersist, _p, false, 1, LB, BKM, OUT, OUTT)        \
   GEMM_SM90_TMA_KERNEL(160, 4, kPersist, _p, false, 1, LB, BKM, OUT, OUTT)        \
   GEMM_SM90_TMA_KERNEL(128, 5, kPingPong, _pp, true, 1, LB, BKM, OUT, OUTT)      \
-  GEMM_SM90_TMA_KERNEL(160, 4, kPingPong, _pp, true, 1, LB, BKM, OUT, OUTT)   \
-  GEMM_SM90_TMA_KERNEL(320, 3, kSplitN, _sn, true, 1, LB, BKM, OUT, OUTT)
+  GEMM_SM90_TMA_KERNEL(160, 4, kPingPong, _pp, true, 1, LB, BKM, OUT, OUTT)
 
 GEMM_SM90_TMA_TILES(k, true, bf16, bf16)
 GEMM_SM90_TMA_TILES(k, true, f32, float)

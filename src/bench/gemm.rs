@@ -128,7 +128,7 @@ pub fn bench(gpu: &Gpu) -> Result<Vec<BenchRow>> {
     Ok(rows)
 }
 
-/// Rows `<what>_sm90_tile<BM>x<BN>` (cp.async kernels) and `<what>_sm90_tma<BM>x<BN>_s<stages>[_p|_pp|_sn]`
+/// Rows `<what>_sm90_tile<BM>x<BN>` (cp.async kernels) and `<what>_sm90_tma<BM>x<BN>_s<stages>[_p]`
 /// (TMA kernels): the Hopper wgmma kernels (ops::gemm_sm90), each forced
 /// (none on other GPUs; the row `<what>` is the launcher's choice, which takes them on a Hopper).
 fn bench_sm90(gpu: &Gpu, what: &str, shape: &str, flop: f64, call: &GemmCall) -> Result<Vec<BenchRow>> {

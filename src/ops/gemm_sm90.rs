@@ -22,7 +22,15 @@ const BK: usize = 64;
 pub(crate) struct Sm90Tile {
     pub bm: usize,
     pub bn: usize,
-    sched: Sched,
+    /// The TMA kernels (a producer warp, mbarrier stages), else the cp.async ones (every thread
+    /// loads, one barrier per K tile).
+    tma: bool,
+    /// TMA kernels only: at most one CTA per SM, looping over the output tiles (the C tile has its
+    /// own shared memory, so the next tile's loads overlap the epilogue).
+    persistent: bool,
+    /// Persistent TMA kernels only: ping-pong, the two consumer warpgroups take alternate tiles
+    /// (one's epilogue under the other's wgmmas); its C memory is two [64][bn] f32 buffers.
+    pingpong: bool,
     threads: u32,
     stages: usize,
     /// Output tiles an SM runs at once as the time model counts them: the blocks per SM (shared
@@ -37,54 +45,31 @@ pub(crate) struct Sm90Tile {
     names: [&'static str; 4],
 }
 
-/// How a kernel family loads and walks its output tiles (kernels/gemm_sm90.cu).
-#[derive(Clone, Copy, Debug, PartialEq)]
-enum Sched {
-    /// cp.async pipeline, every thread loads, one barrier per K tile; one tile per block.
-    CpAsync,
-    /// TMA loads (a producer warp, mbarrier stages), one tile per CTA (`kOneTile`).
-    Tma,
-    /// TMA, at most one CTA per SM looping over the output tiles; the C tile has its own shared
-    /// memory, so the next tile's loads overlap the epilogue (`kPersist`).
-    Persist,
-    /// Persistent, the two consumer warpgroups take alternate tiles, one's epilogue under the
-    /// other's wgmmas; C memory: two [64][bn] f32 buffers (`kPingPong`).
-    PingPong,
-    /// Persistent, each consumer warpgroup takes half of the tile's columns; C memory: four 8 KiB
-    /// store boxes (`kSplitN`).
-    SplitN,
-}
-
 macro_rules! names {
     ($p:literal) => {
         [concat!($p, "_kk_bf16"), concat!($p, "_kk_f32"), concat!($p, "_kn_bf16"), concat!($p, "_kn_f32")]
     };
 }
 
-/// Every sm90 kernel family. (The ping-pong and split-N kernels have a whole producer warpgroup,
-/// which hands registers to the consumers: 128 or 160 accumulators per thread.)
-pub(crate) const SM90_TILES: [Sm90Tile; 8] = [
-    Sm90Tile { bm: 128, bn: 128, sched: Sched::CpAsync, threads: 256, stages: 3, per_sm: 2, cost: (0.681, 7.677, -0.427), names: names!("gemm_sm90_128x128") },
-    Sm90Tile { bm: 64, bn: 64, sched: Sched::CpAsync, threads: 128, stages: 4, per_sm: 3, cost: (0.480, 3.261, 1.082), names: names!("gemm_sm90_64x64") },
-    Sm90Tile { bm: 128, bn: 128, sched: Sched::Tma, threads: 288, stages: 3, per_sm: 1, cost: (0.372, 3.878, 3.016), names: names!("gemm_sm90_tma_128x128_s3") },
-    Sm90Tile { bm: 128, bn: 128, sched: Sched::Persist, threads: 288, stages: 4, per_sm: 1, cost: (0.331, 4.118, 3.175), names: names!("gemm_sm90_tma_128x128_s4_p") },
-    Sm90Tile { bm: 128, bn: 160, sched: Sched::Persist, threads: 288, stages: 4, per_sm: 1, cost: (0.368, 5.592, 2.890), names: names!("gemm_sm90_tma_128x160_s4_p") },
-    Sm90Tile { bm: 128, bn: 128, sched: Sched::PingPong, threads: 384, stages: 5, per_sm: 1, cost: (0.343, 3.514, 4.102), names: names!("gemm_sm90_tma_128x128_s5_pp") },
-    Sm90Tile { bm: 128, bn: 160, sched: Sched::PingPong, threads: 384, stages: 4, per_sm: 1, cost: (0.346, 5.294, 3.656), names: names!("gemm_sm90_tma_128x160_s4_pp") },
-    Sm90Tile { bm: 128, bn: 320, sched: Sched::SplitN, threads: 384, stages: 3, per_sm: 1, cost: (0.700, 6.500, 3.000), names: names!("gemm_sm90_tma_128x320_s3_sn") },
+/// Every sm90 kernel family. (The ping-pong kernels have a whole producer warpgroup, which hands
+/// registers to the consumers: 128 or 160 accumulators per thread.)
+pub(crate) const SM90_TILES: [Sm90Tile; 7] = [
+    Sm90Tile { bm: 128, bn: 128, tma: false, persistent: false, pingpong: false, threads: 256, stages: 3, per_sm: 2, cost: (0.681, 7.677, -0.427), names: names!("gemm_sm90_128x128") },
+    Sm90Tile { bm: 64, bn: 64, tma: false, persistent: false, pingpong: false, threads: 128, stages: 4, per_sm: 3, cost: (0.480, 3.261, 1.082), names: names!("gemm_sm90_64x64") },
+    Sm90Tile { bm: 128, bn: 128, tma: true, persistent: false, pingpong: false, threads: 288, stages: 3, per_sm: 1, cost: (0.372, 3.878, 3.016), names: names!("gemm_sm90_tma_128x128_s3") },
+    Sm90Tile { bm: 128, bn: 128, tma: true, persistent: true, pingpong: false, threads: 288, stages: 4, per_sm: 1, cost: (0.331, 4.118, 3.175), names: names!("gemm_sm90_tma_128x128_s4_p") },
+    Sm90Tile { bm: 128, bn: 160, tma: true, persistent: true, pingpong: false, threads: 288, stages: 4, per_sm: 1, cost: (0.368, 5.592, 2.890), names: names!("gemm_sm90_tma_128x160_s4_p") },
+    Sm90Tile { bm: 128, bn: 128, tma: true, persistent: true, pingpong: true, threads: 384, stages: 5, per_sm: 1, cost: (0.343, 3.514, 4.102), names: names!("gemm_sm90_tma_128x128_s5_pp") },
+    Sm90Tile { bm: 128, bn: 160, tma: true, persistent: true, pingpong: true, threads: 384, stages: 4, per_sm: 1, cost: (0.346, 5.294, 3.656), names: names!("gemm_sm90_tma_128x160_s4_pp") },
 ];
 
 impl Sm90Tile {
-    /// Dynamic shared memory: the stages and the C memory of the epilogue (the f32 C tile, which
-    /// reuses the stages unless persistent; ping-pong: two [64][bn] halves, the same bytes; split-N:
-    /// four 8 KiB store boxes), plus 1 KiB to align the stages to the 1024-byte swizzle atom.
+    /// Dynamic shared memory: the stages and the f32 C tile of the epilogue (which reuses the
+    /// stages unless persistent; ping-pong: two [64][bn] halves, the same bytes), plus 1 KiB to
+    /// align the stages to the 1024-byte swizzle atom.
     fn smem(&self) -> usize {
         let (stages, c_tile) = (self.stages * (self.bm + self.bn) * BK * 2, self.bm * self.bn * 4);
-        match self.sched {
-            Sched::CpAsync | Sched::Tma => stages.max(c_tile) + 1024,
-            Sched::Persist | Sched::PingPong => stages + c_tile + 1024,
-            Sched::SplitN => stages + 4 * 8192 + 1024,
-        }
+        if self.persistent { stages + c_tile + 1024 } else { stages.max(c_tile) + 1024 }
     }
 
     fn kernel_name(&self, layouts: Layouts, out: DType) -> Result<&'static str> {
@@ -103,21 +88,12 @@ impl Sm90Tile {
     }
 
     /// A name for benchmark rows and messages: `tile128x128` (cp.async), `tma128x128_s3`,
-    /// `tma128x128_s4_p` (persistent), `tma128x128_s5_pp` (ping-pong), `tma128x320_s3_sn` (split-N).
+    /// `tma128x128_s4_p` (persistent), `tma128x128_s5_pp` (persistent ping-pong).
     pub(crate) fn label(&self) -> String {
-        let tma = |suffix: &str| format!("tma{}x{}_s{}{suffix}", self.bm, self.bn, self.stages);
-        match self.sched {
-            Sched::CpAsync => format!("tile{}x{}", self.bm, self.bn),
-            Sched::Tma => tma(""),
-            Sched::Persist => tma("_p"),
-            Sched::PingPong => tma("_pp"),
-            Sched::SplitN => tma("_sn"),
+        match (self.tma, self.persistent, self.pingpong) {
+            (false, ..) => format!("tile{}x{}", self.bm, self.bn),
+            (true, p, pp) => format!("tma{}x{}_s{}{}", self.bm, self.bn, self.stages, if pp { "_pp" } else if p { "_p" } else { "" }),
         }
-    }
-
-    /// The columns of a tile that one consumer warpgroup computes (TMA kernels).
-    fn warpgroup_cols(&self) -> usize {
-        if self.sched == Sched::SplitN { self.bn / 2 } else { self.bn }
     }
 }
 
@@ -191,31 +167,30 @@ fn tensor_map(ptr: u64, dtype: DType, inner: usize, outer: usize, ld: usize, box
 }
 
 /// The tensor map of C for the TMA store epilogue (kernels/gemm_sm90.cu `TmaCTile`): boxes of
-/// 128-byte rows, or 64-byte rows when the stored width (the tile's; split-N: 32 columns) is not a
-/// multiple of 128 bytes; the block tile's rows, or (ping-pong, split-N) 128 rows of bf16 or 64 of
-/// f32. None when C cannot be a TMA target (not 16-byte aligned, or rows not a multiple of 16 bytes
-/// apart): the kernel then stores with ordinary stores.
+/// 128-byte rows, or 64-byte rows when the tile's row is not a multiple of 128 bytes, `rows` tall
+/// (the block tile; ping-pong: a warpgroup's buffer, 128 rows of bf16 or 64 of f32). None when C
+/// cannot be a TMA target (not 16-byte aligned, or rows not a multiple of 16 bytes apart): the
+/// kernel then stores through its shared-memory f32 tile with ordinary stores.
 fn c_map(call: &GemmCall, tile: &Sm90Tile) -> Result<Option<[u64; 16]>> {
     let size = call.out.size();
     if !call.c.is_multiple_of(16) || !(call.ldc * size).is_multiple_of(16) {
         return Ok(None);
     }
-    let width = if tile.sched == Sched::SplitN { 32 } else { tile.bn };
-    let row_bytes = if (width * size).is_multiple_of(128) { 128 } else { 64 };
-    let rows = if matches!(tile.sched, Sched::PingPong | Sched::SplitN) { 256 / size } else { tile.bm };
+    let row_bytes = if (tile.bn * size).is_multiple_of(128) { 128 } else { 64 };
+    let rows = if tile.pingpong { 256 / size } else { tile.bm };
     Ok(Some(tensor_map(call.c, call.out, call.n, call.m, call.ldc, (row_bytes / size) as u32, rows as u32)?))
 }
 
 /// The arguments of a TMA kernel: tensor maps of A1, B1, A2, B2 (segment 1's again when segment 2
 /// is empty) and C (`c_map`; A1's when there is none), K1, K2, whether to store C by TMA, then C,
-/// ldc, bias, R, ldr, M, N, alpha. B boxes: layout kk [a warpgroup's columns][64 k]; layout kn
-/// [64 k][64 n], or [64 k][32 n] (64-byte swizzle) when a warpgroup's columns are not a multiple of 64.
+/// ldc, bias, R, ldr, M, N, alpha. Layout kn reads B in [64 k][64 n] boxes, or [64 k][32 n] (64-byte
+/// swizzle) when the tile width is not a multiple of 64.
 fn tma_args(call: &GemmCall, tile: &Sm90Tile) -> Result<Vec<KernelArg>> {
     let maps = |s: &Segment| -> Result<[KernelArg; 2]> {
         let a = tensor_map(s.a, DType::BF16, s.k, call.m, s.lda, BK as u32, tile.bm as u32)?;
         let b = match call.layouts {
-            Layouts::Kk => tensor_map(s.b, DType::BF16, s.k, call.n, s.ldb, BK as u32, tile.warpgroup_cols() as u32)?,
-            _ => tensor_map(s.b, DType::BF16, call.n, s.k, s.ldb, if tile.warpgroup_cols() % 64 == 0 { 64 } else { 32 }, BK as u32)?,
+            Layouts::Kk => tensor_map(s.b, DType::BF16, s.k, call.n, s.ldb, BK as u32, tile.bn as u32)?,
+            _ => tensor_map(s.b, DType::BF16, call.n, s.k, s.ldb, if tile.bn % 64 == 0 { 64 } else { 32 }, BK as u32)?,
         };
         Ok([KernelArg::TensorMap(a), KernelArg::TensorMap(b)])
     };
@@ -260,9 +235,9 @@ pub(crate) fn gemm_sm90(gpu: &Gpu, call: &GemmCall, tile: Option<Sm90Tile>) -> R
         .set_attribute(CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, smem as i32)
         .context("gemm_sm90: cannot raise the dynamic shared memory limit")?;
     let block_dim = (tile.threads, 1, 1);
-    if tile.sched != Sched::CpAsync {
-        // A 1-D grid: one CTA per output tile, or for the persistent kernels at most one per SM.
-        let ctas = if tile.sched == Sched::Tma { tile.tiles(call.m, call.n) } else { tile.tiles(call.m, call.n).min(sm_count(gpu)?) };
+    if tile.tma {
+        // A 1-D grid: one CTA per output tile, or for the persistent kernel at most one per SM.
+        let ctas = if tile.persistent { tile.tiles(call.m, call.n).min(sm_count(gpu)?) } else { tile.tiles(call.m, call.n) };
         let cfg = LaunchConfig { grid_dim: (ctas as u32, 1, 1), block_dim, shared_mem_bytes: smem };
         gpu.launch(MODULE, name, cfg, &tma_args(call, &tile)?)
     } else {
@@ -454,7 +429,7 @@ mod tests {
             let want = linear_input_grad_cpu(&gather_rows(&dy, n, &rows), rows.len(), n, &w, k);
             assert_close(&format!("dx {m}x{n}->{k} seed={seed}"), &gather_rows(&download(&gpu, &dx), k, &rows), &want, 1e-2);
         }
-        for want in ["tma128x320_s3_sn", "tma128x128_s4_p", "tma128x160_s4_p", "tile64x64"] {
+        for want in ["tma128x128_s4_p", "tma128x160_s4_p", "tma128x128_s5_pp", "tma128x160_s4_pp", "tile64x64"] {
             assert!(picked.iter().any(|p| p == want), "{want} never dispatched; picked {picked:?}");
         }
     }

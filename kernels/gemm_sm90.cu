@@ -24,11 +24,11 @@
 //    sub-tile and issues wgmma.mma_async.m64nWNk16 (bf16 in, f32 accumulators in registers: WN/2
 //    per thread). Tiles (GEMM_SM90_TILES): 128×128 (2 warpgroups, 2 blocks per SM), 64×64 (1
 //    warpgroup, 3 per SM).
-//  * gemm_sm90_tma_128x128_*: TMA loads, a producer warp and two consumer warpgroups synchronized
-//    by mbarriers (see gemm_sm90_tma_body; it also takes four warpgroups for 256 × 128); 2 blocks
-//    per SM, or persistent (one per SM).
+//  * gemm_sm90_tma_128x<128|160>_*: TMA loads, a producer warp and two consumer warpgroups
+//    synchronized by mbarriers (see gemm_sm90_tma_body; it also takes four warpgroups for 256 ×
+//    128); 2 blocks per SM, or persistent (one per SM); C stored by TMA from a shared-memory tile.
 // Both operands are read by wgmma straight from shared memory through matrix descriptors, in the
-// 128-byte swizzle:
+// 128-byte swizzle (the TMA kernels' n-major B tiles 160 wide: the 64-byte swizzle, see TmaBTile):
 //   A tile [BM][64] and (kk) B tile [BN][64]: K-major, one 128-byte row per m (n), 16-byte chunk c
 //     of row r stored at chunk c ^ (r mod 8); 8-row groups 1024 B apart (descriptor SBO = 1024; LBO
 //     unused); the four k16 steps of a 64-deep stage start 32 bytes apart.
@@ -318,15 +318,11 @@ __device__ __forceinline__ void mbar_wait(uint32_t bar, uint32_t parity) {
 __device__ __forceinline__ void mbar_arrive(uint32_t bar) {
   asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(bar) : "memory");
 }
-// Named barriers (0 is __syncthreads, which the producer warp would have to join): wait on barrier
-// `id` until THREADS threads have arrived or waited on it; arrive without waiting.
+// Named barrier `id` over THREADS threads (0 is __syncthreads, which the producer warp would have
+// to join).
 template <int THREADS>
 __device__ __forceinline__ void named_sync(int id) {
   asm volatile("bar.sync %0, %1;\n" ::"r"(id), "n"(THREADS) : "memory");
-}
-template <int THREADS>
-__device__ __forceinline__ void named_arrive(int id) {
-  asm volatile("bar.arrive %0, %1;\n" ::"r"(id), "n"(THREADS) : "memory");
 }
 
 // One 2-D box of a tensor map at coordinates (c0 innermost, c1) into shared memory at `dst`; its
@@ -500,9 +496,8 @@ __device__ __forceinline__ void store_c_tma(const TmaDesc* tc, uint32_t buf, boo
 
 // Schedules of the TMA kernel body.
 enum TmaSched {
-  kOneTile = 0,   // one output tile per CTA; the C tile reuses the stages
-  kPersist = 1,   // persistent: both consumer warpgroups on each tile (64 rows each); C tile of its own
-  kPingPong = 2,  // persistent: the consumer warpgroups take alternate tiles (all 128 rows each)
+  kOneTile = 0,  // one output tile per CTA; the C tile reuses the stages
+  kPersist = 1,  // persistent: both consumer warpgroups on each tile (64 rows each); C tile of its own
 };
 
 // The TMA kernel body: (64·WGS) × BN output tiles, 128·WGS + 32 threads: warps 0..4·WGS-1 are WGS
@@ -517,22 +512,16 @@ enum TmaSched {
 //  * kOneTile: one tile per CTA (G = tiles), the C tile in the stages' memory.
 //  * kPersist: G ≤ the SM count; each warpgroup computes 64 × BN of every tile; the C tile has
 //    its own shared memory, so the producer loads the next tile's stages during the epilogue.
-//  * kPingPong (WGS = 2): G ≤ the SM count; warpgroup w takes the CTA's tiles w, w + 2, …, all
-//    128 rows (two m64 wgmmas per k16 step, 2·BN/2 accumulators per thread), so one warpgroup's
-//    epilogue runs under the other's wgmmas. The main loops alternate: a warpgroup starts one only
-//    after the other has issued all of its tile's wgmmas (named barriers 4 and 5), which also keeps
-//    every full-barrier wait within one phase of the barrier (waits in stage order). Each warpgroup
-//    stages its C tile in its own [64][BN] f32 buffer, 64 rows at a time (named barrier 2 + w).
+// (Tried, round 3: a ping-pong schedule — the two consumer warpgroups on alternate tiles of 128 ×
+// 128 or 128 × 160, one's epilogue under the other's wgmmas, a producer warpgroup handing registers
+// to them by setmaxnreg — never the fastest once C is stored by TMA; see benches/RESULTS.md.)
 // (Tried: clusters of two CTAs along M with B multicast to both — half the L2 reads of B — were
 // slower at every SD1.5 shape; see benches/RESULTS.md "Hopper GEMM round 2".)
-template <int WGS, int BN, int STAGES, int SCHED, bool B_K_MAJOR, typename OutT, bool PRODUCER_WG = false>
+template <int WGS, int BN, int STAGES, int SCHED, bool B_K_MAJOR, typename OutT>
 __device__ __forceinline__ void gemm_sm90_tma_body(const TmaDesc& ta1, const TmaDesc& tb1, const TmaDesc& ta2, const TmaDesc& tb2, const TmaDesc& tc,
                                                    int k1, int k2, int c_tma, OutT* c, int64_t ldc, const bf16* bias, const OutT* r,
                                                    int64_t ldr, int M, int N, float alpha) {
-  static_assert(SCHED != kPingPong || WGS == 2, "ping-pong: two consumer warpgroups");
   constexpr int BM = 64 * WGS, CONSUMERS = 128 * WGS, A_BYTES = BM * BK * 2, B_BYTES = BN * BK * 2, STAGE_BYTES = A_BYTES + B_BYTES;
-  // Warps that release each stage: all consumer warps, or (ping-pong) those of one warpgroup.
-  constexpr int RELEASERS = SCHED == kPingPong ? 4 : CONSUMERS / 32;
   using BT = TmaBTile<BN>;
   __shared__ alignas(8) uint64_t full_bar[STAGES], empty_bar[STAGES];
   extern __shared__ uint8_t smem_raw[];
@@ -547,15 +536,14 @@ __device__ __forceinline__ void gemm_sm90_tma_body(const TmaDesc& ta1, const Tma
   if (threadIdx.x == 0) {
     for (int s = 0; s < STAGES; ++s) {
       mbar_init(full0 + 8 * s, 1);
-      mbar_init(empty0 + 8 * s, RELEASERS);
+      mbar_init(empty0 + 8 * s, CONSUMERS / 32);
     }
     asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");  // visible to the async proxy
   }
   __syncthreads();
 
-  if (warp >= CONSUMERS / 32) {
-    if constexpr (PRODUCER_WG) asm volatile("setmaxnreg.dec.sync.aligned.u32 40;\n" ::: "memory");
-    if (warp == CONSUMERS / 32 && lane == 0) {
+  if (warp == CONSUMERS / 32) {
+    if (lane == 0) {
       int i = 0;
       for (int t = blockIdx.x; t < tiles; t += gridDim.x) {
         const int m0 = (t % mtiles) * BM, n0 = (t / mtiles) * BN;
@@ -579,15 +567,13 @@ __device__ __forceinline__ void gemm_sm90_tma_body(const TmaDesc& ta1, const Tma
       }
     }
   } else {
-    if constexpr (PRODUCER_WG) asm volatile("setmaxnreg.inc.sync.aligned.u32 232;\n" ::: "memory");
     const int wg = warp / 4;
     auto release = [&](int s) {  // this warp is done with stage s
       if (lane == 0) mbar_arrive(empty0 + 8 * s);
     };
     // MB row blocks of 64 × BN per warpgroup, from A rows a_row0.. of each stage; k tiles first..
-    // first + ntiles − 1 (global count). Returns with every wgmma done and every stage released;
-    // `issued` runs once the last k tile's wgmmas are issued.
-    auto main_loop = [&](auto& acc, int a_row0, int first, auto issued) {
+    // first + ntiles − 1 (global count). Returns with every wgmma done and every stage released.
+    auto main_loop = [&](auto& acc, int a_row0, int first) {
       constexpr int MB = sizeof(acc) / sizeof(acc[0]);
 #pragma unroll
       for (int mb = 0; mb < MB; ++mb)
@@ -604,75 +590,37 @@ __device__ __forceinline__ void gemm_sm90_tma_body(const TmaDesc& ta1, const Tma
         for (int mb = 0; mb < MB; ++mb) fence_acc(acc[mb]);
         if (i > first) release((i - 1) % STAGES);  // k tile i − 1's wgmmas are done
       }
-      issued();
       wgmma_wait<0>();
 #pragma unroll
       for (int mb = 0; mb < MB; ++mb) fence_acc(acc[mb]);
       release((first + ntiles - 1) % STAGES);
     };
-    if constexpr (SCHED == kPingPong) {
-      const int tid = threadIdx.x % 128;
-      float* cw = cs + wg * 64 * BN;
-      auto sync_wg = [wg] { named_sync<128>(2 + wg); };
-      const int my_tiles = (tiles - blockIdx.x + gridDim.x - 1) / gridDim.x;
-#pragma unroll 1
-      for (int q = wg; q < my_tiles; q += 2) {
-        if (q > 0) named_sync<256>(4 + wg);  // the other warpgroup has issued tile q − 1
-        float acc[2][BN / 2];
-        main_loop(acc, 0, q * ntiles, [&] {
-          if (q + 1 < my_tiles) named_arrive<256>(4 + (wg ^ 1));
-        });
-        const int t = blockIdx.x + q * gridDim.x, m0 = (t % mtiles) * BM, n0 = (t / mtiles) * BN;
-        if (c_tma) {
-          // bf16: the whole 128 × BN tile in the buffer; f32: 64 rows at a time.
-          constexpr int ROWS = sizeof(OutT) == 2 ? 128 : 64;
-          const uint32_t buf = smem_addr(cw);
-#pragma unroll
-          for (int h = 0; h < 2; ++h) {
-            if (h == 0 || ROWS == 64) {
-              if (tid == 0) bulk_wait<true>();  // the last store out of the buffer has read it
-              sync_wg();
-            }
-            put_fragment<BN, ROWS, OutT>(buf, acc[h], ROWS == 128 ? 64 * h : 0, tid, bias, r, ldr, ROWS == 128 ? m0 : m0 + 64 * h, n0, M, N, alpha);
-            if (ROWS == 64 || h == 1) store_c_tma<BN, ROWS, OutT>(&tc, buf, tid == 0, sync_wg, ROWS == 128 ? m0 : m0 + 64 * h, n0);
-          }
-        } else {
-#pragma unroll
-          for (int h = 0; h < 2; ++h) {
-            sync_wg();  // this warpgroup's reads of its C buffer are done
-            store_tile<64, BN, BN, 128>(cw, acc[h], 0, 0, tid, sync_wg, c, ldc, bias, r, ldr, m0 + 64 * h, n0, M, N, alpha);
-          }
-        }
+    int i = 0;
+    auto tile = [&](int t) {
+      float acc[1][BN / 2];
+      main_loop(acc, wg * 64, i);
+      i += ntiles;
+      // Both warpgroups are done with the previous C tile (kPersist; the TMA store of it has
+      // read it) or with the stages, whose copies have all landed (each full barrier was waited
+      // on): the C tile may be written.
+      if (threadIdx.x == 0) bulk_wait<true>();
+      named_sync<CONSUMERS>(1);
+      const int m0 = (t % mtiles) * BM, n0 = (t / mtiles) * BN;
+      auto sync = [] { named_sync<CONSUMERS>(1); };
+      if (c_tma) {
+        const uint32_t buf = smem_addr(cs);
+        put_fragment<BN, BM, OutT>(buf, acc[0], wg * 64, threadIdx.x % 128, bias, r, ldr, m0, n0, M, N, alpha);
+        store_c_tma<BN, BM, OutT>(&tc, buf, threadIdx.x == 0, sync, m0, n0);
+      } else {
+        store_tile<BM, BN, BN, CONSUMERS>(cs, acc[0], wg, 0, threadIdx.x, sync, c, ldc, bias, r, ldr, m0, n0, M, N, alpha);
       }
-      if (tid == 0) bulk_wait<false>();
-    } else {
-      int i = 0;
-      auto tile = [&](int t) {
-        float acc[1][BN / 2];
-        main_loop(acc, wg * 64, i, [] {});
-        i += ntiles;
-        // Both warpgroups are done with the previous C tile (kPersist; the TMA store of it has
-        // read it) or with the stages, whose copies have all landed (each full barrier was waited
-        // on): the C tile may be written.
-        if (threadIdx.x == 0) bulk_wait<true>();
-        named_sync<CONSUMERS>(1);
-        const int m0 = (t % mtiles) * BM, n0 = (t / mtiles) * BN;
-        auto sync = [] { named_sync<CONSUMERS>(1); };
-        if (c_tma) {
-          const uint32_t buf = smem_addr(cs);
-          put_fragment<BN, BM, OutT>(buf, acc[0], wg * 64, threadIdx.x % 128, bias, r, ldr, m0, n0, M, N, alpha);
-          store_c_tma<BN, BM, OutT>(&tc, buf, threadIdx.x == 0, sync, m0, n0);
-        } else {
-          store_tile<BM, BN, BN, CONSUMERS>(cs, acc[0], wg, 0, threadIdx.x, sync, c, ldc, bias, r, ldr, m0, n0, M, N, alpha);
-        }
-      };
-      // (Not one loop for both: loop-invariant epilogue values hoisted out of it cost registers.)
-      if constexpr (SCHED == kPersist)
-        for (int t = blockIdx.x; t < tiles; t += gridDim.x) tile(t);
-      else if (blockIdx.x < tiles)
-        tile(blockIdx.x);
-      if (threadIdx.x == 0) bulk_wait<false>();  // the shared memory stays until the store is done
-    }
+    };
+    // (Not one loop for both: loop-invariant epilogue values hoisted out of it cost registers.)
+    if constexpr (SCHED == kPersist)
+      for (int t = blockIdx.x; t < tiles; t += gridDim.x) tile(t);
+    else if (blockIdx.x < tiles)
+      tile(blockIdx.x);
+    if (threadIdx.x == 0) bulk_wait<false>();  // the shared memory stays until the store is done
   }
 }
 
@@ -701,28 +649,25 @@ GEMM_SM90_TILES(k, true, f32, float)
 GEMM_SM90_TILES(n, false, bf16, bf16)
 GEMM_SM90_TILES(n, false, f32, float)
 
-// gemm_sm90_tma_128x<BN>_s<STAGES>[_p|_pp]_k<B>_<out>: the TMA kernels (1-D grid, 288 threads;
-// _p: persistent, _pp: persistent ping-pong). src/ops/gemm_sm90.rs `SM90_TILES` must agree on the
-// tile, stages, schedule, threads and blocks per SM.
-#define GEMM_SM90_TMA_KERNEL(BN, ST, SCHED, SUFFIX, PWG, MINB, LB, BKM, OUT, OUTT)                                           \
-  extern "C" __global__ void __launch_bounds__(PWG ? 384 : 288, MINB) gemm_sm90_tma_128x##BN##_s##ST##SUFFIX##_k##LB##_##OUT(             \
+// gemm_sm90_tma_128x<BN>_s<STAGES>[_p]_k<B>_<out>: the TMA kernels (1-D grid, 288 threads; _p:
+// persistent). src/ops/gemm_sm90.rs `SM90_TILES` must agree on the tile, stages, schedule and
+// threads.
+#define GEMM_SM90_TMA_KERNEL(BN, ST, SCHED, SUFFIX, MINB, LB, BKM, OUT, OUTT)                                                \
+  extern "C" __global__ void __launch_bounds__(288, MINB) gemm_sm90_tma_128x##BN##_s##ST##SUFFIX##_k##LB##_##OUT(             \
       const __grid_constant__ TmaDesc ta1, const __grid_constant__ TmaDesc tb1, const __grid_constant__ TmaDesc ta2,            \
       const __grid_constant__ TmaDesc tb2, const __grid_constant__ TmaDesc tc, int k1, int k2, int c_tma, OUTT* c, int64_t ldc,  \
       const bf16* bias, const OUTT* r, int64_t ldr, int M, int N, float alpha) {                                                \
-    gemm_sm90_tma_body<2, BN, ST, SCHED, BKM, OUTT, PWG>(ta1, tb1, ta2, tb2, tc, k1, k2, c_tma, c, ldc, bias, r, ldr, M, N, alpha); \
+    gemm_sm90_tma_body<2, BN, ST, SCHED, BKM, OUTT>(ta1, tb1, ta2, tb2, tc, k1, k2, c_tma, c, ldc, bias, r, ldr, M, N, alpha); \
   }
 
 // (BN, stages, schedule, blocks per SM), all 128 rows × BN with two consumer warpgroups:
 // 128×128, 3 stages (96 KiB), two CTAs per SM, one tile each; 128×128 persistent, 4 stages (128 KiB)
-// + the 64 KiB C tile; 128×160 persistent, 4 stages (144 KiB) + 80 KiB; ping-pong 128×128, 5 stages
-// (160 KiB) + 2 × 32 KiB; ping-pong 128×160, 4 stages + 2 × 40 KiB. (256×128 with four consumer
+// + the 64 KiB C tile; 128×160 persistent, 4 stages (144 KiB) + 80 KiB. (256×128 with four consumer
 // warpgroups, one tile per CTA, was measured in round 2: fastest only at two shapes, by 2-4 %.)
-#define GEMM_SM90_TMA_TILES(LB, BKM, OUT, OUTT)                             \
-  GEMM_SM90_TMA_KERNEL(128, 3, kOneTile, , false, 2, LB, BKM, OUT, OUTT)          \
-  GEMM_SM90_TMA_KERNEL(128, 4, kPersist, _p, false, 1, LB, BKM, OUT, OUTT)        \
-  GEMM_SM90_TMA_KERNEL(160, 4, kPersist, _p, false, 1, LB, BKM, OUT, OUTT)        \
-  GEMM_SM90_TMA_KERNEL(128, 5, kPingPong, _pp, true, 1, LB, BKM, OUT, OUTT)      \
-  GEMM_SM90_TMA_KERNEL(160, 4, kPingPong, _pp, true, 1, LB, BKM, OUT, OUTT)
+#define GEMM_SM90_TMA_TILES(LB, BKM, OUT, OUTT)                       \
+  GEMM_SM90_TMA_KERNEL(128, 3, kOneTile, , 2, LB, BKM, OUT, OUTT)    \
+  GEMM_SM90_TMA_KERNEL(128, 4, kPersist, _p, 1, LB, BKM, OUT, OUTT)  \
+  GEMM_SM90_TMA_KERNEL(160, 4, kPersist, _p, 1, LB, BKM, OUT, OUTT)
 
 GEMM_SM90_TMA_TILES(k, true, bf16, bf16)
 GEMM_SM90_TMA_TILES(k, true, f32, float)

@@ -507,14 +507,16 @@ enum TmaSched {
 // wait empty[s] (parity of the previous round), expect the stage's bytes on full[s], copy A [BM
 // m][64 k] and B (TmaBTile). Consumers: wait full[s], wgmmas, keep one wgmma group in flight,
 // release the stage of the k tile before; after a tile's last k tile, wait for all wgmmas, release,
-// run the epilogue (store_tile, through shared memory).
+// run the epilogue: C by TMA store from a shared tile (TmaCTile) when the launcher made C's tensor
+// map (c_tma), else store_tile (an f32 shared tile, ordinary 16-byte stores).
 // Output tiles in M-first order; CTA b takes tiles b, b + G, … (G CTAs in the grid).
 //  * kOneTile: one tile per CTA (G = tiles), the C tile in the stages' memory.
 //  * kPersist: G ≤ the SM count; each warpgroup computes 64 × BN of every tile; the C tile has
 //    its own shared memory, so the producer loads the next tile's stages during the epilogue.
 // (Tried, round 3: a ping-pong schedule — the two consumer warpgroups on alternate tiles of 128 ×
 // 128 or 128 × 160, one's epilogue under the other's wgmmas, a producer warpgroup handing registers
-// to them by setmaxnreg — never the fastest once C is stored by TMA; see benches/RESULTS.md.)
+// to them by setmaxnreg — slower at 23 of 24 SD1.5 GEMMs once C is stored by TMA; see
+// benches/RESULTS.md "Hopper GEMM round 3".)
 // (Tried: clusters of two CTAs along M with B multicast to both — half the L2 reads of B — were
 // slower at every SD1.5 shape; see benches/RESULTS.md "Hopper GEMM round 2".)
 template <int WGS, int BN, int STAGES, int SCHED, bool B_K_MAJOR, typename OutT>

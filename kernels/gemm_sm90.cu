@@ -24,11 +24,11 @@
 //    sub-tile and issues wgmma.mma_async.m64nWNk16 (bf16 in, f32 accumulators in registers: WN/2
 //    per thread). Tiles (GEMM_SM90_TILES): 128×128 (2 warpgroups, 2 blocks per SM), 64×64 (1
 //    warpgroup, 3 per SM).
-//  * gemm_sm90_tma_128x128_*: TMA loads, a producer warp and two consumer warpgroups synchronized
-//    by mbarriers (see gemm_sm90_tma_body; it also takes four warpgroups for 256 × 128); 2 blocks
-//    per SM, or persistent (one per SM).
+//  * gemm_sm90_tma_128x<128|160>_*: TMA loads, a producer warp and two consumer warpgroups
+//    synchronized by mbarriers (see gemm_sm90_tma_body; it also takes four warpgroups for 256 ×
+//    128); 2 blocks per SM, or persistent (one per SM); C stored by TMA from a shared-memory tile.
 // Both operands are read by wgmma straight from shared memory through matrix descriptors, in the
-// 128-byte swizzle:
+// 128-byte swizzle (the TMA kernels' n-major B tiles 160 wide: the 64-byte swizzle, see TmaBTile):
 //   A tile [BM][64] and (kk) B tile [BN][64]: K-major, one 128-byte row per m (n), 16-byte chunk c
 //     of row r stored at chunk c ^ (r mod 8); 8-row groups 1024 B apart (descriptor SBO = 1024; LBO
 //     unused); the four k16 steps of a 64-deep stage start 32 bytes apart.
@@ -185,9 +185,12 @@ __device__ __noinline__ void store8_checked(OutT* crow, const OutT* rrow, const 
 }
 
 // The f32 C tile of the epilogue: [BM][BN], 8-column groups XOR-swizzled by row (conflict-free).
+// (A tile 32 columns past a multiple of 64, e.g. BN = 160, swizzles its last 32 by row mod 4.)
 template <int BN>
 __device__ __forceinline__ int c_at(int row, int col) {
-  return row * BN + (col ^ ((row & 7) << 3));
+  static_assert(BN % 64 == 0 || BN % 64 == 32, "the C tile's swizzle works on 64- or 32-column blocks");
+  const int mask = (BN % 64 == 0 || col < BN / 64 * 64) ? 7 : 3;
+  return row * BN + (col ^ ((row & mask) << 3));
 }
 
 // Each warpgroup (wm, wn) puts its 64 × WN accumulators into the f32 tile `cs`.
@@ -407,11 +410,11 @@ __device__ __forceinline__ void mbar_wait(uint32_t bar, uint32_t parity) {
 __device__ __forceinline__ void mbar_arrive(uint32_t bar) {
   asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(bar) : "memory");
 }
-// Barrier 1 over the THREADS consumer threads (barrier 0 is __syncthreads, which the producer
-// warp would have to join).
+// Named barrier `id` over THREADS threads (0 is __syncthreads, which the producer warp would have
+// to join).
 template <int THREADS>
-__device__ __forceinline__ void consumers_sync() {
-  asm volatile("bar.sync 1, %0;\n" ::"n"(THREADS) : "memory");
+__device__ __forceinline__ void named_sync(int id) {
+  asm volatile("bar.sync %0, %1;\n" ::"r"(id), "n"(THREADS) : "memory");
 }
 
 // One 2-D box of a tensor map at coordinates (c0 innermost, c1) into shared memory at `dst`; its
@@ -422,31 +425,203 @@ __device__ __forceinline__ void tma_load(uint32_t dst, const TmaDesc* map, int c
                : "memory");
 }
 
-// The TMA kernel body: (64·WGS) × 128 output tiles, 128·WGS + 32 threads: warps 0..4·WGS-1 are WGS
-// consumer warpgroups (64 × 128 each, wgmma m64n128k16 from the stages), the last warp is the
-// producer (one lane issues every TMA copy). Stage s has a full barrier (1 producer arrival + the
-// stage's bytes) and an empty barrier (one arrival per consumer warp: 4·WGS). Producer, k tile i
-// (counted over all of the CTA's output tiles): wait empty[s] (parity of the previous round),
-// expect the stage's bytes on full[s], copy A [BM m][64 k] and B ([128 n][64 k], or two
-// [64 k][64 n] column blocks for kn).
-// Consumers: wait full[s], four wgmmas, keep one wgmma group in flight, release the stage of the
-// k tile before; after a tile's last k tile, wait for all wgmmas, release, run the epilogue.
-// Output tiles in M-first order; CTA b takes tiles b, b + G, … (G CTAs in the grid). PERSIST: G ≤
-// the SM count and the C tile has its own shared memory, so the producer loads the next tile's
-// stages while the consumers run the epilogue; otherwise one tile per CTA and the C tile reuses
-// the stages.
+// D[64×160] += A[64×16]·B[16×160] (one warpgroup; 80 accumulators per thread).
+template <int TRANS_B>
+__device__ __forceinline__ void wgmma_m64n160(float (&d)[80], uint64_t desc_a, uint64_t desc_b) {
+  asm volatile(
+      "wgmma.mma_async.sync.aligned.m64n160k16.f32.bf16.bf16 {"
+      "%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,%16,%17,%18,%19,"
+      "%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31,%32,%33,%34,%35,%36,%37,%38,%39,"
+      "%40,%41,%42,%43,%44,%45,%46,%47,%48,%49,%50,%51,%52,%53,%54,%55,%56,%57,%58,%59,"
+      "%60,%61,%62,%63,%64,%65,%66,%67,%68,%69,%70,%71,%72,%73,%74,%75,%76,%77,%78,%79"
+      "}, %80, %81, 1, 1, 1, 0, %82;\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
+        "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
+        "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
+        "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]),
+        "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]),
+        "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]),
+        "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),
+        "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63]),
+        "+f"(d[64]), "+f"(d[65]), "+f"(d[66]), "+f"(d[67]), "+f"(d[68]), "+f"(d[69]), "+f"(d[70]), "+f"(d[71]),
+        "+f"(d[72]), "+f"(d[73]), "+f"(d[74]), "+f"(d[75]), "+f"(d[76]), "+f"(d[77]), "+f"(d[78]), "+f"(d[79])
+      : "l"(desc_a), "l"(desc_b), "n"(TRANS_B));
+}
+
+// A wgmma descriptor in the 64-byte swizzle (mode 2): the n-major B tiles of width 160, made of
+// [64 k][32 n] boxes (64-byte rows, 16-byte chunk c of row k at c ^ ((k / 2) mod 4)).
+__device__ __forceinline__ uint64_t smem_desc_sw64(uint32_t addr, uint32_t lbo, uint32_t sbo) {
+  return (uint64_t)((addr & 0x3FFFF) >> 4) | ((uint64_t)(lbo >> 4) << 16) | ((uint64_t)(sbo >> 4) << 32) | (2ull << 62);
+}
+
+// The B tile of a TMA stage, BN n × 64 k. Layout kk: K-major [BN][64], one box, 128-byte swizzle.
+// Layout kn: BN / NBOX n-major boxes [64 k][NBOX n] side by side: NBOX = 64 in the 128-byte swizzle
+// (BN a multiple of 64), else 32 in the 64-byte swizzle (the tensor map says which).
+template <int BN>
+struct TmaBTile {
+  static_assert(BN == 128 || BN == 160, "TMA tile widths");
+  static constexpr int NBOX = BN % 64 == 0 ? 64 : 32, BOXES = BN / NBOX, BOX_BYTES = BK * NBOX * 2;
+};
+
+// One 64-deep k tile for a warpgroup's MB row blocks of 64 × BN (A rows 64·mb.., 8 KiB apart in
+// the stage): four k16 steps of MB wgmmas m64nBNk16 on the A tile at sa and the B tile at sb,
+// fenced and committed as one group.
+template <int MB, int BN, bool B_K_MAJOR>
+__device__ __forceinline__ void tma_k_tile(float (&acc)[MB][BN / 2], uint32_t sa, uint32_t sb) {
+  wgmma_fence();
+#pragma unroll
+  for (int ks = 0; ks < BK / 16; ++ks) {
+    uint64_t db;
+    if constexpr (B_K_MAJOR) db = smem_desc(sb + ks * 32, 16, 1024);
+    else if constexpr (TmaBTile<BN>::NBOX == 64) db = smem_desc(sb + ks * 16 * 128, TmaBTile<BN>::BOX_BYTES, 1024);
+    else db = smem_desc_sw64(sb + ks * 16 * 64, TmaBTile<BN>::BOX_BYTES, 512);
+#pragma unroll
+    for (int mb = 0; mb < MB; ++mb) {
+      const uint64_t da = smem_desc(sa + mb * 64 * 128 + ks * 32, 16, 1024);
+      if constexpr (BN == 160) wgmma_m64n160<B_K_MAJOR ? 0 : 1>(acc[mb], da, db);
+      else wgmma_m64n128<0, B_K_MAJOR ? 0 : 1>(acc[mb], da, db);
+    }
+  }
+  wgmma_commit();
+}
+
+// The C tile's TMA store (the default epilogue of the TMA kernels): each consumer thread writes
+// alpha·acc + bias + R for its accumulator fragment (C's type) into a shared-memory tile laid out as
+// the store's boxes, and one thread copies the tile to C with cp.async.bulk.tensor (rows and columns
+// past M, N are not written). Boxes of CB columns × ROWS rows side by side: 128-byte rows in the
+// 128-byte swizzle, or, when BN·sizeof(OutT) is not a multiple of 128 (bf16, BN = 160), 64-byte rows
+// in the 64-byte swizzle (which also spreads the fragment's 4-byte stores over all banks).
+template <int BN, typename OutT>
+struct TmaCTile {
+  static constexpr int ES = sizeof(OutT);
+  static constexpr bool SW128 = (BN * ES) % 128 == 0;
+  static constexpr int ROW_BYTES = SW128 ? 128 : 64, CB = ROW_BYTES / ES, BOXES = BN / CB;
+  static_assert(BN % CB == 0, "whole boxes");
+  // Shared address of element (row, col) in a buffer of ROWS rows at `buf` (1024-byte aligned).
+  template <int ROWS>
+  static __device__ __forceinline__ uint32_t at(uint32_t buf, int row, int col) {
+    const int byte = (col % CB) * ES, swz = SW128 ? (row & 7) : ((row >> 1) & 3);
+    return buf + (col / CB) * (ROWS * ROW_BYTES) + row * ROW_BYTES + ((((byte >> 4) ^ swz)) << 4) + (byte & 15);
+  }
+};
+
+__device__ __forceinline__ void tma_store(const TmaDesc* map, uint32_t src, int c0, int c1) {
+  asm volatile("cp.async.bulk.tensor.2d.global.shared::cta.bulk_group [%0, {%1, %2}], [%3];\n" ::"l"(reinterpret_cast<uint64_t>(map)), "r"(c0),
+               "r"(c1), "r"(src)
+               : "memory");
+}
+__device__ __forceinline__ void bulk_commit() { asm volatile("cp.async.bulk.commit_group;\n" ::: "memory"); }
+// Waits until this thread's bulk stores have read their shared memory (READ) or completed.
+template <bool READ>
+__device__ __forceinline__ void bulk_wait() {
+  if constexpr (READ) asm volatile("cp.async.bulk.wait_group.read 0;\n" ::: "memory");
+  else asm volatile("cp.async.bulk.wait_group 0;\n" ::: "memory");
+}
+
+// One warpgroup's 64 × BN accumulators (thread t = 0..127 of it) into rows row0..row0+63 of the C
+// staging buffer `buf` (ROWS rows, TmaCTile layout) as C = alpha·acc + bias[n] + R[m, n]; buffer row 0
+// is C row m0, column 0 is C column n0. Bias and R are read per fragment pair (vector loads when
+// their pairs are aligned), nothing past M or N.
+template <int BN, int ROWS, typename OutT>
+__device__ __forceinline__ void put_fragment(uint32_t buf, const float (&acc)[BN / 2], int row0, int t, const bf16* bias, const OutT* r,
+                                             int64_t ldr, int m0, int n0, int M, int N, float alpha) {
+  using CT = TmaCTile<BN, OutT>;
+  const bool bvec = (reinterpret_cast<uintptr_t>(bias) & 3) == 0;
+  const bool rvec = (reinterpret_cast<uintptr_t>(r) & (2 * sizeof(OutT) - 1)) == 0 && ldr % 2 == 0;
+  const int rbase = row0 + (t / 32) * 16 + (t % 32) / 4;
+#pragma unroll
+  for (int j = 0; j < BN / 8; ++j) {
+    const int col = 8 * j + 2 * (t % 4), n = n0 + col;
+    float b0 = 0.0f, b1 = 0.0f;
+    if (bias) {
+      if (bvec && n + 1 < N) {
+        const float2 b = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(bias + n));
+        b0 = b.x, b1 = b.y;
+      } else {
+        if (n < N) b0 = __bfloat162float(bias[n]);
+        if (n + 1 < N) b1 = __bfloat162float(bias[n + 1]);
+      }
+    }
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int row = rbase + 8 * h, m = m0 + row;
+      float v0 = alpha * acc[4 * j + 2 * h] + b0, v1 = alpha * acc[4 * j + 2 * h + 1] + b1;
+      if (r && m < M) {
+        const OutT* rr = r + (int64_t)m * ldr + n;
+        if (rvec && n + 1 < N) {
+          if constexpr (sizeof(OutT) == 4) {
+            const float2 x = *reinterpret_cast<const float2*>(rr);
+            v0 += x.x, v1 += x.y;
+          } else {
+            const float2 x = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(rr));
+            v0 += x.x, v1 += x.y;
+          }
+        } else {
+          if (n < N) v0 += to_f32(rr[0]);
+          if (n + 1 < N) v1 += to_f32(rr[1]);
+        }
+      }
+      const uint32_t dst = CT::template at<ROWS>(buf, row, col);
+      if constexpr (sizeof(OutT) == 4) {
+        asm volatile("st.shared.v2.f32 [%0], {%1, %2};\n" ::"r"(dst), "f"(v0), "f"(v1) : "memory");
+      } else {
+        const __nv_bfloat162 p = __floats2bfloat162_rn(v0, v1);
+        asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(dst), "r"(*reinterpret_cast<const uint32_t*>(&p)) : "memory");
+      }
+    }
+  }
+}
+
+// After every thread's put_fragment into `buf` (ROWS rows at C row m0): make the writes visible to
+// the async proxy, `sync` the writers, and thread `issuer` copies the boxes out.
+template <int BN, int ROWS, typename OutT, typename Sync>
+__device__ __forceinline__ void store_c_tma(const TmaDesc* tc, uint32_t buf, bool issuer, Sync sync, int m0, int n0) {
+  using CT = TmaCTile<BN, OutT>;
+  fence_proxy_async();
+  sync();
+  if (issuer) {
+#pragma unroll
+    for (int b = 0; b < CT::BOXES; ++b) tma_store(tc, buf + b * ROWS * CT::ROW_BYTES, n0 + b * CT::CB, m0);
+    bulk_commit();
+  }
+}
+
+// Schedules of the TMA kernel body.
+enum TmaSched {
+  kOneTile = 0,  // one output tile per CTA; the C tile reuses the stages
+  kPersist = 1,  // persistent: both consumer warpgroups on each tile (64 rows each); C tile of its own
+};
+
+// The TMA kernel body: (64·WGS) × BN output tiles, 128·WGS + 32 threads: warps 0..4·WGS-1 are WGS
+// consumer warpgroups, the last warp is the producer (one lane issues every TMA copy). Stage s has
+// a full barrier (1 producer arrival + the stage's bytes) and an empty barrier (one arrival per
+// warp of the stage's consumers). Producer, k tile i (counted over all of the CTA's output tiles):
+// wait empty[s] (parity of the previous round), expect the stage's bytes on full[s], copy A [BM
+// m][64 k] and B (TmaBTile). Consumers: wait full[s], wgmmas, keep one wgmma group in flight,
+// release the stage of the k tile before; after a tile's last k tile, wait for all wgmmas, release,
+// run the epilogue: C by TMA store from a shared tile (TmaCTile) when the launcher made C's tensor
+// map (c_tma), else store_tile (an f32 shared tile, ordinary 16-byte stores).
+// Output tiles in M-first order; CTA b takes tiles b, b + G, … (G CTAs in the grid).
+//  * kOneTile: one tile per CTA (G = tiles), the C tile in the stages' memory.
+//  * kPersist: G ≤ the SM count; each warpgroup computes 64 × BN of every tile; the C tile has
+//    its own shared memory, so the producer loads the next tile's stages during the epilogue.
+// (Tried, round 3: a ping-pong schedule — the two consumer warpgroups on alternate tiles of 128 ×
+// 128 or 128 × 160, one's epilogue under the other's wgmmas, a producer warpgroup handing registers
+// to them by setmaxnreg — slower at 23 of 24 SD1.5 GEMMs once C is stored by TMA; see
+// benches/RESULTS.md "Hopper GEMM round 3".)
 // (Tried: clusters of two CTAs along M with B multicast to both — half the L2 reads of B — were
 // slower at every SD1.5 shape; see benches/RESULTS.md "Hopper GEMM round 2".)
-template <int WGS, int STAGES, bool PERSIST, bool B_K_MAJOR, typename OutT>
-__device__ __forceinline__ void gemm_sm90_tma_body(const TmaDesc& ta1, const TmaDesc& tb1, const TmaDesc& ta2, const TmaDesc& tb2, int k1, int k2,
-                                                   OutT* c, int64_t ldc, const bf16* bias, const OutT* r, int64_t ldr, int M, int N,
-                                                   float alpha) {
-  constexpr int BM = 64 * WGS, BN = 128, CONSUMERS = 128 * WGS, A_BYTES = BM * BK * 2, B_BYTES = BN * BK * 2, STAGE_BYTES = A_BYTES + B_BYTES;
+template <int WGS, int BN, int STAGES, int SCHED, bool B_K_MAJOR, typename OutT>
+__device__ __forceinline__ void gemm_sm90_tma_body(const TmaDesc& ta1, const TmaDesc& tb1, const TmaDesc& ta2, const TmaDesc& tb2, const TmaDesc& tc,
+                                                   int k1, int k2, int c_tma, OutT* c, int64_t ldc, const bf16* bias, const OutT* r,
+                                                   int64_t ldr, int M, int N, float alpha) {
+  constexpr int BM = 64 * WGS, CONSUMERS = 128 * WGS, A_BYTES = BM * BK * 2, B_BYTES = BN * BK * 2, STAGE_BYTES = A_BYTES + B_BYTES;
+  using BT = TmaBTile<BN>;
   __shared__ alignas(8) uint64_t full_bar[STAGES], empty_bar[STAGES];
   extern __shared__ uint8_t smem_raw[];
   const uint32_t raw = smem_addr(smem_raw);
   const uint32_t base = (raw + 1023) & ~1023u;  // the launcher adds 1 KiB
-  float* cs = reinterpret_cast<float*>(smem_raw + (base - raw) + (PERSIST ? STAGES * STAGE_BYTES : 0));
+  float* cs = reinterpret_cast<float*>(smem_raw + (base - raw) + (SCHED == kOneTile ? 0 : STAGES * STAGE_BYTES));
   const uint32_t full0 = smem_addr(full_bar), empty0 = smem_addr(empty_bar);
 
   const int mtiles = (M + BM - 1) / BM, tiles = mtiles * ((N + BN - 1) / BN);
@@ -479,8 +654,8 @@ __device__ __forceinline__ void gemm_sm90_tma_body(const TmaDesc& ta1, const Tma
           if constexpr (B_K_MAJOR) {
             tma_load(sb, tb, k0, n0, full);
           } else {
-            tma_load(sb, tb, n0, k0, full);
-            tma_load(sb + BK * 128, tb, n0 + 64, k0, full);
+#pragma unroll
+            for (int j = 0; j < BT::BOXES; ++j) tma_load(sb + j * BT::BOX_BYTES, tb, n0 + j * BT::NBOX, k0, full);
           }
         }
       }
@@ -490,37 +665,56 @@ __device__ __forceinline__ void gemm_sm90_tma_body(const TmaDesc& ta1, const Tma
     auto release = [&](int s) {  // this warp is done with stage s
       if (lane == 0) mbar_arrive(empty0 + 8 * s);
     };
-    int i = 0;
-    auto tile = [&](int t) {
-      float acc[BN / 2];
+    // MB row blocks of 64 × BN per warpgroup, from A rows a_row0.. of each stage; k tiles first..
+    // first + ntiles − 1 (global count). Returns with every wgmma done and every stage released.
+    auto main_loop = [&](auto& acc, int a_row0, int first) {
+      constexpr int MB = sizeof(acc) / sizeof(acc[0]);
 #pragma unroll
-      for (int j = 0; j < BN / 2; ++j) acc[j] = 0.0f;
-      const int first = i;
+      for (int mb = 0; mb < MB; ++mb)
+#pragma unroll
+        for (int j = 0; j < BN / 2; ++j) acc[mb][j] = 0.0f;
 #pragma unroll 1
-      for (; i < first + ntiles; ++i) {
+      for (int i = first; i < first + ntiles; ++i) {
         const int s = i % STAGES;
         mbar_wait(full0 + 8 * s, (i / STAGES) & 1);
-        const uint32_t sa = base + s * STAGE_BYTES + wg * 64 * 128, sb = base + s * STAGE_BYTES + A_BYTES;
-        wgmma_k_tile<BN, B_K_MAJOR>(acc, sa, sb);
+        const uint32_t sa = base + s * STAGE_BYTES + a_row0 * 128, sb = base + s * STAGE_BYTES + A_BYTES;
+        tma_k_tile<MB, BN, B_K_MAJOR>(acc, sa, sb);
         wgmma_wait<1>();
-        fence_acc(acc);
+#pragma unroll
+        for (int mb = 0; mb < MB; ++mb) fence_acc(acc[mb]);
         if (i > first) release((i - 1) % STAGES);  // k tile i − 1's wgmmas are done
       }
       wgmma_wait<0>();
-      fence_acc(acc);
-      release((i - 1) % STAGES);
-      // Both warpgroups are done with the previous C tile (PERSIST) or with the stages, whose
-      // copies have all landed (each full barrier was waited on): the C tile may be written.
-      consumers_sync<CONSUMERS>();
+#pragma unroll
+      for (int mb = 0; mb < MB; ++mb) fence_acc(acc[mb]);
+      release((first + ntiles - 1) % STAGES);
+    };
+    int i = 0;
+    auto tile = [&](int t) {
+      float acc[1][BN / 2];
+      main_loop(acc, wg * 64, i);
+      i += ntiles;
+      // Both warpgroups are done with the previous C tile (kPersist; the TMA store of it has
+      // read it) or with the stages, whose copies have all landed (each full barrier was waited
+      // on): the C tile may be written.
+      if (threadIdx.x == 0) bulk_wait<true>();
+      named_sync<CONSUMERS>(1);
       const int m0 = (t % mtiles) * BM, n0 = (t / mtiles) * BN;
-      store_tile<BM, BN, BN, CONSUMERS>(cs, acc, wg, 0, threadIdx.x, [] { consumers_sync<CONSUMERS>(); }, c, ldc, bias, r, ldr, m0, n0, M, N,
-                                        alpha);
+      auto sync = [] { named_sync<CONSUMERS>(1); };
+      if (c_tma) {
+        const uint32_t buf = smem_addr(cs);
+        put_fragment<BN, BM, OutT>(buf, acc[0], wg * 64, threadIdx.x % 128, bias, r, ldr, m0, n0, M, N, alpha);
+        store_c_tma<BN, BM, OutT>(&tc, buf, threadIdx.x == 0, sync, m0, n0);
+      } else {
+        store_tile<BM, BN, BN, CONSUMERS>(cs, acc[0], wg, 0, threadIdx.x, sync, c, ldc, bias, r, ldr, m0, n0, M, N, alpha);
+      }
     };
     // (Not one loop for both: loop-invariant epilogue values hoisted out of it cost registers.)
-    if constexpr (PERSIST)
+    if constexpr (SCHED == kPersist)
       for (int t = blockIdx.x; t < tiles; t += gridDim.x) tile(t);
     else if (blockIdx.x < tiles)
       tile(blockIdx.x);
+    if (threadIdx.x == 0) bulk_wait<false>();  // the shared memory stays until the store is done
   }
 }
 
@@ -571,24 +765,25 @@ GEMM_SM90_SPLIT_TILES(k, true, n, false, bf16, bf16)
 GEMM_SM90_SPLIT_TILES(k, true, n, false, f32, float)
 GEMM_SM90_SPLIT_TILES(m, false, n, false, f32, float)
 
-// gemm_sm90_tma_<BM>x128_s<STAGES>[_p]_k<B>_<out>: the TMA kernels (1-D grid, 128·WGS + 32
-// threads; _p: persistent). src/ops/gemm_sm90.rs `SM90_TILES` must agree on the tile, stages,
-// persistence, threads and blocks per SM.
-#define GEMM_SM90_TMA_KERNEL(WGS, BM, ST, P, PS, MINB, LB, BKM, OUT, OUTT)                                                     \
-  extern "C" __global__ void __launch_bounds__(128 * WGS + 32, MINB) gemm_sm90_tma_##BM##x128_s##ST##PS##_k##LB##_##OUT(      \
+// gemm_sm90_tma_128x<BN>_s<STAGES>[_p]_k<B>_<out>: the TMA kernels (1-D grid, 288 threads; _p:
+// persistent). src/ops/gemm_sm90.rs `SM90_TILES` must agree on the tile, stages, schedule and
+// threads.
+#define GEMM_SM90_TMA_KERNEL(BN, ST, SCHED, SUFFIX, MINB, LB, BKM, OUT, OUTT)                                                \
+  extern "C" __global__ void __launch_bounds__(288, MINB) gemm_sm90_tma_128x##BN##_s##ST##SUFFIX##_k##LB##_##OUT(             \
       const __grid_constant__ TmaDesc ta1, const __grid_constant__ TmaDesc tb1, const __grid_constant__ TmaDesc ta2,            \
-      const __grid_constant__ TmaDesc tb2, int k1, int k2, OUTT* c, int64_t ldc, const bf16* bias, const OUTT* r, int64_t ldr,  \
-      int M, int N, float alpha) {                                                                                              \
-    gemm_sm90_tma_body<WGS, ST, P, BKM, OUTT>(ta1, tb1, ta2, tb2, k1, k2, c, ldc, bias, r, ldr, M, N, alpha);                 \
+      const __grid_constant__ TmaDesc tb2, const __grid_constant__ TmaDesc tc, int k1, int k2, int c_tma, OUTT* c, int64_t ldc,  \
+      const bf16* bias, const OUTT* r, int64_t ldr, int M, int N, float alpha) {                                                \
+    gemm_sm90_tma_body<2, BN, ST, SCHED, BKM, OUTT>(ta1, tb1, ta2, tb2, tc, k1, k2, c_tma, c, ldc, bias, r, ldr, M, N, alpha); \
   }
 
-// (consumer warpgroups, BM, stages, persistent, blocks per SM): 128×128 with 3 stages (96 KiB),
-// two CTAs per SM, one tile each; 128×128 with 4 stages (128 KiB) + the 64 KiB C tile, one
-// persistent CTA per SM. (256×128 with four consumer warpgroups, 4 stages of 48 KiB, one tile per
-// CTA, was measured in round 2: fastest only at two shapes, by 2-4 %, so it is not built.)
-#define GEMM_SM90_TMA_TILES(LB, BKM, OUT, OUTT)                      \
-  GEMM_SM90_TMA_KERNEL(2, 128, 3, false, , 2, LB, BKM, OUT, OUTT)   \
-  GEMM_SM90_TMA_KERNEL(2, 128, 4, true, _p, 1, LB, BKM, OUT, OUTT)
+// (BN, stages, schedule, blocks per SM), all 128 rows × BN with two consumer warpgroups:
+// 128×128, 3 stages (96 KiB), two CTAs per SM, one tile each; 128×128 persistent, 4 stages (128 KiB)
+// + the 64 KiB C tile; 128×160 persistent, 4 stages (144 KiB) + 80 KiB. (256×128 with four consumer
+// warpgroups, one tile per CTA, was measured in round 2: fastest only at two shapes, by 2-4 %.)
+#define GEMM_SM90_TMA_TILES(LB, BKM, OUT, OUTT)                       \
+  GEMM_SM90_TMA_KERNEL(128, 3, kOneTile, , 2, LB, BKM, OUT, OUTT)    \
+  GEMM_SM90_TMA_KERNEL(128, 4, kPersist, _p, 1, LB, BKM, OUT, OUTT)  \
+  GEMM_SM90_TMA_KERNEL(160, 4, kPersist, _p, 1, LB, BKM, OUT, OUTT)
 
 GEMM_SM90_TMA_TILES(k, true, bf16, bf16)
 GEMM_SM90_TMA_TILES(k, true, f32, float)

@@ -16,8 +16,8 @@ use cudarc::driver::sys::{CUdevice_attribute, CUfunction_attribute};
 const MODULE: &str = "gemm_sm90";
 const BK: usize = 64;
 
-/// One kernel family of the sm90 path with its block tile (kernels/gemm_sm90.cu; the threads,
-/// stages and blocks per SM must match its GEMM_SM90_TILES / GEMM_SM90_TMA_TILES).
+/// One kernel family of the sm90 path with its block tile (kernels/gemm_sm90.cu; the threads and
+/// stages must match its GEMM_SM90_TILES / GEMM_SM90_TMA_TILES).
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub(crate) struct Sm90Tile {
     pub bm: usize,
@@ -30,10 +30,12 @@ pub(crate) struct Sm90Tile {
     persistent: bool,
     threads: u32,
     stages: usize,
-    /// Blocks per SM (shared memory, registers).
+    /// Output tiles an SM runs at once as the time model counts them: 2 for the cp.async 128×128
+    /// kernel (its blocks per SM), 1 for the others (the co-resident blocks of the 64×64 and
+    /// `tma128x128_s3` kernels fit the measurements better counted that way).
     per_sm: usize,
     /// The launcher's time model (µs, fitted to the forced-kernel rows `linear*_sm90_*` of
-    /// benches/RESULTS.md "Hopper GEMM round 2", H100): `rounds · (k_tiles · a + b) + c`, a round
+    /// benches/RESULTS.md "Hopper GEMM round 3", H100): `rounds · (k_tiles · a + b) + c`, a round
     /// being one output tile on each of `per_sm` blocks of every SM.
     cost: (f64, f64, f64),
     /// Kernel names for layouts kk/kn × C bf16/f32.
@@ -47,11 +49,12 @@ macro_rules! names {
 }
 
 /// Every sm90 kernel family.
-pub(crate) const SM90_TILES: [Sm90Tile; 4] = [
+pub(crate) const SM90_TILES: [Sm90Tile; 5] = [
     Sm90Tile { bm: 128, bn: 128, tma: false, persistent: false, threads: 256, stages: 3, per_sm: 2, cost: (0.681, 7.677, -0.427), names: names!("gemm_sm90_128x128") },
-    Sm90Tile { bm: 64, bn: 64, tma: false, persistent: false, threads: 128, stages: 4, per_sm: 3, cost: (0.480, 3.261, 1.082), names: names!("gemm_sm90_64x64") },
-    Sm90Tile { bm: 128, bn: 128, tma: true, persistent: false, threads: 288, stages: 3, per_sm: 2, cost: (0.375, 11.062, -3.440), names: names!("gemm_sm90_tma_128x128_s3") },
-    Sm90Tile { bm: 128, bn: 128, tma: true, persistent: true, threads: 288, stages: 4, per_sm: 1, cost: (0.334, 3.878, 3.466), names: names!("gemm_sm90_tma_128x128_s4_p") },
+    Sm90Tile { bm: 64, bn: 64, tma: false, persistent: false, threads: 128, stages: 4, per_sm: 1, cost: (0.235, 0.372, 5.520), names: names!("gemm_sm90_64x64") },
+    Sm90Tile { bm: 128, bn: 128, tma: true, persistent: false, threads: 288, stages: 3, per_sm: 1, cost: (0.381, 2.093, 4.276), names: names!("gemm_sm90_tma_128x128_s3") },
+    Sm90Tile { bm: 128, bn: 128, tma: true, persistent: true, threads: 288, stages: 4, per_sm: 1, cost: (0.338, 2.353, 4.908), names: names!("gemm_sm90_tma_128x128_s4_p") },
+    Sm90Tile { bm: 128, bn: 160, tma: true, persistent: true, threads: 288, stages: 4, per_sm: 1, cost: (0.375, 3.621, 5.001), names: names!("gemm_sm90_tma_128x160_s4_p") },
 ];
 
 impl Sm90Tile {
@@ -78,7 +81,7 @@ impl Sm90Tile {
     }
 
     /// A name for benchmark rows and messages: `tile128x128` (cp.async), `tma128x128_s3`,
-    /// `tma128x128_s4_p` (persistent).
+    /// `tma128x160_s4_p` (persistent).
     pub(crate) fn label(&self) -> String {
         match (self.tma, self.persistent) {
             (false, _) => format!("tile{}x{}", self.bm, self.bn),
@@ -114,20 +117,30 @@ fn sm_count(gpu: &Gpu) -> Result<usize> {
     Ok(gpu.stream().context().attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)? as usize)
 }
 
-/// A 2-D bf16 tensor map for the TMA kernels: `outer` rows of `inner` elements, `ld` elements
-/// apart, read in boxes of `box_outer` × `box_inner` (64 elements = one 128-byte swizzled row) with
-/// the 128-byte swizzle; reads past `inner` or `outer` fill zeros.
-fn tensor_map(ptr: u64, inner: usize, outer: usize, ld: usize, box_inner: u32, box_outer: u32) -> Result<[u64; 16]> {
+/// A 2-D tensor map for the TMA kernels: `outer` rows of `inner` elements of `dtype`, `ld` elements
+/// apart, moved in boxes of `box_outer` × `box_inner` with the 128-byte swizzle when a box row is
+/// 128 bytes, the 64-byte swizzle when it is 64; loads past `inner` or `outer` fill zeros, stores
+/// there write nothing.
+fn tensor_map(ptr: u64, dtype: DType, inner: usize, outer: usize, ld: usize, box_inner: u32, box_outer: u32) -> Result<[u64; 16]> {
     use cudarc::driver::sys::{self, CUtensorMapDataType, CUtensorMapFloatOOBfill, CUtensorMapInterleave, CUtensorMapL2promotion, CUtensorMapSwizzle};
+    let (data_type, size) = match dtype {
+        DType::BF16 => (CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 2),
+        DType::F32 => (CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_FLOAT32, 4),
+    };
     let dims = [inner as u64, outer as u64];
-    let strides = [(ld * 2) as u64];
+    let strides = [(ld * size) as u64];
     let (boxes, steps) = ([box_inner, box_outer], [1u32, 1]);
+    let swizzle = match box_inner as usize * size {
+        128 => CUtensorMapSwizzle::CU_TENSOR_MAP_SWIZZLE_128B,
+        64 => CUtensorMapSwizzle::CU_TENSOR_MAP_SWIZZLE_64B,
+        b => bail!("gemm_sm90: no swizzle for a {b}-byte TMA box row"),
+    };
     let mut map = std::mem::MaybeUninit::<sys::CUtensorMap>::zeroed();
     // SAFETY: every array holds `rank` (strides: rank − 1) entries; the map is written in place.
     unsafe {
         sys::cuTensorMapEncodeTiled(
             map.as_mut_ptr(),
-            CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_BFLOAT16,
+            data_type,
             2,
             ptr as *mut std::ffi::c_void,
             dims.as_ptr(),
@@ -135,7 +148,7 @@ fn tensor_map(ptr: u64, inner: usize, outer: usize, ld: usize, box_inner: u32, b
             boxes.as_ptr(),
             steps.as_ptr(),
             CUtensorMapInterleave::CU_TENSOR_MAP_INTERLEAVE_NONE,
-            CUtensorMapSwizzle::CU_TENSOR_MAP_SWIZZLE_128B,
+            swizzle,
             CUtensorMapL2promotion::CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
             CUtensorMapFloatOOBfill::CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE,
         )
@@ -146,26 +159,45 @@ fn tensor_map(ptr: u64, inner: usize, outer: usize, ld: usize, box_inner: u32, b
     Ok(unsafe { map.assume_init() }.opaque)
 }
 
+/// The tensor map of C for the TMA store epilogue (kernels/gemm_sm90.cu `TmaCTile`): boxes of
+/// 128-byte rows, or 64-byte rows when the tile's row is not a multiple of 128 bytes, the block
+/// tile's rows tall. None when C cannot be a TMA target (not 16-byte aligned, or rows not a multiple
+/// of 16 bytes apart): the kernel then stores through its shared-memory f32 tile with ordinary
+/// stores.
+fn c_map(call: &GemmCall, tile: &Sm90Tile) -> Result<Option<[u64; 16]>> {
+    let size = call.out.size();
+    if !call.c.is_multiple_of(16) || !(call.ldc * size).is_multiple_of(16) {
+        return Ok(None);
+    }
+    let row_bytes = if (tile.bn * size).is_multiple_of(128) { 128 } else { 64 };
+    Ok(Some(tensor_map(call.c, call.out, call.n, call.m, call.ldc, (row_bytes / size) as u32, tile.bm as u32)?))
+}
+
 /// The arguments of a TMA kernel: tensor maps of A1, B1, A2, B2 (segment 1's again when segment 2
-/// is empty), K1, K2, then C, ldc, bias, R, ldr, M, N, alpha.
+/// is empty) and C (`c_map`; A1's when there is none), K1, K2, whether to store C by TMA, then C,
+/// ldc, bias, R, ldr, M, N, alpha. Layout kn reads B in [64 k][64 n] boxes, or [64 k][32 n] (64-byte
+/// swizzle) when the tile width is not a multiple of 64.
 fn tma_args(call: &GemmCall, tile: &Sm90Tile) -> Result<Vec<KernelArg>> {
     let maps = |s: &Segment| -> Result<[KernelArg; 2]> {
-        let a = tensor_map(s.a, s.k, call.m, s.lda, BK as u32, tile.bm as u32)?;
+        let a = tensor_map(s.a, DType::BF16, s.k, call.m, s.lda, BK as u32, tile.bm as u32)?;
         let b = match call.layouts {
-            Layouts::Kk => tensor_map(s.b, s.k, call.n, s.ldb, BK as u32, tile.bn as u32)?,
-            _ => tensor_map(s.b, call.n, s.k, s.ldb, 64, BK as u32)?,
+            Layouts::Kk => tensor_map(s.b, DType::BF16, s.k, call.n, s.ldb, BK as u32, tile.bn as u32)?,
+            _ => tensor_map(s.b, DType::BF16, call.n, s.k, s.ldb, if tile.bn.is_multiple_of(64) { 64 } else { 32 }, BK as u32)?,
         };
         Ok([KernelArg::TensorMap(a), KernelArg::TensorMap(b)])
     };
     let first = maps(&call.seg1)?;
     let second = if call.seg2.k == 0 { first } else { maps(&call.seg2)? };
+    let c = c_map(call, tile)?;
     let (r, ldr) = call.residual.unwrap_or((0, 0));
-    let mut args = Vec::with_capacity(14);
+    let mut args = Vec::with_capacity(17);
     args.extend(first);
     args.extend(second);
+    args.push(c.map_or(first[0], KernelArg::TensorMap));
     args.extend([
         KernelArg::I32(i32::try_from(call.seg1.k)?),
         KernelArg::I32(i32::try_from(call.seg2.k)?),
+        KernelArg::I32(c.is_some() as i32),
         KernelArg::Ptr(call.c),
         KernelArg::I64(call.ldc as i64),
         KernelArg::Ptr(call.bias.unwrap_or(0)),
@@ -360,9 +392,9 @@ mod tests {
         if !hopper(&gpu) {
             return;
         }
-        // The time model's picks at these shapes include both TMA kernels and the 64×64 one.
+        // The time model's picks at these shapes include every TMA kernel and the 64×64 one.
         let mut picked = Vec::new();
-        for (m, k, n) in [(4096, 320, 2560), (8192, 1280, 320), (4096, 320, 320)] {
+        for (m, k, n) in [(4096, 320, 2560), (8192, 1280, 320), (154, 320, 320)] {
             let seed = Rng::fresh_seed();
             let mut rng = Rng::new(seed);
             let x = rand_bf16(&mut rng, m * k, 1.0);

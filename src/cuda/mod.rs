@@ -36,6 +36,8 @@ pub struct Gpu {
     stream: Arc<CudaStream>,
     modules: RefCell<HashMap<&'static str, Arc<CudaModule>>>,
     functions: RefCell<HashMap<(&'static str, &'static str), CudaFunction>>,
+    /// Kernels launched as clusters so far, with the dynamic shared memory each is allowed.
+    cluster_attrs: RefCell<HashMap<(&'static str, &'static str), u32>>,
     arenas: RefCell<Arenas>,
     profiler: RefCell<Option<Profiler>>,
     check_launches: Cell<bool>,
@@ -64,6 +66,7 @@ impl Gpu {
             stream,
             modules: RefCell::default(),
             functions: RefCell::default(),
+            cluster_attrs: RefCell::default(),
             arenas: RefCell::new(Arenas::default()),
             profiler: RefCell::new(None),
             check_launches: Cell::new(check_launches),
@@ -168,6 +171,77 @@ impl Gpu {
         let events = unsafe { builder.launch(cfg) }.map_err(|e| launch_error(module, kernel, &cfg, e))?;
         if let (Some(events), Some(p)) = (events, self.profiler.borrow_mut().as_mut()) {
             p.push(kernel, events);
+        }
+        if self.check_launches.get() && !self.capturing.get() {
+            self.stream
+                .synchronize()
+                .map_err(|e| anyhow!("kernel {module}::{kernel} failed while running: {e}"))?;
+        }
+        Ok(())
+    }
+
+    /// Launches `kernel` as a grid of thread-block clusters of `cluster` = (x, y, z) CTAs
+    /// (`cuLaunchKernelEx` with the cluster-dimension attribute; Hopper modules only), otherwise as
+    /// [`Gpu::launch`]: the same profiler events and launch checking, and capturable in CUDA graphs.
+    /// Clusters of up to 16 CTAs (non-portable sizes) and dynamic shared memory past 48 KiB are
+    /// allowed on the kernel first.
+    pub fn launch_cluster(&self, module: &'static str, kernel: &'static str, cfg: LaunchConfig, cluster: (u32, u32, u32), args: &[KernelArg]) -> Result<()> {
+        use sys::CUfunction_attribute::{CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES as MAX_SMEM, CU_FUNC_ATTRIBUTE_NON_PORTABLE_CLUSTER_SIZE_ALLOWED as NON_PORTABLE};
+        let f = self.function(module, kernel)?;
+        let attr_error = |e| launch_error(module, kernel, &cfg, e);
+        {
+            // Set on a kernel's first cluster launch (non-portable sizes are harmless for small
+            // clusters), and the shared memory allowance again whenever a launch needs more.
+            let mut set = self.cluster_attrs.borrow_mut();
+            let allowed = match set.get(&(module, kernel)) {
+                Some(&bytes) => bytes,
+                None => {
+                    f.set_attribute(NON_PORTABLE, 1).map_err(attr_error)?;
+                    48 << 10
+                }
+            };
+            if cfg.shared_mem_bytes > allowed {
+                f.set_attribute(MAX_SMEM, cfg.shared_mem_bytes as i32).map_err(attr_error)?;
+            }
+            set.insert((module, kernel), allowed.max(cfg.shared_mem_bytes));
+        }
+        let mut params: Vec<*mut std::ffi::c_void> = args
+            .iter()
+            .map(|a| match a {
+                KernelArg::Ptr(v) => v as *const u64 as *mut _,
+                KernelArg::I64(v) => v as *const i64 as *mut _,
+                KernelArg::I32(v) => v as *const i32 as *mut _,
+                KernelArg::U32(v) => v as *const u32 as *mut _,
+                KernelArg::F32(v) => v as *const f32 as *mut _,
+                KernelArg::TensorMap(v) => v as *const [u64; 16] as *mut _,
+            })
+            .collect();
+        // SAFETY: a zeroed attribute is a valid plain-data value; id and cluster dims are set below.
+        let mut attr: sys::CUlaunchAttribute = unsafe { std::mem::zeroed() };
+        attr.id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_CLUSTER_DIMENSION;
+        attr.value.clusterDim = sys::CUlaunchAttributeValue_union__bindgen_ty_1 { x: cluster.0, y: cluster.1, z: cluster.2 };
+        let config = sys::CUlaunchConfig {
+            gridDimX: cfg.grid_dim.0,
+            gridDimY: cfg.grid_dim.1,
+            gridDimZ: cfg.grid_dim.2,
+            blockDimX: cfg.block_dim.0,
+            blockDimY: cfg.block_dim.1,
+            blockDimZ: cfg.block_dim.2,
+            sharedMemBytes: cfg.shared_mem_bytes,
+            hStream: self.stream.cu_stream(),
+            attrs: &mut attr,
+            numAttrs: 1,
+        };
+        self.ctx.bind_to_thread().map_err(|e| launch_error(module, kernel, &cfg, e))?;
+        let profiling = self.profiler.borrow().is_some();
+        let start = if profiling { Some(self.stream.record_event(Some(sys::CUevent_flags::CU_EVENT_DEFAULT))?) } else { None };
+        // SAFETY: `params` points at the values in `args`, which outlive the call (the driver copies
+        // them at launch); argument count and types are fixed by each op's wrapper, as for `launch`.
+        unsafe { sys::cuLaunchKernelEx(&config, f.cu_function(), params.as_mut_ptr(), std::ptr::null_mut()) }
+            .result()
+            .map_err(|e| launch_error(module, kernel, &cfg, e))?;
+        if let (Some(start), Some(p)) = (start, self.profiler.borrow_mut().as_mut()) {
+            p.push(kernel, (start, self.stream.record_event(Some(sys::CUevent_flags::CU_EVENT_DEFAULT))?));
         }
         if self.check_launches.get() && !self.capturing.get() {
             self.stream

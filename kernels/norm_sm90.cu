@@ -143,6 +143,7 @@ __device__ void gn_cluster_fwd(const T* __restrict__ x, const T* __restrict__ ga
   const int words = t.rows * t.P;
   const float shift = t.rows ? to_f32(tile[t.gl * t.cpg]) : 0.f;
   float2 s = make_float2(0.f, 0.f);
+#pragma unroll 4
   for (int j = threadIdx.x; j < words; j += blockDim.x) {
     float v[2];
     load_pack<T, 2>(tile + 2 * j, v);
@@ -179,14 +180,16 @@ __device__ void gn_cluster_fwd(const T* __restrict__ x, const T* __restrict__ ga
   // 4. y from the held tile.
   const float2 st = merged[t.gl];
   const float a0 = st.y * g[0], a1 = st.y * g[1];
-  T* ys = y + row0 * c + t.c0;
-  for (int j = threadIdx.x; j < words; j += blockDim.x) {
+  T* ys = y + row0 * c + t.c0 + 2 * t.pair;
+  const int TY = blockDim.x / t.P;
+#pragma unroll 4
+  for (int j = threadIdx.x, r = threadIdx.x / t.P; j < words; j += blockDim.x, r += TY) {
     float v[2];
     load_pack<T, 2>(tile + 2 * j, v);
     v[0] = fmaf(v[0] - st.x, a0, be[0]);
     v[1] = fmaf(v[1] - st.x, a1, be[1]);
     if (silu) v[0] *= sigmoidf(v[0]), v[1] *= sigmoidf(v[1]);
-    store_pack<T, 2>(ys + (int64_t)(j / t.P) * c + 2 * t.pair, v);
+    store_pack<T, 2>(ys + (int64_t)r * c, v);
   }
   cluster_wait();  // no CTA leaves while another may still read its partials
 }
@@ -213,6 +216,7 @@ __device__ void gn_cluster_bwd(const T* __restrict__ x, const T* __restrict__ ga
   // 2. (Σd, Σd·x̂) of the thread's pairs, then of the tile per group.
   const int words = t.rows * t.P;
   float2 s = make_float2(0.f, 0.f);
+#pragma unroll 4
   for (int j = threadIdx.x; j < words; j += blockDim.x) {
     float v[2], e[2];
     load_pack<T, 2>(xt + 2 * j, v);
@@ -244,11 +248,13 @@ __device__ void gn_cluster_bwd(const T* __restrict__ x, const T* __restrict__ ga
 
   // 4. dx from the held tiles (+ the residual gradient, read here).
   const float2 m = merged[t.gl];
-  for (int j = threadIdx.x; j < words; j += blockDim.x) {
+  const int TY = blockDim.x / t.P;
+#pragma unroll 4
+  for (int j = threadIdx.x, r = threadIdx.x / t.P; j < words; j += blockDim.x, r += TY) {
     float v[2], e[2];
     load_pack<T, 2>(xt + 2 * j, v);
     load_pack<T, 2>(dyt + 2 * j, e);
-    const int64_t at = (int64_t)(j / t.P) * c + 2 * t.pair;
+    const int64_t at = (int64_t)r * c + 2 * t.pair;
 #pragma unroll
     for (int i = 0; i < 2; ++i) {
       float xhat;

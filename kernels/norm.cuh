@@ -11,7 +11,7 @@ __device__ __forceinline__ float sigmoidf(float h) { return __frcp_rn(1.0f + __e
 // Chan et al.: merge (n_b, mean_b, M2_b) into (n, mean, M2).
 __device__ __forceinline__ void chan_merge(float& n, float& mean, float& m2, float nb, float meanb, float m2b) {
   if (nb == 0.f) return;
-  const float tot = n + nb, delta = meanb - mean, f = nb / tot;
+  const float tot = n + nb, delta = meanb - mean, f = __fdividef(nb, tot);  // 2 ulp: no IEEE division chain
   mean = fmaf(delta, f, mean);
   m2 = m2 + m2b + delta * delta * n * f;
   n = tot;

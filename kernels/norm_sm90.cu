@@ -13,15 +13,16 @@
 // owns rows [rank·rpc, min((rank + 1)·rpc, hw)) of those channels (possibly none). Grid:
 // (32/gpc · K, n). Each CTA:
 //   1. copies its tile [rows, cw] (x, and dy for the backward) into dynamic shared memory with
-//      cp.async (every copy of the tile in flight at once): the only global read of x / dy;
+//      cp.async, every copy in flight at once, in two groups (first and second half of the rows:
+//      step 2 starts on the first while the second lands): the only global read of x / dy;
 //   2. thread t owns the channel pair 2·(t % P), P = cw/2 (blockDim = P·⌊T/P⌋, so the pair is fixed
 //      per thread and in one group), and visits the tile's pairs t, t + blockDim, ...: it sums
 //      forward the values shifted by the group's first value in the tile (Σd, Σd², no cancellation),
 //      backward (Σd, Σd·x̂); one warp per group adds the threads' sums in a fixed order and
 //      publishes the CTA's partial in shared memory: forward (mean, M2) of the tile, backward sums;
 //   3. barrier.cluster (arrive.release / wait.acquire), then threads g < gpc read the K partials of
-//      group g from every CTA of the cluster through DSMEM (mapa + ld.shared::cluster) and merge
-//      them in rank order (Chan's formula forward, sums backward): every CTA gets the same bits;
+//      group g from every CTA of the cluster through DSMEM (mapa + ld.shared::cluster, all K loads
+//      in flight at once) and merge them in rank order (Chan's formula forward, sums backward): every CTA gets the same bits;
 //   4. writes y (or dx) from the tile it still holds (the only global write), then waits on a
 //      second cluster barrier (arrived at right after its DSMEM reads) so that no CTA exits while
 //      another may still read its partials.
@@ -31,6 +32,7 @@
 #include "norm.cuh"
 
 #define MAX_THREADS 512
+#define MAX_CLUSTER 16
 
 __device__ __forceinline__ uint32_t cluster_rank() {
   uint32_t r;
@@ -55,16 +57,23 @@ __device__ __forceinline__ float2 ld_cluster(const float2* p, uint32_t rank) {
   return v;
 }
 
-// Issues cp.async copies of a [rows, cw] tile from global (row stride c elements) into dense shared
-// memory, VB bytes per copy (VB divides cw·sizeof(T); source and destination are VB-aligned).
+// `part` of CTAs 0..K−1 of the cluster, all K loads issued before any is used.
+__device__ __forceinline__ void load_partials(const float2* part, int K, float2 (&p)[MAX_CLUSTER]) {
+#pragma unroll
+  for (int q = 0; q < MAX_CLUSTER; ++q)
+    if (q < K) p[q] = ld_cluster(part, q);
+}
+
+// Issues cp.async copies of rows [r0, r1) of a [rows, cw] tile from global (row stride c elements)
+// into dense shared memory, VB bytes per copy (VB divides cw·sizeof(T); both sides VB-aligned).
 template <typename T>
-__device__ __forceinline__ void load_tile(T* dst, const T* src, int rows, int cw, int c, int vb) {
-  const int row_bytes = cw * (int)sizeof(T), per_row = row_bytes / vb, total = rows * per_row;
-  const uint32_t base = (uint32_t)__cvta_generic_to_shared(dst);
+__device__ __forceinline__ void load_rows(T* dst, const T* src, int r0, int r1, int cw, int c, int vb) {
+  const int row_bytes = cw * (int)sizeof(T), per_row = row_bytes / vb, total = (r1 - r0) * per_row;
+  const uint32_t base = (uint32_t)__cvta_generic_to_shared(dst) + r0 * row_bytes;
   for (int i = threadIdx.x; i < total; i += blockDim.x) {
     const int r = i / per_row, k = i - r * per_row;
     const uint32_t s = base + r * row_bytes + k * vb;
-    const char* g = reinterpret_cast<const char*>(src + (int64_t)r * c) + k * vb;
+    const char* g = reinterpret_cast<const char*>(src + (int64_t)(r0 + r) * c) + k * vb;
     if (vb == 16) {
       asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(s), "l"(g) : "memory");
     } else if (vb == 8) {
@@ -73,11 +82,15 @@ __device__ __forceinline__ void load_tile(T* dst, const T* src, int rows, int cw
       asm volatile("cp.async.ca.shared.global [%0], [%1], 4;" ::"r"(s), "l"(g) : "memory");
     }
   }
-  asm volatile("cp.async.commit_group;" ::: "memory");
 }
 
-__device__ __forceinline__ void wait_tiles() {
-  asm volatile("cp.async.wait_all;" ::: "memory");
+__device__ __forceinline__ void commit_rows() { asm volatile("cp.async.commit_group;" ::: "memory"); }
+
+// Waits until all but the last N committed groups of this thread's copies have landed, then for
+// the whole block (so every thread sees every thread's copies).
+template <int N>
+__device__ __forceinline__ void wait_rows() {
+  asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory");
   __syncthreads();
 }
 
@@ -132,25 +145,36 @@ __device__ void gn_cluster_fwd(const T* __restrict__ x, const T* __restrict__ ga
   __shared__ float2 part[GROUPS], merged[GROUPS];
   const GnTile t(hw, c, gpc, rpc);
   const int64_t row0 = (int64_t)t.b * hw + t.r0;
-  load_tile<T>(tile, x + row0 * c + t.c0, t.rows, t.cw, c, vb);
+  // Two halves in flight; the sums of the first start while the second lands.
+  const T* src = x + row0 * c + t.c0;
+  const int split = (t.rows + 1) / 2;
+  load_rows<T>(tile, src, 0, split, t.cw, c, vb);
+  commit_rows();
+  load_rows<T>(tile, src, split, t.rows, t.cw, c, vb);
+  commit_rows();
   const int ch = t.c0 + 2 * t.pair;
   float g[2], be[2];
   load_pack<T, 2>(gamma + ch, g);
   load_pack<T, 2>(beta + ch, be);
-  wait_tiles();
+  wait_rows<1>();
 
   // 2. Shifted sums of the thread's pairs, then the tile's (mean, M2) per group.
   const int words = t.rows * t.P;
   const float shift = t.rows ? to_f32(tile[t.gl * t.cpg]) : 0.f;
   float2 s = make_float2(0.f, 0.f);
-#pragma unroll 4
-  for (int j = threadIdx.x; j < words; j += blockDim.x) {
+  auto add = [&](int j) {
     float v[2];
     load_pack<T, 2>(tile + 2 * j, v);
     const float d0 = v[0] - shift, d1 = v[1] - shift;
     s.x += d0 + d1;
     s.y = fmaf(d0, d0, fmaf(d1, d1, s.y));
-  }
+  };
+  int j = threadIdx.x;
+#pragma unroll 4
+  for (; j < split * t.P; j += blockDim.x) add(j);
+  wait_rows<0>();
+#pragma unroll 4
+  for (; j < words; j += blockDim.x) add(j);
   gn_tile_reduce(t, s, gpc, [&](int gr, float2 sum) {
     const float count = (float)(t.rows * t.cpg);
     if (count == 0.f) {
@@ -165,11 +189,12 @@ __device__ void gn_cluster_fwd(const T* __restrict__ x, const T* __restrict__ ga
   cluster_arrive();
   cluster_wait();
   if ((int)threadIdx.x < gpc) {
+    float2 p[MAX_CLUSTER];
+    load_partials(&part[threadIdx.x], t.K, p);
     float n = 0.f, mean = 0.f, m2 = 0.f;
-    for (int q = 0; q < t.K; ++q) {
-      const float2 p = ld_cluster(&part[threadIdx.x], q);
-      chan_merge(n, mean, m2, (float)(t.rows_of(q, hw, rpc) * t.cpg), p.x, p.y);
-    }
+#pragma unroll
+    for (int q = 0; q < MAX_CLUSTER; ++q)
+      if (q < t.K) chan_merge(n, mean, m2, (float)(t.rows_of(q, hw, rpc) * t.cpg), p[q].x, p[q].y);
     const float2 st = make_float2(mean, rsqrtf(m2 / n + eps));
     merged[threadIdx.x] = st;
     if (t.rank == 0) stats[t.b * GROUPS + t.slice * gpc + threadIdx.x] = st;
@@ -183,9 +208,9 @@ __device__ void gn_cluster_fwd(const T* __restrict__ x, const T* __restrict__ ga
   T* ys = y + row0 * c + t.c0 + 2 * t.pair;
   const int TY = blockDim.x / t.P;
 #pragma unroll 4
-  for (int j = threadIdx.x, r = threadIdx.x / t.P; j < words; j += blockDim.x, r += TY) {
+  for (int w = threadIdx.x, r = threadIdx.x / t.P; w < words; w += blockDim.x, r += TY) {
     float v[2];
-    load_pack<T, 2>(tile + 2 * j, v);
+    load_pack<T, 2>(tile + 2 * w, v);
     v[0] = fmaf(v[0] - st.x, a0, be[0]);
     v[1] = fmaf(v[1] - st.x, a1, be[1]);
     if (silu) v[0] *= sigmoidf(v[0]), v[1] *= sigmoidf(v[1]);
@@ -204,20 +229,25 @@ __device__ void gn_cluster_bwd(const T* __restrict__ x, const T* __restrict__ ga
   T* xt = reinterpret_cast<T*>(smem);
   T* dyt = xt + t.rows * t.cw;  // VB-aligned: rows·cw·sizeof(T) is a multiple of VB
   const int64_t off = ((int64_t)t.b * hw + t.r0) * c + t.c0;
-  load_tile<T>(xt, x + off, t.rows, t.cw, c, vb);
-  load_tile<T>(dyt, dy + off, t.rows, t.cw, c, vb);
+  // Two halves in flight; the sums of the first start while the second lands.
+  const int split = (t.rows + 1) / 2;
+  load_rows<T>(xt, x + off, 0, split, t.cw, c, vb);
+  load_rows<T>(dyt, dy + off, 0, split, t.cw, c, vb);
+  commit_rows();
+  load_rows<T>(xt, x + off, split, t.rows, t.cw, c, vb);
+  load_rows<T>(dyt, dy + off, split, t.rows, t.cw, c, vb);
+  commit_rows();
   const int ch = t.c0 + 2 * t.pair;
   float g[2], be[2];
   load_pack<T, 2>(gamma + ch, g);
   load_pack<T, 2>(beta + ch, be);
   const float2 st = stats[t.b * GROUPS + t.slice * gpc + t.gl];
-  wait_tiles();
+  wait_rows<1>();
 
   // 2. (Σd, Σd·x̂) of the thread's pairs, then of the tile per group.
   const int words = t.rows * t.P;
   float2 s = make_float2(0.f, 0.f);
-#pragma unroll 4
-  for (int j = threadIdx.x; j < words; j += blockDim.x) {
+  auto add = [&](int j) {
     float v[2], e[2];
     load_pack<T, 2>(xt + 2 * j, v);
     load_pack<T, 2>(dyt + 2 * j, e);
@@ -228,18 +258,25 @@ __device__ void gn_cluster_bwd(const T* __restrict__ x, const T* __restrict__ ga
       s.x += dd;
       s.y = fmaf(dd, xhat, s.y);
     }
-  }
+  };
+  int j = threadIdx.x;
+#pragma unroll 4
+  for (; j < split * t.P; j += blockDim.x) add(j);
+  wait_rows<0>();
+#pragma unroll 4
+  for (; j < words; j += blockDim.x) add(j);
   gn_tile_reduce(t, s, gpc, [&](int gr, float2 sum) { part[gr] = sum; });
 
   // 3. Sum the cluster's partials of each group, in rank order: (mean(d), mean(d·x̂)).
   cluster_arrive();
   cluster_wait();
   if ((int)threadIdx.x < gpc) {
+    float2 p[MAX_CLUSTER];
+    load_partials(&part[threadIdx.x], t.K, p);
     float2 acc = make_float2(0.f, 0.f);
-    for (int q = 0; q < t.K; ++q) {
-      const float2 p = ld_cluster(&part[threadIdx.x], q);
-      acc.x += p.x, acc.y += p.y;
-    }
+#pragma unroll
+    for (int q = 0; q < MAX_CLUSTER; ++q)
+      if (q < t.K) acc.x += p[q].x, acc.y += p[q].y;
     const float inv_n = 1.f / (float)(hw * t.cpg);
     merged[threadIdx.x] = make_float2(acc.x * inv_n, acc.y * inv_n);
   }
@@ -250,10 +287,10 @@ __device__ void gn_cluster_bwd(const T* __restrict__ x, const T* __restrict__ ga
   const float2 m = merged[t.gl];
   const int TY = blockDim.x / t.P;
 #pragma unroll 4
-  for (int j = threadIdx.x, r = threadIdx.x / t.P; j < words; j += blockDim.x, r += TY) {
+  for (int w = threadIdx.x, r = threadIdx.x / t.P; w < words; w += blockDim.x, r += TY) {
     float v[2], e[2];
-    load_pack<T, 2>(xt + 2 * j, v);
-    load_pack<T, 2>(dyt + 2 * j, e);
+    load_pack<T, 2>(xt + 2 * w, v);
+    load_pack<T, 2>(dyt + 2 * w, e);
     const int64_t at = (int64_t)r * c + 2 * t.pair;
 #pragma unroll
     for (int i = 0; i < 2; ++i) {

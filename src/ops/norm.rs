@@ -209,7 +209,7 @@ const CLUSTER_SMEM: usize = 200 << 10;
 /// The narrowest row piece a CTA copies: below this the 32-byte sectors are mostly wasted.
 const CLUSTER_MIN_ROW_BYTES: usize = 64;
 
-/// Tuning of the cluster plan: (CTAs per cluster, threads per CTA at most, CTAs wanted in all).
+/// Tuning of the cluster plan: (CTAs per cluster at most, threads per CTA at most, CTAs wanted).
 /// Defaults (16, 512, 128); `SDLORA_GN_CLUSTER=k,threads,ctas` overrides them (for sweeps).
 fn cluster_tuning() -> (usize, usize, usize) {
     use std::sync::OnceLock;
@@ -223,26 +223,56 @@ fn cluster_tuning() -> (usize, usize, usize) {
     })
 }
 
-/// The cluster launch for x [n, hw, c] holding `tiles` tensors per CTA (1 forward, 2 backward), or
-/// None where the two-kernel path must run (odd channels per group, or a tile that does not fit).
-/// Clusters of k = min(16, hw) CTAs split the rows; the most groups per cluster (longest row pieces)
-/// that still give `ctas` CTAs in all (128: about one per SM) and fit in shared memory.
-fn gn_cluster_plan(n: usize, hw: usize, c: usize, dtype: DType, tiles: usize, (kmax, tmax, ctas): (usize, usize, usize)) -> Option<ClusterPlan> {
+/// The candidate cluster launches for x [n, hw, c] holding `tiles` tensors per CTA (1 forward, 2
+/// backward), in order of preference: clusters of k = min(kmax, hw) CTAs, then of min(8, hw); for
+/// each, the most groups per cluster (longest row pieces) first. Only plans whose tile fits in shared
+/// memory, with even channels per group (none for odd: the two-kernel path runs).
+fn gn_cluster_plans(n: usize, hw: usize, c: usize, dtype: DType, tiles: usize, kmax: usize, tmax: usize) -> Vec<ClusterPlan> {
     let cpg = c / GROUPS;
-    if cpg % 2 != 0 || hw == 0 {
-        return None;
+    if !cpg.is_multiple_of(2) || hw == 0 || n == 0 {
+        return Vec::new();
     }
-    let k = hw.min(kmax);
-    let rpc = hw.div_ceil(k);
-    let plans = [32, 16, 8, 4, 2, 1].into_iter().filter_map(|gpc| {
-        let (cw, row_bytes) = (gpc * cpg, gpc * cpg * dtype.size());
-        let (pairs, smem) = (cw / 2, rpc * row_bytes * tiles);
-        let vb = [16, 8, 4].into_iter().find(|&v| row_bytes.is_multiple_of(v))?;
-        let fits = pairs <= tmax && pairs * (tmax / pairs) >= 32 && smem <= CLUSTER_SMEM && row_bytes >= CLUSTER_MIN_ROW_BYTES.min(c * dtype.size());
-        fits.then_some(ClusterPlan { gpc, k, rpc, threads: pairs * (tmax / pairs), vb, smem })
-    });
-    let plans: Vec<ClusterPlan> = plans.collect();
-    plans.iter().find(|p| n * (GROUPS / p.gpc) * k >= ctas).or(plans.last()).copied()
+    let mut ks = vec![hw.min(kmax)];
+    if hw.min(8) < ks[0] {
+        ks.push(hw.min(8));
+    }
+    let mut plans = Vec::new();
+    for k in ks {
+        let rpc = hw.div_ceil(k);
+        for gpc in [32, 16, 8, 4, 2, 1] {
+            let (pairs, row_bytes) = (gpc * cpg / 2, gpc * cpg * dtype.size());
+            let smem = rpc * row_bytes * tiles;
+            let Some(vb) = [16, 8, 4].into_iter().find(|&v| row_bytes.is_multiple_of(v)) else { continue };
+            let threads = pairs * (tmax / pairs.max(1));
+            if pairs <= tmax && threads >= 32 && smem <= CLUSTER_SMEM && row_bytes >= CLUSTER_MIN_ROW_BYTES.min(c * dtype.size()) {
+                plans.push(ClusterPlan { gpc, k, rpc, threads, vb, smem });
+            }
+        }
+    }
+    plans
+}
+
+/// The plan to launch for n samples: the first of `plans` that gives at least `ctas` CTAs in all and
+/// runs in one wave (`active(plan)`: clusters that fit on the GPU at once); else the one-wave plan
+/// with the most CTAs; None when no plan runs in one wave (then the two-kernel path is faster).
+fn gn_pick_plan(n: usize, plans: &[ClusterPlan], ctas: usize, mut active: impl FnMut(&ClusterPlan) -> Result<usize>) -> Result<Option<ClusterPlan>> {
+    let mut one_wave = Vec::new();
+    for p in plans {
+        if n * (GROUPS / p.gpc) <= active(p)? {
+            if n * (GROUPS / p.gpc) * p.k >= ctas {
+                return Ok(Some(*p));
+            }
+            one_wave.push(*p);
+        }
+    }
+    Ok(one_wave.into_iter().max_by_key(|p| (n * GROUPS / p.gpc * p.k, std::cmp::Reverse(p.k))))
+}
+
+/// The cluster launch of `kernel` for x [n, hw, c] on this GPU (`tiles` as for [`gn_cluster_plans`]).
+fn gn_cluster_plan(gpu: &Gpu, kernel: &'static str, n: usize, hw: usize, c: usize, dtype: DType, tiles: usize) -> Result<Option<ClusterPlan>> {
+    let (kmax, tmax, ctas) = cluster_tuning();
+    let plans = gn_cluster_plans(n, hw, c, dtype, tiles, kmax, tmax);
+    gn_pick_plan(n, &plans, ctas, |p| gpu.max_active_clusters(MODULE_SM90, kernel, cluster_config(n, p), (p.k as u32, 1, 1)))
 }
 
 fn check_norm_operands(what: &str, x: &Tensor, c: usize, per_channel: &[&Tensor], others: &[&Tensor]) -> Result<()> {
@@ -272,12 +302,12 @@ pub(crate) fn group_norm_on(gpu: &Gpu, clusters: bool, x: &Tensor, gamma: &Tenso
     check_norm_operands("group_norm", x, c, &[gamma, beta], &[y])?;
     super::check_gpu("group_norm stats", &[stats], DType::F32, n * GROUPS * 2)?;
     let front = [KernelArg::Ptr(x.ptr()?), KernelArg::Ptr(gamma.ptr()?), KernelArg::Ptr(beta.ptr()?), KernelArg::Ptr(y.ptr()?)];
-    if let Some(plan) = gn_cluster_plan(n, hw, c, x.dtype(), 1, cluster_tuning()).filter(|_| clusters) {
+    let name = interned(format!("group_norm_cluster_fwd_{}", x.dtype().suffix()));
+    if let Some(plan) = if clusters { gn_cluster_plan(gpu, name, n, hw, c, x.dtype(), 1)? } else { None } {
         let mut args = front.to_vec();
         args.extend([KernelArg::Ptr(stats.ptr()?), KernelArg::I32(hw as i32), KernelArg::I32(c as i32)]);
         args.extend(plan_args(&plan));
         args.extend([KernelArg::F32(eps), KernelArg::I32(silu as i32)]);
-        let name = interned(format!("group_norm_cluster_fwd_{}", x.dtype().suffix()));
         gpu.launch_cluster(MODULE_SM90, name, cluster_config(n, &plan), (plan.k as u32, 1, 1), &args)?;
         return Ok(GnPath::Cluster);
     }
@@ -318,12 +348,12 @@ pub(crate) fn group_norm_backward_on(
     super::check_gpu("group_norm_backward stats", &[stats], DType::F32, n * GROUPS * 2)?;
     let front = [KernelArg::Ptr(x.ptr()?), KernelArg::Ptr(gamma.ptr()?), KernelArg::Ptr(beta.ptr()?), KernelArg::Ptr(stats.ptr()?), KernelArg::Ptr(dy.ptr()?)];
     let res = KernelArg::Ptr(residual.map_or(Ok(0), Tensor::ptr)?);
-    if let Some(plan) = gn_cluster_plan(n, hw, c, x.dtype(), 2, cluster_tuning()).filter(|_| clusters) {
+    let name = interned(format!("group_norm_cluster_bwd_{}", x.dtype().suffix()));
+    if let Some(plan) = if clusters { gn_cluster_plan(gpu, name, n, hw, c, x.dtype(), 2)? } else { None } {
         let mut args = front.to_vec();
         args.extend([res, KernelArg::Ptr(dx.ptr()?), KernelArg::I32(hw as i32), KernelArg::I32(c as i32)]);
         args.extend(plan_args(&plan));
         args.push(KernelArg::I32(silu as i32));
-        let name = interned(format!("group_norm_cluster_bwd_{}", x.dtype().suffix()));
         gpu.launch_cluster(MODULE_SM90, name, cluster_config(n, &plan), (plan.k as u32, 1, 1), &args)?;
         return Ok(GnPath::Cluster);
     }

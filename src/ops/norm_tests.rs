@@ -97,18 +97,21 @@ const SD15_HW: [usize; 4] = [4096, 1024, 256, 64];
 
 #[test]
 fn cluster_plans_cover_sd15_shapes_and_fit() {
-    let tuning = (16, 512, 128);
+    let unlimited = |_: &ClusterPlan| Ok(usize::MAX);
     for dtype in [DType::BF16, DType::F32] {
         for n in [1, 2] {
             for &hw in &SD15_HW {
                 for &c in &SD15_CHANNELS {
                     for tiles in [1, 2] {
-                        let p = gn_cluster_plan(n, hw, c, dtype, tiles, tuning).unwrap_or_else(|| panic!("no plan for {n}×{hw}×{c} {dtype:?} ×{tiles}"));
-                        let (cw, pairs) = (p.gpc * c / GROUPS, p.gpc * c / GROUPS / 2);
-                        let row_bytes = cw * dtype.size();
-                        assert!(GROUPS.is_multiple_of(p.gpc) && p.k <= 16 && p.k * p.rpc >= hw && (p.k - 1) * p.rpc < hw, "{p:?}");
-                        assert!(p.threads.is_multiple_of(pairs) && (32..=512).contains(&p.threads) && row_bytes.is_multiple_of(p.vb), "{p:?}");
-                        assert!(p.smem == p.rpc * row_bytes * tiles && p.smem <= CLUSTER_SMEM && row_bytes >= 64, "{p:?}");
+                        let plans = gn_cluster_plans(n, hw, c, dtype, tiles, 16, 512);
+                        for p in &plans {
+                            let (cw, pairs) = (p.gpc * c / GROUPS, p.gpc * c / GROUPS / 2);
+                            let row_bytes = cw * dtype.size();
+                            assert!(GROUPS.is_multiple_of(p.gpc) && p.k <= 16 && p.k * p.rpc >= hw && (p.k - 1) * p.rpc < hw, "{p:?}");
+                            assert!(p.threads.is_multiple_of(pairs) && (32..=512).contains(&p.threads) && row_bytes.is_multiple_of(p.vb), "{p:?}");
+                            assert!(p.smem == p.rpc * row_bytes * tiles && p.smem <= CLUSTER_SMEM && row_bytes >= 64, "{p:?}");
+                        }
+                        let p = gn_pick_plan(n, &plans, 128, unlimited).unwrap().unwrap_or_else(|| panic!("no plan for {n}×{hw}×{c} {dtype:?} ×{tiles}"));
                         assert!(n * GROUPS / p.gpc * p.k >= 128, "{n}×{hw}×{c}: {p:?} leaves SMs idle");
                     }
                 }
@@ -116,14 +119,18 @@ fn cluster_plans_cover_sd15_shapes_and_fit() {
         }
     }
     // 1×4096×320: 8 clusters of 16 CTAs, 4 groups (40 channels, 80 bytes a row) of 256 rows each.
-    assert_eq!(
-        gn_cluster_plan(1, 4096, 320, DType::BF16, 1, tuning),
-        Some(ClusterPlan { gpc: 4, k: 16, rpc: 256, threads: 500, vb: 16, smem: 20480 })
-    );
-    // Odd channels per group, and the VAE's 512² images (too large a tile), take the two-kernel path.
-    assert_eq!(gn_cluster_plan(1, 64, 96, DType::BF16, 1, tuning), None);
-    assert_eq!(gn_cluster_plan(1, 512 * 512, 128, DType::BF16, 2, tuning), None);
-    assert!(gn_cluster_plan(1, 1, 64, DType::F32, 2, tuning).is_some());
+    let plans = gn_cluster_plans(1, 4096, 320, DType::BF16, 1, 16, 512);
+    let want = ClusterPlan { gpc: 4, k: 16, rpc: 256, threads: 500, vb: 16, smem: 20480 };
+    assert_eq!(gn_pick_plan(1, &plans, 128, unlimited).unwrap(), Some(want));
+    // Where only 7 clusters of 16 fit at once, clusters of 8 (4 groups: 64 CTAs; 2 groups would copy
+    // 40-byte rows); where no plan fits in one wave, none (the two-kernel path runs).
+    let seven_of_16 = |p: &ClusterPlan| Ok(if p.k == 16 { 7 } else { 16 });
+    assert_eq!(gn_pick_plan(1, &plans, 128, seven_of_16).unwrap(), Some(ClusterPlan { gpc: 4, k: 8, rpc: 512, threads: 500, vb: 16, smem: 40960 }));
+    assert_eq!(gn_pick_plan(1, &plans, 128, |_| Ok(0)).unwrap(), None);
+    // Odd channels per group, and the VAE's 512² images (too large a tile): no plan.
+    assert!(gn_cluster_plans(1, 64, 96, DType::BF16, 1, 16, 512).is_empty());
+    assert!(gn_cluster_plans(1, 512 * 512, 128, DType::BF16, 2, 16, 512).is_empty());
+    assert!(!gn_cluster_plans(1, 1, 64, DType::F32, 2, 16, 512).is_empty());
 }
 
 /// The twins' results restricted to some rows: (mean, rstd) per (sample, group) [n, 32, 2], and y
@@ -326,7 +333,7 @@ fn gpu_group_norm_matches_twin_at_odd_shapes() {
     let gpu = Gpu::for_tests().expect("GPU test needs a CUDA device");
     let hopper = gpu.is_hopper().unwrap();
     // Odd channels per group (two kernels everywhere); then even ones on the cluster path where
-    // possible: one row, fewer rows than CTAs (empty CTAs), rows not a multiple of 16, many samples,
+    // possible: one row (16 channels per group: with 2, dx is rounding noise around 0), fewer rows than CTAs (empty CTAs), rows not a multiple of 16, many samples,
     // small widths (8-byte and 4-byte copies), and a long sample whose tile does not fit (two kernels).
     for (n, hw, c) in [(3, 7, 96), (2, 9, 224), (1, 150_001, 32)] {
         for dtype in [DType::BF16, DType::F32] {
@@ -334,7 +341,7 @@ fn gpu_group_norm_matches_twin_at_odd_shapes() {
         }
     }
     let on_hopper = |p| if hopper { p } else { GnPath::TwoKernel };
-    for (n, hw, c, path) in [(1, 1, 64, GnPath::Cluster), (2, 9, 64, GnPath::Cluster), (1, 1000, 128, GnPath::Cluster), (2, 33, 512, GnPath::Cluster), (1, 4099, 64, GnPath::Cluster), (300, 3, 64, GnPath::Cluster), (2, 4096, 960, GnPath::Cluster), (1, 65_536, 128, GnPath::TwoKernel)] {
+    for (n, hw, c, path) in [(1, 1, 512, GnPath::Cluster), (2, 9, 64, GnPath::Cluster), (1, 1000, 128, GnPath::Cluster), (2, 33, 512, GnPath::Cluster), (1, 4099, 64, GnPath::Cluster), (300, 3, 64, GnPath::Cluster), (2, 4096, 960, GnPath::Cluster), (1, 65_536, 128, GnPath::TwoKernel)] {
         for silu in [false, true] {
             for dtype in [DType::BF16, DType::F32] {
                 gpu_group_norm_case(&gpu, n, hw, c, silu, 1e-6, dtype, hopper, on_hopper(path));

@@ -183,6 +183,17 @@ fn gn_config(n: usize, chunks: usize, threads: usize) -> LaunchConfig {
     LaunchConfig { grid_dim: (chunks as u32, n as u32, 1), block_dim: (threads as u32, 1, 1), shared_mem_bytes: 0 }
 }
 
+/// Which GroupNorm path may run: `Auto` = the cluster kernels where a plan runs in one wave on a
+/// Hopper GPU, else two kernels; `Cluster` = the cluster kernels wherever a tile fits, even in
+/// several waves (tests: every shape on the single-pass path); `TwoKernel` = never clusters.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum GnMode {
+    Auto,
+    #[cfg(test)]
+    Cluster,
+    TwoKernel,
+}
+
 /// Which GroupNorm kernels ran: the single-pass cluster kernel (kernels/norm_sm90.cu) or the
 /// two-kernel path (kernels/norm.cu).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -204,7 +215,7 @@ struct ClusterPlan {
     smem: usize,
 }
 
-/// Tile bytes a CTA may hold (the H100 allows 227 KiB of shared memory per block, 4.5 KiB are static).
+/// Tile bytes a CTA may hold (the H100 allows 227 KiB of shared memory per block, 8.5 KiB are static).
 const CLUSTER_SMEM: usize = 200 << 10;
 /// The narrowest row piece a CTA copies: below this the 32-byte sectors are mostly wasted.
 const CLUSTER_MIN_ROW_BYTES: usize = 64;
@@ -217,7 +228,7 @@ fn cluster_tuning() -> (usize, usize, usize) {
     *TUNING.get_or_init(|| {
         let var = std::env::var("SDLORA_GN_CLUSTER").unwrap_or_default();
         match var.split(',').map(|v| v.trim().parse::<usize>()).collect::<Result<Vec<_>, _>>().as_deref() {
-            Ok([k @ 1..=16, t @ 32..=512, ctas]) => (*k, *t, *ctas),
+            Ok([k @ 1..=16, t @ 32..=1024, ctas]) => (*k, *t, *ctas),
             _ => (16, 512, 128),
         }
     })
@@ -268,11 +279,18 @@ fn gn_pick_plan(n: usize, plans: &[ClusterPlan], ctas: usize, mut active: impl F
     Ok(one_wave.into_iter().max_by_key(|p| (n * GROUPS / p.gpc * p.k, std::cmp::Reverse(p.k))))
 }
 
-/// The cluster launch of `kernel` for x [n, hw, c] on this GPU (`tiles` as for [`gn_cluster_plans`]).
-fn gn_cluster_plan(gpu: &Gpu, kernel: &'static str, n: usize, hw: usize, c: usize, dtype: DType, tiles: usize) -> Result<Option<ClusterPlan>> {
+/// The cluster launch of `kernel` for x [n, hw, c] on this GPU under `mode` (`tiles` as for
+/// [`gn_cluster_plans`]); None: the two-kernel path.
+#[allow(clippy::too_many_arguments)]
+fn gn_cluster_plan(gpu: &Gpu, mode: GnMode, kernel: &'static str, n: usize, hw: usize, c: usize, dtype: DType, tiles: usize) -> Result<Option<ClusterPlan>> {
     let (kmax, tmax, ctas) = cluster_tuning();
     let plans = gn_cluster_plans(n, hw, c, dtype, tiles, kmax, tmax);
-    gn_pick_plan(n, &plans, ctas, |p| gpu.max_active_clusters(MODULE_SM90, kernel, cluster_config(n, p), (p.k as u32, 1, 1)))
+    match mode {
+        GnMode::TwoKernel => Ok(None),
+        #[cfg(test)]
+        GnMode::Cluster => gn_pick_plan(n, &plans, ctas, |_| Ok(usize::MAX)),
+        GnMode::Auto => gn_pick_plan(n, &plans, ctas, |p| gpu.max_active_clusters(MODULE_SM90, kernel, cluster_config(n, p), (p.k as u32, 1, 1))),
+    }
 }
 
 fn check_norm_operands(what: &str, x: &Tensor, c: usize, per_channel: &[&Tensor], others: &[&Tensor]) -> Result<()> {
@@ -291,19 +309,19 @@ fn check_norm_operands(what: &str, x: &Tensor, c: usize, per_channel: &[&Tensor]
 /// per-chunk partial statistics.
 #[allow(clippy::too_many_arguments)]
 pub fn group_norm(gpu: &Gpu, x: &Tensor, gamma: &Tensor, beta: &Tensor, eps: f32, silu: bool, y: &mut Tensor, stats: &mut Tensor) -> Result<()> {
-    group_norm_on(gpu, gpu.is_hopper()?, x, gamma, beta, eps, silu, y, stats).map(drop)
+    group_norm_on(gpu, if gpu.is_hopper()? { GnMode::Auto } else { GnMode::TwoKernel }, x, gamma, beta, eps, silu, y, stats).map(drop)
 }
 
-/// [`group_norm`], with the cluster path allowed or not (it needs a Hopper GPU); says which path ran.
+/// [`group_norm`] under `mode` (anything but `TwoKernel` needs a Hopper GPU); says which path ran.
 #[allow(clippy::too_many_arguments)]
-pub(crate) fn group_norm_on(gpu: &Gpu, clusters: bool, x: &Tensor, gamma: &Tensor, beta: &Tensor, eps: f32, silu: bool, y: &mut Tensor, stats: &mut Tensor) -> Result<GnPath> {
+pub(crate) fn group_norm_on(gpu: &Gpu, mode: GnMode, x: &Tensor, gamma: &Tensor, beta: &Tensor, eps: f32, silu: bool, y: &mut Tensor, stats: &mut Tensor) -> Result<GnPath> {
     let (n, hw, c) = nhwc_dims(x)?;
     ensure!(c % GROUPS == 0 && hw > 0 && n > 0, "group_norm: shape {:?} (c must be a multiple of {GROUPS})", x.shape());
     check_norm_operands("group_norm", x, c, &[gamma, beta], &[y])?;
     super::check_gpu("group_norm stats", &[stats], DType::F32, n * GROUPS * 2)?;
     let front = [KernelArg::Ptr(x.ptr()?), KernelArg::Ptr(gamma.ptr()?), KernelArg::Ptr(beta.ptr()?), KernelArg::Ptr(y.ptr()?)];
     let name = interned(format!("group_norm_cluster_fwd_{}", x.dtype().suffix()));
-    if let Some(plan) = if clusters { gn_cluster_plan(gpu, name, n, hw, c, x.dtype(), 1)? } else { None } {
+    if let Some(plan) = gn_cluster_plan(gpu, mode, name, n, hw, c, x.dtype(), 1)? {
         let mut args = front.to_vec();
         args.extend([KernelArg::Ptr(stats.ptr()?), KernelArg::I32(hw as i32), KernelArg::I32(c as i32)]);
         args.extend(plan_args(&plan));
@@ -333,13 +351,13 @@ pub(crate) fn group_norm_on(gpu: &Gpu, clusters: bool, x: &Tensor, gamma: &Tenso
 /// `residual` (same shape as x) when given: a residual branch's gradient, added in the same pass.
 #[allow(clippy::too_many_arguments)]
 pub fn group_norm_backward(gpu: &Gpu, x: &Tensor, gamma: &Tensor, beta: &Tensor, stats: &Tensor, silu: bool, dy: &Tensor, residual: Option<&Tensor>, dx: &mut Tensor) -> Result<()> {
-    group_norm_backward_on(gpu, gpu.is_hopper()?, x, gamma, beta, stats, silu, dy, residual, dx).map(drop)
+    group_norm_backward_on(gpu, if gpu.is_hopper()? { GnMode::Auto } else { GnMode::TwoKernel }, x, gamma, beta, stats, silu, dy, residual, dx).map(drop)
 }
 
-/// [`group_norm_backward`], with the cluster path allowed or not; says which path ran.
+/// [`group_norm_backward`] under `mode`; says which path ran.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn group_norm_backward_on(
-    gpu: &Gpu, clusters: bool, x: &Tensor, gamma: &Tensor, beta: &Tensor, stats: &Tensor, silu: bool, dy: &Tensor, residual: Option<&Tensor>, dx: &mut Tensor,
+    gpu: &Gpu, mode: GnMode, x: &Tensor, gamma: &Tensor, beta: &Tensor, stats: &Tensor, silu: bool, dy: &Tensor, residual: Option<&Tensor>, dx: &mut Tensor,
 ) -> Result<GnPath> {
     let (n, hw, c) = nhwc_dims(x)?;
     ensure!(c % GROUPS == 0 && hw > 0 && n > 0, "group_norm_backward: shape {:?} (c must be a multiple of {GROUPS})", x.shape());
@@ -349,7 +367,7 @@ pub(crate) fn group_norm_backward_on(
     let front = [KernelArg::Ptr(x.ptr()?), KernelArg::Ptr(gamma.ptr()?), KernelArg::Ptr(beta.ptr()?), KernelArg::Ptr(stats.ptr()?), KernelArg::Ptr(dy.ptr()?)];
     let res = KernelArg::Ptr(residual.map_or(Ok(0), Tensor::ptr)?);
     let name = interned(format!("group_norm_cluster_bwd_{}", x.dtype().suffix()));
-    if let Some(plan) = if clusters { gn_cluster_plan(gpu, name, n, hw, c, x.dtype(), 2)? } else { None } {
+    if let Some(plan) = gn_cluster_plan(gpu, mode, name, n, hw, c, x.dtype(), 2)? {
         let mut args = front.to_vec();
         args.extend([res, KernelArg::Ptr(dx.ptr()?), KernelArg::I32(hw as i32), KernelArg::I32(c as i32)]);
         args.extend(plan_args(&plan));

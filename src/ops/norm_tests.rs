@@ -231,9 +231,9 @@ fn take_rows(v: &[f32], n: usize, hw: usize, c: usize, rows: &[usize]) -> Vec<f3
 
 /// One GroupNorm case on the GPU: forward (with the saved statistics), backward, and backward with a
 /// residual gradient, NaN-poisoned outputs, fresh inputs, against the twins' values (`gn_reference`).
-/// `clusters`: whether the cluster path may run; `want`: the path that must have run.
+/// `mode`: the paths allowed; `want`: the path that must have run (None: either).
 #[allow(clippy::too_many_arguments)]
-fn gpu_group_norm_case(gpu: &Gpu, n: usize, hw: usize, c: usize, silu: bool, eps: f32, dtype: DType, clusters: bool, want: GnPath) {
+fn gpu_group_norm_case(gpu: &Gpu, n: usize, hw: usize, c: usize, silu: bool, eps: f32, dtype: DType, mode: GnMode, want: Option<GnPath>) {
     let seed = Rng::fresh_seed();
     let mut rng = Rng::new(seed);
     let mut x = activations(&mut rng, n * hw, c);
@@ -244,14 +244,14 @@ fn gpu_group_norm_case(gpu: &Gpu, n: usize, hw: usize, c: usize, silu: bool, eps
     let shape = [n, hw, c];
     let (xd, gd, bd, dyd) = (upload(gpu, &shape, &x, dtype), upload(gpu, &[c], &gamma, dtype), upload(gpu, &[c], &beta, dtype), upload(gpu, &shape, &dy, dtype));
     let (mut y, mut stats, mut dx) = (poisoned(gpu, &shape, dtype), poisoned(gpu, &[n, GROUPS, 2], DType::F32), poisoned(gpu, &shape, dtype));
-    let what = |s: &str| format!("group norm {s} {dtype:?} n={n} hw={hw} c={c} silu={silu} eps={eps:e} clusters={clusters} seed={seed}");
-    let path = group_norm_on(gpu, clusters, &xd, &gd, &bd, eps, silu, &mut y, &mut stats).unwrap();
-    assert_eq!(path, want, "{}", what("forward path"));
-    let path = group_norm_backward_on(gpu, clusters, &xd, &gd, &bd, &stats, silu, &dyd, None, &mut dx).unwrap();
-    assert_eq!(path, want, "{}", what("backward path"));
+    let what = |s: &str| format!("group norm {s} {dtype:?} n={n} hw={hw} c={c} silu={silu} eps={eps:e} mode={mode:?} seed={seed}");
+    let path = group_norm_on(gpu, mode, &xd, &gd, &bd, eps, silu, &mut y, &mut stats).unwrap();
+    assert!(want.is_none_or(|w| w == path), "{}: {path:?}", what("forward path"));
+    let path = group_norm_backward_on(gpu, mode, &xd, &gd, &bd, &stats, silu, &dyd, None, &mut dx).unwrap();
+    assert!(want.is_none_or(|w| w == path), "{}: {path:?}", what("backward path"));
     // The same gradient with a residual branch's gradient added in the kernel.
     let mut dx_res = poisoned(gpu, &shape, dtype);
-    group_norm_backward_on(gpu, clusters, &xd, &gd, &bd, &stats, silu, &dyd, Some(&upload(gpu, &shape, &res, dtype)), &mut dx_res).unwrap();
+    group_norm_backward_on(gpu, mode, &xd, &gd, &bd, &stats, silu, &dyd, Some(&upload(gpu, &shape, &res, dtype)), &mut dx_res).unwrap();
     let rows = sampled_rows(hw);
     let (want_stats, want_y, want_dx) = gn_reference(&x, &dy, n, hw, c, &gamma, &beta, eps, silu, &rows);
     let (tol_fwd, tol_bwd) = tolerances(dtype);
@@ -263,22 +263,21 @@ fn gpu_group_norm_case(gpu: &Gpu, n: usize, hw: usize, c: usize, silu: bool, eps
     check(&what("backward + residual"), &pick(&dx_res), &want_res, tol_bwd);
 }
 
-/// The path the SD1.5 shapes must take on this GPU: clusters on Hopper.
-fn sd15_path(gpu: &Gpu) -> GnPath {
-    if gpu.is_hopper().unwrap() { GnPath::Cluster } else { GnPath::TwoKernel }
-}
-
-/// Every SD1.5 resolution at width `c`: bf16 at batch 1 and 2, f32 at batch 1 or 2; SiLU, eps
-/// 1e-5 / 1e-6 alternating (every case checks the backward with and without the residual).
+/// Every SD1.5 resolution at width `c`, on the single-pass cluster path (on Hopper; two kernels
+/// elsewhere): bf16 at batch 1 and 2, f32 at batch 1 or 2; SiLU, eps 1e-5 / 1e-6 alternating (every
+/// case checks the backward with and without the residual); then the path `group_norm` picks
+/// (clusters in one wave, or two kernels) at batch 1 in bf16.
 fn gpu_sd15_width(c: usize) {
     let gpu = Gpu::for_tests().expect("GPU test needs a CUDA device");
-    let (hopper, want) = (gpu.is_hopper().unwrap(), sd15_path(&gpu));
+    let (mode, want) = if gpu.is_hopper().unwrap() { (GnMode::Cluster, GnPath::Cluster) } else { (GnMode::TwoKernel, GnPath::TwoKernel) };
     for (i, &hw) in SD15_HW.iter().enumerate() {
         let (silu, eps) = (i % 2 == 0, if i % 3 == 1 { 1e-6 } else { 1e-5 });
         for n in [1, 2] {
-            gpu_group_norm_case(&gpu, n, hw, c, silu ^ (n == 2), eps, DType::BF16, hopper, want);
+            gpu_group_norm_case(&gpu, n, hw, c, silu ^ (n == 2), eps, DType::BF16, mode, Some(want));
         }
-        gpu_group_norm_case(&gpu, 1 + i % 2, hw, c, !silu, eps, DType::F32, hopper, want);
+        gpu_group_norm_case(&gpu, 1 + i % 2, hw, c, !silu, eps, DType::F32, mode, Some(want));
+        let auto = if mode == GnMode::Cluster { GnMode::Auto } else { GnMode::TwoKernel };
+        gpu_group_norm_case(&gpu, 1, hw, c, silu, eps, DType::BF16, auto, None);
     }
 }
 
@@ -322,7 +321,7 @@ fn gpu_group_norm_two_kernel_path_matches_twin() {
     let shapes = [(1, 4096, 320), (2, 1024, 640), (1, 256, 1280), (2, 64, 2560), (1, 1024, 1920), (2, 4096, 640), (2, 4096, 960), (1, 4096, 1280)];
     for (i, &(n, hw, c)) in shapes.iter().enumerate() {
         for dtype in [DType::BF16, DType::F32] {
-            gpu_group_norm_case(&gpu, n, hw, c, i % 2 == 0, if i % 3 == 2 { 1e-6 } else { 1e-5 }, dtype, false, GnPath::TwoKernel);
+            gpu_group_norm_case(&gpu, n, hw, c, i % 2 == 0, if i % 3 == 2 { 1e-6 } else { 1e-5 }, dtype, GnMode::TwoKernel, Some(GnPath::TwoKernel));
         }
     }
 }
@@ -332,21 +331,25 @@ fn gpu_group_norm_two_kernel_path_matches_twin() {
 fn gpu_group_norm_matches_twin_at_odd_shapes() {
     let gpu = Gpu::for_tests().expect("GPU test needs a CUDA device");
     let hopper = gpu.is_hopper().unwrap();
+    let (mode, cluster) = if hopper { (GnMode::Cluster, GnPath::Cluster) } else { (GnMode::TwoKernel, GnPath::TwoKernel) };
     // Odd channels per group (two kernels everywhere); then even ones on the cluster path where
-    // possible: one row (16 channels per group: with 2, dx is rounding noise around 0), fewer rows than CTAs (empty CTAs), rows not a multiple of 16, many samples,
-    // small widths (8-byte and 4-byte copies), and a long sample whose tile does not fit (two kernels).
+    // possible: one row (16 channels per group: with 2, dx is rounding noise around 0), fewer rows
+    // than CTAs (empty CTAs), rows not a multiple of 16, many samples, small widths (8-byte and
+    // 4-byte copies), and a long sample whose tile does not fit (two kernels); each also as
+    // `group_norm` picks.
     for (n, hw, c) in [(3, 7, 96), (2, 9, 224), (1, 150_001, 32)] {
         for dtype in [DType::BF16, DType::F32] {
-            gpu_group_norm_case(&gpu, n, hw, c, n != 2, 1e-6, dtype, hopper, GnPath::TwoKernel);
+            gpu_group_norm_case(&gpu, n, hw, c, n != 2, 1e-6, dtype, mode, Some(GnPath::TwoKernel));
         }
     }
-    let on_hopper = |p| if hopper { p } else { GnPath::TwoKernel };
-    for (n, hw, c, path) in [(1, 1, 512, GnPath::Cluster), (2, 9, 64, GnPath::Cluster), (1, 1000, 128, GnPath::Cluster), (2, 33, 512, GnPath::Cluster), (1, 4099, 64, GnPath::Cluster), (300, 3, 64, GnPath::Cluster), (2, 4096, 960, GnPath::Cluster), (1, 65_536, 128, GnPath::TwoKernel)] {
+    for (n, hw, c, path) in [(1, 1, 512, cluster), (2, 9, 64, cluster), (1, 1000, 128, cluster), (2, 33, 512, cluster), (1, 4099, 64, cluster), (300, 3, 64, cluster), (2, 4096, 960, cluster), (1, 65_536, 128, GnPath::TwoKernel)] {
         for silu in [false, true] {
             for dtype in [DType::BF16, DType::F32] {
-                gpu_group_norm_case(&gpu, n, hw, c, silu, 1e-6, dtype, hopper, on_hopper(path));
+                gpu_group_norm_case(&gpu, n, hw, c, silu, 1e-6, dtype, mode, Some(path));
             }
         }
+        let auto = if hopper { GnMode::Auto } else { GnMode::TwoKernel };
+        gpu_group_norm_case(&gpu, n, hw, c, true, 1e-5, DType::BF16, auto, None);
     }
 }
 

@@ -8,7 +8,7 @@
 //   Saved for the backward: stats [n, 32, 2] = (mean, rstd) in f32.
 //   Backward (input grad only, γ β frozen): dh = dy (or dy·σ(h)(1 + h(1 − σ(h))) with SiLU),
 //   d = dh·γ;  dx = rstd·(d − mean_g(d) − x̂·mean_g(d·x̂)) (+ res, optional: a residual branch's gradient).
-//   σ(h) = 1/(1 + e^−h) with the fast __expf and an approximate reciprocal (≈ 1e-6 relative; norm.cuh).
+//   σ(h) = 1/(1 + e^−h) with the fast __expf and a rounded reciprocal (≈ 1e-6 relative).
 //
 //   Tiling: the hw rows of a sample are cut into `chunks` chunks of `rpc` rows; a block of TX·TY
 //   threads handles one (chunk, sample). Thread (tx, ty) owns the E channels [tx·E, (tx+1)·E) of

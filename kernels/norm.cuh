@@ -5,13 +5,8 @@
 
 #define GROUPS 32
 
-// σ(h) = 1/(1 + e^−h) with the fast __expf and the approximate reciprocal (rcp.approx: one MUFU
-// instruction instead of the IEEE-rounded sequence; ≈ 1e-6 relative in all; 1/∞ = 0 for h < −88).
-__device__ __forceinline__ float sigmoidf(float h) {
-  float r;
-  asm("rcp.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(1.0f + __expf(-h)));
-  return r;
-}
+// σ(h) = 1/(1 + e^−h) with the fast __expf and a rounded reciprocal (≈ 1e-6 relative).
+__device__ __forceinline__ float sigmoidf(float h) { return __frcp_rn(1.0f + __expf(-h)); }
 
 // Chan et al.: merge (n_b, mean_b, M2_b) into (n, mean, M2).
 __device__ __forceinline__ void chan_merge(float& n, float& mean, float& m2, float nb, float meanb, float m2b) {

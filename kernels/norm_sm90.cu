@@ -31,7 +31,7 @@
 // two-kernel path where cpg is odd or the tile does not fit in shared memory.
 #include "norm.cuh"
 
-#define MAX_THREADS 1024
+#define MAX_THREADS 512
 #define MAX_CLUSTER 16
 
 __device__ __forceinline__ uint32_t cluster_rank() {
@@ -68,16 +68,12 @@ __device__ __forceinline__ void load_partials(const float2* part, int K, float2 
 // into dense shared memory, VB bytes per copy (VB divides cw·sizeof(T); both sides VB-aligned).
 template <typename T>
 __device__ __forceinline__ void load_rows(T* dst, const T* src, int r0, int r1, int cw, int c, int vb) {
-  const int row_bytes = cw * (int)sizeof(T), per_row = row_bytes / vb;
-  const uint32_t base = (uint32_t)__cvta_generic_to_shared(dst);
-  // Copy i = threadIdx.x + m·blockDim is piece k of row r; (r, k) advance without a division.
-  const int step_r = blockDim.x / per_row, step_k = blockDim.x - step_r * per_row;
-  int r = r0 + threadIdx.x / per_row, k = threadIdx.x % per_row;
-  for (; r < r1; r += step_r, k += step_k) {
-    if (k >= per_row) k -= per_row, ++r;
-    if (r >= r1) break;
+  const int row_bytes = cw * (int)sizeof(T), per_row = row_bytes / vb, total = (r1 - r0) * per_row;
+  const uint32_t base = (uint32_t)__cvta_generic_to_shared(dst) + r0 * row_bytes;
+  for (int i = threadIdx.x; i < total; i += blockDim.x) {
+    const int r = i / per_row, k = i - r * per_row;
     const uint32_t s = base + r * row_bytes + k * vb;
-    const char* g = reinterpret_cast<const char*>(src + (int64_t)r * c) + k * vb;
+    const char* g = reinterpret_cast<const char*>(src + (int64_t)(r0 + r) * c) + k * vb;
     if (vb == 16) {
       asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(s), "l"(g) : "memory");
     } else if (vb == 8) {
@@ -209,16 +205,16 @@ __device__ void gn_cluster_fwd(const T* __restrict__ x, const T* __restrict__ ga
   // 4. y from the held tile.
   const float2 st = merged[t.gl];
   const float a0 = st.y * g[0], a1 = st.y * g[1];
+  T* ys = y + row0 * c + t.c0 + 2 * t.pair;
   const int TY = blockDim.x / t.P;
-  T* yr = y + (row0 + threadIdx.x / t.P) * c + t.c0 + 2 * t.pair;  // this thread's next output pair
 #pragma unroll 4
-  for (int w = threadIdx.x; w < words; w += blockDim.x, yr += (int64_t)TY * c) {
+  for (int w = threadIdx.x, r = threadIdx.x / t.P; w < words; w += blockDim.x, r += TY) {
     float v[2];
     load_pack<T, 2>(tile + 2 * w, v);
     v[0] = fmaf(v[0] - st.x, a0, be[0]);
     v[1] = fmaf(v[1] - st.x, a1, be[1]);
     if (silu) v[0] *= sigmoidf(v[0]), v[1] *= sigmoidf(v[1]);
-    store_pack<T, 2>(yr, v);
+    store_pack<T, 2>(ys + (int64_t)r * c, v);
   }
   cluster_wait();  // no CTA leaves while another may still read its partials
 }
@@ -289,13 +285,13 @@ __device__ void gn_cluster_bwd(const T* __restrict__ x, const T* __restrict__ ga
 
   // 4. dx from the held tiles (+ the residual gradient, read here).
   const float2 m = merged[t.gl];
-  const int64_t step = (int64_t)(blockDim.x / t.P) * c;
-  int64_t at = off + (int64_t)(threadIdx.x / t.P) * c + 2 * t.pair;  // this thread's next pair
+  const int TY = blockDim.x / t.P;
 #pragma unroll 4
-  for (int w = threadIdx.x; w < words; w += blockDim.x, at += step) {
+  for (int w = threadIdx.x, r = threadIdx.x / t.P; w < words; w += blockDim.x, r += TY) {
     float v[2], e[2];
     load_pack<T, 2>(xt + 2 * w, v);
     load_pack<T, 2>(dyt + 2 * w, e);
+    const int64_t at = (int64_t)r * c + 2 * t.pair;
 #pragma unroll
     for (int i = 0; i < 2; ++i) {
       float xhat;
@@ -303,10 +299,10 @@ __device__ void gn_cluster_bwd(const T* __restrict__ x, const T* __restrict__ ga
       v[i] = st.y * (dd - m.x - xhat * m.y);
     }
     if (res) {
-      load_pack<T, 2>(res + at, e);
+      load_pack<T, 2>(res + off + at, e);
       v[0] += e[0], v[1] += e[1];
     }
-    store_pack<T, 2>(dx + at, v);
+    store_pack<T, 2>(dx + off + at, v);
   }
   cluster_wait();  // no CTA leaves while another may still read its partials
 }

@@ -215,7 +215,7 @@ struct ClusterPlan {
     smem: usize,
 }
 
-/// Tile bytes a CTA may hold (the H100 allows 227 KiB of shared memory per block, 8.5 KiB are static).
+/// Tile bytes a CTA may hold (the H100 allows 227 KiB of shared memory per block, 4.5 KiB are static).
 const CLUSTER_SMEM: usize = 200 << 10;
 /// The narrowest row piece a CTA copies: below this the 32-byte sectors are mostly wasted.
 const CLUSTER_MIN_ROW_BYTES: usize = 64;
@@ -228,7 +228,7 @@ fn cluster_tuning() -> (usize, usize, usize) {
     *TUNING.get_or_init(|| {
         let var = std::env::var("SDLORA_GN_CLUSTER").unwrap_or_default();
         match var.split(',').map(|v| v.trim().parse::<usize>()).collect::<Result<Vec<_>, _>>().as_deref() {
-            Ok([k @ 1..=16, t @ 32..=1024, ctas]) => (*k, *t, *ctas),
+            Ok([k @ 1..=16, t @ 32..=512, ctas]) => (*k, *t, *ctas),
             _ => (16, 512, 128),
         }
     })

@@ -184,8 +184,9 @@ fn gn_config(n: usize, chunks: usize, threads: usize) -> LaunchConfig {
 }
 
 /// Which GroupNorm path may run: `Auto` = the cluster kernels where a plan runs in one wave on a
-/// Hopper GPU, else two kernels; `Cluster` = the cluster kernels wherever a tile fits, even in
-/// several waves (tests: every shape on the single-pass path); `TwoKernel` = never clusters.
+/// Hopper GPU with at most `AUTO_MAX_TILES` of tiles per CTA, else two kernels; `Cluster` = the
+/// cluster kernels wherever a tile fits, even in several waves (tests: every shape on the
+/// single-pass path); `TwoKernel` = never clusters.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum GnMode {
     Auto,
@@ -217,6 +218,10 @@ struct ClusterPlan {
 
 /// Tile bytes a CTA may hold (the H100 allows 227 KiB of shared memory per block, 4.5 KiB are static).
 const CLUSTER_SMEM: usize = 200 << 10;
+/// Tile bytes per CTA up to which `group_norm` takes the cluster path (measured on the H100,
+/// benches/RESULTS.md "Single-pass GroupNorm on clusters": with larger tiles a CTA's serial
+/// load → sums → cluster barrier → write chain is slower than the two-kernel path).
+const AUTO_MAX_TILES: usize = 24 << 10;
 /// The narrowest row piece a CTA copies: below this the 32-byte sectors are mostly wasted.
 const CLUSTER_MIN_ROW_BYTES: usize = 64;
 
@@ -289,7 +294,8 @@ fn gn_cluster_plan(gpu: &Gpu, mode: GnMode, kernel: &'static str, n: usize, hw: 
         GnMode::TwoKernel => Ok(None),
         #[cfg(test)]
         GnMode::Cluster => gn_pick_plan(n, &plans, ctas, |_| Ok(usize::MAX)),
-        GnMode::Auto => gn_pick_plan(n, &plans, ctas, |p| gpu.max_active_clusters(MODULE_SM90, kernel, cluster_config(n, p), (p.k as u32, 1, 1))),
+        GnMode::Auto => Ok(gn_pick_plan(n, &plans, ctas, |p| gpu.max_active_clusters(MODULE_SM90, kernel, cluster_config(n, p), (p.k as u32, 1, 1)))?
+            .filter(|p| p.smem <= AUTO_MAX_TILES)),
     }
 }
 

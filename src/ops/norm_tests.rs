@@ -357,9 +357,9 @@ fn gpu_group_norm_matches_twin_at_odd_shapes() {
 #[ignore = "needs a CUDA GPU"]
 fn gpu_group_norm_runs_the_cluster_kernels_on_hopper() {
     let gpu = Gpu::for_tests().expect("GPU test needs a CUDA device");
-    let shape = [1, 4096, 320];
-    let x = upload(&gpu, &shape, &vec![0.5; 4096 * 320], DType::BF16);
-    let gb = upload(&gpu, &[320], &[1.0; 320], DType::BF16);
+    let shape = [1, 1024, 640];
+    let x = upload(&gpu, &shape, &vec![0.5; 1024 * 640], DType::BF16);
+    let gb = upload(&gpu, &[640], &[1.0; 640], DType::BF16);
     let (mut y, mut stats, mut dx) = (poisoned(&gpu, &shape, DType::BF16), poisoned(&gpu, &[1, GROUPS, 2], DType::F32), poisoned(&gpu, &shape, DType::BF16));
     gpu.start_profiling();
     group_norm(&gpu, &x, &gb, &gb, 1e-5, true, &mut y, &mut stats).unwrap();

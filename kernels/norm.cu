@@ -36,13 +36,10 @@
 //   of the residual branch around the norm, added here instead of by a separate add).
 //   d = dy·γ is rounded once (__fmul_rn) so that the two passes see the same d: with zero variance
 //   (rstd = 1/√eps) a contracted fma would otherwise leave rstd·(rounding error) instead of 0.
-#include "pack.cuh"
+#include "norm.cuh"
 
 #define WARPS 8  // LayerNorm: one warp per row, 8 rows per block
-#define GROUPS 32
 #define MAX_WARPS 32
-
-__device__ __forceinline__ float sigmoidf(float h) { return __frcp_rn(1.0f + __expf(-h)); }
 
 // ---------------------------------------------------------------------------------------------
 // Vector helpers
@@ -123,15 +120,6 @@ __device__ float2 gn_block_reduce(const GnThread& th, float2 lo, float2 hi) {
       }
   }
   return acc;
-}
-
-// Chan et al.: merge (n_b, mean_b, M2_b) into (n, mean, M2).
-__device__ __forceinline__ void chan_merge(float& n, float& mean, float& m2, float nb, float meanb, float m2b) {
-  if (nb == 0.f) return;
-  const float tot = n + nb, delta = meanb - mean, f = nb / tot;
-  mean = fmaf(delta, f, mean);
-  m2 = m2 + m2b + delta * delta * n * f;
-  n = tot;
 }
 
 // Combines the chunk partials of sample b into sh_out[g] for every group g; block-wide, ends synced.
@@ -267,17 +255,6 @@ __device__ void gn_fwd_apply(const T* __restrict__ x, const T* __restrict__ gamm
 // ---------------------------------------------------------------------------------------------
 // GroupNorm backward (input gradient)
 // ---------------------------------------------------------------------------------------------
-// d = dh·γ for one element (rounded once, see the LayerNorm note), and x̂.
-__device__ __forceinline__ float gn_grad_in(float xv, float dyv, float g, float be, float2 st, int silu, float& xhat) {
-  xhat = (xv - st.x) * st.y;
-  float dh = dyv;
-  if (silu) {
-    const float h = fmaf(xhat, g, be), s = sigmoidf(h);
-    dh = dyv * s * (1.f + h * (1.f - s));
-  }
-  return __fmul_rn(dh, g);
-}
-
 template <typename T, int E, int R>
 __device__ void gn_bwd_stats(const T* __restrict__ x, const T* __restrict__ gamma, const T* __restrict__ beta,
                              const float2* __restrict__ stats, const T* __restrict__ dy, float2* __restrict__ part, int hw,
@@ -538,7 +515,9 @@ __device__ void ln_bwd(const T* __restrict__ x, const T* __restrict__ gamma, con
 
 // Entry points: <op>_<type>_v<E>, E = elements per vector load. GroupNorm: the launcher picks the
 // widest 16-byte vector with E ≤ c/32, or 8 f32 (two 16-byte loads) where c/E would exceed 512;
-// blocks of up to 512 threads, R = 2 rows loaded at a time (more would spill at 128 registers).
+// blocks of up to 512 threads, R = 2 rows loaded at a time (more would spill at 128 registers);
+// suffix _t256r4: blocks of up to 256 threads loading R = 4 rows at a time, for samples of many
+// rows per thread (the launcher's rule, src/ops/norm.rs gn_layout).
 // LayerNorm's carry _h<H>, the vectors per lane held in registers (blocks of 256 per SM: 4 for
 // H ≤ 2, 3 for H = 3, 2 for 5).
 #define LN_KERNELS(TN, T, E, H)                                                                                         \
@@ -570,7 +549,7 @@ __device__ void ln_bwd(const T* __restrict__ x, const T* __restrict__ gamma, con
       T* dx, int hw, int c, int rpc, int chunks, int silu) {                                                           \
     gn_bwd_apply<T, E, R>(x, gamma, beta, stats, dy, part, res, dx, hw, c, rpc, chunks, silu);                         \
   }
-#define GN_VARIANTS(TN, T, E) GN_KERNELS(TN, T, E, , 512, 2)
+#define GN_VARIANTS(TN, T, E) GN_KERNELS(TN, T, E, , 512, 2) GN_KERNELS(TN, T, E, _t256r4, 256, 4)
 #define NORM_KERNELS(TN, T, E)                                                                                          \
   GN_VARIANTS(TN, T, E)                                                                                                \
   LN_KERNELS(TN, T, E, 1)                                                                                              \

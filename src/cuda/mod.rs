@@ -38,6 +38,11 @@ pub struct Gpu {
     stream: Arc<CudaStream>,
     modules: RefCell<HashMap<&'static str, Arc<CudaModule>>>,
     functions: RefCell<HashMap<(&'static str, &'static str), CudaFunction>>,
+    /// Kernels launched as clusters so far, with the dynamic shared memory each is allowed.
+    cluster_attrs: RefCell<HashMap<(&'static str, &'static str), u32>>,
+    /// `max_active_clusters` answers: (module, kernel, block, shared bytes, cluster) → clusters.
+    #[allow(clippy::type_complexity)]
+    cluster_occupancy: RefCell<HashMap<(&'static str, &'static str, (u32, u32, u32), u32, (u32, u32, u32)), usize>>,
     arenas: RefCell<Arenas>,
     profiler: RefCell<Option<Profiler>>,
     check_launches: Cell<bool>,
@@ -66,6 +71,8 @@ impl Gpu {
             stream,
             modules: RefCell::default(),
             functions: RefCell::default(),
+            cluster_attrs: RefCell::default(),
+            cluster_occupancy: RefCell::default(),
             arenas: RefCell::new(Arenas::default()),
             profiler: RefCell::new(None),
             check_launches: Cell::new(check_launches),
@@ -177,6 +184,87 @@ impl Gpu {
                 .map_err(|e| anyhow!("kernel {module}::{kernel} failed while running: {e}"))?;
         }
         Ok(())
+    }
+
+    /// Launches `kernel` as a grid of thread-block clusters of `cluster` = (x, y, z) CTAs
+    /// (`cuLaunchKernelEx` with the cluster-dimension attribute; Hopper modules only), otherwise as
+    /// [`Gpu::launch`]: the same profiler events and launch checking, and capturable in CUDA graphs.
+    /// Clusters of up to 16 CTAs (non-portable sizes) and dynamic shared memory past 48 KiB are
+    /// allowed on the kernel first.
+    pub fn launch_cluster(&self, module: &'static str, kernel: &'static str, cfg: LaunchConfig, cluster: (u32, u32, u32), args: &[KernelArg]) -> Result<()> {
+        let f = self.cluster_function(module, kernel, cfg.shared_mem_bytes)?;
+        let mut params: Vec<*mut std::ffi::c_void> = args
+            .iter()
+            .map(|a| match a {
+                KernelArg::Ptr(v) => v as *const u64 as *mut _,
+                KernelArg::I64(v) => v as *const i64 as *mut _,
+                KernelArg::I32(v) => v as *const i32 as *mut _,
+                KernelArg::U32(v) => v as *const u32 as *mut _,
+                KernelArg::F32(v) => v as *const f32 as *mut _,
+                KernelArg::TensorMap(v) => v as *const [u64; 16] as *mut _,
+            })
+            .collect();
+        let mut attr = cluster_attribute(cluster);
+        let config = launch_config(&cfg, &mut attr, self.stream.cu_stream());
+        self.ctx.bind_to_thread().map_err(|e| launch_error(module, kernel, &cfg, e))?;
+        let profiling = self.profiler.borrow().is_some();
+        let start = if profiling { Some(self.stream.record_event(Some(sys::CUevent_flags::CU_EVENT_DEFAULT))?) } else { None };
+        // SAFETY: `params` points at the values in `args`, which outlive the call (the driver copies
+        // them at launch); argument count and types are fixed by each op's wrapper, as for `launch`.
+        unsafe { sys::cuLaunchKernelEx(&config, f.cu_function(), params.as_mut_ptr(), std::ptr::null_mut()) }
+            .result()
+            .map_err(|e| launch_error(module, kernel, &cfg, e))?;
+        if let (Some(start), Some(p)) = (start, self.profiler.borrow_mut().as_mut()) {
+            p.push(kernel, (start, self.stream.record_event(Some(sys::CUevent_flags::CU_EVENT_DEFAULT))?));
+        }
+        if self.check_launches.get() && !self.capturing.get() {
+            self.stream
+                .synchronize()
+                .map_err(|e| anyhow!("kernel {module}::{kernel} failed while running: {e}"))?;
+        }
+        Ok(())
+    }
+
+    /// `kernel` ready for cluster launches with `smem` bytes of dynamic shared memory: on its first
+    /// cluster launch it is allowed non-portable cluster sizes (harmless for small clusters), and
+    /// the shared memory allowance is raised whenever a launch needs more than before.
+    fn cluster_function(&self, module: &'static str, kernel: &'static str, smem: u32) -> Result<CudaFunction> {
+        use sys::CUfunction_attribute::{CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES as MAX_SMEM, CU_FUNC_ATTRIBUTE_NON_PORTABLE_CLUSTER_SIZE_ALLOWED as NON_PORTABLE};
+        let f = self.function(module, kernel)?;
+        let what = |e| anyhow!("cannot set {module}::{kernel}'s cluster attributes ({smem} B shared): {e}");
+        let mut set = self.cluster_attrs.borrow_mut();
+        let allowed = match set.get(&(module, kernel)) {
+            Some(&bytes) => bytes,
+            None => {
+                f.set_attribute(NON_PORTABLE, 1).map_err(what)?;
+                48 << 10
+            }
+        };
+        if smem > allowed {
+            f.set_attribute(MAX_SMEM, smem as i32).map_err(what)?;
+        }
+        set.insert((module, kernel), allowed.max(smem));
+        Ok(f)
+    }
+
+    /// How many clusters of `cluster` CTAs of `kernel`, launched as `cfg`, can run at once on this
+    /// GPU (`cuOccupancyMaxActiveClusters`; 0 when none fits). Cached per (kernel, block, shared
+    /// memory, cluster shape).
+    pub fn max_active_clusters(&self, module: &'static str, kernel: &'static str, cfg: LaunchConfig, cluster: (u32, u32, u32)) -> Result<usize> {
+        let key = (module, kernel, cfg.block_dim, cfg.shared_mem_bytes, cluster);
+        if let Some(&n) = self.cluster_occupancy.borrow().get(&key) {
+            return Ok(n);
+        }
+        let f = self.cluster_function(module, kernel, cfg.shared_mem_bytes)?;
+        let mut attr = cluster_attribute(cluster);
+        let config = launch_config(&cfg, &mut attr, std::ptr::null_mut());
+        let mut n: std::ffi::c_int = 0;
+        // SAFETY: `config` and `attr` live across the call; `n` receives the count.
+        unsafe { sys::cuOccupancyMaxActiveClusters(&mut n, f.cu_function(), &config) }
+            .result()
+            .map_err(|e| anyhow!("cuOccupancyMaxActiveClusters for {module}::{kernel} (block {:?}, {} B shared, cluster {cluster:?}): {e}", cfg.block_dim, cfg.shared_mem_bytes))?;
+        self.cluster_occupancy.borrow_mut().insert(key, n.max(0) as usize);
+        Ok(n.max(0) as usize)
     }
 
     /// Records the launches `f` makes into a CUDA graph instead of running them, and returns `f`'s
@@ -302,6 +390,31 @@ pub enum KernelArg {
     /// A 128-byte `CUtensorMap` (from `cuTensorMapEncodeTiled`) passed by value: the kernel
     /// parameter is a 64-byte-aligned `const __grid_constant__` struct of 16 u64.
     TensorMap([u64; 16]),
+}
+
+/// The cluster-dimension launch attribute.
+fn cluster_attribute((x, y, z): (u32, u32, u32)) -> sys::CUlaunchAttribute {
+    // SAFETY: a zeroed attribute is a valid plain-data value; id and cluster dims are set below.
+    let mut attr: sys::CUlaunchAttribute = unsafe { std::mem::zeroed() };
+    attr.id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_CLUSTER_DIMENSION;
+    attr.value.clusterDim = sys::CUlaunchAttributeValue_union__bindgen_ty_1 { x, y, z };
+    attr
+}
+
+/// `cfg` with one launch attribute, for `cuLaunchKernelEx` / `cuOccupancyMaxActiveClusters`.
+fn launch_config(cfg: &LaunchConfig, attr: &mut sys::CUlaunchAttribute, stream: sys::CUstream) -> sys::CUlaunchConfig {
+    sys::CUlaunchConfig {
+        gridDimX: cfg.grid_dim.0,
+        gridDimY: cfg.grid_dim.1,
+        gridDimZ: cfg.grid_dim.2,
+        blockDimX: cfg.block_dim.0,
+        blockDimY: cfg.block_dim.1,
+        blockDimZ: cfg.block_dim.2,
+        sharedMemBytes: cfg.shared_mem_bytes,
+        hStream: stream,
+        attrs: attr,
+        numAttrs: 1,
+    }
 }
 
 fn launch_error(module: &str, kernel: &str, cfg: &LaunchConfig, e: DriverError) -> anyhow::Error {

@@ -1,4 +1,4 @@
-//! Normalization (kernels/norm.cu): GroupNorm (32 groups) on NHWC activations with an optional fused
+//! Normalization (kernels/norm.cu; on Hopper GroupNorm in one pass, kernels/norm_sm90.cu): GroupNorm (32 groups) on NHWC activations with an optional fused
 //! SiLU, and LayerNorm over rows; forward and input-gradient backward (γ, β are frozen). Statistics
 //! in f32 on the GPU; the forward saves (mean, rstd) per (sample, group) or per row for the backward.
 //! CPU twins: `group_norm_cpu`, `group_norm_backward_cpu`, `layer_norm_cpu`, `layer_norm_backward_cpu`.
@@ -8,6 +8,8 @@ use crate::tensor::{DType, Tensor};
 use anyhow::{ensure, Result};
 
 const MODULE: &str = "norm";
+/// The single-pass GroupNorm for Hopper (thread-block clusters), launched only when `Gpu::is_hopper`.
+const MODULE_SM90: &str = "norm_sm90";
 /// GroupNorm group count: every GroupNorm in SD1.5 (UNet, VAE) uses 32.
 pub const GROUPS: usize = 32;
 const WARPS: usize = 8;
@@ -154,23 +156,147 @@ fn gn_tiling(n: usize, hw: usize, ty: usize) -> (usize, usize) {
     (rpc, hw.div_ceil(rpc))
 }
 
-/// The GroupNorm launch shape for c channels: E (elements per vector: the widest 16-byte vector with
-/// E ≤ c/32, so that a vector touches at most two groups; 8 f32 where a row would otherwise need more
-/// than 512 vectors), TX = c/E threads per row and TY thread rows per block (at most 512 threads).
-fn gn_layout(c: usize, dtype: DType) -> Result<(usize, usize, usize)> {
+/// The two-kernel GroupNorm launch shape for c channels: E (elements per vector: the widest 16-byte
+/// vector with E ≤ c/32, so that a vector touches at most two groups; 8 f32 where a row would
+/// otherwise need more than 512 vectors), TX = c/E threads per row and TY thread rows per block (at
+/// most `threads` threads: 512, or 256 for the `_t256r4` kernels).
+fn gn_layout(c: usize, dtype: DType, threads: usize) -> Result<(usize, usize, usize)> {
     let cpg = c / GROUPS;
     let fits = |e: usize| e <= cpg && c.is_multiple_of(e);
     let mut e = [8, 4, 2, 1].into_iter().find(|&e| e * dtype.size() <= 16 && fits(e)).unwrap_or(1);
-    if c / e > 512 && fits(8) {
+    if c / e > threads && fits(8) {
         e = 8;
     }
     let tx = c / e;
-    ensure!(tx <= 512, "group norm: {c} channels of {dtype:?} need {tx} vectors per row (at most 512 supported)");
-    Ok((e, tx, (512 / tx).max(1)))
+    ensure!(tx <= threads, "group norm: {c} channels of {dtype:?} need {tx} vectors per row (at most {threads} supported)");
+    Ok((e, tx, (threads / tx).max(1)))
+}
+
+/// The two-kernel variant for x [n, hw, c]: blocks of 512 threads loading 2 rows at a time, or, for
+/// large inputs (≥ 4 Mi elements, e.g. 2×4096×640, where 512-thread blocks leave long chains of
+/// two-row batches), blocks of 256 loading 4 (`_t256r4`). Returns (threads, kernel name suffix).
+fn gn_variant(n: usize, hw: usize, c: usize, dtype: DType) -> (usize, &'static str) {
+    if n * hw * c >= 4 << 20 && gn_layout(c, dtype, 256).is_ok() { (256, "_t256r4") } else { (512, "") }
 }
 
 fn gn_config(n: usize, chunks: usize, threads: usize) -> LaunchConfig {
     LaunchConfig { grid_dim: (chunks as u32, n as u32, 1), block_dim: (threads as u32, 1, 1), shared_mem_bytes: 0 }
+}
+
+/// Which GroupNorm path may run: `Auto` = the cluster kernels where a plan runs in one wave on a
+/// Hopper GPU with at most `AUTO_MAX_TILES` of tiles per CTA, else two kernels; `Cluster` = the
+/// cluster kernels wherever a tile fits, even in several waves (tests: every shape on the
+/// single-pass path); `TwoKernel` = never clusters.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum GnMode {
+    Auto,
+    #[cfg(test)]
+    Cluster,
+    TwoKernel,
+}
+
+/// Which GroupNorm kernels ran: the single-pass cluster kernel (kernels/norm_sm90.cu) or the
+/// two-kernel path (kernels/norm.cu).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum GnPath {
+    Cluster,
+    TwoKernel,
+}
+
+/// A launch of the cluster kernels (kernels/norm_sm90.cu's header): clusters of `k` CTAs over rows,
+/// each cluster `gpc` whole groups of one sample, `rpc` rows per CTA, `threads` per CTA (a multiple
+/// of the cw/2 channel pairs), copies of `vb` bytes, `smem` bytes of tiles per CTA.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct ClusterPlan {
+    gpc: usize,
+    k: usize,
+    rpc: usize,
+    threads: usize,
+    vb: usize,
+    smem: usize,
+}
+
+/// Tile bytes a CTA may hold (the H100 allows 227 KiB of shared memory per block, 4.5 KiB are static).
+const CLUSTER_SMEM: usize = 200 << 10;
+/// Tile bytes per CTA up to which `group_norm` takes the cluster path (measured on the H100,
+/// benches/RESULTS.md "Single-pass GroupNorm on clusters": with larger tiles a CTA's serial
+/// load → sums → cluster barrier → write chain is slower than the two-kernel path).
+const AUTO_MAX_TILES: usize = 24 << 10;
+/// The narrowest row piece a CTA copies: below this the 32-byte sectors are mostly wasted.
+const CLUSTER_MIN_ROW_BYTES: usize = 64;
+
+/// Tuning of the cluster plan: (CTAs per cluster at most, threads per CTA at most, CTAs wanted).
+/// Defaults (16, 512, 128); `SDLORA_GN_CLUSTER=k,threads,ctas` overrides them (for sweeps).
+fn cluster_tuning() -> (usize, usize, usize) {
+    use std::sync::OnceLock;
+    static TUNING: OnceLock<(usize, usize, usize)> = OnceLock::new();
+    *TUNING.get_or_init(|| {
+        let var = std::env::var("SDLORA_GN_CLUSTER").unwrap_or_default();
+        match var.split(',').map(|v| v.trim().parse::<usize>()).collect::<Result<Vec<_>, _>>().as_deref() {
+            Ok([k @ 1..=16, t @ 32..=512, ctas]) => (*k, *t, *ctas),
+            _ => (16, 512, 128),
+        }
+    })
+}
+
+/// The candidate cluster launches for x [n, hw, c] holding `tiles` tensors per CTA (1 forward, 2
+/// backward), in order of preference: clusters of k = min(kmax, hw) CTAs, then of min(8, hw); for
+/// each, the most groups per cluster (longest row pieces) first. Only plans whose tile fits in shared
+/// memory, with even channels per group (none for odd: the two-kernel path runs).
+fn gn_cluster_plans(n: usize, hw: usize, c: usize, dtype: DType, tiles: usize, kmax: usize, tmax: usize) -> Vec<ClusterPlan> {
+    let cpg = c / GROUPS;
+    if !cpg.is_multiple_of(2) || hw == 0 || n == 0 {
+        return Vec::new();
+    }
+    let mut ks = vec![hw.min(kmax)];
+    if hw.min(8) < ks[0] {
+        ks.push(hw.min(8));
+    }
+    let mut plans = Vec::new();
+    for k in ks {
+        let rpc = hw.div_ceil(k);
+        for gpc in [32, 16, 8, 4, 2, 1] {
+            let (pairs, row_bytes) = (gpc * cpg / 2, gpc * cpg * dtype.size());
+            let smem = rpc * row_bytes * tiles;
+            let Some(vb) = [16, 8, 4].into_iter().find(|&v| row_bytes.is_multiple_of(v)) else { continue };
+            let threads = pairs * (tmax / pairs.max(1));
+            if pairs <= tmax && threads >= 32 && smem <= CLUSTER_SMEM && row_bytes >= CLUSTER_MIN_ROW_BYTES.min(c * dtype.size()) {
+                plans.push(ClusterPlan { gpc, k, rpc, threads, vb, smem });
+            }
+        }
+    }
+    plans
+}
+
+/// The plan to launch for n samples: the first of `plans` that gives at least `ctas` CTAs in all and
+/// runs in one wave (`active(plan)`: clusters that fit on the GPU at once); else the one-wave plan
+/// with the most CTAs; None when no plan runs in one wave (then the two-kernel path is faster).
+fn gn_pick_plan(n: usize, plans: &[ClusterPlan], ctas: usize, mut active: impl FnMut(&ClusterPlan) -> Result<usize>) -> Result<Option<ClusterPlan>> {
+    let mut one_wave = Vec::new();
+    for p in plans {
+        if n * (GROUPS / p.gpc) <= active(p)? {
+            if n * (GROUPS / p.gpc) * p.k >= ctas {
+                return Ok(Some(*p));
+            }
+            one_wave.push(*p);
+        }
+    }
+    Ok(one_wave.into_iter().max_by_key(|p| (n * GROUPS / p.gpc * p.k, std::cmp::Reverse(p.k))))
+}
+
+/// The cluster launch of `kernel` for x [n, hw, c] on this GPU under `mode` (`tiles` as for
+/// [`gn_cluster_plans`]); None: the two-kernel path.
+#[allow(clippy::too_many_arguments)]
+fn gn_cluster_plan(gpu: &Gpu, mode: GnMode, kernel: &'static str, n: usize, hw: usize, c: usize, dtype: DType, tiles: usize) -> Result<Option<ClusterPlan>> {
+    let (kmax, tmax, ctas) = cluster_tuning();
+    let plans = gn_cluster_plans(n, hw, c, dtype, tiles, kmax, tmax);
+    match mode {
+        GnMode::TwoKernel => Ok(None),
+        #[cfg(test)]
+        GnMode::Cluster => gn_pick_plan(n, &plans, ctas, |_| Ok(usize::MAX)),
+        GnMode::Auto => Ok(gn_pick_plan(n, &plans, ctas, |p| gpu.max_active_clusters(MODULE_SM90, kernel, cluster_config(n, p), (p.k as u32, 1, 1)))?
+            .filter(|p| p.smem <= AUTO_MAX_TILES)),
+    }
 }
 
 fn check_norm_operands(what: &str, x: &Tensor, c: usize, per_channel: &[&Tensor], others: &[&Tensor]) -> Result<()> {
@@ -184,27 +310,46 @@ fn check_norm_operands(what: &str, x: &Tensor, c: usize, per_channel: &[&Tensor]
 }
 
 /// GroupNorm(32) forward on NHWC `x` [n, ..., c] (f32 or bf16): y = γ·x̂ + β, then SiLU when `silu`.
-/// Writes `stats` [n, 32, 2] f32 = (mean, rstd) for [`group_norm_backward`]. Uses a small scratch
-/// buffer for per-chunk partial statistics.
+/// Writes `stats` [n, 32, 2] f32 = (mean, rstd) for [`group_norm_backward`]. On Hopper one
+/// single-pass cluster kernel where the shape allows, else two kernels and a small scratch buffer of
+/// per-chunk partial statistics.
 #[allow(clippy::too_many_arguments)]
 pub fn group_norm(gpu: &Gpu, x: &Tensor, gamma: &Tensor, beta: &Tensor, eps: f32, silu: bool, y: &mut Tensor, stats: &mut Tensor) -> Result<()> {
+    group_norm_on(gpu, if gpu.is_hopper()? { GnMode::Auto } else { GnMode::TwoKernel }, x, gamma, beta, eps, silu, y, stats).map(drop)
+}
+
+/// [`group_norm`] under `mode` (anything but `TwoKernel` needs a Hopper GPU); says which path ran.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn group_norm_on(gpu: &Gpu, mode: GnMode, x: &Tensor, gamma: &Tensor, beta: &Tensor, eps: f32, silu: bool, y: &mut Tensor, stats: &mut Tensor) -> Result<GnPath> {
     let (n, hw, c) = nhwc_dims(x)?;
     ensure!(c % GROUPS == 0 && hw > 0 && n > 0, "group_norm: shape {:?} (c must be a multiple of {GROUPS})", x.shape());
     check_norm_operands("group_norm", x, c, &[gamma, beta], &[y])?;
     super::check_gpu("group_norm stats", &[stats], DType::F32, n * GROUPS * 2)?;
-    let (e, tx, ty) = gn_layout(c, x.dtype())?;
+    let front = [KernelArg::Ptr(x.ptr()?), KernelArg::Ptr(gamma.ptr()?), KernelArg::Ptr(beta.ptr()?), KernelArg::Ptr(y.ptr()?)];
+    let name = interned(format!("group_norm_cluster_fwd_{}", x.dtype().suffix()));
+    if let Some(plan) = gn_cluster_plan(gpu, mode, name, n, hw, c, x.dtype(), 1)? {
+        let mut args = front.to_vec();
+        args.extend([KernelArg::Ptr(stats.ptr()?), KernelArg::I32(hw as i32), KernelArg::I32(c as i32)]);
+        args.extend(plan_args(&plan));
+        args.extend([KernelArg::F32(eps), KernelArg::I32(silu as i32)]);
+        gpu.launch_cluster(MODULE_SM90, name, cluster_config(n, &plan), (plan.k as u32, 1, 1), &args)?;
+        return Ok(GnPath::Cluster);
+    }
+    let (threads, variant) = gn_variant(n, hw, c, x.dtype());
+    let (e, tx, ty) = gn_layout(c, x.dtype(), threads)?;
     let (rpc, chunks) = gn_tiling(n, hw, ty);
     let part = gpu.alloc(ArenaKind::Scratch, n * chunks * GROUPS * 8)?;
     let dims = [KernelArg::I32(hw as i32), KernelArg::I32(c as i32), KernelArg::I32(rpc as i32), KernelArg::I32(chunks as i32)];
     let cfg = gn_config(n, chunks, tx * ty);
     let mut args = vec![KernelArg::Ptr(x.ptr()?), KernelArg::Ptr(part.ptr())];
     args.extend(dims);
-    gpu.launch(MODULE, kernel_name("group_norm_fwd_stats", x.dtype(), e), cfg, &args)?;
-    let mut args = vec![KernelArg::Ptr(x.ptr()?), KernelArg::Ptr(gamma.ptr()?), KernelArg::Ptr(beta.ptr()?), KernelArg::Ptr(y.ptr()?)];
+    gpu.launch(MODULE, gn_kernel("group_norm_fwd_stats", x.dtype(), e, variant), cfg, &args)?;
+    let mut args = front.to_vec();
     args.extend([KernelArg::Ptr(part.ptr()), KernelArg::Ptr(stats.ptr()?)]);
     args.extend(dims);
     args.extend([KernelArg::F32(eps), KernelArg::I32(silu as i32)]);
-    gpu.launch(MODULE, kernel_name("group_norm_fwd_apply", x.dtype(), e), cfg, &args)
+    gpu.launch(MODULE, gn_kernel("group_norm_fwd_apply", x.dtype(), e, variant), cfg, &args)?;
+    Ok(GnPath::TwoKernel)
 }
 
 /// GroupNorm(32) input gradient: dx from x, the forward's `stats`, frozen γ, β and dy (same `silu`
@@ -212,25 +357,60 @@ pub fn group_norm(gpu: &Gpu, x: &Tensor, gamma: &Tensor, beta: &Tensor, eps: f32
 /// `residual` (same shape as x) when given: a residual branch's gradient, added in the same pass.
 #[allow(clippy::too_many_arguments)]
 pub fn group_norm_backward(gpu: &Gpu, x: &Tensor, gamma: &Tensor, beta: &Tensor, stats: &Tensor, silu: bool, dy: &Tensor, residual: Option<&Tensor>, dx: &mut Tensor) -> Result<()> {
+    group_norm_backward_on(gpu, if gpu.is_hopper()? { GnMode::Auto } else { GnMode::TwoKernel }, x, gamma, beta, stats, silu, dy, residual, dx).map(drop)
+}
+
+/// [`group_norm_backward`] under `mode`; says which path ran.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn group_norm_backward_on(
+    gpu: &Gpu, mode: GnMode, x: &Tensor, gamma: &Tensor, beta: &Tensor, stats: &Tensor, silu: bool, dy: &Tensor, residual: Option<&Tensor>, dx: &mut Tensor,
+) -> Result<GnPath> {
     let (n, hw, c) = nhwc_dims(x)?;
     ensure!(c % GROUPS == 0 && hw > 0 && n > 0, "group_norm_backward: shape {:?} (c must be a multiple of {GROUPS})", x.shape());
     check_norm_operands("group_norm_backward", x, c, &[gamma, beta], &[dy, dx])?;
     check_norm_operands("group_norm_backward residual", x, c, &[], residual.as_slice())?;
     super::check_gpu("group_norm_backward stats", &[stats], DType::F32, n * GROUPS * 2)?;
-    let (e, tx, ty) = gn_layout(c, x.dtype())?;
+    let front = [KernelArg::Ptr(x.ptr()?), KernelArg::Ptr(gamma.ptr()?), KernelArg::Ptr(beta.ptr()?), KernelArg::Ptr(stats.ptr()?), KernelArg::Ptr(dy.ptr()?)];
+    let res = KernelArg::Ptr(residual.map_or(Ok(0), Tensor::ptr)?);
+    let name = interned(format!("group_norm_cluster_bwd_{}", x.dtype().suffix()));
+    if let Some(plan) = gn_cluster_plan(gpu, mode, name, n, hw, c, x.dtype(), 2)? {
+        let mut args = front.to_vec();
+        args.extend([res, KernelArg::Ptr(dx.ptr()?), KernelArg::I32(hw as i32), KernelArg::I32(c as i32)]);
+        args.extend(plan_args(&plan));
+        args.push(KernelArg::I32(silu as i32));
+        gpu.launch_cluster(MODULE_SM90, name, cluster_config(n, &plan), (plan.k as u32, 1, 1), &args)?;
+        return Ok(GnPath::Cluster);
+    }
+    let (threads, variant) = gn_variant(n, hw, c, x.dtype());
+    let (e, tx, ty) = gn_layout(c, x.dtype(), threads)?;
     let (rpc, chunks) = gn_tiling(n, hw, ty);
     let part = gpu.alloc(ArenaKind::Scratch, n * chunks * GROUPS * 8)?;
     let cfg = gn_config(n, chunks, tx * ty);
-    let front = [KernelArg::Ptr(x.ptr()?), KernelArg::Ptr(gamma.ptr()?), KernelArg::Ptr(beta.ptr()?), KernelArg::Ptr(stats.ptr()?), KernelArg::Ptr(dy.ptr()?)];
     let tail = [KernelArg::I32(hw as i32), KernelArg::I32(c as i32), KernelArg::I32(rpc as i32), KernelArg::I32(chunks as i32), KernelArg::I32(silu as i32)];
     let mut args = front.to_vec();
     args.push(KernelArg::Ptr(part.ptr()));
     args.extend(tail);
-    gpu.launch(MODULE, kernel_name("group_norm_bwd_stats", x.dtype(), e), cfg, &args)?;
+    gpu.launch(MODULE, gn_kernel("group_norm_bwd_stats", x.dtype(), e, variant), cfg, &args)?;
     let mut args = front.to_vec();
-    args.extend([KernelArg::Ptr(part.ptr()), KernelArg::Ptr(residual.map_or(Ok(0), Tensor::ptr)?), KernelArg::Ptr(dx.ptr()?)]);
+    args.extend([KernelArg::Ptr(part.ptr()), res, KernelArg::Ptr(dx.ptr()?)]);
     args.extend(tail);
-    gpu.launch(MODULE, kernel_name("group_norm_bwd_apply", x.dtype(), e), cfg, &args)
+    gpu.launch(MODULE, gn_kernel("group_norm_bwd_apply", x.dtype(), e, variant), cfg, &args)?;
+    Ok(GnPath::TwoKernel)
+}
+
+/// The two-kernel path's kernel `<op>_<dtype>_v<e><variant>`.
+fn gn_kernel(op: &str, dtype: DType, e: usize, variant: &str) -> &'static str {
+    interned(format!("{op}_{}_v{e}{variant}", dtype.suffix()))
+}
+
+/// The cluster kernels' (gpc, rpc, vb) arguments.
+fn plan_args(plan: &ClusterPlan) -> [KernelArg; 3] {
+    [KernelArg::I32(plan.gpc as i32), KernelArg::I32(plan.rpc as i32), KernelArg::I32(plan.vb as i32)]
+}
+
+/// Grid (32/gpc clusters of k CTAs, n samples), the plan's threads and tile bytes.
+fn cluster_config(n: usize, plan: &ClusterPlan) -> LaunchConfig {
+    LaunchConfig { grid_dim: ((GROUPS / plan.gpc * plan.k) as u32, n as u32, 1), block_dim: (plan.threads as u32, 1, 1), shared_mem_bytes: plan.smem as u32 }
 }
 
 fn ln_dims(x: &Tensor) -> Result<(usize, usize)> {
@@ -284,224 +464,5 @@ pub fn layer_norm_backward(gpu: &Gpu, x: &Tensor, gamma: &Tensor, stats: &Tensor
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn layer_norm_normalizes_rows() {
-        let y = layer_norm_cpu(&[1.0, 2.0, 3.0, 4.0, -1.0, 1.0], 3, 2, &[1.0, 1.0], &[0.0, 0.5], 0.0);
-        for (got, want) in y.iter().zip([-1.0, 1.5, -1.0, 1.5, -1.0, 1.5]) {
-            assert!((got - want).abs() < 1e-6, "{y:?}");
-        }
-    }
-
-    #[test]
-    fn group_norm_with_one_channel_per_group_is_instance_norm() {
-        // n=1, hw=2, c=2, 2 groups: channel 0 = [1, 3], channel 1 = [5, 5] (zero variance).
-        let y = group_norm_cpu(&[1.0, 5.0, 3.0, 5.0], 1, 2, 2, 2, &[2.0, 1.0], &[0.0, 7.0], 1e-5);
-        assert!((y[0] + 2.0).abs() < 1e-4 && (y[2] - 2.0).abs() < 1e-4 && y[1] == 7.0 && y[3] == 7.0, "{y:?}");
-    }
-
-    use crate::ops::elementwise::silu_cpu;
-    use crate::ops::finite_difference;
-    use crate::rng::Rng;
-    use crate::tensor::{assert_close, compare, round_bf16};
-
-    #[allow(clippy::too_many_arguments)]
-    fn gn_forward(x: &[f32], n: usize, hw: usize, c: usize, groups: usize, gamma: &[f32], beta: &[f32], silu: bool) -> Vec<f32> {
-        let y = group_norm_cpu(x, n, hw, c, groups, gamma, beta, 1e-5);
-        if silu { silu_cpu(&y) } else { y }
-    }
-
-    #[test]
-    fn group_norm_backward_matches_finite_differences() {
-        let (n, hw, c, groups) = (2, 3, 8, 4);
-        let mut rng = Rng::new(11);
-        let x = rng.normal_vec(n * hw * c, 1.5);
-        let (gamma, beta) = (rng.normal_vec(c, 1.0), rng.normal_vec(c, 1.0));
-        let w = rng.normal_vec(x.len(), 1.0);
-        for silu in [false, true] {
-            let analytic = group_norm_backward_cpu(&x, n, hw, c, groups, &gamma, &beta, 1e-5, silu, &w);
-            let numeric = finite_difference(&x, 1e-2, |xs| {
-                gn_forward(xs, n, hw, c, groups, &gamma, &beta, silu).iter().zip(&w).map(|(y, w)| *y as f64 * *w as f64).sum()
-            });
-            let numeric: Vec<f32> = numeric.iter().map(|&v| v as f32).collect();
-            assert_close(&format!("group norm backward (silu {silu}) vs finite differences"), &analytic, &numeric, 1e-3);
-        }
-    }
-
-    #[test]
-    fn layer_norm_backward_matches_finite_differences() {
-        let (rows, c) = (3, 16);
-        let mut rng = Rng::new(12);
-        let x = rng.normal_vec(rows * c, 2.0);
-        let (gamma, beta) = (rng.normal_vec(c, 1.0), rng.normal_vec(c, 1.0));
-        let w = rng.normal_vec(x.len(), 1.0);
-        let analytic = layer_norm_backward_cpu(&x, rows, c, &gamma, 1e-6, &w);
-        let numeric = finite_difference(&x, 1e-2, |xs| {
-            layer_norm_cpu(xs, rows, c, &gamma, &beta, 1e-6).iter().zip(&w).map(|(y, w)| *y as f64 * *w as f64).sum()
-        });
-        let numeric: Vec<f32> = numeric.iter().map(|&v| v as f32).collect();
-        assert_close("layer norm backward vs finite differences", &analytic, &numeric, 1e-3);
-    }
-
-    #[test]
-    fn tiling_covers_rows_with_bounded_chunks() {
-        for n in [1, 2, 3] {
-            for ty in [1, 2, 6, 8] {
-                for hw in [1, 7, 64, 256, 1024, 4096, 9216] {
-                    let (rpc, chunks) = gn_tiling(n, hw, ty);
-                    assert!(chunks <= 128 && rpc * chunks >= hw && rpc * (chunks - 1) < hw, "n={n} ty={ty} hw={hw}: {rpc}×{chunks}");
-                }
-            }
-        }
-        // One 4096-row sample with 12 thread rows: 128 chunks, at most 3 rows per thread; two samples: 64 each.
-        assert_eq!(gn_tiling(1, 4096, 12), (32, 128));
-        assert_eq!(gn_tiling(2, 4096, 12), (64, 64));
-        assert_eq!((vector_width(10, DType::BF16), vector_width(40, DType::BF16), vector_width(40, DType::F32), vector_width(3, DType::F32)), (2, 8, 4, 1));
-        for (c, dtype, want) in [(320, DType::BF16, (8, 40, 12)), (1280, DType::BF16, (8, 160, 3)), (2560, DType::BF16, (8, 320, 1)), (2560, DType::F32, (8, 320, 1)), (1024, DType::F32, (4, 256, 2)), (32, DType::BF16, (1, 32, 16)), (96, DType::F32, (2, 48, 10)), (128, DType::BF16, (4, 32, 16))] {
-            assert_eq!(gn_layout(c, dtype).unwrap(), want, "c={c} {dtype:?}");
-        }
-        // Every vector spans at most two groups and a block holds at most 512 threads, for every width
-        // the kernels accept; wider rows are refused with an error.
-        for cpg in 1..=100 {
-            for dtype in [DType::BF16, DType::F32] {
-                let (e, tx, ty) = gn_layout(32 * cpg, dtype).unwrap();
-                assert!(e <= cpg && tx * e == 32 * cpg && tx * ty <= 512 && tx * ty >= 32, "cpg={cpg}: ({e}, {tx}, {ty})");
-            }
-        }
-        assert!(gn_layout(32 * 1024, DType::BF16).is_err());
-    }
-
-    /// Per-(sample, group) (mean, rstd) in f64, to check the saved statistics.
-    fn gn_stats_cpu(x: &[f32], n: usize, hw: usize, c: usize, eps: f32) -> Vec<f32> {
-        let cg = c / GROUPS;
-        let mut out = Vec::new();
-        for b in 0..n {
-            for g in 0..GROUPS {
-                let vals: Vec<f64> = (0..hw).flat_map(|p| (0..cg).map(move |j| (p, j))).map(|(p, j)| x[b * hw * c + p * c + g * cg + j] as f64).collect();
-                let mean = vals.iter().sum::<f64>() / vals.len() as f64;
-                let var = vals.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / vals.len() as f64;
-                out.extend([mean as f32, (1.0 / (var + eps as f64).sqrt()) as f32]);
-            }
-        }
-        out
-    }
-
-    use crate::testing::{download, poisoned, upload};
-
-    /// Checks `got` against `want` within `tol`, printing the error (run with --nocapture to see it).
-    fn check(what: &str, got: &[f32], want: &[f32], tol: f64) {
-        let c = compare(got, want);
-        println!("{what}: rel L2 {:.2e}, max abs {:.2e}", c.rel_l2, c.max_abs);
-        assert_close(what, got, want, tol);
-    }
-
-    /// f32 storage: 1e-5 forward, 1e-4 for the input gradient (its (d − mean(d) − x̂·mean(d·x̂))
-    /// cancels in f32); bf16 storage: 1e-2 against the twin on the bf16-rounded inputs.
-    fn tolerances(dtype: DType) -> (f64, f64) {
-        if dtype == DType::F32 { (1e-5, 1e-4) } else { (1e-2, 1e-2) }
-    }
-
-    /// Random activations with a per-channel offset, so the statistics are not centered at zero.
-    fn activations(rng: &mut Rng, rows: usize, c: usize) -> Vec<f32> {
-        let offset = rng.normal_vec(c, 2.0);
-        (0..rows * c).map(|i| offset[i % c] + 1.5 * rng.normal()).collect()
-    }
-
-    fn gpu_group_norm_case(gpu: &Gpu, n: usize, hw: usize, c: usize, silu: bool, eps: f32, dtype: DType) {
-        let seed = Rng::fresh_seed();
-        let mut rng = Rng::new(seed);
-        let mut x = activations(&mut rng, n * hw, c);
-        let (mut gamma, mut beta, mut dy) = (rng.uniform_vec(c, 0.5, 1.5), rng.normal_vec(c, 0.5), rng.normal_vec(n * hw * c, 1.0));
-        if dtype == DType::BF16 {
-            (x, gamma, beta, dy) = (round_bf16(&x), round_bf16(&gamma), round_bf16(&beta), round_bf16(&dy));
-        }
-        let shape = [n, hw, c];
-        let (xd, gd, bd, dyd) = (upload(gpu, &shape, &x, dtype), upload(gpu, &[c], &gamma, dtype), upload(gpu, &[c], &beta, dtype), upload(gpu, &shape, &dy, dtype));
-        let (mut y, mut stats, mut dx) = (poisoned(gpu, &shape, dtype), poisoned(gpu, &[n, GROUPS, 2], DType::F32), poisoned(gpu, &shape, dtype));
-        group_norm(gpu, &xd, &gd, &bd, eps, silu, &mut y, &mut stats).unwrap();
-        group_norm_backward(gpu, &xd, &gd, &bd, &stats, silu, &dyd, None, &mut dx).unwrap();
-        // The same gradient with a residual branch's gradient added in the kernel.
-        let res = if dtype == DType::BF16 { round_bf16(&rng.normal_vec(n * hw * c, 1.0)) } else { rng.normal_vec(n * hw * c, 1.0) };
-        let mut dx_res = poisoned(gpu, &shape, dtype);
-        group_norm_backward(gpu, &xd, &gd, &bd, &stats, silu, &dyd, Some(&upload(gpu, &shape, &res, dtype)), &mut dx_res).unwrap();
-        let what = |s: &str| format!("group norm {s} {dtype:?} n={n} hw={hw} c={c} silu={silu} eps={eps:e} seed={seed}");
-        let (tol_fwd, tol_bwd) = tolerances(dtype);
-        let want = group_norm_cpu(&x, n, hw, c, GROUPS, &gamma, &beta, eps);
-        let want = if silu { silu_cpu(&want) } else { want };
-        check(&what("forward"), &download(gpu, &y), &want, tol_fwd);
-        check(&what("stats"), &download(gpu, &stats), &gn_stats_cpu(&x, n, hw, c, eps), 1e-5);
-        let want = group_norm_backward_cpu(&x, n, hw, c, GROUPS, &gamma, &beta, eps, silu, &dy);
-        check(&what("backward"), &download(gpu, &dx), &want, tol_bwd);
-        let want_res: Vec<f32> = want.iter().zip(&res).map(|(a, b)| a + b).collect();
-        check(&what("backward + residual"), &download(gpu, &dx_res), &want_res, tol_bwd);
-    }
-
-    #[test]
-    #[ignore = "needs a CUDA GPU"]
-    fn gpu_group_norm_matches_twin_at_sd15_shapes() {
-        let gpu = Gpu::for_tests().expect("GPU test needs a CUDA device");
-        // (hw, c): resnet/transformer widths and the up-path skip concatenations at their resolutions.
-        let shapes = [(4096, 320), (1024, 640), (256, 1280), (64, 1280), (64, 2560), (256, 2560), (256, 1920), (1024, 1920), (1024, 960), (4096, 960), (4096, 640)];
-        for (i, &(hw, c)) in shapes.iter().enumerate() {
-            let n = 1 + i % 2;
-            for dtype in [DType::BF16, DType::F32] {
-                gpu_group_norm_case(&gpu, n, hw, c, i % 3 != 2, if i % 3 == 2 { 1e-6 } else { 1e-5 }, dtype);
-            }
-        }
-    }
-
-    #[test]
-    #[ignore = "needs a CUDA GPU"]
-    fn gpu_group_norm_matches_twin_at_odd_shapes() {
-        let gpu = Gpu::for_tests().expect("GPU test needs a CUDA device");
-        // Also: many samples, one long sample, and the widest batch-2 concatenation at 64×64.
-        for (n, hw, c) in [(1, 1, 32), (3, 7, 96), (2, 9, 224), (1, 1000, 64), (2, 33, 512), (1, 4099, 128), (300, 3, 64), (1, 150_001, 32), (2, 4096, 960)] {
-            for silu in [false, true] {
-                for dtype in [DType::BF16, DType::F32] {
-                    gpu_group_norm_case(&gpu, n, hw, c, silu, 1e-6, dtype);
-                }
-            }
-        }
-    }
-
-    fn gpu_layer_norm_case(gpu: &Gpu, rows: usize, c: usize, dtype: DType) {
-        let seed = Rng::fresh_seed();
-        let mut rng = Rng::new(seed);
-        let mut x = activations(&mut rng, rows, c);
-        let (mut gamma, mut beta, mut dy) = (rng.uniform_vec(c, 0.5, 1.5), rng.normal_vec(c, 0.5), rng.normal_vec(rows * c, 1.0));
-        if dtype == DType::BF16 {
-            (x, gamma, beta, dy) = (round_bf16(&x), round_bf16(&gamma), round_bf16(&beta), round_bf16(&dy));
-        }
-        let eps = 1e-5;
-        let shape = [rows, c];
-        let (xd, gd, bd, dyd) = (upload(gpu, &shape, &x, dtype), upload(gpu, &[c], &gamma, dtype), upload(gpu, &[c], &beta, dtype), upload(gpu, &shape, &dy, dtype));
-        let (mut y, mut stats, mut dx) = (poisoned(gpu, &shape, dtype), poisoned(gpu, &[rows, 2], DType::F32), poisoned(gpu, &shape, dtype));
-        layer_norm(gpu, &xd, &gd, &bd, eps, &mut y, &mut stats).unwrap();
-        layer_norm_backward(gpu, &xd, &gd, &stats, &dyd, None, &mut dx).unwrap();
-        // The same gradient with a residual branch's gradient added in the kernel.
-        let res = if dtype == DType::BF16 { round_bf16(&rng.normal_vec(rows * c, 1.0)) } else { rng.normal_vec(rows * c, 1.0) };
-        let mut dx_res = poisoned(gpu, &shape, dtype);
-        layer_norm_backward(gpu, &xd, &gd, &stats, &dyd, Some(&upload(gpu, &shape, &res, dtype)), &mut dx_res).unwrap();
-        let what = |s: &str| format!("layer norm {s} {dtype:?} rows={rows} c={c} seed={seed}");
-        let (tol_fwd, tol_bwd) = tolerances(dtype);
-        check(&what("forward"), &download(gpu, &y), &layer_norm_cpu(&x, rows, c, &gamma, &beta, eps), tol_fwd);
-        let want = layer_norm_backward_cpu(&x, rows, c, &gamma, eps, &dy);
-        check(&what("backward"), &download(gpu, &dx), &want, tol_bwd);
-        let want_res: Vec<f32> = want.iter().zip(&res).map(|(a, b)| a + b).collect();
-        check(&what("backward + residual"), &download(gpu, &dx_res), &want_res, tol_bwd);
-    }
-
-    #[test]
-    #[ignore = "needs a CUDA GPU"]
-    fn gpu_layer_norm_matches_twin() {
-        let gpu = Gpu::for_tests().expect("GPU test needs a CUDA device");
-        // SD1.5 transformer tokens (batch 2), CLIP's 77×768, and odd widths (scalar loads).
-        for (rows, c) in [(8192, 320), (2048, 640), (512, 1280), (128, 1280), (77, 768), (1, 1), (5, 33), (300, 100), (9, 2050)] {
-            for dtype in [DType::BF16, DType::F32] {
-                gpu_layer_norm_case(&gpu, rows, c, dtype);
-            }
-        }
-    }
-}
+#[path = "norm_tests.rs"]
+mod tests;

@@ -1,4 +1,4 @@
-//! The Hopper GEMM path (kernels/gemm_sm90.cu: wgmma from 128-byte-swizzled shared memory fed by a
+//! The Hopper GEMM path (kernels/gemm_sm90.cu and gemm_tma_sm90.cu: wgmma from 128-byte-swizzled shared memory fed by a
 //! cp.async pipeline or by TMA with a producer warp and mbarriers): the same `C = α·Σ_k A(m,k)·B(n,k) + bias + R` contract as kernels/gemm.cu for the
 //! layouts `Kk` (y = x·Wᵀ) and `Kn` (dx = dy·W), both K segments, bf16 or f32 C.
 //!
@@ -13,7 +13,9 @@ use crate::tensor::DType;
 use anyhow::{bail, ensure, Context, Result};
 use cudarc::driver::sys::{CUdevice_attribute, CUfunction_attribute};
 
+/// The cp.async kernels (kernels/gemm_sm90.cu) and the TMA kernels (kernels/gemm_tma_sm90.cu).
 const MODULE: &str = "gemm_sm90";
+const TMA_MODULE: &str = "gemm_tma_sm90";
 const BK: usize = 64;
 
 /// One kernel family of the sm90 path with its block tile (kernels/gemm_sm90.cu; the threads and
@@ -159,7 +161,7 @@ fn tensor_map(ptr: u64, dtype: DType, inner: usize, outer: usize, ld: usize, box
     Ok(unsafe { map.assume_init() }.opaque)
 }
 
-/// The tensor map of C for the TMA store epilogue (kernels/gemm_sm90.cu `TmaCTile`): boxes of
+/// The tensor map of C for the TMA store epilogue (kernels/gemm_tma_sm90.cu `TmaCTile`): boxes of
 /// 128-byte rows, or 64-byte rows when the tile's row is not a multiple of 128 bytes, the block
 /// tile's rows tall. None when C cannot be a TMA target (not 16-byte aligned, or rows not a multiple
 /// of 16 bytes apart): the kernel then stores through its shared-memory f32 tile with ordinary
@@ -223,7 +225,8 @@ pub(crate) fn gemm_sm90(gpu: &Gpu, call: &GemmCall, tile: Option<Sm90Tile>) -> R
     };
     let name = tile.kernel_name(call.layouts, call.out)?;
     let smem = tile.smem() as u32;
-    gpu.function(MODULE, name)?
+    let module = if tile.tma { TMA_MODULE } else { MODULE };
+    gpu.function(module, name)?
         .set_attribute(CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, smem as i32)
         .context("gemm_sm90: cannot raise the dynamic shared memory limit")?;
     let block_dim = (tile.threads, 1, 1);
@@ -231,7 +234,7 @@ pub(crate) fn gemm_sm90(gpu: &Gpu, call: &GemmCall, tile: Option<Sm90Tile>) -> R
         // A 1-D grid: one CTA per output tile, or for the persistent kernel at most one per SM.
         let ctas = if tile.persistent { tile.tiles(call.m, call.n).min(sm_count(gpu)?) } else { tile.tiles(call.m, call.n) };
         let cfg = LaunchConfig { grid_dim: (ctas as u32, 1, 1), block_dim, shared_mem_bytes: smem };
-        gpu.launch(MODULE, name, cfg, &tma_args(call, &tile)?)
+        gpu.launch(TMA_MODULE, name, cfg, &tma_args(call, &tile)?)
     } else {
         let grid_dim = (call.n.div_ceil(tile.bn) as u32, call.m.div_ceil(tile.bm) as u32, 1);
         gpu.launch(MODULE, name, LaunchConfig { grid_dim, block_dim, shared_mem_bytes: smem }, &call.kernel_args(call.c)?)

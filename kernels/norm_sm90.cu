@@ -94,6 +94,18 @@ __device__ __forceinline__ void wait_rows() {
   __syncthreads();
 }
 
+// add(j) for this thread's words j of the tile: those of the first `split_words` (the first half of
+// the rows, already waited for) while the second half is still arriving, then, after waiting, the rest.
+template <typename Add>
+__device__ __forceinline__ void for_each_word(int split_words, int words, Add add) {
+  int j = threadIdx.x;
+#pragma unroll 4
+  for (; j < split_words; j += blockDim.x) add(j);
+  wait_rows<0>();
+#pragma unroll 4
+  for (; j < words; j += blockDim.x) add(j);
+}
+
 // The CTA's place: cluster slice, rank, its rows, its channels and this thread's channel pair.
 struct GnTile {
   int K, rank, slice, b, cpg, cw, c0, r0, rows, P, pair, gl;  // gl: the thread's group within the slice
@@ -169,12 +181,7 @@ __device__ void gn_cluster_fwd(const T* __restrict__ x, const T* __restrict__ ga
     s.x += d0 + d1;
     s.y = fmaf(d0, d0, fmaf(d1, d1, s.y));
   };
-  int j = threadIdx.x;
-#pragma unroll 4
-  for (; j < split * t.P; j += blockDim.x) add(j);
-  wait_rows<0>();
-#pragma unroll 4
-  for (; j < words; j += blockDim.x) add(j);
+  for_each_word(split * t.P, words, add);
   gn_tile_reduce(t, s, gpc, [&](int gr, float2 sum) {
     const float count = (float)(t.rows * t.cpg);
     if (count == 0.f) {
@@ -259,12 +266,7 @@ __device__ void gn_cluster_bwd(const T* __restrict__ x, const T* __restrict__ ga
       s.y = fmaf(dd, xhat, s.y);
     }
   };
-  int j = threadIdx.x;
-#pragma unroll 4
-  for (; j < split * t.P; j += blockDim.x) add(j);
-  wait_rows<0>();
-#pragma unroll 4
-  for (; j < words; j += blockDim.x) add(j);
+  for_each_word(split * t.P, words, add);
   gn_tile_reduce(t, s, gpc, [&](int gr, float2 sum) { part[gr] = sum; });
 
   // 3. Sum the cluster's partials of each group, in rank order: (mean(d), mean(d·x̂)).

@@ -242,21 +242,25 @@ pub(crate) fn gemm_sm90(gpu: &Gpu, call: &GemmCall, tile: Option<Sm90Tile>) -> R
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::ops::gemm::tests::{download, gather_rows, poisoned, rand_bf16, sample_rows, sd15_linear_shapes, upload};
-    use crate::ops::gemm::{linear, linear_cpu, linear_input_grad, linear_input_grad_cpu};
+    use crate::ops::gemm::{at_b_cpu, linear, linear_cpu, linear_input_grad, linear_input_grad_cpu};
     use crate::rng::Rng;
     use crate::tensor::{assert_close, Tensor};
 
-    /// One two-segment problem on the GPU with its f32 twin (sampled rows of Σ over both segments,
-    /// before alpha and the epilogue): layout Kk computes x·Wᵀ + u·Bᵀ, layout Kn dy·W + v·A.
-    struct Problem {
-        layouts: Layouts,
-        m: usize,
-        n: usize,
-        seg1: Segment,
-        seg2: Segment,
+    /// The alpha every checked call applies.
+    const ALPHA: f32 = 0.75;
+
+    /// One two-segment problem on the GPU with the twin of its sampled C rows (Σ over both
+    /// segments, before alpha and the epilogue). Storage: Kk A [m, k], B [n, k] (x·Wᵀ + u·Bᵀ);
+    /// Kn A [m, k], B [k, n] (dy·W + v·A); Mn A [k, m], B [k, n] (aᵀ·b, k = tokens).
+    pub(crate) struct Problem {
+        pub(crate) layouts: Layouts,
+        pub(crate) m: usize,
+        pub(crate) n: usize,
+        pub(crate) seg1: Segment,
+        pub(crate) seg2: Segment,
         rows: Vec<usize>,
         want: Vec<f32>,
         /// Epilogue operands: bias [n] and the prior C (the residual R = C) [m, n].
@@ -266,72 +270,83 @@ mod tests {
     }
 
     /// (m, k1, n) with a second segment of depth k2 (k2 = 0: none).
-    fn problem(gpu: &Gpu, rng: &mut Rng, layouts: Layouts, m: usize, k1: usize, n: usize, k2: usize) -> Problem {
-        let (a1, b1) = (rand_bf16(rng, m * k1, 1.0), rand_bf16(rng, n * k1, 1.0 / (k1 as f32).sqrt()));
-        let (a2, b2) = (rand_bf16(rng, m * k2, 1.0), rand_bf16(rng, n * k2, 1.0 / (k2.max(1) as f32).sqrt()));
+    pub(crate) fn problem(gpu: &Gpu, rng: &mut Rng, layouts: Layouts, m: usize, k1: usize, n: usize, k2: usize) -> Problem {
         let rows = sample_rows(rng, m);
         let mut want = vec![0f32; rows.len() * n];
-        for (a, b, k) in [(&a1, &b1, k1), (&a2, &b2, k2)] {
-            if k == 0 {
-                continue;
+        let mut bufs = Vec::new();
+        let mut segs = Vec::new();
+        for k in [k1, k2] {
+            let kb = k.max(1);
+            let (a, b) = (rand_bf16(rng, m * kb, 1.0), rand_bf16(rng, n * kb, 1.0 / (kb as f32).sqrt()));
+            if k > 0 {
+                let part = match layouts {
+                    Layouts::Kk => linear_cpu(&gather_rows(&a, k, &rows), rows.len(), k, &b, n, None),
+                    Layouts::Kn => linear_input_grad_cpu(&gather_rows(&a, k, &rows), rows.len(), k, &b, n),
+                    Layouts::Mn => {
+                        let cols: Vec<f32> = (0..k).flat_map(|t| rows.iter().map(move |&i| (t, i))).map(|(t, i)| a[t * m + i]).collect();
+                        at_b_cpu(&cols, k, rows.len(), &b, n)
+                    }
+                };
+                want.iter_mut().zip(part).for_each(|(w, p)| *w += p);
             }
-            let part = match layouts {
-                Layouts::Kk => linear_cpu(&gather_rows(a, k, &rows), rows.len(), k, b, n, None),
-                _ => linear_input_grad_cpu(&gather_rows(a, k, &rows), rows.len(), k, b, n),
-            };
-            want.iter_mut().zip(part).for_each(|(w, p)| *w += p);
+            let (a_shape, lda) = if layouts == Layouts::Mn { ([kb, m], m) } else { ([m, kb], kb) };
+            let (b_shape, ldb) = if layouts == Layouts::Kk { ([n, kb], kb) } else { ([kb, n], n) };
+            let (ad, bd) = (upload(gpu, &a_shape, &a, DType::BF16), upload(gpu, &b_shape, &b, DType::BF16));
+            segs.push(Segment { a: ad.ptr().unwrap(), lda, b: bd.ptr().unwrap(), ldb, k });
+            bufs.extend([ad, bd]);
         }
-        // Kk: B is [n, k] (k contiguous); Kn: B is [k, n] (n contiguous).
-        let b_shape = |k: usize| if layouts == Layouts::Kk { [n, k] } else { [k, n] };
-        let bufs = vec![
-            upload(gpu, &[m, k1], &a1, DType::BF16),
-            upload(gpu, &b_shape(k1), &b1, DType::BF16),
-            upload(gpu, &[m, k2.max(1)], &if k2 == 0 { vec![0.0; m] } else { a2 }, DType::BF16),
-            upload(gpu, &b_shape(k2.max(1)), &if k2 == 0 { vec![0.0; n] } else { b2 }, DType::BF16),
-        ];
-        let ld_b = |k: usize| if layouts == Layouts::Kk { k } else { n };
-        let seg = |a: &Tensor, b: &Tensor, k: usize| Segment { a: a.ptr().unwrap(), lda: k.max(1), b: b.ptr().unwrap(), ldb: ld_b(k.max(1)), k };
-        let (seg1, seg2) = (seg(&bufs[0], &bufs[1], k1), seg(&bufs[2], &bufs[3], k2));
         let (bias, old) = (rand_bf16(rng, n, 0.5), rand_bf16(rng, m * n, 1.0));
-        Problem { layouts, m, n, seg1, seg2, rows, want, bias, old, _bufs: bufs }
+        Problem { layouts, m, n, seg1: segs[0], seg2: segs[1], rows, want, bias, old, _bufs: bufs }
     }
 
-    /// Runs `p` on `tile` into a fresh C of type `out`: C = alpha·Σ + bias (when `with_bias`) + R
-    /// (when `with_residual`: R is C itself, pre-filled), and compares the sampled rows to the twin.
-    fn check(gpu: &Gpu, p: &Problem, tile: Sm90Tile, out: DType, with_bias: bool, with_residual: bool, what: &str) {
-        let (m, n) = (p.m, p.n);
-        let (alpha, bias, old) = (0.75, &p.bias, &p.old);
-        let bias_d = upload(gpu, &[n], bias, DType::BF16);
-        let c = if with_residual { upload(gpu, &[m, n], old, out) } else { poisoned(gpu, &[m, n], out) };
+    /// The call of `p` into a fresh C of type `out` (poisoned, or holding the prior C when
+    /// `with_residual`: R = C itself) with alpha = ALPHA and the bias when `with_bias`; returns the
+    /// call and the buffers it points to (bias, C).
+    pub(crate) fn call_of(gpu: &Gpu, p: &Problem, out: DType, with_bias: bool, with_residual: bool) -> (GemmCall, Tensor, Tensor) {
+        let bias = upload(gpu, &[p.n], &p.bias, DType::BF16);
+        let c = if with_residual { upload(gpu, &[p.m, p.n], &p.old, out) } else { poisoned(gpu, &[p.m, p.n], out) };
         let cp = c.ptr().unwrap();
         let call = GemmCall {
             layouts: p.layouts,
-            m,
-            n,
+            m: p.m,
+            n: p.n,
             seg1: p.seg1,
             seg2: p.seg2,
             c: cp,
-            ldc: n,
+            ldc: p.n,
             out,
-            bias: with_bias.then(|| bias_d.ptr().unwrap()),
-            residual: with_residual.then_some((cp, n)),
-            alpha,
+            bias: with_bias.then(|| bias.ptr().unwrap()),
+            residual: with_residual.then_some((cp, p.n)),
+            alpha: ALPHA,
             split: SplitK::None,
         };
-        gemm_sm90(gpu, &call, Some(tile)).unwrap();
-        let got = download(gpu, &c);
-        let mut want: Vec<f32> = p.want.iter().map(|v| alpha * v).collect();
-        for (i, &row) in p.rows.iter().enumerate() {
-            for j in 0..n {
-                want[i * n + j] += if with_bias { bias[j] } else { 0.0 } + if with_residual { old[row * n + j] } else { 0.0 };
-            }
-        }
-        let what = format!("{what} {} {out:?} bias={with_bias} residual=C:{with_residual}", tile.label());
-        assert_close(&what, &gather_rows(&got, n, &p.rows), &want, 1e-2);
-        assert_eq!(got.iter().filter(|v| !v.is_finite()).count(), 0, "{what}: unwritten outputs");
+        (call, bias, c)
     }
 
-    fn hopper(gpu: &Gpu) -> bool {
+    /// After `call` ran: C's sampled rows against alpha·Σ + bias + R (relative tolerance `tol`), and
+    /// every element written (no poison left). Returns all of C.
+    pub(crate) fn check_c(gpu: &Gpu, p: &Problem, call: &GemmCall, c: &Tensor, tol: f64, what: &str) -> Vec<f32> {
+        let got = download(gpu, c);
+        let mut want: Vec<f32> = p.want.iter().map(|v| ALPHA * v).collect();
+        for (i, &row) in p.rows.iter().enumerate() {
+            for j in 0..p.n {
+                want[i * p.n + j] += if call.bias.is_some() { p.bias[j] } else { 0.0 } + if call.residual.is_some() { p.old[row * p.n + j] } else { 0.0 };
+            }
+        }
+        let what = format!("{what} {:?} bias={} residual=C:{}", call.out, call.bias.is_some(), call.residual.is_some());
+        assert_close(&what, &gather_rows(&got, p.n, &p.rows), &want, tol);
+        assert_eq!(got.iter().filter(|v| !v.is_finite()).count(), 0, "{what}: unwritten outputs");
+        got
+    }
+
+    /// Runs `p` on `tile` (see [`call_of`]) and checks C.
+    fn check(gpu: &Gpu, p: &Problem, tile: Sm90Tile, out: DType, with_bias: bool, with_residual: bool, what: &str) {
+        let (call, _bias, c) = call_of(gpu, p, out, with_bias, with_residual);
+        gemm_sm90(gpu, &call, Some(tile)).unwrap();
+        check_c(gpu, p, &call, &c, 1e-2, &format!("{what} {}", tile.label()));
+    }
+
+    pub(crate) fn hopper(gpu: &Gpu) -> bool {
         let yes = gpu.is_hopper().unwrap();
         if !yes {
             eprintln!("skipped: not a Hopper GPU (or SDLORA_SM90=0)");

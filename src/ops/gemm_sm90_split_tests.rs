@@ -4,91 +4,20 @@
 //! last slice), accumulate on/off into poisoned C, odd sizes, determinism, and the dispatch.
 
 use super::*;
-use crate::ops::gemm::tests::{download, gather_rows, poisoned, rand_bf16, sample_rows, upload};
-use crate::ops::gemm::{at_b_cpu, at_b_many, at_b_many_sm90, linear, linear_cpu, linear_input_grad_cpu, AtB, Segment, WeightGradSplit};
+use crate::ops::gemm::tests::{download, poisoned, rand_bf16, upload};
+use crate::ops::gemm::{at_b_cpu, at_b_many, at_b_many_sm90, linear, linear_cpu, AtB, WeightGradSplit};
+use crate::ops::gemm_sm90::tests::{call_of, check_c, hopper, problem, Problem};
 use crate::rng::Rng;
-use crate::tensor::{assert_close, Tensor};
-
-/// One problem on the GPU with the twin of its sampled C rows (Σ over both segments, before alpha
-/// and the epilogue). Storage: Kk A [m, k], B [n, k]; Kn A [m, k], B [k, n]; Mn A [k, m], B [k, n]
-/// (k = tokens).
-struct Problem {
-    layouts: Layouts,
-    m: usize,
-    n: usize,
-    seg1: Segment,
-    seg2: Segment,
-    rows: Vec<usize>,
-    want: Vec<f32>,
-    bias: Vec<f32>,
-    old: Vec<f32>,
-    _bufs: Vec<Tensor>,
-}
-
-fn problem(gpu: &Gpu, rng: &mut Rng, layouts: Layouts, m: usize, k1: usize, n: usize, k2: usize) -> Problem {
-    let rows = sample_rows(rng, m);
-    let mut want = vec![0f32; rows.len() * n];
-    let mut bufs = Vec::new();
-    let mut segs = Vec::new();
-    for k in [k1, k2] {
-        let kb = k.max(1);
-        let (a, b) = (rand_bf16(rng, m * kb, 1.0), rand_bf16(rng, n * kb, 1.0 / (kb as f32).sqrt()));
-        if k > 0 {
-            let part = match layouts {
-                Layouts::Kk => linear_cpu(&gather_rows(&a, k, &rows), rows.len(), k, &b, n, None),
-                Layouts::Kn => linear_input_grad_cpu(&gather_rows(&a, k, &rows), rows.len(), k, &b, n),
-                Layouts::Mn => {
-                    let cols: Vec<f32> = (0..k).flat_map(|t| rows.iter().map(move |&i| (t, i))).map(|(t, i)| a[t * m + i]).collect();
-                    at_b_cpu(&cols, k, rows.len(), &b, n)
-                }
-            };
-            want.iter_mut().zip(part).for_each(|(w, p)| *w += p);
-        }
-        let (a_shape, lda) = if layouts == Layouts::Mn { ([kb, m], m) } else { ([m, kb], kb) };
-        let (b_shape, ldb) = if layouts == Layouts::Kk { ([n, kb], kb) } else { ([kb, n], n) };
-        let (ad, bd) = (upload(gpu, &a_shape, &a, DType::BF16), upload(gpu, &b_shape, &b, DType::BF16));
-        segs.push(Segment { a: ad.ptr().unwrap(), lda, b: bd.ptr().unwrap(), ldb, k });
-        bufs.extend([ad, bd]);
-    }
-    let (bias, old) = (rand_bf16(rng, n, 0.5), rand_bf16(rng, m * n, 4.0));
-    Problem { layouts, m, n, seg1: segs[0], seg2: segs[1], rows, want, bias, old, _bufs: bufs }
-}
+use crate::tensor::assert_close;
 
 /// Runs `p` on `tile` with `slices` K slices into a fresh C of type `out` (poisoned, or holding
-/// `old` when `accumulate`: R = C), compares the sampled rows with the twin and returns all of C.
+/// the prior C when `accumulate`: R = C), compares the sampled rows with the twin and returns all of C.
 #[allow(clippy::too_many_arguments)]
 fn check(gpu: &Gpu, p: &Problem, tile: SplitTile, slices: usize, out: DType, with_bias: bool, accumulate: bool, what: &str) -> Vec<f32> {
-    let (m, n, alpha) = (p.m, p.n, 0.75);
-    let bias_d = upload(gpu, &[n], &p.bias, DType::BF16);
-    let c = if accumulate { upload(gpu, &[m, n], &p.old, out) } else { poisoned(gpu, &[m, n], out) };
-    let cp = c.ptr().unwrap();
-    let call = GemmCall {
-        layouts: p.layouts,
-        m,
-        n,
-        seg1: p.seg1,
-        seg2: p.seg2,
-        c: cp,
-        ldc: n,
-        out,
-        bias: with_bias.then(|| bias_d.ptr().unwrap()),
-        residual: accumulate.then_some((cp, n)),
-        alpha,
-        split: SplitK::None,
-    };
+    let (call, _bias, c) = call_of(gpu, p, out, with_bias, accumulate);
     launch(gpu, &call, tile, slices).unwrap();
-    let got = download(gpu, &c);
-    let mut want: Vec<f32> = p.want.iter().map(|v| alpha * v).collect();
-    for (i, &row) in p.rows.iter().enumerate() {
-        for j in 0..n {
-            want[i * n + j] += if with_bias { p.bias[j] } else { 0.0 } + if accumulate { p.old[row * n + j] } else { 0.0 };
-        }
-    }
-    let what = format!("{what} tile {} slices {slices} {out:?} bias={with_bias} accumulate={accumulate}", tile.label());
     let tol = if out == DType::F32 { 1e-3 } else { 1e-2 };
-    assert_close(&what, &gather_rows(&got, n, &p.rows), &want, tol);
-    assert_eq!(got.iter().filter(|v| !v.is_finite()).count(), 0, "{what}: unwritten outputs");
-    got
+    check_c(gpu, p, &call, &c, tol, &format!("{what} tile {} slices {slices}", tile.label()))
 }
 
 /// Slice counts tried: one, the launcher's, one K tile per slice (at most 64 slices), and three.
@@ -99,14 +28,6 @@ fn slice_counts(gpu: &Gpu, p: &Problem, out: DType) -> Vec<usize> {
     v.sort();
     v.dedup();
     v
-}
-
-fn hopper(gpu: &Gpu) -> bool {
-    let yes = gpu.is_hopper().unwrap();
-    if !yes {
-        eprintln!("skipped: not a Hopper GPU (or SDLORA_SM90=0)");
-    }
-    yes
 }
 
 /// (tokens, p, q) of every LoRA weight gradient of SD1.5 at 512 px, r = 128, batch 1 and 2: dB

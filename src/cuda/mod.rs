@@ -15,9 +15,9 @@ pub use profiler::{KernelTiming, TimingTable};
 
 use anyhow::{anyhow, bail, ensure, Context, Result};
 use arena::Arenas;
-use cudarc::driver::{sys, CudaContext, CudaFunction, CudaModule, CudaStream, DriverError};
+use cudarc::driver::{sys, CudaContext, CudaEvent, CudaFunction, CudaModule, CudaStream, DriverError};
 use profiler::Profiler;
-use std::cell::{Cell, RefCell};
+use std::cell::{Cell, OnceCell, RefCell};
 use std::collections::HashMap;
 use std::sync::{Arc, OnceLock};
 
@@ -47,7 +47,13 @@ pub struct Gpu {
     profiler: RefCell<Option<Profiler>>,
     check_launches: Cell<bool>,
     capturing: Cell<bool>,
+    /// Zeroed u32 counters of the split-K kernels whose last K slice finishes each output tile
+    /// (kernels/gemm_sm90.cu): made on first use, left at zero by every such launch.
+    split_k_counters: OnceCell<DeviceBuffer>,
 }
+
+/// How many output tiles one split-K launch may count on [`Gpu::split_k_counters`].
+pub const SPLIT_K_COUNTERS: usize = 4096;
 
 impl Gpu {
     /// Opens device `ordinal`. Errors (never panics) when the binary has no kernels, the CUDA driver
@@ -77,6 +83,7 @@ impl Gpu {
             profiler: RefCell::new(None),
             check_launches: Cell::new(check_launches),
             capturing: Cell::new(false),
+            split_k_counters: OnceCell::new(),
         })
     }
 
@@ -175,6 +182,12 @@ impl Gpu {
         // SAFETY: argument count and types are fixed by each op's wrapper, which checks shapes
         // and sizes against the buffers before calling here.
         let events = unsafe { builder.launch(cfg) }.map_err(|e| launch_error(module, kernel, &cfg, e))?;
+        self.after_launch(module, kernel, events)
+    }
+
+    /// After a launch: hands its profiler events (when profiling) to the profiler and, when launch
+    /// checking is on, synchronizes and names the kernel that failed.
+    fn after_launch(&self, module: &'static str, kernel: &'static str, events: Option<(CudaEvent, CudaEvent)>) -> Result<()> {
         if let (Some(events), Some(p)) = (events, self.profiler.borrow_mut().as_mut()) {
             p.push(kernel, events);
         }
@@ -207,22 +220,18 @@ impl Gpu {
         let mut attr = cluster_attribute(cluster);
         let config = launch_config(&cfg, &mut attr, self.stream.cu_stream());
         self.ctx.bind_to_thread().map_err(|e| launch_error(module, kernel, &cfg, e))?;
-        let profiling = self.profiler.borrow().is_some();
-        let start = if profiling { Some(self.stream.record_event(Some(sys::CUevent_flags::CU_EVENT_DEFAULT))?) } else { None };
+        let event = || self.stream.record_event(Some(sys::CUevent_flags::CU_EVENT_DEFAULT));
+        let start = if self.profiler.borrow().is_some() { Some(event()?) } else { None };
         // SAFETY: `params` points at the values in `args`, which outlive the call (the driver copies
         // them at launch); argument count and types are fixed by each op's wrapper, as for `launch`.
         unsafe { sys::cuLaunchKernelEx(&config, f.cu_function(), params.as_mut_ptr(), std::ptr::null_mut()) }
             .result()
             .map_err(|e| launch_error(module, kernel, &cfg, e))?;
-        if let (Some(start), Some(p)) = (start, self.profiler.borrow_mut().as_mut()) {
-            p.push(kernel, (start, self.stream.record_event(Some(sys::CUevent_flags::CU_EVENT_DEFAULT))?));
-        }
-        if self.check_launches.get() && !self.capturing.get() {
-            self.stream
-                .synchronize()
-                .map_err(|e| anyhow!("kernel {module}::{kernel} failed while running: {e}"))?;
-        }
-        Ok(())
+        let events = match start {
+            Some(start) => Some((start, event()?)),
+            None => None,
+        };
+        self.after_launch(module, kernel, events)
     }
 
     /// `kernel` ready for cluster launches with `smem` bytes of dynamic shared memory: on its first
@@ -338,6 +347,20 @@ impl Gpu {
     /// Allocates `bytes` of device memory from `kind`'s arena (256-byte aligned, uninitialized).
     pub fn alloc(&self, kind: ArenaKind, bytes: usize) -> Result<DeviceBuffer> {
         self.arenas.borrow_mut().alloc(&self.stream, kind, bytes)
+    }
+
+    /// The device address of [`SPLIT_K_COUNTERS`] zeroed u32 counters for split-K launches (one per
+    /// output tile; each launch leaves them at zero). Made on first use, which must not be inside a
+    /// CUDA-graph capture (run captured work once eagerly first, as [`Gpu::capture`] asks anyway).
+    pub fn split_k_counters(&self) -> Result<u64> {
+        if let Some(b) = self.split_k_counters.get() {
+            return Ok(b.ptr());
+        }
+        ensure!(!self.capturing.get(), "the first split-K launch is inside a CUDA-graph capture: run the work once uncaptured first");
+        let buf = self.alloc(ArenaKind::Persistent, SPLIT_K_COUNTERS * 4)?;
+        // SAFETY: the buffer holds SPLIT_K_COUNTERS u32; stream-ordered before every kernel that uses it.
+        unsafe { cudarc::driver::result::memset_d8_async(buf.ptr(), 0, SPLIT_K_COUNTERS * 4, self.stream.cu_stream()) }.context("zeroing the split-K counters failed")?;
+        Ok(self.split_k_counters.get_or_init(|| buf).ptr())
     }
 
     /// Starts both arenas' high-water marks again from what is in use now.

@@ -59,6 +59,20 @@ pub(crate) const SM90_TILES: [Sm90Tile; 5] = [
     Sm90Tile { bm: 128, bn: 160, tma: true, persistent: true, threads: 288, stages: 4, per_sm: 1, cost: (0.375, 3.621, 5.001), names: names!("gemm_sm90_tma_128x160_s4_p") },
 ];
 
+/// The kernel for `layouts` and C type `out` among `names`, listed as kk bf16, kk f32, kn bf16,
+/// kn f32 and, where a family has it, mn f32.
+pub(crate) fn kernel_for(names: &[&'static str], layouts: Layouts, out: DType) -> Option<&'static str> {
+    let i = match (layouts, out) {
+        (Layouts::Kk, DType::BF16) => 0,
+        (Layouts::Kk, DType::F32) => 1,
+        (Layouts::Kn, DType::BF16) => 2,
+        (Layouts::Kn, DType::F32) => 3,
+        (Layouts::Mn, DType::F32) => 4,
+        (Layouts::Mn, DType::BF16) => return None,
+    };
+    names.get(i).copied()
+}
+
 impl Sm90Tile {
     /// Dynamic shared memory: the stages and the f32 C tile of the epilogue (which reuses the
     /// stages unless persistent), plus 1 KiB to align the stages to the 1024-byte swizzle atom.
@@ -68,13 +82,7 @@ impl Sm90Tile {
     }
 
     fn kernel_name(&self, layouts: Layouts, out: DType) -> Result<&'static str> {
-        Ok(match (layouts, out) {
-            (Layouts::Kk, DType::BF16) => self.names[0],
-            (Layouts::Kk, DType::F32) => self.names[1],
-            (Layouts::Kn, DType::BF16) => self.names[2],
-            (Layouts::Kn, DType::F32) => self.names[3],
-            _ => bail!("gemm_sm90: no kernel for layouts {layouts:?}"),
-        })
+        kernel_for(&self.names, layouts, out).with_context(|| format!("gemm_sm90: no kernel for layouts {layouts:?} with {out:?} output"))
     }
 
     /// Output tiles of an m × n GEMM.

@@ -7,7 +7,7 @@
 //! sums the S partials in slice order (deterministic: the same bits whichever slice is last), runs
 //! the ordinary epilogue (alpha, bias, residual, bf16/f32 C) and puts the counter back to 0.
 //!
-//! The counters live in a small persistent buffer per stream, zeroed once (outside any CUDA-graph
+//! The counters are the GPU's (`Gpu::split_k_counters`), zeroed once (outside any CUDA-graph
 //! capture) and zero again after every launch, so captured graphs replay without a memset.
 //! [`crate::ops::gemm::gemm`] sends Hopper calls here ([`gemm`]: small outputs with a deep K on the
 //! split kernels, else the plain sm90 kernels); [`crate::ops::gemm::at_b_many_sm90`] the weight
@@ -15,16 +15,14 @@
 //! CPU twins: `linear_cpu`, `linear_input_grad_cpu`, `at_b_cpu` in `ops::gemm`.
 
 use super::gemm::{GemmCall, Layouts, SplitK};
-use crate::cuda::{ArenaKind, DeviceBuffer, Gpu, KernelArg, LaunchConfig};
+use super::gemm_sm90::kernel_for;
+use crate::cuda::{ArenaKind, Gpu, KernelArg, LaunchConfig, SPLIT_K_COUNTERS};
 use crate::tensor::DType;
-use anyhow::{bail, ensure, Context, Result};
-use cudarc::driver::sys::{CUdevice_attribute, CUfunction_attribute, CUstreamCaptureStatus};
-use std::cell::RefCell;
+use anyhow::{ensure, Context, Result};
+use cudarc::driver::sys::{CUdevice_attribute, CUfunction_attribute};
 
 const MODULE: &str = "gemm_sm90";
 const BK: usize = 64;
-/// Output tiles one split launch may have (one u32 counter each).
-const MAX_TILES: usize = 4096;
 
 /// A block tile of the split kernels (kernels/gemm_sm90.cu GEMM_SM90_SPLIT_TILES: threads, stages,
 /// blocks per SM must agree).
@@ -59,12 +57,13 @@ pub(crate) const SPLIT_TILES: [SplitTile; 1] = [SplitTile { bm: 64, bn: 64, thre
 /// 17.23 ms with them for all three layouts, 17.99 ms with none (benches/RESULTS.md "Weight
 /// gradients and split-K on wgmma"). `SDLORA_SM90_SPLIT` overrides: `0` none (the sm_80 split-K
 /// and weight-gradient paths, as before these kernels), `wgrad` Mn only, `all` every layout,
-/// `gemm` the default.
+/// `gemm` the default (read once per process).
 pub(crate) fn enabled_for(layouts: Layouts) -> bool {
-    match std::env::var("SDLORA_SM90_SPLIT").as_deref() {
-        Ok("0") => false,
-        Ok("wgrad") => layouts == Layouts::Mn,
-        Ok("all") => true,
+    static SETTING: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
+    match SETTING.get_or_init(|| std::env::var("SDLORA_SM90_SPLIT").ok()).as_deref() {
+        Some("0") => false,
+        Some("wgrad") => layouts == Layouts::Mn,
+        Some("all") => true,
         _ => layouts != Layouts::Mn,
     }
 }
@@ -77,14 +76,7 @@ impl SplitTile {
     }
 
     fn kernel_name(&self, layouts: Layouts, out: DType) -> Result<&'static str> {
-        Ok(match (layouts, out) {
-            (Layouts::Kk, DType::BF16) => self.names[0],
-            (Layouts::Kk, DType::F32) => self.names[1],
-            (Layouts::Kn, DType::BF16) => self.names[2],
-            (Layouts::Kn, DType::F32) => self.names[3],
-            (Layouts::Mn, DType::F32) => self.names[4],
-            _ => bail!("gemm_sm90_split: no kernel for layouts {layouts:?} with {out:?} output"),
-        })
+        kernel_for(&self.names, layouts, out).with_context(|| format!("gemm_sm90_split: no kernel for layouts {layouts:?} with {out:?} output"))
     }
 
     fn tiles(&self, m: usize, n: usize) -> usize {
@@ -143,7 +135,7 @@ pub(crate) fn plan(gpu: &Gpu, call: &GemmCall) -> Result<(SplitTile, usize)> {
     let (sms, kt) = (sm_count(gpu)?, k_tiles(call));
     let mut best = (SPLIT_TILES[0], 1, f64::INFINITY);
     for tile in SPLIT_TILES {
-        let max = if tile.tiles(call.m, call.n) > MAX_TILES { 1 } else { kt.clamp(1, 64) };
+        let max = if tile.tiles(call.m, call.n) > SPLIT_K_COUNTERS { 1 } else { kt.clamp(1, 64) };
         for want in 1..=max {
             let s = even_slices(kt, want);
             let t = tile.time(sms, call.m, call.n, kt, s);
@@ -156,45 +148,21 @@ pub(crate) fn plan(gpu: &Gpu, call: &GemmCall) -> Result<(SplitTile, usize)> {
 }
 
 /// Split candidates among the Kk/Kn calls: at most this many 64×64 output tiles per SM …
-const SPLIT_MAX_TILES_PER_SM: f64 = 1.0;
+const SPLIT_SPLIT_K_COUNTERS_PER_SM: f64 = 1.0;
 /// … and at least this many K tiles (larger outputs or shallower K run unsplit).
 const SPLIT_MIN_K_TILES: usize = 8;
 
 /// A call on the Hopper path: `Mn` always on the split kernels (the launcher's slices, maybe one);
 /// `Kk`/`Kn` on the split kernels (with the time model's slice count, maybe one) when the output
-/// is small and K deep (see SPLIT_MAX_TILES_PER_SM), else on the plain sm90 kernels
+/// is small and K deep (see SPLIT_SPLIT_K_COUNTERS_PER_SM), else on the plain sm90 kernels
 /// (`gemm_sm90::gemm_sm90`, its own tile choice). The caller has checked [`supports`].
 pub(crate) fn gemm(gpu: &Gpu, call: &GemmCall) -> Result<()> {
-    let small = SPLIT_TILES[0].tiles(call.m, call.n) as f64 <= SPLIT_MAX_TILES_PER_SM * sm_count(gpu)? as f64 && k_tiles(call) >= SPLIT_MIN_K_TILES;
+    let small = SPLIT_TILES[0].tiles(call.m, call.n) as f64 <= SPLIT_SPLIT_K_COUNTERS_PER_SM * sm_count(gpu)? as f64 && k_tiles(call) >= SPLIT_MIN_K_TILES;
     if call.layouts == Layouts::Mn || small {
         let (tile, slices) = plan(gpu, call)?;
         return launch(gpu, call, tile, slices);
     }
     super::gemm_sm90::gemm_sm90(gpu, call, None)
-}
-
-thread_local! {
-    /// (stream handle, zeroed counters) per stream driven from this thread; the buffer keeps the
-    /// stream (and so its handle) alive.
-    static COUNTERS: RefCell<Vec<(usize, DeviceBuffer)>> = const { RefCell::new(Vec::new()) };
-}
-
-/// The split kernels' per-output-tile counters for `gpu`'s stream: MAX_TILES u32 zeros, made on
-/// first use (which must not be inside a CUDA-graph capture: run captured work once eagerly first,
-/// as `Gpu::capture` asks anyway).
-fn counters(gpu: &Gpu) -> Result<u64> {
-    let key = gpu.stream().cu_stream() as usize;
-    if let Some(p) = COUNTERS.with_borrow(|v| v.iter().find(|(k, _)| *k == key).map(|(_, b)| b.ptr())) {
-        return Ok(p);
-    }
-    let status = gpu.stream().capture_status().context("gemm_sm90_split: cannot query the stream's capture status")?;
-    ensure!(status == CUstreamCaptureStatus::CU_STREAM_CAPTURE_STATUS_NONE, "gemm_sm90_split: first split-K GEMM inside a CUDA-graph capture: run the work once uncaptured first");
-    let buf = gpu.alloc(ArenaKind::Persistent, MAX_TILES * 4)?;
-    // SAFETY: the buffer holds MAX_TILES·4 bytes; stream-ordered before every kernel that uses it.
-    unsafe { cudarc::driver::result::memset_d8_async(buf.ptr(), 0, MAX_TILES * 4, gpu.stream().cu_stream()) }.context("gemm_sm90_split: memset failed")?;
-    let ptr = buf.ptr();
-    COUNTERS.with_borrow_mut(|v| v.push((key, buf)));
-    Ok(ptr)
 }
 
 /// Launches `call` on the split kernel of `tile` with `slices` K slices (1: no workspace, the
@@ -209,7 +177,7 @@ pub(crate) fn launch(gpu: &Gpu, call: &GemmCall, tile: SplitTile, slices: usize)
     let per_slice = kt.div_ceil(slices.max(1)).max(1);
     ensure!(slices >= 1 && kt.max(1).div_ceil(per_slice) == slices, "gemm_sm90_split: {slices} slices of {kt} K tiles leave some empty: use even_slices");
     let tiles = tile.tiles(call.m, call.n);
-    ensure!(slices == 1 || tiles <= MAX_TILES, "gemm_sm90_split: {tiles} output tiles, more than the {MAX_TILES} counters");
+    ensure!(slices == 1 || tiles <= SPLIT_K_COUNTERS, "gemm_sm90_split: {tiles} output tiles, more than the {SPLIT_K_COUNTERS} counters");
     let name = tile.kernel_name(call.layouts, call.out)?;
     let smem = tile.smem() as u32;
     gpu.function(MODULE, name)?
@@ -217,7 +185,7 @@ pub(crate) fn launch(gpu: &Gpu, call: &GemmCall, tile: SplitTile, slices: usize)
         .context("gemm_sm90_split: cannot raise the dynamic shared memory limit")?;
     // The workspace handle lives until the launch is queued (stream order keeps it safe after).
     let ws = if slices > 1 { Some(gpu.alloc(ArenaKind::Scratch, tiles * slices * tile.bm * tile.bn * 4)?) } else { None };
-    let counters = if slices > 1 { counters(gpu)? } else { 0 };
+    let counters = if slices > 1 { gpu.split_k_counters()? } else { 0 };
     let mut args = call.kernel_args(call.c)?;
     args.extend([KernelArg::I32(i32::try_from(per_slice)?), KernelArg::Ptr(ws.as_ref().map_or(0, |b| b.ptr())), KernelArg::Ptr(counters)]);
     let grid_dim = (call.n.div_ceil(tile.bn) as u32, call.m.div_ceil(tile.bm) as u32, slices as u32);

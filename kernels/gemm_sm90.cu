@@ -61,6 +61,19 @@ struct SplitArgs {
   unsigned* counters;
 };
 
+// Which output tile and K slice a block computes: from the grid for one GEMM per launch
+// (grid_coords), from the problem table for a group of weight gradients (gemm_sm90_64x64_mn_f32_group).
+struct BlockCoords {
+  int m0, n0;         // the tile's first row and column of C
+  unsigned tile;      // its index among the GEMM's output tiles (workspace and counter slot)
+  int slice, slices;  // this block's K slice, of `slices`
+};
+
+template <int BM, int BN>
+__device__ __forceinline__ BlockCoords grid_coords() {
+  return BlockCoords{(int)blockIdx.y * BM, (int)blockIdx.x * BN, blockIdx.y * gridDim.x + blockIdx.x, (int)blockIdx.z, (int)gridDim.z};
+}
+
 // The split-K epilogue, deterministic and without a second launch: every slice stores its partial
 // tile (no alpha) to the workspace and, after a block barrier, thread 0 counts the block in with
 // atom.acq_rel.gpu (release: the block's stores, ordered before it by the barrier, are visible to
@@ -72,12 +85,12 @@ struct SplitArgs {
 template <int BM, int BN, int WN, int THREADS, typename OutT>
 __device__ __forceinline__ void store_tile_split(float* cs, const float (&acc)[WN / 2], int wm, int wn, const SplitArgs& split, OutT* c,
                                                  int64_t ldc, const bf16* bias, const OutT* r, int64_t ldr, int m0, int n0, int M, int N,
-                                                 float alpha) {
+                                                 float alpha, const BlockCoords& at) {
   __shared__ unsigned is_last;
   constexpr int V = BM * BN / 4, PER = V / THREADS, GROUP = 4;  // float4s of a tile, per thread, slices per batch
   static_assert(V % THREADS == 0, "whole float4s per thread");
-  const int tid = threadIdx.x, slices = gridDim.z;
-  const unsigned tile = blockIdx.y * gridDim.x + blockIdx.x;
+  const int tid = threadIdx.x, slices = at.slices;
+  const unsigned tile = at.tile;
   auto cs_at = [&](int j) {  // the float4 j of this thread in the staged tile
     const int i = tid + j * THREADS, row = i / (BN / 4), col = (i % (BN / 4)) * 4;
     return reinterpret_cast<float4*>(cs + c_at<BN>(row, col));
@@ -86,7 +99,7 @@ __device__ __forceinline__ void store_tile_split(float* cs, const float (&acc)[W
   __syncthreads();
   float4* parts = reinterpret_cast<float4*>(split.ws) + (int64_t)tile * slices * V;
 #pragma unroll
-  for (int j = 0; j < PER; ++j) __stcg(parts + (int64_t)blockIdx.z * V + tid + j * THREADS, *cs_at(j));
+  for (int j = 0; j < PER; ++j) __stcg(parts + (int64_t)at.slice * V + tid + j * THREADS, *cs_at(j));
   __syncthreads();
   if (tid == 0) {
     unsigned before;
@@ -120,12 +133,13 @@ __device__ __forceinline__ void store_tile_split(float* cs, const float (&acc)[W
 // The kernel body (see the header): WG_M × WG_N warpgroups, each computing 64 × WN of the
 // (64·WG_M) × (WN·WG_N) block tile. A_K_MAJOR: A(m, k) = A[m·lda + k], else (layout mn)
 // A[k·lda + m]; B_K_MAJOR: layout kk, else B(n, k) = B[k·ldb + n]. SPLIT: the block runs K tiles
-// [z·tiles_per_slice, (z+1)·tiles_per_slice) of slice z = blockIdx.z and, when gridDim.z > 1, ends
-// with store_tile_split.
+// [z·tiles_per_slice, (z+1)·tiles_per_slice) of its slice z (`at`) and, when there are several,
+// ends with store_tile_split.
 template <int WG_M, int WG_N, int WN, int STAGES, int INFLIGHT, bool A_K_MAJOR, bool B_K_MAJOR, bool SPLIT, typename OutT>
 __device__ __forceinline__ void gemm_sm90_body(const bf16* a1, int64_t lda1, const bf16* b1, int64_t ldb1, int k1, const bf16* a2,
                                                int64_t lda2, const bf16* b2, int64_t ldb2, int k2, OutT* c, int64_t ldc,
-                                               const bf16* bias, const OutT* r, int64_t ldr, int M, int N, float alpha, SplitArgs split) {
+                                               const bf16* bias, const OutT* r, int64_t ldr, int M, int N, float alpha, SplitArgs split,
+                                               const BlockCoords& at) {
   constexpr int BM = 64 * WG_M, BN = WN * WG_N, THREADS = 128 * WG_M * WG_N;
   constexpr int A_BYTES = BM * BK * 2, B_BYTES = BN * BK * 2, STAGE_BYTES = A_BYTES + B_BYTES;
   constexpr int AHEAD = STAGES - 1 - INFLIGHT;
@@ -137,11 +151,11 @@ __device__ __forceinline__ void gemm_sm90_body(const bf16* a1, int64_t lda1, con
   const uint32_t base = (raw + 1023) & ~1023u;
   float* cs = reinterpret_cast<float*>(smem_raw + (base - raw));
 
-  const int m0 = blockIdx.y * BM, n0 = blockIdx.x * BN;
+  const int m0 = at.m0, n0 = at.n0;
   const int wg = threadIdx.x / 128, wm = wg % WG_M, wn = wg / WG_M;
   const int tiles1 = (k1 + BK - 1) / BK, ntiles = tiles1 + (k2 + BK - 1) / BK;
   // This block's K tiles [t0, t0 + count).
-  const int t0 = SPLIT ? blockIdx.z * split.tiles_per_slice : 0;
+  const int t0 = SPLIT ? at.slice * split.tiles_per_slice : 0;
   const int count = SPLIT ? min(ntiles - t0, split.tiles_per_slice) : ntiles;
   auto load_stage = [&](int stage, int t) {
     const bool second = t >= tiles1;
@@ -186,8 +200,8 @@ __device__ __forceinline__ void gemm_sm90_body(const bf16* a1, int64_t lda1, con
   __syncthreads();  // every warpgroup is done with the stages: the C tile reuses them
 
   if constexpr (SPLIT) {
-    if (gridDim.z > 1) {
-      store_tile_split<BM, BN, WN, THREADS>(cs, acc, wm, wn, split, c, ldc, bias, r, ldr, m0, n0, M, N, alpha);
+    if (at.slices > 1) {
+      store_tile_split<BM, BN, WN, THREADS>(cs, acc, wm, wn, split, c, ldc, bias, r, ldr, m0, n0, M, N, alpha, at);
       return;
     }
   }
@@ -204,7 +218,7 @@ __device__ __forceinline__ void gemm_sm90_body(const bf16* a1, int64_t lda1, con
       const bf16* a1, int64_t lda1, const bf16* b1, int64_t ldb1, int k1, const bf16* a2, int64_t lda2, const bf16* b2,     \
       int64_t ldb2, int k2, OUTT* c, int64_t ldc, const bf16* bias, const OUTT* r, int64_t ldr, int M, int N, float alpha) { \
     gemm_sm90_body<WGM, WGN, WN, ST, INF, true, BKM, false, OUTT>(a1, lda1, b1, ldb1, k1, a2, lda2, b2, ldb2, k2, c, ldc, bias, r, \
-                                                                  ldr, M, N, alpha, SplitArgs{});                          \
+                                                                  ldr, M, N, alpha, SplitArgs{}, grid_coords<BM, BN>()); \
   }
 
 // gemm_sm90_<BM>x<BN>_<A><B>_<out>_split: the same with split-K (grid z = slices; see
@@ -217,7 +231,8 @@ __device__ __forceinline__ void gemm_sm90_body(const bf16* a1, int64_t lda1, con
       int64_t ldb2, int k2, OUTT* c, int64_t ldc, const bf16* bias, const OUTT* r, int64_t ldr, int M, int N, float alpha,    \
       int tiles_per_slice, float* ws, unsigned* counters) {                                                                  \
     gemm_sm90_body<WGM, WGN, WN, ST, INF, AKM, BKM, true, OUTT>(a1, lda1, b1, ldb1, k1, a2, lda2, b2, ldb2, k2, c, ldc, bias, r,  \
-                                                                ldr, M, N, alpha, SplitArgs{tiles_per_slice, ws, counters});  \
+                                                                ldr, M, N, alpha, SplitArgs{tiles_per_slice, ws, counters},  \
+                                                                grid_coords<BM, BN>());                                      \
   }
 
 // (BM × BN: warpgroups M × N of 64 × WN, stages, wgmma groups in flight, blocks per SM)
@@ -241,3 +256,40 @@ GEMM_SM90_SPLIT_TILES(k, true, k, true, f32, float)
 GEMM_SM90_SPLIT_TILES(k, true, n, false, bf16, bf16)
 GEMM_SM90_SPLIT_TILES(k, true, n, false, f32, float)
 GEMM_SM90_SPLIT_TILES(m, false, n, false, f32, float)
+
+// gemm_sm90_64x64_mn_f32_group: the weight gradients of several LoRA layers in one launch
+// (src/ops/gemm_sm90_split.rs `wgrad_group`, fed by the LoRA backward's WeightGradBatch). Problem i:
+//   C_i[P_i × Q_i] = alpha_i · A_iᵀ·B_i (+ C_i when accumulate_i),  A_i [K_i × P_i], B_i [K_i × Q_i]
+// (layout mn of the split kernels, K = the tokens), split into slices_i K slices whose partials the
+// last slice sums as store_tile_split does (workspace at ws_tile_i tiles into `ws`, counters from
+// counter_i). Blocks [first_block_i, first_block_{i+1}) are problem i's, slice-major: the blocks of
+// one K range run together and share its rows in L2. One launch instead of two per layer (plus a
+// reduction) fills the GPU that each layer's 10–40 output tiles alone leave mostly idle.
+struct WgradProblem {
+  const bf16* a;
+  const bf16* b;
+  float* c;
+  int64_t lda, ldb;
+  int k, p, q, slices, tiles_per_slice, first_block, ws_tile, counter, accumulate;
+  float alpha;
+};
+constexpr int WGRAD_GROUP_MAX = 8;  // src/ops/gemm_sm90_split.rs WGRAD_GROUP_MAX
+struct WgradGroup {
+  WgradProblem problem[WGRAD_GROUP_MAX];
+  float* ws;
+  unsigned* counters;
+  int count;
+};
+static_assert(sizeof(WgradProblem) == 80 && sizeof(WgradGroup) == 8 * 80 + 24, "the layout src/ops/gemm_sm90_split.rs writes");
+
+extern "C" __global__ void __launch_bounds__(128, 2) gemm_sm90_64x64_mn_f32_group(const __grid_constant__ WgradGroup g) {
+  int i = 0;
+  while (i + 1 < g.count && (int)blockIdx.x >= g.problem[i + 1].first_block) ++i;
+  const WgradProblem& pr = g.problem[i];
+  const int local = blockIdx.x - pr.first_block, tiles_q = (pr.q + 63) / 64, tiles = (pr.p + 63) / 64 * tiles_q;
+  const int tile = local % tiles;
+  const BlockCoords at{tile / tiles_q * 64, tile % tiles_q * 64, (unsigned)tile, local / tiles, pr.slices};
+  const SplitArgs split{pr.tiles_per_slice, g.ws + (int64_t)pr.ws_tile * 64 * 64, g.counters + pr.counter};
+  gemm_sm90_body<1, 1, 64, 6, 1, false, false, true, float>(pr.a, pr.lda, pr.b, pr.ldb, pr.k, nullptr, 0, nullptr, 0, 0, pr.c, pr.q, nullptr,
+                                                            pr.accumulate ? pr.c : nullptr, pr.q, pr.p, pr.q, pr.alpha, split, at);
+}

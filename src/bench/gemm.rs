@@ -154,10 +154,10 @@ fn bench_lora(gpu: &Gpu, m: usize, in_f: usize, out_f: usize, r: usize) -> Resul
     let l = LoraLinear { w: &w, bias: Some(&bias), a: &a, b: &b, scale: 1.0 };
     let x = buf(gpu, &[m, in_f], DType::BF16)?;
     let dy = buf(gpu, &[m, out_f], DType::BF16)?;
-    let (mut us, mut vs) = (buf(gpu, &[m, r], DType::BF16)?, buf(gpu, &[m, r], DType::BF16)?);
+    let (mut us, vs) = (buf(gpu, &[m, r], DType::BF16)?, buf(gpu, &[m, r], DType::BF16)?);
     let mut y = buf(gpu, &[m, out_f], DType::BF16)?;
     let mut dx = buf(gpu, &[m, in_f], DType::BF16)?;
-    let (mut da, mut db) = (buf(gpu, &[r, in_f], DType::F32)?, buf(gpu, &[out_f, r], DType::F32)?);
+    let (da, db) = (buf(gpu, &[r, in_f], DType::F32)?, buf(gpu, &[out_f, r], DType::F32)?);
     let (mf, i, o, rf) = (m as f64, in_f as f64, out_f as f64, r as f64);
     let down = 2.0 * mf * i * rf;
     let fwd = down + 2.0 * mf * (i + rf) * o;
@@ -165,8 +165,10 @@ fn bench_lora(gpu: &Gpu, m: usize, in_f: usize, out_f: usize, r: usize) -> Resul
     let shape = format!("{m}x{in_f}->{out_f} r{r}");
 
     let mut backward = |us: &Tensor| -> Result<()> {
-        let out = LoraBackwardOut { dx: &mut dx, da: &mut da, db: &mut db, vs: &mut vs };
-        lora::lora_backward(gpu, &l, &x, us, &dy, out, false, true)
+        let out = LoraBackwardOut { dx: &mut dx, da: &da, db: &db, vs: &vs };
+        let mut grads = lora::WeightGradBatch::default();
+        lora::lora_backward(gpu, &l, &x, us, &dy, out, false, true, &mut grads)?;
+        grads.finish(gpu)
     };
     let t_fwd = time_queued(gpu, REPS, || lora::lora_forward(gpu, &l, &x, &mut us, None, &mut y))?;
     let t_bwd = time_queued(gpu, REPS, || backward(&us))?;
@@ -202,6 +204,21 @@ fn bench_lora(gpu: &Gpu, m: usize, in_f: usize, out_f: usize, r: usize) -> Resul
     let t_grads_atomic = time_queued(gpu, REPS, || grads_with(WeightGradSplit::Atomic))?;
     let t_grads_ws = time_queued(gpu, REPS, || grads_with(WeightGradSplit::Workspace))?;
     let t_grads_sm90 = time_queued(gpu, REPS, || gemm::at_b_many_sm90(gpu, &grads, true).map(|_| ()))?;
+    // An attention block's four layers (eight products, own outputs) in one grouped launch, and
+    // the same eight as four pairs on the sm_80 kernels (the path without the grouped kernel).
+    let outputs: Vec<(Tensor, Tensor)> = (0..4).map(|_| Ok((buf(gpu, &[r, in_f], DType::F32)?, buf(gpu, &[out_f, r], DType::F32)?))).collect::<Result<_>>()?;
+    let mut eight = Vec::new();
+    for (da4, db4) in &outputs {
+        eight.push(AtB { c: db4.ptr()?, ..grads[0] });
+        eight.push(AtB { c: da4.ptr()?, ..grads[1] });
+    }
+    let t_group = if gemm_sm90_split::supports_wgrad_group(gpu, &eight)? {
+        let queued: Vec<(AtB, bool)> = eight.iter().map(|p| (*p, true)).collect();
+        Some(time_queued(gpu, REPS, || gemm_sm90_split::wgrad_group(gpu, &queued))?)
+    } else {
+        None
+    };
+    let t_pairs = time_queued(gpu, REPS, || eight.chunks(2).try_for_each(|pair| gemm::at_b_many(gpu, pair, true, WeightGradSplit::Workspace)))?;
     let grad_flop = 2.0 * mf * (o * rf + rf * i);
     let row = |kernel: &str, flop: f64, t: Timing| BenchRow { kernel: kernel.into(), shape: shape.clone(), rate: tflops(flop, &t), unit: "TFLOP/s", timing: t };
     Ok(vec![
@@ -212,7 +229,11 @@ fn bench_lora(gpu: &Gpu, m: usize, in_f: usize, out_f: usize, r: usize) -> Resul
         row("lora_grads_atomic", grad_flop, t_grads_atomic),
         row("lora_grads_workspace", grad_flop, t_grads_ws),
         row("lora_grads_sm90", grad_flop, t_grads_sm90),
-    ])
+        row("lora_grads_x4_pairs", 4.0 * grad_flop, t_pairs),
+    ]
+    .into_iter()
+    .chain(t_group.map(|t| row("lora_grads_x4_group", 4.0 * grad_flop, t)))
+    .collect())
 }
 
 /// (tokens, p, q) of the LoRA weight gradients of one 512 px step (r = 128, batch 1): dB [d, r] and

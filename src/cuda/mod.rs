@@ -173,6 +173,7 @@ impl Gpu {
                 KernelArg::U32(v) => builder.arg(v),
                 KernelArg::F32(v) => builder.arg(v),
                 KernelArg::TensorMap(v) => builder.arg(v),
+                KernelArg::Struct(v) => builder.arg(v),
             };
         }
         let profiling = self.profiler.borrow().is_some();
@@ -215,6 +216,7 @@ impl Gpu {
                 KernelArg::U32(v) => v as *const u32 as *mut _,
                 KernelArg::F32(v) => v as *const f32 as *mut _,
                 KernelArg::TensorMap(v) => v as *const [u64; 16] as *mut _,
+                KernelArg::Struct(v) => v as *const [u64; 96] as *mut _,
             })
             .collect();
         let mut attr = cluster_attribute(cluster);
@@ -403,6 +405,8 @@ pub struct Graph {
 }
 
 /// One kernel argument. Device pointers come from [`DeviceBuffer::ptr`].
+// (Arguments live briefly on the stack of a launch: the large by-value struct variant is fine.)
+#[allow(clippy::large_enum_variant)]
 #[derive(Clone, Copy, Debug)]
 pub enum KernelArg {
     Ptr(u64),
@@ -413,6 +417,9 @@ pub enum KernelArg {
     /// A 128-byte `CUtensorMap` (from `cuTensorMapEncodeTiled`) passed by value: the kernel
     /// parameter is a 64-byte-aligned `const __grid_constant__` struct of 16 u64.
     TensorMap([u64; 16]),
+    /// A by-value struct of at most 768 bytes, as little-endian words zero-padded to 96 (the
+    /// kernel reads the size it declares).
+    Struct([u64; 96]),
 }
 
 /// The cluster-dimension launch attribute.

@@ -94,6 +94,8 @@ pub struct LoraAdapter {
     /// kept for the backward, which recomputes u only when given another input (saving u is the
     /// faster choice: benches/RESULTS.md).
     saved_u: std::cell::RefCell<Option<(Tensor, u64, Vec<usize>)>>,
+    /// Per-layer AdamW: the gradients a backward queued (scratch), to apply once computed.
+    queued_grads: Option<Tensor>,
 }
 
 /// One adapter's share of the optimizer, for AdamW applied inside the backward: f32 views of its
@@ -127,7 +129,7 @@ impl LoraAdapter {
     /// and `copies` the bf16 views (A, B) the GEMMs read.
     pub fn new(alpha: f32, a: Tensor, b: Tensor, grad_a: Tensor, grad_b: Tensor, copies: Option<(Tensor, Tensor)>) -> LoraAdapter {
         let (a16, b16) = copies.unzip();
-        LoraAdapter { rank: a.shape()[0], alpha, a, b, grad_a, grad_b, a16, b16, update: None, saved_u: Default::default() }
+        LoraAdapter { rank: a.shape()[0], alpha, a, b, grad_a, grad_b, a16, b16, update: None, saved_u: Default::default(), queued_grads: None }
     }
 
     pub fn scale(&self) -> f32 {
@@ -228,18 +230,18 @@ impl Linear {
     /// when `want_dx`. The LoRA down-projection u = s·x·Aᵀ is the one the last forward saved when
     /// that forward read this same `x`, else it is recomputed.
     pub fn backward(&mut self, dev: Dev, x: &Tensor, dy: &Tensor, want_dx: bool) -> Result<Option<Tensor>> {
-        self.backward_into(dev, x, dy, want_dx, None)
+        let mut grads = lora::WeightGradBatch::default();
+        let dx = self.backward_queued(dev, x, dy, want_dx, None, &mut grads)?;
+        finish_weight_grads(dev, grads, &mut [self])?;
+        Ok(dx)
     }
 
-    /// [`Linear::backward`] returning `into` + dx: on the GPU the GEMM's epilogue adds dx to
-    /// `into` in place (no separate add).
-    pub fn backward_adding(&mut self, dev: Dev, x: &Tensor, dy: &Tensor, into: Tensor) -> Result<Tensor> {
-        self.backward_into(dev, x, dy, true, Some(into))?.ok_or_else(|| anyhow::anyhow!("backward_adding: no input gradient"))
-    }
-
-    fn backward_into(&mut self, dev: Dev, x: &Tensor, dy: &Tensor, want_dx: bool, into: Option<Tensor>) -> Result<Option<Tensor>> {
+    /// [`Linear::backward`] that queues the LoRA weight gradients on `grads` (GPU; computed now on
+    /// the CPU) and returns `into` + dx when given `into` (on the GPU the GEMM's epilogue adds dx
+    /// to it in place). Finish with [`finish_weight_grads`], which also runs a per-layer AdamW.
+    pub fn backward_queued(&mut self, dev: Dev, x: &Tensor, dy: &Tensor, want_dx: bool, into: Option<Tensor>, grads: &mut lora::WeightGradBatch) -> Result<Option<Tensor>> {
         if let (Dev::Cpu, Some(acc)) = (dev, &into) {
-            let dx = self.backward_into(dev, x, dy, true, None)?.ok_or_else(|| anyhow::anyhow!("no input gradient"))?;
+            let dx = self.backward_queued(dev, x, dy, true, None, grads)?.ok_or_else(|| anyhow::anyhow!("no input gradient"))?;
             let shape = dx.shape().to_vec();
             return Tensor::from_vec(&shape, add_residual_cpu(dx.into_vec()?, Some(acc))?).map(Some);
         }
@@ -265,7 +267,7 @@ impl Linear {
             Dev::Gpu(gpu) => {
                 let saved = l.saved_u.take().filter(|(_, ptr, shape)| x.ptr().ok() == Some(*ptr) && x.shape() == shape.as_slice());
                 let dx_accumulate = into.is_some();
-                let mut vs = Dev::scratch(gpu, &[m, l.rank])?;
+                let vs = Dev::scratch(gpu, &[m, l.rank])?;
                 let mut dx = match into {
                     Some(acc) => {
                         ensure!(acc.shape() == shape.as_slice(), "backward_adding: {:?} cannot take a gradient of shape {shape:?}", acc.shape());
@@ -273,42 +275,55 @@ impl Linear {
                     }
                     None => Dev::scratch(gpu, &shape)?,
                 };
-                // With per-layer AdamW this adapter's gradients live only until its update below.
+                // With per-layer AdamW this adapter's gradients live only until its update.
+                ensure!(l.queued_grads.is_none(), "linear backward: the last backward's per-layer gradients were never applied");
                 let layer_grads = match &l.update {
                     Some(_) => Some(Tensor::empty_gpu(gpu, ArenaKind::Scratch, &[l.a.numel() + l.b.numel()], DType::F32)?),
                     None => None,
                 };
-                let (mut grad_a, mut grad_b) = match &layer_grads {
+                let (grad_a, grad_b) = match &layer_grads {
                     Some(g) => (g.gpu_view(0, l.a.shape())?, g.gpu_view(l.a.numel(), l.b.shape())?),
-                    None => (std::mem::replace(&mut l.grad_a, Tensor::zeros(&[0])), std::mem::replace(&mut l.grad_b, Tensor::zeros(&[0]))),
+                    None => (l.grad_a.clone(), l.grad_b.clone()),
                 };
-                let result = (|| {
-                    let ll = l.on_gpu(&self.w, self.b.as_ref());
-                    let us = match saved {
-                        Some((us, _, _)) => us,
-                        None => {
-                            let mut us = Dev::scratch(gpu, &[m, l.rank])?;
-                            lora::lora_down(gpu, &ll, x, &mut us)?;
-                            us
-                        }
-                    };
-                    let out = lora::LoraBackwardOut { dx: &mut dx, da: &mut grad_a, db: &mut grad_b, vs: &mut vs };
-                    lora::lora_backward(gpu, &ll, x, &us, dy, out, dx_accumulate, layer_grads.is_none())
-                })();
-                match (&mut l.update, &layer_grads) {
-                    (Some(update), Some(grads)) => {
-                        result?;
-                        update.apply(gpu, grads)?;
+                let ll = l.on_gpu(&self.w, self.b.as_ref());
+                let us = match saved {
+                    Some((us, _, _)) => us,
+                    None => {
+                        let mut us = Dev::scratch(gpu, &[m, l.rank])?;
+                        lora::lora_down(gpu, &ll, x, &mut us)?;
+                        us
                     }
-                    _ => {
-                        (l.grad_a, l.grad_b) = (grad_a, grad_b);
-                        result?;
-                    }
-                }
+                };
+                let out = lora::LoraBackwardOut { dx: &mut dx, da: &grad_a, db: &grad_b, vs: &vs };
+                lora::lora_backward(gpu, &ll, x, &us, dy, out, dx_accumulate, layer_grads.is_none(), grads)?;
+                l.queued_grads = layer_grads;
                 Ok(want_dx.then_some(dx))
             }
         }
     }
+
+    /// With per-layer AdamW (GPU), the update from the gradients the last backward queued, once
+    /// they are computed.
+    fn apply_queued_update(&mut self, gpu: &Gpu) -> Result<()> {
+        if let Some(l) = &mut self.lora {
+            if let (Some(update), Some(grads)) = (&mut l.update, l.queued_grads.take()) {
+                update.apply(gpu, &grads)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Computes the LoRA weight gradients queued by [`Linear::backward_queued`] (GPU; nothing to do on
+/// the CPU), then the per-layer AdamW updates of `linears` (those that queued them).
+pub fn finish_weight_grads(dev: Dev, grads: lora::WeightGradBatch, linears: &mut [&mut Linear]) -> Result<()> {
+    if let Dev::Gpu(gpu) = dev {
+        grads.finish(gpu)?;
+        for linear in linears {
+            linear.apply_queued_update(gpu)?;
+        }
+    }
+    Ok(())
 }
 
 impl Linear {

@@ -8,9 +8,10 @@
 //! checkpointing). The memory plan (train::memory) chooses per transformer.
 
 use super::functional::{attention, attention_backward, geglu, geglu_backward};
-use super::layers::{Dev, GroupNorm, LayerNorm, Linear, NormStats};
+use super::layers::{finish_weight_grads, Dev, GroupNorm, LayerNorm, Linear, NormStats};
 use super::resnet::bytes;
 use super::weights::Weights;
+use crate::ops::lora::WeightGradBatch;
 use crate::tensor::Tensor;
 use anyhow::{Context, Result};
 
@@ -58,19 +59,23 @@ impl Attention {
     }
 
     /// dx; `self_attention` says whether k and v came from x (else from the frozen caption states,
-    /// which need no gradient).
+    /// which need no gradient). The four projections' LoRA weight gradients are computed together
+    /// at the end (one grouped launch on a Hopper).
     fn backward(&mut self, dev: Dev, s: &AttentionSaved, dy: &Tensor, self_attention: bool) -> Result<Tensor> {
-        let d_o = self.to_out.backward(dev, &s.o, dy, true)?.unwrap();
+        let mut grads = WeightGradBatch::default();
+        let d_o = self.to_out.backward_queued(dev, &s.o, dy, true, None, &mut grads)?.context("to_out: no input gradient")?;
         let (dq, dk, dv) = attention_backward(dev, &s.q, &s.k, &s.v, &s.o, s.lse.as_ref(), &d_o, self.heads)?;
-        let dx = self.to_q.backward(dev, &s.x, &dq, true)?.unwrap();
-        if !self_attention {
-            self.to_k.backward(dev, &s.context, &dk, false)?;
-            self.to_v.backward(dev, &s.context, &dv, false)?;
-            return Ok(dx);
-        }
-        // k and v came from x too: their input gradients are added to dx in the GEMM epilogues.
-        let dx = self.to_k.backward_adding(dev, &s.context, &dk, dx)?;
-        self.to_v.backward_adding(dev, &s.context, &dv, dx)
+        let dx_q = self.to_q.backward_queued(dev, &s.x, &dq, true, None, &mut grads)?.context("to_q: no input gradient")?;
+        // When k and v came from x too, their input gradients are added to dx (on the GPU in the
+        // GEMM epilogues); else they need none.
+        let (want, into) = if self_attention { (true, Some(dx_q.clone())) } else { (false, None) };
+        let into = self.to_k.backward_queued(dev, &s.context, &dk, want, into, &mut grads)?;
+        let dx_kv = self.to_v.backward_queued(dev, &s.context, &dv, want, into, &mut grads)?;
+        finish_weight_grads(dev, grads, &mut [&mut self.to_q, &mut self.to_k, &mut self.to_v, &mut self.to_out])?;
+        Ok(match dx_kv {
+            Some(dx) => dx,
+            None => dx_q,
+        })
     }
 
     /// The four projections with their diffusers names.

@@ -11,10 +11,11 @@
 //! capture) and zero again after every launch, so captured graphs replay without a memset.
 //! [`crate::ops::gemm::gemm`] sends Hopper calls here ([`gemm`]: small outputs with a deep K on the
 //! split kernels, else the plain sm90 kernels); [`crate::ops::gemm::at_b_many_sm90`] the weight
-//! gradients ([`launch`]), which by default keep the sm_80 path (see [`enabled_for`]).
+//! gradients ([`launch`]), and the LoRA backward's batches of weight gradients one grouped launch
+//! per batch ([`wgrad_group`]).
 //! CPU twins: `linear_cpu`, `linear_input_grad_cpu`, `at_b_cpu` in `ops::gemm`.
 
-use super::gemm::{GemmCall, Layouts, SplitK};
+use super::gemm::{at_b_call, AtB, GemmCall, Layouts, SplitK};
 use super::gemm_sm90::kernel_for;
 use crate::cuda::{ArenaKind, Gpu, KernelArg, LaunchConfig, SPLIT_K_COUNTERS};
 use crate::tensor::DType;
@@ -52,19 +53,18 @@ macro_rules! split_names {
 /// The split kernels' tiles (64×64 only: 128×128 lost at every shape of the first sweep).
 pub(crate) const SPLIT_TILES: [SplitTile; 1] = [SplitTile { bm: 64, bn: 64, threads: 128, stages: 6, per_sm: 2, cost: (0.2, 4.4, 2.0, 0.2), names: split_names!("gemm_sm90_64x64") }];
 
-/// Whether calls of `layouts` take the split kernels by default: `Kk`/`Kn` yes, the weight
-/// gradients (`Mn`) no — the training step measured 16.98 ms with the split kernels for Kk/Kn only,
-/// 17.23 ms with them for all three layouts, 17.99 ms with none (benches/RESULTS.md "Weight
-/// gradients and split-K on wgmma"). `SDLORA_SM90_SPLIT` overrides: `0` none (the sm_80 split-K
-/// and weight-gradient paths, as before these kernels), `wgrad` Mn only, `all` every layout,
-/// `gemm` the default (read once per process).
+/// Whether calls of `layouts` take the split kernels: every layout by default — the weight
+/// gradients (`Mn`) as [`wgrad_group`]'s grouped launches (benches/RESULTS.md "Session 6"); one
+/// launch per product lost to the sm_80 kernels ("Weight gradients and split-K on wgmma").
+/// `SDLORA_SM90_SPLIT` overrides: `0` none (the sm_80 split-K and weight-gradient paths, as before
+/// these kernels), `gemm` Kk/Kn only (session 5's default), `wgrad` Mn only (read once per process).
 pub(crate) fn enabled_for(layouts: Layouts) -> bool {
     static SETTING: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
     match SETTING.get_or_init(|| std::env::var("SDLORA_SM90_SPLIT").ok()).as_deref() {
         Some("0") => false,
         Some("wgrad") => layouts == Layouts::Mn,
-        Some("all") => true,
-        _ => layouts != Layouts::Mn,
+        Some("gemm") => layouts != Layouts::Mn,
+        _ => true,
     }
 }
 
@@ -148,16 +148,16 @@ pub(crate) fn plan(gpu: &Gpu, call: &GemmCall) -> Result<(SplitTile, usize)> {
 }
 
 /// Split candidates among the Kk/Kn calls: at most this many 64×64 output tiles per SM …
-const SPLIT_SPLIT_K_COUNTERS_PER_SM: f64 = 1.0;
+const SPLIT_TILES_PER_SM: f64 = 1.0;
 /// … and at least this many K tiles (larger outputs or shallower K run unsplit).
 const SPLIT_MIN_K_TILES: usize = 8;
 
 /// A call on the Hopper path: `Mn` always on the split kernels (the launcher's slices, maybe one);
 /// `Kk`/`Kn` on the split kernels (with the time model's slice count, maybe one) when the output
-/// is small and K deep (see SPLIT_SPLIT_K_COUNTERS_PER_SM), else on the plain sm90 kernels
+/// is small and K deep (see SPLIT_TILES_PER_SM), else on the plain sm90 kernels
 /// (`gemm_sm90::gemm_sm90`, its own tile choice). The caller has checked [`supports`].
 pub(crate) fn gemm(gpu: &Gpu, call: &GemmCall) -> Result<()> {
-    let small = SPLIT_TILES[0].tiles(call.m, call.n) as f64 <= SPLIT_SPLIT_K_COUNTERS_PER_SM * sm_count(gpu)? as f64 && k_tiles(call) >= SPLIT_MIN_K_TILES;
+    let small = SPLIT_TILES[0].tiles(call.m, call.n) as f64 <= SPLIT_TILES_PER_SM * sm_count(gpu)? as f64 && k_tiles(call) >= SPLIT_MIN_K_TILES;
     if call.layouts == Layouts::Mn || small {
         let (tile, slices) = plan(gpu, call)?;
         return launch(gpu, call, tile, slices);
@@ -190,6 +190,103 @@ pub(crate) fn launch(gpu: &Gpu, call: &GemmCall, tile: SplitTile, slices: usize)
     args.extend([KernelArg::I32(i32::try_from(per_slice)?), KernelArg::Ptr(ws.as_ref().map_or(0, |b| b.ptr())), KernelArg::Ptr(counters)]);
     let grid_dim = (call.n.div_ceil(tile.bn) as u32, call.m.div_ceil(tile.bm) as u32, slices as u32);
     gpu.launch(MODULE, name, LaunchConfig { grid_dim, block_dim: (tile.threads, 1, 1), shared_mem_bytes: smem }, &args)?;
+    drop(ws);
+    Ok(())
+}
+
+/// Most products per [`wgrad_group`] launch (kernels/gemm_sm90.cu `WGRAD_GROUP_MAX`).
+pub(crate) const WGRAD_GROUP_MAX: usize = 8;
+
+/// Whether [`wgrad_group`] can run every one of `problems` here: the split kernels enabled for
+/// layout `Mn` and each product as [`supports`] takes it.
+pub(crate) fn supports_wgrad_group(gpu: &Gpu, problems: &[AtB]) -> Result<bool> {
+    if !enabled_for(Layouts::Mn) {
+        return Ok(false);
+    }
+    for pr in problems {
+        if !supports(gpu, &at_b_call(pr, false))? {
+            return Ok(false);
+        }
+    }
+    Ok(true)
+}
+
+/// K tiles per slice for a group: the power of two (1..=64) with the least modelled time — the
+/// waves of all the group's blocks, each `per` K tiles long, plus one reduction of the most slices
+/// (the `SplitTile::cost` model).
+fn group_slice_tiles(sms: usize, problems: &[AtB]) -> usize {
+    let tile = SPLIT_TILES[0];
+    let (a, b, c, d) = tile.cost;
+    let time = |per: usize| {
+        let (mut blocks, mut most) = (0, 1);
+        for pr in problems {
+            let kt = pr.m.div_ceil(BK);
+            let slices = even_slices(kt, kt.div_ceil(per));
+            blocks += tile.tiles(pr.p, pr.q) * slices;
+            most = most.max(slices);
+        }
+        let waves = blocks.div_ceil(sms * tile.per_sm) as f64;
+        waves * (per as f64 * a + b) + if most > 1 { c + d * most as f64 } else { 0.0 }
+    };
+    (0..7).map(|e| 1 << e).min_by(|&x, &y| time(x).total_cmp(&time(y))).unwrap_or(64)
+}
+
+/// Up to [`WGRAD_GROUP_MAX`] weight-gradient products `c = alpha·aᵀ·b` (`+ c` where the flag is
+/// set) in ONE launch of `gemm_sm90_64x64_mn_f32_group`: each product's 64×64 output tiles times
+/// its K slices (see [`group_slice_tiles`]), deepest products first, the split ones finished in
+/// kernel. The caller has checked [`supports_wgrad_group`].
+pub(crate) fn wgrad_group(gpu: &Gpu, problems: &[(AtB, bool)]) -> Result<()> {
+    const NAME: &str = "gemm_sm90_64x64_mn_f32_group";
+    ensure!(problems.len() <= WGRAD_GROUP_MAX, "wgrad_group: {} products, at most {WGRAD_GROUP_MAX} per launch", problems.len());
+    let mut order: Vec<&(AtB, bool)> = problems.iter().filter(|(pr, _)| pr.p > 0 && pr.q > 0).collect();
+    if order.is_empty() {
+        return Ok(());
+    }
+    order.sort_by_key(|(pr, _)| std::cmp::Reverse(pr.m));
+    let products: Vec<AtB> = order.iter().map(|(pr, _)| *pr).collect();
+    let per = group_slice_tiles(sm_count(gpu)?, &products);
+    let tile = SPLIT_TILES[0];
+    // The kernel's WgradGroup, as little-endian bytes: 80 per product, then ws, counters, count.
+    let mut bytes = Vec::with_capacity(768);
+    let (mut first_block, mut ws_tiles, mut counters_used) = (0usize, 0usize, 0usize);
+    for (pr, accumulate) in &order {
+        let kt = pr.m.div_ceil(BK);
+        let slices = even_slices(kt, kt.div_ceil(per));
+        let tiles = tile.tiles(pr.p, pr.q);
+        for v in [pr.a.0, pr.b.0, pr.c, pr.a.1 as u64, pr.b.1 as u64] {
+            bytes.extend(v.to_le_bytes());
+        }
+        let fields = [pr.m, pr.p, pr.q, slices, kt.div_ceil(slices).max(1), first_block, ws_tiles, counters_used, *accumulate as usize];
+        for v in fields {
+            bytes.extend(i32::try_from(v).context("wgrad_group: size past i32")?.to_le_bytes());
+        }
+        bytes.extend(pr.alpha.to_le_bytes());
+        first_block += tiles * slices;
+        if slices > 1 {
+            ws_tiles += tiles * slices;
+            counters_used += tiles;
+        }
+    }
+    ensure!(counters_used <= SPLIT_K_COUNTERS, "wgrad_group: {counters_used} split output tiles, more than the {SPLIT_K_COUNTERS} counters");
+    // The workspace handle lives until the launch is queued (stream order keeps it safe after).
+    let ws = if ws_tiles > 0 { Some(gpu.alloc(ArenaKind::Scratch, ws_tiles * tile.bm * tile.bn * 4)?) } else { None };
+    let counters = if counters_used > 0 { gpu.split_k_counters()? } else { 0 };
+    bytes.resize(WGRAD_GROUP_MAX * 80, 0);
+    bytes.extend(ws.as_ref().map_or(0, |b| b.ptr()).to_le_bytes());
+    bytes.extend(counters.to_le_bytes());
+    bytes.extend((order.len() as i32).to_le_bytes());
+    let mut words = [0u64; 96];
+    for (w, chunk) in words.iter_mut().zip(bytes.chunks(8)) {
+        let mut b = [0u8; 8];
+        b[..chunk.len()].copy_from_slice(chunk);
+        *w = u64::from_le_bytes(b);
+    }
+    let smem = tile.smem() as u32;
+    gpu.function(MODULE, NAME)?
+        .set_attribute(CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, smem as i32)
+        .context("wgrad_group: cannot raise the dynamic shared memory limit")?;
+    let cfg = LaunchConfig { grid_dim: (u32::try_from(first_block)?, 1, 1), block_dim: (tile.threads, 1, 1), shared_mem_bytes: smem };
+    gpu.launch(MODULE, NAME, cfg, &[KernelArg::Struct(words)])?;
     drop(ws);
     Ok(())
 }

@@ -190,8 +190,8 @@ fn gpu_dispatch_takes_sm90_split_where_enabled_on_hopper() {
     let want = linear_cpu(&x, m, k, &w, n, None);
     assert_close(&format!("linear {m}x{k}->{n} seed={seed}"), &download(&gpu, &y), &want, 1e-2);
     // A LoRA backward's dA and dB: on the split kernels two mn launches and no reduction kernel;
-    // through at_b_many, the split kernels only where SDLORA_SM90_SPLIT enables them (not by
-    // default), else the sm_80 workspace path.
+    // through at_b_many, the split kernels where SDLORA_SM90_SPLIT enables them (by default),
+    // else the sm_80 workspace path.
     let (tokens, d, r) = (4096, 320, 128);
     let (dy, us) = (rand_bf16(&mut rng, tokens * d, 1.0), rand_bf16(&mut rng, tokens * r, 1.0));
     let (dyd, usd) = (upload(&gpu, &[tokens, d], &dy, DType::BF16), upload(&gpu, &[tokens, r], &us, DType::BF16));
@@ -217,4 +217,94 @@ fn gpu_dispatch_takes_sm90_split_where_enabled_on_hopper() {
         assert_close(&format!("dB forced={forced} seed={seed}"), &download(&gpu, &db), &want_db, 1e-3);
         assert_close(&format!("dA forced={forced} seed={seed}"), &download(&gpu, &da), &want_da, 1e-3);
     }
+}
+
+/// One product of a grouped launch: the call, its C on the GPU, its operands and the twin's C.
+struct GroupedProduct {
+    problem: AtB,
+    accumulate: bool,
+    want: Vec<f32>,
+    c: crate::tensor::Tensor,
+    _operands: [crate::tensor::Tensor; 2],
+}
+
+/// Random operands for `c[p×q] = alpha·aᵀ·b` over `tokens` (+ c when `accumulate`; else C poisoned).
+fn grouped_product(gpu: &Gpu, rng: &mut Rng, (tokens, p, q, alpha, accumulate): (usize, usize, usize, f32, bool)) -> GroupedProduct {
+    let (a, b) = (rand_bf16(rng, tokens * p, 1.0), rand_bf16(rng, tokens * q, 1.0));
+    let old = rng.normal_vec(p * q, 1.0);
+    let c = if accumulate { upload(gpu, &[p, q], &old, DType::F32) } else { poisoned(gpu, &[p, q], DType::F32) };
+    let want = at_b_cpu(&a, tokens, p, &b, q).iter().zip(&old).map(|(v, o)| alpha * v + if accumulate { *o } else { 0.0 }).collect();
+    let operands = [upload(gpu, &[tokens, p], &a, DType::BF16), upload(gpu, &[tokens, q], &b, DType::BF16)];
+    let problem = AtB { a: (operands[0].ptr().unwrap(), p), b: (operands[1].ptr().unwrap(), q), m: tokens, p, q, alpha, c: c.ptr().unwrap() };
+    GroupedProduct { problem, accumulate, want, c, _operands: operands }
+}
+
+/// Runs `products` as one grouped launch, checks every C against its twin and returns them all.
+fn check_group(gpu: &Gpu, products: &[GroupedProduct], what: &str) -> Vec<Vec<f32>> {
+    let queued: Vec<(AtB, bool)> = products.iter().map(|p| (p.problem, p.accumulate)).collect();
+    assert!(supports_wgrad_group(gpu, &queued.iter().map(|q| q.0).collect::<Vec<_>>()).unwrap(), "{what}: grouped launch declined");
+    gpu.start_profiling();
+    wgrad_group(gpu, &queued).unwrap();
+    let kernels: Vec<(&str, usize)> = gpu.stop_profiling().unwrap().iter().map(|t| (t.name, t.calls)).collect();
+    assert_eq!(kernels, [("gemm_sm90_64x64_mn_f32_group", 1)], "{what}: one grouped launch");
+    products
+        .iter()
+        .enumerate()
+        .map(|(i, p)| {
+            let got = download(gpu, &p.c);
+            let pr = &p.problem;
+            assert_close(&format!("{what} product {i}: {}x{} over {} tokens, accumulate {}", pr.p, pr.q, pr.m, p.accumulate), &got, &p.want, 1e-3);
+            got
+        })
+        .collect()
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn gpu_wgrad_group_matches_twin_at_sd15_attention_blocks() {
+    let gpu = Gpu::for_tests().expect("GPU test needs a CUDA device");
+    if !hopper(&gpu) {
+        return;
+    }
+    let seed = Rng::fresh_seed();
+    let mut rng = Rng::new(seed);
+    // Each attention of SD1.5 at 512 px, r = 128, batch 1 and 2: self-attention (four d→d layers:
+    // dB [d, r] and dA [r, d] over the tokens) and cross-attention (q and out over the tokens, k
+    // and v over the 77 context tokens with in = 768); accumulate and alpha alternate.
+    for batch in [1, 2] {
+        for (tokens, d) in [(4096, 320), (1024, 640), (256, 1280), (64, 1280)] {
+            let (t, c) = (tokens * batch, 77 * batch);
+            let self_attn: Vec<(usize, usize, usize)> = (0..4).flat_map(|_| [(t, d, 128), (t, 128, d)]).collect();
+            let cross: Vec<(usize, usize, usize)> = vec![(t, d, 128), (t, 128, d), (c, d, 128), (c, 128, 768), (c, d, 128), (c, 128, 768), (t, d, 128), (t, 128, d)];
+            for (name, shapes) in [("self", self_attn), ("cross", cross)] {
+                let products: Vec<GroupedProduct> = shapes.iter().enumerate().map(|(i, &(m, p, q))| grouped_product(&gpu, &mut rng, (m, p, q, if i % 3 == 0 { 0.5 } else { 1.0 }, i % 2 == 1))).collect();
+                check_group(&gpu, &products, &format!("{name}-attention {t} tokens x {d} seed={seed}"));
+            }
+        }
+    }
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn gpu_wgrad_group_handles_odd_sizes_and_is_deterministic() {
+    let gpu = Gpu::for_tests().expect("GPU test needs a CUDA device");
+    if !hopper(&gpu) {
+        return;
+    }
+    let seed = Rng::fresh_seed();
+    let mut rng = Rng::new(seed);
+    // p, q not multiples of 64; K of one token, of a partial K tile, of many slices; a group of one.
+    let odd = [(200, 136, 200, 1.0, false), (1, 8, 8, 2.0, true), (400, 8, 64, 1.0, true), (3000, 72, 136, 0.25, false), (77, 128, 768, 1.0, false)];
+    let products: Vec<GroupedProduct> = odd.iter().map(|&s| grouped_product(&gpu, &mut rng, s)).collect();
+    check_group(&gpu, &products, &format!("odd sizes seed={seed}"));
+    check_group(&gpu, &products[3..4], &format!("a group of one seed={seed}"));
+    // A deep group twice, another split group between (its counters must be back at zero): the
+    // same bits, whichever slice finished each tile.
+    let deep: Vec<GroupedProduct> = (0..8).map(|i| grouped_product(&gpu, &mut rng, (8192, if i % 2 == 0 { 320 } else { 128 }, if i % 2 == 0 { 128 } else { 320 }, 1.0, false))).collect();
+    let first = check_group(&gpu, &deep, &format!("deep group seed={seed}"));
+    let between: Vec<GroupedProduct> = odd.iter().map(|&s| grouped_product(&gpu, &mut rng, s)).collect();
+    check_group(&gpu, &between, &format!("odd sizes again seed={seed}"));
+    let again = check_group(&gpu, &deep, &format!("deep group again seed={seed}"));
+    let bits = |v: &[Vec<f32>]| v.iter().flatten().map(|x| x.to_bits()).collect::<Vec<u32>>();
+    assert!(bits(&first) == bits(&again), "deep group seed={seed}: not bit-identical across runs");
 }

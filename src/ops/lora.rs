@@ -7,14 +7,17 @@
 //! Backward, with v_s = s·dy·B (M×r):
 //!   dx = [dy | v_s]·[W ; A]      (one GEMM over K = out + r)
 //!   dB = dyᵀ·u_s = s·dyᵀ·(x·Aᵀ)   dA = v_sᵀ·x = s·(dy·B)ᵀ·x      (f32, added to the existing grads)
-//! Five launches per backward (dA and dB split along the tokens into a scratch workspace, one
-//! reduction for both; four on a Hopper with `SDLORA_SM90_SPLIT=all`, whose wgmma kernels reduce
-//! the slices in-kernel), two per forward; any rank 1..=256 (ranks that are not multiples of 8
-//! take the kernel's scalar load path), any scale. in and out must be multiples of 8.
+//! Two launches per forward, two per backward plus the weight gradients, which the backward queues
+//! on a [`WeightGradBatch`]: its `finish` computes every queued dA and dB together — on a Hopper
+//! in one grouped launch (an attention block's four layers: eight products, one launch), elsewhere
+//! split along the tokens into a scratch workspace with one reduction launch. Any rank 1..=256
+//! (ranks that are not multiples of 8 take the kernel's scalar load path), any scale. in and out
+//! must be multiples of 8.
 //!
 //! CPU twins: [`lora_forward_cpu`], [`lora_backward_cpu`] (f32, naive, unfused).
 
 use super::gemm::{at_b_many, check_on_gpu, gemm, AtB, GemmCall, Layouts, Segment, SplitK, WeightGradSplit};
+use super::gemm_sm90_split::{supports_wgrad_group, wgrad_group, WGRAD_GROUP_MAX};
 use crate::cuda::Gpu;
 use crate::tensor::{DType, Tensor};
 use anyhow::{ensure, Result};
@@ -163,15 +166,55 @@ pub fn lora_up(gpu: &Gpu, l: &LoraLinear, x: &Tensor, us: &Tensor, residual: Opt
 /// vs: bf16 [M, r] scratch (receives v_s = s·dy·B).
 pub struct LoraBackwardOut<'a> {
     pub dx: &'a mut Tensor,
-    pub da: &'a mut Tensor,
-    pub db: &'a mut Tensor,
-    pub vs: &'a mut Tensor,
+    pub da: &'a Tensor,
+    pub db: &'a Tensor,
+    pub vs: &'a Tensor,
+}
+
+/// LoRA weight gradients queued by [`lora_backward`], computed by [`WeightGradBatch::finish`].
+/// Holds the operands (and the gradient buffers) so that none is freed, and its memory reused,
+/// before the products are queued on the stream.
+#[derive(Default)]
+pub struct WeightGradBatch {
+    /// Each product and whether it adds to its C.
+    problems: Vec<(AtB, bool)>,
+    operands: Vec<Tensor>,
+}
+
+impl WeightGradBatch {
+    /// Queues `c = aᵀ·b` products (added to c when `accumulate`), keeping `operands` alive.
+    fn push(&mut self, problems: [AtB; 2], accumulate: bool, operands: [&Tensor; 6]) {
+        self.problems.extend(problems.map(|p| (p, accumulate)));
+        self.operands.extend(operands.into_iter().cloned());
+    }
+
+    /// Computes every queued product: on a Hopper in grouped launches of up to eight products
+    /// (`SDLORA_SM90_SPLIT=0` or `gemm` turns them off), elsewhere on the sm_80 kernels, split along
+    /// the tokens with one reduction launch per pair.
+    pub fn finish(self, gpu: &Gpu) -> Result<()> {
+        let products: Vec<AtB> = self.problems.iter().map(|(p, _)| *p).collect();
+        if supports_wgrad_group(gpu, &products)? {
+            for chunk in self.problems.chunks(WGRAD_GROUP_MAX) {
+                wgrad_group(gpu, chunk)?;
+            }
+        } else {
+            for accumulate in [false, true] {
+                let same: Vec<AtB> = self.problems.iter().filter(|(_, a)| *a == accumulate).map(|(p, _)| *p).collect();
+                if !same.is_empty() {
+                    at_b_many(gpu, &same, accumulate, WeightGradSplit::Workspace)?;
+                }
+            }
+        }
+        drop(self.operands);
+        Ok(())
+    }
 }
 
 /// The backward of [`lora_forward`] given the saved (or recomputed) u_s: dx (added to dx's
-/// contents when `dx_accumulate`), and dA, dB (added to da/db when `grad_accumulate`).
+/// contents when `dx_accumulate`) now; dA, dB (added to da/db when `grad_accumulate`) queued on
+/// `grads`, computed when it finishes.
 #[allow(clippy::too_many_arguments)]
-pub fn lora_backward(gpu: &Gpu, l: &LoraLinear, x: &Tensor, us: &Tensor, dy: &Tensor, out: LoraBackwardOut, dx_accumulate: bool, grad_accumulate: bool) -> Result<()> {
+pub fn lora_backward(gpu: &Gpu, l: &LoraLinear, x: &Tensor, us: &Tensor, dy: &Tensor, out: LoraBackwardOut, dx_accumulate: bool, grad_accumulate: bool, grads: &mut WeightGradBatch) -> Result<()> {
     const WHAT: &str = "lora_backward";
     let (in_f, out_f, r) = l.dims(WHAT)?;
     let m = rows_of(WHAT, "x", x, in_f, Some(DType::BF16))?;
@@ -220,10 +263,11 @@ pub fn lora_backward(gpu: &Gpu, l: &LoraLinear, x: &Tensor, us: &Tensor, dy: &Te
         split: SplitK::None,
     };
     gemm(gpu, &dx_call)?;
-    // dB = dyᵀ·u_s, dA = v_sᵀ·x: split along the tokens, one reduction for both.
+    // dB = dyᵀ·u_s, dA = v_sᵀ·x: queued.
     let db_p = AtB { a: (dy_p, out_f), b: (us_p, r), m, p: out_f, q: r, alpha: 1.0, c: db.ptr()? };
     let da_p = AtB { a: (vs_p, r), b: (x_p, in_f), m, p: r, q: in_f, alpha: 1.0, c: da.ptr()? };
-    at_b_many(gpu, &[db_p, da_p], grad_accumulate, WeightGradSplit::InKernel)
+    grads.push([db_p, da_p], grad_accumulate, [x, us, dy, vs, da, db]);
+    Ok(())
 }
 
 #[cfg(test)]
@@ -307,17 +351,19 @@ mod tests {
             let mut us = poisoned(&gpu, &[m, r], DType::BF16);
             let mut y = poisoned(&gpu, &[m, out_f], y_type);
             lora_forward(&gpu, &l, &xd, &mut us, None, &mut y).unwrap();
-            let mut vs = poisoned(&gpu, &[m, r], DType::BF16);
+            let vs = poisoned(&gpu, &[m, r], DType::BF16);
             // Accumulating runs add dx to earlier contents too (Linear::backward_adding).
             let old_dx = rand_bf16(&mut rng, m * in_f, 1.0);
             let mut dx = if accumulate { upload(&gpu, &[m, in_f], &old_dx, y_type) } else { poisoned(&gpu, &[m, in_f], y_type) };
-            let (mut da, mut db) = if accumulate {
+            let (da, db) = if accumulate {
                 (upload(&gpu, &[r, in_f], &old_da, DType::F32), upload(&gpu, &[out_f, r], &old_db, DType::F32))
             } else {
                 (poisoned(&gpu, &[r, in_f], DType::F32), poisoned(&gpu, &[out_f, r], DType::F32))
             };
-            let out = LoraBackwardOut { dx: &mut dx, da: &mut da, db: &mut db, vs: &mut vs };
-            lora_backward(&gpu, &l, &xd, &us, &dyd, out, accumulate, accumulate).unwrap();
+            let out = LoraBackwardOut { dx: &mut dx, da: &da, db: &db, vs: &vs };
+            let mut grads = WeightGradBatch::default();
+            lora_backward(&gpu, &l, &xd, &us, &dyd, out, accumulate, accumulate, &mut grads).unwrap();
+            grads.finish(&gpu).unwrap();
 
             let rows = sample_rows(&mut rng, m);
             let sub = LoraShape { m: rows.len(), ..s };

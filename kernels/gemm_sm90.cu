@@ -257,39 +257,52 @@ GEMM_SM90_SPLIT_TILES(k, true, n, false, bf16, bf16)
 GEMM_SM90_SPLIT_TILES(k, true, n, false, f32, float)
 GEMM_SM90_SPLIT_TILES(m, false, n, false, f32, float)
 
-// gemm_sm90_64x64_mn_f32_group: the weight gradients of several LoRA layers in one launch
-// (src/ops/gemm_sm90_split.rs `wgrad_group`, fed by the LoRA backward's WeightGradBatch). Problem i:
-//   C_i[P_i × Q_i] = alpha_i · A_iᵀ·B_i (+ C_i when accumulate_i),  A_i [K_i × P_i], B_i [K_i × Q_i]
-// (layout mn of the split kernels, K = the tokens), split into slices_i K slices whose partials the
-// last slice sums as store_tile_split does (workspace at ws_tile_i tiles into `ws`, counters from
-// counter_i). Blocks [first_block_i, first_block_{i+1}) are problem i's, slice-major: the blocks of
-// one K range run together and share its rows in L2. One launch instead of two per layer (plus a
-// reduction) fills the GPU that each layer's 10–40 output tiles alone leave mostly idle.
-struct WgradProblem {
+// gemm_sm90_64x64_<layouts>_<out>_group: up to GROUP_MAX independent GEMMs of the split kernels'
+// contract in one launch (src/ops/gemm_sm90_split.rs `gemm_group`). Problem i:
+//   C_i[M_i × N_i] = alpha_i · Σ_k A_i(m, k)·B_i(n, k) (+ bias_i[n]) (+ C_i when accumulate_i)
+// in one layout for all (mn: the LoRA weight gradients aᵀ·b over the tokens, K = tokens; kk: the
+// LoRA down-projections u = s·x·Aᵀ and the time embedding's projections; kn: v = s·dy·B), each
+// split into slices_i K slices whose partials the last slice sums as store_tile_split does
+// (workspace at ws_tile_i tiles into `ws`, counters from counter_i). Blocks [first_block_i,
+// first_block_{i+1}) are problem i's, slice-major: the blocks of one K range run together and
+// share its rows in L2. One launch for the small GEMMs of several layers fills the GPU that each
+// one's few output tiles leave mostly idle, and pays one launch's latency instead of several.
+struct GroupProblem {
   const bf16* a;
   const bf16* b;
-  float* c;
+  void* c;  // OutT
+  const bf16* bias;
   int64_t lda, ldb;
-  int k, p, q, slices, tiles_per_slice, first_block, ws_tile, counter, accumulate;
+  int k, m, n, slices, tiles_per_slice, first_block, ws_tile, counter, accumulate;
   float alpha;
 };
-constexpr int WGRAD_GROUP_MAX = 8;  // src/ops/gemm_sm90_split.rs WGRAD_GROUP_MAX
-struct WgradGroup {
-  WgradProblem problem[WGRAD_GROUP_MAX];
+constexpr int GROUP_MAX = 8;  // src/ops/gemm_sm90_split.rs GROUP_MAX
+struct GemmGroup {
+  GroupProblem problem[GROUP_MAX];
   float* ws;
   unsigned* counters;
   int count;
 };
-static_assert(sizeof(WgradProblem) == 80 && sizeof(WgradGroup) == 8 * 80 + 24, "the layout src/ops/gemm_sm90_split.rs writes");
+static_assert(sizeof(GroupProblem) == 88 && sizeof(GemmGroup) == 8 * 88 + 24, "the layout src/ops/gemm_sm90_split.rs writes");
 
-extern "C" __global__ void __launch_bounds__(128, 2) gemm_sm90_64x64_mn_f32_group(const __grid_constant__ WgradGroup g) {
+template <bool A_K_MAJOR, bool B_K_MAJOR, typename OutT>
+__device__ __forceinline__ void gemm_group_body(const GemmGroup& g) {
   int i = 0;
   while (i + 1 < g.count && (int)blockIdx.x >= g.problem[i + 1].first_block) ++i;
-  const WgradProblem& pr = g.problem[i];
-  const int local = blockIdx.x - pr.first_block, tiles_q = (pr.q + 63) / 64, tiles = (pr.p + 63) / 64 * tiles_q;
+  const GroupProblem& pr = g.problem[i];
+  const int local = blockIdx.x - pr.first_block, tiles_n = (pr.n + 63) / 64, tiles = (pr.m + 63) / 64 * tiles_n;
   const int tile = local % tiles;
-  const BlockCoords at{tile / tiles_q * 64, tile % tiles_q * 64, (unsigned)tile, local / tiles, pr.slices};
+  const BlockCoords at{tile / tiles_n * 64, tile % tiles_n * 64, (unsigned)tile, local / tiles, pr.slices};
   const SplitArgs split{pr.tiles_per_slice, g.ws + (int64_t)pr.ws_tile * 64 * 64, g.counters + pr.counter};
-  gemm_sm90_body<1, 1, 64, 6, 1, false, false, true, float>(pr.a, pr.lda, pr.b, pr.ldb, pr.k, nullptr, 0, nullptr, 0, 0, pr.c, pr.q, nullptr,
-                                                            pr.accumulate ? pr.c : nullptr, pr.q, pr.p, pr.q, pr.alpha, split, at);
+  OutT* c = static_cast<OutT*>(pr.c);
+  gemm_sm90_body<1, 1, 64, 6, 1, A_K_MAJOR, B_K_MAJOR, true, OutT>(pr.a, pr.lda, pr.b, pr.ldb, pr.k, nullptr, 0, nullptr, 0, 0, c, pr.n, pr.bias,
+                                                                   pr.accumulate ? c : nullptr, pr.n, pr.m, pr.n, pr.alpha, split, at);
 }
+
+#define GEMM_SM90_GROUP_KERNEL(LA, AKM, LB, BKM, OUT, OUTT)                                                                       \
+  extern "C" __global__ void __launch_bounds__(128, 2) gemm_sm90_64x64_##LA##LB##_##OUT##_group(const __grid_constant__ GemmGroup g) { \
+    gemm_group_body<AKM, BKM, OUTT>(g);                                                                                           \
+  }
+GEMM_SM90_GROUP_KERNEL(m, false, n, false, f32, float)
+GEMM_SM90_GROUP_KERNEL(k, true, k, true, bf16, bf16)
+GEMM_SM90_GROUP_KERNEL(k, true, n, false, bf16, bf16)

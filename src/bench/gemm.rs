@@ -15,6 +15,7 @@
 
 use super::{BenchRow, Timing};
 use crate::cuda::{ArenaKind::Persistent, Gpu, KernelArg, LaunchConfig};
+use crate::ops::gemm_sm90_split::GroupGemm;
 use crate::ops::{gemm_sm90, gemm_sm90_split};
 use crate::ops::gemm::{self, AtB, GemmCall, Layouts, Segment, SplitK, WeightGradSplit, TILES};
 use crate::ops::lora::{self, LoraBackwardOut, LoraLinear};
@@ -165,7 +166,7 @@ fn bench_lora(gpu: &Gpu, m: usize, in_f: usize, out_f: usize, r: usize) -> Resul
     let shape = format!("{m}x{in_f}->{out_f} r{r}");
 
     let mut backward = |us: &Tensor| -> Result<()> {
-        let out = LoraBackwardOut { dx: &mut dx, da: &da, db: &db, vs: &vs };
+        let out = LoraBackwardOut { dx: &mut dx, da: &da, db: &db, vs: &vs, vs_ready: false };
         let mut grads = lora::WeightGradBatch::default();
         lora::lora_backward(gpu, &l, &x, us, &dy, out, false, true, &mut grads)?;
         grads.finish(gpu)
@@ -212,9 +213,9 @@ fn bench_lora(gpu: &Gpu, m: usize, in_f: usize, out_f: usize, r: usize) -> Resul
         eight.push(AtB { c: db4.ptr()?, ..grads[0] });
         eight.push(AtB { c: da4.ptr()?, ..grads[1] });
     }
-    let t_group = if gemm_sm90_split::supports_wgrad_group(gpu, &eight)? {
-        let queued: Vec<(AtB, bool)> = eight.iter().map(|p| (*p, true)).collect();
-        Some(time_queued(gpu, REPS, || gemm_sm90_split::wgrad_group(gpu, &queued))?)
+    let queued: Vec<GroupGemm> = eight.iter().map(|p| GroupGemm::at_b(p, true)).collect();
+    let t_group = if gemm_sm90_split::supports_group(gpu, Layouts::Mn, DType::F32, &queued)? {
+        Some(time_queued(gpu, REPS, || gemm_sm90_split::gemm_group(gpu, Layouts::Mn, DType::F32, &queued))?)
     } else {
         None
     };

@@ -96,6 +96,10 @@ pub struct LoraAdapter {
     saved_u: std::cell::RefCell<Option<(Tensor, u64, Vec<usize>)>>,
     /// Per-layer AdamW: the gradients a backward queued (scratch), to apply once computed.
     queued_grads: Option<Tensor>,
+    /// GPU: u_s and v_s computed ahead for the next forward (keyed by its input's pointer) and the
+    /// next backward (keyed by dy's), by [`prepare_lora_forwards`] / [`prepare_lora_backwards`].
+    prepared_u: std::cell::RefCell<Option<(Tensor, u64)>>,
+    prepared_v: std::cell::RefCell<Option<(Tensor, u64)>>,
 }
 
 /// One adapter's share of the optimizer, for AdamW applied inside the backward: f32 views of its
@@ -129,7 +133,7 @@ impl LoraAdapter {
     /// and `copies` the bf16 views (A, B) the GEMMs read.
     pub fn new(alpha: f32, a: Tensor, b: Tensor, grad_a: Tensor, grad_b: Tensor, copies: Option<(Tensor, Tensor)>) -> LoraAdapter {
         let (a16, b16) = copies.unzip();
-        LoraAdapter { rank: a.shape()[0], alpha, a, b, grad_a, grad_b, a16, b16, update: None, saved_u: Default::default(), queued_grads: None }
+        LoraAdapter { rank: a.shape()[0], alpha, a, b, grad_a, grad_b, a16, b16, update: None, saved_u: Default::default(), queued_grads: None, prepared_u: Default::default(), prepared_v: Default::default() }
     }
 
     pub fn scale(&self) -> f32 {
@@ -195,14 +199,52 @@ impl Linear {
                 match &self.lora {
                     None => gemm::linear(g, x, &self.w, self.b.as_ref(), residual, &mut y)?,
                     Some(l) => {
-                        let mut us = Dev::scratch(g, &[m, l.rank])?;
-                        lora::lora_forward(g, &l.on_gpu(&self.w, self.b.as_ref()), x, &mut us, residual, &mut y)?;
+                        let ll = l.on_gpu(&self.w, self.b.as_ref());
+                        let us = match l.prepared_u.take().filter(|(u, ptr)| *ptr == x.ptr().unwrap_or(0) && rows(u) == m) {
+                            Some((us, _)) => us,
+                            None => {
+                                let mut us = Dev::scratch(g, &[m, l.rank])?;
+                                lora::lora_down(g, &ll, x, &mut us)?;
+                                us
+                            }
+                        };
+                        lora::lora_up(g, &ll, x, &us, residual, &mut y)?;
                         *l.saved_u.borrow_mut() = Some((us, x.ptr()?, x.shape().to_vec()));
                     }
                 }
                 Ok(y)
             }
         }
+    }
+
+    /// The forwards of several linears without LoRA, `(linear, x)` each (every resnet's
+    /// time_emb_proj of the one time embedding): on a Hopper in grouped launches of up to eight,
+    /// else one by one.
+    pub fn forward_many(dev: Dev, items: &[(&Linear, &Tensor)]) -> Result<Vec<Tensor>> {
+        let gpu = match dev {
+            Dev::Gpu(g) if items.iter().all(|(l, _)| l.lora.is_none()) => g,
+            _ => return items.iter().map(|(l, x)| l.forward(dev, x)).collect(),
+        };
+        let mut outputs = Vec::with_capacity(items.len());
+        let mut gemms = Vec::with_capacity(items.len());
+        for (l, x) in items {
+            ensure!(x.shape().last() == Some(&l.in_f), "linear: input {:?} does not end in {}", x.shape(), l.in_f);
+            let y = Dev::scratch(gpu, &with_last(x.shape(), l.out_f))?;
+            gemms.push(crate::ops::gemm_sm90_split::GroupGemm {
+                a: (x.ptr()?, l.in_f),
+                b: (l.w.ptr()?, l.in_f),
+                m: rows(x),
+                n: l.out_f,
+                k: l.in_f,
+                alpha: 1.0,
+                bias: l.b.as_ref().map(|b| b.ptr()).transpose()?,
+                c: y.ptr()?,
+                accumulate: false,
+            });
+            outputs.push(y);
+        }
+        crate::ops::gemm_sm90_split::gemm_many(gpu, gemm::Layouts::Kk, DType::BF16, &gemms)?;
+        Ok(outputs)
     }
 
     /// Drops the LoRA down-projection u kept from the forward for the backward (inference).
@@ -267,7 +309,10 @@ impl Linear {
             Dev::Gpu(gpu) => {
                 let saved = l.saved_u.take().filter(|(_, ptr, shape)| x.ptr().ok() == Some(*ptr) && x.shape() == shape.as_slice());
                 let dx_accumulate = into.is_some();
-                let vs = Dev::scratch(gpu, &[m, l.rank])?;
+                let (vs, vs_ready) = match l.prepared_v.take().filter(|(v, ptr)| *ptr == dy.ptr().unwrap_or(0) && rows(v) == m) {
+                    Some((vs, _)) => (vs, true),
+                    None => (Dev::scratch(gpu, &[m, l.rank])?, false),
+                };
                 let mut dx = match into {
                     Some(acc) => {
                         ensure!(acc.shape() == shape.as_slice(), "backward_adding: {:?} cannot take a gradient of shape {shape:?}", acc.shape());
@@ -294,7 +339,7 @@ impl Linear {
                         us
                     }
                 };
-                let out = lora::LoraBackwardOut { dx: &mut dx, da: &grad_a, db: &grad_b, vs: &vs };
+                let out = lora::LoraBackwardOut { dx: &mut dx, da: &grad_a, db: &grad_b, vs: &vs, vs_ready };
                 lora::lora_backward(gpu, &ll, x, &us, dy, out, dx_accumulate, layer_grads.is_none(), grads)?;
                 l.queued_grads = layer_grads;
                 Ok(want_dx.then_some(dx))
@@ -312,6 +357,39 @@ impl Linear {
         }
         Ok(())
     }
+}
+
+/// Computes ahead, together (one grouped launch on a Hopper), the LoRA down-projections
+/// u_s = s·x·Aᵀ of the next forwards of several linears, `(linear, x)` each (an attention's q, k
+/// and v); each forward on that same x then starts from its own. Nothing to do on the CPU or for
+/// linears without LoRA.
+pub fn prepare_lora_forwards(dev: Dev, inputs: &[(&Linear, &Tensor)]) -> Result<()> {
+    let Dev::Gpu(gpu) = dev else { return Ok(()) };
+    let adapted: Vec<(&Linear, &LoraAdapter, &Tensor)> = inputs.iter().filter_map(|(linear, x)| linear.lora.as_ref().map(|l| (*linear, l, *x))).collect();
+    let us: Vec<Tensor> = adapted.iter().map(|(_, l, x)| Dev::scratch(gpu, &[rows(x), l.rank])).collect::<Result<_>>()?;
+    let layers: Vec<lora::LoraLinear> = adapted.iter().map(|(linear, l, _)| l.on_gpu(&linear.w, linear.b.as_ref())).collect();
+    let downs: Vec<(&lora::LoraLinear, &Tensor, &Tensor)> = layers.iter().zip(&adapted).zip(&us).map(|((ll, (_, _, x)), u)| (ll, *x, u)).collect();
+    lora::lora_down_many(gpu, &downs)?;
+    for ((_, l, x), u) in adapted.iter().zip(us) {
+        *l.prepared_u.borrow_mut() = Some((u, x.ptr()?));
+    }
+    Ok(())
+}
+
+/// Computes ahead, together (one grouped launch on a Hopper), the first step of the LoRA backward
+/// of several linears, v_s = s·dy·B, `(linear, dy)` each (an attention's q, k and v); each
+/// backward with that same dy then starts from its own.
+pub fn prepare_lora_backwards(dev: Dev, grads: &[(&Linear, &Tensor)]) -> Result<()> {
+    let Dev::Gpu(gpu) = dev else { return Ok(()) };
+    let adapted: Vec<(&Linear, &LoraAdapter, &Tensor)> = grads.iter().filter_map(|(linear, dy)| linear.lora.as_ref().map(|l| (*linear, l, *dy))).collect();
+    let vs: Vec<Tensor> = adapted.iter().map(|(_, l, dy)| Dev::scratch(gpu, &[rows(dy), l.rank])).collect::<Result<_>>()?;
+    let layers: Vec<lora::LoraLinear> = adapted.iter().map(|(linear, l, _)| l.on_gpu(&linear.w, linear.b.as_ref())).collect();
+    let items: Vec<(&lora::LoraLinear, &Tensor, &Tensor)> = layers.iter().zip(&adapted).zip(&vs).map(|((ll, (_, _, dy)), v)| (ll, *dy, v)).collect();
+    lora::lora_v_many(gpu, &items)?;
+    for ((_, l, dy), v) in adapted.iter().zip(vs) {
+        *l.prepared_v.borrow_mut() = Some((v, dy.ptr()?));
+    }
+    Ok(())
 }
 
 /// Computes the LoRA weight gradients queued by [`Linear::backward_queued`] (GPU; nothing to do on

@@ -44,10 +44,16 @@ impl ResnetBlock2D {
         .with_context(|| format!("loading {prefix}"))
     }
 
-    /// `temb_silu` is SiLU(time embedding) [n, temb_ch], shared by every resnet.
-    pub fn forward(&mut self, dev: Dev<'_>, x: &Tensor, temb_silu: &Tensor) -> Result<Tensor> {
+    /// The projection of SiLU(time embedding) [n, temb_ch] (shared by every resnet) to this
+    /// block's channels: the caller runs all the resnets' together (`Linear::forward_many`).
+    pub fn time_emb_proj(&self) -> &Linear {
+        &self.time_emb_proj
+    }
+
+    /// `time_proj` = time_emb_proj(SiLU(time embedding)) [n, out_ch].
+    pub fn forward(&mut self, dev: Dev<'_>, x: &Tensor, time_proj: &Tensor) -> Result<Tensor> {
         let (g1, stats1) = self.norm1.forward(dev, x, true)?;
-        let h1 = add_channel_bias(dev, &self.conv1.forward(dev, &g1)?, &self.time_emb_proj.forward(dev, temb_silu)?)?;
+        let h1 = add_channel_bias(dev, &self.conv1.forward(dev, &g1)?, time_proj)?;
         let (g2, stats2) = self.norm2.forward(dev, &h1, true)?;
         let shortcut = match &self.conv_shortcut {
             Some(c) => c.forward(dev, x)?,

@@ -8,7 +8,7 @@
 //! checkpointing). The memory plan (train::memory) chooses per transformer.
 
 use super::functional::{attention, attention_backward, geglu, geglu_backward};
-use super::layers::{finish_weight_grads, Dev, GroupNorm, LayerNorm, Linear, NormStats};
+use super::layers::{finish_weight_grads, prepare_lora_backwards, prepare_lora_forwards, Dev, GroupNorm, LayerNorm, Linear, NormStats};
 use super::resnet::bytes;
 use super::weights::Weights;
 use crate::ops::lora::WeightGradBatch;
@@ -50,6 +50,7 @@ impl Attention {
 
     /// residual + attention(x, context) (the residual added in to_out's epilogue).
     fn forward(&self, dev: Dev, x: &Tensor, context: &Tensor, residual: &Tensor) -> Result<(Tensor, AttentionSaved)> {
+        prepare_lora_forwards(dev, &[(&self.to_q, x), (&self.to_k, context), (&self.to_v, context)])?;
         let q = self.to_q.forward(dev, x)?;
         let k = self.to_k.forward(dev, context)?;
         let v = self.to_v.forward(dev, context)?;
@@ -65,6 +66,7 @@ impl Attention {
         let mut grads = WeightGradBatch::default();
         let d_o = self.to_out.backward_queued(dev, &s.o, dy, true, None, &mut grads)?.context("to_out: no input gradient")?;
         let (dq, dk, dv) = attention_backward(dev, &s.q, &s.k, &s.v, &s.o, s.lse.as_ref(), &d_o, self.heads)?;
+        prepare_lora_backwards(dev, &[(&self.to_q, &dq), (&self.to_k, &dk), (&self.to_v, &dv)])?;
         let dx_q = self.to_q.backward_queued(dev, &s.x, &dq, true, None, &mut grads)?.context("to_q: no input gradient")?;
         // When k and v came from x too, their input gradients are added to dx (on the GPU in the
         // GEMM epilogues); else they need none.

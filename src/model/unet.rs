@@ -100,8 +100,9 @@ pub struct Layer {
 }
 
 impl Layer {
-    fn forward(&mut self, dev: Dev, x: &Tensor, temb: &Tensor, context: &Tensor) -> Result<Tensor> {
-        let h = self.resnet.forward(dev, x, temb)?;
+    /// `time_proj`: this layer's resnet's projection of the time embedding.
+    fn forward(&mut self, dev: Dev, x: &Tensor, time_proj: &Tensor, context: &Tensor) -> Result<Tensor> {
+        let h = self.resnet.forward(dev, x, time_proj)?;
         match &mut self.attention {
             Some(a) => a.forward(dev, &h, context),
             None => Ok(h),
@@ -233,13 +234,21 @@ impl UNet2DConditionModel {
         let t_emb = timestep_embedding(dev, timesteps, self.config.block_out_channels[0])?;
         let temb = self.time_linear_2.forward(dev, &silu(dev, &self.time_linear_1.forward(dev, &t_emb)?)?)?;
         let temb = silu(dev, &temb)?;
+        // Every resnet's time_emb_proj at once (grouped launches on a Hopper), in forward order.
+        let time_projs = {
+            let layers = self.down_blocks.iter().flat_map(|b| &b.layers).chain(&self.mid_block).chain(self.up_blocks.iter().flat_map(|b| &b.layers));
+            let projections: Vec<(&Linear, &Tensor)> = layers.map(|l| (l.resnet.time_emb_proj(), &temb)).collect();
+            Linear::forward_many(dev, &projections)?
+        };
+        let mut time_projs = time_projs.iter();
+        let mut next_time_proj = || time_projs.next().context("UNet: ran out of time projections");
 
         let mut h = self.conv_in.forward(dev, x)?;
         let mut skips = vec![h.clone()];
         for (i, block) in self.down_blocks.iter_mut().enumerate() {
             let _range = nvtx_range(&format!("forward down_blocks.{i}"));
             for layer in &mut block.layers {
-                h = layer.forward(dev, &h, &temb, context)?;
+                h = layer.forward(dev, &h, next_time_proj()?, context)?;
                 if !keep {
                     layer.forget();
                 }
@@ -252,7 +261,7 @@ impl UNet2DConditionModel {
         }
         let mid_range = nvtx_range("forward mid_block");
         for layer in &mut self.mid_block {
-            h = layer.forward(dev, &h, &temb, context)?;
+            h = layer.forward(dev, &h, next_time_proj()?, context)?;
             if !keep {
                 layer.forget();
             }
@@ -264,7 +273,7 @@ impl UNet2DConditionModel {
             for layer in &mut block.layers {
                 let skip = skips.pop().context("UNet: ran out of skip connections")?;
                 block.skip_channels.push(*skip.shape().last().unwrap());
-                h = layer.forward(dev, &concat_channels(dev, &h, &skip)?, &temb, context)?;
+                h = layer.forward(dev, &concat_channels(dev, &h, &skip)?, next_time_proj()?, context)?;
                 if !keep {
                     layer.forget();
                 }

@@ -502,7 +502,7 @@ pub(crate) enum WeightGradSplit {
 }
 
 /// The weight-gradient product `pr` as a layout-Mn GEMM call (C = alpha·aᵀ·b, + C when `accumulate`).
-pub(crate) fn at_b_call(pr: &AtB, accumulate: bool) -> GemmCall {
+fn at_b_call(pr: &AtB, accumulate: bool) -> GemmCall {
     GemmCall {
         layouts: Layouts::Mn,
         m: pr.p,

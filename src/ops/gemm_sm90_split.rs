@@ -11,11 +11,11 @@
 //! capture) and zero again after every launch, so captured graphs replay without a memset.
 //! [`crate::ops::gemm::gemm`] sends Hopper calls here ([`gemm`]: small outputs with a deep K on the
 //! split kernels, else the plain sm90 kernels); [`crate::ops::gemm::at_b_many_sm90`] the weight
-//! gradients ([`launch`]), and the LoRA backward's batches of weight gradients one grouped launch
-//! per batch ([`wgrad_group`]).
+//! gradients ([`launch`]); and [`gemm_group`] runs several small GEMMs of one layout in one
+//! launch (the LoRA weight gradients of an attention block, its LoRA down-projections, …).
 //! CPU twins: `linear_cpu`, `linear_input_grad_cpu`, `at_b_cpu` in `ops::gemm`.
 
-use super::gemm::{at_b_call, AtB, GemmCall, Layouts, SplitK};
+use super::gemm::{AtB, GemmCall, Layouts, SplitK};
 use super::gemm_sm90::kernel_for;
 use crate::cuda::{ArenaKind, Gpu, KernelArg, LaunchConfig, SPLIT_K_COUNTERS};
 use crate::tensor::DType;
@@ -54,7 +54,7 @@ macro_rules! split_names {
 pub(crate) const SPLIT_TILES: [SplitTile; 1] = [SplitTile { bm: 64, bn: 64, threads: 128, stages: 6, per_sm: 2, cost: (0.2, 4.4, 2.0, 0.2), names: split_names!("gemm_sm90_64x64") }];
 
 /// Whether calls of `layouts` take the split kernels: every layout by default — the weight
-/// gradients (`Mn`) as [`wgrad_group`]'s grouped launches (benches/RESULTS.md "Session 6"); one
+/// gradients (`Mn`) as [`gemm_group`]'s grouped launches (benches/RESULTS.md "Session 6"); one
 /// launch per product lost to the sm_80 kernels ("Weight gradients and split-K on wgmma").
 /// `SDLORA_SM90_SPLIT` overrides: `0` none (the sm_80 split-K and weight-gradient paths, as before
 /// these kernels), `gemm` Kk/Kn only (session 5's default), `wgrad` Mn only (read once per process).
@@ -194,17 +194,66 @@ pub(crate) fn launch(gpu: &Gpu, call: &GemmCall, tile: SplitTile, slices: usize)
     Ok(())
 }
 
-/// Most products per [`wgrad_group`] launch (kernels/gemm_sm90.cu `WGRAD_GROUP_MAX`).
-pub(crate) const WGRAD_GROUP_MAX: usize = 8;
+/// Most GEMMs per grouped launch (kernels/gemm_sm90.cu `GROUP_MAX`).
+pub(crate) const GROUP_MAX: usize = 8;
 
-/// Whether [`wgrad_group`] can run every one of `problems` here: the split kernels enabled for
-/// layout `Mn` and each product as [`supports`] takes it.
-pub(crate) fn supports_wgrad_group(gpu: &Gpu, problems: &[AtB]) -> Result<bool> {
-    if !enabled_for(Layouts::Mn) {
+/// One GEMM of a grouped launch: `C[m×n] = alpha·Σ_k A(m,k)·B(n,k) (+ bias[n]) (+ C when
+/// accumulate)`, operands (pointer, leading dimension) in the group's layouts, C dense (ldc = n).
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct GroupGemm {
+    pub a: (u64, usize),
+    pub b: (u64, usize),
+    pub m: usize,
+    pub n: usize,
+    pub k: usize,
+    pub alpha: f32,
+    pub bias: Option<u64>,
+    pub c: u64,
+    pub accumulate: bool,
+}
+
+impl GroupGemm {
+    /// The weight-gradient product `pr` (c[p×q] = alpha·aᵀ·b over pr.m tokens, layout Mn).
+    pub(crate) fn at_b(pr: &AtB, accumulate: bool) -> GroupGemm {
+        GroupGemm { a: pr.a, b: pr.b, m: pr.p, n: pr.q, k: pr.m, alpha: pr.alpha, bias: None, c: pr.c, accumulate }
+    }
+
+    fn call(&self, layouts: Layouts, out: DType) -> GemmCall {
+        GemmCall {
+            layouts,
+            m: self.m,
+            n: self.n,
+            seg1: super::gemm::Segment { a: self.a.0, lda: self.a.1, b: self.b.0, ldb: self.b.1, k: self.k },
+            seg2: Default::default(),
+            c: self.c,
+            ldc: self.n,
+            out,
+            bias: self.bias,
+            residual: self.accumulate.then_some((self.c, self.n)),
+            alpha: self.alpha,
+            split: SplitK::None,
+        }
+    }
+}
+
+/// The grouped kernel for `layouts` and `out` (kernels/gemm_sm90.cu GEMM_SM90_GROUP_KERNEL).
+fn group_kernel(layouts: Layouts, out: DType) -> Option<&'static str> {
+    match (layouts, out) {
+        (Layouts::Mn, DType::F32) => Some("gemm_sm90_64x64_mn_f32_group"),
+        (Layouts::Kk, DType::BF16) => Some("gemm_sm90_64x64_kk_bf16_group"),
+        (Layouts::Kn, DType::BF16) => Some("gemm_sm90_64x64_kn_bf16_group"),
+        _ => None,
+    }
+}
+
+/// Whether [`gemm_group`] can run every one of `gemms` here: a grouped kernel for (`layouts`,
+/// `out`), the split kernels enabled for `layouts` and each GEMM as [`supports`] takes it.
+pub(crate) fn supports_group(gpu: &Gpu, layouts: Layouts, out: DType, gemms: &[GroupGemm]) -> Result<bool> {
+    if group_kernel(layouts, out).is_none() || !enabled_for(layouts) {
         return Ok(false);
     }
-    for pr in problems {
-        if !supports(gpu, &at_b_call(pr, false))? {
+    for g in gemms {
+        if !supports(gpu, &g.call(layouts, out))? {
             return Ok(false);
         }
     }
@@ -214,15 +263,15 @@ pub(crate) fn supports_wgrad_group(gpu: &Gpu, problems: &[AtB]) -> Result<bool> 
 /// K tiles per slice for a group: the power of two (1..=64) with the least modelled time — the
 /// waves of all the group's blocks, each `per` K tiles long, plus one reduction of the most slices
 /// (the `SplitTile::cost` model).
-fn group_slice_tiles(sms: usize, problems: &[AtB]) -> usize {
+fn group_slice_tiles(sms: usize, gemms: &[GroupGemm]) -> usize {
     let tile = SPLIT_TILES[0];
     let (a, b, c, d) = tile.cost;
     let time = |per: usize| {
         let (mut blocks, mut most) = (0, 1);
-        for pr in problems {
-            let kt = pr.m.div_ceil(BK);
+        for g in gemms {
+            let kt = g.k.div_ceil(BK);
             let slices = even_slices(kt, kt.div_ceil(per));
-            blocks += tile.tiles(pr.p, pr.q) * slices;
+            blocks += tile.tiles(g.m, g.n) * slices;
             most = most.max(slices);
         }
         let waves = blocks.div_ceil(sms * tile.per_sm) as f64;
@@ -231,47 +280,45 @@ fn group_slice_tiles(sms: usize, problems: &[AtB]) -> usize {
     (0..7).map(|e| 1 << e).min_by(|&x, &y| time(x).total_cmp(&time(y))).unwrap_or(64)
 }
 
-/// Up to [`WGRAD_GROUP_MAX`] weight-gradient products `c = alpha·aᵀ·b` (`+ c` where the flag is
-/// set) in ONE launch of `gemm_sm90_64x64_mn_f32_group`: each product's 64×64 output tiles times
-/// its K slices (see [`group_slice_tiles`]), deepest products first, the split ones finished in
-/// kernel. The caller has checked [`supports_wgrad_group`].
-pub(crate) fn wgrad_group(gpu: &Gpu, problems: &[(AtB, bool)]) -> Result<()> {
-    const NAME: &str = "gemm_sm90_64x64_mn_f32_group";
-    ensure!(problems.len() <= WGRAD_GROUP_MAX, "wgrad_group: {} products, at most {WGRAD_GROUP_MAX} per launch", problems.len());
-    let mut order: Vec<&(AtB, bool)> = problems.iter().filter(|(pr, _)| pr.p > 0 && pr.q > 0).collect();
+/// Up to [`GROUP_MAX`] GEMMs of one layout and output type in ONE launch of the grouped kernel:
+/// each GEMM's 64×64 output tiles times its K slices (see [`group_slice_tiles`]), deepest first,
+/// the split ones finished in kernel. The caller has checked [`supports_group`].
+pub(crate) fn gemm_group(gpu: &Gpu, layouts: Layouts, out: DType, gemms: &[GroupGemm]) -> Result<()> {
+    let name = group_kernel(layouts, out).with_context(|| format!("gemm_group: no grouped kernel for {layouts:?} with {out:?} output"))?;
+    ensure!(gemms.len() <= GROUP_MAX, "gemm_group: {} GEMMs, at most {GROUP_MAX} per launch", gemms.len());
+    let mut order: Vec<GroupGemm> = gemms.iter().filter(|g| g.m > 0 && g.n > 0).copied().collect();
     if order.is_empty() {
         return Ok(());
     }
-    order.sort_by_key(|(pr, _)| std::cmp::Reverse(pr.m));
-    let products: Vec<AtB> = order.iter().map(|(pr, _)| *pr).collect();
-    let per = group_slice_tiles(sm_count(gpu)?, &products);
+    order.sort_by_key(|g| std::cmp::Reverse(g.k));
+    let per = group_slice_tiles(sm_count(gpu)?, &order);
     let tile = SPLIT_TILES[0];
-    // The kernel's WgradGroup, as little-endian bytes: 80 per product, then ws, counters, count.
+    // The kernel's GemmGroup, as little-endian bytes: 88 per GEMM, then ws, counters, count.
     let mut bytes = Vec::with_capacity(768);
     let (mut first_block, mut ws_tiles, mut counters_used) = (0usize, 0usize, 0usize);
-    for (pr, accumulate) in &order {
-        let kt = pr.m.div_ceil(BK);
+    for g in &order {
+        let kt = g.k.div_ceil(BK);
         let slices = even_slices(kt, kt.div_ceil(per));
-        let tiles = tile.tiles(pr.p, pr.q);
-        for v in [pr.a.0, pr.b.0, pr.c, pr.a.1 as u64, pr.b.1 as u64] {
+        let tiles = tile.tiles(g.m, g.n);
+        for v in [g.a.0, g.b.0, g.c, g.bias.unwrap_or(0), g.a.1 as u64, g.b.1 as u64] {
             bytes.extend(v.to_le_bytes());
         }
-        let fields = [pr.m, pr.p, pr.q, slices, kt.div_ceil(slices).max(1), first_block, ws_tiles, counters_used, *accumulate as usize];
+        let fields = [g.k, g.m, g.n, slices, kt.div_ceil(slices).max(1), first_block, ws_tiles, counters_used, g.accumulate as usize];
         for v in fields {
-            bytes.extend(i32::try_from(v).context("wgrad_group: size past i32")?.to_le_bytes());
+            bytes.extend(i32::try_from(v).context("gemm_group: size past i32")?.to_le_bytes());
         }
-        bytes.extend(pr.alpha.to_le_bytes());
+        bytes.extend(g.alpha.to_le_bytes());
         first_block += tiles * slices;
         if slices > 1 {
             ws_tiles += tiles * slices;
             counters_used += tiles;
         }
     }
-    ensure!(counters_used <= SPLIT_K_COUNTERS, "wgrad_group: {counters_used} split output tiles, more than the {SPLIT_K_COUNTERS} counters");
+    ensure!(counters_used <= SPLIT_K_COUNTERS, "gemm_group: {counters_used} split output tiles, more than the {SPLIT_K_COUNTERS} counters");
     // The workspace handle lives until the launch is queued (stream order keeps it safe after).
     let ws = if ws_tiles > 0 { Some(gpu.alloc(ArenaKind::Scratch, ws_tiles * tile.bm * tile.bn * 4)?) } else { None };
     let counters = if counters_used > 0 { gpu.split_k_counters()? } else { 0 };
-    bytes.resize(WGRAD_GROUP_MAX * 80, 0);
+    bytes.resize(GROUP_MAX * 88, 0);
     bytes.extend(ws.as_ref().map_or(0, |b| b.ptr()).to_le_bytes());
     bytes.extend(counters.to_le_bytes());
     bytes.extend((order.len() as i32).to_le_bytes());
@@ -282,13 +329,28 @@ pub(crate) fn wgrad_group(gpu: &Gpu, problems: &[(AtB, bool)]) -> Result<()> {
         *w = u64::from_le_bytes(b);
     }
     let smem = tile.smem() as u32;
-    gpu.function(MODULE, NAME)?
+    gpu.function(MODULE, name)?
         .set_attribute(CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, smem as i32)
-        .context("wgrad_group: cannot raise the dynamic shared memory limit")?;
+        .context("gemm_group: cannot raise the dynamic shared memory limit")?;
     let cfg = LaunchConfig { grid_dim: (u32::try_from(first_block)?, 1, 1), block_dim: (tile.threads, 1, 1), shared_mem_bytes: smem };
-    gpu.launch(MODULE, NAME, cfg, &[KernelArg::Struct(words)])?;
+    gpu.launch(MODULE, name, cfg, &[KernelArg::Struct(words)])?;
     drop(ws);
     Ok(())
+}
+
+/// Runs `gemms` (any number) in grouped launches of up to [`GROUP_MAX`] where [`supports_group`]
+/// allows, else one [`crate::ops::gemm::gemm`] call each. Answers whether they were grouped.
+pub(crate) fn gemm_many(gpu: &Gpu, layouts: Layouts, out: DType, gemms: &[GroupGemm]) -> Result<bool> {
+    if supports_group(gpu, layouts, out, gemms)? {
+        for chunk in gemms.chunks(GROUP_MAX) {
+            gemm_group(gpu, layouts, out, chunk)?;
+        }
+        return Ok(true);
+    }
+    for g in gemms {
+        super::gemm::gemm(gpu, &g.call(layouts, out))?;
+    }
+    Ok(false)
 }
 
 #[cfg(test)]

@@ -241,10 +241,10 @@ fn grouped_product(gpu: &Gpu, rng: &mut Rng, (tokens, p, q, alpha, accumulate): 
 
 /// Runs `products` as one grouped launch, checks every C against its twin and returns them all.
 fn check_group(gpu: &Gpu, products: &[GroupedProduct], what: &str) -> Vec<Vec<f32>> {
-    let queued: Vec<(AtB, bool)> = products.iter().map(|p| (p.problem, p.accumulate)).collect();
-    assert!(supports_wgrad_group(gpu, &queued.iter().map(|q| q.0).collect::<Vec<_>>()).unwrap(), "{what}: grouped launch declined");
+    let queued: Vec<GroupGemm> = products.iter().map(|p| GroupGemm::at_b(&p.problem, p.accumulate)).collect();
+    assert!(supports_group(gpu, Layouts::Mn, DType::F32, &queued).unwrap(), "{what}: grouped launch declined");
     gpu.start_profiling();
-    wgrad_group(gpu, &queued).unwrap();
+    gemm_group(gpu, Layouts::Mn, DType::F32, &queued).unwrap();
     let kernels: Vec<(&str, usize)> = gpu.stop_profiling().unwrap().iter().map(|t| (t.name, t.calls)).collect();
     assert_eq!(kernels, [("gemm_sm90_64x64_mn_f32_group", 1)], "{what}: one grouped launch");
     products
@@ -307,4 +307,61 @@ fn gpu_wgrad_group_handles_odd_sizes_and_is_deterministic() {
     let again = check_group(&gpu, &deep, &format!("deep group again seed={seed}"));
     let bits = |v: &[Vec<f32>]| v.iter().flatten().map(|x| x.to_bits()).collect::<Vec<u32>>();
     assert!(bits(&first) == bits(&again), "deep group seed={seed}: not bit-identical across runs");
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn gpu_gemm_group_kk_kn_match_twins() {
+    let gpu = Gpu::for_tests().expect("GPU test needs a CUDA device");
+    if !hopper(&gpu) {
+        return;
+    }
+    let seed = Rng::fresh_seed();
+    let mut rng = Rng::new(seed);
+    // (m, k, n, bias, accumulate): an attention's LoRA down-projections u = s·x·Aᵀ (kk) and
+    // v = s·dy·B (kn) at each level, r = 128 (q over the tokens, k and v over 77 context tokens
+    // with in = 768), the time embedding's projections (one row, bias), odd sizes.
+    let groups: Vec<Vec<(usize, usize, usize, bool, bool)>> = vec![
+        vec![(4096, 320, 128, false, false), (4096, 320, 128, false, false), (4096, 320, 128, false, false)],
+        vec![(1024, 640, 128, false, false), (77, 768, 128, false, false), (77, 768, 128, false, false)],
+        vec![(256, 1280, 128, false, false), (512, 1280, 128, false, false), (154, 768, 128, false, false), (64, 1280, 128, false, false)],
+        vec![(1, 1280, 320, true, false), (1, 1280, 640, true, false), (1, 1280, 1280, true, false), (2, 1280, 1280, true, true)],
+        vec![(7, 1000, 24, true, true), (130, 72, 200, false, true), (3, 8, 8, true, false)],
+    ];
+    for layouts in [Layouts::Kk, Layouts::Kn] {
+        for shapes in &groups {
+            let what = format!("{layouts:?} group {shapes:?} seed={seed}");
+            let mut wants = Vec::new();
+            let mut keep = Vec::new();
+            let mut gemms = Vec::new();
+            for (i, &(m, k, n, with_bias, accumulate)) in shapes.iter().enumerate() {
+                let alpha = if i % 2 == 0 { 1.0 } else { 0.5 };
+                let a = rand_bf16(&mut rng, m * k, 1.0);
+                let b = rand_bf16(&mut rng, n * k, 1.0 / (k as f32).sqrt());
+                let bias = rand_bf16(&mut rng, n, 1.0);
+                let old = rand_bf16(&mut rng, m * n, 1.0);
+                let prod = match layouts {
+                    Layouts::Kk => linear_cpu(&a, m, k, &b, n, None),
+                    _ => crate::ops::gemm::linear_input_grad_cpu(&a, m, k, &b, n),
+                };
+                let want: Vec<f32> = prod.iter().enumerate().map(|(j, v)| alpha * v + if with_bias { bias[j % n] } else { 0.0 } + if accumulate { old[j] } else { 0.0 }).collect();
+                let (ad, bd) = (upload(&gpu, &[m, k], &a, DType::BF16), upload(&gpu, &[n, k], &b, DType::BF16));
+                let biasd = upload(&gpu, &[n], &bias, DType::BF16);
+                let c = if accumulate { upload(&gpu, &[m, n], &old, DType::BF16) } else { poisoned(&gpu, &[m, n], DType::BF16) };
+                // kk: B(n, k) = B[n·k + k]; kn: B(n, k) = B[k·n + n] (b read as [k, n]).
+                let ldb = if layouts == Layouts::Kk { k } else { n };
+                gemms.push(GroupGemm { a: (ad.ptr().unwrap(), k), b: (bd.ptr().unwrap(), ldb), m, n, k, alpha, bias: with_bias.then(|| biasd.ptr().unwrap()), c: c.ptr().unwrap(), accumulate });
+                wants.push(want);
+                keep.push((ad, bd, biasd, c));
+            }
+            assert!(supports_group(&gpu, layouts, DType::BF16, &gemms).unwrap(), "{what}: declined");
+            gpu.start_profiling();
+            gemm_group(&gpu, layouts, DType::BF16, &gemms).unwrap();
+            let kernels: Vec<(&str, usize)> = gpu.stop_profiling().unwrap().iter().map(|t| (t.name, t.calls)).collect();
+            assert_eq!(kernels.len(), 1, "{what}: one grouped launch, ran {kernels:?}");
+            for (i, ((_, _, _, c), want)) in keep.iter().zip(&wants).enumerate() {
+                assert_close(&format!("{what} gemm {i}"), &download(&gpu, c), want, 1e-2);
+            }
+        }
+    }
 }

@@ -17,7 +17,7 @@
 //! CPU twins: [`lora_forward_cpu`], [`lora_backward_cpu`] (f32, naive, unfused).
 
 use super::gemm::{at_b_many, check_on_gpu, gemm, AtB, GemmCall, Layouts, Segment, SplitK, WeightGradSplit};
-use super::gemm_sm90_split::{supports_wgrad_group, wgrad_group, WGRAD_GROUP_MAX};
+use super::gemm_sm90_split::{gemm_group, gemm_many, supports_group, GroupGemm, GROUP_MAX};
 use crate::cuda::Gpu;
 use crate::tensor::{DType, Tensor};
 use anyhow::{ensure, Result};
@@ -163,12 +163,14 @@ pub fn lora_up(gpu: &Gpu, l: &LoraLinear, x: &Tensor, us: &Tensor, residual: Opt
 }
 
 /// Outputs of [`lora_backward`]: dx bf16 or f32 [M, in]; da f32 [r, in]; db f32 [out, r];
-/// vs: bf16 [M, r] scratch (receives v_s = s·dy·B).
+/// vs: bf16 [M, r] scratch that receives v_s = s·dy·B, or holds it already when `vs_ready`
+/// ([`lora_v_many`]).
 pub struct LoraBackwardOut<'a> {
     pub dx: &'a mut Tensor,
     pub da: &'a Tensor,
     pub db: &'a Tensor,
     pub vs: &'a Tensor,
+    pub vs_ready: bool,
 }
 
 /// LoRA weight gradients queued by [`lora_backward`], computed by [`WeightGradBatch::finish`].
@@ -192,10 +194,10 @@ impl WeightGradBatch {
     /// (`SDLORA_SM90_SPLIT=0` or `gemm` turns them off), elsewhere on the sm_80 kernels, split along
     /// the tokens with one reduction launch per pair.
     pub fn finish(self, gpu: &Gpu) -> Result<()> {
-        let products: Vec<AtB> = self.problems.iter().map(|(p, _)| *p).collect();
-        if supports_wgrad_group(gpu, &products)? {
-            for chunk in self.problems.chunks(WGRAD_GROUP_MAX) {
-                wgrad_group(gpu, chunk)?;
+        let gemms: Vec<GroupGemm> = self.problems.iter().map(|(p, accumulate)| GroupGemm::at_b(p, *accumulate)).collect();
+        if supports_group(gpu, Layouts::Mn, DType::F32, &gemms)? {
+            for chunk in gemms.chunks(GROUP_MAX) {
+                gemm_group(gpu, Layouts::Mn, DType::F32, chunk)?;
             }
         } else {
             for accumulate in [false, true] {
@@ -210,6 +212,36 @@ impl WeightGradBatch {
     }
 }
 
+/// [`lora_down`] for several LoRA linears at once (an attention's q, k and v): `(layer, x, u_s)`
+/// each; on a Hopper in one grouped launch, else one GEMM each.
+pub fn lora_down_many(gpu: &Gpu, downs: &[(&LoraLinear, &Tensor, &Tensor)]) -> Result<()> {
+    const WHAT: &str = "lora_down";
+    let mut gemms = Vec::with_capacity(downs.len());
+    for (l, x, us) in downs {
+        let (in_f, _, r) = l.dims(WHAT)?;
+        let m = rows_of(WHAT, "x", x, in_f, Some(DType::BF16))?;
+        ensure!(rows_of(WHAT, "u", us, r, Some(DType::BF16))? == m, "{WHAT}: u {:?} must be [{m}, {r}]", us.shape());
+        gemms.push(GroupGemm { a: (x.ptr()?, in_f), b: (l.a.ptr()?, in_f), m, n: r, k: in_f, alpha: l.scale, bias: None, c: us.ptr()?, accumulate: false });
+    }
+    gemm_many(gpu, Layouts::Kk, DType::BF16, &gemms).map(|_| ())
+}
+
+/// The first step of [`lora_backward`] for several LoRA linears at once (an attention's q, k and
+/// v): v_s = s·dy·B into `vs`, `(layer, dy, v_s)` each; on a Hopper in one grouped launch, else
+/// one GEMM each. Their backwards then take `vs_ready`.
+pub fn lora_v_many(gpu: &Gpu, items: &[(&LoraLinear, &Tensor, &Tensor)]) -> Result<()> {
+    const WHAT: &str = "lora_backward";
+    let mut gemms = Vec::with_capacity(items.len());
+    for (l, dy, vs) in items {
+        let (_, out_f, r) = l.dims(WHAT)?;
+        let m = rows_of(WHAT, "dy", dy, out_f, Some(DType::BF16))?;
+        ensure!(rows_of(WHAT, "v", vs, r, Some(DType::BF16))? == m, "{WHAT}: v {:?} must be [{m}, {r}]", vs.shape());
+        // B [out, r] read as B(n = j, k = o) = B[o·r + j].
+        gemms.push(GroupGemm { a: (dy.ptr()?, out_f), b: (l.b.ptr()?, r), m, n: r, k: out_f, alpha: l.scale, bias: None, c: vs.ptr()?, accumulate: false });
+    }
+    gemm_many(gpu, Layouts::Kn, DType::BF16, &gemms).map(|_| ())
+}
+
 /// The backward of [`lora_forward`] given the saved (or recomputed) u_s: dx (added to dx's
 /// contents when `dx_accumulate`) now; dA, dB (added to da/db when `grad_accumulate`) queued on
 /// `grads`, computed when it finishes.
@@ -218,7 +250,7 @@ pub fn lora_backward(gpu: &Gpu, l: &LoraLinear, x: &Tensor, us: &Tensor, dy: &Te
     const WHAT: &str = "lora_backward";
     let (in_f, out_f, r) = l.dims(WHAT)?;
     let m = rows_of(WHAT, "x", x, in_f, Some(DType::BF16))?;
-    let LoraBackwardOut { dx, da, db, vs } = out;
+    let LoraBackwardOut { dx, da, db, vs, vs_ready } = out;
     for (name, t, cols, dtype) in [("u", us, r, Some(DType::BF16)), ("dy", dy, out_f, Some(DType::BF16))] {
         ensure!(rows_of(WHAT, name, t, cols, dtype)? == m, "{WHAT}: {name} {:?} must be [{m}, {cols}]", t.shape());
     }
@@ -245,7 +277,9 @@ pub fn lora_backward(gpu: &Gpu, l: &LoraLinear, x: &Tensor, us: &Tensor, dy: &Te
         alpha: l.scale,
         split: SplitK::None,
     };
-    gemm(gpu, &v_call)?;
+    if !vs_ready {
+        gemm(gpu, &v_call)?;
+    }
     // dx = [dy | v_s]·[W ; A]
     let dx_p = dx.ptr()?;
     let dx_call = GemmCall {
@@ -360,7 +394,7 @@ mod tests {
             } else {
                 (poisoned(&gpu, &[r, in_f], DType::F32), poisoned(&gpu, &[out_f, r], DType::F32))
             };
-            let out = LoraBackwardOut { dx: &mut dx, da: &da, db: &db, vs: &vs };
+            let out = LoraBackwardOut { dx: &mut dx, da: &da, db: &db, vs: &vs, vs_ready: false };
             let mut grads = WeightGradBatch::default();
             lora_backward(&gpu, &l, &xd, &us, &dyd, out, accumulate, accumulate, &mut grads).unwrap();
             grads.finish(&gpu).unwrap();

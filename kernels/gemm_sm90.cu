@@ -260,8 +260,10 @@ GEMM_SM90_SPLIT_TILES(m, false, n, false, f32, float)
 // gemm_sm90_64x64_<layouts>_<out>_group: up to GROUP_MAX independent GEMMs of the split kernels'
 // contract in one launch (src/ops/gemm_sm90_split.rs `gemm_group`). Problem i:
 //   C_i[M_i × N_i] = alpha_i · Σ_k A_i(m, k)·B_i(n, k) (+ bias_i[n]) (+ C_i when accumulate_i)
-// in one layout for all (mn: the LoRA weight gradients aᵀ·b over the tokens, K = tokens; kk: the
-// LoRA down-projections u = s·x·Aᵀ and the time embedding's projections; kn: v = s·dy·B), each
+// over one or two K segments as the other kernels (k2 = 0: one), in one layout for all (mn: the
+// LoRA weight gradients aᵀ·b over the tokens, K = tokens; kk: the LoRA down-projections
+// u = s·x·Aᵀ, the fused LoRA forwards [x | u]·[W | B]ᵀ, the time embedding's projections; kn:
+// v = s·dy·B), each
 // split into slices_i K slices whose partials the last slice sums as store_tile_split does
 // (workspace at ws_tile_i tiles into `ws`, counters from counter_i). Blocks [first_block_i,
 // first_block_{i+1}) are problem i's, slice-major: the blocks of one K range run together and
@@ -270,10 +272,12 @@ GEMM_SM90_SPLIT_TILES(m, false, n, false, f32, float)
 struct GroupProblem {
   const bf16* a;
   const bf16* b;
+  const bf16* a2;
+  const bf16* b2;
   void* c;  // OutT
   const bf16* bias;
-  int64_t lda, ldb;
-  int k, m, n, slices, tiles_per_slice, first_block, ws_tile, counter, accumulate;
+  int64_t lda, ldb, lda2, ldb2;
+  int k, k2, m, n, slices, tiles_per_slice, first_block, ws_tile, counter, accumulate;
   float alpha;
 };
 constexpr int GROUP_MAX = 8;  // src/ops/gemm_sm90_split.rs GROUP_MAX
@@ -283,7 +287,7 @@ struct GemmGroup {
   unsigned* counters;
   int count;
 };
-static_assert(sizeof(GroupProblem) == 88 && sizeof(GemmGroup) == 8 * 88 + 24, "the layout src/ops/gemm_sm90_split.rs writes");
+static_assert(sizeof(GroupProblem) == 128 && sizeof(GemmGroup) == 8 * 128 + 24, "the layout src/ops/gemm_sm90_split.rs writes");
 
 template <bool A_K_MAJOR, bool B_K_MAJOR, typename OutT>
 __device__ __forceinline__ void gemm_group_body(const GemmGroup& g) {
@@ -295,7 +299,7 @@ __device__ __forceinline__ void gemm_group_body(const GemmGroup& g) {
   const BlockCoords at{tile / tiles_n * 64, tile % tiles_n * 64, (unsigned)tile, local / tiles, pr.slices};
   const SplitArgs split{pr.tiles_per_slice, g.ws + (int64_t)pr.ws_tile * 64 * 64, g.counters + pr.counter};
   OutT* c = static_cast<OutT*>(pr.c);
-  gemm_sm90_body<1, 1, 64, 6, 1, A_K_MAJOR, B_K_MAJOR, true, OutT>(pr.a, pr.lda, pr.b, pr.ldb, pr.k, nullptr, 0, nullptr, 0, 0, c, pr.n, pr.bias,
+  gemm_sm90_body<1, 1, 64, 6, 1, A_K_MAJOR, B_K_MAJOR, true, OutT>(pr.a, pr.lda, pr.b, pr.ldb, pr.k, pr.a2, pr.lda2, pr.b2, pr.ldb2, pr.k2, c, pr.n, pr.bias,
                                                                    pr.accumulate ? c : nullptr, pr.n, pr.m, pr.n, pr.alpha, split, at);
 }
 

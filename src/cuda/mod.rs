@@ -216,7 +216,7 @@ impl Gpu {
                 KernelArg::U32(v) => v as *const u32 as *mut _,
                 KernelArg::F32(v) => v as *const f32 as *mut _,
                 KernelArg::TensorMap(v) => v as *const [u64; 16] as *mut _,
-                KernelArg::Struct(v) => v as *const [u64; 96] as *mut _,
+                KernelArg::Struct(v) => v as *const [u64; 160] as *mut _,
             })
             .collect();
         let mut attr = cluster_attribute(cluster);
@@ -417,9 +417,9 @@ pub enum KernelArg {
     /// A 128-byte `CUtensorMap` (from `cuTensorMapEncodeTiled`) passed by value: the kernel
     /// parameter is a 64-byte-aligned `const __grid_constant__` struct of 16 u64.
     TensorMap([u64; 16]),
-    /// A by-value struct of at most 768 bytes, as little-endian words zero-padded to 96 (the
+    /// A by-value struct of at most 1280 bytes, as little-endian words zero-padded to 160 (the
     /// kernel reads the size it declares).
-    Struct([u64; 96]),
+    Struct([u64; 160]),
 }
 
 /// The cluster-dimension launch attribute.

@@ -96,9 +96,8 @@ pub struct LoraAdapter {
     saved_u: std::cell::RefCell<Option<(Tensor, u64, Vec<usize>)>>,
     /// Per-layer AdamW: the gradients a backward queued (scratch), to apply once computed.
     queued_grads: Option<Tensor>,
-    /// GPU: u_s and v_s computed ahead for the next forward (keyed by its input's pointer) and the
-    /// next backward (keyed by dy's), by [`prepare_lora_forwards`] / [`prepare_lora_backwards`].
-    prepared_u: std::cell::RefCell<Option<(Tensor, u64)>>,
+    /// GPU: v_s computed ahead for the next backward (keyed by dy's pointer) by
+    /// [`prepare_lora_backwards`].
     prepared_v: std::cell::RefCell<Option<(Tensor, u64)>>,
 }
 
@@ -133,7 +132,7 @@ impl LoraAdapter {
     /// and `copies` the bf16 views (A, B) the GEMMs read.
     pub fn new(alpha: f32, a: Tensor, b: Tensor, grad_a: Tensor, grad_b: Tensor, copies: Option<(Tensor, Tensor)>) -> LoraAdapter {
         let (a16, b16) = copies.unzip();
-        LoraAdapter { rank: a.shape()[0], alpha, a, b, grad_a, grad_b, a16, b16, update: None, saved_u: Default::default(), queued_grads: None, prepared_u: Default::default(), prepared_v: Default::default() }
+        LoraAdapter { rank: a.shape()[0], alpha, a, b, grad_a, grad_b, a16, b16, update: None, saved_u: Default::default(), queued_grads: None, prepared_v: Default::default() }
     }
 
     pub fn scale(&self) -> f32 {
@@ -199,16 +198,8 @@ impl Linear {
                 match &self.lora {
                     None => gemm::linear(g, x, &self.w, self.b.as_ref(), residual, &mut y)?,
                     Some(l) => {
-                        let ll = l.on_gpu(&self.w, self.b.as_ref());
-                        let us = match l.prepared_u.take().filter(|(u, ptr)| *ptr == x.ptr().unwrap_or(0) && rows(u) == m) {
-                            Some((us, _)) => us,
-                            None => {
-                                let mut us = Dev::scratch(g, &[m, l.rank])?;
-                                lora::lora_down(g, &ll, x, &mut us)?;
-                                us
-                            }
-                        };
-                        lora::lora_up(g, &ll, x, &us, residual, &mut y)?;
+                        let mut us = Dev::scratch(g, &[m, l.rank])?;
+                        lora::lora_forward(g, &l.on_gpu(&self.w, self.b.as_ref()), x, &mut us, residual, &mut y)?;
                         *l.saved_u.borrow_mut() = Some((us, x.ptr()?, x.shape().to_vec()));
                     }
                 }
@@ -231,11 +222,10 @@ impl Linear {
             ensure!(x.shape().last() == Some(&l.in_f), "linear: input {:?} does not end in {}", x.shape(), l.in_f);
             let y = Dev::scratch(gpu, &with_last(x.shape(), l.out_f))?;
             gemms.push(crate::ops::gemm_sm90_split::GroupGemm {
-                a: (x.ptr()?, l.in_f),
-                b: (l.w.ptr()?, l.in_f),
                 m: rows(x),
                 n: l.out_f,
-                k: l.in_f,
+                seg1: gemm::Segment { a: x.ptr()?, lda: l.in_f, b: l.w.ptr()?, ldb: l.in_f, k: l.in_f },
+                seg2: Default::default(),
                 alpha: 1.0,
                 bias: l.b.as_ref().map(|b| b.ptr()).transpose()?,
                 c: y.ptr()?,
@@ -245,6 +235,34 @@ impl Linear {
         }
         crate::ops::gemm_sm90_split::gemm_many(gpu, gemm::Layouts::Kk, DType::BF16, &gemms)?;
         Ok(outputs)
+    }
+
+    /// The forwards of several LoRA linears, `(linear, x)` each (an attention's q, k and v): on the
+    /// GPU their down-projections u = s·x·Aᵀ in one grouped launch, then their fused GEMMs in
+    /// another where the outputs are small (see `ops::gemm_sm90_split::gemm_many`), else one by
+    /// one as [`Linear::forward`].
+    pub fn forward_lora_group(dev: Dev, items: &[(&Linear, &Tensor)]) -> Result<Vec<Tensor>> {
+        let gpu = match dev {
+            Dev::Gpu(g) if items.iter().all(|(l, _)| l.lora.is_some()) => g,
+            _ => return items.iter().map(|(l, x)| l.forward(dev, x)).collect(),
+        };
+        let mut layers = Vec::with_capacity(items.len());
+        let (mut us, mut ys) = (Vec::with_capacity(items.len()), Vec::with_capacity(items.len()));
+        for (linear, x) in items {
+            ensure!(x.shape().last() == Some(&linear.in_f), "linear: input {:?} does not end in {}", x.shape(), linear.in_f);
+            let l = linear.lora.as_ref().expect("checked above");
+            layers.push(l.on_gpu(&linear.w, linear.b.as_ref()));
+            us.push(Dev::scratch(gpu, &[rows(x), l.rank])?);
+            ys.push(Dev::scratch(gpu, &with_last(x.shape(), linear.out_f))?);
+        }
+        let downs: Vec<_> = layers.iter().zip(items).zip(&us).map(|((ll, (_, x)), u)| (ll, *x, u)).collect();
+        lora::lora_down_many(gpu, &downs)?;
+        let ups: Vec<_> = layers.iter().zip(items).zip(us.iter().zip(&ys)).map(|((ll, (_, x)), (u, y))| (ll, *x, u, y)).collect();
+        lora::lora_up_many(gpu, &ups)?;
+        for ((linear, x), u) in items.iter().zip(us) {
+            *linear.lora.as_ref().expect("checked above").saved_u.borrow_mut() = Some((u, x.ptr()?, x.shape().to_vec()));
+        }
+        Ok(ys)
     }
 
     /// Drops the LoRA down-projection u kept from the forward for the backward (inference).
@@ -357,23 +375,6 @@ impl Linear {
         }
         Ok(())
     }
-}
-
-/// Computes ahead, together (one grouped launch on a Hopper), the LoRA down-projections
-/// u_s = s·x·Aᵀ of the next forwards of several linears, `(linear, x)` each (an attention's q, k
-/// and v); each forward on that same x then starts from its own. Nothing to do on the CPU or for
-/// linears without LoRA.
-pub fn prepare_lora_forwards(dev: Dev, inputs: &[(&Linear, &Tensor)]) -> Result<()> {
-    let Dev::Gpu(gpu) = dev else { return Ok(()) };
-    let adapted: Vec<(&Linear, &LoraAdapter, &Tensor)> = inputs.iter().filter_map(|(linear, x)| linear.lora.as_ref().map(|l| (*linear, l, *x))).collect();
-    let us: Vec<Tensor> = adapted.iter().map(|(_, l, x)| Dev::scratch(gpu, &[rows(x), l.rank])).collect::<Result<_>>()?;
-    let layers: Vec<lora::LoraLinear> = adapted.iter().map(|(linear, l, _)| l.on_gpu(&linear.w, linear.b.as_ref())).collect();
-    let downs: Vec<(&lora::LoraLinear, &Tensor, &Tensor)> = layers.iter().zip(&adapted).zip(&us).map(|((ll, (_, _, x)), u)| (ll, *x, u)).collect();
-    lora::lora_down_many(gpu, &downs)?;
-    for ((_, l, x), u) in adapted.iter().zip(us) {
-        *l.prepared_u.borrow_mut() = Some((u, x.ptr()?));
-    }
-    Ok(())
 }
 
 /// Computes ahead, together (one grouped launch on a Hopper), the first step of the LoRA backward

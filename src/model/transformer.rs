@@ -8,7 +8,7 @@
 //! checkpointing). The memory plan (train::memory) chooses per transformer.
 
 use super::functional::{attention, attention_backward, geglu, geglu_backward};
-use super::layers::{finish_weight_grads, prepare_lora_backwards, prepare_lora_forwards, Dev, GroupNorm, LayerNorm, Linear, NormStats};
+use super::layers::{finish_weight_grads, prepare_lora_backwards, Dev, GroupNorm, LayerNorm, Linear, NormStats};
 use super::resnet::bytes;
 use super::weights::Weights;
 use crate::ops::lora::WeightGradBatch;
@@ -50,10 +50,9 @@ impl Attention {
 
     /// residual + attention(x, context) (the residual added in to_out's epilogue).
     fn forward(&self, dev: Dev, x: &Tensor, context: &Tensor, residual: &Tensor) -> Result<(Tensor, AttentionSaved)> {
-        prepare_lora_forwards(dev, &[(&self.to_q, x), (&self.to_k, context), (&self.to_v, context)])?;
-        let q = self.to_q.forward(dev, x)?;
-        let k = self.to_k.forward(dev, context)?;
-        let v = self.to_v.forward(dev, context)?;
+        let [q, k, v]: [Tensor; 3] = Linear::forward_lora_group(dev, &[(&self.to_q, x), (&self.to_k, context), (&self.to_v, context)])?
+            .try_into()
+            .map_err(|_| anyhow::anyhow!("attention: expected q, k and v"))?;
         let (o, lse) = attention(dev, &q, &k, &v, self.heads)?;
         let y = self.to_out.forward_add(dev, &o, Some(residual))?;
         Ok((y, AttentionSaved { x: x.clone(), context: context.clone(), q, k, v, o, lse }))

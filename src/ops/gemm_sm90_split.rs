@@ -15,7 +15,7 @@
 //! launch (the LoRA weight gradients of an attention block, its LoRA down-projections, …).
 //! CPU twins: `linear_cpu`, `linear_input_grad_cpu`, `at_b_cpu` in `ops::gemm`.
 
-use super::gemm::{AtB, GemmCall, Layouts, SplitK};
+use super::gemm::{AtB, GemmCall, Layouts, Segment, SplitK};
 use super::gemm_sm90::kernel_for;
 use crate::cuda::{ArenaKind, Gpu, KernelArg, LaunchConfig, SPLIT_K_COUNTERS};
 use crate::tensor::DType;
@@ -198,14 +198,14 @@ pub(crate) fn launch(gpu: &Gpu, call: &GemmCall, tile: SplitTile, slices: usize)
 pub(crate) const GROUP_MAX: usize = 8;
 
 /// One GEMM of a grouped launch: `C[m×n] = alpha·Σ_k A(m,k)·B(n,k) (+ bias[n]) (+ C when
-/// accumulate)`, operands (pointer, leading dimension) in the group's layouts, C dense (ldc = n).
+/// accumulate)` over one or two K segments (`seg2.k = 0`: one) in the group's layouts, C dense
+/// (ldc = n).
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct GroupGemm {
-    pub a: (u64, usize),
-    pub b: (u64, usize),
     pub m: usize,
     pub n: usize,
-    pub k: usize,
+    pub seg1: Segment,
+    pub seg2: Segment,
     pub alpha: f32,
     pub bias: Option<u64>,
     pub c: u64,
@@ -215,16 +215,17 @@ pub(crate) struct GroupGemm {
 impl GroupGemm {
     /// The weight-gradient product `pr` (c[p×q] = alpha·aᵀ·b over pr.m tokens, layout Mn).
     pub(crate) fn at_b(pr: &AtB, accumulate: bool) -> GroupGemm {
-        GroupGemm { a: pr.a, b: pr.b, m: pr.p, n: pr.q, k: pr.m, alpha: pr.alpha, bias: None, c: pr.c, accumulate }
+        let seg1 = Segment { a: pr.a.0, lda: pr.a.1, b: pr.b.0, ldb: pr.b.1, k: pr.m };
+        GroupGemm { m: pr.p, n: pr.q, seg1, seg2: Segment::default(), alpha: pr.alpha, bias: None, c: pr.c, accumulate }
     }
 
-    fn call(&self, layouts: Layouts, out: DType) -> GemmCall {
+    pub(crate) fn call(&self, layouts: Layouts, out: DType) -> GemmCall {
         GemmCall {
             layouts,
             m: self.m,
             n: self.n,
-            seg1: super::gemm::Segment { a: self.a.0, lda: self.a.1, b: self.b.0, ldb: self.b.1, k: self.k },
-            seg2: Default::default(),
+            seg1: self.seg1,
+            seg2: self.seg2,
             c: self.c,
             ldc: self.n,
             out,
@@ -233,6 +234,15 @@ impl GroupGemm {
             alpha: self.alpha,
             split: SplitK::None,
         }
+    }
+
+    fn k(&self) -> usize {
+        self.seg1.k + self.seg2.k
+    }
+
+    /// K tiles over both segments (each segment starts a tile).
+    fn k_tiles(&self) -> usize {
+        self.seg1.k.div_ceil(BK) + self.seg2.k.div_ceil(BK)
     }
 }
 
@@ -269,7 +279,7 @@ fn group_slice_tiles(sms: usize, gemms: &[GroupGemm]) -> usize {
     let time = |per: usize| {
         let (mut blocks, mut most) = (0, 1);
         for g in gemms {
-            let kt = g.k.div_ceil(BK);
+            let kt = g.k_tiles();
             let slices = even_slices(kt, kt.div_ceil(per));
             blocks += tile.tiles(g.m, g.n) * slices;
             most = most.max(slices);
@@ -290,24 +300,26 @@ pub(crate) fn gemm_group(gpu: &Gpu, layouts: Layouts, out: DType, gemms: &[Group
     if order.is_empty() {
         return Ok(());
     }
-    order.sort_by_key(|g| std::cmp::Reverse(g.k));
+    order.sort_by_key(|g| std::cmp::Reverse(g.k()));
     let per = group_slice_tiles(sm_count(gpu)?, &order);
     let tile = SPLIT_TILES[0];
-    // The kernel's GemmGroup, as little-endian bytes: 88 per GEMM, then ws, counters, count.
-    let mut bytes = Vec::with_capacity(768);
+    // The kernel's GemmGroup, as little-endian bytes: 128 per GEMM, then ws, counters, count.
+    let mut bytes = Vec::with_capacity(GROUP_MAX * 128 + 24);
     let (mut first_block, mut ws_tiles, mut counters_used) = (0usize, 0usize, 0usize);
     for g in &order {
-        let kt = g.k.div_ceil(BK);
+        let kt = g.k_tiles();
         let slices = even_slices(kt, kt.div_ceil(per));
         let tiles = tile.tiles(g.m, g.n);
-        for v in [g.a.0, g.b.0, g.c, g.bias.unwrap_or(0), g.a.1 as u64, g.b.1 as u64] {
+        let (s1, s2) = (g.seg1, g.seg2);
+        for v in [s1.a, s1.b, s2.a, s2.b, g.c, g.bias.unwrap_or(0), s1.lda as u64, s1.ldb as u64, s2.lda as u64, s2.ldb as u64] {
             bytes.extend(v.to_le_bytes());
         }
-        let fields = [g.k, g.m, g.n, slices, kt.div_ceil(slices).max(1), first_block, ws_tiles, counters_used, g.accumulate as usize];
+        let fields = [s1.k, s2.k, g.m, g.n, slices, kt.div_ceil(slices).max(1), first_block, ws_tiles, counters_used, g.accumulate as usize];
         for v in fields {
             bytes.extend(i32::try_from(v).context("gemm_group: size past i32")?.to_le_bytes());
         }
         bytes.extend(g.alpha.to_le_bytes());
+        bytes.extend([0; 4]);
         first_block += tiles * slices;
         if slices > 1 {
             ws_tiles += tiles * slices;
@@ -318,11 +330,11 @@ pub(crate) fn gemm_group(gpu: &Gpu, layouts: Layouts, out: DType, gemms: &[Group
     // The workspace handle lives until the launch is queued (stream order keeps it safe after).
     let ws = if ws_tiles > 0 { Some(gpu.alloc(ArenaKind::Scratch, ws_tiles * tile.bm * tile.bn * 4)?) } else { None };
     let counters = if counters_used > 0 { gpu.split_k_counters()? } else { 0 };
-    bytes.resize(GROUP_MAX * 88, 0);
+    bytes.resize(GROUP_MAX * 128, 0);
     bytes.extend(ws.as_ref().map_or(0, |b| b.ptr()).to_le_bytes());
     bytes.extend(counters.to_le_bytes());
     bytes.extend((order.len() as i32).to_le_bytes());
-    let mut words = [0u64; 96];
+    let mut words = [0u64; 160];
     for (w, chunk) in words.iter_mut().zip(bytes.chunks(8)) {
         let mut b = [0u8; 8];
         b[..chunk.len()].copy_from_slice(chunk);
@@ -338,19 +350,23 @@ pub(crate) fn gemm_group(gpu: &Gpu, layouts: Layouts, out: DType, gemms: &[Group
     Ok(())
 }
 
-/// Runs `gemms` (any number) in grouped launches of up to [`GROUP_MAX`] where [`supports_group`]
-/// allows, else one [`crate::ops::gemm::gemm`] call each. Answers whether they were grouped.
-pub(crate) fn gemm_many(gpu: &Gpu, layouts: Layouts, out: DType, gemms: &[GroupGemm]) -> Result<bool> {
-    if supports_group(gpu, layouts, out, gemms)? {
-        for chunk in gemms.chunks(GROUP_MAX) {
+/// Runs `gemms` (any number): those whose output alone fits in one 64×64 tile per SM in grouped
+/// launches of up to [`GROUP_MAX`] where [`supports_group`] allows; the larger ones (which fill
+/// the GPU by themselves and run faster on the big-tile kernels), or all where grouping is not
+/// supported, one [`crate::ops::gemm::gemm`] call each.
+pub(crate) fn gemm_many(gpu: &Gpu, layouts: Layouts, out: DType, gemms: &[GroupGemm]) -> Result<()> {
+    let sms = if gpu.is_hopper()? { sm_count(gpu)? } else { 0 };
+    let (small, large): (Vec<GroupGemm>, Vec<GroupGemm>) = gemms.iter().partition(|g| SPLIT_TILES[0].tiles(g.m, g.n) <= sms);
+    let grouped = supports_group(gpu, layouts, out, &small)?;
+    if grouped {
+        for chunk in small.chunks(GROUP_MAX) {
             gemm_group(gpu, layouts, out, chunk)?;
         }
-        return Ok(true);
     }
-    for g in gemms {
+    for g in large.iter().chain(if grouped { &[][..] } else { &small[..] }) {
         super::gemm::gemm(gpu, &g.call(layouts, out))?;
     }
-    Ok(false)
+    Ok(())
 }
 
 #[cfg(test)]

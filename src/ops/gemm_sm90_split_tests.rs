@@ -350,7 +350,8 @@ fn gpu_gemm_group_kk_kn_match_twins() {
                 let c = if accumulate { upload(&gpu, &[m, n], &old, DType::BF16) } else { poisoned(&gpu, &[m, n], DType::BF16) };
                 // kk: B(n, k) = B[n·k + k]; kn: B(n, k) = B[k·n + n] (b read as [k, n]).
                 let ldb = if layouts == Layouts::Kk { k } else { n };
-                gemms.push(GroupGemm { a: (ad.ptr().unwrap(), k), b: (bd.ptr().unwrap(), ldb), m, n, k, alpha, bias: with_bias.then(|| biasd.ptr().unwrap()), c: c.ptr().unwrap(), accumulate });
+                let seg1 = crate::ops::gemm::Segment { a: ad.ptr().unwrap(), lda: k, b: bd.ptr().unwrap(), ldb, k };
+                gemms.push(GroupGemm { m, n, seg1, seg2: Default::default(), alpha, bias: with_bias.then(|| biasd.ptr().unwrap()), c: c.ptr().unwrap(), accumulate });
                 wants.push(want);
                 keep.push((ad, bd, biasd, c));
             }
@@ -362,6 +363,48 @@ fn gpu_gemm_group_kk_kn_match_twins() {
             for (i, ((_, _, _, c), want)) in keep.iter().zip(&wants).enumerate() {
                 assert_close(&format!("{what} gemm {i}"), &download(&gpu, c), want, 1e-2);
             }
+        }
+    }
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn gpu_gemm_group_two_segments_match_twins() {
+    let gpu = Gpu::for_tests().expect("GPU test needs a CUDA device");
+    if !hopper(&gpu) {
+        return;
+    }
+    let seed = Rng::fresh_seed();
+    let mut rng = Rng::new(seed);
+    // (m, k1, k2, n): the fused LoRA forwards [x | u]·[W | B]ᵀ (kk) and input gradients
+    // [dy | v]·[W ; A] (kn) of an attention's q, k, v at the 16×16 level and of its 77-token
+    // context k and v, r = 128; then odd sizes (a short segment, rows not of the tile).
+    let shapes = [(256, 1280, 128, 1280), (77, 768, 128, 320), (77, 768, 128, 320), (5, 72, 8, 24), (130, 64, 13 * 8, 200)];
+    for layouts in [Layouts::Kk, Layouts::Kn] {
+        let what = format!("{layouts:?} two segments seed={seed}");
+        let mut keep = Vec::new();
+        let mut gemms = Vec::new();
+        for (i, &(m, k1, k2, n)) in shapes.iter().enumerate() {
+            let (a1, a2) = (rand_bf16(&mut rng, m * k1, 1.0), rand_bf16(&mut rng, m * k2, 1.0));
+            let (b1, b2) = (rand_bf16(&mut rng, n * k1, 0.05), rand_bf16(&mut rng, n * k2, 0.1));
+            let bias = rand_bf16(&mut rng, n, 1.0);
+            let with_bias = i % 2 == 0;
+            let prod = |a: &[f32], k: usize, b: &[f32]| match layouts {
+                Layouts::Kk => linear_cpu(a, m, k, b, n, None),
+                _ => crate::ops::gemm::linear_input_grad_cpu(a, m, k, b, n),
+            };
+            let want: Vec<f32> = prod(&a1, k1, &b1).iter().zip(prod(&a2, k2, &b2)).enumerate().map(|(j, (x, y))| x + y + if with_bias { bias[j % n] } else { 0.0 }).collect();
+            let ldb = |k: usize| if layouts == Layouts::Kk { k } else { n };
+            let t = [upload(&gpu, &[m, k1], &a1, DType::BF16), upload(&gpu, &[n, k1], &b1, DType::BF16), upload(&gpu, &[m, k2], &a2, DType::BF16), upload(&gpu, &[n, k2], &b2, DType::BF16), upload(&gpu, &[n], &bias, DType::BF16)];
+            let c = poisoned(&gpu, &[m, n], DType::BF16);
+            let seg = |a: &crate::tensor::Tensor, b: &crate::tensor::Tensor, k: usize| crate::ops::gemm::Segment { a: a.ptr().unwrap(), lda: k, b: b.ptr().unwrap(), ldb: ldb(k), k };
+            gemms.push(GroupGemm { m, n, seg1: seg(&t[0], &t[1], k1), seg2: seg(&t[2], &t[3], k2), alpha: 1.0, bias: with_bias.then(|| t[4].ptr().unwrap()), c: c.ptr().unwrap(), accumulate: false });
+            keep.push((t, c, want));
+        }
+        assert!(supports_group(&gpu, layouts, DType::BF16, &gemms).unwrap(), "{what}: declined");
+        gemm_group(&gpu, layouts, DType::BF16, &gemms).unwrap();
+        for (i, (_, c, want)) in keep.iter().enumerate() {
+            assert_close(&format!("{what} gemm {i} {:?}", shapes[i]), &download(&gpu, c), want, 1e-2);
         }
     }
 }

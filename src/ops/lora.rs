@@ -221,9 +221,29 @@ pub fn lora_down_many(gpu: &Gpu, downs: &[(&LoraLinear, &Tensor, &Tensor)]) -> R
         let (in_f, _, r) = l.dims(WHAT)?;
         let m = rows_of(WHAT, "x", x, in_f, Some(DType::BF16))?;
         ensure!(rows_of(WHAT, "u", us, r, Some(DType::BF16))? == m, "{WHAT}: u {:?} must be [{m}, {r}]", us.shape());
-        gemms.push(GroupGemm { a: (x.ptr()?, in_f), b: (l.a.ptr()?, in_f), m, n: r, k: in_f, alpha: l.scale, bias: None, c: us.ptr()?, accumulate: false });
+        let seg1 = Segment { a: x.ptr()?, lda: in_f, b: l.a.ptr()?, ldb: in_f, k: in_f };
+        gemms.push(GroupGemm { m, n: r, seg1, seg2: Segment::default(), alpha: l.scale, bias: None, c: us.ptr()?, accumulate: false });
     }
-    gemm_many(gpu, Layouts::Kk, DType::BF16, &gemms).map(|_| ())
+    gemm_many(gpu, Layouts::Kk, DType::BF16, &gemms)
+}
+
+/// [`lora_up`] for several LoRA linears at once (an attention's q, k and v), no residual:
+/// `(layer, x, u_s, y)` each, y bf16; on a Hopper in one grouped launch when every output is
+/// small (see `gemm_many`), else one GEMM each.
+pub fn lora_up_many(gpu: &Gpu, ups: &[(&LoraLinear, &Tensor, &Tensor, &Tensor)]) -> Result<()> {
+    const WHAT: &str = "lora_forward";
+    let mut gemms = Vec::with_capacity(ups.len());
+    for (l, x, us, y) in ups {
+        let (in_f, out_f, r) = l.dims(WHAT)?;
+        let m = rows_of(WHAT, "x", x, in_f, Some(DType::BF16))?;
+        ensure!(rows_of(WHAT, "u", us, r, Some(DType::BF16))? == m, "{WHAT}: u {:?} must be [{m}, {r}]", us.shape());
+        ensure!(rows_of(WHAT, "y", y, out_f, Some(DType::BF16))? == m, "{WHAT}: y {:?} must be bf16 [{m}, {out_f}]", y.shape());
+        let seg1 = Segment { a: x.ptr()?, lda: in_f, b: l.w.ptr()?, ldb: in_f, k: in_f };
+        let seg2 = Segment { a: us.ptr()?, lda: r, b: l.b.ptr()?, ldb: r, k: r };
+        let bias = l.bias.map(|b| b.ptr()).transpose()?;
+        gemms.push(GroupGemm { m, n: out_f, seg1, seg2, alpha: 1.0, bias, c: y.ptr()?, accumulate: false });
+    }
+    gemm_many(gpu, Layouts::Kk, DType::BF16, &gemms)
 }
 
 /// The first step of [`lora_backward`] for several LoRA linears at once (an attention's q, k and
@@ -237,9 +257,10 @@ pub fn lora_v_many(gpu: &Gpu, items: &[(&LoraLinear, &Tensor, &Tensor)]) -> Resu
         let m = rows_of(WHAT, "dy", dy, out_f, Some(DType::BF16))?;
         ensure!(rows_of(WHAT, "v", vs, r, Some(DType::BF16))? == m, "{WHAT}: v {:?} must be [{m}, {r}]", vs.shape());
         // B [out, r] read as B(n = j, k = o) = B[o·r + j].
-        gemms.push(GroupGemm { a: (dy.ptr()?, out_f), b: (l.b.ptr()?, r), m, n: r, k: out_f, alpha: l.scale, bias: None, c: vs.ptr()?, accumulate: false });
+        let seg1 = Segment { a: dy.ptr()?, lda: out_f, b: l.b.ptr()?, ldb: r, k: out_f };
+        gemms.push(GroupGemm { m, n: r, seg1, seg2: Segment::default(), alpha: l.scale, bias: None, c: vs.ptr()?, accumulate: false });
     }
-    gemm_many(gpu, Layouts::Kn, DType::BF16, &gemms).map(|_| ())
+    gemm_many(gpu, Layouts::Kn, DType::BF16, &gemms)
 }
 
 /// The backward of [`lora_forward`] given the saved (or recomputed) u_s: dx (added to dx's

@@ -353,20 +353,33 @@ __device__ __forceinline__ void attn_bwd_prep(const bf16* __restrict__ o, const 
 }
 
 // Backward, step 3: out (bf16, row stride out_stride) = scale · acc (f32 [batch, len, heads·HD]):
-// dQ from dq_acc, and dK, dV from dk_acc, dv_acc when the query tiles were split.
+// dQ from dq_acc, and dK, dV from dk_acc, dv_acc when the query tiles were split — one launch,
+// job blockIdx.y of the `count` given.
+struct CvtJob {
+  const float* acc;
+  bf16* out;
+  int64_t out_stride;
+  int len;
+  float scale;
+};
+struct CvtJobs {
+  CvtJob job[3];
+};
+static_assert(sizeof(CvtJobs) == 96, "the layout src/ops/attention.rs writes");
+
 template <int HD>
-__device__ __forceinline__ void attn_bwd_cvt(const float* __restrict__ dq_acc, bf16* __restrict__ dq, int64_t dq_stride, int batch,
-                                             int q_len, int heads, float scale) {
+__device__ __forceinline__ void attn_bwd_cvt(const CvtJob& j, int batch, int heads) {
   int64_t idx = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;  // one thread per 8 values
   constexpr int C = HD / 8;
-  if (idx >= (int64_t)batch * q_len * heads * C) return;
+  if (idx >= (int64_t)batch * j.len * heads * C) return;
   int64_t bi = idx / (heads * C);
   int col = (idx % (heads * C)) * 8;
-  const float* src = dq_acc + bi * heads * HD + col;
+  const float* src = j.acc + bi * heads * HD + col;
+  const float scale = j.scale;
   float4 x = *reinterpret_cast<const float4*>(src), y = *reinterpret_cast<const float4*>(src + 4);
   uint4 out = make_uint4(pack_bf16(x.x * scale, x.y * scale), pack_bf16(x.z * scale, x.w * scale), pack_bf16(y.x * scale, y.y * scale),
                          pack_bf16(y.z * scale, y.w * scale));
-  *reinterpret_cast<uint4*>(dq + bi * dq_stride + col) = out;
+  *reinterpret_cast<uint4*>(j.out + bi * j.out_stride + col) = out;
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -601,9 +614,8 @@ __device__ __forceinline__ void attn_bwd_dkdv(const bf16* __restrict__ q, const 
                                                          int64_t o_stride, int64_t do_stride, int batch, int q_len, int heads) { \
     attn_bwd_prep<HD>(o, dout, dvec, dq_acc, o_stride, do_stride, batch, q_len, heads);                                         \
   }                                                                                                                             \
-  extern "C" __global__ void attn_bwd_cvt_hd##HD##_bf16(const float* acc, bf16* out, int64_t out_stride, int batch, int len,     \
-                                                        int heads, float scale) {                                               \
-    attn_bwd_cvt<HD>(acc, out, out_stride, batch, len, heads, scale);                                                           \
+  extern "C" __global__ void attn_bwd_cvt_hd##HD##_bf16(const __grid_constant__ CvtJobs jobs, int batch, int heads) {          \
+    attn_bwd_cvt<HD>(jobs.job[blockIdx.y], batch, heads);                                                                       \
   }
 #define ATTN_BWD_DKDV(NAME, HD, NW, BM, MINB)                                                                                    \
   extern "C" __global__ void __launch_bounds__(32 * NW, MINB) NAME(                                                             \

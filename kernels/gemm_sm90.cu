@@ -259,7 +259,8 @@ GEMM_SM90_SPLIT_TILES(m, false, n, false, f32, float)
 
 // gemm_sm90_64x64_<layouts>_<out>_group: up to GROUP_MAX independent GEMMs of the split kernels'
 // contract in one launch (src/ops/gemm_sm90_split.rs `gemm_group`). Problem i:
-//   C_i[M_i × N_i] = alpha_i · Σ_k A_i(m, k)·B_i(n, k) (+ bias_i[n]) (+ C_i when accumulate_i)
+//   C_i[M_i × N_i] = alpha_i · Σ_k A_i(m, k)·B_i(n, k) (+ bias_i[n]) (+ R_i[m·ldr_i + n]: R = C to
+//   accumulate, or ldr = 0 to add one row to every row)
 // over one or two K segments as the other kernels (k2 = 0: one), in one layout for all (mn: the
 // LoRA weight gradients aᵀ·b over the tokens, K = tokens; kk: the LoRA down-projections
 // u = s·x·Aᵀ, the fused LoRA forwards [x | u]·[W | B]ᵀ, the time embedding's projections; kn:
@@ -276,8 +277,9 @@ struct GroupProblem {
   const bf16* b2;
   void* c;  // OutT
   const bf16* bias;
-  int64_t lda, ldb, lda2, ldb2;
-  int k, k2, m, n, slices, tiles_per_slice, first_block, ws_tile, counter, accumulate;
+  const void* r;  // OutT, optional
+  int64_t lda, ldb, lda2, ldb2, ldr;
+  int k, k2, m, n, slices, tiles_per_slice, first_block, ws_tile, counter;
   float alpha;
 };
 constexpr int GROUP_MAX = 8;  // src/ops/gemm_sm90_split.rs GROUP_MAX
@@ -287,7 +289,7 @@ struct GemmGroup {
   unsigned* counters;
   int count;
 };
-static_assert(sizeof(GroupProblem) == 128 && sizeof(GemmGroup) == 8 * 128 + 24, "the layout src/ops/gemm_sm90_split.rs writes");
+static_assert(sizeof(GroupProblem) == 136 && sizeof(GemmGroup) == 8 * 136 + 24, "the layout src/ops/gemm_sm90_split.rs writes");
 
 template <bool A_K_MAJOR, bool B_K_MAJOR, typename OutT>
 __device__ __forceinline__ void gemm_group_body(const GemmGroup& g) {
@@ -300,7 +302,7 @@ __device__ __forceinline__ void gemm_group_body(const GemmGroup& g) {
   const SplitArgs split{pr.tiles_per_slice, g.ws + (int64_t)pr.ws_tile * 64 * 64, g.counters + pr.counter};
   OutT* c = static_cast<OutT*>(pr.c);
   gemm_sm90_body<1, 1, 64, 6, 1, A_K_MAJOR, B_K_MAJOR, true, OutT>(pr.a, pr.lda, pr.b, pr.ldb, pr.k, pr.a2, pr.lda2, pr.b2, pr.ldb2, pr.k2, c, pr.n, pr.bias,
-                                                                   pr.accumulate ? c : nullptr, pr.n, pr.m, pr.n, pr.alpha, split, at);
+                                                                   static_cast<const OutT*>(pr.r), pr.ldr, pr.m, pr.n, pr.alpha, split, at);
 }
 
 #define GEMM_SM90_GROUP_KERNEL(LA, AKM, LB, BKM, OUT, OUTT)                                                                       \

@@ -208,17 +208,21 @@ impl Linear {
         }
     }
 
-    /// The forwards of several linears without LoRA, `(linear, x)` each (every resnet's
-    /// time_emb_proj of the one time embedding): on a Hopper in grouped launches of up to eight,
-    /// else one by one.
-    pub fn forward_many(dev: Dev, items: &[(&Linear, &Tensor)]) -> Result<Vec<Tensor>> {
+    /// The forwards of several linears without LoRA, `(linear, x, row)` each (every resnet's
+    /// time_emb_proj of the one time embedding), plus `row` [out] added to every output row when
+    /// given: on a Hopper in grouped launches of up to eight (the row added in the epilogue), else
+    /// one by one.
+    pub fn forward_many(dev: Dev, items: &[(&Linear, &Tensor, Option<&Tensor>)]) -> Result<Vec<Tensor>> {
         let gpu = match dev {
-            Dev::Gpu(g) if items.iter().all(|(l, _)| l.lora.is_none()) => g,
-            _ => return items.iter().map(|(l, x)| l.forward(dev, x)).collect(),
+            Dev::Gpu(g) if items.iter().all(|(l, _, _)| l.lora.is_none()) => g,
+            _ => return items.iter().map(|(l, x, row)| l.forward(dev, x).and_then(|y| add_row(dev, y, *row))).collect(),
         };
         let mut outputs = Vec::with_capacity(items.len());
         let mut gemms = Vec::with_capacity(items.len());
-        for (l, x) in items {
+        for (l, x, row) in items {
+            if let Some(r) = row {
+                ensure!(r.numel() == l.out_f && r.dtype() == DType::BF16, "linear: row {:?} must be bf16 [{}]", r.shape(), l.out_f);
+            }
             ensure!(x.shape().last() == Some(&l.in_f), "linear: input {:?} does not end in {}", x.shape(), l.in_f);
             let y = Dev::scratch(gpu, &with_last(x.shape(), l.out_f))?;
             gemms.push(crate::ops::gemm_sm90_split::GroupGemm {
@@ -229,7 +233,7 @@ impl Linear {
                 alpha: 1.0,
                 bias: l.b.as_ref().map(|b| b.ptr()).transpose()?,
                 c: y.ptr()?,
-                accumulate: false,
+                residual: row.map(|r| r.ptr().map(|p| (p, 0))).transpose()?,
             });
             outputs.push(y);
         }
@@ -405,6 +409,15 @@ pub fn finish_weight_grads(dev: Dev, grads: lora::WeightGradBatch, linears: &mut
     Ok(())
 }
 
+/// y + `row` broadcast over y's rows (a row of y's width), or y itself without one.
+fn add_row(dev: Dev, y: Tensor, row: Option<&Tensor>) -> Result<Tensor> {
+    let Some(row) = row else { return Ok(y) };
+    let n = *y.shape().last().unwrap_or(&1);
+    ensure!(row.numel() == n, "row {:?} does not match the width {n}", row.shape());
+    let shape = y.shape().to_vec();
+    super::functional::add_channel_bias(dev, &y.reshape(&[1, y.numel() / n, n])?, &row.reshape(&[1, n])?)?.reshape(&shape)
+}
+
 impl Linear {
     /// Folds a LoRA layer into the frozen weight, W ← W + scale·B·A (diffusers' `fuse_lora`): the
     /// same function afterwards at the cost of the plain linear. On the GPU the product runs in
@@ -478,16 +491,27 @@ impl Conv2d {
         self.forward_add(dev, x, None)
     }
 
+    /// The bias b [out_ch].
+    pub fn bias(&self) -> &Tensor {
+        &self.b
+    }
+
     /// conv(x) + b (+ residual, shaped like the output), the add fused into the conv's epilogue.
     pub fn forward_add(&self, dev: Dev, x: &Tensor, residual: Option<&Tensor>) -> Result<Tensor> {
+        self.forward_biased(dev, x, &self.b, residual)
+    }
+
+    /// conv(x) + `bias` [out_ch] in place of b (+ residual): a per-channel term folded into b.
+    pub fn forward_biased(&self, dev: Dev, x: &Tensor, bias: &Tensor, residual: Option<&Tensor>) -> Result<Tensor> {
+        ensure!(bias.numel() == self.out_ch, "conv: bias {:?} must hold {} values", bias.shape(), self.out_ch);
         let s = self.geometry(x.shape())?;
         let (oh, ow) = s.out_hw();
         let shape = [s.batch, oh, ow, s.out_ch];
         match dev {
-            Dev::Cpu => Tensor::from_vec(&shape, add_residual_cpu(conv::conv2d_cpu(cpu(x)?, &s, cpu(&self.w)?, Some(cpu(&self.b)?)), residual)?),
+            Dev::Cpu => Tensor::from_vec(&shape, add_residual_cpu(conv::conv2d_cpu(cpu(x)?, &s, cpu(&self.w)?, Some(cpu(bias)?)), residual)?),
             Dev::Gpu(g) => {
                 let mut y = Dev::scratch(g, &shape)?;
-                conv::conv2d(g, conv::ConvSource { x, skip: None, upsample2x: false }, &s, &self.w, Some(&self.b), residual, &mut y)?;
+                conv::conv2d(g, conv::ConvSource { x, skip: None, upsample2x: false }, &s, &self.w, Some(bias), residual, &mut y)?;
                 Ok(y)
             }
         }

@@ -14,6 +14,15 @@ struct ResnetSaved {
     stats2: NormStats,
 }
 
+/// A resnet's time input (see [`ResnetBlock2D::forward`]).
+#[derive(Clone, Copy)]
+pub enum Time<'a> {
+    /// time_emb_proj(SiLU(temb)) [n, out_ch].
+    Projected(&'a Tensor),
+    /// time_emb_proj(SiLU(temb)) + conv1's bias, one sample: [1, out_ch].
+    WithConvBias(&'a Tensor),
+}
+
 /// GN → SiLU → conv1 → + time_emb_proj(SiLU(temb)) → GN → SiLU → conv2, plus the (1×1-conv) shortcut.
 pub struct ResnetBlock2D {
     norm1: GroupNorm,
@@ -45,15 +54,20 @@ impl ResnetBlock2D {
     }
 
     /// The projection of SiLU(time embedding) [n, temb_ch] (shared by every resnet) to this
-    /// block's channels: the caller runs all the resnets' together (`Linear::forward_many`).
-    pub fn time_emb_proj(&self) -> &Linear {
-        &self.time_emb_proj
+    /// block's channels, and conv1's bias: the caller runs all the resnets' projections together
+    /// (`Linear::forward_many`), for one sample with conv1's bias added in.
+    pub fn time_emb_proj(&self) -> (&Linear, &Tensor) {
+        (&self.time_emb_proj, self.conv1.bias())
     }
 
-    /// `time_proj` = time_emb_proj(SiLU(time embedding)) [n, out_ch].
-    pub fn forward(&mut self, dev: Dev<'_>, x: &Tensor, time_proj: &Tensor) -> Result<Tensor> {
+    /// `time` = time_emb_proj(SiLU(time embedding)) [n, out_ch], or (`Time::WithConvBias`, one
+    /// sample) that plus conv1's bias, which conv1 then takes as its bias: no separate add.
+    pub fn forward(&mut self, dev: Dev<'_>, x: &Tensor, time: Time) -> Result<Tensor> {
         let (g1, stats1) = self.norm1.forward(dev, x, true)?;
-        let h1 = add_channel_bias(dev, &self.conv1.forward(dev, &g1)?, time_proj)?;
+        let h1 = match time {
+            Time::Projected(t) => add_channel_bias(dev, &self.conv1.forward(dev, &g1)?, t)?,
+            Time::WithConvBias(t) => self.conv1.forward_biased(dev, &g1, t, None)?,
+        };
         let (g2, stats2) = self.norm2.forward(dev, &h1, true)?;
         let shortcut = match &self.conv_shortcut {
             Some(c) => c.forward(dev, x)?,

@@ -7,7 +7,7 @@
 
 use super::functional::{add, concat_channels, silu, split_channels, timestep_embedding};
 use super::layers::{Conv2d, Dev, GroupNorm, Linear, NormStats};
-use super::resnet::{Downsample2D, ResnetBlock2D, Upsample2D};
+use super::resnet::{Downsample2D, ResnetBlock2D, Time, Upsample2D};
 use super::transformer::Transformer2DModel;
 use super::weights::Weights;
 use crate::cuda::nvtx_range;
@@ -100,9 +100,9 @@ pub struct Layer {
 }
 
 impl Layer {
-    /// `time_proj`: this layer's resnet's projection of the time embedding.
-    fn forward(&mut self, dev: Dev, x: &Tensor, time_proj: &Tensor, context: &Tensor) -> Result<Tensor> {
-        let h = self.resnet.forward(dev, x, time_proj)?;
+    /// `time`: this layer's resnet's projection of the time embedding.
+    fn forward(&mut self, dev: Dev, x: &Tensor, time: Time, context: &Tensor) -> Result<Tensor> {
+        let h = self.resnet.forward(dev, x, time)?;
         match &mut self.attention {
             Some(a) => a.forward(dev, &h, context),
             None => Ok(h),
@@ -234,14 +234,24 @@ impl UNet2DConditionModel {
         let t_emb = timestep_embedding(dev, timesteps, self.config.block_out_channels[0])?;
         let temb = self.time_linear_2.forward(dev, &silu(dev, &self.time_linear_1.forward(dev, &t_emb)?)?)?;
         let temb = silu(dev, &temb)?;
-        // Every resnet's time_emb_proj at once (grouped launches on a Hopper), in forward order.
+        // Every resnet's time_emb_proj at once (grouped launches on a Hopper), in forward order;
+        // for one sample on the GPU with conv1's bias added, so that conv1 adds it as its bias.
+        let fold = x.shape()[0] == 1 && dev.gpu().is_some();
         let time_projs = {
             let layers = self.down_blocks.iter().flat_map(|b| &b.layers).chain(&self.mid_block).chain(self.up_blocks.iter().flat_map(|b| &b.layers));
-            let projections: Vec<(&Linear, &Tensor)> = layers.map(|l| (l.resnet.time_emb_proj(), &temb)).collect();
+            let projections: Vec<(&Linear, &Tensor, Option<&Tensor>)> = layers
+                .map(|l| {
+                    let (proj, conv1_bias) = l.resnet.time_emb_proj();
+                    (proj, &temb, fold.then_some(conv1_bias))
+                })
+                .collect();
             Linear::forward_many(dev, &projections)?
         };
         let mut time_projs = time_projs.iter();
-        let mut next_time_proj = || time_projs.next().context("UNet: ran out of time projections");
+        let mut next_time_proj = || -> Result<Time> {
+            let t = time_projs.next().context("UNet: ran out of time projections")?;
+            Ok(if fold { Time::WithConvBias(t) } else { Time::Projected(t) })
+        };
 
         let mut h = self.conv_in.forward(dev, x)?;
         let mut skips = vec![h.clone()];

@@ -342,16 +342,19 @@ pub fn attention_backward(
         KernelArg::I32(s.q_len as i32), KernelArg::I32(s.kv_len as i32), KernelArg::I32(s.heads as i32), KernelArg::F32(scale), KernelArg::I32(splits as i32),
     ])?;
 
-    let cvt = |acc: u64, dst: u64, stride: usize, len: usize, scale: f32| {
-        launch(gpu, c.cvt, crate::cuda::grid_1d(s.batch * len * width / 8, 256), &[KernelArg::Ptr(acc), KernelArg::Ptr(dst), KernelArg::I64(stride as i64),
-            KernelArg::I32(s.batch as i32), KernelArg::I32(len as i32), KernelArg::I32(s.heads as i32), KernelArg::F32(scale)])
-    };
-    cvt(acc, dqp, dq.row_stride, s.q_len, scale)?;
+    // One launch converts dQ (and dK, dV when split): the kernel's CvtJobs, 32 bytes per job.
+    let mut jobs = vec![(acc, dqp, dq.row_stride, s.q_len, scale)];
     if splits > 1 {
-        cvt(dk_acc, dkp, dk.row_stride, s.kv_len, scale)?;
-        cvt(dv_acc, dvp, dv.row_stride, s.kv_len, 1.0)?;
+        jobs.extend([(dk_acc, dkp, dk.row_stride, s.kv_len, scale), (dv_acc, dvp, dv.row_stride, s.kv_len, 1.0)]);
     }
-    Ok(())
+    let mut words = [0u64; 160];
+    for (w, &(acc, dst, stride, len, scale)) in words.chunks_mut(4).zip(&jobs) {
+        w.copy_from_slice(&[acc, dst, stride as u64, u64::from(i32::try_from(len)? as u32) | u64::from(scale.to_bits()) << 32]);
+    }
+    let longest = jobs.iter().map(|j| j.3).max().unwrap_or(0);
+    let mut cfg = crate::cuda::grid_1d(s.batch * longest * width / 8, 256);
+    cfg.grid_dim.1 = jobs.len() as u32;
+    launch(gpu, c.cvt, cfg, &[KernelArg::Struct(words), KernelArg::I32(s.batch as i32), KernelArg::I32(s.heads as i32)])
 }
 
 #[cfg(test)]

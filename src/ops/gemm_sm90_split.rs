@@ -197,9 +197,9 @@ pub(crate) fn launch(gpu: &Gpu, call: &GemmCall, tile: SplitTile, slices: usize)
 /// Most GEMMs per grouped launch (kernels/gemm_sm90.cu `GROUP_MAX`).
 pub(crate) const GROUP_MAX: usize = 8;
 
-/// One GEMM of a grouped launch: `C[m×n] = alpha·Σ_k A(m,k)·B(n,k) (+ bias[n]) (+ C when
-/// accumulate)` over one or two K segments (`seg2.k = 0`: one) in the group's layouts, C dense
-/// (ldc = n).
+/// One GEMM of a grouped launch: `C[m×n] = alpha·Σ_k A(m,k)·B(n,k) (+ bias[n]) (+ R[m·ldr + n])`
+/// over one or two K segments (`seg2.k = 0`: one) in the group's layouts, C dense (ldc = n);
+/// the residual R (pointer, ldr) of C's type may be C itself (accumulate) or one row (ldr = 0).
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct GroupGemm {
     pub m: usize,
@@ -209,14 +209,14 @@ pub(crate) struct GroupGemm {
     pub alpha: f32,
     pub bias: Option<u64>,
     pub c: u64,
-    pub accumulate: bool,
+    pub residual: Option<(u64, usize)>,
 }
 
 impl GroupGemm {
     /// The weight-gradient product `pr` (c[p×q] = alpha·aᵀ·b over pr.m tokens, layout Mn).
     pub(crate) fn at_b(pr: &AtB, accumulate: bool) -> GroupGemm {
         let seg1 = Segment { a: pr.a.0, lda: pr.a.1, b: pr.b.0, ldb: pr.b.1, k: pr.m };
-        GroupGemm { m: pr.p, n: pr.q, seg1, seg2: Segment::default(), alpha: pr.alpha, bias: None, c: pr.c, accumulate }
+        GroupGemm { m: pr.p, n: pr.q, seg1, seg2: Segment::default(), alpha: pr.alpha, bias: None, c: pr.c, residual: accumulate.then_some((pr.c, pr.q)) }
     }
 
     pub(crate) fn call(&self, layouts: Layouts, out: DType) -> GemmCall {
@@ -230,7 +230,7 @@ impl GroupGemm {
             ldc: self.n,
             out,
             bias: self.bias,
-            residual: self.accumulate.then_some((self.c, self.n)),
+            residual: self.residual,
             alpha: self.alpha,
             split: SplitK::None,
         }
@@ -303,23 +303,23 @@ pub(crate) fn gemm_group(gpu: &Gpu, layouts: Layouts, out: DType, gemms: &[Group
     order.sort_by_key(|g| std::cmp::Reverse(g.k()));
     let per = group_slice_tiles(sm_count(gpu)?, &order);
     let tile = SPLIT_TILES[0];
-    // The kernel's GemmGroup, as little-endian bytes: 128 per GEMM, then ws, counters, count.
-    let mut bytes = Vec::with_capacity(GROUP_MAX * 128 + 24);
+    // The kernel's GemmGroup, as little-endian bytes: 136 per GEMM, then ws, counters, count.
+    let mut bytes = Vec::with_capacity(GROUP_MAX * 136 + 24);
     let (mut first_block, mut ws_tiles, mut counters_used) = (0usize, 0usize, 0usize);
     for g in &order {
         let kt = g.k_tiles();
         let slices = even_slices(kt, kt.div_ceil(per));
         let tiles = tile.tiles(g.m, g.n);
         let (s1, s2) = (g.seg1, g.seg2);
-        for v in [s1.a, s1.b, s2.a, s2.b, g.c, g.bias.unwrap_or(0), s1.lda as u64, s1.ldb as u64, s2.lda as u64, s2.ldb as u64] {
+        let (r, ldr) = g.residual.unwrap_or((0, 0));
+        for v in [s1.a, s1.b, s2.a, s2.b, g.c, g.bias.unwrap_or(0), r, s1.lda as u64, s1.ldb as u64, s2.lda as u64, s2.ldb as u64, ldr as u64] {
             bytes.extend(v.to_le_bytes());
         }
-        let fields = [s1.k, s2.k, g.m, g.n, slices, kt.div_ceil(slices).max(1), first_block, ws_tiles, counters_used, g.accumulate as usize];
+        let fields = [s1.k, s2.k, g.m, g.n, slices, kt.div_ceil(slices).max(1), first_block, ws_tiles, counters_used];
         for v in fields {
             bytes.extend(i32::try_from(v).context("gemm_group: size past i32")?.to_le_bytes());
         }
         bytes.extend(g.alpha.to_le_bytes());
-        bytes.extend([0; 4]);
         first_block += tiles * slices;
         if slices > 1 {
             ws_tiles += tiles * slices;
@@ -330,7 +330,7 @@ pub(crate) fn gemm_group(gpu: &Gpu, layouts: Layouts, out: DType, gemms: &[Group
     // The workspace handle lives until the launch is queued (stream order keeps it safe after).
     let ws = if ws_tiles > 0 { Some(gpu.alloc(ArenaKind::Scratch, ws_tiles * tile.bm * tile.bn * 4)?) } else { None };
     let counters = if counters_used > 0 { gpu.split_k_counters()? } else { 0 };
-    bytes.resize(GROUP_MAX * 128, 0);
+    bytes.resize(GROUP_MAX * 136, 0);
     bytes.extend(ws.as_ref().map_or(0, |b| b.ptr()).to_le_bytes());
     bytes.extend(counters.to_le_bytes());
     bytes.extend((order.len() as i32).to_le_bytes());

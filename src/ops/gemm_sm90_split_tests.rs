@@ -351,7 +351,7 @@ fn gpu_gemm_group_kk_kn_match_twins() {
                 // kk: B(n, k) = B[n·k + k]; kn: B(n, k) = B[k·n + n] (b read as [k, n]).
                 let ldb = if layouts == Layouts::Kk { k } else { n };
                 let seg1 = crate::ops::gemm::Segment { a: ad.ptr().unwrap(), lda: k, b: bd.ptr().unwrap(), ldb, k };
-                gemms.push(GroupGemm { m, n, seg1, seg2: Default::default(), alpha, bias: with_bias.then(|| biasd.ptr().unwrap()), c: c.ptr().unwrap(), accumulate });
+                gemms.push(GroupGemm { m, n, seg1, seg2: Default::default(), alpha, bias: with_bias.then(|| biasd.ptr().unwrap()), c: c.ptr().unwrap(), residual: accumulate.then(|| (c.ptr().unwrap(), n)) });
                 wants.push(want);
                 keep.push((ad, bd, biasd, c));
             }
@@ -398,7 +398,7 @@ fn gpu_gemm_group_two_segments_match_twins() {
             let t = [upload(&gpu, &[m, k1], &a1, DType::BF16), upload(&gpu, &[n, k1], &b1, DType::BF16), upload(&gpu, &[m, k2], &a2, DType::BF16), upload(&gpu, &[n, k2], &b2, DType::BF16), upload(&gpu, &[n], &bias, DType::BF16)];
             let c = poisoned(&gpu, &[m, n], DType::BF16);
             let seg = |a: &crate::tensor::Tensor, b: &crate::tensor::Tensor, k: usize| crate::ops::gemm::Segment { a: a.ptr().unwrap(), lda: k, b: b.ptr().unwrap(), ldb: ldb(k), k };
-            gemms.push(GroupGemm { m, n, seg1: seg(&t[0], &t[1], k1), seg2: seg(&t[2], &t[3], k2), alpha: 1.0, bias: with_bias.then(|| t[4].ptr().unwrap()), c: c.ptr().unwrap(), accumulate: false });
+            gemms.push(GroupGemm { m, n, seg1: seg(&t[0], &t[1], k1), seg2: seg(&t[2], &t[3], k2), alpha: 1.0, bias: with_bias.then(|| t[4].ptr().unwrap()), c: c.ptr().unwrap(), residual: None });
             keep.push((t, c, want));
         }
         assert!(supports_group(&gpu, layouts, DType::BF16, &gemms).unwrap(), "{what}: declined");
@@ -406,5 +406,30 @@ fn gpu_gemm_group_two_segments_match_twins() {
         for (i, (_, c, want)) in keep.iter().enumerate() {
             assert_close(&format!("{what} gemm {i} {:?}", shapes[i]), &download(&gpu, c), want, 1e-2);
         }
+    }
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn gpu_gemm_group_adds_a_row_residual_to_every_row() {
+    let gpu = Gpu::for_tests().expect("GPU test needs a CUDA device");
+    if !hopper(&gpu) {
+        return;
+    }
+    let seed = Rng::fresh_seed();
+    let mut rng = Rng::new(seed);
+    // The time embedding's projections with conv1's bias folded in: C = x·Wᵀ + bias + row (ldr 0),
+    // one sample (as the UNet runs it) and three (every row gets the same row).
+    for (m, k, n) in [(1, 1280, 320), (3, 1280, 640), (3, 64, 24)] {
+        let (x, w) = (rand_bf16(&mut rng, m * k, 1.0), rand_bf16(&mut rng, n * k, 0.05));
+        let (bias, row) = (rand_bf16(&mut rng, n, 1.0), rand_bf16(&mut rng, n, 1.0));
+        let want: Vec<f32> = linear_cpu(&x, m, k, &w, n, Some(&bias)).iter().enumerate().map(|(j, v)| v + row[j % n]).collect();
+        let (xd, wd) = (upload(&gpu, &[m, k], &x, DType::BF16), upload(&gpu, &[n, k], &w, DType::BF16));
+        let (biasd, rowd) = (upload(&gpu, &[n], &bias, DType::BF16), upload(&gpu, &[n], &row, DType::BF16));
+        let c = poisoned(&gpu, &[m, n], DType::BF16);
+        let seg1 = crate::ops::gemm::Segment { a: xd.ptr().unwrap(), lda: k, b: wd.ptr().unwrap(), ldb: k, k };
+        let g = GroupGemm { m, n, seg1, seg2: Default::default(), alpha: 1.0, bias: Some(biasd.ptr().unwrap()), c: c.ptr().unwrap(), residual: Some((rowd.ptr().unwrap(), 0)) };
+        gemm_group(&gpu, Layouts::Kk, DType::BF16, &[g]).unwrap();
+        assert_close(&format!("row residual {m}x{k}->{n} seed={seed}"), &download(&gpu, &c), &want, 1e-2);
     }
 }

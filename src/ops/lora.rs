@@ -222,7 +222,7 @@ pub fn lora_down_many(gpu: &Gpu, downs: &[(&LoraLinear, &Tensor, &Tensor)]) -> R
         let m = rows_of(WHAT, "x", x, in_f, Some(DType::BF16))?;
         ensure!(rows_of(WHAT, "u", us, r, Some(DType::BF16))? == m, "{WHAT}: u {:?} must be [{m}, {r}]", us.shape());
         let seg1 = Segment { a: x.ptr()?, lda: in_f, b: l.a.ptr()?, ldb: in_f, k: in_f };
-        gemms.push(GroupGemm { m, n: r, seg1, seg2: Segment::default(), alpha: l.scale, bias: None, c: us.ptr()?, accumulate: false });
+        gemms.push(GroupGemm { m, n: r, seg1, seg2: Segment::default(), alpha: l.scale, bias: None, c: us.ptr()?, residual: None });
     }
     gemm_many(gpu, Layouts::Kk, DType::BF16, &gemms)
 }
@@ -241,7 +241,7 @@ pub fn lora_up_many(gpu: &Gpu, ups: &[(&LoraLinear, &Tensor, &Tensor, &Tensor)])
         let seg1 = Segment { a: x.ptr()?, lda: in_f, b: l.w.ptr()?, ldb: in_f, k: in_f };
         let seg2 = Segment { a: us.ptr()?, lda: r, b: l.b.ptr()?, ldb: r, k: r };
         let bias = l.bias.map(|b| b.ptr()).transpose()?;
-        gemms.push(GroupGemm { m, n: out_f, seg1, seg2, alpha: 1.0, bias, c: y.ptr()?, accumulate: false });
+        gemms.push(GroupGemm { m, n: out_f, seg1, seg2, alpha: 1.0, bias, c: y.ptr()?, residual: None });
     }
     gemm_many(gpu, Layouts::Kk, DType::BF16, &gemms)
 }
@@ -258,7 +258,7 @@ pub fn lora_v_many(gpu: &Gpu, items: &[(&LoraLinear, &Tensor, &Tensor)]) -> Resu
         ensure!(rows_of(WHAT, "v", vs, r, Some(DType::BF16))? == m, "{WHAT}: v {:?} must be [{m}, {r}]", vs.shape());
         // B [out, r] read as B(n = j, k = o) = B[o·r + j].
         let seg1 = Segment { a: dy.ptr()?, lda: out_f, b: l.b.ptr()?, ldb: r, k: out_f };
-        gemms.push(GroupGemm { m, n: r, seg1, seg2: Segment::default(), alpha: l.scale, bias: None, c: vs.ptr()?, accumulate: false });
+        gemms.push(GroupGemm { m, n: r, seg1, seg2: Segment::default(), alpha: l.scale, bias: None, c: vs.ptr()?, residual: None });
     }
     gemm_many(gpu, Layouts::Kn, DType::BF16, &gemms)
 }

@@ -27,6 +27,9 @@
 //  * gemm_sm90_tma_128x<128|160>_* (kernels/gemm_tma_sm90.cu): TMA loads, a producer warp and two
 //    consumer warpgroups synchronized by mbarriers (see gemm_sm90_tma_body); 2 blocks per SM, or
 //    persistent (one per SM); C stored by TMA from a shared-memory tile.
+// The cp.async body also runs split along K (…_split: the last slice sums the slices in kernel)
+// and grouped (…_group: up to eight small GEMMs of one layout per launch, from a problem table;
+// at the end of this file).
 // Shared pieces (layouts, wgmma, tile loads, the staged epilogue): kernels/gemm_sm90.cuh.
 // Both operands are read by wgmma straight from shared memory through matrix descriptors, in the
 // 128-byte swizzle (the TMA kernels' n-major B tiles 160 wide: the 64-byte swizzle, see TmaBTile):

@@ -195,15 +195,21 @@ mod tests {
     #[ignore = "needs a CUDA GPU"]
     fn gpu_adamw_matches_twin() {
         let gpu = Gpu::for_tests().expect("GPU test needs a CUDA device");
-        // The SD1.5 LoRA (r = 128 on attention q/k/v/out) has 25,509,888 parameters; also odd sizes.
-        for (n, clip) in [(25_509_888, None), (25_509_888, Some(1.0)), (1, Some(0.5)), (1000, None), (300_001, Some(1e-3))] {
+        // The SD1.5 LoRA (r = 128 on attention q/k/v/out) has 25,509,888 parameters; also odd sizes,
+        // and views one value into their buffers (not 16-byte aligned: the kernel's one-value path).
+        for (n, clip, offset) in [(25_509_888, None, 0), (25_509_888, Some(1.0), 0), (1, Some(0.5), 0), (1000, None, 1), (300_001, Some(1e-3), 0), (4099, None, 1)] {
             let seed = Rng::fresh_seed();
             let mut rng = Rng::new(seed);
             let cfg = AdamWConfig { lr: 1e-3, max_grad_norm: clip, ..Default::default() };
             let (mut p, mut m, mut v) = (rng.normal_vec(n, 0.02), vec![0f32; n], vec![0f32; n]);
-            let up = |x: &[f32]| Tensor::from_vec(&[n], x.to_vec()).unwrap().to_gpu(&gpu, Persistent, DType::F32).unwrap();
+            let up = |x: &[f32]| {
+                let padded: Vec<f32> = std::iter::repeat_n(0.0, offset).chain(x.iter().copied()).collect();
+                let t = Tensor::from_vec(&[n + offset], padded).unwrap().to_gpu(&gpu, Persistent, DType::F32).unwrap();
+                t.gpu_view(offset, &[n]).unwrap()
+            };
             let (mut pd, mut md, mut vd) = (up(&p), up(&m), up(&v));
-            let mut copy = crate::testing::poisoned(&gpu, &[n], DType::BF16);
+            let copy_buf = crate::testing::poisoned(&gpu, &[n + offset], DType::BF16);
+            let mut copy = copy_buf.gpu_view(offset, &[n]).unwrap();
             let counter = StepCounter::new(&gpu, 0).unwrap();
             // A schedule: step 1 at cfg.lr, steps 2 and 3 (past the table's end) at its last rate.
             let rates = [cfg.lr, 0.37 * cfg.lr];
@@ -218,8 +224,8 @@ mod tests {
             for (what, dev, host) in [("p", &pd, &p), ("m", &md, &m), ("v", &vd, &v)] {
                 let got = dev.to_cpu(&gpu).unwrap().into_vec().unwrap();
                 let c = compare(&got, host);
-                println!("adamw n={n} clip={clip:?} {what}: rel L2 {:.2e}, max abs {:.2e}", c.rel_l2, c.max_abs);
-                assert_close(&format!("adamw n={n} clip={clip:?} {what} seed={seed}"), &got, host, 1e-6);
+                println!("adamw n={n} clip={clip:?} offset={offset} {what}: rel L2 {:.2e}, max abs {:.2e}", c.rel_l2, c.max_abs);
+                assert_close(&format!("adamw n={n} clip={clip:?} offset={offset} {what} seed={seed}"), &got, host, 1e-6);
             }
             // The bf16 copy is the updated parameters rounded (the same rounding as a cast).
             let p_gpu = pd.to_cpu(&gpu).unwrap().into_vec().unwrap();

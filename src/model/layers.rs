@@ -273,6 +273,7 @@ impl Linear {
     pub fn forget(&self) {
         if let Some(l) = &self.lora {
             l.saved_u.take();
+            l.prepared_v.take();
         }
     }
 
@@ -337,7 +338,7 @@ impl Linear {
                 };
                 let mut dx = match into {
                     Some(acc) => {
-                        ensure!(acc.shape() == shape.as_slice(), "backward_adding: {:?} cannot take a gradient of shape {shape:?}", acc.shape());
+                        ensure!(acc.shape() == shape.as_slice(), "linear backward: {:?} cannot take a gradient of shape {shape:?}", acc.shape());
                         acc
                     }
                     None => Dev::scratch(gpu, &shape)?,
@@ -640,5 +641,21 @@ impl LayerNorm {
             }
             (Dev::Gpu(_), None) => anyhow::bail!("layer_norm backward: no statistics from a GPU forward"),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn forward_many_adds_the_row_to_every_output_row() {
+        let w = Tensor::from_vec(&[3, 2], vec![1.0, 2.0, 3.0, 4.0, 5.0, 6.0]).unwrap();
+        let linear = Linear { in_f: 2, out_f: 3, w, b: Some(Tensor::from_vec(&[3], vec![0.5, 0.0, -0.5]).unwrap()), lora: None };
+        let x = Tensor::from_vec(&[2, 2], vec![1.0, 0.0, 0.0, 1.0]).unwrap();
+        let row = Tensor::from_vec(&[3], vec![10.0, 20.0, 30.0]).unwrap();
+        let ys = Linear::forward_many(Dev::Cpu, &[(&linear, &x, Some(&row)), (&linear, &x, None)]).unwrap();
+        assert_eq!(ys[0].data().unwrap(), [11.5, 23.0, 34.5, 12.5, 24.0, 35.5]);
+        assert_eq!(ys[1].data().unwrap(), [1.5, 3.0, 4.5, 2.5, 4.0, 5.5]);
     }
 }

@@ -350,13 +350,14 @@ pub(crate) fn gemm_group(gpu: &Gpu, layouts: Layouts, out: DType, gemms: &[Group
     Ok(())
 }
 
-/// Runs `gemms` (any number): those whose output alone fits in one 64×64 tile per SM in grouped
+/// Runs `gemms` (any number): those whose output alone fits in two 64×64 tiles per SM in grouped
 /// launches of up to [`GROUP_MAX`] where [`supports_group`] allows; the larger ones (which fill
 /// the GPU by themselves and run faster on the big-tile kernels), or all where grouping is not
-/// supported, one [`crate::ops::gemm::gemm`] call each.
+/// supported, one [`crate::ops::gemm::gemm`] call each. (Two tiles per SM rather than one also
+/// groups the 1024-token q/k/v forwards: step 14.70 / 14.78 vs 14.79 / 14.95 ms, benches/RESULTS.md.)
 pub(crate) fn gemm_many(gpu: &Gpu, layouts: Layouts, out: DType, gemms: &[GroupGemm]) -> Result<()> {
     let sms = if gpu.is_hopper()? { sm_count(gpu)? } else { 0 };
-    let (small, large): (Vec<GroupGemm>, Vec<GroupGemm>) = gemms.iter().partition(|g| SPLIT_TILES[0].tiles(g.m, g.n) <= sms);
+    let (small, large): (Vec<GroupGemm>, Vec<GroupGemm>) = gemms.iter().partition(|g| SPLIT_TILES[0].tiles(g.m, g.n) <= 2 * sms);
     let grouped = supports_group(gpu, layouts, out, &small)?;
     if grouped {
         for chunk in small.chunks(GROUP_MAX) {

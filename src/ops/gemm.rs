@@ -503,20 +503,7 @@ pub(crate) enum WeightGradSplit {
 
 /// The weight-gradient product `pr` as a layout-Mn GEMM call (C = alpha·aᵀ·b, + C when `accumulate`).
 fn at_b_call(pr: &AtB, accumulate: bool) -> GemmCall {
-    GemmCall {
-        layouts: Layouts::Mn,
-        m: pr.p,
-        n: pr.q,
-        seg1: Segment { a: pr.a.0, lda: pr.a.1, b: pr.b.0, ldb: pr.b.1, k: pr.m },
-        seg2: Segment::default(),
-        c: pr.c,
-        ldc: pr.q,
-        out: DType::F32,
-        bias: None,
-        residual: accumulate.then_some((pr.c, pr.q)),
-        alpha: pr.alpha,
-        split: SplitK::None,
-    }
+    super::gemm_sm90_split::GroupGemm::at_b(pr, accumulate).call(Layouts::Mn, DType::F32)
 }
 
 /// [`at_b_many`] on the Hopper wgmma split kernels (`ops::gemm_sm90_split`, one launch per product,

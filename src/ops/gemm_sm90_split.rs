@@ -197,7 +197,7 @@ pub(crate) fn launch(gpu: &Gpu, call: &GemmCall, tile: SplitTile, slices: usize)
 /// Most GEMMs per grouped launch (kernels/gemm_sm90.cu `GROUP_MAX`).
 pub(crate) const GROUP_MAX: usize = 8;
 
-/// One GEMM of a grouped launch: `C[m×n] = alpha·Σ_k A(m,k)·B(n,k) (+ bias[n]) (+ R[m·ldr + n])`
+/// One GEMM that may run in a grouped launch (or alone, as [`GroupGemm::call`]): `C[m×n] = alpha·Σ_k A(m,k)·B(n,k) (+ bias[n]) (+ R[m·ldr + n])`
 /// over one or two K segments (`seg2.k = 0`: one) in the group's layouts, C dense (ldc = n);
 /// the residual R (pointer, ldr) of C's type may be C itself (accumulate) or one row (ldr = 0).
 #[derive(Clone, Copy, Debug)]

@@ -105,27 +105,48 @@ fn rows_of(what: &str, name: &str, t: &Tensor, cols: usize, dtype: Option<DType>
     Ok(rows)
 }
 
-/// u_s = s·x·Aᵀ [M, r] bf16: the forward's first step, what the backward needs saved (or recomputed).
-pub fn lora_down(gpu: &Gpu, l: &LoraLinear, x: &Tensor, us: &mut Tensor) -> Result<()> {
+/// u_s = s·x·Aᵀ [M, r] bf16 as a GEMM of layout Kk (bf16 out), after checking the operands.
+fn down_gemm(l: &LoraLinear, x: &Tensor, us: &Tensor) -> Result<GroupGemm> {
     const WHAT: &str = "lora_down";
     let (in_f, _, r) = l.dims(WHAT)?;
     let m = rows_of(WHAT, "x", x, in_f, Some(DType::BF16))?;
     ensure!(rows_of(WHAT, "u", us, r, Some(DType::BF16))? == m, "{WHAT}: u {:?} must be [{m}, {r}]", us.shape());
-    let call = GemmCall {
-        layouts: Layouts::Kk,
-        m,
-        n: r,
-        seg1: Segment { a: x.ptr()?, lda: in_f, b: l.a.ptr()?, ldb: in_f, k: in_f },
-        seg2: Segment::default(),
-        c: us.ptr()?,
-        ldc: r,
-        out: DType::BF16,
-        bias: None,
-        residual: None,
-        alpha: l.scale,
-        split: SplitK::None,
-    };
-    gemm(gpu, &call)
+    let seg1 = Segment { a: x.ptr()?, lda: in_f, b: l.a.ptr()?, ldb: in_f, k: in_f };
+    Ok(GroupGemm { m, n: r, seg1, seg2: Segment::default(), alpha: l.scale, bias: None, c: us.ptr()?, residual: None })
+}
+
+/// y = [x | u_s]·[W | B]ᵀ + b (+ residual) as a GEMM of layout Kk (y's type out), after checking
+/// the operands.
+fn up_gemm(l: &LoraLinear, x: &Tensor, us: &Tensor, residual: Option<&Tensor>, y: &Tensor) -> Result<GroupGemm> {
+    const WHAT: &str = "lora_forward";
+    let (in_f, out_f, r) = l.dims(WHAT)?;
+    let m = rows_of(WHAT, "x", x, in_f, Some(DType::BF16))?;
+    ensure!(rows_of(WHAT, "u", us, r, Some(DType::BF16))? == m, "{WHAT}: u {:?} must be [{m}, {r}]", us.shape());
+    ensure!(rows_of(WHAT, "y", y, out_f, None)? == m, "{WHAT}: y {:?} must be [{m}, {out_f}]", y.shape());
+    if let Some(res) = residual {
+        ensure!(rows_of(WHAT, "residual", res, out_f, Some(y.dtype()))? == m, "{WHAT}: residual {:?} must be shaped like y", res.shape());
+    }
+    let seg1 = Segment { a: x.ptr()?, lda: in_f, b: l.w.ptr()?, ldb: in_f, k: in_f };
+    let seg2 = Segment { a: us.ptr()?, lda: r, b: l.b.ptr()?, ldb: r, k: r };
+    let bias = l.bias.map(|b| b.ptr()).transpose()?;
+    let residual = residual.map(|t| t.ptr().map(|p| (p, out_f))).transpose()?;
+    Ok(GroupGemm { m, n: out_f, seg1, seg2, alpha: 1.0, bias, c: y.ptr()?, residual })
+}
+
+/// v_s = s·dy·B [M, r] bf16 as a GEMM of layout Kn (B [out, r] read as B(n = j, k = o) = B[o·r + j]),
+/// after checking the operands.
+fn v_gemm(l: &LoraLinear, dy: &Tensor, vs: &Tensor) -> Result<GroupGemm> {
+    const WHAT: &str = "lora_backward";
+    let (_, out_f, r) = l.dims(WHAT)?;
+    let m = rows_of(WHAT, "dy", dy, out_f, Some(DType::BF16))?;
+    ensure!(rows_of(WHAT, "v", vs, r, Some(DType::BF16))? == m, "{WHAT}: v {:?} must be [{m}, {r}]", vs.shape());
+    let seg1 = Segment { a: dy.ptr()?, lda: out_f, b: l.b.ptr()?, ldb: r, k: out_f };
+    Ok(GroupGemm { m, n: r, seg1, seg2: Segment::default(), alpha: l.scale, bias: None, c: vs.ptr()?, residual: None })
+}
+
+/// u_s = s·x·Aᵀ [M, r] bf16: the forward's first step, what the backward needs saved (or recomputed).
+pub fn lora_down(gpu: &Gpu, l: &LoraLinear, x: &Tensor, us: &mut Tensor) -> Result<()> {
+    gemm(gpu, &down_gemm(l, x, us)?.call(Layouts::Kk, DType::BF16))
 }
 
 /// y = x·Wᵀ + b + s·(x·Aᵀ)·Bᵀ (+ residual), writing the saved u_s = s·x·Aᵀ into `us` [M, r].
@@ -137,29 +158,7 @@ pub fn lora_forward(gpu: &Gpu, l: &LoraLinear, x: &Tensor, us: &mut Tensor, resi
 
 /// The forward's fused GEMM, given u_s: y = [x | u_s]·[W | B]ᵀ + b (+ residual).
 pub fn lora_up(gpu: &Gpu, l: &LoraLinear, x: &Tensor, us: &Tensor, residual: Option<&Tensor>, y: &mut Tensor) -> Result<()> {
-    const WHAT: &str = "lora_forward";
-    let (in_f, out_f, r) = l.dims(WHAT)?;
-    let m = rows_of(WHAT, "x", x, in_f, Some(DType::BF16))?;
-    ensure!(rows_of(WHAT, "u", us, r, Some(DType::BF16))? == m, "{WHAT}: u {:?} must be [{m}, {r}]", us.shape());
-    ensure!(rows_of(WHAT, "y", y, out_f, None)? == m, "{WHAT}: y {:?} must be [{m}, {out_f}]", y.shape());
-    if let Some(res) = residual {
-        ensure!(rows_of(WHAT, "residual", res, out_f, Some(y.dtype()))? == m, "{WHAT}: residual {:?} must be shaped like y", res.shape());
-    }
-    let call = GemmCall {
-        layouts: Layouts::Kk,
-        m,
-        n: out_f,
-        seg1: Segment { a: x.ptr()?, lda: in_f, b: l.w.ptr()?, ldb: in_f, k: in_f },
-        seg2: Segment { a: us.ptr()?, lda: r, b: l.b.ptr()?, ldb: r, k: r },
-        c: y.ptr()?,
-        ldc: out_f,
-        out: y.dtype(),
-        bias: l.bias.map(|b| b.ptr()).transpose()?,
-        residual: residual.map(|t| t.ptr().map(|p| (p, out_f))).transpose()?,
-        alpha: 1.0,
-        split: SplitK::None,
-    };
-    gemm(gpu, &call)
+    gemm(gpu, &up_gemm(l, x, us, residual, y)?.call(Layouts::Kk, y.dtype()))
 }
 
 /// Outputs of [`lora_backward`]: dx bf16 or f32 [M, in]; da f32 [r, in]; db f32 [out, r];
@@ -215,15 +214,7 @@ impl WeightGradBatch {
 /// [`lora_down`] for several LoRA linears at once (an attention's q, k and v): `(layer, x, u_s)`
 /// each; on a Hopper in one grouped launch, else one GEMM each.
 pub fn lora_down_many(gpu: &Gpu, downs: &[(&LoraLinear, &Tensor, &Tensor)]) -> Result<()> {
-    const WHAT: &str = "lora_down";
-    let mut gemms = Vec::with_capacity(downs.len());
-    for (l, x, us) in downs {
-        let (in_f, _, r) = l.dims(WHAT)?;
-        let m = rows_of(WHAT, "x", x, in_f, Some(DType::BF16))?;
-        ensure!(rows_of(WHAT, "u", us, r, Some(DType::BF16))? == m, "{WHAT}: u {:?} must be [{m}, {r}]", us.shape());
-        let seg1 = Segment { a: x.ptr()?, lda: in_f, b: l.a.ptr()?, ldb: in_f, k: in_f };
-        gemms.push(GroupGemm { m, n: r, seg1, seg2: Segment::default(), alpha: l.scale, bias: None, c: us.ptr()?, residual: None });
-    }
+    let gemms: Vec<GroupGemm> = downs.iter().map(|(l, x, us)| down_gemm(l, x, us)).collect::<Result<_>>()?;
     gemm_many(gpu, Layouts::Kk, DType::BF16, &gemms)
 }
 
@@ -231,18 +222,10 @@ pub fn lora_down_many(gpu: &Gpu, downs: &[(&LoraLinear, &Tensor, &Tensor)]) -> R
 /// `(layer, x, u_s, y)` each, y bf16; on a Hopper in one grouped launch when every output is
 /// small (see `gemm_many`), else one GEMM each.
 pub fn lora_up_many(gpu: &Gpu, ups: &[(&LoraLinear, &Tensor, &Tensor, &Tensor)]) -> Result<()> {
-    const WHAT: &str = "lora_forward";
-    let mut gemms = Vec::with_capacity(ups.len());
-    for (l, x, us, y) in ups {
-        let (in_f, out_f, r) = l.dims(WHAT)?;
-        let m = rows_of(WHAT, "x", x, in_f, Some(DType::BF16))?;
-        ensure!(rows_of(WHAT, "u", us, r, Some(DType::BF16))? == m, "{WHAT}: u {:?} must be [{m}, {r}]", us.shape());
-        ensure!(rows_of(WHAT, "y", y, out_f, Some(DType::BF16))? == m, "{WHAT}: y {:?} must be bf16 [{m}, {out_f}]", y.shape());
-        let seg1 = Segment { a: x.ptr()?, lda: in_f, b: l.w.ptr()?, ldb: in_f, k: in_f };
-        let seg2 = Segment { a: us.ptr()?, lda: r, b: l.b.ptr()?, ldb: r, k: r };
-        let bias = l.bias.map(|b| b.ptr()).transpose()?;
-        gemms.push(GroupGemm { m, n: out_f, seg1, seg2, alpha: 1.0, bias, c: y.ptr()?, residual: None });
+    for (_, _, _, y) in ups {
+        ensure!(y.dtype() == DType::BF16, "lora_forward: grouped outputs must be bf16, y is {:?}", y.dtype());
     }
+    let gemms: Vec<GroupGemm> = ups.iter().map(|(l, x, us, y)| up_gemm(l, x, us, None, y)).collect::<Result<_>>()?;
     gemm_many(gpu, Layouts::Kk, DType::BF16, &gemms)
 }
 
@@ -250,16 +233,7 @@ pub fn lora_up_many(gpu: &Gpu, ups: &[(&LoraLinear, &Tensor, &Tensor, &Tensor)])
 /// v): v_s = s·dy·B into `vs`, `(layer, dy, v_s)` each; on a Hopper in one grouped launch, else
 /// one GEMM each. Their backwards then take `vs_ready`.
 pub fn lora_v_many(gpu: &Gpu, items: &[(&LoraLinear, &Tensor, &Tensor)]) -> Result<()> {
-    const WHAT: &str = "lora_backward";
-    let mut gemms = Vec::with_capacity(items.len());
-    for (l, dy, vs) in items {
-        let (_, out_f, r) = l.dims(WHAT)?;
-        let m = rows_of(WHAT, "dy", dy, out_f, Some(DType::BF16))?;
-        ensure!(rows_of(WHAT, "v", vs, r, Some(DType::BF16))? == m, "{WHAT}: v {:?} must be [{m}, {r}]", vs.shape());
-        // B [out, r] read as B(n = j, k = o) = B[o·r + j].
-        let seg1 = Segment { a: dy.ptr()?, lda: out_f, b: l.b.ptr()?, ldb: r, k: out_f };
-        gemms.push(GroupGemm { m, n: r, seg1, seg2: Segment::default(), alpha: l.scale, bias: None, c: vs.ptr()?, residual: None });
-    }
+    let gemms: Vec<GroupGemm> = items.iter().map(|(l, dy, vs)| v_gemm(l, dy, vs)).collect::<Result<_>>()?;
     gemm_many(gpu, Layouts::Kn, DType::BF16, &gemms)
 }
 
@@ -283,23 +257,8 @@ pub fn lora_backward(gpu: &Gpu, l: &LoraLinear, x: &Tensor, us: &Tensor, dy: &Te
     check_on_gpu(WHAT, "db", db, Some(DType::F32))?;
     let (x_p, us_p, dy_p, vs_p) = (x.ptr()?, us.ptr()?, dy.ptr()?, vs.ptr()?);
 
-    // v_s = s·dy·B: B [out, r] read as B(n = j, k = o) = B[o·r + j].
-    let v_call = GemmCall {
-        layouts: Layouts::Kn,
-        m,
-        n: r,
-        seg1: Segment { a: dy_p, lda: out_f, b: l.b.ptr()?, ldb: r, k: out_f },
-        seg2: Segment::default(),
-        c: vs_p,
-        ldc: r,
-        out: DType::BF16,
-        bias: None,
-        residual: None,
-        alpha: l.scale,
-        split: SplitK::None,
-    };
     if !vs_ready {
-        gemm(gpu, &v_call)?;
+        gemm(gpu, &v_gemm(l, dy, vs)?.call(Layouts::Kn, DType::BF16))?;
     }
     // dx = [dy | v_s]·[W ; A]
     let dx_p = dx.ptr()?;

@@ -5,7 +5,10 @@
 //! Target: `compute_$SDLORA_CUDA_ARCH` (default 80: Ampere and newer; the driver JIT-compiles the
 //! PTX for the actual card). Files named `*_sm90.cu` use Hopper-only instructions (wgmma, TMA) and
 //! are compiled for `compute_90a` instead; they are loaded only on compute capability 9.0 devices
-//! (`Gpu::is_hopper`), everything else has an sm_80 path. Flags: `-O3 -lineinfo` so ncu/nsys map
+//! (`Gpu::is_hopper`), everything else has an sm_80 path. The other files are compiled a second time
+//! for `compute_90`, the build Hopper loads: there their kernels start with `griddepcontrol.wait`
+//! and are launched as programmatic dependent launches (kernels/common.cuh). nvcc runs on every core.
+//! Flags: `-O3 -lineinfo` so ncu/nsys map
 //! time to source lines.
 //!
 //! No nvcc: the build succeeds with a warning and the binary reports, on first GPU use, how to get
@@ -42,17 +45,34 @@ fn main() {
         Some(nvcc) => {
             writeln!(generated, "/// nvcc that compiled the kernels.\npub const NVCC: Option<&str> = Some({:?});", nvcc.display().to_string()).unwrap();
             writeln!(generated, "/// PTX target the kernels were compiled for.\npub const ARCH: &str = \"compute_{arch}\";").unwrap();
-            writeln!(generated, "/// (module name, PTX text) for every kernels/*.cu.\npub static MODULES: &[(&str, &str)] = &[").unwrap();
+            // Every file for its target, and the sm_80 files once more for compute_90: on Hopper those
+            // builds are loaded instead, so that their kernels can await the previous kernel with
+            // griddepcontrol (programmatic dependent launch, kernels/common.cuh).
+            let mut jobs = Vec::new();
             for cu in &cu_files {
-                let stem = cu.file_stem().unwrap().to_str().unwrap();
-                let ptx = out_dir.join(format!("{stem}.ptx"));
-                let file_arch = if stem.ends_with("_sm90") { "90a" } else { arch.as_str() };
-                compile(&nvcc, cu, &ptx, &kernel_dir, file_arch);
-                writeln!(generated, "    ({stem:?}, include_str!({:?})),", ptx.display().to_string()).unwrap();
+                let stem = cu.file_stem().unwrap().to_str().unwrap().to_string();
+                let job = |ptx: String, arch: &str, hopper_build| Job { cu: cu.to_path_buf(), ptx: out_dir.join(ptx), arch: arch.into(), module: stem.clone(), hopper_build };
+                if stem.ends_with("_sm90") {
+                    jobs.push(job(format!("{stem}.ptx"), "90a", false));
+                } else {
+                    jobs.push(job(format!("{stem}.ptx"), &arch, false));
+                    jobs.push(job(format!("{stem}.compute_90.ptx"), "90", true));
+                }
             }
-            writeln!(generated, "];").unwrap();
+            compile_all(&nvcc, &jobs, &kernel_dir);
+            for hopper_build in [false, true] {
+                if hopper_build {
+                    writeln!(generated, "/// compute_90 builds of the sm_80 modules, loaded on Hopper instead.\npub static HOPPER_MODULES: &[(&str, &str)] = &[").unwrap();
+                } else {
+                    writeln!(generated, "/// (module name, PTX text) for every kernels/*.cu.\npub static MODULES: &[(&str, &str)] = &[").unwrap();
+                }
+                for j in jobs.iter().filter(|j| j.hopper_build == hopper_build) {
+                    writeln!(generated, "    ({:?}, include_str!({:?})),", j.module, j.ptx.display().to_string()).unwrap();
+                }
+                writeln!(generated, "];").unwrap();
+            }
             let hopper = cu_files.iter().filter(|p| p.file_stem().is_some_and(|s| s.to_string_lossy().ends_with("_sm90"))).count();
-            println!("cargo:warning=compiled {} kernel file(s) to compute_{arch} PTX and {hopper} to compute_90a with {}", cu_files.len() - hopper, nvcc.display());
+            println!("cargo:warning=compiled {0} kernel file(s) to compute_{arch} PTX (and again to compute_90) and {hopper} to compute_90a with {1}", cu_files.len() - hopper, nvcc.display());
         }
         None => {
             let msg = "nvcc not found (looked at $NVCC, $CUDA_HOME/bin, $CUDA_PATH/bin, PATH, ~/.cache/sdlora/cuda-13.0); \
@@ -65,7 +85,7 @@ fn main() {
                 println!("cargo:rerun-if-changed={}", tools.join("nvidia/cu13/bin/nvcc").display());
             }
             println!("cargo:warning={msg}");
-            writeln!(generated, "pub const NVCC: Option<&str> = None;\npub const ARCH: &str = \"compute_{arch}\";\npub static MODULES: &[(&str, &str)] = &[];").unwrap();
+            writeln!(generated, "pub const NVCC: Option<&str> = None;\npub const ARCH: &str = \"compute_{arch}\";\npub static MODULES: &[(&str, &str)] = &[];\npub static HOPPER_MODULES: &[(&str, &str)] = &[];").unwrap();
         }
     }
     fs::write(out_dir.join("kernels.rs"), generated).unwrap();
@@ -96,6 +116,31 @@ fn tools_dir() -> Option<PathBuf> {
         .map(PathBuf::from)
         .ok()
         .or_else(|| env::var("HOME").ok().map(|h| Path::new(&h).join(".cache/sdlora/cuda-13.0")))
+}
+
+/// One nvcc run: `cu` to `ptx` for `compute_<arch>`, embedded as module `module` (in the table of
+/// Hopper builds when `hopper_build`).
+struct Job {
+    cu: PathBuf,
+    ptx: PathBuf,
+    arch: String,
+    module: String,
+    hopper_build: bool,
+}
+
+/// Runs every job, as many at once as there are cores.
+fn compile_all(nvcc: &Path, jobs: &[Job], include: &Path) {
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let workers = std::thread::available_parallelism().map_or(1, |n| n.get()).min(jobs.len());
+    std::thread::scope(|s| {
+        for _ in 0..workers {
+            s.spawn(|| {
+                while let Some(j) = jobs.get(next.fetch_add(1, std::sync::atomic::Ordering::Relaxed)) {
+                    compile(nvcc, &j.cu, &j.ptx, include, &j.arch);
+                }
+            });
+        }
+    });
 }
 
 fn compile(nvcc: &Path, cu: &Path, ptx: &Path, include: &Path, arch: &str) {

@@ -52,8 +52,8 @@ __device__ void geglu_bwd(const T* __restrict__ x, const T* __restrict__ dy, T* 
 }
 
 #define GEGLU_KERNELS(TN, T, E)                                                                                    \
-  extern "C" __global__ void geglu_fwd_##TN##_v##E(const T* x, T* y, int d) { geglu_fwd<T, E>(x, y, d); }        \
-  extern "C" __global__ void geglu_bwd_##TN##_v##E(const T* x, const T* dy, T* dx, int d) {                      \
+  extern "C" __global__ void geglu_fwd_##TN##_v##E(const T* x, T* y, int d) { await_previous_kernel(); geglu_fwd<T, E>(x, y, d); } \
+  extern "C" __global__ void geglu_bwd_##TN##_v##E(const T* x, const T* dy, T* dx, int d) { await_previous_kernel(); \
     geglu_bwd<T, E>(x, dy, dx, d);                                                                              \
   }
 
@@ -72,5 +72,5 @@ __device__ void quick_gelu(const T* __restrict__ x, T* __restrict__ y, int64_t n
     y[i] = from_f32<T>(v / (1.0f + expf(-1.702f * v)));
   }
 }
-extern "C" __global__ void quick_gelu_fwd_f32(const float* x, float* y, int64_t n) { quick_gelu(x, y, n); }
-extern "C" __global__ void quick_gelu_fwd_bf16(const bf16* x, bf16* y, int64_t n) { quick_gelu(x, y, n); }
+extern "C" __global__ void quick_gelu_fwd_f32(const float* x, float* y, int64_t n) { await_previous_kernel(); quick_gelu(x, y, n); }
+extern "C" __global__ void quick_gelu_fwd_bf16(const bf16* x, bf16* y, int64_t n) { await_previous_kernel(); quick_gelu(x, y, n); }

@@ -40,6 +40,7 @@ __device__ float block_sum(float v, float* sh) {
 }
 
 extern "C" __global__ void adamw_grad_sq_partial(const float* __restrict__ g, float* __restrict__ part, int64_t n) {
+  await_previous_kernel();
   __shared__ float sh[32];
   float acc = 0.f;
   FOR_EACH_INDEX(i, n) acc = fmaf(g[i], g[i], acc);
@@ -91,6 +92,7 @@ extern "C" __global__ void adamw_step(float* __restrict__ p, bf16* __restrict__ 
                                       const double* __restrict__ lr_table, int lr_len, double beta1, double beta2,
                                       float eps, double weight_decay, const float* __restrict__ part, int nparts,
                                       float max_norm) {
+  await_previous_kernel();
   __shared__ float sh[32];
   const StepScalars k = step_scalars(step, lr_table, lr_len, beta1, beta2, eps, weight_decay, part, nparts, max_norm, sh);
   // Four values per thread and iteration (16-byte loads and stores) where every buffer allows,
@@ -173,6 +175,7 @@ extern "C" __global__ void __launch_bounds__(256) adamw_step_8bit(
     float2* __restrict__ scales, int64_t n, const uint32_t* __restrict__ step, const double* __restrict__ lr_table,
     int lr_len, double beta1, double beta2, float eps, double weight_decay, const float* __restrict__ part, int nparts,
     float max_norm) {
+  await_previous_kernel();
   __shared__ float sh[32];
   const StepScalars k = step_scalars(step, lr_table, lr_len, beta1, beta2, eps, weight_decay, part, nparts, max_norm, sh);
   const int lane = threadIdx.x & 31, warps = blockDim.x >> 5;

@@ -307,7 +307,7 @@ __device__ __forceinline__ void attn_fwd(const bf16* __restrict__ q, const bf16*
   extern "C" __global__ void __launch_bounds__(32 * NW) NAME(const bf16* q, const bf16* k, const bf16* v, bf16* o, float* lse, \
                                                              int64_t q_stride, int64_t k_stride, int64_t v_stride,          \
                                                              int64_t o_stride, int q_len, int kv_len, int heads, float scale, \
-                                                             int causal) {                                                    \
+                                                             int causal) { await_previous_kernel();                           \
     attn_fwd<HD, DVC, NW, MT, BN, STAGES>(q, k, v, o, lse, q_stride, k_stride, v_stride, o_stride, q_len, kv_len, heads, scale,  \
                                       causal);                                                                                \
   }
@@ -611,17 +611,17 @@ __device__ __forceinline__ void attn_bwd_dkdv(const bf16* __restrict__ q, const 
 
 #define ATTN_BWD_SMALL(HD)                                                                                                      \
   extern "C" __global__ void attn_bwd_prep_hd##HD##_bf16(const bf16* o, const bf16* dout, float* dvec, float* dq_acc,           \
-                                                         int64_t o_stride, int64_t do_stride, int batch, int q_len, int heads) { \
+                                                         int64_t o_stride, int64_t do_stride, int batch, int q_len, int heads) { await_previous_kernel(); \
     attn_bwd_prep<HD>(o, dout, dvec, dq_acc, o_stride, do_stride, batch, q_len, heads);                                         \
   }                                                                                                                             \
-  extern "C" __global__ void attn_bwd_cvt_hd##HD##_bf16(const __grid_constant__ CvtJobs jobs, int batch, int heads) {          \
+  extern "C" __global__ void attn_bwd_cvt_hd##HD##_bf16(const __grid_constant__ CvtJobs jobs, int batch, int heads) { await_previous_kernel(); \
     attn_bwd_cvt<HD>(jobs.job[blockIdx.y], batch, heads);                                                                       \
   }
 #define ATTN_BWD_DKDV(NAME, HD, NW, BM, MINB)                                                                                    \
   extern "C" __global__ void __launch_bounds__(32 * NW, MINB) NAME(                                                             \
       const bf16* q, const bf16* k, const bf16* v, const bf16* dout, const float* lse, const float* dvec, float* dq_acc,         \
       bf16* dk, bf16* dv, float* dk_acc, float* dv_acc, int64_t q_stride, int64_t k_stride, int64_t v_stride, int64_t do_stride, \
-      int64_t dk_stride, int64_t dv_stride, int q_len, int kv_len, int heads, float scale, int splits) {                       \
+      int64_t dk_stride, int64_t dv_stride, int q_len, int kv_len, int heads, float scale, int splits) { await_previous_kernel(); \
     attn_bwd_dkdv<HD, NW, BM>(q, k, v, dout, lse, dvec, dq_acc, dk, dv, dk_acc, dv_acc, q_stride, k_stride, v_stride, do_stride, \
                               dk_stride, dv_stride, q_len, kv_len, heads, scale, splits);                                       \
   }

@@ -411,12 +411,12 @@ __device__ __forceinline__ void conv_implicit_gemm(const Geom g, const bf16* __r
 #define CONV_FWD(NAME, BM, BN, WM_, WN_, VEC, DB, MINB)                                                                      \
   extern "C" __global__ void __launch_bounds__(32 * WM_ * WN_, MINB)                                                    \
       NAME(const bf16* x1, const bf16* x2, const bf16* w, const bf16* bias, const bf16* res, bf16* y, float* ws,   \
-           int splits, CONV_GEOM_PARAMS) {                                                                          \
+           int splits, CONV_GEOM_PARAMS) { await_previous_kernel();                                                 \
     conv_implicit_gemm<BM, BN, WM_, WN_, false, VEC, DB>(CONV_GEOM, x1, x2, w, bias, res, y, nullptr, ws, splits);    \
   }
 #define CONV_BWD(NAME, BM, BN, WM_, WN_, VEC, DB, MINB)                                                                      \
   extern "C" __global__ void __launch_bounds__(32 * WM_ * WN_, MINB)                                                    \
-      NAME(const bf16* dy, const bf16* w, bf16* dx1, bf16* dx2, float* ws, int splits, CONV_GEOM_PARAMS) {        \
+      NAME(const bf16* dy, const bf16* w, bf16* dx1, bf16* dx2, float* ws, int splits, CONV_GEOM_PARAMS) { await_previous_kernel(); \
     conv_implicit_gemm<BM, BN, WM_, WN_, true, VEC, DB>(CONV_GEOM, dy, nullptr, w, nullptr, nullptr, dx1, dx2, ws, splits); \
   }
 
@@ -437,6 +437,7 @@ CONV_BWD(conv2d_bwd_input_bf16_scalar_64x64, 64, 64, 2, 2, false, false, 4)
 extern "C" __global__ void conv2d_splitk_reduce_bf16(const float* __restrict__ ws, int splits, int64_t pixels, int N, int C1,
                                                      const bf16* __restrict__ bias, const bf16* __restrict__ res,
                                                      bf16* __restrict__ y1, bf16* __restrict__ y2) {
+  await_previous_kernel();
   int64_t pairs = pixels * N / 2;
   FOR_EACH_INDEX(i, pairs) {
     int64_t e = 2 * i, p = e / N;

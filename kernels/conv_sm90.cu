@@ -268,12 +268,12 @@ __device__ __forceinline__ void conv3x3_wgmma(const Geom g, const bf16* __restri
 #define CONV_SM90_DIR(WGS, STAGES, BM_, UP, SUF)                                                                     \
   extern "C" __global__ void __launch_bounds__(128 * WGS, 1)                                                         \
       conv3x3_fwd##SUF##_sm90_##BM_##x160_s##STAGES(const bf16* x1, const bf16* x2, const bf16* w, const bf16* bias, \
-                                                    const bf16* res, bf16* y, float* ws, int splits, int batch, int H, int W, int C1, int C2, int Cout) { \
+                                                    const bf16* res, bf16* y, float* ws, int splits, int batch, int H, int W, int C1, int C2, int Cout) { await_previous_kernel(); \
     conv3x3_wgmma<WGS, false, UP, STAGES>(Geom{batch, H, W, C1, C2, C1 + C2, Cout}, x1, x2, w, bias, res, y, nullptr, ws, splits); \
   }                                                                                                                   \
   extern "C" __global__ void __launch_bounds__(128 * WGS, 1)                                                         \
       conv3x3_bwd_input##SUF##_sm90_##BM_##x160_s##STAGES(const bf16* dy, const bf16* w, bf16* dx1, bf16* dx2, float* ws, \
-                                                          int splits, int batch, int H, int W, int C1, int C2, int Cout) { \
+                                                          int splits, int batch, int H, int W, int C1, int C2, int Cout) { await_previous_kernel(); \
     conv3x3_wgmma<WGS, true, UP, STAGES>(Geom{batch, H, W, C1, C2, C1 + C2, Cout}, dy, nullptr, w, nullptr, nullptr, dx1, dx2, ws, splits); \
   }
 #define CONV_SM90(WGS, STAGES, BM_) CONV_SM90_DIR(WGS, STAGES, BM_, false, ) CONV_SM90_DIR(WGS, STAGES, BM_, true, _up)

@@ -34,9 +34,11 @@ __device__ void timestep_embedding(const float* __restrict__ t, T* __restrict__ 
 }
 
 extern "C" __global__ void timestep_embedding_f32(const float* t, float* emb, int dim, float nlog, float shift, int flip) {
+  await_previous_kernel();
   timestep_embedding(t, emb, dim, nlog, shift, flip);
 }
 extern "C" __global__ void timestep_embedding_bf16(const float* t, bf16* emb, int dim, float nlog, float shift, int flip) {
+  await_previous_kernel();
   timestep_embedding(t, emb, dim, nlog, shift, flip);
 }
 
@@ -73,11 +75,13 @@ __device__ void draw_step_noise(T* __restrict__ eps, float* __restrict__ t, cons
 extern "C" __global__ void draw_step_noise_f32(float* eps, float* t, const float* x0, float* xt, const float* alphas_cumprod,
                                                int batch, int64_t n, uint32_t seed_lo, uint32_t seed_hi, const uint32_t* step,
                                                uint32_t num_timesteps) {
+  await_previous_kernel();
   draw_step_noise(eps, t, x0, xt, alphas_cumprod, batch, n, seed_lo, seed_hi, step, num_timesteps);
 }
 extern "C" __global__ void draw_step_noise_bf16(bf16* eps, float* t, const bf16* x0, bf16* xt, const float* alphas_cumprod,
                                                 int batch, int64_t n, uint32_t seed_lo, uint32_t seed_hi, const uint32_t* step,
                                                 uint32_t num_timesteps) {
+  await_previous_kernel();
   draw_step_noise(eps, t, x0, xt, alphas_cumprod, batch, n, seed_lo, seed_hi, step, num_timesteps);
 }
 
@@ -130,11 +134,11 @@ __device__ void mse_min_snr_bwd(const T* __restrict__ pred, const T* __restrict_
 
 #define LOSS_KERNELS(TN, T)                                                                                         \
   extern "C" __global__ void mse_min_snr_fwd_##TN(const T* pred, const T* target, const float* t, const float* ac,   \
-                                                  float* loss, int batch, int64_t n, float gamma) {                  \
+                                                  float* loss, int batch, int64_t n, float gamma) { await_previous_kernel(); \
     mse_min_snr_fwd(pred, target, t, ac, loss, batch, n, gamma);                                                    \
   }                                                                                                                 \
   extern "C" __global__ void mse_min_snr_bwd_##TN(const T* pred, const T* target, const float* t, const float* ac,   \
-                                                  T* dpred, int batch, int64_t n, float gamma, float scale) {        \
+                                                  T* dpred, int batch, int64_t n, float gamma, float scale) { await_previous_kernel(); \
     mse_min_snr_bwd(pred, target, t, ac, dpred, batch, n, gamma, scale);                                            \
   }
 LOSS_KERNELS(f32, float)
@@ -148,6 +152,7 @@ extern "C" __global__ void draw_latents_f32(float* __restrict__ x0, const float*
                                             const float* __restrict__ stds, const uint32_t* __restrict__ picks, int batch,
                                             int64_t n, uint32_t seed_lo, uint32_t seed_hi, uint32_t stream,
                                             const uint32_t* __restrict__ step, float scale) {
+  await_previous_kernel();
   const uint32_t s = *step;
   const int64_t blocks = (n + 3) / 4;
   FOR_EACH_INDEX(k, (int64_t)batch * blocks) {
@@ -169,6 +174,7 @@ extern "C" __global__ void draw_latents_f32(float* __restrict__ x0, const float*
 extern "C" __global__ void gather_rows_bf16(bf16* __restrict__ out, const bf16* __restrict__ table,
                                             const uint32_t* __restrict__ picks, int batch, int64_t row_len,
                                             const uint32_t* __restrict__ step) {
+  await_previous_kernel();
   const uint32_t s = *step;
   FOR_EACH_INDEX(i, (int64_t)batch * row_len) {
     const int64_t j = i / row_len;

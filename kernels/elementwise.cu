@@ -47,14 +47,14 @@ __device__ __forceinline__ void binary(const T* __restrict__ a, const T* __restr
 }
 
 #define UNARY(NAME, OP)                                                                                   \
-  extern "C" __global__ void NAME##_f32(const float* x, float* y, int64_t n) { unary(x, y, n, OP()); } \
-  extern "C" __global__ void NAME##_bf16(const bf16* x, bf16* y, int64_t n) { unary(x, y, n, OP()); }
+  extern "C" __global__ void NAME##_f32(const float* x, float* y, int64_t n) { await_previous_kernel(); unary(x, y, n, OP()); } \
+  extern "C" __global__ void NAME##_bf16(const bf16* x, bf16* y, int64_t n) { await_previous_kernel(); unary(x, y, n, OP()); }
 
 #define BINARY(NAME, OP)                                                                  \
-  extern "C" __global__ void NAME##_f32(const float* a, const float* b, float* y, int64_t n) { \
+  extern "C" __global__ void NAME##_f32(const float* a, const float* b, float* y, int64_t n) { await_previous_kernel(); \
     binary(a, b, y, n, OP());                                                             \
   }                                                                                       \
-  extern "C" __global__ void NAME##_bf16(const bf16* a, const bf16* b, bf16* y, int64_t n) {   \
+  extern "C" __global__ void NAME##_bf16(const bf16* a, const bf16* b, bf16* y, int64_t n) { await_previous_kernel(); \
     binary(a, b, y, n, OP());                                                             \
   }
 
@@ -68,13 +68,15 @@ template <typename T>
 __device__ __forceinline__ void scale(const T* __restrict__ x, T* __restrict__ y, float alpha, int64_t n) {
   FOR_EACH_INDEX(i, n) y[i] = from_f32<T>(alpha * to_f32(x[i]));
 }
-extern "C" __global__ void scale_f32(const float* x, float* y, float alpha, int64_t n) { scale(x, y, alpha, n); }
-extern "C" __global__ void scale_bf16(const bf16* x, bf16* y, float alpha, int64_t n) { scale(x, y, alpha, n); }
+extern "C" __global__ void scale_f32(const float* x, float* y, float alpha, int64_t n) { await_previous_kernel(); scale(x, y, alpha, n); }
+extern "C" __global__ void scale_bf16(const bf16* x, bf16* y, float alpha, int64_t n) { await_previous_kernel(); scale(x, y, alpha, n); }
 
 extern "C" __global__ void cast_f32_to_bf16(const float* __restrict__ x, bf16* __restrict__ y, int64_t n) {
+  await_previous_kernel();
   FOR_EACH_INDEX(i, n) y[i] = __float2bfloat16_rn(x[i]);
 }
 extern "C" __global__ void cast_bf16_to_f32(const bf16* __restrict__ x, float* __restrict__ y, int64_t n) {
+  await_previous_kernel();
   FOR_EACH_INDEX(i, n) y[i] = __bfloat162float(x[i]);
 }
 
@@ -84,8 +86,10 @@ __device__ __forceinline__ void add_channel_bias(const T* __restrict__ x, const 
   FOR_EACH_INDEX(i, n) y[i] = from_f32<T>(to_f32(x[i]) + to_f32(e[(i / per_sample) * channels + i % channels]));
 }
 extern "C" __global__ void add_channel_bias_f32(const float* x, const float* e, float* y, int64_t n, int64_t per_sample, int c) {
+  await_previous_kernel();
   add_channel_bias(x, e, y, n, per_sample, c);
 }
 extern "C" __global__ void add_channel_bias_bf16(const bf16* x, const bf16* e, bf16* y, int64_t n, int64_t per_sample, int c) {
+  await_previous_kernel();
   add_channel_bias(x, e, y, n, per_sample, c);
 }

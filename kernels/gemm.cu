@@ -345,7 +345,7 @@ __device__ __forceinline__ void gemm_body(const bf16* a1, int64_t lda1, const bf
   extern "C" __global__ void __launch_bounds__(32 * WM_ * WN_, MINB) gemm_##BM##x##BN##_##LA##LB##_##OUT(                \
       const bf16* a1, int64_t lda1, const bf16* b1, int64_t ldb1, int k1, const bf16* a2, int64_t lda2, const bf16* b2,   \
       int64_t ldb2, int k2, OUTT* c, int64_t ldc, const bf16* bias, const OUTT* r, int64_t ldr, int M, int N, float alpha, \
-      int tiles_per_split, int64_t split_stride) {                                                                         \
+      int tiles_per_split, int64_t split_stride) { await_previous_kernel();                                                \
     gemm_body<BM, BN, BK, WM_, WN_, ST, DB, AK, BKM, OUTT>(a1, lda1, b1, ldb1, k1, a2, lda2, b2, ldb2, k2, c, ldc, bias, r, ldr, \
                                                     M, N, alpha, tiles_per_split, split_stride);                           \
   }
@@ -374,6 +374,7 @@ GEMM_TILES(m, n, false, false, f32, float)
 extern "C" __global__ void gemm_splitk_reduce_f32(const float* __restrict__ ws1, int slices1, int64_t count1, float* __restrict__ c1,
                                                   const float* __restrict__ ws2, int slices2, int64_t count2, float* __restrict__ c2,
                                                   int accumulate) {
+  await_previous_kernel();
   FOR_EACH_INDEX(i, count1 + count2) {
     const bool second = i >= count1;
     const float* ws = second ? ws2 : ws1;
@@ -405,10 +406,12 @@ __device__ __forceinline__ void splitk_finish(const float* __restrict__ ws, int 
 }
 extern "C" __global__ void gemm_splitk_finish_bf16(const float* ws, int slices, int M, int N, bf16* c, int64_t ldc, const bf16* bias,
                                                    const bf16* r, int64_t ldr) {
+  await_previous_kernel();
   splitk_finish(ws, slices, M, N, c, ldc, bias, r, ldr);
 }
 extern "C" __global__ void gemm_splitk_finish_f32(const float* ws, int slices, int M, int N, float* c, int64_t ldc, const bf16* bias,
                                                   const float* r, int64_t ldr) {
+  await_previous_kernel();
   splitk_finish(ws, slices, M, N, c, ldc, bias, r, ldr);
 }
 

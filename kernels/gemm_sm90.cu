@@ -219,7 +219,7 @@ __device__ __forceinline__ void gemm_sm90_body(const bf16* a1, int64_t lda1, con
 #define GEMM_SM90_KERNEL(BM, BN, WGM, WGN, WN, ST, INF, MINB, LB, BKM, OUT, OUTT)                                          \
   extern "C" __global__ void __launch_bounds__(128 * WGM * WGN, MINB) gemm_sm90_##BM##x##BN##_k##LB##_##OUT(              \
       const bf16* a1, int64_t lda1, const bf16* b1, int64_t ldb1, int k1, const bf16* a2, int64_t lda2, const bf16* b2,     \
-      int64_t ldb2, int k2, OUTT* c, int64_t ldc, const bf16* bias, const OUTT* r, int64_t ldr, int M, int N, float alpha) { \
+      int64_t ldb2, int k2, OUTT* c, int64_t ldc, const bf16* bias, const OUTT* r, int64_t ldr, int M, int N, float alpha) { await_previous_kernel(); \
     gemm_sm90_body<WGM, WGN, WN, ST, INF, true, BKM, false, OUTT>(a1, lda1, b1, ldb1, k1, a2, lda2, b2, ldb2, k2, c, ldc, bias, r, \
                                                                   ldr, M, N, alpha, SplitArgs{}, grid_coords<BM, BN>()); \
   }
@@ -232,7 +232,7 @@ __device__ __forceinline__ void gemm_sm90_body(const bf16* a1, int64_t lda1, con
   extern "C" __global__ void __launch_bounds__(128 * WGM * WGN, MINB) gemm_sm90_##BM##x##BN##_##LA##LB##_##OUT##_split(      \
       const bf16* a1, int64_t lda1, const bf16* b1, int64_t ldb1, int k1, const bf16* a2, int64_t lda2, const bf16* b2,       \
       int64_t ldb2, int k2, OUTT* c, int64_t ldc, const bf16* bias, const OUTT* r, int64_t ldr, int M, int N, float alpha,    \
-      int tiles_per_slice, float* ws, unsigned* counters) {                                                                  \
+      int tiles_per_slice, float* ws, unsigned* counters) { await_previous_kernel();                                         \
     gemm_sm90_body<WGM, WGN, WN, ST, INF, AKM, BKM, true, OUTT>(a1, lda1, b1, ldb1, k1, a2, lda2, b2, ldb2, k2, c, ldc, bias, r,  \
                                                                 ldr, M, N, alpha, SplitArgs{tiles_per_slice, ws, counters},  \
                                                                 grid_coords<BM, BN>());                                      \
@@ -309,7 +309,7 @@ __device__ __forceinline__ void gemm_group_body(const GemmGroup& g) {
 }
 
 #define GEMM_SM90_GROUP_KERNEL(LA, AKM, LB, BKM, OUT, OUTT)                                                                       \
-  extern "C" __global__ void __launch_bounds__(128, 2) gemm_sm90_64x64_##LA##LB##_##OUT##_group(const __grid_constant__ GemmGroup g) { \
+  extern "C" __global__ void __launch_bounds__(128, 2) gemm_sm90_64x64_##LA##LB##_##OUT##_group(const __grid_constant__ GemmGroup g) { await_previous_kernel(); \
     gemm_group_body<AKM, BKM, OUTT>(g);                                                                                           \
   }
 GEMM_SM90_GROUP_KERNEL(m, false, n, false, f32, float)

@@ -349,7 +349,7 @@ __device__ __forceinline__ void gemm_sm90_tma_body(const TmaDesc& ta1, const Tma
   extern "C" __global__ void __launch_bounds__(288, MINB) gemm_sm90_tma_128x##BN##_s##ST##SUFFIX##_k##LB##_##OUT(             \
       const __grid_constant__ TmaDesc ta1, const __grid_constant__ TmaDesc tb1, const __grid_constant__ TmaDesc ta2,            \
       const __grid_constant__ TmaDesc tb2, const __grid_constant__ TmaDesc tc, int k1, int k2, int c_tma, OUTT* c, int64_t ldc,  \
-      const bf16* bias, const OUTT* r, int64_t ldr, int M, int N, float alpha) {                                                \
+      const bf16* bias, const OUTT* r, int64_t ldr, int M, int N, float alpha) { await_previous_kernel();                       \
     gemm_sm90_tma_body<2, BN, ST, SCHED, BKM, OUTT>(ta1, tb1, ta2, tb2, tc, k1, k2, c_tma, c, ldc, bias, r, ldr, M, N, alpha); \
   }
 

@@ -71,16 +71,16 @@ __device__ void split_channels(const T* __restrict__ y, T* __restrict__ a, T* __
 }
 
 #define LAYOUT_KERNELS(TN, T, E)                                                                                   \
-  extern "C" __global__ void upsample2x_fwd_##TN##_v##E(const T* x, T* y, int h, int w, int c) {                 \
+  extern "C" __global__ void upsample2x_fwd_##TN##_v##E(const T* x, T* y, int h, int w, int c) { await_previous_kernel(); \
     upsample2x_fwd<T, E>(x, y, h, w, c);                                                                        \
   }                                                                                                             \
-  extern "C" __global__ void upsample2x_bwd_##TN##_v##E(const T* dy, T* dx, int h, int w, int c) {               \
+  extern "C" __global__ void upsample2x_bwd_##TN##_v##E(const T* dy, T* dx, int h, int w, int c) { await_previous_kernel(); \
     upsample2x_bwd<T, E>(dy, dx, h, w, c);                                                                      \
   }                                                                                                             \
-  extern "C" __global__ void concat_channels_##TN##_v##E(const T* a, const T* b, T* y, int c1, int c2) {         \
+  extern "C" __global__ void concat_channels_##TN##_v##E(const T* a, const T* b, T* y, int c1, int c2) { await_previous_kernel(); \
     concat_channels<T, E>(a, b, y, c1, c2);                                                                     \
   }                                                                                                             \
-  extern "C" __global__ void split_channels_##TN##_v##E(const T* y, T* a, T* b, int c1, int c2) {                \
+  extern "C" __global__ void split_channels_##TN##_v##E(const T* y, T* a, T* b, int c1, int c2) { await_previous_kernel(); \
     split_channels<T, E>(y, a, b, c1, c2);                                                                      \
   }
 

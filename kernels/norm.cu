@@ -522,31 +522,31 @@ __device__ void ln_bwd(const T* __restrict__ x, const T* __restrict__ gamma, con
 // H ≤ 2, 3 for H = 3, 2 for 5).
 #define LN_KERNELS(TN, T, E, H)                                                                                         \
   extern "C" __global__ void __launch_bounds__(256, (H) <= 2 ? 4 : (H) == 3 ? 3 : 2) layer_norm_fwd_##TN##_v##E##_h##H(                \
-      const T* x, const T* gamma, const T* beta, T* y, float2* stats, int rows, int c, float eps) {                    \
+      const T* x, const T* gamma, const T* beta, T* y, float2* stats, int rows, int c, float eps) { await_previous_kernel(); \
     ln_fwd<T, E, H>(x, gamma, beta, y, stats, rows, c, eps);                                                           \
   }                                                                                                                    \
   extern "C" __global__ void __launch_bounds__(256, (H) <= 2 ? 4 : (H) == 3 ? 3 : 2) layer_norm_bwd_##TN##_v##E##_h##H(                \
-      const T* x, const T* gamma, const float2* stats, const T* dy, const T* res, T* dx, int rows, int c) {            \
+      const T* x, const T* gamma, const float2* stats, const T* dy, const T* res, T* dx, int rows, int c) { await_previous_kernel(); \
     ln_bwd<T, E, H>(x, gamma, stats, dy, res, dx, rows, c);                                                            \
   }
 #define GN_KERNELS(TN, T, E, SUFFIX, THREADS, R)                                                                        \
   extern "C" __global__ void __launch_bounds__(THREADS) group_norm_fwd_stats_##TN##_v##E##SUFFIX(                      \
-      const T* x, float2* part, int hw, int c, int rpc, int chunks) {                                                  \
+      const T* x, float2* part, int hw, int c, int rpc, int chunks) { await_previous_kernel();                         \
     gn_fwd_stats<T, E, R>(x, part, hw, c, rpc, chunks);                                                                \
   }                                                                                                                    \
   extern "C" __global__ void __launch_bounds__(THREADS) group_norm_fwd_apply_##TN##_v##E##SUFFIX(                      \
       const T* x, const T* gamma, const T* beta, T* y, const float2* part, float2* stats, int hw, int c, int rpc,     \
-      int chunks, float eps, int silu) {                                                                               \
+      int chunks, float eps, int silu) { await_previous_kernel();                                                      \
     gn_fwd_apply<T, E, R>(x, gamma, beta, y, part, stats, hw, c, rpc, chunks, eps, silu);                              \
   }                                                                                                                    \
   extern "C" __global__ void __launch_bounds__(THREADS) group_norm_bwd_stats_##TN##_v##E##SUFFIX(                      \
       const T* x, const T* gamma, const T* beta, const float2* stats, const T* dy, float2* part, int hw, int c,       \
-      int rpc, int chunks, int silu) {                                                                                 \
+      int rpc, int chunks, int silu) { await_previous_kernel();                                                        \
     gn_bwd_stats<T, E, R>(x, gamma, beta, stats, dy, part, hw, c, rpc, chunks, silu);                                  \
   }                                                                                                                    \
   extern "C" __global__ void __launch_bounds__(THREADS) group_norm_bwd_apply_##TN##_v##E##SUFFIX(                      \
       const T* x, const T* gamma, const T* beta, const float2* stats, const T* dy, const float2* part, const T* res,    \
-      T* dx, int hw, int c, int rpc, int chunks, int silu) {                                                           \
+      T* dx, int hw, int c, int rpc, int chunks, int silu) { await_previous_kernel();                                  \
     gn_bwd_apply<T, E, R>(x, gamma, beta, stats, dy, part, res, dx, hw, c, rpc, chunks, silu);                         \
   }
 #define GN_VARIANTS(TN, T, E) GN_KERNELS(TN, T, E, , 512, 2) GN_KERNELS(TN, T, E, _t256r4, 256, 4)

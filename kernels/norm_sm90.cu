@@ -313,12 +313,12 @@ __device__ void gn_cluster_bwd(const T* __restrict__ x, const T* __restrict__ ga
 #define GN_CLUSTER_KERNELS(TN, T)                                                                                      \
   extern "C" __global__ void __launch_bounds__(MAX_THREADS) group_norm_cluster_fwd_##TN(                               \
       const T* x, const T* gamma, const T* beta, T* y, float2* stats, int hw, int c, int gpc, int rpc, int vb, float eps, \
-      int silu) {                                                                                                      \
+      int silu) { await_previous_kernel();                                                                             \
     gn_cluster_fwd<T>(x, gamma, beta, y, stats, hw, c, gpc, rpc, vb, eps, silu);                                       \
   }                                                                                                                    \
   extern "C" __global__ void __launch_bounds__(MAX_THREADS) group_norm_cluster_bwd_##TN(                               \
       const T* x, const T* gamma, const T* beta, const float2* stats, const T* dy, const T* res, T* dx, int hw, int c, \
-      int gpc, int rpc, int vb, int silu) {                                                                            \
+      int gpc, int rpc, int vb, int silu) { await_previous_kernel();                                                   \
     gn_cluster_bwd<T>(x, gamma, beta, stats, dy, res, dx, hw, c, gpc, rpc, vb, silu);                                  \
   }
 

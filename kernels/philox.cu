@@ -13,6 +13,7 @@
 
 extern "C" __global__ void philox_uniform_f32(float* __restrict__ out, int64_t n, uint32_t seed_lo, uint32_t seed_hi,
                                               uint32_t stream, const uint32_t* __restrict__ step) {
+  await_previous_kernel();
   const uint32_t s = *step;
   FOR_EACH_INDEX(j, (n + 3) / 4) {
     const uint4 w = philox_block(j, stream, s, seed_lo, seed_hi);
@@ -39,13 +40,16 @@ __device__ void philox_normal(T* __restrict__ out, int64_t n, uint32_t seed_lo, 
 
 extern "C" __global__ void philox_normal_f32(float* out, int64_t n, uint32_t seed_lo, uint32_t seed_hi, uint32_t stream,
                                              const uint32_t* step, float mean, float std) {
+  await_previous_kernel();
   philox_normal(out, n, seed_lo, seed_hi, stream, step, mean, std);
 }
 extern "C" __global__ void philox_normal_bf16(bf16* out, int64_t n, uint32_t seed_lo, uint32_t seed_hi, uint32_t stream,
                                               const uint32_t* step, float mean, float std) {
+  await_previous_kernel();
   philox_normal(out, n, seed_lo, seed_hi, stream, step, mean, std);
 }
 
 extern "C" __global__ void counter_increment_u32(uint32_t* c) {
+  await_previous_kernel();
   if (blockIdx.x == 0 && threadIdx.x == 0) *c += 1;
 }

@@ -269,7 +269,12 @@ fn run(cli: Cli) -> Result<()> {
 fn info() -> Result<()> {
     println!("sdlora {}", env!("CARGO_PKG_VERSION"));
     match ptx::NVCC {
-        Some(nvcc) => println!("kernels: {} modules compiled to {} PTX by {nvcc}", ptx::MODULES.len(), ptx::ARCH),
+        Some(nvcc) => println!(
+            "kernels: {} modules compiled to {} PTX by {nvcc} ({} again to compute_90 for Hopper)",
+            ptx::MODULES.len(),
+            ptx::ARCH,
+            ptx::HOPPER_MODULES.len()
+        ),
         None => println!("kernels: none (built without nvcc; run scripts/setup.sh and rebuild)"),
     }
     for (name, src) in ptx::MODULES {

@@ -8,7 +8,7 @@
 //! also eagerly (`[eager]`: median of CUDA events around each single call, launch latency included).
 
 use super::{time_gpu, BenchRow, Timing};
-use crate::cuda::{ArenaKind::Scratch, Gpu};
+use crate::cuda::{ArenaKind::Scratch, Gpu, KernelArg};
 use crate::ops::adamw::{adamw_step, AdamWConfig, LrTable};
 use crate::ops::philox::{philox_normal, StepCounter};
 use crate::ops::{activation, diffusion, layout, norm};
@@ -53,7 +53,7 @@ fn time_batched(gpu: &Gpu, mut f: impl FnMut() -> Result<()>) -> Result<Timing> 
     let mut ms = Vec::new();
     for _ in 0..5 {
         gpu.synchronize()?;
-        gpu.launch("bench", "bench_spin", spin, &[crate::cuda::KernelArg::I64(2_000_000)])?;
+        gpu.launch("bench", "bench_spin", spin, &[KernelArg::I64(2_000_000)])?;
         let start = gpu.stream().record_event(Some(CU_EVENT_DEFAULT))?;
         for _ in 0..CALLS {
             f()?;
@@ -87,13 +87,19 @@ fn time_graph(gpu: &Gpu, mut f: impl FnMut() -> Result<()>) -> Result<Timing> {
     Ok(Timing { median_ms: ms[ms.len() / 2], min_ms: ms[0], max_ms: ms[ms.len() - 1], reps: ms.len() })
 }
 
-/// A device-to-device copy of `bytes / 2` bytes (so `bytes` are read + written), timed like `time`:
-/// the bandwidth floor at the op's own byte count (L2-resident when the op is).
-fn copy_row(gpu: &Gpu, bytes: usize, shape: String) -> Result<BenchRow> {
+/// Device-to-device copies of `bytes / 2` bytes (so `bytes` are read + written), timed like `time`:
+/// the bandwidth floor at the op's own byte count (L2-resident when the op is). Two rows: the
+/// driver's memcpy, and `bench_copy` (16-byte words), launched as our kernels are (on Hopper as
+/// programmatic dependent launches, which hide part of the gap between consecutive calls).
+fn copy_rows(gpu: &Gpu, bytes: usize, shape: String) -> Result<Vec<BenchRow>> {
     let half = bytes / 2;
     let (a, b) = (gpu.alloc(Scratch, half)?, gpu.alloc(Scratch, half)?);
     let t = time(gpu, || unsafe { cudarc::driver::result::memcpy_dtod_async(b.ptr(), a.ptr(), half, gpu.stream().cu_stream()) }.context("copy"))?;
-    Ok(row("copy[same bytes]", shape, bytes as f64, t))
+    let words = half / 16;
+    let cfg = crate::cuda::grid_1d(words, 256);
+    let args = [KernelArg::Ptr(a.ptr()), KernelArg::Ptr(b.ptr()), KernelArg::I64(words as i64)];
+    let k = time(gpu, || gpu.launch("bench", "bench_copy", cfg, &args))?;
+    Ok(vec![row("copy[same bytes]", shape.clone(), bytes as f64, t), row("copy_kernel[same bytes]", shape, (words * 32) as f64, k)])
 }
 
 pub fn bench(gpu: &Gpu) -> Result<Vec<BenchRow>> {
@@ -121,8 +127,8 @@ pub fn bench(gpu: &Gpu) -> Result<Vec<BenchRow>> {
         let mut stats = Tensor::empty_gpu(gpu, Scratch, &[n, norm::GROUPS, 2], DType::F32)?;
         let bytes = (n * hw * c * 2) as f64;
         let desc = format!("{n}x{hw}x{c}");
-        rows.push(copy_row(gpu, 2 * n * hw * c * 2, format!("{desc} fwd"))?);
-        rows.push(copy_row(gpu, 3 * n * hw * c * 2, format!("{desc} bwd"))?);
+        rows.extend(copy_rows(gpu, 2 * n * hw * c * 2, format!("{desc} fwd"))?);
+        rows.extend(copy_rows(gpu, 3 * n * hw * c * 2, format!("{desc} bwd"))?);
         rows.push(row("group_norm_fwd", desc.clone(), 2.0 * bytes, time(gpu, || norm::group_norm(gpu, &x, &gamma, &beta, 1e-5, false, &mut y, &mut stats))?));
         rows.push(row("group_norm_fwd[eager]", desc.clone(), 2.0 * bytes, eager(gpu, || norm::group_norm(gpu, &x, &gamma, &beta, 1e-5, false, &mut y, &mut stats))?));
         rows.push(row("group_norm_silu_fwd", desc.clone(), 2.0 * bytes, time(gpu, || norm::group_norm(gpu, &x, &gamma, &beta, 1e-5, true, &mut y, &mut stats))?));
@@ -140,8 +146,8 @@ pub fn bench(gpu: &Gpu) -> Result<Vec<BenchRow>> {
         let mut dx = Tensor::empty_gpu(gpu, Scratch, &[r, c], BF16)?;
         let mut stats = Tensor::empty_gpu(gpu, Scratch, &[r, 2], DType::F32)?;
         let bytes = (r * c * 2) as f64;
-        rows.push(copy_row(gpu, 2 * r * c * 2, format!("{r}x{c} fwd"))?);
-        rows.push(copy_row(gpu, 3 * r * c * 2, format!("{r}x{c} bwd"))?);
+        rows.extend(copy_rows(gpu, 2 * r * c * 2, format!("{r}x{c} fwd"))?);
+        rows.extend(copy_rows(gpu, 3 * r * c * 2, format!("{r}x{c} bwd"))?);
         rows.push(row("layer_norm_fwd", format!("{r}x{c}"), 2.0 * bytes, time(gpu, || norm::layer_norm(gpu, &x, &gamma, &beta, 1e-5, &mut y, &mut stats))?));
         rows.push(row("layer_norm_bwd", format!("{r}x{c}"), 3.0 * bytes, time(gpu, || norm::layer_norm_backward(gpu, &x, &gamma, &stats, &dy, None, &mut dx))?));
         rows.push(row("layer_norm_fwd[eager]", format!("{r}x{c}"), 2.0 * bytes, eager(gpu, || norm::layer_norm(gpu, &x, &gamma, &beta, 1e-5, &mut y, &mut stats))?));

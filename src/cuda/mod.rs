@@ -30,6 +30,9 @@ pub mod ptx {
 const NO_PTX_HELP: &str = "this sdlora binary was built without nvcc, so it has no GPU kernels: \
      run scripts/setup.sh (installs a pinned nvcc from PyPI) or install the CUDA toolkit, then rebuild";
 
+/// A loaded kernel and whether it is started as a programmatic dependent launch.
+type LoadedKernel = (CudaFunction, bool);
+
 /// A CUDA device with its stream, loaded kernels, memory arenas and profiler.
 ///
 /// Not `Sync`: one thread drives one `Gpu` (the execution model is one launch stream).
@@ -37,7 +40,11 @@ pub struct Gpu {
     ctx: Arc<CudaContext>,
     stream: Arc<CudaStream>,
     modules: RefCell<HashMap<&'static str, Arc<CudaModule>>>,
-    functions: RefCell<HashMap<(&'static str, &'static str), CudaFunction>>,
+    /// Loaded kernels, each with whether it is started as a programmatic dependent launch.
+    functions: RefCell<HashMap<(&'static str, &'static str), LoadedKernel>>,
+    /// Whether kernels that await the previous kernel are started as programmatic dependent
+    /// launches (Hopper, unless `SDLORA_PDL=0`): see [`Gpu::launch`].
+    pdl: bool,
     /// Kernels launched as clusters so far, with the dynamic shared memory each is allowed.
     cluster_attrs: RefCell<HashMap<(&'static str, &'static str), u32>>,
     /// `max_active_clusters` answers: (module, kernel, block, shared bytes, cluster) → clusters.
@@ -72,7 +79,7 @@ impl Gpu {
         // A stream of our own (not the legacy default stream, which CUDA graphs cannot capture).
         let stream = ctx.new_stream().map_err(|e| anyhow!("cannot create a CUDA stream: {e}"))?;
         let check_launches = cfg!(debug_assertions) || std::env::var("SDLORA_CHECK_LAUNCHES").is_ok_and(|v| v == "1");
-        Ok(Gpu {
+        let mut gpu = Gpu {
             ctx,
             stream,
             modules: RefCell::default(),
@@ -84,7 +91,10 @@ impl Gpu {
             check_launches: Cell::new(check_launches),
             capturing: Cell::new(false),
             split_k_counters: OnceCell::new(),
-        })
+            pdl: false,
+        };
+        gpu.pdl = gpu.is_hopper()? && !std::env::var("SDLORA_PDL").is_ok_and(|v| v == "0") && !ptx::HOPPER_MODULES.is_empty();
+        Ok(gpu)
     }
 
     /// A device for tests: device 0 with every launch checked (synchronize + error check).
@@ -131,58 +141,77 @@ impl Gpu {
 
     /// The kernel `kernel` of module `module` (the .cu file's stem); modules are loaded on first use.
     pub fn function(&self, module: &'static str, kernel: &'static str) -> Result<CudaFunction> {
-        if let Some(f) = self.functions.borrow().get(&(module, kernel)) {
-            return Ok(f.clone());
+        Ok(self.kernel(module, kernel)?.0)
+    }
+
+    /// `function` and whether the kernel is started as a programmatic dependent launch: with PDL
+    /// on, those whose PTX awaits the previous kernel (kernels/common.cuh).
+    fn kernel(&self, module: &'static str, kernel: &'static str) -> Result<LoadedKernel> {
+        if let Some(k) = self.functions.borrow().get(&(module, kernel)) {
+            return Ok(k.clone());
         }
-        let m = self.module(module)?;
+        let (m, ptx) = self.module(module)?;
         let f = m
             .load_function(kernel)
             .map_err(|e| anyhow!("kernel {kernel} not found in module {module}: {e}"))?;
-        self.functions.borrow_mut().insert((module, kernel), f.clone());
-        Ok(f)
+        let k = (f, self.pdl && awaits_previous_kernel(ptx, kernel));
+        self.functions.borrow_mut().insert((module, kernel), k.clone());
+        Ok(k)
     }
 
-    fn module(&self, name: &'static str) -> Result<Arc<CudaModule>> {
-        if let Some(m) = self.modules.borrow().get(name) {
-            return Ok(m.clone());
-        }
-        let (_, src) = ptx::MODULES
+    /// Module `name` and its PTX: on Hopper with PDL on, the compute_90 build of an sm_80 module.
+    fn module(&self, name: &'static str) -> Result<(Arc<CudaModule>, &'static str)> {
+        let hopper_build = self.pdl && !name.ends_with("_sm90");
+        let table = if hopper_build { ptx::HOPPER_MODULES } else { ptx::MODULES };
+        let (_, src) = table
             .iter()
             .find(|(n, _)| *n == name)
             .ok_or_else(|| anyhow!("no kernel module {name:?} embedded (kernels/{name}.cu)"))?;
+        if let Some(m) = self.modules.borrow().get(name) {
+            return Ok((m.clone(), src));
+        }
+        let arch = if name.ends_with("_sm90") { "compute_90a" } else if hopper_build { "compute_90" } else { ptx::ARCH };
         let m = self
             .ctx
             .load_module((*src).into())
-            .map_err(|e| anyhow!("the driver could not load kernels/{name}.cu's PTX ({}): {e}", if name.ends_with("_sm90") { "compute_90a" } else { ptx::ARCH }))?;
+            .map_err(|e| anyhow!("the driver could not load kernels/{name}.cu's PTX ({arch}): {e}"))?;
         self.modules.borrow_mut().insert(name, m.clone());
-        Ok(m)
+        Ok((m, src))
     }
 
     /// Launches `kernel` from `module` with `args` (device pointers as u64, scalars as their
     /// C types). The one place where kernels are started: records profiler events and, when
     /// launch checking is on, synchronizes and names the kernel that failed.
+    ///
+    /// On Hopper, a kernel that awaits the previous kernel (kernels/common.cuh) is started as a
+    /// programmatic dependent launch: it is launched once the previous kernel's CTAs have exited,
+    /// before that kernel's completion is signalled, hiding part of the gap between kernels; the
+    /// kernel itself waits for the previous kernel's results before touching memory. `SDLORA_PDL=0`
+    /// launches every kernel normally (and loads the compute_80 builds, as other GPUs run).
     pub fn launch(&self, module: &'static str, kernel: &'static str, cfg: LaunchConfig, args: &[KernelArg]) -> Result<()> {
-        use cudarc::driver::PushKernelArg;
-        let f = self.function(module, kernel)?;
-        let mut builder = self.stream.launch_builder(&f);
-        for a in args {
-            match a {
-                KernelArg::Ptr(v) => builder.arg(v),
-                KernelArg::I64(v) => builder.arg(v),
-                KernelArg::I32(v) => builder.arg(v),
-                KernelArg::U32(v) => builder.arg(v),
-                KernelArg::F32(v) => builder.arg(v),
-                KernelArg::TensorMap(v) => builder.arg(v),
-                KernelArg::Struct(v) => builder.arg(v),
-            };
-        }
-        let profiling = self.profiler.borrow().is_some();
-        if profiling {
-            builder.record_kernel_launch(sys::CUevent_flags::CU_EVENT_DEFAULT);
-        }
-        // SAFETY: argument count and types are fixed by each op's wrapper, which checks shapes
-        // and sizes against the buffers before calling here.
-        let events = unsafe { builder.launch(cfg) }.map_err(|e| launch_error(module, kernel, &cfg, e))?;
+        let (f, pdl) = self.kernel(module, kernel)?;
+        self.launch_ex(module, kernel, &f, pdl, cfg, None, args)
+    }
+
+    /// `cuLaunchKernelEx` of `f` with the attributes asked for (a cluster shape, PDL).
+    #[allow(clippy::too_many_arguments)]
+    fn launch_ex(&self, module: &'static str, kernel: &'static str, f: &CudaFunction, pdl: bool, cfg: LaunchConfig, cluster: Option<(u32, u32, u32)>, args: &[KernelArg]) -> Result<()> {
+        let mut params: Vec<*mut std::ffi::c_void> = args.iter().map(KernelArg::as_param).collect();
+        let mut attrs: Vec<sys::CUlaunchAttribute> = cluster.map(cluster_attribute).into_iter().chain(pdl.then(pdl_attribute)).collect();
+        let config = launch_config(&cfg, &mut attrs, self.stream.cu_stream());
+        self.ctx.bind_to_thread().map_err(|e| launch_error(module, kernel, &cfg, e))?;
+        let event = || self.stream.record_event(Some(sys::CUevent_flags::CU_EVENT_DEFAULT));
+        let start = if self.profiler.borrow().is_some() { Some(event()?) } else { None };
+        // SAFETY: `params` points at the values in `args`, which outlive the call (the driver copies
+        // them at launch); argument count and types are fixed by each op's wrapper, which checks
+        // shapes and sizes against the buffers before calling here.
+        unsafe { sys::cuLaunchKernelEx(&config, f.cu_function(), params.as_mut_ptr(), std::ptr::null_mut()) }
+            .result()
+            .map_err(|e| launch_error(module, kernel, &cfg, e))?;
+        let events = match start {
+            Some(start) => Some((start, event()?)),
+            None => None,
+        };
         self.after_launch(module, kernel, events)
     }
 
@@ -207,33 +236,8 @@ impl Gpu {
     /// allowed on the kernel first.
     pub fn launch_cluster(&self, module: &'static str, kernel: &'static str, cfg: LaunchConfig, cluster: (u32, u32, u32), args: &[KernelArg]) -> Result<()> {
         let f = self.cluster_function(module, kernel, cfg.shared_mem_bytes)?;
-        let mut params: Vec<*mut std::ffi::c_void> = args
-            .iter()
-            .map(|a| match a {
-                KernelArg::Ptr(v) => v as *const u64 as *mut _,
-                KernelArg::I64(v) => v as *const i64 as *mut _,
-                KernelArg::I32(v) => v as *const i32 as *mut _,
-                KernelArg::U32(v) => v as *const u32 as *mut _,
-                KernelArg::F32(v) => v as *const f32 as *mut _,
-                KernelArg::TensorMap(v) => v as *const [u64; 16] as *mut _,
-                KernelArg::Struct(v) => v as *const [u64; 160] as *mut _,
-            })
-            .collect();
-        let mut attr = cluster_attribute(cluster);
-        let config = launch_config(&cfg, &mut attr, self.stream.cu_stream());
-        self.ctx.bind_to_thread().map_err(|e| launch_error(module, kernel, &cfg, e))?;
-        let event = || self.stream.record_event(Some(sys::CUevent_flags::CU_EVENT_DEFAULT));
-        let start = if self.profiler.borrow().is_some() { Some(event()?) } else { None };
-        // SAFETY: `params` points at the values in `args`, which outlive the call (the driver copies
-        // them at launch); argument count and types are fixed by each op's wrapper, as for `launch`.
-        unsafe { sys::cuLaunchKernelEx(&config, f.cu_function(), params.as_mut_ptr(), std::ptr::null_mut()) }
-            .result()
-            .map_err(|e| launch_error(module, kernel, &cfg, e))?;
-        let events = match start {
-            Some(start) => Some((start, event()?)),
-            None => None,
-        };
-        self.after_launch(module, kernel, events)
+        let pdl = self.kernel(module, kernel)?.1;
+        self.launch_ex(module, kernel, &f, pdl, cfg, Some(cluster), args)
     }
 
     /// `kernel` ready for cluster launches with `smem` bytes of dynamic shared memory: on its first
@@ -267,8 +271,8 @@ impl Gpu {
             return Ok(n);
         }
         let f = self.cluster_function(module, kernel, cfg.shared_mem_bytes)?;
-        let mut attr = cluster_attribute(cluster);
-        let config = launch_config(&cfg, &mut attr, std::ptr::null_mut());
+        let mut attrs = [cluster_attribute(cluster)];
+        let config = launch_config(&cfg, &mut attrs, std::ptr::null_mut());
         let mut n: std::ffi::c_int = 0;
         // SAFETY: `config` and `attr` live across the call; `n` receives the count.
         unsafe { sys::cuOccupancyMaxActiveClusters(&mut n, f.cu_function(), &config) }
@@ -422,6 +426,21 @@ pub enum KernelArg {
     Struct([u64; 160]),
 }
 
+impl KernelArg {
+    /// A pointer to the value, as `cuLaunchKernelEx` takes kernel parameters.
+    fn as_param(&self) -> *mut std::ffi::c_void {
+        match self {
+            KernelArg::Ptr(v) => v as *const u64 as *mut _,
+            KernelArg::I64(v) => v as *const i64 as *mut _,
+            KernelArg::I32(v) => v as *const i32 as *mut _,
+            KernelArg::U32(v) => v as *const u32 as *mut _,
+            KernelArg::F32(v) => v as *const f32 as *mut _,
+            KernelArg::TensorMap(v) => v as *const [u64; 16] as *mut _,
+            KernelArg::Struct(v) => v as *const [u64; 160] as *mut _,
+        }
+    }
+}
+
 /// The cluster-dimension launch attribute.
 fn cluster_attribute((x, y, z): (u32, u32, u32)) -> sys::CUlaunchAttribute {
     // SAFETY: a zeroed attribute is a valid plain-data value; id and cluster dims are set below.
@@ -431,8 +450,28 @@ fn cluster_attribute((x, y, z): (u32, u32, u32)) -> sys::CUlaunchAttribute {
     attr
 }
 
-/// `cfg` with one launch attribute, for `cuLaunchKernelEx` / `cuOccupancyMaxActiveClusters`.
-fn launch_config(cfg: &LaunchConfig, attr: &mut sys::CUlaunchAttribute, stream: sys::CUstream) -> sys::CUlaunchConfig {
+/// The attribute that lets a kernel start before the previous one in the stream has finished
+/// (programmatic dependent launch; the kernel awaits it with `griddepcontrol.wait`).
+fn pdl_attribute() -> sys::CUlaunchAttribute {
+    // SAFETY: a zeroed attribute is a valid plain-data value; id and value are set below.
+    let mut attr: sys::CUlaunchAttribute = unsafe { std::mem::zeroed() };
+    attr.id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION;
+    attr.value.programmaticStreamSerializationAllowed = 1;
+    attr
+}
+
+/// Whether `kernel`'s entry in `ptx` awaits the previous kernel (`griddepcontrol.wait`, emitted by
+/// `await_previous_kernel` in the compute_90 builds): only such kernels may start early.
+fn awaits_previous_kernel(ptx: &str, kernel: &str) -> bool {
+    let Some(start) = ptx.find(&format!(".entry {kernel}(")) else {
+        return false;
+    };
+    let body = &ptx[start + 1..];
+    body[..body.find(".entry ").unwrap_or(body.len())].contains("griddepcontrol.wait")
+}
+
+/// `cfg` with launch attributes, for `cuLaunchKernelEx` / `cuOccupancyMaxActiveClusters`.
+fn launch_config(cfg: &LaunchConfig, attrs: &mut [sys::CUlaunchAttribute], stream: sys::CUstream) -> sys::CUlaunchConfig {
     sys::CUlaunchConfig {
         gridDimX: cfg.grid_dim.0,
         gridDimY: cfg.grid_dim.1,
@@ -442,8 +481,8 @@ fn launch_config(cfg: &LaunchConfig, attr: &mut sys::CUlaunchAttribute, stream: 
         blockDimZ: cfg.block_dim.2,
         sharedMemBytes: cfg.shared_mem_bytes,
         hStream: stream,
-        attrs: attr,
-        numAttrs: 1,
+        attrs: attrs.as_mut_ptr(),
+        numAttrs: attrs.len() as u32,
     }
 }
 
@@ -486,6 +525,28 @@ mod tests {
                 assert!(msg.contains("CUDA") || msg.contains("nvcc"), "unhelpful error: {msg}");
             }
         }
+    }
+
+    #[test]
+    fn every_kernel_hopper_launches_awaits_the_previous_kernel() {
+        // The compute_90 builds of the sm_80 modules and the sm_90 modules: every entry point but
+        // the benchmarks' spin kernels starts with griddepcontrol.wait (kernels/common.cuh), so
+        // none can run ahead of its predecessor's results; the sm_80 builds have none.
+        let hopper = ptx::HOPPER_MODULES.iter().chain(ptx::MODULES.iter().filter(|(n, _)| n.ends_with("_sm90")));
+        let mut checked = 0;
+        for (module, src) in hopper {
+            for entry in src.split(".entry ").skip(1) {
+                let name = &entry[..entry.find('(').unwrap()];
+                assert_eq!(awaits_previous_kernel(src, name), !name.contains("spin"), "{module}::{name}");
+                checked += 1;
+            }
+        }
+        assert!(checked > 100 || ptx::MODULES.is_empty(), "only {checked} kernels found");
+        for (module, src) in ptx::MODULES.iter().filter(|(n, _)| !n.ends_with("_sm90")) {
+            assert!(!src.contains("griddepcontrol"), "{module}'s compute_80 PTX uses griddepcontrol");
+        }
+        let ptx = ".visible .entry a(\n griddepcontrol.wait;\n}\n.visible .entry ab(\n ret;\n}";
+        assert!(awaits_previous_kernel(ptx, "a") && !awaits_previous_kernel(ptx, "ab") && !awaits_previous_kernel(ptx, "b"));
     }
 
     #[test]

@@ -53,20 +53,6 @@ __device__ __forceinline__ void unpack(const Pack<T, E>& pk, float (&out)[E]) {
   for (int i = 0; i < E; ++i) out[i] = to_f32(pk.v[i]);
 }
 
-// Hides a register-held vector's value from the compiler, so that it keeps the packed registers
-// between passes and converts them again, instead of keeping every converted f32 value alive (2×
-// the registers). Used by LayerNorm.
-template <typename T, int E>
-__device__ __forceinline__ void opaque(Pack<T, E>& pk) {
-  if constexpr (sizeof(pk) % 4 == 0) {
-    uint32_t* u = reinterpret_cast<uint32_t*>(&pk);
-#pragma unroll
-    for (int i = 0; i < (int)(sizeof(pk) / 4); ++i) asm volatile("" : "+r"(u[i]));
-  } else {
-    asm volatile("" : "+h"(*reinterpret_cast<unsigned short*>(&pk)));
-  }
-}
-
 // ---------------------------------------------------------------------------------------------
 // GroupNorm: the thread layout, row batches, the block reduction and the partials' combination
 // ---------------------------------------------------------------------------------------------

@@ -5,6 +5,20 @@
 
 #define GROUPS 32
 
+// Hides a register-held vector's value from the compiler, so that it keeps the packed registers
+// between passes and converts them again, instead of keeping every converted f32 value alive (2×
+// the registers). Used by LayerNorm and the cluster GroupNorm.
+template <typename T, int E>
+__device__ __forceinline__ void opaque(Pack<T, E>& pk) {
+  if constexpr (sizeof(pk) % 4 == 0) {
+    uint32_t* u = reinterpret_cast<uint32_t*>(&pk);
+#pragma unroll
+    for (int i = 0; i < (int)(sizeof(pk) / 4); ++i) asm volatile("" : "+r"(u[i]));
+  } else {
+    asm volatile("" : "+h"(*reinterpret_cast<unsigned short*>(&pk)));
+  }
+}
+
 // σ(h) = 1/(1 + e^−h) with the fast __expf and a rounded reciprocal (≈ 1e-6 relative).
 __device__ __forceinline__ float sigmoidf(float h) { return __frcp_rn(1.0f + __expf(-h)); }
 

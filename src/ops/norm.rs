@@ -184,9 +184,8 @@ fn gn_config(n: usize, chunks: usize, threads: usize) -> LaunchConfig {
 }
 
 /// Which GroupNorm path may run: `Auto` = the cluster kernels where a plan runs in one wave on a
-/// Hopper GPU with at most `AUTO_MAX_TILES` of tiles per CTA, else two kernels; `Cluster` = the
-/// cluster kernels wherever a tile fits, even in several waves (tests: every shape on the
-/// single-pass path); `TwoKernel` = never clusters.
+/// Hopper GPU, else two kernels; `Cluster` = the cluster kernels wherever a plan exists, even in
+/// several waves (tests: every such shape on the single-pass path); `TwoKernel` = never clusters.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum GnMode {
     Auto,
@@ -204,26 +203,21 @@ pub enum GnPath {
 }
 
 /// A launch of the cluster kernels (kernels/norm_sm90.cu's header): clusters of `k` CTAs over rows,
-/// each cluster `gpc` whole groups of one sample, `rpc` rows per CTA, `threads` per CTA (a multiple
-/// of the cw/2 channel pairs), copies of `vb` bytes, `smem` bytes of tiles per CTA.
+/// each cluster `gpc` whole groups of one sample, `rpc` rows per CTA, `r` 16-byte vectors per thread
+/// in registers, `threads` per CTA (the row pieces' vectors times ⌈rpc/r⌉, padded to whole warps).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 struct ClusterPlan {
     gpc: usize,
     k: usize,
     rpc: usize,
     threads: usize,
-    vb: usize,
-    smem: usize,
+    r: usize,
 }
 
-/// Tile bytes a CTA may hold (the H100 allows 227 KiB of shared memory per block, 4.5 KiB are static).
-const CLUSTER_SMEM: usize = 200 << 10;
-/// Tile bytes per CTA up to which `group_norm` takes the cluster path (measured on the H100,
-/// benches/RESULTS.md "Single-pass GroupNorm on clusters": with larger tiles a CTA's serial
-/// load → sums → cluster barrier → write chain is slower than the two-kernel path).
-const AUTO_MAX_TILES: usize = 24 << 10;
-/// The narrowest row piece a CTA copies: below this the 32-byte sectors are mostly wasted.
+/// The narrowest row piece a CTA reads: below this the 32-byte sectors are mostly wasted.
 const CLUSTER_MIN_ROW_BYTES: usize = 64;
+/// Threads per CTA at most (kernels/norm_sm90.cu's MAX_THREADS).
+const CLUSTER_MAX_THREADS: usize = 512;
 
 /// Tuning of the cluster plan: (CTAs per cluster at most, threads per CTA at most, CTAs wanted).
 /// Defaults (16, 512, 128); `SDLORA_GN_CLUSTER=k,threads,ctas` overrides them (for sweeps).
@@ -233,35 +227,38 @@ fn cluster_tuning() -> (usize, usize, usize) {
     *TUNING.get_or_init(|| {
         let var = std::env::var("SDLORA_GN_CLUSTER").unwrap_or_default();
         match var.split(',').map(|v| v.trim().parse::<usize>()).collect::<Result<Vec<_>, _>>().as_deref() {
-            Ok([k @ 1..=16, t @ 32..=512, ctas]) => (*k, *t, *ctas),
-            _ => (16, 512, 128),
+            Ok([k @ 1..=16, t @ 32..=CLUSTER_MAX_THREADS, ctas]) => (*k, *t, *ctas),
+            _ => (16, CLUSTER_MAX_THREADS, 128),
         }
     })
 }
 
-/// The candidate cluster launches for x [n, hw, c] holding `tiles` tensors per CTA (1 forward, 2
-/// backward), in order of preference: clusters of k = min(kmax, hw) CTAs, then of min(8, hw); for
-/// each, the most groups per cluster (longest row pieces) first. Only plans whose tile fits in shared
-/// memory, with even channels per group (none for odd: the two-kernel path runs).
-fn gn_cluster_plans(n: usize, hw: usize, c: usize, dtype: DType, tiles: usize, kmax: usize, tmax: usize) -> Vec<ClusterPlan> {
-    let cpg = c / GROUPS;
-    if !cpg.is_multiple_of(2) || hw == 0 || n == 0 {
+/// The candidate cluster launches for x [n, hw, c] (`backward`: the kernel holding x and dy, up to
+/// 4 vectors per thread; the forward up to 8), in order of preference: clusters of k = min(kmax, hw)
+/// CTAs, then of min(8, hw); for each, the most groups per cluster (longest row pieces) first, with
+/// the fewest vectors per thread that fit in `tmax` threads. None where a 16-byte vector could span
+/// three groups (cpg < its elements) or a row piece is not whole vectors.
+fn gn_cluster_plans(n: usize, hw: usize, c: usize, dtype: DType, backward: bool, kmax: usize, tmax: usize) -> Vec<ClusterPlan> {
+    let (cpg, e) = (c / GROUPS, 16 / dtype.size());
+    if cpg < e || hw == 0 || n == 0 {
         return Vec::new();
     }
     let mut ks = vec![hw.min(kmax)];
     if hw.min(8) < ks[0] {
         ks.push(hw.min(8));
     }
+    let rmax = if backward { 4 } else { 8 };
     let mut plans = Vec::new();
     for k in ks {
         let rpc = hw.div_ceil(k);
         for gpc in [32, 16, 8, 4, 2, 1] {
-            let (pairs, row_bytes) = (gpc * cpg / 2, gpc * cpg * dtype.size());
-            let smem = rpc * row_bytes * tiles;
-            let Some(vb) = [16, 8, 4].into_iter().find(|&v| row_bytes.is_multiple_of(v)) else { continue };
-            let threads = pairs * (tmax / pairs.max(1));
-            if pairs <= tmax && threads >= 32 && smem <= CLUSTER_SMEM && row_bytes >= CLUSTER_MIN_ROW_BYTES.min(c * dtype.size()) {
-                plans.push(ClusterPlan { gpc, k, rpc, threads, vb, smem });
+            let cw = gpc * cpg;
+            if !cw.is_multiple_of(e) || cw * dtype.size() < CLUSTER_MIN_ROW_BYTES.min(c * dtype.size()) {
+                continue;
+            }
+            let threads = |r: usize| (cw / e * rpc.div_ceil(r)).next_multiple_of(32);
+            if let Some(r) = [1, 2, 4, 8].into_iter().find(|&r| r <= rmax && threads(r) <= tmax) {
+                plans.push(ClusterPlan { gpc, k, rpc, threads: threads(r), r });
             }
         }
     }
@@ -284,18 +281,25 @@ fn gn_pick_plan(n: usize, plans: &[ClusterPlan], ctas: usize, mut active: impl F
     Ok(one_wave.into_iter().max_by_key(|p| (n * GROUPS / p.gpc * p.k, std::cmp::Reverse(p.k))))
 }
 
-/// The cluster launch of `kernel` for x [n, hw, c] on this GPU under `mode` (`tiles` as for
-/// [`gn_cluster_plans`]); None: the two-kernel path.
+/// The cluster kernel `group_norm_cluster_<op>_<dtype>_r<r>` of `plan`.
+fn gn_cluster_kernel(op: &str, dtype: DType, plan: &ClusterPlan) -> &'static str {
+    interned(format!("group_norm_cluster_{op}_{}_r{}", dtype.suffix(), plan.r))
+}
+
+/// The cluster launch for x [n, hw, c] on this GPU under `mode` (`backward` as for
+/// [`gn_cluster_plans`]); None: the two-kernel path, also where an operand is not 16-byte aligned.
 #[allow(clippy::too_many_arguments)]
-fn gn_cluster_plan(gpu: &Gpu, mode: GnMode, kernel: &'static str, n: usize, hw: usize, c: usize, dtype: DType, tiles: usize) -> Result<Option<ClusterPlan>> {
+fn gn_cluster_plan(gpu: &Gpu, mode: GnMode, op: &str, n: usize, hw: usize, c: usize, dtype: DType, operands: &[u64]) -> Result<Option<ClusterPlan>> {
     let (kmax, tmax, ctas) = cluster_tuning();
-    let plans = gn_cluster_plans(n, hw, c, dtype, tiles, kmax, tmax);
+    if operands.iter().any(|p| !p.is_multiple_of(16)) {
+        return Ok(None);
+    }
+    let plans = gn_cluster_plans(n, hw, c, dtype, op == "bwd", kmax, tmax);
     match mode {
         GnMode::TwoKernel => Ok(None),
         #[cfg(test)]
         GnMode::Cluster => gn_pick_plan(n, &plans, ctas, |_| Ok(usize::MAX)),
-        GnMode::Auto => Ok(gn_pick_plan(n, &plans, ctas, |p| gpu.max_active_clusters(MODULE_SM90, kernel, cluster_config(n, p), (p.k as u32, 1, 1)))?
-            .filter(|p| p.smem <= AUTO_MAX_TILES)),
+        GnMode::Auto => gn_pick_plan(n, &plans, ctas, |p| gpu.max_active_clusters(MODULE_SM90, gn_cluster_kernel(op, dtype, p), cluster_config(n, p), (p.k as u32, 1, 1))),
     }
 }
 
@@ -326,13 +330,12 @@ pub(crate) fn group_norm_on(gpu: &Gpu, mode: GnMode, x: &Tensor, gamma: &Tensor,
     check_norm_operands("group_norm", x, c, &[gamma, beta], &[y])?;
     super::check_gpu("group_norm stats", &[stats], DType::F32, n * GROUPS * 2)?;
     let front = [KernelArg::Ptr(x.ptr()?), KernelArg::Ptr(gamma.ptr()?), KernelArg::Ptr(beta.ptr()?), KernelArg::Ptr(y.ptr()?)];
-    let name = interned(format!("group_norm_cluster_fwd_{}", x.dtype().suffix()));
-    if let Some(plan) = gn_cluster_plan(gpu, mode, name, n, hw, c, x.dtype(), 1)? {
+    if let Some(plan) = gn_cluster_plan(gpu, mode, "fwd", n, hw, c, x.dtype(), &[x.ptr()?, gamma.ptr()?, beta.ptr()?, y.ptr()?])? {
         let mut args = front.to_vec();
         args.extend([KernelArg::Ptr(stats.ptr()?), KernelArg::I32(hw as i32), KernelArg::I32(c as i32)]);
         args.extend(plan_args(&plan));
         args.extend([KernelArg::F32(eps), KernelArg::I32(silu as i32)]);
-        gpu.launch_cluster(MODULE_SM90, name, cluster_config(n, &plan), (plan.k as u32, 1, 1), &args)?;
+        gpu.launch_cluster(MODULE_SM90, gn_cluster_kernel("fwd", x.dtype(), &plan), cluster_config(n, &plan), (plan.k as u32, 1, 1), &args)?;
         return Ok(GnPath::Cluster);
     }
     let (threads, variant) = gn_variant(n, hw, c, x.dtype());
@@ -372,13 +375,13 @@ pub(crate) fn group_norm_backward_on(
     super::check_gpu("group_norm_backward stats", &[stats], DType::F32, n * GROUPS * 2)?;
     let front = [KernelArg::Ptr(x.ptr()?), KernelArg::Ptr(gamma.ptr()?), KernelArg::Ptr(beta.ptr()?), KernelArg::Ptr(stats.ptr()?), KernelArg::Ptr(dy.ptr()?)];
     let res = KernelArg::Ptr(residual.map_or(Ok(0), Tensor::ptr)?);
-    let name = interned(format!("group_norm_cluster_bwd_{}", x.dtype().suffix()));
-    if let Some(plan) = gn_cluster_plan(gpu, mode, name, n, hw, c, x.dtype(), 2)? {
+    let operands = [x.ptr()?, gamma.ptr()?, beta.ptr()?, dy.ptr()?, dx.ptr()?, residual.map_or(Ok(0), Tensor::ptr)?];
+    if let Some(plan) = gn_cluster_plan(gpu, mode, "bwd", n, hw, c, x.dtype(), &operands)? {
         let mut args = front.to_vec();
         args.extend([res, KernelArg::Ptr(dx.ptr()?), KernelArg::I32(hw as i32), KernelArg::I32(c as i32)]);
         args.extend(plan_args(&plan));
         args.push(KernelArg::I32(silu as i32));
-        gpu.launch_cluster(MODULE_SM90, name, cluster_config(n, &plan), (plan.k as u32, 1, 1), &args)?;
+        gpu.launch_cluster(MODULE_SM90, gn_cluster_kernel("bwd", x.dtype(), &plan), cluster_config(n, &plan), (plan.k as u32, 1, 1), &args)?;
         return Ok(GnPath::Cluster);
     }
     let (threads, variant) = gn_variant(n, hw, c, x.dtype());
@@ -403,14 +406,14 @@ fn gn_kernel(op: &str, dtype: DType, e: usize, variant: &str) -> &'static str {
     interned(format!("{op}_{}_v{e}{variant}", dtype.suffix()))
 }
 
-/// The cluster kernels' (gpc, rpc, vb) arguments.
-fn plan_args(plan: &ClusterPlan) -> [KernelArg; 3] {
-    [KernelArg::I32(plan.gpc as i32), KernelArg::I32(plan.rpc as i32), KernelArg::I32(plan.vb as i32)]
+/// The cluster kernels' (gpc, rpc) arguments.
+fn plan_args(plan: &ClusterPlan) -> [KernelArg; 2] {
+    [KernelArg::I32(plan.gpc as i32), KernelArg::I32(plan.rpc as i32)]
 }
 
-/// Grid (32/gpc clusters of k CTAs, n samples), the plan's threads and tile bytes.
+/// Grid (32/gpc clusters of k CTAs, n samples) and the plan's threads.
 fn cluster_config(n: usize, plan: &ClusterPlan) -> LaunchConfig {
-    LaunchConfig { grid_dim: ((GROUPS / plan.gpc * plan.k) as u32, n as u32, 1), block_dim: (plan.threads as u32, 1, 1), shared_mem_bytes: plan.smem as u32 }
+    LaunchConfig { grid_dim: ((GROUPS / plan.gpc * plan.k) as u32, n as u32, 1), block_dim: (plan.threads as u32, 1, 1), shared_mem_bytes: 0 }
 }
 
 fn ln_dims(x: &Tensor) -> Result<(usize, usize)> {

@@ -38,7 +38,6 @@
 //   (rstd = 1/√eps) a contracted fma would otherwise leave rstd·(rounding error) instead of 0.
 #include "norm.cuh"
 
-#define WARPS 8  // LayerNorm: one warp per row, 8 rows per block
 #define MAX_WARPS 32
 
 // ---------------------------------------------------------------------------------------------
@@ -352,7 +351,7 @@ template <typename T, int E, int H>
 __device__ void ln_fwd(const T* __restrict__ x, const T* __restrict__ gamma, const T* __restrict__ beta, T* __restrict__ y,
                        float2* __restrict__ stats, int rows, int c, float eps) {
   const int lane = threadIdx.x & 31;
-  const int row = blockIdx.x * WARPS + (threadIdx.x >> 5);
+  const int row = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
   if (row >= rows) return;
   const T* xr = x + (int64_t)row * c;
   const int nv = c / E;
@@ -449,7 +448,7 @@ template <typename T, int E, int H>
 __device__ void ln_bwd(const T* __restrict__ x, const T* __restrict__ gamma, const float2* __restrict__ stats,
                        const T* __restrict__ dy, const T* __restrict__ res, T* __restrict__ dx, int rows, int c) {
   const int lane = threadIdx.x & 31;
-  const int row = blockIdx.x * WARPS + (threadIdx.x >> 5);
+  const int row = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
   if (row >= rows) return;
   const int64_t off = (int64_t)row * c;
   const T* xr = x + off;

@@ -221,9 +221,8 @@ __device__ void gn_cluster_bwd(const T* __restrict__ x, const T* __restrict__ ga
     e[j] = *reinterpret_cast<const Pack<T, E>*>(dy + at);
   }
   const int ch = t.slice * t.cw + t.col * E, sg = t.b * GROUPS + t.slice * gpc;
-  float g[E], be[E];
-  load_pack<T, E>(gamma + ch, g);
-  load_pack<T, E>(beta + ch, be);
+  // γ, β stay packed, converted where used (with every value converted up front R = 4 spills).
+  const Pack<T, E> gp = *reinterpret_cast<const Pack<T, E>*>(gamma + ch), bp = *reinterpret_cast<const Pack<T, E>*>(beta + ch);
   const float2 st_lo = stats[sg + t.lo], st_hi = stats[sg + min(t.lo + 1, gpc - 1)];
 
   // 2. (Σd, Σd·x̂) per slot, then the CTA's per group.
@@ -234,7 +233,7 @@ __device__ void gn_cluster_bwd(const T* __restrict__ x, const T* __restrict__ ga
 #pragma unroll
     for (int i = 0; i < E; ++i) {
       float xhat;
-      const float d = gn_grad_in(to_f32(v[j].v[i]), to_f32(e[j].v[i]), g[i], be[i], i < t.split ? st_lo : st_hi, silu, xhat);
+      const float d = gn_grad_in(to_f32(v[j].v[i]), to_f32(e[j].v[i]), to_f32(gp.v[i]), to_f32(bp.v[i]), i < t.split ? st_lo : st_hi, silu, xhat);
       s[i] += d;
       q[i] = fmaf(d, xhat, q[i]);
     }
@@ -270,7 +269,7 @@ __device__ void gn_cluster_bwd(const T* __restrict__ x, const T* __restrict__ ga
       const bool in_lo = i < t.split;
       const float2 st = in_lo ? st_lo : st_hi, m = in_lo ? m_lo : m_hi;
       float xhat;
-      const float d = gn_grad_in(to_f32(v[j].v[i]), to_f32(e[j].v[i]), g[i], be[i], st, silu, xhat);
+      const float d = gn_grad_in(to_f32(v[j].v[i]), to_f32(e[j].v[i]), to_f32(gp.v[i]), to_f32(bp.v[i]), st, silu, xhat);
       o[i] = st.y * (d - m.x - xhat * m.y);
       if (res) o[i] += to_f32(r[j].v[i]);
     }

@@ -12,7 +12,6 @@ const MODULE: &str = "norm";
 const MODULE_SM90: &str = "norm_sm90";
 /// GroupNorm group count: every GroupNorm in SD1.5 (UNet, VAE) uses 32.
 pub const GROUPS: usize = 32;
-const WARPS: usize = 8;
 
 /// CPU twin: GroupNorm over x [n, hw, c] with `groups` groups of c/groups channels; per-channel
 /// affine γ, β. Statistics in f64.
@@ -433,8 +432,12 @@ fn ln_kernel(op: &str, c: usize, dtype: DType) -> &'static str {
     interned(format!("{op}_{}_v{e}_h{held}", dtype.suffix()))
 }
 
+/// LayerNorm launches: one warp per row, up to 8 rows per block, fewer where that spreads a small
+/// tensor over more SMs (64 rows: 64 one-warp blocks instead of 8 blocks of 8).
 fn ln_config(rows: usize) -> LaunchConfig {
-    LaunchConfig { grid_dim: (rows.div_ceil(WARPS) as u32, 1, 1), block_dim: ((WARPS * 32) as u32, 1, 1), shared_mem_bytes: 0 }
+    const SMS: usize = 132;
+    let warps = rows.div_ceil(SMS).next_power_of_two().min(8);
+    LaunchConfig { grid_dim: (rows.div_ceil(warps) as u32, 1, 1), block_dim: ((warps * 32) as u32, 1, 1), shared_mem_bytes: 0 }
 }
 
 /// LayerNorm over the last dimension of `x` [..., c]: y = x̂·γ + β; writes `stats` [rows, 2] f32 =

@@ -19,8 +19,10 @@ __device__ __forceinline__ void opaque(Pack<T, E>& pk) {
   }
 }
 
-// σ(h) = 1/(1 + e^−h) with the fast __expf and a rounded reciprocal (≈ 1e-6 relative).
-__device__ __forceinline__ float sigmoidf(float h) { return __frcp_rn(1.0f + __expf(-h)); }
+// σ(h) = 1/(1 + e^−h) with the fast __expf and the approximate division (≈ 1e-6 relative; 0 once
+// e^−h overflows, as σ → 0): two MUFU operations per value. An IEEE reciprocal (__frcp_rn) costs a
+// dozen more instructions, and the SiLU variants on few SMs are bound by exactly these.
+__device__ __forceinline__ float sigmoidf(float h) { return __fdividef(1.0f, 1.0f + __expf(-h)); }
 
 // Chan et al.: merge (n_b, mean_b, M2_b) into (n, mean, M2).
 __device__ __forceinline__ void chan_merge(float& n, float& mean, float& m2, float nb, float meanb, float m2b) {

@@ -259,8 +259,9 @@ fn gpu_group_norm_case(gpu: &Gpu, n: usize, hw: usize, c: usize, silu: bool, eps
     let (xd, gd, bd, dyd) = (upload(gpu, &shape, &x, dtype), upload(gpu, &[c], &gamma, dtype), upload(gpu, &[c], &beta, dtype), upload(gpu, &shape, &dy, dtype));
     let (mut y, mut stats, mut dx) = (poisoned(gpu, &shape, dtype), poisoned(gpu, &[n, GROUPS, 2], DType::F32), poisoned(gpu, &shape, dtype));
     let what = |s: &str| format!("group norm {s} {dtype:?} n={n} hw={hw} c={c} silu={silu} eps={eps:e} mode={mode:?} seed={seed}");
+    let (kmax, tmax, _) = cluster_tuning();
     let want = |backward| match mode {
-        GnMode::Cluster if gn_cluster_plans(n, hw, c, dtype, backward, 16, 512).is_empty() => Some(GnPath::TwoKernel),
+        GnMode::Cluster if gn_cluster_plans(n, hw, c, dtype, backward, kmax, tmax).is_empty() => Some(GnPath::TwoKernel),
         GnMode::Cluster => Some(GnPath::Cluster),
         GnMode::TwoKernel => Some(GnPath::TwoKernel),
         GnMode::Auto => None,

@@ -219,7 +219,9 @@ const CLUSTER_MIN_ROW_BYTES: usize = 64;
 const CLUSTER_MAX_THREADS: usize = 512;
 
 /// Tuning of the cluster plan: (CTAs per cluster at most, threads per CTA at most, CTAs wanted).
-/// Defaults (16, 512, 128); `SDLORA_GN_CLUSTER=k,threads,ctas` overrides them (for sweeps).
+/// Defaults (8, 512, 64): on the H100 clusters of 8 CTAs over 64+ CTAs beat clusters of 16 over 128
+/// at most SD1.5 shapes (benches/RESULTS.md, session 7); `SDLORA_GN_CLUSTER=k,threads,ctas`
+/// overrides them (for sweeps).
 fn cluster_tuning() -> (usize, usize, usize) {
     use std::sync::OnceLock;
     static TUNING: OnceLock<(usize, usize, usize)> = OnceLock::new();
@@ -227,7 +229,7 @@ fn cluster_tuning() -> (usize, usize, usize) {
         let var = std::env::var("SDLORA_GN_CLUSTER").unwrap_or_default();
         match var.split(',').map(|v| v.trim().parse::<usize>()).collect::<Result<Vec<_>, _>>().as_deref() {
             Ok([k @ 1..=16, t @ 32..=CLUSTER_MAX_THREADS, ctas]) => (*k, *t, *ctas),
-            _ => (16, CLUSTER_MAX_THREADS, 128),
+            _ => (8, CLUSTER_MAX_THREADS, 64),
         }
     })
 }

@@ -135,6 +135,22 @@ __device__ __forceinline__ float2 gn_cluster_sums(const float2* part, int K) {
   return acc;
 }
 
+// Per-slot sums over the thread's vectors: for each held row j and element i, (a, b) = term(j, i),
+// s[i] += a, q[i] += a·b (forward: d and d, backward: d and x̂).
+template <int E, int R, typename Term>
+__device__ __forceinline__ void gn_slot_sums(const GnSlot<E>& t, float (&s)[E], float (&q)[E], Term term) {
+#pragma unroll
+  for (int j = 0; j < R; ++j) {
+    if (!t.has(j)) continue;
+#pragma unroll
+    for (int i = 0; i < E; ++i) {
+      const float2 ab = term(j, i);
+      s[i] += ab.x;
+      q[i] = fmaf(ab.x, ab.y, q[i]);
+    }
+  }
+}
+
 template <typename T, int R>
 __device__ void gn_cluster_fwd(const T* __restrict__ x, const T* __restrict__ gamma, const T* __restrict__ beta, T* __restrict__ y,
                                float2* __restrict__ stats, int hw, int c, int gpc, int rpc, float eps, int silu) {
@@ -154,16 +170,10 @@ __device__ void gn_cluster_fwd(const T* __restrict__ x, const T* __restrict__ ga
 
   // 2. Shifted sums per slot, then the CTA's per group.
   float s[E] = {}, q[E] = {};
-#pragma unroll
-  for (int j = 0; j < R; ++j) {
-    if (!t.has(j)) continue;
-#pragma unroll
-    for (int i = 0; i < E; ++i) {
-      const float d = to_f32(v[j].v[i]) - (i < t.split ? shift_lo : shift_hi);
-      s[i] += d;
-      q[i] = fmaf(d, d, q[i]);
-    }
-  }
+  gn_slot_sums<E, R>(t, s, q, [&](int j, int i) {
+    const float d = to_f32(v[j].v[i]) - (i < t.split ? shift_lo : shift_hi);
+    return make_float2(d, d);
+  });
   gn_cta_sums(t, s, q, gpc, part);
 #pragma unroll
   for (int j = 0; j < R; ++j) opaque(v[j]);
@@ -227,17 +237,11 @@ __device__ void gn_cluster_bwd(const T* __restrict__ x, const T* __restrict__ ga
 
   // 2. (Σd, Σd·x̂) per slot, then the CTA's per group.
   float s[E] = {}, q[E] = {};
-#pragma unroll
-  for (int j = 0; j < R; ++j) {
-    if (!t.has(j)) continue;
-#pragma unroll
-    for (int i = 0; i < E; ++i) {
-      float xhat;
-      const float d = gn_grad_in(to_f32(v[j].v[i]), to_f32(e[j].v[i]), to_f32(gp.v[i]), to_f32(bp.v[i]), i < t.split ? st_lo : st_hi, silu, xhat);
-      s[i] += d;
-      q[i] = fmaf(d, xhat, q[i]);
-    }
-  }
+  gn_slot_sums<E, R>(t, s, q, [&](int j, int i) {
+    float xhat;
+    const float d = gn_grad_in(to_f32(v[j].v[i]), to_f32(e[j].v[i]), to_f32(gp.v[i]), to_f32(bp.v[i]), i < t.split ? st_lo : st_hi, silu, xhat);
+    return make_float2(d, xhat);
+  });
   gn_cta_sums(t, s, q, gpc, part);
 #pragma unroll
   for (int j = 0; j < R; ++j) opaque(v[j]), opaque(e[j]);

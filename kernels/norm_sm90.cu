@@ -151,6 +151,19 @@ __device__ __forceinline__ void gn_slot_sums(const GnSlot<E>& t, float (&s)[E], 
   }
 }
 
+// Writes out[row j of the thread's vectors][i] = value(j, i) for each held row j.
+template <typename T, int E, int R, typename Value>
+__device__ __forceinline__ void gn_slot_writes(const GnSlot<E>& t, T* __restrict__ out, int c, Value value) {
+#pragma unroll
+  for (int j = 0; j < R; ++j) {
+    if (!t.has(j)) continue;
+    float o[E];
+#pragma unroll
+    for (int i = 0; i < E; ++i) o[i] = value(j, i);
+    store_pack<T, E>(out + t.at + (int64_t)j * t.TY * c, o);
+  }
+}
+
 template <typename T, int R>
 __device__ void gn_cluster_fwd(const T* __restrict__ x, const T* __restrict__ gamma, const T* __restrict__ beta, T* __restrict__ y,
                                float2* __restrict__ stats, int hw, int c, int gpc, int rpc, float eps, int silu) {
@@ -201,17 +214,10 @@ __device__ void gn_cluster_fwd(const T* __restrict__ x, const T* __restrict__ ga
     a[i] = st.y * g[i];
     m[i] = st.x;
   }
-#pragma unroll
-  for (int j = 0; j < R; ++j) {
-    if (!t.has(j)) continue;
-    float o[E];
-#pragma unroll
-    for (int i = 0; i < E; ++i) {
-      o[i] = fmaf(to_f32(v[j].v[i]) - m[i], a[i], be[i]);
-      if (silu) o[i] *= sigmoidf(o[i]);
-    }
-    store_pack<T, E>(y + t.at + (int64_t)j * t.TY * c, o);
-  }
+  gn_slot_writes<T, E, R>(t, y, c, [&](int j, int i) {
+    const float h = fmaf(to_f32(v[j].v[i]) - m[i], a[i], be[i]);
+    return silu ? h * sigmoidf(h) : h;
+  });
   cluster_wait();  // no CTA leaves while another may still read its partials
 }
 
@@ -264,21 +270,14 @@ __device__ void gn_cluster_bwd(const T* __restrict__ x, const T* __restrict__ ga
 
   // 4. dx from the registers (+ the residual gradient).
   const float2 m_lo = merged[t.lo], m_hi = merged[min(t.lo + 1, gpc - 1)];
-#pragma unroll
-  for (int j = 0; j < R; ++j) {
-    if (!t.has(j)) continue;
-    float o[E];
-#pragma unroll
-    for (int i = 0; i < E; ++i) {
-      const bool in_lo = i < t.split;
-      const float2 st = in_lo ? st_lo : st_hi, m = in_lo ? m_lo : m_hi;
-      float xhat;
-      const float d = gn_grad_in(to_f32(v[j].v[i]), to_f32(e[j].v[i]), to_f32(gp.v[i]), to_f32(bp.v[i]), st, silu, xhat);
-      o[i] = st.y * (d - m.x - xhat * m.y);
-      if (res) o[i] += to_f32(r[j].v[i]);
-    }
-    store_pack<T, E>(dx + t.at + (int64_t)j * t.TY * c, o);
-  }
+  gn_slot_writes<T, E, R>(t, dx, c, [&](int j, int i) {
+    const bool in_lo = i < t.split;
+    const float2 st = in_lo ? st_lo : st_hi, m = in_lo ? m_lo : m_hi;
+    float xhat;
+    const float d = gn_grad_in(to_f32(v[j].v[i]), to_f32(e[j].v[i]), to_f32(gp.v[i]), to_f32(bp.v[i]), st, silu, xhat);
+    const float g = st.y * (d - m.x - xhat * m.y);
+    return res ? g + to_f32(r[j].v[i]) : g;
+  });
   cluster_wait();  // no CTA leaves while another may still read its partials
 }
 

@@ -57,6 +57,8 @@ pub struct Gpu {
     /// Zeroed u32 counters of the split-K kernels whose last K slice finishes each output tile
     /// (kernels/gemm_sm90.cu): made on first use, left at zero by every such launch.
     split_k_counters: OnceCell<DeviceBuffer>,
+    /// The device's SM count, asked once.
+    sm_count: OnceCell<usize>,
 }
 
 /// How many output tiles one split-K launch may count on [`Gpu::split_k_counters`].
@@ -91,6 +93,7 @@ impl Gpu {
             check_launches: Cell::new(check_launches),
             capturing: Cell::new(false),
             split_k_counters: OnceCell::new(),
+            sm_count: OnceCell::new(),
             pdl: false,
         };
         gpu.pdl = gpu.is_hopper()? && !std::env::var("SDLORA_PDL").is_ok_and(|v| v == "0") && !ptx::HOPPER_MODULES.is_empty();
@@ -122,6 +125,15 @@ impl Gpu {
             return Ok(false);
         }
         Ok(self.ctx.attribute(MAJOR)? == 9 && self.ctx.attribute(MINOR)? == 0)
+    }
+
+    /// The number of streaming multiprocessors (132 on the H100 SXM).
+    pub fn sm_count(&self) -> Result<usize> {
+        if let Some(&n) = self.sm_count.get() {
+            return Ok(n);
+        }
+        let n = self.ctx.attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)? as usize;
+        Ok(*self.sm_count.get_or_init(|| n))
     }
 
     /// (free, total) device memory in bytes, as the driver reports it.

@@ -204,10 +204,6 @@ fn kernel_name(tile: (usize, usize), layouts: Layouts, out: DType) -> Result<&'s
     })
 }
 
-fn sm_count(gpu: &Gpu) -> Result<usize> {
-    Ok(gpu.stream().context().attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)? as usize)
-}
-
 /// A tile's relative throughput per SM when every SM is busy (measured on an H100 at the SD1.5
 /// shapes: benches/RESULTS.md, rows `linear_tile*`).
 fn tile_rate(tile: (usize, usize)) -> f64 {
@@ -229,7 +225,7 @@ fn tile_fits(gpu: &Gpu, tile: (usize, usize)) -> Result<bool> {
 /// The tile the launcher picks: the least estimated time, counting whole waves (a partly filled
 /// last wave costs as much as a full one) over the SMs at each tile's occupancy.
 pub(crate) fn pick_tile(gpu: &Gpu, m: usize, n: usize) -> Result<(usize, usize)> {
-    let sms = sm_count(gpu)?;
+    let sms = gpu.sm_count()?;
     let cost = |tile: (usize, usize)| {
         let occ = tile_shape(tile).per_sm;
         let blocks = m.div_ceil(tile.0) * n.div_ceil(tile.1);
@@ -264,7 +260,7 @@ pub(crate) fn gemm(gpu: &Gpu, call: &GemmCall) -> Result<()> {
 pub(crate) fn gemm_before_split_kernels(gpu: &Gpu, call: &GemmCall) -> Result<()> {
     let tile = pick_tile(gpu, call.m, call.n)?;
     let blocks = call.m.div_ceil(tile.0) * call.n.div_ceil(tile.1);
-    if call.split == SplitK::None && blocks > 0 && 2 * blocks <= sm_count(gpu)? && k_tiles(call, tile) >= 16 {
+    if call.split == SplitK::None && blocks > 0 && 2 * blocks <= gpu.sm_count()? && k_tiles(call, tile) >= 16 {
         let slices = k_slices(gpu, call, tile)?;
         if slices > 1 {
             return gemm_split_finish(gpu, call, tile, slices);
@@ -291,7 +287,7 @@ fn gemm_split_finish(gpu: &Gpu, call: &GemmCall, tile: (usize, usize), slices: u
     };
     let (r, ldr) = call.residual.unwrap_or((0, 0));
     let threads = 256;
-    let cfg = LaunchConfig { grid_dim: ((m * n).div_ceil(threads).min(8 * sm_count(gpu)?) as u32, 1, 1), block_dim: (threads as u32, 1, 1), shared_mem_bytes: 0 };
+    let cfg = LaunchConfig { grid_dim: ((m * n).div_ceil(threads).min(8 * gpu.sm_count()?) as u32, 1, 1), block_dim: (threads as u32, 1, 1), shared_mem_bytes: 0 };
     let args = [
         KernelArg::Ptr(ws),
         KernelArg::I32(i32_of(slices)?),
@@ -319,7 +315,7 @@ fn k_tiles(call: &GemmCall, tile: (usize, usize)) -> usize {
 pub(crate) fn k_slices(gpu: &Gpu, call: &GemmCall, tile: (usize, usize)) -> Result<usize> {
     let ktiles = k_tiles(call, tile);
     let blocks = call.m.div_ceil(tile.0) * call.n.div_ceil(tile.1);
-    let sms = sm_count(gpu)?;
+    let sms = gpu.sm_count()?;
     if blocks >= sms {
         return Ok(1);
     }
@@ -560,7 +556,7 @@ pub(crate) fn at_b_many(gpu: &Gpu, problems: &[AtB], accumulate: bool, how: Weig
         let (ws1, s1, n1, c1) = pair[0];
         let (ws2, s2, n2, c2) = pair.get(1).copied().unwrap_or((0, 0, 0, 0));
         let threads = 256;
-        let cfg = LaunchConfig { grid_dim: ((n1 + n2).div_ceil(threads).min(4 * sm_count(gpu)?) as u32, 1, 1), block_dim: (threads as u32, 1, 1), shared_mem_bytes: 0 };
+        let cfg = LaunchConfig { grid_dim: ((n1 + n2).div_ceil(threads).min(4 * gpu.sm_count()?) as u32, 1, 1), block_dim: (threads as u32, 1, 1), shared_mem_bytes: 0 };
         let args = [
             KernelArg::Ptr(ws1),
             KernelArg::I32(i32_of(s1)?),

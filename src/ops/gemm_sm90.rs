@@ -11,7 +11,7 @@ use super::gemm::{GemmCall, Layouts, Segment, SplitK};
 use crate::cuda::{Gpu, KernelArg, LaunchConfig};
 use crate::tensor::DType;
 use anyhow::{bail, ensure, Context, Result};
-use cudarc::driver::sys::{CUdevice_attribute, CUfunction_attribute};
+use cudarc::driver::sys::CUfunction_attribute;
 
 /// The cp.async kernels (kernels/gemm_sm90.cu) and the TMA kernels (kernels/gemm_tma_sm90.cu).
 const MODULE: &str = "gemm_sm90";
@@ -115,16 +115,12 @@ pub(crate) fn supports(gpu: &Gpu, call: &GemmCall) -> Result<bool> {
 /// The tile the launcher picks for an m × n GEMM of `k_tiles` 64-deep K tiles: the least modelled
 /// time (see `Sm90Tile::cost`), counting whole rounds (the busiest SM sets the time).
 pub(crate) fn pick_tile(gpu: &Gpu, m: usize, n: usize, k_tiles: usize) -> Result<Sm90Tile> {
-    let sms = sm_count(gpu)?;
+    let sms = gpu.sm_count()?;
     let time = |t: &Sm90Tile| {
         let (a, b, c) = t.cost;
         t.tiles(m, n).div_ceil(sms * t.per_sm) as f64 * (k_tiles as f64 * a + b) + c
     };
     Ok(SM90_TILES.into_iter().min_by(|x, y| time(x).total_cmp(&time(y))).unwrap_or(SM90_TILES[0]))
-}
-
-fn sm_count(gpu: &Gpu) -> Result<usize> {
-    Ok(gpu.stream().context().attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)? as usize)
 }
 
 /// A 2-D tensor map for the TMA kernels: `outer` rows of `inner` elements of `dtype`, `ld` elements
@@ -240,7 +236,7 @@ pub(crate) fn gemm_sm90(gpu: &Gpu, call: &GemmCall, tile: Option<Sm90Tile>) -> R
     let block_dim = (tile.threads, 1, 1);
     if tile.tma {
         // A 1-D grid: one CTA per output tile, or for the persistent kernel at most one per SM.
-        let ctas = if tile.persistent { tile.tiles(call.m, call.n).min(sm_count(gpu)?) } else { tile.tiles(call.m, call.n) };
+        let ctas = if tile.persistent { tile.tiles(call.m, call.n).min(gpu.sm_count()?) } else { tile.tiles(call.m, call.n) };
         let cfg = LaunchConfig { grid_dim: (ctas as u32, 1, 1), block_dim, shared_mem_bytes: smem };
         gpu.launch(TMA_MODULE, name, cfg, &tma_args(call, &tile)?)
     } else {

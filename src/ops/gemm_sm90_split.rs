@@ -20,7 +20,7 @@ use super::gemm_sm90::kernel_for;
 use crate::cuda::{ArenaKind, Gpu, KernelArg, LaunchConfig, SPLIT_K_COUNTERS};
 use crate::tensor::DType;
 use anyhow::{ensure, Context, Result};
-use cudarc::driver::sys::{CUdevice_attribute, CUfunction_attribute};
+use cudarc::driver::sys::CUfunction_attribute;
 
 const MODULE: &str = "gemm_sm90";
 const BK: usize = 64;
@@ -125,14 +125,10 @@ pub(crate) fn supports(gpu: &Gpu, call: &GemmCall) -> Result<bool> {
     }
 }
 
-fn sm_count(gpu: &Gpu) -> Result<usize> {
-    Ok(gpu.stream().context().attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)? as usize)
-}
-
 /// The launcher's (tile, slices) for `call`: the least modelled time over the tiles and every
 /// slice count up to one K tile per slice (at most 64; `SplitTile::cost`).
 pub(crate) fn plan(gpu: &Gpu, call: &GemmCall) -> Result<(SplitTile, usize)> {
-    let (sms, kt) = (sm_count(gpu)?, k_tiles(call));
+    let (sms, kt) = (gpu.sm_count()?, k_tiles(call));
     let mut best = (SPLIT_TILES[0], 1, f64::INFINITY);
     for tile in SPLIT_TILES {
         let max = if tile.tiles(call.m, call.n) > SPLIT_K_COUNTERS { 1 } else { kt.clamp(1, 64) };
@@ -157,7 +153,7 @@ const SPLIT_MIN_K_TILES: usize = 8;
 /// is small and K deep (see SPLIT_TILES_PER_SM), else on the plain sm90 kernels
 /// (`gemm_sm90::gemm_sm90`, its own tile choice). The caller has checked [`supports`].
 pub(crate) fn gemm(gpu: &Gpu, call: &GemmCall) -> Result<()> {
-    let small = SPLIT_TILES[0].tiles(call.m, call.n) as f64 <= SPLIT_TILES_PER_SM * sm_count(gpu)? as f64 && k_tiles(call) >= SPLIT_MIN_K_TILES;
+    let small = SPLIT_TILES[0].tiles(call.m, call.n) as f64 <= SPLIT_TILES_PER_SM * gpu.sm_count()? as f64 && k_tiles(call) >= SPLIT_MIN_K_TILES;
     if call.layouts == Layouts::Mn || small {
         let (tile, slices) = plan(gpu, call)?;
         return launch(gpu, call, tile, slices);
@@ -301,7 +297,7 @@ pub(crate) fn gemm_group(gpu: &Gpu, layouts: Layouts, out: DType, gemms: &[Group
         return Ok(());
     }
     order.sort_by_key(|g| std::cmp::Reverse(g.k()));
-    let per = group_slice_tiles(sm_count(gpu)?, &order);
+    let per = group_slice_tiles(gpu.sm_count()?, &order);
     let tile = SPLIT_TILES[0];
     // The kernel's GemmGroup, as little-endian bytes: 136 per GEMM, then ws, counters, count.
     let mut bytes = Vec::with_capacity(GROUP_MAX * 136 + 24);
@@ -356,7 +352,7 @@ pub(crate) fn gemm_group(gpu: &Gpu, layouts: Layouts, out: DType, gemms: &[Group
 /// supported, one [`crate::ops::gemm::gemm`] call each. (Two tiles per SM rather than one also
 /// groups the 1024-token q/k/v forwards: step 14.70 / 14.78 vs 14.79 / 14.95 ms, benches/RESULTS.md.)
 pub(crate) fn gemm_many(gpu: &Gpu, layouts: Layouts, out: DType, gemms: &[GroupGemm]) -> Result<()> {
-    let sms = if gpu.is_hopper()? { sm_count(gpu)? } else { 0 };
+    let sms = if gpu.is_hopper()? { gpu.sm_count()? } else { 0 };
     let (small, large): (Vec<GroupGemm>, Vec<GroupGemm>) = gemms.iter().partition(|g| SPLIT_TILES[0].tiles(g.m, g.n) <= 2 * sms);
     let grouped = supports_group(gpu, layouts, out, &small)?;
     if grouped {

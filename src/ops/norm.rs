@@ -435,10 +435,9 @@ fn ln_kernel(op: &str, c: usize, dtype: DType) -> &'static str {
 }
 
 /// LayerNorm launches: one warp per row, up to 8 rows per block, fewer where that spreads a small
-/// tensor over more SMs (64 rows: 64 one-warp blocks instead of 8 blocks of 8).
-fn ln_config(rows: usize) -> LaunchConfig {
-    const SMS: usize = 132;
-    let warps = rows.div_ceil(SMS).next_power_of_two().min(8);
+/// tensor over more SMs (64 rows on an H100: 64 one-warp blocks instead of 8 blocks of 8).
+fn ln_config(rows: usize, sms: usize) -> LaunchConfig {
+    let warps = rows.div_ceil(sms.max(1)).next_power_of_two().min(8);
     LaunchConfig { grid_dim: (rows.div_ceil(warps) as u32, 1, 1), block_dim: ((warps * 32) as u32, 1, 1), shared_mem_bytes: 0 }
 }
 
@@ -452,7 +451,7 @@ pub fn layer_norm(gpu: &Gpu, x: &Tensor, gamma: &Tensor, beta: &Tensor, eps: f32
         KernelArg::Ptr(x.ptr()?), KernelArg::Ptr(gamma.ptr()?), KernelArg::Ptr(beta.ptr()?), KernelArg::Ptr(y.ptr()?), KernelArg::Ptr(stats.ptr()?),
         KernelArg::I32(rows as i32), KernelArg::I32(c as i32), KernelArg::F32(eps),
     ];
-    gpu.launch(MODULE, ln_kernel("layer_norm_fwd", c, x.dtype()), ln_config(rows), &args)
+    gpu.launch(MODULE, ln_kernel("layer_norm_fwd", c, x.dtype()), ln_config(rows, gpu.sm_count()?), &args)
 }
 
 /// LayerNorm input gradient from x, the forward's `stats`, frozen γ and dy, plus `residual` (same
@@ -468,7 +467,7 @@ pub fn layer_norm_backward(gpu: &Gpu, x: &Tensor, gamma: &Tensor, stats: &Tensor
         KernelArg::Ptr(dx.ptr()?),
         KernelArg::I32(rows as i32), KernelArg::I32(c as i32),
     ];
-    gpu.launch(MODULE, ln_kernel("layer_norm_bwd", c, x.dtype()), ln_config(rows), &args)
+    gpu.launch(MODULE, ln_kernel("layer_norm_bwd", c, x.dtype()), ln_config(rows, gpu.sm_count()?), &args)
 }
 
 #[cfg(test)]

@@ -247,17 +247,16 @@ impl Gpu {
     /// Clusters of up to 16 CTAs (non-portable sizes) and dynamic shared memory past 48 KiB are
     /// allowed on the kernel first.
     pub fn launch_cluster(&self, module: &'static str, kernel: &'static str, cfg: LaunchConfig, cluster: (u32, u32, u32), args: &[KernelArg]) -> Result<()> {
-        let f = self.cluster_function(module, kernel, cfg.shared_mem_bytes)?;
-        let pdl = self.kernel(module, kernel)?.1;
+        let (f, pdl) = self.cluster_function(module, kernel, cfg.shared_mem_bytes)?;
         self.launch_ex(module, kernel, &f, pdl, cfg, Some(cluster), args)
     }
 
     /// `kernel` ready for cluster launches with `smem` bytes of dynamic shared memory: on its first
     /// cluster launch it is allowed non-portable cluster sizes (harmless for small clusters), and
     /// the shared memory allowance is raised whenever a launch needs more than before.
-    fn cluster_function(&self, module: &'static str, kernel: &'static str, smem: u32) -> Result<CudaFunction> {
+    fn cluster_function(&self, module: &'static str, kernel: &'static str, smem: u32) -> Result<LoadedKernel> {
         use sys::CUfunction_attribute::{CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES as MAX_SMEM, CU_FUNC_ATTRIBUTE_NON_PORTABLE_CLUSTER_SIZE_ALLOWED as NON_PORTABLE};
-        let f = self.function(module, kernel)?;
+        let (f, pdl) = self.kernel(module, kernel)?;
         let what = |e| anyhow!("cannot set {module}::{kernel}'s cluster attributes ({smem} B shared): {e}");
         let mut set = self.cluster_attrs.borrow_mut();
         let allowed = match set.get(&(module, kernel)) {
@@ -271,7 +270,7 @@ impl Gpu {
             f.set_attribute(MAX_SMEM, smem as i32).map_err(what)?;
         }
         set.insert((module, kernel), allowed.max(smem));
-        Ok(f)
+        Ok((f, pdl))
     }
 
     /// How many clusters of `cluster` CTAs of `kernel`, launched as `cfg`, can run at once on this
@@ -282,7 +281,7 @@ impl Gpu {
         if let Some(&n) = self.cluster_occupancy.borrow().get(&key) {
             return Ok(n);
         }
-        let f = self.cluster_function(module, kernel, cfg.shared_mem_bytes)?;
+        let (f, _) = self.cluster_function(module, kernel, cfg.shared_mem_bytes)?;
         let mut attrs = [cluster_attribute(cluster)];
         let config = launch_config(&cfg, &mut attrs, std::ptr::null_mut());
         let mut n: std::ffi::c_int = 0;

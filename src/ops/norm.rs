@@ -375,8 +375,9 @@ pub(crate) fn group_norm_backward_on(
     check_norm_operands("group_norm_backward residual", x, c, &[], residual.as_slice())?;
     super::check_gpu("group_norm_backward stats", &[stats], DType::F32, n * GROUPS * 2)?;
     let front = [KernelArg::Ptr(x.ptr()?), KernelArg::Ptr(gamma.ptr()?), KernelArg::Ptr(beta.ptr()?), KernelArg::Ptr(stats.ptr()?), KernelArg::Ptr(dy.ptr()?)];
-    let res = KernelArg::Ptr(residual.map_or(Ok(0), Tensor::ptr)?);
-    let operands = [x.ptr()?, gamma.ptr()?, beta.ptr()?, dy.ptr()?, dx.ptr()?, residual.map_or(Ok(0), Tensor::ptr)?];
+    let res_ptr = residual.map_or(Ok(0), Tensor::ptr)?;
+    let res = KernelArg::Ptr(res_ptr);
+    let operands = [x.ptr()?, gamma.ptr()?, beta.ptr()?, dy.ptr()?, dx.ptr()?, res_ptr];
     if let Some(plan) = gn_cluster_plan(gpu, mode, "bwd", n, hw, c, x.dtype(), &operands)? {
         let mut args = front.to_vec();
         args.extend([res, KernelArg::Ptr(dx.ptr()?), KernelArg::I32(hw as i32), KernelArg::I32(c as i32)]);

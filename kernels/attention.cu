@@ -64,6 +64,37 @@ __device__ __forceinline__ float fast_exp2(float x) {
   return y;
 }
 
+// dst[0..1] += (a, b) with f32 atomics: one 8-byte vector reduction on sm_90, two scalar ones before.
+__device__ __forceinline__ void atomic_add2(float* dst, float a, float b) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("red.global.add.v2.f32 [%0], {%1, %2};\n" ::"l"(dst), "f"(a), "f"(b) : "memory");
+#else
+  atomicAdd(dst, a);
+  atomicAdd(dst + 1, b);
+#endif
+}
+
+// Adds an m16n8 f32 accumulator tile with atomics into dst (row pitch `pitch`), skipping rows ≥ rows.
+// mma layout: lane (g, t) holds columns 2t, 2t + 1 of its rows row0 (the tile's first row + g) and
+// row0 + 8 in c[0..1] and c[2..3]. On sm_90 lanes t and t ^ 1 swap halves first, so that an even t
+// holds row0's columns 2t..2t + 3 and an odd t row0 + 8's columns 2t − 2..2t + 1: one 16-byte
+// vector reduction per lane instead of four scalar ones (dst must be 16-byte aligned, the pitch a
+// multiple of 4). Every lane of the warp calls it (the swap is a shuffle).
+__device__ __forceinline__ void add_mma_tile_f32(float* dst, int64_t pitch, int row0, int rows, int t, const float (&c)[4]) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  const bool odd = t & 1;
+  const float r0 = __shfl_xor_sync(0xffffffff, odd ? c[0] : c[2], 1), r1 = __shfl_xor_sync(0xffffffff, odd ? c[1] : c[3], 1);
+  const int row = odd ? row0 + 8 : row0;
+  const float4 v = odd ? make_float4(r0, r1, c[2], c[3]) : make_float4(c[0], c[1], r0, r1);
+  if (row < rows)
+    asm volatile("red.global.add.v4.f32 [%0], {%1, %2, %3, %4};\n" ::"l"(dst + (int64_t)row * pitch + 2 * (t & ~1)), "f"(v.x), "f"(v.y), "f"(v.z), "f"(v.w)
+                 : "memory");
+#else
+  if (row0 < rows) atomic_add2(dst + (int64_t)row0 * pitch + 2 * t, c[0], c[1]);
+  if (row0 + 8 < rows) atomic_add2(dst + (int64_t)(row0 + 8) * pitch + 2 * t, c[2], c[3]);
+#endif
+}
+
 __device__ __forceinline__ float quad_max(float x) {
   x = fmaxf(x, __shfl_xor_sync(0xffffffff, x, 1));
   return fmaxf(x, __shfl_xor_sync(0xffffffff, x, 2));
@@ -321,37 +352,49 @@ ATTN_FWD(attn_fwd_hd512_bf16, 512, 128, 2, 1, 32, 1)
 
 // ------------------------------------------------------------------------------------------------
 // Backward, step 1: D[b, h, i] = Σ_d dO·O (f32), and dq_acc (f32 [batch, q_len, heads·HD]) zeroed.
-// One thread per (b, i, h).
+// One thread per 8-value chunk of a (b, i, h) row: blocks of PREP_ROWS(HD) rows × HD/8 threads; each
+// thread zeroes its chunk of dq_acc and leaves its partial sum in shared memory, and the row's first
+// thread adds the HD/8 partials in chunk order.
 // ------------------------------------------------------------------------------------------------
 template <int HD>
 __device__ __forceinline__ void attn_bwd_prep(const bf16* __restrict__ o, const bf16* __restrict__ dout, float* __restrict__ dvec,
                                               float* __restrict__ dq_acc, int64_t o_stride, int64_t do_stride, int batch,
                                               int q_len, int heads) {
-  int64_t idx = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
-  if (idx >= (int64_t)batch * q_len * heads) return;
-  int h = idx % heads;
-  int64_t bi = idx / heads;  // b·q_len + i
-  const bf16* op = o + bi * o_stride + h * HD;
-  const bf16* dp = dout + bi * do_stride + h * HD;
-  float* qa = dq_acc + bi * heads * HD + h * HD;
-  float sum = 0.f;
-#pragma unroll
-  for (int c = 0; c < HD / 8; c++) {
-    uint4 ov = *reinterpret_cast<const uint4*>(op + c * 8), dv = *reinterpret_cast<const uint4*>(dp + c * 8);
+  constexpr int C = HD / 8;
+  __shared__ float part[256];
+  const int r = threadIdx.x / C, c = threadIdx.x % C;
+  const int64_t idx = (int64_t)blockIdx.x * (blockDim.x / C) + r;  // (b·q_len + i)·heads + h
+  const bool live = idx < (int64_t)batch * q_len * heads;
+  if (live) {
+    const int h = idx % heads;
+    const int64_t bi = idx / heads;  // b·q_len + i
+    const uint4 ov = *reinterpret_cast<const uint4*>(o + bi * o_stride + h * HD + c * 8);
+    const uint4 dv = *reinterpret_cast<const uint4*>(dout + bi * do_stride + h * HD + c * 8);
     const __nv_bfloat162* o2 = reinterpret_cast<const __nv_bfloat162*>(&ov);
     const __nv_bfloat162* d2 = reinterpret_cast<const __nv_bfloat162*>(&dv);
+    float sum = 0.f;
 #pragma unroll
     for (int e = 0; e < 4; e++) {
-      float2 a = __bfloat1622float2(o2[e]), bb = __bfloat1622float2(d2[e]);
+      const float2 a = __bfloat1622float2(o2[e]), bb = __bfloat1622float2(d2[e]);
       sum += a.x * bb.x + a.y * bb.y;
     }
-    *reinterpret_cast<float4*>(qa + c * 8) = make_float4(0.f, 0.f, 0.f, 0.f);
-    *reinterpret_cast<float4*>(qa + c * 8 + 4) = make_float4(0.f, 0.f, 0.f, 0.f);
+    part[threadIdx.x] = sum;
+    float* qa = dq_acc + bi * heads * HD + h * HD + c * 8;
+    *reinterpret_cast<float4*>(qa) = make_float4(0.f, 0.f, 0.f, 0.f);
+    *reinterpret_cast<float4*>(qa + 4) = make_float4(0.f, 0.f, 0.f, 0.f);
   }
-  int64_t b = bi / q_len, i = bi % q_len;
-  dvec[(b * heads + h) * q_len + i] = sum;
+  __syncthreads();
+  if (live && c == 0) {
+    float sum = 0.f;
+#pragma unroll
+    for (int j = 0; j < C; j++) sum += part[threadIdx.x + j];
+    const int h = idx % heads;
+    const int64_t bi = idx / heads, b = bi / q_len, i = bi % q_len;
+    dvec[(b * heads + h) * q_len + i] = sum;
+  }
 }
 
+// ------------------------------------------------------------------------------------------------
 // Backward, step 3: out (bf16, row stride out_stride) = scale · acc (f32 [batch, len, heads·HD]):
 // dQ from dq_acc, and dK, dV from dk_acc, dv_acc when the query tiles were split — one launch,
 // job blockIdx.y of the `count` given.
@@ -571,15 +614,7 @@ __device__ __forceinline__ void attn_bwd_dkdv(const bf16* __restrict__ q, const 
 #pragma unroll
       for (int n = 0; n < NTD; n++) {
         if ((n / 2) % CG != cg) continue;
-        float* dst = dqb + (int64_t)qr * heads * HD + n * 8 + 2 * t;
-        if (qr < q_len) {
-          atomicAdd(dst, dq[n][0]);
-          atomicAdd(dst + 1, dq[n][1]);
-        }
-        if (qr + 8 < q_len) {
-          atomicAdd(dst + 8 * heads * HD, dq[n][2]);
-          atomicAdd(dst + 8 * heads * HD + 1, dq[n][3]);
-        }
+        add_mma_tile_f32(dqb + n * 8, (int64_t)heads * HD, qr, q_len, t, dq[n]);
       }
     }
     __syncthreads();  // sdS and this stage are overwritten next iteration
@@ -598,12 +633,8 @@ __device__ __forceinline__ void attn_bwd_dkdv(const bf16* __restrict__ q, const 
         *reinterpret_cast<uint32_t*>(dk + (kvrow + row) * dk_stride + col) = pack_bf16(dk_r[n][2 * r] * scale, dk_r[n][2 * r + 1] * scale);
         *reinterpret_cast<uint32_t*>(dv + (kvrow + row) * dv_stride + col) = pack_bf16(dv_r[n][2 * r], dv_r[n][2 * r + 1]);
       } else {
-        float* ka = dk_acc + (kvrow + row) * heads * HD + col;
-        float* va = dv_acc + (kvrow + row) * heads * HD + col;
-        atomicAdd(ka, dk_r[n][2 * r]);
-        atomicAdd(ka + 1, dk_r[n][2 * r + 1]);
-        atomicAdd(va, dv_r[n][2 * r]);
-        atomicAdd(va + 1, dv_r[n][2 * r + 1]);
+        atomic_add2(dk_acc + (kvrow + row) * heads * HD + col, dk_r[n][2 * r], dk_r[n][2 * r + 1]);
+        atomic_add2(dv_acc + (kvrow + row) * heads * HD + col, dv_r[n][2 * r], dv_r[n][2 * r + 1]);
       }
     }
   }

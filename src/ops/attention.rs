@@ -322,7 +322,10 @@ pub fn attention_backward(
         (None, true) => bail!("attention backward: workspace lacks the dK/dV accumulators for {s:?}"),
     };
 
-    launch(gpu, c.prep, crate::cuda::grid_1d(nq * s.heads, 128), &[KernelArg::Ptr(op), KernelArg::Ptr(dop), KernelArg::Ptr(dvec), KernelArg::Ptr(acc),
+    // attn_bwd_prep: HD/8 threads per (token, head) row, as many rows as fit in 256 threads.
+    let (chunks, rows_per_block) = (s.head_dim / 8, 256 / (s.head_dim / 8));
+    let prep_cfg = LaunchConfig { grid_dim: ((nq * s.heads).div_ceil(rows_per_block).max(1) as u32, 1, 1), block_dim: ((rows_per_block * chunks) as u32, 1, 1), shared_mem_bytes: 0 };
+    launch(gpu, c.prep, prep_cfg, &[KernelArg::Ptr(op), KernelArg::Ptr(dop), KernelArg::Ptr(dvec), KernelArg::Ptr(acc),
         KernelArg::I64(out.row_stride as i64), KernelArg::I64(dout.row_stride as i64),
         KernelArg::I32(s.batch as i32), KernelArg::I32(s.q_len as i32), KernelArg::I32(s.heads as i32)])?;
 

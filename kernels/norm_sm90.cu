@@ -24,8 +24,10 @@
 //      from every CTA of the cluster over DSMEM and adds them in rank order (every CTA gets the same
 //      bits): forward mean = shift + Σd/N, var = Σd²/N − (Σd/N)²; backward mean(d), mean(d·x̂);
 //   4. writes y (or dx) from its registers (the only global write), then waits on a second cluster
-//      barrier (arrived at right after its DSMEM reads) so that no CTA exits while another may
-//      still read its partials.
+//      barrier (a relaxed arrival right after its DSMEM reads: it need not wait for the statistics'
+//      global store) so that no CTA exits while another may still read its partials.
+// Everything the steps after the exchange read from global memory (the forward's shift for its
+// statistics, the backward's residual gradient) is loaded before it, off the critical chain.
 // One read, one write, one launch, a fixed order of additions. The launcher (src/ops/norm.rs,
 // gn_cluster_plan) picks gpc, K, rpc, the threads and R, and takes the two-kernel path where
 // cpg < E, a pointer is not 16-byte aligned, or no plan runs in one wave.
@@ -45,6 +47,9 @@ __device__ __forceinline__ uint32_t cluster_size() {
   return r;
 }
 __device__ __forceinline__ void cluster_arrive() { asm volatile("barrier.cluster.arrive.release.aligned;" ::: "memory"); }
+// An arrival that orders nothing: "my DSMEM reads are done" (their values were already used), without
+// waiting for this thread's global stores to become visible as a release arrival would.
+__device__ __forceinline__ void cluster_arrive_relaxed() { asm volatile("barrier.cluster.arrive.relaxed.aligned;" ::: "memory"); }
 __device__ __forceinline__ void cluster_wait() { asm volatile("barrier.cluster.wait.acquire.aligned;" ::: "memory"); }
 
 // `p` (this CTA's shared memory) as the same variable in CTA `rank` of the cluster, read there.
@@ -176,6 +181,8 @@ __device__ void gn_cluster_fwd(const T* __restrict__ x, const T* __restrict__ ga
     if (t.has(j)) v[j] = *reinterpret_cast<const Pack<T, E>*>(x + t.at + (int64_t)j * t.TY * c);
   const float shift_lo = to_f32(x[t.group0 + t.lo * t.cpg]);
   const float shift_hi = t.split < E ? to_f32(x[t.group0 + (t.lo + 1) * t.cpg]) : shift_lo;
+  // Thread g < gpc turns group g's sums into statistics after the exchange: its shift, loaded now.
+  const float shift_g = (int)threadIdx.x < gpc ? to_f32(x[t.group0 + threadIdx.x * t.cpg]) : 0.f;
   const int ch = t.slice * t.cw + t.col * E;
   float g[E], be[E];
   load_pack<T, E>(gamma + ch, g);
@@ -198,11 +205,11 @@ __device__ void gn_cluster_fwd(const T* __restrict__ x, const T* __restrict__ ga
     const float2 sum = gn_cluster_sums(&part[threadIdx.x], t.K);
     const float inv_n = 1.f / ((float)hw * (float)t.cpg), md = sum.x * inv_n;
     const float var = fmaxf(fmaf(sum.y, inv_n, -md * md), 0.f);
-    const float2 st = make_float2(to_f32(x[t.group0 + threadIdx.x * t.cpg]) + md, rsqrtf(var + eps));
+    const float2 st = make_float2(shift_g + md, rsqrtf(var + eps));
     merged[threadIdx.x] = st;
     if (t.rank == 0) stats[t.b * GROUPS + t.slice * gpc + threadIdx.x] = st;
   }
-  cluster_arrive();  // this CTA's DSMEM reads are done
+  cluster_arrive_relaxed();  // this CTA's DSMEM reads are done
   __syncthreads();
 
   // 4. y from the registers.
@@ -265,7 +272,7 @@ __device__ void gn_cluster_bwd(const T* __restrict__ x, const T* __restrict__ ga
     const float inv_n = 1.f / ((float)hw * (float)t.cpg);
     merged[threadIdx.x] = make_float2(sum.x * inv_n, sum.y * inv_n);
   }
-  cluster_arrive();  // this CTA's DSMEM reads are done
+  cluster_arrive_relaxed();  // this CTA's DSMEM reads are done
   __syncthreads();
 
   // 4. dx from the registers (+ the residual gradient).
@@ -279,6 +286,27 @@ __device__ void gn_cluster_bwd(const T* __restrict__ x, const T* __restrict__ ga
     return res ? g + to_f32(r[j].v[i]) : g;
   });
   cluster_wait();  // no CTA leaves while another may still read its partials
+}
+
+// The benchmark floor of the forward (src/bench/norm.rs, not used in training): y = x through the
+// forward's plan, grid and registers — its loads, one cluster barrier once they have landed, its
+// stores — with no arithmetic and no DSMEM exchange. What a one-pass cluster GroupNorm costs
+// before any of its math.
+template <typename T, int R>
+__device__ void gn_cluster_floor(const T* __restrict__ x, T* __restrict__ y, int hw, int c, int gpc, int rpc) {
+  constexpr int E = 16 / sizeof(T);
+  const GnSlot<E> t(hw, c, gpc, rpc, R);
+  Pack<T, E> v[R];
+#pragma unroll
+  for (int j = 0; j < R; ++j)
+    if (t.has(j)) v[j] = *reinterpret_cast<const Pack<T, E>*>(x + t.at + (int64_t)j * t.TY * c);
+#pragma unroll
+  for (int j = 0; j < R; ++j) opaque(v[j]);
+  cluster_arrive();
+  cluster_wait();
+#pragma unroll
+  for (int j = 0; j < R; ++j)
+    if (t.has(j)) *reinterpret_cast<Pack<T, E>*>(y + t.at + (int64_t)j * t.TY * c) = v[j];
 }
 
 // Entry points: group_norm_cluster_{fwd,bwd}_<type>_r<R> (R vectors per thread; the backward holds
@@ -296,6 +324,12 @@ __device__ void gn_cluster_bwd(const T* __restrict__ x, const T* __restrict__ ga
     await_previous_kernel();                                                                                             \
     gn_cluster_bwd<T, R>(x, gamma, beta, stats, dy, res, dx, hw, c, gpc, rpc, silu);                                     \
   }
+#define GN_CLUSTER_FLOOR(R)                                                                                               \
+  extern "C" __global__ void __launch_bounds__(MAX_THREADS) group_norm_cluster_floor_bf16_r##R(const bf16* x, bf16* y, int hw, \
+                                                                                             int c, int gpc, int rpc) {     \
+    await_previous_kernel();                                                                                             \
+    gn_cluster_floor<bf16, R>(x, y, hw, c, gpc, rpc);                                                                     \
+  }
 #define GN_CLUSTER_KERNELS(TN, T) \
   GN_CLUSTER_FWD(TN, T, 1)        \
   GN_CLUSTER_FWD(TN, T, 2)        \
@@ -307,3 +341,7 @@ __device__ void gn_cluster_bwd(const T* __restrict__ x, const T* __restrict__ ga
 
 GN_CLUSTER_KERNELS(f32, float)
 GN_CLUSTER_KERNELS(bf16, bf16)
+GN_CLUSTER_FLOOR(1)
+GN_CLUSTER_FLOOR(2)
+GN_CLUSTER_FLOOR(4)
+GN_CLUSTER_FLOOR(8)

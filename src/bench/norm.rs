@@ -129,6 +129,9 @@ pub fn bench(gpu: &Gpu) -> Result<Vec<BenchRow>> {
         let desc = format!("{n}x{hw}x{c}");
         rows.extend(copy_rows(gpu, 2 * n * hw * c * 2, format!("{desc} fwd"))?);
         rows.extend(copy_rows(gpu, 3 * n * hw * c * 2, format!("{desc} bwd"))?);
+        if norm::group_norm_cluster_floor(gpu, &x, &mut y)? {
+            rows.push(row("gn_cluster_floor[no math]", desc.clone(), 2.0 * bytes, time(gpu, || norm::group_norm_cluster_floor(gpu, &x, &mut y).map(drop))?));
+        }
         rows.push(row("group_norm_fwd", desc.clone(), 2.0 * bytes, time(gpu, || norm::group_norm(gpu, &x, &gamma, &beta, 1e-5, false, &mut y, &mut stats))?));
         rows.push(row("group_norm_fwd[eager]", desc.clone(), 2.0 * bytes, eager(gpu, || norm::group_norm(gpu, &x, &gamma, &beta, 1e-5, false, &mut y, &mut stats))?));
         rows.push(row("group_norm_silu_fwd", desc.clone(), 2.0 * bytes, time(gpu, || norm::group_norm(gpu, &x, &gamma, &beta, 1e-5, true, &mut y, &mut stats))?));

@@ -403,6 +403,24 @@ pub(crate) fn group_norm_backward_on(
     Ok(GnPath::TwoKernel)
 }
 
+/// The benchmark floor of [`group_norm`]'s cluster path (src/bench/norm.rs): y = x (bf16) through
+/// the plan the forward would launch, by `group_norm_cluster_floor_bf16_r<R>` (the forward's loads,
+/// one cluster barrier, its stores; no arithmetic). False where the forward takes the two-kernel path.
+pub(crate) fn group_norm_cluster_floor(gpu: &Gpu, x: &Tensor, y: &mut Tensor) -> Result<bool> {
+    let (n, hw, c) = nhwc_dims(x)?;
+    ensure!(x.dtype() == DType::BF16 && c % GROUPS == 0, "group_norm_cluster_floor: bf16 x with a multiple of {GROUPS} channels");
+    check_norm_operands("group_norm_cluster_floor", x, c, &[], &[y])?;
+    let mode = if gpu.is_hopper()? { GnMode::Auto } else { GnMode::TwoKernel };
+    let Some(plan) = gn_cluster_plan(gpu, mode, "fwd", n, hw, c, x.dtype(), &[x.ptr()?, y.ptr()?])? else {
+        return Ok(false);
+    };
+    let mut args = vec![KernelArg::Ptr(x.ptr()?), KernelArg::Ptr(y.ptr()?), KernelArg::I32(hw as i32), KernelArg::I32(c as i32)];
+    args.extend(plan_args(&plan));
+    let kernel = interned(format!("group_norm_cluster_floor_bf16_r{}", plan.r));
+    gpu.launch_cluster(MODULE_SM90, kernel, cluster_config(n, &plan), (plan.k as u32, 1, 1), &args)?;
+    Ok(true)
+}
+
 /// The two-kernel path's kernel `<op>_<dtype>_v<e><variant>`.
 fn gn_kernel(op: &str, dtype: DType, e: usize, variant: &str) -> &'static str {
     interned(format!("{op}_{}_v{e}{variant}", dtype.suffix()))

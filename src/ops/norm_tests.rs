@@ -432,3 +432,26 @@ fn gpu_layer_norm_matches_twin() {
         }
     }
 }
+
+/// The benchmark floor kernel does the forward's whole traffic: y = x bit for bit at every SD1.5
+/// shape it runs (so its time is a floor of the same work, not of part of it).
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn gpu_cluster_floor_copies_every_value() {
+    let gpu = Gpu::for_tests().expect("GPU test needs a CUDA device");
+    if !gpu.is_hopper().unwrap() {
+        return;
+    }
+    let mut rng = Rng::new(Rng::fresh_seed());
+    let mut ran = 0;
+    for (n, hw, c) in [(1, 4096, 320), (1, 1024, 640), (1, 256, 1280), (1, 64, 1280), (2, 4096, 640), (1, 1024, 1920)] {
+        let x = round_bf16(&rng.normal_vec(n * hw * c, 1.0));
+        let xd = upload(&gpu, &[n, hw, c], &x, DType::BF16);
+        let mut y = poisoned(&gpu, &[n, hw, c], DType::BF16);
+        if group_norm_cluster_floor(&gpu, &xd, &mut y).unwrap() {
+            assert_eq!(download(&gpu, &y), x, "floor kernel n={n} hw={hw} c={c}");
+            ran += 1;
+        }
+    }
+    assert!(ran >= 4, "the cluster path ran at only {ran} shapes");
+}

@@ -8,7 +8,7 @@
 //   Saved for the backward: stats [n, 32, 2] = (mean, rstd) in f32.
 //   Backward (input grad only, γ β frozen): dh = dy (or dy·σ(h)(1 + h(1 − σ(h))) with SiLU),
 //   d = dh·γ;  dx = rstd·(d − mean_g(d) − x̂·mean_g(d·x̂)) (+ res, optional: a residual branch's gradient).
-//   σ(h) = 1/(1 + e^−h) with the fast __expf and a rounded reciprocal (≈ 1e-6 relative).
+//   σ(h) = 1/(1 + e^−h) with the fast __expf and the approximate division (≈ 1e-6 relative).
 //
 //   Tiling: the hw rows of a sample are cut into `chunks` chunks of `rpc` rows; a block of TX·TY
 //   threads handles one (chunk, sample). Thread (tx, ty) owns the E channels [tx·E, (tx+1)·E) of
@@ -30,8 +30,9 @@
 //   registers (H = 1, 2, 3 or 5, the launcher's smallest with 32·H·E ≥ c: c = 320 bf16 holds 2,
 //   768/640 hold 3, 1280 holds 5; wider rows read the rest again). Fewer held vectors, fewer
 //   registers, more resident warps: the kernel is a latency chain, occupancy is its speed.
-//   with γ and β fetched together with x; exact two-pass statistics (mean, then Σ(x − mean)² from
-//   registers); y = x̂·γ + β; stats [rows, 2] = (mean, rstd).
+//   with γ and β fetched together with x; one-pass shifted statistics (Σd, Σd² of d = x − x[row, 0],
+//   both warp sums in one shuffle chain; the shift keeps mean(d²) − mean(d)² from cancelling);
+//   y = x̂·γ + β; stats [rows, 2] = (mean, rstd).
 //   Backward: d = dy·γ; dx = rstd·(d − mean(d) − x̂·mean(d·x̂)) (+ res, optional: the gradient
 //   of the residual branch around the norm, added here instead of by a separate add).
 //   d = dy·γ is rounded once (__fmul_rn) so that the two passes see the same d: with zero variance
@@ -364,39 +365,45 @@ __device__ void ln_fwd(const T* __restrict__ x, const T* __restrict__ gamma, con
       g[j] = load_raw<T, E>(gamma + (j * 32 + lane) * E);
       be[j] = load_raw<T, E>(beta + (j * 32 + lane) * E);
     }
-  float s = 0.f;
+  // One pass over the row: Σd and Σd² of d = x − shift, shift = x[row, 0] (lane 0's first value),
+  // so that var = mean(d²) − mean(d)² does not cancel; the two warp sums share one shuffle chain.
+  float first = 0.f;
+  if (lane == 0) {
+    float u[E];
+    unpack<T, E>(v[0], u);
+    first = u[0];
+  }
+  const float shift = __shfl_sync(0xffffffff, first, 0);
+  float s = 0.f, q = 0.f;
 #pragma unroll
   for (int j = 0; j < H; ++j)
     if (j * 32 + lane < nv) {
       float u[E];
       unpack<T, E>(v[j], u);
 #pragma unroll
-      for (int i = 0; i < E; ++i) s += u[i];
+      for (int i = 0; i < E; ++i) {
+        const float d = u[i] - shift;
+        s += d;
+        q = fmaf(d, d, q);
+      }
     }
   for (int k = H * 32 + lane; k < nv; k += 32) {
     float u[E];
     load_pack<T, E>(xr + k * E, u);
 #pragma unroll
-    for (int i = 0; i < E; ++i) s += u[i];
-  }
-  const float mean = warp_sum(s) / (float)c;
-  s = 0.f;
-#pragma unroll
-  for (int j = 0; j < H; ++j)
-    if (j * 32 + lane < nv) {
-      float u[E];
-      opaque<T, E>(v[j]);
-      unpack<T, E>(v[j], u);
-#pragma unroll
-      for (int i = 0; i < E; ++i) s = fmaf(u[i] - mean, u[i] - mean, s);
+    for (int i = 0; i < E; ++i) {
+      const float d = u[i] - shift;
+      s += d;
+      q = fmaf(d, d, q);
     }
-  for (int k = H * 32 + lane; k < nv; k += 32) {
-    float u[E];
-    load_pack<T, E>(xr + k * E, u);
-#pragma unroll
-    for (int i = 0; i < E; ++i) s = fmaf(u[i] - mean, u[i] - mean, s);
   }
-  const float rstd = rsqrtf(warp_sum(s) / (float)c + eps);
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) {
+    s += __shfl_xor_sync(0xffffffff, s, o);
+    q += __shfl_xor_sync(0xffffffff, q, o);
+  }
+  const float md = s / (float)c, mean = shift + md;
+  const float rstd = rsqrtf(fmaxf(q / (float)c - md * md, 0.f) + eps);
   if (lane == 0) stats[row] = make_float2(mean, rstd);
   T* yr = y + (int64_t)row * c;
 #pragma unroll

@@ -352,9 +352,9 @@ ATTN_FWD(attn_fwd_hd512_bf16, 512, 128, 2, 1, 32, 1)
 
 // ------------------------------------------------------------------------------------------------
 // Backward, step 1: D[b, h, i] = Σ_d dO·O (f32), and dq_acc (f32 [batch, q_len, heads·HD]) zeroed.
-// One thread per 8-value chunk of a (b, i, h) row: blocks of PREP_ROWS(HD) rows × HD/8 threads; each
-// thread zeroes its chunk of dq_acc and leaves its partial sum in shared memory, and the row's first
-// thread adds the HD/8 partials in chunk order.
+// One thread per 8-value chunk of a (b, i, h) row: blocks of ⌊256 / (HD/8)⌋ rows × HD/8 threads (at
+// most 256; src/ops/attention.rs); each thread zeroes its chunk of dq_acc and leaves its partial sum
+// in shared memory, and the row's first thread adds the HD/8 partials in chunk order.
 // ------------------------------------------------------------------------------------------------
 template <int HD>
 __device__ __forceinline__ void attn_bwd_prep(const bf16* __restrict__ o, const bf16* __restrict__ dout, float* __restrict__ dvec,

@@ -416,8 +416,7 @@ pub(crate) fn group_norm_cluster_floor(gpu: &Gpu, x: &Tensor, y: &mut Tensor) ->
     };
     let mut args = vec![KernelArg::Ptr(x.ptr()?), KernelArg::Ptr(y.ptr()?), KernelArg::I32(hw as i32), KernelArg::I32(c as i32)];
     args.extend(plan_args(&plan));
-    let kernel = interned(format!("group_norm_cluster_floor_bf16_r{}", plan.r));
-    gpu.launch_cluster(MODULE_SM90, kernel, cluster_config(n, &plan), (plan.k as u32, 1, 1), &args)?;
+    gpu.launch_cluster(MODULE_SM90, gn_cluster_kernel("floor", x.dtype(), &plan), cluster_config(n, &plan), (plan.k as u32, 1, 1), &args)?;
     Ok(true)
 }
 

@@ -179,7 +179,7 @@ struct BenchArgs {
 enum BenchWhat {
     /// Time every kernel at the SD1.5 shapes (CUDA events after warm-up: median, min, max, rate).
     Kernels {
-        /// Only the kernel families whose name contains this text (elementwise, gemm, lora, conv, attention, norm).
+        /// Only the kernel families whose name contains this text (elementwise, conv, attention, norm, norm_dram, gemm, gemm_split).
         #[arg(long, default_value = "")]
         filter: String,
     },

@@ -73,7 +73,7 @@ impl BenchRow {
 type BenchFn = fn(&Gpu) -> Result<Vec<BenchRow>>;
 
 /// The kernel families `sdlora bench kernels` knows, by name.
-const FAMILIES: &[(&str, BenchFn)] = &[("elementwise", elementwise::bench), ("conv", conv::bench), ("attention", attention::bench), ("norm", norm::bench), ("gemm", gemm::bench), ("gemm_split", gemm::bench_split)];
+const FAMILIES: &[(&str, BenchFn)] = &[("elementwise", elementwise::bench), ("conv", conv::bench), ("attention", attention::bench), ("norm", norm::bench), ("norm_dram", norm::bench_dram), ("gemm", gemm::bench), ("gemm_split", gemm::bench_split)];
 
 /// Runs the benchmark of every kernel family whose name contains `filter` and prints a table.
 pub fn run_kernel_benches(gpu: &Gpu, filter: &str) -> Result<()> {

@@ -214,3 +214,54 @@ pub fn bench(gpu: &Gpu) -> Result<Vec<BenchRow>> {
     }
     Ok(rows)
 }
+
+/// Norms at sizes whose input and output do not fit in the 50 MB L2 together, where the op is
+/// bound by DRAM bandwidth and the floor is (bytes read + written once) / the DRAM copy rate of the
+/// same run (`memcpy_dtod[eager] 256 MiB`, and a copy of the same bytes): the VAE's GroupNorms at
+/// 512 px (decoder up blocks; the encoder's are the same shapes), GroupNorm forward and backward on
+/// a 4-image batch of 1024 px latents (128² tokens), and LayerNorm over 1024 px transformer tokens
+/// (2 and 4 images).
+pub fn bench_dram(gpu: &Gpu) -> Result<Vec<BenchRow>> {
+    let mut rows = Vec::new();
+    let counter = StepCounter::new(gpu, 1)?;
+    let bytes = 256usize << 20;
+    let (a, b) = (gpu.alloc(Scratch, bytes)?, gpu.alloc(Scratch, bytes)?);
+    let t = eager(gpu, || unsafe { cudarc::driver::result::memcpy_dtod_async(b.ptr(), a.ptr(), bytes, gpu.stream().cu_stream()) }.context("copy"))?;
+    rows.push(row("memcpy_dtod[eager]", "256 MiB".into(), 2.0 * bytes as f64, t));
+    drop((a, b));
+
+    for (n, hw, c, backward) in [(1, 16384, 512, false), (1, 65536, 256, false), (1, 65536, 512, false), (1, 262144, 128, false), (1, 262144, 256, false), (4, 16384, 320, true)] {
+        let shape = [n, hw, c];
+        let x = randn(gpu, &shape, BF16, &counter)?;
+        let (gamma, beta) = (randn(gpu, &[c], BF16, &counter)?, randn(gpu, &[c], BF16, &counter)?);
+        let mut y = Tensor::empty_gpu(gpu, Scratch, &shape, BF16)?;
+        let mut stats = Tensor::empty_gpu(gpu, Scratch, &[n, norm::GROUPS, 2], DType::F32)?;
+        let bytes = (n * hw * c * 2) as f64;
+        let desc = format!("{n}x{hw}x{c}");
+        rows.extend(copy_rows(gpu, 2 * n * hw * c * 2, format!("{desc} fwd"))?);
+        rows.push(row("group_norm_fwd", desc.clone(), 2.0 * bytes, time(gpu, || norm::group_norm(gpu, &x, &gamma, &beta, 1e-6, false, &mut y, &mut stats))?));
+        rows.push(row("group_norm_silu_fwd", desc.clone(), 2.0 * bytes, time(gpu, || norm::group_norm(gpu, &x, &gamma, &beta, 1e-6, true, &mut y, &mut stats))?));
+        if backward {
+            let dy = randn(gpu, &shape, BF16, &counter)?;
+            let mut dx = Tensor::empty_gpu(gpu, Scratch, &shape, BF16)?;
+            rows.extend(copy_rows(gpu, 3 * n * hw * c * 2, format!("{desc} bwd"))?);
+            rows.push(row("group_norm_bwd", desc.clone(), 3.0 * bytes, time(gpu, || norm::group_norm_backward(gpu, &x, &gamma, &beta, &stats, false, &dy, None, &mut dx))?));
+            rows.push(row("group_norm_silu_bwd", desc, 3.0 * bytes, time(gpu, || norm::group_norm_backward(gpu, &x, &gamma, &beta, &stats, true, &dy, None, &mut dx))?));
+        }
+    }
+
+    for (r, c) in [(32768, 320), (65536, 320)] {
+        let x = randn(gpu, &[r, c], BF16, &counter)?;
+        let dy = randn(gpu, &[r, c], BF16, &counter)?;
+        let (gamma, beta) = (randn(gpu, &[c], BF16, &counter)?, randn(gpu, &[c], BF16, &counter)?);
+        let mut y = Tensor::empty_gpu(gpu, Scratch, &[r, c], BF16)?;
+        let mut dx = Tensor::empty_gpu(gpu, Scratch, &[r, c], BF16)?;
+        let mut stats = Tensor::empty_gpu(gpu, Scratch, &[r, 2], DType::F32)?;
+        let bytes = (r * c * 2) as f64;
+        rows.extend(copy_rows(gpu, 2 * r * c * 2, format!("{r}x{c} fwd"))?);
+        rows.extend(copy_rows(gpu, 3 * r * c * 2, format!("{r}x{c} bwd"))?);
+        rows.push(row("layer_norm_fwd", format!("{r}x{c}"), 2.0 * bytes, time(gpu, || norm::layer_norm(gpu, &x, &gamma, &beta, 1e-5, &mut y, &mut stats))?));
+        rows.push(row("layer_norm_bwd", format!("{r}x{c}"), 3.0 * bytes, time(gpu, || norm::layer_norm_backward(gpu, &x, &gamma, &stats, &dy, None, &mut dx))?));
+    }
+    Ok(rows)
+}

@@ -147,21 +147,23 @@ fn nhwc_dims(x: &Tensor) -> Result<(usize, usize, usize)> {
 
 /// Rows per chunk and chunk count for `hw` rows per sample, with `ty` thread rows per block: about
 /// 128 blocks of up to 512 threads in all (one wave on a 132-SM H100; measured against 256 blocks,
-/// which is slower for 2 samples and no faster for one), more where a thread would read over 8 rows;
-/// at most 128 chunks per sample (every apply block reads all its sample's chunk partials).
-fn gn_tiling(n: usize, hw: usize, ty: usize) -> (usize, usize) {
-    let want = hw.div_ceil(8 * ty).max(128usize.div_ceil(n)).clamp(1, 128);
+/// which is slower for 2 samples and no faster for one), more where a thread would read over 8 rows
+/// (not for `one_wave`: blocks of 1024 threads, one per SM); at most 128 chunks per sample (every
+/// apply block reads all its sample's chunk partials).
+fn gn_tiling(n: usize, hw: usize, ty: usize, one_wave: bool) -> (usize, usize) {
+    let per_sample = (128 / n).max(1);
+    let want = if one_wave { per_sample } else { hw.div_ceil(8 * ty).max(per_sample) }.clamp(1, 128);
     let rpc = hw.div_ceil(want.min(hw.div_ceil(ty)));
     (rpc, hw.div_ceil(rpc))
 }
 
 /// The two-kernel GroupNorm launch shape for c channels: E (elements per vector: the widest 16-byte
-/// vector with E ≤ c/32, so that a vector touches at most two groups; 8 f32 where a row would
-/// otherwise need more than 512 vectors), TX = c/E threads per row and TY thread rows per block (at
-/// most `threads` threads: 512, or 256 for the `_t256r4` kernels).
+/// vector that touches at most two groups — E ≤ c/32, or E = 2·c/32, two whole groups; 8 f32 where a
+/// row would otherwise need more than 512 vectors), TX = c/E threads per row and TY thread rows per
+/// block (at most `threads` threads: 512, 256 for `_t256r4`, 1024 for `_t1024`'s statistics).
 fn gn_layout(c: usize, dtype: DType, threads: usize) -> Result<(usize, usize, usize)> {
     let cpg = c / GROUPS;
-    let fits = |e: usize| e <= cpg && c.is_multiple_of(e);
+    let fits = |e: usize| (e <= cpg || e == 2 * cpg) && c.is_multiple_of(e);
     let mut e = [8, 4, 2, 1].into_iter().find(|&e| e * dtype.size() <= 16 && fits(e)).unwrap_or(1);
     if c / e > threads && fits(8) {
         e = 8;
@@ -171,15 +173,42 @@ fn gn_layout(c: usize, dtype: DType, threads: usize) -> Result<(usize, usize, us
     Ok((e, tx, (threads / tx).max(1)))
 }
 
-/// The two-kernel variant for x [n, hw, c]: blocks of 512 threads loading 2 rows at a time, or, for
+/// The two-kernel variant for x [n, hw, c]: blocks of 512 threads loading 2 rows at a time; for
 /// large inputs (≥ 4 Mi elements, e.g. 2×4096×640, where 512-thread blocks leave long chains of
-/// two-row batches), blocks of 256 loading 4 (`_t256r4`). Returns (threads, kernel name suffix).
-fn gn_variant(n: usize, hw: usize, c: usize, dtype: DType) -> (usize, &'static str) {
-    if n * hw * c >= 4 << 20 && gn_layout(c, dtype, 256).is_ok() { (256, "_t256r4") } else { (512, "") }
+/// two-row batches), blocks of 256 loading 4 (`_t256r4`); forward, for inputs larger than L2
+/// (≥ 24 MiB, the VAE's at 512 px), statistics in one wave of 1024-thread blocks loading 4 rows and
+/// apply in 512-thread blocks (`_t1024`; the backward there is faster as `_t256r4`).
+/// Returns (stats threads, apply threads, kernel suffix).
+fn gn_variant(n: usize, hw: usize, c: usize, dtype: DType, backward: bool) -> (usize, usize, &'static str) {
+    let elements = n * hw * c;
+    if gn_layout(c, dtype, 256).is_err() || elements < 4 << 20 {
+        (512, 512, "")
+    } else if !backward && elements * dtype.size() >= 24 << 20 {
+        (1024, 512, "_t1024")
+    } else {
+        (256, 256, "_t256r4")
+    }
 }
 
-fn gn_config(n: usize, chunks: usize, threads: usize) -> LaunchConfig {
-    LaunchConfig { grid_dim: (chunks as u32, n as u32, 1), block_dim: (threads as u32, 1, 1), shared_mem_bytes: 0 }
+/// A two-kernel launch: the kernels' suffix and vector width, rows per chunk and chunks per sample,
+/// and the launch shapes of the statistics and apply kernels (the same chunks, each its own block
+/// size).
+struct GnTwoKernel {
+    suffix: &'static str,
+    e: usize,
+    rpc: usize,
+    chunks: usize,
+    stats: LaunchConfig,
+    apply: LaunchConfig,
+}
+
+fn gn_two_kernel(n: usize, hw: usize, c: usize, dtype: DType, backward: bool) -> Result<GnTwoKernel> {
+    let (stats_threads, apply_threads, suffix) = gn_variant(n, hw, c, dtype, backward);
+    let (e, tx, ty) = gn_layout(c, dtype, apply_threads)?;
+    let stats_ty = (stats_threads / tx).max(1);
+    let (rpc, chunks) = gn_tiling(n, hw, stats_ty, stats_threads == 1024);
+    let config = |ty: usize| LaunchConfig { grid_dim: (chunks as u32, n as u32, 1), block_dim: ((tx * ty) as u32, 1, 1), shared_mem_bytes: 0 };
+    Ok(GnTwoKernel { suffix, e, rpc, chunks, stats: config(stats_ty), apply: config(ty) })
 }
 
 /// Which GroupNorm path may run: `Auto` = the cluster kernels where a plan runs in one wave on a
@@ -339,20 +368,17 @@ pub(crate) fn group_norm_on(gpu: &Gpu, mode: GnMode, x: &Tensor, gamma: &Tensor,
         gpu.launch_cluster(MODULE_SM90, gn_cluster_kernel("fwd", x.dtype(), &plan), cluster_config(n, &plan), (plan.k as u32, 1, 1), &args)?;
         return Ok(GnPath::Cluster);
     }
-    let (threads, variant) = gn_variant(n, hw, c, x.dtype());
-    let (e, tx, ty) = gn_layout(c, x.dtype(), threads)?;
-    let (rpc, chunks) = gn_tiling(n, hw, ty);
-    let part = gpu.alloc(ArenaKind::Scratch, n * chunks * GROUPS * 8)?;
-    let dims = [KernelArg::I32(hw as i32), KernelArg::I32(c as i32), KernelArg::I32(rpc as i32), KernelArg::I32(chunks as i32)];
-    let cfg = gn_config(n, chunks, tx * ty);
+    let plan = gn_two_kernel(n, hw, c, x.dtype(), false)?;
+    let part = gpu.alloc(ArenaKind::Scratch, n * plan.chunks * GROUPS * 8)?;
+    let dims = [KernelArg::I32(hw as i32), KernelArg::I32(c as i32), KernelArg::I32(plan.rpc as i32), KernelArg::I32(plan.chunks as i32)];
     let mut args = vec![KernelArg::Ptr(x.ptr()?), KernelArg::Ptr(part.ptr())];
     args.extend(dims);
-    gpu.launch(MODULE, gn_kernel("group_norm_fwd_stats", x.dtype(), e, variant), cfg, &args)?;
+    gpu.launch(MODULE, gn_kernel("group_norm_fwd_stats", x.dtype(), &plan), plan.stats, &args)?;
     let mut args = front.to_vec();
     args.extend([KernelArg::Ptr(part.ptr()), KernelArg::Ptr(stats.ptr()?)]);
     args.extend(dims);
     args.extend([KernelArg::F32(eps), KernelArg::I32(silu as i32)]);
-    gpu.launch(MODULE, gn_kernel("group_norm_fwd_apply", x.dtype(), e, variant), cfg, &args)?;
+    gpu.launch(MODULE, gn_kernel("group_norm_fwd_apply", x.dtype(), &plan), plan.apply, &args)?;
     Ok(GnPath::TwoKernel)
 }
 
@@ -386,20 +412,17 @@ pub(crate) fn group_norm_backward_on(
         gpu.launch_cluster(MODULE_SM90, gn_cluster_kernel("bwd", x.dtype(), &plan), cluster_config(n, &plan), (plan.k as u32, 1, 1), &args)?;
         return Ok(GnPath::Cluster);
     }
-    let (threads, variant) = gn_variant(n, hw, c, x.dtype());
-    let (e, tx, ty) = gn_layout(c, x.dtype(), threads)?;
-    let (rpc, chunks) = gn_tiling(n, hw, ty);
-    let part = gpu.alloc(ArenaKind::Scratch, n * chunks * GROUPS * 8)?;
-    let cfg = gn_config(n, chunks, tx * ty);
-    let tail = [KernelArg::I32(hw as i32), KernelArg::I32(c as i32), KernelArg::I32(rpc as i32), KernelArg::I32(chunks as i32), KernelArg::I32(silu as i32)];
+    let plan = gn_two_kernel(n, hw, c, x.dtype(), true)?;
+    let part = gpu.alloc(ArenaKind::Scratch, n * plan.chunks * GROUPS * 8)?;
+    let tail = [KernelArg::I32(hw as i32), KernelArg::I32(c as i32), KernelArg::I32(plan.rpc as i32), KernelArg::I32(plan.chunks as i32), KernelArg::I32(silu as i32)];
     let mut args = front.to_vec();
     args.push(KernelArg::Ptr(part.ptr()));
     args.extend(tail);
-    gpu.launch(MODULE, gn_kernel("group_norm_bwd_stats", x.dtype(), e, variant), cfg, &args)?;
+    gpu.launch(MODULE, gn_kernel("group_norm_bwd_stats", x.dtype(), &plan), plan.stats, &args)?;
     let mut args = front.to_vec();
     args.extend([KernelArg::Ptr(part.ptr()), res, KernelArg::Ptr(dx.ptr()?)]);
     args.extend(tail);
-    gpu.launch(MODULE, gn_kernel("group_norm_bwd_apply", x.dtype(), e, variant), cfg, &args)?;
+    gpu.launch(MODULE, gn_kernel("group_norm_bwd_apply", x.dtype(), &plan), plan.apply, &args)?;
     Ok(GnPath::TwoKernel)
 }
 
@@ -420,9 +443,9 @@ pub(crate) fn group_norm_cluster_floor(gpu: &Gpu, x: &Tensor, y: &mut Tensor) ->
     Ok(true)
 }
 
-/// The two-kernel path's kernel `<op>_<dtype>_v<e><variant>`.
-fn gn_kernel(op: &str, dtype: DType, e: usize, variant: &str) -> &'static str {
-    interned(format!("{op}_{}_v{e}{variant}", dtype.suffix()))
+/// The two-kernel path's kernel `<op>_<dtype>_v<e><suffix>`.
+fn gn_kernel(op: &str, dtype: DType, plan: &GnTwoKernel) -> &'static str {
+    interned(format!("{op}_{}_v{}{}", dtype.suffix(), plan.e, plan.suffix))
 }
 
 /// The cluster kernels' (gpc, rpc) arguments.

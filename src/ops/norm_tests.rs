@@ -66,16 +66,20 @@ fn tiling_covers_rows_with_bounded_chunks() {
     for n in [1, 2, 3] {
         for ty in [1, 2, 6, 8] {
             for hw in [1, 7, 64, 256, 1024, 4096, 9216] {
-                let (rpc, chunks) = gn_tiling(n, hw, ty);
-                assert!(chunks <= 128 && rpc * chunks >= hw && rpc * (chunks - 1) < hw, "n={n} ty={ty} hw={hw}: {rpc}×{chunks}");
+                for one_wave in [false, true] {
+                    let (rpc, chunks) = gn_tiling(n, hw, ty, one_wave);
+                    assert!(chunks <= 128 && rpc * chunks >= hw && rpc * (chunks - 1) < hw, "n={n} ty={ty} hw={hw}: {rpc}×{chunks}");
+                    assert!(!one_wave || n * chunks <= 128.max(n), "n={n} ty={ty} hw={hw}: {n}×{chunks} blocks of 1024 threads");
+                }
             }
         }
     }
     // One 4096-row sample with 12 thread rows: 128 chunks, at most 3 rows per thread; two samples: 64 each.
-    assert_eq!(gn_tiling(1, 4096, 12), (32, 128));
-    assert_eq!(gn_tiling(2, 4096, 12), (64, 64));
+    assert_eq!(gn_tiling(1, 4096, 12, false), (32, 128));
+    assert_eq!(gn_tiling(2, 4096, 12, false), (64, 64));
+    assert_eq!(gn_tiling(4, 16384, 25, true), (512, 32));
     assert_eq!((vector_width(10, DType::BF16), vector_width(40, DType::BF16), vector_width(40, DType::F32), vector_width(3, DType::F32)), (2, 8, 4, 1));
-    for (c, dtype, want) in [(320, DType::BF16, (8, 40, 12)), (1280, DType::BF16, (8, 160, 3)), (2560, DType::BF16, (8, 320, 1)), (2560, DType::F32, (8, 320, 1)), (1024, DType::F32, (4, 256, 2)), (32, DType::BF16, (1, 32, 16)), (96, DType::F32, (2, 48, 10)), (128, DType::BF16, (4, 32, 16))] {
+    for (c, dtype, want) in [(320, DType::BF16, (8, 40, 12)), (1280, DType::BF16, (8, 160, 3)), (2560, DType::BF16, (8, 320, 1)), (2560, DType::F32, (8, 320, 1)), (1024, DType::F32, (4, 256, 2)), (96, DType::F32, (2, 48, 10)), (128, DType::BF16, (8, 16, 32)), (32, DType::BF16, (2, 16, 32))] {
         assert_eq!(gn_layout(c, dtype, 512).unwrap(), want, "c={c} {dtype:?}");
     }
     // Every vector spans at most two groups and a block holds at most 512 threads, for every width
@@ -83,7 +87,7 @@ fn tiling_covers_rows_with_bounded_chunks() {
     for cpg in 1..=100 {
         for dtype in [DType::BF16, DType::F32] {
             let (e, tx, ty) = gn_layout(32 * cpg, dtype, 512).unwrap();
-            assert!(e <= cpg && tx * e == 32 * cpg && tx * ty <= 512 && tx * ty >= 32, "cpg={cpg}: ({e}, {tx}, {ty})");
+            assert!((e <= cpg || e == 2 * cpg) && tx * e == 32 * cpg && tx * ty <= 512 && tx * ty >= 32, "cpg={cpg}: ({e}, {tx}, {ty})");
         }
     }
     assert!(gn_layout(32 * 1024, DType::BF16, 512).is_err());
@@ -355,8 +359,9 @@ fn gpu_group_norm_matches_twin_at_odd_shapes() {
     let mode = if hopper { GnMode::Cluster } else { GnMode::TwoKernel };
     // Odd channels per group and vectors over three groups (two kernels everywhere); then the
     // cluster path where a plan exists: one row, fewer rows than CTAs (empty CTAs), rows not a
-    // multiple of 16, many samples, f32 with 4 channels per group, the 4096×960 backward and a long
-    // sample (two kernels); each also as `group_norm` picks.
+    // multiple of 16, many samples, f32 with 4 channels per group (bf16: one vector over two
+    // groups), the 4096×960 backward and a long sample (two kernels; `_t1024` forward from 24 MiB); each
+    // also as `group_norm` picks.
     for (n, hw, c) in [(3, 7, 96), (2, 9, 224), (1, 150_001, 32), (2, 9, 64)] {
         for dtype in [DType::BF16, DType::F32] {
             gpu_group_norm_case(&gpu, n, hw, c, n != 2, 1e-6, dtype, mode);
@@ -370,6 +375,11 @@ fn gpu_group_norm_matches_twin_at_odd_shapes() {
         }
         let auto = if hopper { GnMode::Auto } else { GnMode::TwoKernel };
         gpu_group_norm_case(&gpu, n, hw, c, true, 1e-5, DType::BF16, auto);
+    }
+    // The VAE's 512² × 128 input, larger than L2 (the `_t1024` forward), 8-element vectors over
+    // two 4-channel groups.
+    for silu in [false, true] {
+        gpu_group_norm_case(&gpu, 1, 262_144, 128, silu, 1e-6, DType::BF16, mode);
     }
 }
 

@@ -5,7 +5,8 @@ floor. Each op twice: per call inside a CUDA graph of 20 calls (pure GPU time, c
 rows without a suffix) and eagerly (`[eager]`: CUDA events around each call from Python, 10 warm-up, 100 timed, median). GroupNorm is timed on a channels_last
 NCHW tensor (what our NHWC layout corresponds to) and on a contiguous NCHW one (torch's native layout).
 
-    python3 benches/torch_norm.py
+    python3 benches/torch_norm.py            # the shapes of `sdlora bench kernels --filter norm`
+    python3 benches/torch_norm.py --dram     # those of `--filter norm_dram`
 """
 import torch
 import torch.nn.functional as F
@@ -106,5 +107,46 @@ def main():
         report(name, f"{n} (1 tensor)", 7 * n * 4, time_ms(opt.step))
 
 
+def main_dram():
+    """The shapes of src/bench/norm.rs `bench_dram` (sdlora bench kernels --filter norm_dram): the VAE's
+    GroupNorms at 512 px, a 4-image batch of 1024 px latents, LayerNorm over 1024 px tokens; graph timing."""
+    dev = "cuda"
+    torch.manual_seed(0)
+    print(f"torch {torch.__version__}, {torch.cuda.get_device_name()}")
+    bf = torch.bfloat16
+    grad = torch.autograd.grad
+
+    def rnd(*shape):
+        return torch.randn(*shape).to(dev, bf)
+
+    a = torch.empty(256 << 20, dtype=torch.uint8, device=dev)
+    b = torch.empty_like(a)
+    report("copy", "256 MiB", 2 * (256 << 20), time_graph(lambda: b.copy_(a)))
+    del a, b
+    for n, hw, c, backward in [(1, 16384, 512, False), (1, 65536, 256, False), (1, 65536, 512, False),
+                               (1, 262144, 128, False), (1, 262144, 256, False), (4, 16384, 320, True)]:
+        side = int(hw ** 0.5)
+        w, b = rnd(c), rnd(c)
+        nbytes = n * hw * c * 2
+        shape = f"{n}x{hw}x{c}"
+        for layout, fmt in (("channels_last", torch.channels_last), ("nchw", torch.contiguous_format)):
+            x = rnd(n, c, side, side).contiguous(memory_format=fmt).requires_grad_(backward)
+            gn = lambda: F.group_norm(x, 32, w, b, 1e-6)
+            report(f"group_norm_fwd[{layout}]", shape, 2 * nbytes, time_graph(gn))
+            report(f"group_norm_silu_fwd[{layout}]", shape, 2 * nbytes, time_graph(lambda: F.silu(gn())))
+            if backward:
+                dy = rnd(n, c, side, side).contiguous(memory_format=fmt)
+                report(f"group_norm_fwd+bwd[{layout}]", shape, 5 * nbytes, time_graph(lambda: grad(gn(), x, dy)))
+            del x
+    for r, c in [(32768, 320), (65536, 320)]:
+        x = rnd(r, c).requires_grad_(True)
+        dy = rnd(r, c)
+        w, b = rnd(c), rnd(c)
+        ln = lambda: F.layer_norm(x, (c,), w, b, 1e-5)
+        report("layer_norm_fwd", f"{r}x{c}", 2 * r * c * 2, time_graph(ln))
+        report("layer_norm_fwd+bwd", f"{r}x{c}", 5 * r * c * 2, time_graph(lambda: grad(ln(), x, dy)))
+
+
 if __name__ == "__main__":
-    main()
+    import sys
+    main_dram() if "--dram" in sys.argv[1:] else main()

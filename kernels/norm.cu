@@ -24,9 +24,9 @@
 //     *_apply: load their first rows, then combine the partials of their sample (every warp loads a
 //              batch of chunks' partials at once, Chan's formula forward, sums backward, then warp 0
 //              merges the warps' results), so both loads are in flight together; then write y (and
-//              stats) or dx for the chunk. Apply walks each thread's rows backwards, last batch
-//              first: the rows the stats pass read last are the ones still in L2 when the tensor is
-//              larger than L2.
+//              stats) or dx for the chunk. The forward's `_t1024` variant (inputs larger than L2)
+//              walks each thread's rows backwards, last batch first: the rows the stats pass read
+//              last are the ones still in L2 (where x fits in L2, the forward walk is 2–4 % faster).
 //
 // LayerNorm over rows: x [rows, c], one warp per row holding H vectors of E elements per lane in
 //   registers (H = 1, 2, 3 or 5, the launcher's smallest with 32·H·E ≥ c: c = 320 bf16 holds 2,
@@ -208,7 +208,7 @@ __device__ void gn_fwd_stats(const T* __restrict__ x, float2* __restrict__ part,
   }
 }
 
-template <typename T, int E, int R>
+template <typename T, int E, int R, bool BACKWARDS>
 __device__ void gn_fwd_apply(const T* __restrict__ x, const T* __restrict__ gamma, const T* __restrict__ beta,
                              T* __restrict__ y, const float2* __restrict__ part, float2* __restrict__ stats, int hw, int c,
                              int rpc, int chunks, float eps, int silu) {
@@ -222,7 +222,7 @@ __device__ void gn_fwd_apply(const T* __restrict__ x, const T* __restrict__ gamm
   load_pack<T, E>(beta + th.c0, be);
   // The first rows are loaded before the statistics are combined: both latencies overlap.
   Pack<T, E> pk[R];
-  int r = last_batch_row<R>(th, r0, r1);
+  int r = BACKWARDS ? last_batch_row<R>(th, r0, r1) : r0 + th.ty;
   load_rows<T, E, R>(x + base, c, r, th.TY, r1, pk);
   __shared__ float2 sh_stats[GROUPS];
   gn_combine<true>(part, b, hw, th.cpg, rpc, chunks, eps, sh_stats);
@@ -243,8 +243,8 @@ __device__ void gn_fwd_apply(const T* __restrict__ x, const T* __restrict__ gamm
       }
       store_pack<T, E>(y + base + (int64_t)rj * c, v);
     }
-    r -= R * th.TY;
-    if (r < r0) break;
+    r += BACKWARDS ? -R * th.TY : R * th.TY;
+    if (BACKWARDS ? r < r0 : r >= r1) break;
     load_rows<T, E, R>(x + base, c, r, th.TY, r1, pk);
   }
 }
@@ -308,14 +308,14 @@ __device__ void gn_bwd_apply(const T* __restrict__ x, const T* __restrict__ gamm
   load_pack<T, E>(beta + th.c0, be);
   // The first rows are loaded before the sums are combined: both latencies overlap.
   Pack<T, E> px[R], pd[R], pr[R];
-  int r = last_batch_row<R>(th, r0, r1);
+  int r = r0 + th.ty;
   load_rows<T, E, R>(x + base, c, r, th.TY, r1, px);
   load_rows<T, E, R>(dy + base, c, r, th.TY, r1, pd);
   if (res) load_rows<T, E, R>(res + base, c, r, th.TY, r1, pr);
   __shared__ float2 sums[GROUPS];
   gn_combine<false>(part, b, hw, th.cpg, rpc, chunks, 0.f, sums);
   const float2 m_lo = sums[th.g0], m_hi = sums[th.g_hi()];
-  for (;;) {
+  while (r < r1) {
 #pragma unroll
     for (int j = 0; j < R; ++j) {
       const int rj = r + j * th.TY;
@@ -338,8 +338,7 @@ __device__ void gn_bwd_apply(const T* __restrict__ x, const T* __restrict__ gamm
       }
       store_pack<T, E>(dx + base + (int64_t)rj * c, v);
     }
-    r -= R * th.TY;
-    if (r < r0) break;
+    r += R * th.TY;
     load_rows<T, E, R>(x + base, c, r, th.TY, r1, px);
     load_rows<T, E, R>(dy + base, c, r, th.TY, r1, pd);
     if (res) load_rows<T, E, R>(res + base, c, r, th.TY, r1, pr);
@@ -522,8 +521,8 @@ __device__ void ln_bwd(const T* __restrict__ x, const T* __restrict__ gamma, con
 // blocks of up to 512 threads, R = 2 rows loaded at a time (more would spill at 128 registers);
 // suffix _t256r4: blocks of up to 256 threads loading R = 4 rows at a time, for samples of many
 // rows per thread; _t1024 (forward only): statistics in blocks of up to 1024 threads and apply in
-// blocks of up to 512, R = 4, one wave, for inputs larger than L2 (the launcher's rule,
-// src/ops/norm.rs gn_variant). The apply kernels ask for one block per SM at least
+// blocks of up to 512 walking rows backwards, R = 4, one wave, for inputs larger than L2 (the
+// launcher's rule, src/ops/norm.rs gn_variant). The apply kernels ask for one block per SM at least
 // (__launch_bounds__(threads, 1)): without it ptxas aims at two 512-thread blocks per SM on
 // sm_80/86/89 (64 registers) and spills.
 // LayerNorm's carry _h<H>, the vectors per lane held in registers (blocks of 256 per SM: 4 for
@@ -537,32 +536,32 @@ __device__ void ln_bwd(const T* __restrict__ x, const T* __restrict__ gamma, con
       const T* x, const T* gamma, const float2* stats, const T* dy, const T* res, T* dx, int rows, int c) { await_previous_kernel(); \
     ln_bwd<T, E, H>(x, gamma, stats, dy, res, dx, rows, c);                                                            \
   }
-#define GN_FWD_KERNELS(TN, T, E, SUFFIX, STATS_THREADS, APPLY_THREADS, R)                                           \
-  extern "C" __global__ void __launch_bounds__(STATS_THREADS) group_norm_fwd_stats_##TN##_v##E##SUFFIX(                \
+#define GN_FWD_KERNELS(TN, T, E, SUFFIX, STATS_THREADS, APPLY_THREADS, R, BACKWARDS)                                    \
+  extern "C" __global__ void __launch_bounds__(STATS_THREADS) group_norm_fwd_stats_##TN##_v##E##SUFFIX(                 \
       const T* x, float2* part, int hw, int c, int rpc, int chunks) { await_previous_kernel();                         \
     gn_fwd_stats<T, E, R>(x, part, hw, c, rpc, chunks);                                                                \
   }                                                                                                                    \
-  extern "C" __global__ void __launch_bounds__(APPLY_THREADS, 1) group_norm_fwd_apply_##TN##_v##E##SUFFIX(             \
+  extern "C" __global__ void __launch_bounds__(APPLY_THREADS, 1) group_norm_fwd_apply_##TN##_v##E##SUFFIX(              \
       const T* x, const T* gamma, const T* beta, T* y, const float2* part, float2* stats, int hw, int c, int rpc,     \
       int chunks, float eps, int silu) { await_previous_kernel();                                                      \
-    gn_fwd_apply<T, E, R>(x, gamma, beta, y, part, stats, hw, c, rpc, chunks, eps, silu);                              \
+    gn_fwd_apply<T, E, R, BACKWARDS>(x, gamma, beta, y, part, stats, hw, c, rpc, chunks, eps, silu);                    \
   }
-#define GN_BWD_KERNELS(TN, T, E, SUFFIX, THREADS, R)                                                                   \
+#define GN_BWD_KERNELS(TN, T, E, SUFFIX, THREADS, R)                                                                    \
   extern "C" __global__ void __launch_bounds__(THREADS) group_norm_bwd_stats_##TN##_v##E##SUFFIX(                      \
       const T* x, const T* gamma, const T* beta, const float2* stats, const T* dy, float2* part, int hw, int c,       \
       int rpc, int chunks, int silu) { await_previous_kernel();                                                        \
     gn_bwd_stats<T, E, R>(x, gamma, beta, stats, dy, part, hw, c, rpc, chunks, silu);                                  \
   }                                                                                                                    \
-  extern "C" __global__ void __launch_bounds__(THREADS, 1) group_norm_bwd_apply_##TN##_v##E##SUFFIX(                   \
-      const T* x, const T* gamma, const T* beta, const float2* stats, const T* dy, const float2* part, const T* res,   \
+  extern "C" __global__ void __launch_bounds__(THREADS, 1) group_norm_bwd_apply_##TN##_v##E##SUFFIX(                    \
+      const T* x, const T* gamma, const T* beta, const float2* stats, const T* dy, const float2* part, const T* res,    \
       T* dx, int hw, int c, int rpc, int chunks, int silu) { await_previous_kernel();                                  \
     gn_bwd_apply<T, E, R>(x, gamma, beta, stats, dy, part, res, dx, hw, c, rpc, chunks, silu);                         \
   }
-#define GN_VARIANTS(TN, T, E)                                                                                          \
-  GN_FWD_KERNELS(TN, T, E, , 512, 512, 2) GN_BWD_KERNELS(TN, T, E, , 512, 2)                                           \
-  GN_FWD_KERNELS(TN, T, E, _t256r4, 256, 256, 4) GN_BWD_KERNELS(TN, T, E, _t256r4, 256, 4)                             \
-  GN_FWD_KERNELS(TN, T, E, _t1024, 1024, 512, 4)
-#define NORM_KERNELS(TN, T, E)                                                                                         \
+#define GN_VARIANTS(TN, T, E)                                                                                           \
+  GN_FWD_KERNELS(TN, T, E, , 512, 512, 2, false) GN_BWD_KERNELS(TN, T, E, , 512, 2)                                     \
+  GN_FWD_KERNELS(TN, T, E, _t256r4, 256, 256, 4, false) GN_BWD_KERNELS(TN, T, E, _t256r4, 256, 4)                       \
+  GN_FWD_KERNELS(TN, T, E, _t1024, 1024, 512, 4, true)
+#define NORM_KERNELS(TN, T, E)                                                                                          \
   GN_VARIANTS(TN, T, E)                                                                                                \
   LN_KERNELS(TN, T, E, 1)                                                                                              \
   LN_KERNELS(TN, T, E, 2)                                                                                              \

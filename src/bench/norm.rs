@@ -142,19 +142,7 @@ pub fn bench(gpu: &Gpu) -> Result<Vec<BenchRow>> {
 
     // LayerNorm: transformer tokens at each level (batch 1 and 2) and CLIP.
     for (r, c) in [(4096, 320), (1024, 640), (256, 1280), (64, 1280), (77, 768), (8192, 320)] {
-        let x = randn(gpu, &[r, c], BF16, &counter)?;
-        let dy = randn(gpu, &[r, c], BF16, &counter)?;
-        let (gamma, beta) = (randn(gpu, &[c], BF16, &counter)?, randn(gpu, &[c], BF16, &counter)?);
-        let mut y = Tensor::empty_gpu(gpu, Scratch, &[r, c], BF16)?;
-        let mut dx = Tensor::empty_gpu(gpu, Scratch, &[r, c], BF16)?;
-        let mut stats = Tensor::empty_gpu(gpu, Scratch, &[r, 2], DType::F32)?;
-        let bytes = (r * c * 2) as f64;
-        rows.extend(copy_rows(gpu, 2 * r * c * 2, format!("{r}x{c} fwd"))?);
-        rows.extend(copy_rows(gpu, 3 * r * c * 2, format!("{r}x{c} bwd"))?);
-        rows.push(row("layer_norm_fwd", format!("{r}x{c}"), 2.0 * bytes, time(gpu, || norm::layer_norm(gpu, &x, &gamma, &beta, 1e-5, &mut y, &mut stats))?));
-        rows.push(row("layer_norm_bwd", format!("{r}x{c}"), 3.0 * bytes, time(gpu, || norm::layer_norm_backward(gpu, &x, &gamma, &stats, &dy, None, &mut dx))?));
-        rows.push(row("layer_norm_fwd[eager]", format!("{r}x{c}"), 2.0 * bytes, eager(gpu, || norm::layer_norm(gpu, &x, &gamma, &beta, 1e-5, &mut y, &mut stats))?));
-        rows.push(row("layer_norm_bwd[eager]", format!("{r}x{c}"), 3.0 * bytes, eager(gpu, || norm::layer_norm_backward(gpu, &x, &gamma, &stats, &dy, None, &mut dx))?));
+        rows.extend(layer_norm_rows(gpu, &counter, r, c, true)?);
     }
 
     // GEGLU at the largest feed-forward (4096 tokens, d = 1280; x is 4096 × 2560).
@@ -251,17 +239,32 @@ pub fn bench_dram(gpu: &Gpu) -> Result<Vec<BenchRow>> {
     }
 
     for (r, c) in [(32768, 320), (65536, 320)] {
-        let x = randn(gpu, &[r, c], BF16, &counter)?;
-        let dy = randn(gpu, &[r, c], BF16, &counter)?;
-        let (gamma, beta) = (randn(gpu, &[c], BF16, &counter)?, randn(gpu, &[c], BF16, &counter)?);
-        let mut y = Tensor::empty_gpu(gpu, Scratch, &[r, c], BF16)?;
-        let mut dx = Tensor::empty_gpu(gpu, Scratch, &[r, c], BF16)?;
-        let mut stats = Tensor::empty_gpu(gpu, Scratch, &[r, 2], DType::F32)?;
-        let bytes = (r * c * 2) as f64;
-        rows.extend(copy_rows(gpu, 2 * r * c * 2, format!("{r}x{c} fwd"))?);
-        rows.extend(copy_rows(gpu, 3 * r * c * 2, format!("{r}x{c} bwd"))?);
-        rows.push(row("layer_norm_fwd", format!("{r}x{c}"), 2.0 * bytes, time(gpu, || norm::layer_norm(gpu, &x, &gamma, &beta, 1e-5, &mut y, &mut stats))?));
-        rows.push(row("layer_norm_bwd", format!("{r}x{c}"), 3.0 * bytes, time(gpu, || norm::layer_norm_backward(gpu, &x, &gamma, &stats, &dy, None, &mut dx))?));
+        rows.extend(layer_norm_rows(gpu, &counter, r, c, false)?);
+    }
+    Ok(rows)
+}
+
+/// LayerNorm over r × c bf16 rows, forward and backward, next to same-byte copies; `eager_too`: also
+/// timed per single call.
+fn layer_norm_rows(gpu: &Gpu, counter: &StepCounter, r: usize, c: usize, eager_too: bool) -> Result<Vec<BenchRow>> {
+    let x = randn(gpu, &[r, c], BF16, counter)?;
+    let dy = randn(gpu, &[r, c], BF16, counter)?;
+    let (gamma, beta) = (randn(gpu, &[c], BF16, counter)?, randn(gpu, &[c], BF16, counter)?);
+    let mut y = Tensor::empty_gpu(gpu, Scratch, &[r, c], BF16)?;
+    let mut dx = Tensor::empty_gpu(gpu, Scratch, &[r, c], BF16)?;
+    let mut stats = Tensor::empty_gpu(gpu, Scratch, &[r, 2], DType::F32)?;
+    let (bytes, shape) = ((r * c * 2) as f64, format!("{r}x{c}"));
+    let mut rows = copy_rows(gpu, 2 * r * c * 2, format!("{shape} fwd"))?;
+    rows.extend(copy_rows(gpu, 3 * r * c * 2, format!("{shape} bwd"))?);
+    let mut fwd = || norm::layer_norm(gpu, &x, &gamma, &beta, 1e-5, &mut y, &mut stats);
+    rows.push(row("layer_norm_fwd", shape.clone(), 2.0 * bytes, time(gpu, &mut fwd)?));
+    if eager_too {
+        rows.push(row("layer_norm_fwd[eager]", shape.clone(), 2.0 * bytes, eager(gpu, &mut fwd)?));
+    }
+    let mut bwd = || norm::layer_norm_backward(gpu, &x, &gamma, &stats, &dy, None, &mut dx);
+    rows.push(row("layer_norm_bwd", shape.clone(), 3.0 * bytes, time(gpu, &mut bwd)?));
+    if eager_too {
+        rows.push(row("layer_norm_bwd[eager]", shape, 3.0 * bytes, eager(gpu, &mut bwd)?));
     }
     Ok(rows)
 }

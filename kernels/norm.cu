@@ -13,8 +13,8 @@
 //   Tiling: the hw rows of a sample are cut into `chunks` chunks of `rpc` rows; a block of TX·TY
 //   threads handles one (chunk, sample). Thread (tx, ty) owns the E channels [tx·E, (tx+1)·E) of
 //   every row it visits (rows ty, ty + TY, ...; TX = c/E, TY = ⌊512/TX⌋, at least 1), so consecutive
-//   threads read consecutive 16-byte pieces of a row; E ≤ c/32 (the launcher's widest), so a vector
-//   touches at most two groups, g0 and g0 + 1 ("lo" and "hi"), split at `nlo`. Each thread loads R
+//   threads read consecutive 16-byte pieces of a row; E ≤ c/32 or E = 2·c/32 (the launcher's widest),
+//   so a vector touches at most two groups, g0 and g0 + 1 ("lo" and "hi"), split at `nlo`. Each thread loads R
 //   rows before it uses any (R·16 bytes in flight per thread: the kernels are latency chains at
 //   these L2-resident sizes). Two kernels per direction:
 //     *_stats: per (sample, chunk, group) partials to `part` [n, chunks, 32, 2]: forward (mean, M2)
@@ -359,6 +359,17 @@ __device__ __forceinline__ void ln_fwd_write(T* yr, const Pack<T, E>& gp, const 
   store_pack<T, E>(yr + k * E, u);
 }
 
+// s += Σ(u − shift), q += Σ(u − shift)² over one vector.
+template <int E>
+__device__ __forceinline__ void ln_add_shifted(const float (&u)[E], float shift, float& s, float& q) {
+#pragma unroll
+  for (int i = 0; i < E; ++i) {
+    const float d = u[i] - shift;
+    s += d;
+    q = fmaf(d, d, q);
+  }
+}
+
 template <typename T, int E, int H>
 __device__ void ln_fwd(const T* __restrict__ x, const T* __restrict__ gamma, const T* __restrict__ beta, T* __restrict__ y,
                        float2* __restrict__ stats, int rows, int c, float eps) {
@@ -391,22 +402,12 @@ __device__ void ln_fwd(const T* __restrict__ x, const T* __restrict__ gamma, con
     if (j * 32 + lane < nv) {
       float u[E];
       unpack<T, E>(v[j], u);
-#pragma unroll
-      for (int i = 0; i < E; ++i) {
-        const float d = u[i] - shift;
-        s += d;
-        q = fmaf(d, d, q);
-      }
+      ln_add_shifted<E>(u, shift, s, q);
     }
   for (int k = H * 32 + lane; k < nv; k += 32) {
     float u[E];
     load_pack<T, E>(xr + k * E, u);
-#pragma unroll
-    for (int i = 0; i < E; ++i) {
-      const float d = u[i] - shift;
-      s += d;
-      q = fmaf(d, d, q);
-    }
+    ln_add_shifted<E>(u, shift, s, q);
   }
 #pragma unroll
   for (int o = 16; o > 0; o >>= 1) {
@@ -517,8 +518,8 @@ __device__ void ln_bwd(const T* __restrict__ x, const T* __restrict__ gamma, con
 }
 
 // Entry points: <op>_<type>_v<E>, E = elements per vector load. GroupNorm: the launcher picks the
-// widest 16-byte vector with E ≤ c/32, or 8 f32 (two 16-byte loads) where c/E would exceed 512;
-// blocks of up to 512 threads, R = 2 rows loaded at a time (more would spill at 128 registers);
+// widest 16-byte vector with E ≤ c/32 or E = 2·c/32, or 8 f32 (two 16-byte loads) where c/E would
+// exceed 512; blocks of up to 512 threads, R = 2 rows loaded at a time (more would spill at 128 registers);
 // suffix _t256r4: blocks of up to 256 threads loading R = 4 rows at a time, for samples of many
 // rows per thread; _t1024 (forward only): statistics in blocks of up to 1024 threads and apply in
 // blocks of up to 512 walking rows backwards, R = 4, one wave, for inputs larger than L2 (the

@@ -156,6 +156,14 @@ __device__ __forceinline__ void gn_slot_sums(const GnSlot<E>& t, float (&s)[E], 
   }
 }
 
+// Loads the thread's held rows of `p` (16-byte vectors) into v.
+template <typename T, int E, int R>
+__device__ __forceinline__ void gn_slot_loads(const GnSlot<E>& t, const T* __restrict__ p, int c, Pack<T, E> (&v)[R]) {
+#pragma unroll
+  for (int j = 0; j < R; ++j)
+    if (t.has(j)) v[j] = *reinterpret_cast<const Pack<T, E>*>(p + t.at + (int64_t)j * t.TY * c);
+}
+
 // Writes out[row j of the thread's vectors][i] = value(j, i) for each held row j.
 template <typename T, int E, int R, typename Value>
 __device__ __forceinline__ void gn_slot_writes(const GnSlot<E>& t, T* __restrict__ out, int c, Value value) {
@@ -176,9 +184,7 @@ __device__ void gn_cluster_fwd(const T* __restrict__ x, const T* __restrict__ ga
   __shared__ float2 part[GROUPS], merged[GROUPS];
   const GnSlot<E> t(hw, c, gpc, rpc, R);
   Pack<T, E> v[R];
-#pragma unroll
-  for (int j = 0; j < R; ++j)
-    if (t.has(j)) v[j] = *reinterpret_cast<const Pack<T, E>*>(x + t.at + (int64_t)j * t.TY * c);
+  gn_slot_loads<T, E, R>(t, x, c, v);
   const float shift_lo = to_f32(x[t.group0 + t.lo * t.cpg]);
   const float shift_hi = t.split < E ? to_f32(x[t.group0 + (t.lo + 1) * t.cpg]) : shift_lo;
   // Thread g < gpc turns group g's sums into statistics after the exchange: its shift, loaded now.
@@ -236,13 +242,8 @@ __device__ void gn_cluster_bwd(const T* __restrict__ x, const T* __restrict__ ga
   __shared__ float2 part[GROUPS], merged[GROUPS];
   const GnSlot<E> t(hw, c, gpc, rpc, R);
   Pack<T, E> v[R], e[R], r[R];
-#pragma unroll
-  for (int j = 0; j < R; ++j) {
-    if (!t.has(j)) continue;
-    const int64_t at = t.at + (int64_t)j * t.TY * c;
-    v[j] = *reinterpret_cast<const Pack<T, E>*>(x + at);
-    e[j] = *reinterpret_cast<const Pack<T, E>*>(dy + at);
-  }
+  gn_slot_loads<T, E, R>(t, x, c, v);
+  gn_slot_loads<T, E, R>(t, dy, c, e);
   const int ch = t.slice * t.cw + t.col * E, sg = t.b * GROUPS + t.slice * gpc;
   // γ, β stay packed, converted where used (with every value converted up front R = 4 spills).
   const Pack<T, E> gp = *reinterpret_cast<const Pack<T, E>*>(gamma + ch), bp = *reinterpret_cast<const Pack<T, E>*>(beta + ch);
@@ -260,9 +261,7 @@ __device__ void gn_cluster_bwd(const T* __restrict__ x, const T* __restrict__ ga
   for (int j = 0; j < R; ++j) opaque(v[j]), opaque(e[j]);
   // The residual gradient's loads fly during the cluster exchange (held from the start, the three
   // tensors would not fit in the registers).
-#pragma unroll
-  for (int j = 0; j < R; ++j)
-    if (res && t.has(j)) r[j] = *reinterpret_cast<const Pack<T, E>*>(res + t.at + (int64_t)j * t.TY * c);
+  if (res) gn_slot_loads<T, E, R>(t, res, c, r);
 
   // 3. (mean(d), mean(d·x̂)) from the cluster's sums.
   cluster_arrive();
@@ -297,9 +296,7 @@ __device__ void gn_cluster_floor(const T* __restrict__ x, T* __restrict__ y, int
   constexpr int E = 16 / sizeof(T);
   const GnSlot<E> t(hw, c, gpc, rpc, R);
   Pack<T, E> v[R];
-#pragma unroll
-  for (int j = 0; j < R; ++j)
-    if (t.has(j)) v[j] = *reinterpret_cast<const Pack<T, E>*>(x + t.at + (int64_t)j * t.TY * c);
+  gn_slot_loads<T, E, R>(t, x, c, v);
 #pragma unroll
   for (int j = 0; j < R; ++j) opaque(v[j]);
   cluster_arrive();

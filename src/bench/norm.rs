@@ -87,6 +87,14 @@ fn time_graph(gpu: &Gpu, mut f: impl FnMut() -> Result<()>) -> Result<Timing> {
     Ok(Timing { median_ms: ms[ms.len() / 2], min_ms: ms[0], max_ms: ms[ms.len() - 1], reps: ms.len() })
 }
 
+/// A device-to-device copy of `mib` MiB timed per call (`eager`): the copy bandwidth at that size.
+fn memcpy_row(gpu: &Gpu, mib: usize) -> Result<BenchRow> {
+    let bytes = mib << 20;
+    let (a, b) = (gpu.alloc(Scratch, bytes)?, gpu.alloc(Scratch, bytes)?);
+    let t = eager(gpu, || unsafe { cudarc::driver::result::memcpy_dtod_async(b.ptr(), a.ptr(), bytes, gpu.stream().cu_stream()) }.context("copy"))?;
+    Ok(row("memcpy_dtod[eager]", format!("{mib} MiB"), 2.0 * bytes as f64, t))
+}
+
 /// Device-to-device copies of `bytes / 2` bytes (so `bytes` are read + written), timed like `time`:
 /// the bandwidth floor at the op's own byte count (L2-resident when the op is). Two rows: the
 /// driver's memcpy, and `bench_copy` (16-byte words), launched as our kernels are (on Hopper as
@@ -107,13 +115,8 @@ pub fn bench(gpu: &Gpu) -> Result<Vec<BenchRow>> {
     let counter = StepCounter::new(gpu, 1)?;
 
     // Copy bandwidth: the floor's denominator.
-    for mib in [5usize, 256] {
-        let bytes = mib << 20;
-        let (a, b) = (gpu.alloc(Scratch, bytes)?, gpu.alloc(Scratch, bytes)?);
-        let t = eager(gpu, || {
-            unsafe { cudarc::driver::result::memcpy_dtod_async(b.ptr(), a.ptr(), bytes, gpu.stream().cu_stream()) }.context("copy")
-        })?;
-        rows.push(row("memcpy_dtod[eager]", format!("{mib} MiB"), 2.0 * bytes as f64, t));
+    for mib in [5, 256] {
+        rows.push(memcpy_row(gpu, mib)?);
     }
 
     // GroupNorm(32): resnet/transformer inputs and up-path concatenations at their resolutions.
@@ -212,11 +215,7 @@ pub fn bench(gpu: &Gpu) -> Result<Vec<BenchRow>> {
 pub fn bench_dram(gpu: &Gpu) -> Result<Vec<BenchRow>> {
     let mut rows = Vec::new();
     let counter = StepCounter::new(gpu, 1)?;
-    let bytes = 256usize << 20;
-    let (a, b) = (gpu.alloc(Scratch, bytes)?, gpu.alloc(Scratch, bytes)?);
-    let t = eager(gpu, || unsafe { cudarc::driver::result::memcpy_dtod_async(b.ptr(), a.ptr(), bytes, gpu.stream().cu_stream()) }.context("copy"))?;
-    rows.push(row("memcpy_dtod[eager]", "256 MiB".into(), 2.0 * bytes as f64, t));
-    drop((a, b));
+    rows.push(memcpy_row(gpu, 256)?);
 
     for (n, hw, c, backward) in [(1, 16384, 512, false), (1, 65536, 256, false), (1, 65536, 512, false), (1, 262144, 128, false), (1, 262144, 256, false), (4, 16384, 320, true)] {
         let shape = [n, hw, c];

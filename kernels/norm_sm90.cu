@@ -309,20 +309,20 @@ __device__ void gn_cluster_floor(const T* __restrict__ x, T* __restrict__ y, int
 // Entry points: group_norm_cluster_{fwd,bwd}_<type>_r<R> (R vectors per thread; the backward holds
 // three tensors, so up to 4).
 #define GN_CLUSTER_FWD(TN, T, R)                                                                                         \
-  extern "C" __global__ void __launch_bounds__(MAX_THREADS) group_norm_cluster_fwd_##TN##_r##R(                          \
+  extern "C" __global__ void __launch_bounds__(MAX_THREADS, 1) group_norm_cluster_fwd_##TN##_r##R(                          \
       const T* x, const T* gamma, const T* beta, T* y, float2* stats, int hw, int c, int gpc, int rpc, float eps, int silu) { \
     await_previous_kernel();                                                                                             \
     gn_cluster_fwd<T, R>(x, gamma, beta, y, stats, hw, c, gpc, rpc, eps, silu);                                          \
   }
 #define GN_CLUSTER_BWD(TN, T, R)                                                                                         \
-  extern "C" __global__ void __launch_bounds__(MAX_THREADS) group_norm_cluster_bwd_##TN##_r##R(                          \
+  extern "C" __global__ void __launch_bounds__(MAX_THREADS, 1) group_norm_cluster_bwd_##TN##_r##R(                          \
       const T* x, const T* gamma, const T* beta, const float2* stats, const T* dy, const T* res, T* dx, int hw, int c,   \
       int gpc, int rpc, int silu) {                                                                                      \
     await_previous_kernel();                                                                                             \
     gn_cluster_bwd<T, R>(x, gamma, beta, stats, dy, res, dx, hw, c, gpc, rpc, silu);                                     \
   }
 #define GN_CLUSTER_FLOOR(R)                                                                                               \
-  extern "C" __global__ void __launch_bounds__(MAX_THREADS) group_norm_cluster_floor_bf16_r##R(const bf16* x, bf16* y, int hw, \
+  extern "C" __global__ void __launch_bounds__(MAX_THREADS, 1) group_norm_cluster_floor_bf16_r##R(const bf16* x, bf16* y, int hw, \
                                                                                              int c, int gpc, int rpc) {     \
     await_previous_kernel();                                                                                             \
     gn_cluster_floor<bf16, R>(x, y, hw, c, gpc, rpc);                                                                     \
